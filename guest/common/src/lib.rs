@@ -1,0 +1,1 @@
+//! Shared guest library: ports, markers, /state.

@@ -1,0 +1,5 @@
+//! Library half of the `nx` command: everything except argument parsing and
+//! the terminal lives here so tests can drive it.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod image;

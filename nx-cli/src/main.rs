@@ -1,0 +1,43 @@
+//! `nx` — flash, verify and recover nexus devices.
+//!
+//! Thin binary: argument parsing and dispatch. Each verb group lives in its own
+//! module of the `nx_cli` library and owns its clap `Args`.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "nx",
+    version,
+    about = "Flash, verify and recover nexus devices",
+    long_about = "Flash, verify and recover nexus devices.\n\n\
+        Typical session:\n  \
+        nx image build --rootfs DIR --version 1 --out build/nexus-os.img\n  \
+        nx flash send build/nexus-os.img\n  \
+        nx flash reboot normal"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, verify and inspect OS images; make signing keys.
+    Image(nx_cli::image::ImageArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Command::Image(args) => nx_cli::image::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("nx: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

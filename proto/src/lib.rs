@@ -1,0 +1,18 @@
+//! # proto — the sans-IO core of nexus provisioning
+//!
+//! No tokio, no files, no sockets: every type here works on byte slices and
+//! values, so the host (`nx`), the guest (`flashd`) and the tests drive the
+//! same code.
+//!
+//! * [`frame`]: the wire frame (magic, header, seq, len, payload, crc32) and its
+//!   streaming decoder.
+//! * [`msg`]: the messages of the flashing conversation carried in frames.
+//! * [`manifest`] and [`image`]: the image file format and its canonical manifest.
+//! * [`session`]: the sender and receiver state machines (events in, actions out).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod frame;
+pub mod image;
+pub mod manifest;
+pub mod msg;
+pub mod session;

@@ -1,0 +1,1 @@
+//! QEMU runner (see docs/runner).

@@ -1,0 +1,60 @@
+//! `cargo xtask …` — the build system of nexus (see README.md and ARCHITECTURE.md).
+//!
+//! One module per recipe; `main` only parses and dispatches.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod bench;
+mod ci;
+mod codegen;
+mod demo;
+mod guest;
+mod qemu_test;
+mod recovery;
+mod util;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test nexus")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Everything CI runs: fmt check, clippy -D warnings, all tests (incl. QEMU e2e).
+    Ci(ci::Args),
+    /// The main job, from nothing to a flashed and rebooted guest.
+    Demo(demo::Args),
+    /// Build kernel, static guest binaries, initramfs images and disks into build/.
+    Guest(guest::Args),
+    /// Boot a profile in QEMU and check its marker contract (qemu/markers.toml).
+    QemuTest(qemu_test::Args),
+    /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
+    Recovery(recovery::Args),
+    /// Benchmarks (not tests): `cargo xtask bench [flash|fanout]`.
+    Bench(bench::Args),
+    /// Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
+    Codegen(codegen::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Ci(a) => ci::run(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Guest(a) => guest::run(a),
+        Cmd::QemuTest(a) => qemu_test::run(a),
+        Cmd::Recovery(a) => recovery::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Codegen(a) => codegen::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
