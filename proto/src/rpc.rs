@@ -1,0 +1,1 @@
+//! Generated Cap'n Proto code (see proto/schema/ and `cargo xtask codegen`).
