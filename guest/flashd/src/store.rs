@@ -1,0 +1,1 @@
+//! Staging file, journal and atomic install.
