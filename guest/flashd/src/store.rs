@@ -1,1 +1,598 @@
-//! Staging file, journal and atomic install.
+//! Storage of flashd: the state directory, the staging file, atomic JSON records
+//! (journal, install record) and the atomic install into a file or a block device.
+//!
+//! Layout under the state dir (`/state` in the guest):
+//!
+//! ```text
+//! flash/staging.img        the image being received (sparse, final size from the manifest)
+//! flash/journal.json       durable progress of the transfer in `staging.img`
+//! flash/installed.json     what is installed right now (manifest bytes, id), for skip/short-circuit
+//! flash/last-install.json  the receipt of the last install
+//! ```
+//!
+//! Every record is written atomically: temp file, fsync, rename, fsync of the directory.
+
+use sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Largest JSON record flashd will read back (journal, install record).
+pub const MAX_RECORD_LEN: u64 = 4 << 20;
+
+/// Block size for copies during install and read-back.
+const COPY_BLOCK: usize = 1 << 20;
+
+/// Errors of the storage layer. Each names the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state dir {path}: {reason}")]
+    StateDirUnusable { path: PathBuf, reason: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("record {path} is {len} bytes, more than the bound of {max}")]
+    RecordTooLarge { path: PathBuf, len: u64, max: u64 },
+    #[error("record {path} is not valid: {reason}")]
+    RecordInvalid { path: PathBuf, reason: String },
+    #[error("install target {path} holds {capacity} bytes, the image needs {needed}")]
+    TargetTooSmall {
+        path: PathBuf,
+        capacity: u64,
+        needed: u64,
+    },
+    #[error("read-back of {path} does not match what was written (expected sha256 {expected}, read {actual})")]
+    ReadBackMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A usable state directory with its `flash/` subdirectory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+    flash: PathBuf,
+}
+
+impl StateDir {
+    /// Open `root` as the state dir. With `require_mountpoint`, `root` must be a mounted
+    /// filesystem of its own (the guest's `/state` disk): an empty directory of the
+    /// initramfs is not persistent and is refused. Creates `flash/` when missing and
+    /// checks that it is writable.
+    pub fn open(root: &Path, require_mountpoint: bool) -> Result<StateDir, StoreError> {
+        let unusable = |reason: String| StoreError::StateDirUnusable {
+            path: root.to_path_buf(),
+            reason,
+        };
+        let meta = fs::metadata(root).map_err(|e| unusable(format!("cannot stat: {e}")))?;
+        if !meta.is_dir() {
+            return Err(unusable("not a directory".into()));
+        }
+        if require_mountpoint {
+            let parent = root.join("..");
+            let pmeta =
+                fs::metadata(&parent).map_err(|e| unusable(format!("cannot stat parent: {e}")))?;
+            if pmeta.dev() == meta.dev() && pmeta.ino() != meta.ino() {
+                return Err(unusable(
+                    "not a mounted filesystem (is the /state disk attached?)".into(),
+                ));
+            }
+        }
+        let flash = root.join("flash");
+        if !flash.is_dir() {
+            fs::create_dir_all(&flash)
+                .map_err(|e| unusable(format!("cannot create flash/: {e}")))?;
+        }
+        let probe = flash.join(".probe");
+        File::create(&probe).map_err(|e| unusable(format!("flash/ is not writable: {e}")))?;
+        fs::remove_file(&probe).map_err(|e| unusable(format!("flash/ is not writable: {e}")))?;
+        Ok(StateDir {
+            root: root.to_path_buf(),
+            flash,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn flash_dir(&self) -> &Path {
+        &self.flash
+    }
+    pub fn staging_path(&self) -> PathBuf {
+        self.flash.join("staging.img")
+    }
+    pub fn journal_path(&self) -> PathBuf {
+        self.flash.join("journal.json")
+    }
+    pub fn installed_path(&self) -> PathBuf {
+        self.flash.join("installed.json")
+    }
+    pub fn receipt_path(&self) -> PathBuf {
+        self.flash.join("last-install.json")
+    }
+}
+
+/// Write `bytes` to `path` atomically: `path.tmp`, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = tmp_path(path);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        f.write_all(bytes).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    sync_parent(path)
+}
+
+/// Serialize `value` as JSON and write it atomically.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::RecordInvalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Read a file of at most `max` bytes; `Ok(None)` when it does not exist.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let len = f.metadata().map_err(io_err("stat", path))?.len();
+    if len > max {
+        return Err(StoreError::RecordTooLarge {
+            path: path.to_path_buf(),
+            len,
+            max,
+        });
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(io_err("read", path))?;
+    if buf.len() as u64 > max {
+        return Err(StoreError::RecordTooLarge {
+            path: path.to_path_buf(),
+            len: buf.len() as u64,
+            max,
+        });
+    }
+    Ok(Some(buf))
+}
+
+/// Read a JSON record written by [`write_json_atomic`]; `Ok(None)` when absent.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    let Some(bytes) = read_bounded(path, MAX_RECORD_LEN)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StoreError::RecordInvalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Remove a file if it exists (and fsync its directory).
+pub fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", path)(e)),
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+fn sync_parent(path: &Path) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync dir", dir))
+}
+
+/// The staging file: the image is assembled here before anything is installed.
+#[derive(Debug)]
+pub struct Staging {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl Staging {
+    /// Create (or truncate) the staging file with its final size. Unwritten ranges read
+    /// as zeros (the file is sparse), so zero runs never need to be sent.
+    pub fn create(path: &Path, size: u64) -> Result<Staging, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("create", path))?;
+        file.set_len(size).map_err(io_err("set_len", path))?;
+        Ok(Staging {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    /// Open an existing staging file to resume into it. Returns `Ok(None)` when it is
+    /// missing or does not have the expected size (then the transfer starts over).
+    pub fn open_existing(path: &Path, size: u64) -> Result<Option<Staging>, StoreError> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        let len = file.metadata().map_err(io_err("stat", path))?.len();
+        if len != size {
+            return Ok(None);
+        }
+        Ok(Some(Staging {
+            file,
+            path: path.to_path_buf(),
+            size,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Write `data` at `offset`. Refuses writes past the end of the file.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.check_range(offset, data.len() as u64)?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_err("write", &self.path))
+    }
+
+    /// Make `len` bytes at `offset` read as zeros (punches a hole where supported).
+    pub fn write_zeros(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        let zeros = vec![0u8; COPY_BLOCK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], offset + done)
+                .map_err(io_err("write", &self.path))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(io_err("read", &self.path))
+    }
+
+    /// SHA-256 of `len` bytes at `offset`, read back from the staging file.
+    pub fn sha256_range(&self, offset: u64, len: u64) -> Result<[u8; 32], StoreError> {
+        self.check_range(offset, len)?;
+        sha256_file_range(&self.file, &self.path, offset, len)
+    }
+
+    /// Flush written data to stable storage (before the journal says it is there).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(io_err("fsync", &self.path))
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(StoreError::Io {
+                op: "bounds",
+                path: self.path.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "range {offset}+{len} is outside the staging file of {} bytes",
+                        self.size
+                    ),
+                ),
+            }),
+        }
+    }
+}
+
+fn sha256_file_range(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<[u8; 32], StoreError> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; COPY_BLOCK.min(len.max(1) as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)
+            .map_err(io_err("read", path))?;
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Where a verified image goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallTarget {
+    /// A regular file: replaced atomically (fsync + rename).
+    File(PathBuf),
+    /// A block device (a slot partition): written, fsynced, read back and compared.
+    Block(PathBuf),
+}
+
+impl InstallTarget {
+    /// A path that is a block device is a `Block` target, anything else a `File`.
+    pub fn from_path(path: &Path) -> InstallTarget {
+        use std::os::unix::fs::FileTypeExt;
+        match fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => InstallTarget::Block(path.to_path_buf()),
+            _ => InstallTarget::File(path.to_path_buf()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            InstallTarget::File(p) | InstallTarget::Block(p) => p,
+        }
+    }
+}
+
+/// Install the verified staging file into `target`.
+///
+/// * File target: the staging file is renamed over the target (same filesystem), or
+///   copied to `target.tmp` beside it, fsynced and renamed (other filesystem). Either
+///   way the target holds the old bytes or the new bytes, never a mix.
+/// * Block target: the staging bytes are written to the device, fsynced, read back and
+///   the SHA-256 of the read-back compared with that of the staging file.
+///
+/// The staging file is consumed (removed or renamed) on success.
+pub fn install(staging: Staging, target: &InstallTarget) -> Result<(), StoreError> {
+    match target {
+        InstallTarget::File(path) => install_file(staging, path),
+        InstallTarget::Block(path) => install_block(staging, path),
+    }
+}
+
+fn install_file(staging: Staging, target: &Path) -> Result<(), StoreError> {
+    staging.sync()?;
+    let Staging {
+        file, path: src, ..
+    } = staging;
+    match fs::rename(&src, target) {
+        Ok(()) => {
+            drop(file);
+            sync_parent(target)?;
+            sync_parent(&src)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let tmp = tmp_path(target);
+            {
+                let mut out = File::create(&tmp).map_err(io_err("create", &tmp))?;
+                let mut input = &file;
+                io::copy(&mut input, &mut out).map_err(io_err("copy", &tmp))?;
+                out.sync_all().map_err(io_err("fsync", &tmp))?;
+            }
+            fs::rename(&tmp, target).map_err(io_err("rename", target))?;
+            sync_parent(target)?;
+            drop(file);
+            remove_if_exists(&src)
+        }
+        Err(e) => Err(io_err("rename", target)(e)),
+    }
+}
+
+fn install_block(staging: Staging, device: &Path) -> Result<(), StoreError> {
+    let mut dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+        .map_err(io_err("open", device))?;
+    let capacity =
+        io::Seek::seek(&mut dev, io::SeekFrom::End(0)).map_err(io_err("size", device))?;
+    if capacity < staging.size {
+        return Err(StoreError::TargetTooSmall {
+            path: device.to_path_buf(),
+            capacity,
+            needed: staging.size,
+        });
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; COPY_BLOCK];
+    let mut done = 0u64;
+    while done < staging.size {
+        let n = (staging.size - done).min(COPY_BLOCK as u64) as usize;
+        staging.read_at(done, &mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        dev.write_all_at(&buf[..n], done)
+            .map_err(io_err("write", device))?;
+        done += n as u64;
+    }
+    dev.sync_all().map_err(io_err("fsync", device))?;
+    let written: [u8; 32] = hasher.finalize().into();
+    let read_back = sha256_file_range(&dev, device, 0, staging.size)?;
+    if read_back != written {
+        return Err(StoreError::ReadBackMismatch {
+            path: device.to_path_buf(),
+            expected: hex::encode(written),
+            actual: hex::encode(read_back),
+        });
+    }
+    let src = staging.path.clone();
+    drop(staging);
+    remove_if_exists(&src)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Rec {
+        a: u32,
+        b: String,
+    }
+
+    #[test]
+    fn json_records_round_trip_and_missing_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        assert_eq!(read_json::<Rec>(&p).unwrap(), None);
+        let r = Rec {
+            a: 7,
+            b: "x".into(),
+        };
+        write_json_atomic(&p, &r).unwrap();
+        assert_eq!(read_json::<Rec>(&p).unwrap(), Some(r));
+        assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn oversized_record_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        let f = File::create(&p).unwrap();
+        f.set_len(MAX_RECORD_LEN + 1).unwrap();
+        assert!(matches!(
+            read_bounded(&p, MAX_RECORD_LEN),
+            Err(StoreError::RecordTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_record_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j.json");
+        fs::write(&p, b"{not json").unwrap();
+        let err = read_json::<Rec>(&p).unwrap_err().to_string();
+        assert!(err.contains("j.json"), "{err}");
+    }
+
+    #[test]
+    fn state_dir_requires_a_mountpoint_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("state");
+        fs::create_dir(&sub).unwrap();
+        assert!(StateDir::open(&sub, false).is_ok());
+        assert!(sub.join("flash").is_dir());
+        // A plain subdirectory shares its parent's device: not a mounted /state.
+        let err = StateDir::open(&sub, true).unwrap_err().to_string();
+        assert!(err.contains("not a mounted filesystem"), "{err}");
+        assert!(StateDir::open(&dir.path().join("missing"), false).is_err());
+    }
+
+    #[test]
+    fn staging_is_sparse_zero_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.img");
+        let s = Staging::create(&p, 3 * 4096).unwrap();
+        s.write_at(4096, &[0xAB; 4096]).unwrap();
+        let mut buf = [1u8; 4096];
+        s.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        s.read_at(4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0xAB));
+        assert!(s.write_at(3 * 4096 - 1, &[1, 2]).is_err());
+        assert!(s.write_at(u64::MAX, &[1]).is_err());
+        s.write_zeros(4096, 4096).unwrap();
+        s.read_at(4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(
+            s.sha256_range(0, 3 * 4096).unwrap(),
+            <[u8; 32]>::from(Sha256::digest(vec![0u8; 3 * 4096]))
+        );
+        drop(s);
+        assert!(Staging::open_existing(&p, 3 * 4096).unwrap().is_some());
+        assert!(Staging::open_existing(&p, 4096).unwrap().is_none());
+        assert!(Staging::open_existing(&dir.path().join("none"), 1)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn file_install_replaces_target_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.img");
+        fs::write(&target, b"old").unwrap();
+        let sp = dir.path().join("staging.img");
+        let s = Staging::create(&sp, 8192).unwrap();
+        s.write_at(0, &[7u8; 8192]).unwrap();
+        install(s, &InstallTarget::from_path(&target)).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), vec![7u8; 8192]);
+        assert!(!sp.exists());
+    }
+
+    #[test]
+    fn block_style_install_writes_and_reads_back() {
+        // A regular file stands in for the device: same code path as a partition.
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev");
+        File::create(&dev).unwrap().set_len(3 << 20).unwrap();
+        let sp = dir.path().join("staging.img");
+        let s = Staging::create(&sp, (1 << 20) + 4096).unwrap();
+        s.write_at(1 << 20, &[9u8; 4096]).unwrap();
+        install(s, &InstallTarget::Block(dev.clone())).unwrap();
+        let bytes = fs::read(&dev).unwrap();
+        assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
+        assert!(bytes[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 9));
+        assert!(!sp.exists());
+    }
+
+    #[test]
+    fn block_install_refuses_a_too_small_target_and_keeps_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev");
+        File::create(&dev).unwrap().set_len(4096).unwrap();
+        let sp = dir.path().join("staging.img");
+        let s = Staging::create(&sp, 8192).unwrap();
+        let err = install(s, &InstallTarget::Block(dev)).unwrap_err();
+        assert!(matches!(err, StoreError::TargetTooSmall { .. }), "{err}");
+        assert!(sp.exists());
+    }
+}
