@@ -1,0 +1,33 @@
+# rebootd: the single authority for the next-boot mode (docs/updates/bootctl.md).
+#
+# Served by `rebootd` on the virtio-serial port `com.nexus.reboot` (host socket
+# build/qemu/reboot.sock) and on the guest-local unix socket /run/rebootd.sock.
+#
+# The persisted record is the file STATE/boot/next_mode with the content
+# "normal\n" or "recovery\n" (one-shot: recovery-init consumes it). The factory
+# wipe request is the file STATE/boot/factory_wipe with the content "wipe\n";
+# recovery-init removes it only after the wipe is complete.
+# Changing this file: run `cargo xtask codegen` and commit proto/src/rpc/.
+
+@0x8c71b734ae1c796b;
+
+interface Reboot {
+  # Persist the next-boot record `target` ("normal" | "recovery") and reboot
+  # the guest (SIGTERM to PID 1). The reply is sent before the reboot starts.
+  # `rebooting` is false only where no real reboot is possible (rebootd not
+  # managed by our PID 1, e.g. host-run tests: the `(stub)` case).
+  # Fails without rebooting when the record cannot be persisted.
+  mode @0 (target :Text) -> (rebooting :Bool);
+
+  # The persisted record as it is now: target is "" when there is none.
+  # `persistent` is false when rebootd runs without /state (RAM-only stub).
+  pending @1 () -> (target :Text, factoryWipe :Bool, persistent :Bool);
+
+  # Persist the next-boot record without rebooting (the flow sets the mode and
+  # reboots later; the selftest checks the flag).
+  setNext @2 (target :Text) -> ();
+
+  # Issue 6: record a factory-wipe request (STATE/boot/factory_wipe), set the
+  # next boot to recovery and reboot. recovery-init performs the wipe.
+  factoryWipe @3 () -> (rebooting :Bool);
+}
