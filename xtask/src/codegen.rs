@@ -50,7 +50,10 @@ fn workspace_root() -> PathBuf {
 
 /// Fail with an install hint when the `capnp` compiler is not on PATH.
 pub fn require_capnp() -> anyhow::Result<()> {
-    match std::process::Command::new("capnp").arg("--version").output() {
+    match std::process::Command::new("capnp")
+        .arg("--version")
+        .output()
+    {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => bail!(
             "`capnp --version` failed ({}); install the Cap'n Proto compiler: \
