@@ -1,1 +1,63 @@
-//! Shared guest library: ports, markers, /state.
+//! Shared guest library: ports by name, console markers, `/state` layout, block devices by
+//! label / GPT partition name, kernel command line, module loading and the PID 1 supervisor
+//! used by both `recovery-init` and the normal `init`.
+//!
+//! Architecture invariant: nothing read from the host (port names, sysfs contents, file
+//! contents on `/state`, the kernel command line) is trusted: every read is bounded and every
+//! name is validated before it becomes part of a path.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod blockdev;
+pub mod bounded;
+pub mod cmdline;
+pub mod marker;
+pub mod modules;
+pub mod pid1;
+pub mod port;
+pub mod state;
+pub mod supervisor;
+pub mod sys;
+
+use std::path::PathBuf;
+
+/// Errors of the shared guest library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on a path failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file was larger than the bound we accept.
+    #[error("{path}: larger than the {max}-byte bound; refusing to read it")]
+    TooLarge { path: PathBuf, max: usize },
+    /// Content failed validation (a name, a record, a list entry).
+    #[error("{what}: invalid value {value:?}")]
+    Invalid { what: &'static str, value: String },
+    /// Something we waited for did not show up in time.
+    #[error("{what}: not found after {waited_ms} ms")]
+    Timeout { what: String, waited_ms: u128 },
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

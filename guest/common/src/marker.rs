@@ -1,0 +1,24 @@
+//! Console markers: one line each, written with a single `write(2)` so lines from several
+//! processes sharing the console do not interleave mid-line. The exact strings are the test
+//! contract (`qemu/markers.toml`).
+
+use std::io::Write;
+
+/// Print one marker line to stdout (the console for PID 1 and its children).
+pub fn emit(line: &str) {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    let mut out = std::io::stdout().lock();
+    // A console write error cannot be reported anywhere else; ignore it.
+    let _ = out.write_all(&buf);
+    let _ = out.flush();
+}
+
+/// `emit(format!(..))` shorthand.
+#[macro_export]
+macro_rules! marker {
+    ($($arg:tt)*) => {
+        $crate::marker::emit(&format!($($arg)*))
+    };
+}

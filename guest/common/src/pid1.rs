@@ -1,0 +1,77 @@
+//! The shared skeleton of both PID 1 programs (`recovery-init`, normal `init`): early mounts,
+//! module loading, `/state`, and the final shutdown. Each init keeps its own policy (target
+//! selection, service graph, markers); this module only does the mechanics.
+
+use crate::cmdline::Cmdline;
+use crate::sys::{self, Shutdown};
+use crate::{marker, modules, state};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What early boot found.
+#[derive(Debug, Clone)]
+pub struct Early {
+    /// The kernel command line (empty when unreadable).
+    pub cmdline: Cmdline,
+    /// Number of modules loaded from the initramfs load list.
+    pub modules: usize,
+    /// The device mounted on `/state`, or `None` (no state disk, or mounting failed).
+    pub state_dev: Option<PathBuf>,
+}
+
+/// Block PID 1's signals, mount the pseudo file systems, load modules, mount `/state`.
+/// Failures are reported on the console with `prefix` and boot continues with what works.
+pub fn early(prefix: &str) -> Early {
+    if let Err(e) = sys::block_signals(&sys::PID1_SIGNALS) {
+        marker::emit(&format!(
+            "{prefix}: error: signal set-up failed ({e}); shutdown requests may be lost"
+        ));
+    }
+    if let Err(e) = sys::mount_early() {
+        marker::emit(&format!("{prefix}: error: early mounts failed ({e})"));
+    }
+    let cmdline = Cmdline::read(Path::new("/proc/cmdline")).unwrap_or_else(|e| {
+        marker::emit(&format!(
+            "{prefix}: error: cannot read /proc/cmdline ({e}); using defaults"
+        ));
+        Cmdline::default()
+    });
+    let modules = modules::load_all(Path::new(modules::MODULE_DIR)).unwrap_or_else(|e| {
+        marker::emit(&format!(
+            "{prefix}: error: module loading failed ({e}); virtio devices may be missing"
+        ));
+        0
+    });
+    let state_dev = match state::find_and_mount() {
+        Ok(dev) => dev,
+        Err(e) => {
+            marker::emit(&format!("{prefix}: error: /state: {e}"));
+            None
+        }
+    };
+    Early {
+        cmdline,
+        modules,
+        state_dev,
+    }
+}
+
+/// Seconds since boot from `/proc/uptime` (for the console; `None` when unreadable).
+pub fn uptime() -> Option<f64> {
+    let text = crate::bounded::read_string(Path::new("/proc/uptime"), 128).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Print `<prefix>: <action>` and shut down. Never returns: if `reboot(2)` fails, PID 1 must
+/// not exit (that panics the kernel), so it reports and sleeps.
+pub fn finish(prefix: &str, action: Shutdown) -> ! {
+    marker::emit(&format!(
+        "{prefix}: {} (stopping services, sync, unmount /state)",
+        action.as_str()
+    ));
+    let err = sys::shutdown(action, Duration::from_secs(3));
+    marker::emit(&format!("{prefix}: error: {err}; halting here"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,66 @@
+//! init — PID 1 of the normal initramfs.
+//!
+//! Boot: the same mechanics as recovery-init (`nx_guest::pid1`), then the normal service graph
+//! (rebootd and bootctld when the initramfs has them, selftest-client with `nexus.selftest=1`).
+//! It consumes a `normal` next-boot record; a `recovery` record is left for the boot firmware
+//! (only recovery-init runs recovery). Markers: `init: start` … `init: ready`.
+//! Slot selection and the rootfs mount arrive with bootctld (issue 5).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+use nx_guest::cmdline::Cmdline;
+use nx_guest::port;
+use nx_guest::supervisor::Service;
+
+/// Marker: init starts.
+pub const M_START: &str = "init: start";
+/// Marker: services were started.
+pub const M_SERVICES: &str = "init: services ready";
+/// Marker: the normal system is up.
+pub const M_READY: &str = "init: ready";
+
+/// The normal service graph; `present(path)` tells whether a binary is in the initramfs.
+pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Service> {
+    let mut out = Vec::new();
+    if present("/bin/rebootd") {
+        out.push(Service::daemon(
+            "rebootd",
+            "/bin/rebootd",
+            &["--port-name", port::REBOOT_PORT, "--state", "/state"],
+        ));
+    }
+    if present("/bin/bootctld") {
+        out.push(Service::daemon(
+            "bootctld",
+            "/bin/bootctld",
+            &["--port-name", port::BOOTCTL_PORT, "--state", "/state"],
+        ));
+    }
+    if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
+        let mut s = Service::daemon(
+            "selftest-client",
+            "/bin/selftest-client",
+            &["--mode", "normal"],
+        );
+        s.restart = false;
+        out.push(s);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_graph() {
+        let c = Cmdline::parse("");
+        assert!(services(&c, &|_| false).is_empty());
+        let names: Vec<_> = services(&c, &|_| true)
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["rebootd", "bootctld"]);
+        let sel = Cmdline::parse("nexus.selftest=1");
+        assert_eq!(services(&sel, &|_| true).len(), 3);
+    }
+}
