@@ -1,0 +1,94 @@
+//! # bootctld — the single authority for A/B slot state
+//!
+//! * [`machine`]: the deterministic slot-state machine (pure);
+//! * [`snapshot`]: its canonical Cap'n Proto snapshot (`STATE/bootctl/state.nxs`);
+//! * [`json`]: the JSON debug/export view;
+//! * [`store`]: atomic persistence, or RAM-only (explicit stub) without /state;
+//! * [`service`]: the daemon core with the console markers and the `BootCtl`
+//!   capability of `proto/schema/bootctl.capnp`.
+//!
+//! Served over Cap'n Proto RPC on the virtio-serial port `com.nexus.bootctl`
+//! and on unix sockets (`/run/bootctld.sock` in the guest), with the transport
+//! shared with rebootd. See docs/updates/bootctl.md.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod json;
+pub mod machine;
+pub mod service;
+pub mod snapshot;
+pub mod store;
+
+pub use rebootd::transport::{Endpoint, TransportError};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+/// Default guest-local socket.
+pub const DEFAULT_SOCKET: &str = "/run/bootctld.sock";
+/// The virtio-serial port name.
+pub const PORT_NAME: &str = "com.nexus.bootctl";
+/// Where the boot id comes from.
+pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Daemon configuration (the CLI flags of `bootctld`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The state dir (`/state`); `None`: RAM-only.
+    pub state: Option<PathBuf>,
+    /// Only persist when the state dir is a mount point.
+    pub require_mountpoint: bool,
+    /// Where to serve.
+    pub endpoints: Vec<Endpoint>,
+    /// How `reboot()` reboots.
+    pub reboot: service::RebootVia,
+    /// This boot's id; `None`: read [`BOOT_ID_PATH`].
+    pub boot_id: Option<String>,
+}
+
+/// This boot's id from [`BOOT_ID_PATH`] (bounded, printable), "" when unreadable.
+pub fn read_boot_id() -> String {
+    rebootd::fsutil::read_bounded(Path::new(BOOT_ID_PATH), 128)
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|s| {
+            s.len() <= machine::MAX_BOOT_ID_LEN && s.bytes().all(|c| (0x21..0x7f).contains(&c))
+        })
+        .unwrap_or_default()
+}
+
+/// Open the store and build the daemon; also returns the startup notes (the
+/// console lines to print before `bootctld: ready`).
+pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<String>) {
+    let opened = store::Store::open(config.state.as_deref(), config.require_mountpoint);
+    let boot_id = config.boot_id.clone().unwrap_or_else(read_boot_id);
+    let daemon = service::Daemon::new(opened.state, opened.store, boot_id, config.reboot.clone());
+    (daemon, opened.notes)
+}
+
+/// Serve until `shutdown` completes (tests) — see [`run`].
+pub async fn run_until(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError> {
+    let (daemon, notes) = open_daemon(&config);
+    for note in &notes {
+        println!("{note}");
+    }
+    if let service::RebootVia::Stub(why) = daemon.reboot_via() {
+        println!("bootctld: reboot() is a stub here ({why})");
+    }
+    let listeners = rebootd::transport::bind(&config.endpoints)?;
+    let client: proto::rpc::bootctl_capnp::boot_ctl::Client =
+        capnp_rpc::new_client(service::BootCtlService::new(daemon));
+    println!("bootctld: ready");
+    let serve = std::pin::pin!(listeners.serve(client.client, "bootctld"));
+    let shutdown = std::pin::pin!(shutdown);
+    futures::future::select(serve, shutdown).await;
+    Ok(())
+}
+
+/// Open the store, print the startup markers (`bootctld: ready` last), bind and
+/// serve forever. Must run inside a tokio `LocalSet`.
+pub async fn run(config: Config) -> Result<(), TransportError> {
+    run_until(config, futures::future::pending()).await
+}

@@ -1,0 +1,79 @@
+//! `bootctld --state DIR [--port-name NAME] [--listen SOCK]... [--rebootd SOCK|none]`
+
+use anyhow::Context;
+use bootctld::service::RebootVia;
+use bootctld::Endpoint;
+use clap::Parser;
+use std::path::PathBuf;
+
+/// The A/B slot-state authority (Cap'n Proto RPC).
+#[derive(Parser)]
+#[command(name = "bootctld")]
+struct Args {
+    /// State dir (the guest's /state); the snapshot is DIR/bootctl/state.nxs.
+    /// Missing: RAM-only stub (nothing persisted).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Treat a state dir that is not a mount point as missing (the guest passes this).
+    #[arg(long)]
+    require_mountpoint: bool,
+    /// Serve on the virtio-serial port with this name (e.g. com.nexus.bootctl).
+    #[arg(long)]
+    port_name: Option<String>,
+    /// Serve on this unix socket (repeatable; the guest uses /run/bootctld.sock).
+    #[arg(long)]
+    listen: Vec<PathBuf>,
+    /// rebootd's socket for reboot(), or `none` (reboot() is a stub).
+    #[arg(long, default_value = rebootd::DEFAULT_SOCKET)]
+    rebootd: String,
+    /// Print the JSON view of the persisted state and exit (no serving).
+    #[arg(long)]
+    export_json: bool,
+    /// Override this boot's id (tests; default: /proc/sys/kernel/random/boot_id).
+    #[arg(long, hide = true)]
+    boot_id: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let reboot = if args.rebootd == "none" {
+        RebootVia::Stub("started with --rebootd none".into())
+    } else {
+        RebootVia::Rebootd(PathBuf::from(&args.rebootd))
+    };
+    let mut endpoints: Vec<Endpoint> = args.listen.into_iter().map(Endpoint::Unix).collect();
+    if let Some(name) = args.port_name {
+        endpoints.push(Endpoint::Port(name));
+    }
+    let config = bootctld::Config {
+        state: args.state,
+        require_mountpoint: args.require_mountpoint,
+        endpoints,
+        reboot,
+        boot_id: args.boot_id,
+    };
+    if args.export_json {
+        let (daemon, notes) = bootctld::open_daemon(&config);
+        for note in &notes {
+            eprintln!("{note}");
+        }
+        print!("{}", daemon.json());
+        return Ok(());
+    }
+    if config.endpoints.is_empty() {
+        anyhow::bail!(
+            "nothing to serve: give --port-name {} and/or --listen {}",
+            bootctld::PORT_NAME,
+            bootctld::DEFAULT_SOCKET
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local
+        .block_on(&rt, bootctld::run(config))
+        .context("bootctld failed")?;
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The daemon core (state + store + markers) and the `BootCtl` capability.
+
+use crate::json;
+use crate::machine::{BootDecision, BootState, MachineError, Slot};
+use crate::snapshot;
+use crate::store::{Store, StoreError};
+use capnp::capability::Rc;
+use proto::rpc::bootctl_capnp::boot_ctl;
+use rebootd::record::Target;
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long `reboot()` waits for rebootd.
+pub const REBOOTD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How `reboot()` reboots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebootVia {
+    /// Ask the rebootd at this unix socket (`mode("normal")`).
+    Rebootd(PathBuf),
+    /// No real reboot possible here (host-run); the reason.
+    Stub(String),
+}
+
+/// Errors of a daemon operation (sent to RPC callers as the failure text).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state machine refused.
+    #[error(transparent)]
+    Refused(#[from] MachineError),
+    /// Persisting failed (the change was not applied).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// rebootd could not be asked.
+    #[error("could not ask rebootd to reboot: {0}; is rebootd running?")]
+    Rebootd(#[from] rebootd::transport::TransportError),
+}
+
+/// The slot-state authority: current state, its store, this boot's id.
+#[derive(Debug)]
+pub struct Daemon {
+    state: BootState,
+    store: Store,
+    boot_id: String,
+    reboot: RebootVia,
+}
+
+impl Daemon {
+    /// A daemon starting from `state` kept in `store`; `boot_id` identifies this boot.
+    pub fn new(state: BootState, store: Store, boot_id: String, reboot: RebootVia) -> Self {
+        Daemon {
+            state,
+            store,
+            boot_id,
+            reboot,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &BootState {
+        &self.state
+    }
+
+    /// Whether the state survives a reboot.
+    pub fn is_persistent(&self) -> bool {
+        self.store.is_persistent()
+    }
+
+    /// The JSON view.
+    pub fn json(&self) -> String {
+        json::render(&self.state, &self.store.persistence())
+    }
+
+    /// How `reboot()` reboots.
+    pub fn reboot_via(&self) -> &RebootVia {
+        &self.reboot
+    }
+
+    /// Apply a transition to a copy, persist it when it changed, then commit:
+    /// a failed write leaves the state (in RAM and on disk) untouched.
+    fn apply<T>(
+        &mut self,
+        f: impl FnOnce(&mut BootState) -> Result<T, MachineError>,
+    ) -> Result<T, DaemonError> {
+        let mut next = self.state.clone();
+        let out = f(&mut next)?;
+        if next != self.state {
+            self.store.save(&next)?;
+            self.state = next;
+        }
+        Ok(out)
+    }
+
+    /// `setActive`.
+    pub fn set_active(&mut self, slot: Slot, trial: bool, tries: u8) -> Result<(), DaemonError> {
+        self.apply(|s| s.set_active(slot, trial, tries))?;
+        println!("bootctl: setActive slot={slot} trial={trial} tries={tries}");
+        Ok(())
+    }
+
+    /// `confirm`.
+    pub fn confirm(&mut self) -> Result<Slot, DaemonError> {
+        let id = self.boot_id.clone();
+        let slot = self.apply(|s| s.confirm(&id))?;
+        println!("bootctl: confirm");
+        Ok(slot)
+    }
+
+    /// `markBad`.
+    pub fn mark_bad(&mut self, slot: Slot) -> Result<(), DaemonError> {
+        let switched = self.apply(|s| Ok(s.mark_bad(slot)))?;
+        println!("bootctl: markBad slot={slot}");
+        if let Some(active) = switched {
+            println!("bootctl: active slot={active}");
+        }
+        Ok(())
+    }
+
+    /// `slotImaged`.
+    pub fn slot_imaged(&mut self, slot: Slot, version: &str) -> Result<(), DaemonError> {
+        self.apply(|s| s.slot_imaged(slot, version))?;
+        println!("bootctl: slotImaged slot={slot} version={version}");
+        Ok(())
+    }
+
+    /// `bootAttempt`: the decision is persisted before it is returned.
+    pub fn boot_attempt(&mut self) -> Result<BootDecision, DaemonError> {
+        let id = self.boot_id.clone();
+        let d = self.apply(|s| Ok(s.boot_attempt(&id)))?;
+        if let Some(bad) = d.marked_bad {
+            println!("bootctl: markBad slot={bad}");
+            println!("bootctl: slot {bad} ran out of trial tries");
+        }
+        if d.rolled_back {
+            println!("bootctl: rollback to slot={}", d.slot);
+        }
+        if d.bootable {
+            println!(
+                "bootctl: bootAttempt slot={} trial={} tries={}",
+                d.slot, d.trial, d.tries_left
+            );
+        } else {
+            println!("bootctl: bootAttempt no bootable slot (boot recovery)");
+        }
+        Ok(d)
+    }
+
+    /// `reboot`: ask rebootd for a normal boot. Returns whether a real
+    /// reboot was started; prints `bootctl: reboot` or `bootctl: reboot (stub)`.
+    pub async fn reboot(via: RebootVia) -> Result<bool, DaemonError> {
+        match via {
+            RebootVia::Stub(why) => {
+                println!("bootctl: reboot (stub) — {why}");
+                Ok(false)
+            }
+            RebootVia::Rebootd(sock) => {
+                let real = rebootd::request_mode(&sock, Target::Normal, REBOOTD_TIMEOUT).await?;
+                if real {
+                    println!("bootctl: reboot");
+                } else {
+                    println!("bootctl: reboot (stub) — rebootd cannot reboot here");
+                }
+                Ok(real)
+            }
+        }
+    }
+}
+
+/// The `BootCtl` capability over a shared [`Daemon`].
+pub struct BootCtlService {
+    daemon: RefCell<Daemon>,
+}
+
+impl BootCtlService {
+    /// Serve `daemon`.
+    pub fn new(daemon: Daemon) -> Self {
+        BootCtlService {
+            daemon: RefCell::new(daemon),
+        }
+    }
+}
+
+fn err(e: DaemonError) -> capnp::Error {
+    capnp::Error::failed(e.to_string())
+}
+
+fn slot_param(
+    s: Result<proto::rpc::bootctl_capnp::Slot, capnp::NotInSchema>,
+) -> Result<Slot, capnp::Error> {
+    s.map(snapshot::slot_from_schema)
+        .map_err(|e| capnp::Error::failed(format!("unknown slot value {}", e.0)))
+}
+
+impl boot_ctl::Server for BootCtlService {
+    async fn state(
+        self: Rc<Self>,
+        _params: boot_ctl::StateParams,
+        mut results: boot_ctl::StateResults,
+    ) -> Result<(), capnp::Error> {
+        let d = self.daemon.borrow();
+        let mut r = results.get();
+        r.set_persistent(d.is_persistent());
+        snapshot::fill(r.init_state(), d.state());
+        Ok(())
+    }
+
+    async fn set_active(
+        self: Rc<Self>,
+        params: boot_ctl::SetActiveParams,
+        _results: boot_ctl::SetActiveResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let slot = slot_param(p.get_slot())?;
+        self.daemon
+            .borrow_mut()
+            .set_active(slot, p.get_trial(), p.get_tries_left())
+            .map_err(err)
+    }
+
+    async fn confirm(
+        self: Rc<Self>,
+        _params: boot_ctl::ConfirmParams,
+        _results: boot_ctl::ConfirmResults,
+    ) -> Result<(), capnp::Error> {
+        self.daemon.borrow_mut().confirm().map(|_| ()).map_err(err)
+    }
+
+    async fn mark_bad(
+        self: Rc<Self>,
+        params: boot_ctl::MarkBadParams,
+        _results: boot_ctl::MarkBadResults,
+    ) -> Result<(), capnp::Error> {
+        let slot = slot_param(params.get()?.get_slot())?;
+        self.daemon.borrow_mut().mark_bad(slot).map_err(err)
+    }
+
+    async fn reboot(
+        self: Rc<Self>,
+        _params: boot_ctl::RebootParams,
+        mut results: boot_ctl::RebootResults,
+    ) -> Result<(), capnp::Error> {
+        let via = self.daemon.borrow().reboot_via().clone();
+        let real = Daemon::reboot(via).await.map_err(err)?;
+        results.get().set_rebooting(real);
+        Ok(())
+    }
+
+    async fn boot_attempt(
+        self: Rc<Self>,
+        _params: boot_ctl::BootAttemptParams,
+        mut results: boot_ctl::BootAttemptResults,
+    ) -> Result<(), capnp::Error> {
+        let d = self.daemon.borrow_mut().boot_attempt().map_err(err)?;
+        let mut r = results.get().init_decision();
+        r.set_bootable(d.bootable);
+        r.set_slot(snapshot::slot_to_schema(d.slot));
+        r.set_trial(d.trial);
+        r.set_tries_left(d.tries_left);
+        r.set_rolled_back(d.rolled_back);
+        r.set_version(d.version.as_str());
+        Ok(())
+    }
+
+    async fn slot_imaged(
+        self: Rc<Self>,
+        params: boot_ctl::SlotImagedParams,
+        _results: boot_ctl::SlotImagedResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let slot = slot_param(p.get_slot())?;
+        let version = p
+            .get_version()?
+            .to_str()
+            .map_err(|_| capnp::Error::failed("version is not UTF-8".into()))?
+            .to_string();
+        self.daemon
+            .borrow_mut()
+            .slot_imaged(slot, &version)
+            .map_err(err)
+    }
+
+    async fn export_json(
+        self: Rc<Self>,
+        _params: boot_ctl::ExportJsonParams,
+        mut results: boot_ctl::ExportJsonResults,
+    ) -> Result<(), capnp::Error> {
+        let j = self.daemon.borrow().json();
+        results.get().set_json(j.as_str());
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Small-file persistence shared by `rebootd` and `bootctld`: atomic replace
+//! (temp file + fsync + rename + fsync of the directory), bounded reads, and the
+//! decision whether a state directory is really persistent.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Replace `dir/name` with `bytes` atomically: a reader (or a power cut) sees
+/// either the old or the new content, never a mix.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dst = dir.join(name);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &dst)?;
+    sync_dir(dir)
+}
+
+/// Remove `dir/name` (if present) and make the removal durable.
+pub fn remove_durable(dir: &Path, name: &str) -> io::Result<()> {
+    match fs::remove_file(dir.join(name)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// fsync a directory so a rename/unlink in it survives a power cut.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Read a whole file of at most `max` bytes. `Ok(None)` when it does not exist;
+/// an `InvalidData` error (and no allocation beyond `max + 1`) when it is larger.
+pub fn read_bounded(path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut buf = Vec::new();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    f.take(limit).read_to_end(&mut buf)?;
+    if buf.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {max} bytes", path.display()),
+        ));
+    }
+    Ok(Some(buf))
+}
+
+/// Why a daemon runs RAM-only instead of persisting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotPersistent(pub String);
+
+impl std::fmt::Display for NotPersistent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Resolve `state/sub` as the directory a daemon persists into.
+///
+/// * `state` missing or not a directory → `Err` (RAM-only mode);
+/// * `require_mountpoint` and `state` is not a mount point → `Err`: in the guest
+///   an unmounted `/state` is just a directory of the initramfs (RAM), and
+///   writing there would claim a persistence that does not exist;
+/// * `state/sub` is created when missing.
+pub fn state_subdir(
+    state: &Path,
+    sub: &str,
+    require_mountpoint: bool,
+) -> Result<PathBuf, NotPersistent> {
+    let meta = fs::metadata(state)
+        .map_err(|e| NotPersistent(format!("state dir {} is missing ({e})", state.display())))?;
+    if !meta.is_dir() {
+        return Err(NotPersistent(format!(
+            "state dir {} is not a directory",
+            state.display()
+        )));
+    }
+    if require_mountpoint && !is_mountpoint(state) {
+        return Err(NotPersistent(format!(
+            "state dir {} is not a mounted filesystem (no /state disk)",
+            state.display()
+        )));
+    }
+    let dir = state.join(sub);
+    if !dir.is_dir() {
+        fs::create_dir(&dir)
+            .and_then(|()| sync_dir(state))
+            .map_err(|e| NotPersistent(format!("cannot create {} ({e})", dir.display())))?;
+    }
+    Ok(dir)
+}
+
+/// True when `dir` is the root of a mounted filesystem (its device differs
+/// from its parent's, or it is `/`).
+pub fn is_mountpoint(dir: &Path) -> bool {
+    let (Ok(me), Ok(parent)) = (fs::metadata(dir), fs::metadata(dir.join(".."))) else {
+        return false;
+    };
+    me.dev() != parent.dev() || me.ino() == parent.ino()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_then_bounded_read() {
+        let d = tempfile::tempdir().unwrap();
+        write_atomic(d.path(), "x", b"hello\n").unwrap();
+        assert_eq!(
+            read_bounded(&d.path().join("x"), 6).unwrap().unwrap(),
+            b"hello\n"
+        );
+        assert!(read_bounded(&d.path().join("x"), 5).is_err());
+        assert!(read_bounded(&d.path().join("nope"), 5).unwrap().is_none());
+        assert!(!d.path().join(".x.tmp").exists());
+        remove_durable(d.path(), "x").unwrap();
+        remove_durable(d.path(), "x").unwrap();
+    }
+
+    #[test]
+    fn state_subdir_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = state_subdir(d.path(), "boot", false).unwrap();
+        assert!(sub.is_dir());
+        assert!(state_subdir(&d.path().join("missing"), "boot", false).is_err());
+        // A tempdir is (almost always) not a mount point.
+        if !is_mountpoint(d.path()) {
+            assert!(state_subdir(d.path(), "boot", true).is_err());
+        }
+        assert!(is_mountpoint(Path::new("/")));
+    }
+}

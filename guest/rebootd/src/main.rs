@@ -1,0 +1,58 @@
+//! `rebootd --state DIR [--port-name NAME] [--listen SOCK]... [--reboot-method auto|init|stub]`
+
+use anyhow::Context;
+use clap::Parser;
+use rebootd::transport::Endpoint;
+use std::path::PathBuf;
+
+/// The next-boot authority: persists STATE/boot/next_mode and reboots via PID 1.
+#[derive(Parser)]
+#[command(name = "rebootd")]
+struct Args {
+    /// State dir (the guest's /state). Missing: RAM-only stub (nothing persisted,
+    /// reboot requests refused).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Treat a state dir that is not a mount point as missing (the guest passes this).
+    #[arg(long)]
+    require_mountpoint: bool,
+    /// Serve on the virtio-serial port with this name (e.g. com.nexus.reboot).
+    #[arg(long)]
+    port_name: Option<String>,
+    /// Serve on this unix socket (repeatable; the guest uses /run/rebootd.sock).
+    #[arg(long)]
+    listen: Vec<PathBuf>,
+    /// How to reboot: `auto` signals PID 1 only when managed by our /init.
+    #[arg(long, value_enum, default_value_t = rebootd::pid1::MethodArg::Auto)]
+    reboot_method: rebootd::pid1::MethodArg,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut endpoints: Vec<Endpoint> = args.listen.into_iter().map(Endpoint::Unix).collect();
+    if let Some(name) = args.port_name {
+        endpoints.push(Endpoint::Port(name));
+    }
+    if endpoints.is_empty() {
+        anyhow::bail!(
+            "nothing to serve: give --port-name {} and/or --listen {}",
+            rebootd::PORT_NAME,
+            rebootd::DEFAULT_SOCKET
+        );
+    }
+    let config = rebootd::Config {
+        state: args.state,
+        require_mountpoint: args.require_mountpoint,
+        endpoints,
+        reboot_method: args.reboot_method,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local
+        .block_on(&rt, rebootd::run(config))
+        .context("rebootd failed")?;
+    Ok(())
+}

@@ -1,0 +1,472 @@
+//! Serving and calling Cap'n Proto RPC in the guest (shared by `rebootd` and
+//! `bootctld`): a virtio-serial port found by name, and unix sockets.
+//!
+//! Everything here runs on a tokio current-thread runtime inside a
+//! [`tokio::task::LocalSet`] (capnp-rpc objects are `!Send`).
+//!
+//! The virtio-serial port (see ../shared/platform-notes.md):
+//! * found by its name in `/sys/class/virtio-ports/*/name`, never by number;
+//! * opened once, `O_RDWR`, and kept open (a second open fails with EBUSY);
+//! * while no host client is connected to the chardev socket, reads return EOF:
+//!   that is "host gone" — we poll every [`HOST_POLL`] until a read returns data
+//!   or `EAGAIN` (host connected), then run one RPC session until the next EOF.
+
+use capnp::capability::{Client, FromClientHook};
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use futures::future::Either;
+use futures::io::{AsyncRead, AsyncWrite, BufReader, Cursor};
+use futures::AsyncReadExt as _;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+/// How often a port with no host connected is polled.
+pub const HOST_POLL: Duration = Duration::from_millis(200);
+/// How often a port that does not exist (yet) is looked up again.
+pub const PORT_LOOKUP_POLL: Duration = Duration::from_millis(500);
+/// Bound for one incoming RPC message (words of 8 bytes): 512 KiB. Our
+/// messages are a few hundred bytes; the bound keeps a hostile peer from
+/// making us allocate.
+pub const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
+/// Where virtio-serial ports are listed.
+pub const SYSFS_VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
+/// Bound for reading a port's `name` file.
+const MAX_PORT_NAME: usize = 256;
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A socket could not be bound.
+    #[error("could not listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The listen path exists and is not a socket: we do not delete files.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The server at a unix socket could not be reached.
+    #[error("could not connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// An RPC call failed or the peer went away.
+    #[error("rpc to {path}: {source}")]
+    Rpc {
+        path: PathBuf,
+        #[source]
+        source: capnp::Error,
+    },
+    /// No answer in time.
+    #[error("rpc to {path}: no answer within {secs} s")]
+    Timeout { path: PathBuf, secs: u64 },
+}
+
+/// Something to serve on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix socket path (guest-local `/run/*.sock`, or a host test socket).
+    Unix(PathBuf),
+    /// A virtio-serial port by name (`com.nexus.bootctl`).
+    Port(String),
+}
+
+/// The receive options for every connection: bounded messages.
+pub fn reader_options() -> capnp::message::ReaderOptions {
+    let mut o = capnp::message::ReaderOptions::new();
+    o.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS))
+        .nesting_limit(32);
+    o
+}
+
+/// Bound listeners (sockets are bound eagerly so a bad path fails at startup).
+pub struct Listeners {
+    unix: Vec<(PathBuf, UnixListener)>,
+    ports: Vec<String>,
+}
+
+/// Bind all unix endpoints (must run inside a tokio runtime). A stale socket
+/// file at the path is replaced; any other file is refused.
+pub fn bind(endpoints: &[Endpoint]) -> Result<Listeners, TransportError> {
+    let mut unix = Vec::new();
+    let mut ports = Vec::new();
+    for ep in endpoints {
+        match ep {
+            Endpoint::Unix(path) => {
+                remove_stale_socket(path)?;
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|source| TransportError::Bind {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+                let l = UnixListener::bind(path).map_err(|source| TransportError::Bind {
+                    path: path.clone(),
+                    source,
+                })?;
+                unix.push((path.clone(), l));
+            }
+            Endpoint::Port(name) => ports.push(name.clone()),
+        }
+    }
+    Ok(Listeners { unix, ports })
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), TransportError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| TransportError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => Err(TransportError::NotASocket(path.to_path_buf())),
+        Err(_) => Ok(()),
+    }
+}
+
+impl Listeners {
+    /// Serve `bootstrap` on every endpoint, forever. `who` prefixes log lines
+    /// (`bootctld`, `rebootd`). Must run inside a `LocalSet`.
+    pub async fn serve(self, bootstrap: Client, who: &'static str) {
+        let mut loops: Vec<Pin<Box<dyn std::future::Future<Output = ()>>>> = Vec::new();
+        for (path, listener) in self.unix {
+            loops.push(Box::pin(accept_loop(
+                path,
+                listener,
+                bootstrap.clone(),
+                who,
+            )));
+        }
+        for name in self.ports {
+            loops.push(Box::pin(port_loop(name, bootstrap.clone(), who)));
+        }
+        if loops.is_empty() {
+            futures::future::pending::<()>().await;
+        }
+        futures::future::join_all(loops).await;
+    }
+}
+
+fn spawn_session<R, W>(read: R, write: W, bootstrap: Client, who: &'static str, peer: String)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let network =
+        twoparty::VatNetwork::new(BufReader::new(read), write, Side::Server, reader_options());
+    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
+    tokio::task::spawn_local(async move {
+        if let Err(e) = rpc.await {
+            eprintln!("{who}: rpc session on {peer} ended with an error: {e}");
+        }
+    });
+}
+
+async fn accept_loop(path: PathBuf, listener: UnixListener, bootstrap: Client, who: &'static str) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let (r, w) = stream.into_split();
+                spawn_session(
+                    r.compat(),
+                    w.compat_write(),
+                    bootstrap.clone(),
+                    who,
+                    path.display().to_string(),
+                );
+            }
+            Err(e) => {
+                eprintln!("{who}: accept on {} failed: {e}; retrying", path.display());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Find the `/dev/vportNpM` device whose sysfs `name` is `name`.
+/// `Ok(None)` when no such port exists (yet).
+pub fn find_port(name: &str) -> io::Result<Option<PathBuf>> {
+    find_port_in(Path::new(SYSFS_VIRTIO_PORTS), Path::new("/dev"), name)
+}
+
+/// [`find_port`] with explicit sysfs and /dev roots (tests).
+pub fn find_port_in(sysfs: &Path, dev: &Path, name: &str) -> io::Result<Option<PathBuf>> {
+    let entries = match std::fs::read_dir(sysfs) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let dir = entry.file_name();
+        let Some(dir) = dir.to_str().filter(|d| is_vport_name(d)) else {
+            continue;
+        };
+        let Ok(Some(bytes)) =
+            crate::fsutil::read_bounded(&entry.path().join("name"), MAX_PORT_NAME)
+        else {
+            continue;
+        };
+        let port_name = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        if port_name == name.as_bytes() {
+            found.push(dev.join(dir));
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().next())
+}
+
+/// `vport<digits>p<digits>` — the only device names we turn into a path.
+fn is_vport_name(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("vport") else {
+        return false;
+    };
+    let Some((a, b)) = rest.split_once('p') else {
+        return false;
+    };
+    !a.is_empty()
+        && !b.is_empty()
+        && a.len() <= 4
+        && b.len() <= 4
+        && a.bytes().all(|c| c.is_ascii_digit())
+        && b.bytes().all(|c| c.is_ascii_digit())
+}
+
+async fn port_loop(name: String, bootstrap: Client, who: &'static str) {
+    let mut warned = false;
+    let dev = loop {
+        match find_port(&name) {
+            Ok(Some(dev)) => break dev,
+            Ok(None) => {
+                if !warned {
+                    println!("{who}: waiting for virtio-serial port {name}");
+                    warned = true;
+                }
+            }
+            Err(e) => {
+                if !warned {
+                    eprintln!("{who}: looking up port {name} failed: {e}; retrying");
+                    warned = true;
+                }
+            }
+        }
+        tokio::time::sleep(PORT_LOOKUP_POLL).await;
+    };
+    let fd = loop {
+        use rustix::fs::{Mode, OFlags};
+        match rustix::fs::open(
+            &dev,
+            OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => break fd,
+            Err(e) => {
+                eprintln!("{who}: open {} failed: {e}; retrying in 1 s", dev.display());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    println!("{who}: port {name} is {}", dev.display());
+    loop {
+        let prefix = wait_for_host(&fd, who, &dev).await;
+        let session = match rustix::io::dup(&fd)
+            .map_err(io::Error::from)
+            .and_then(register)
+        {
+            Ok(afd) => Rc::new(afd),
+            Err(e) => {
+                eprintln!("{who}: cannot poll {}: {e}; retrying in 1 s", dev.display());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let read = Cursor::new(prefix).chain(VportIo(session.clone()));
+        let network = twoparty::VatNetwork::new(
+            BufReader::new(read),
+            VportIo(session),
+            Side::Server,
+            reader_options(),
+        );
+        let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.clone()));
+        if let Err(e) = rpc.await {
+            eprintln!("{who}: rpc session on port {name} ended with an error: {e}");
+        }
+    }
+}
+
+/// Register a port descriptor with the tokio reactor.
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, and keeps
+    // returning the same number, until the `AsyncFd` owning it is dropped.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+/// Poll the port until a host is connected; returns bytes already read.
+async fn wait_for_host(fd: &OwnedFd, who: &str, dev: &Path) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let mut reported = false;
+    loop {
+        match rustix::io::read(fd, &mut buf[..]) {
+            Ok(0) => tokio::time::sleep(HOST_POLL).await,
+            Ok(n) => {
+                buf.truncate(n);
+                return buf;
+            }
+            Err(rustix::io::Errno::AGAIN) => return Vec::new(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                if !reported {
+                    eprintln!("{who}: read {} failed: {e}; retrying", dev.display());
+                    reported = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// One direction of a non-blocking port descriptor registered with tokio.
+struct VportIo(Rc<AsyncFd<OwnedFd>>);
+
+impl AsyncRead for VportIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            match guard.try_io(|inner| {
+                rustix::io::read(inner.get_ref().as_fd(), &mut *buf).map_err(io::Error::from)
+            }) {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for VportIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.0.poll_write_ready(cx))?;
+            match guard.try_io(|inner| {
+                rustix::io::write(inner.get_ref().as_fd(), buf).map_err(io::Error::from)
+            }) {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Connect to a unix socket, bootstrap a `C` client and run `call` with it,
+/// driving the connection until the call completes (no `LocalSet` needed).
+pub async fn call_unix<C, F, Fut, T>(
+    path: &Path,
+    timeout: Duration,
+    call: F,
+) -> Result<T, TransportError>
+where
+    C: FromClientHook,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<T, capnp::Error>>,
+{
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| TransportError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (r, w) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        BufReader::new(r.compat()),
+        w.compat_write(),
+        Side::Client,
+        reader_options(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let client: C = rpc.bootstrap(Side::Server);
+    let call = Box::pin(call(client));
+    let raced = futures::future::select(call, rpc);
+    let out = match tokio::time::timeout(timeout, raced).await {
+        Err(_) => {
+            return Err(TransportError::Timeout {
+                path: path.to_path_buf(),
+                secs: timeout.as_secs(),
+            })
+        }
+        Ok(Either::Left((result, _rpc))) => result,
+        Ok(Either::Right((rpc_result, _call))) => Err(rpc_result.err().unwrap_or_else(|| {
+            capnp::Error::disconnected("the server closed the connection".into())
+        })),
+    };
+    out.map_err(|source| TransportError::Rpc {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vport_names() {
+        assert!(is_vport_name("vport0p1"));
+        assert!(is_vport_name("vport12p3"));
+        assert!(!is_vport_name("vport0"));
+        assert!(!is_vport_name("vportp1"));
+        assert!(!is_vport_name("../vport0p1"));
+        assert!(!is_vport_name("vport0p1x"));
+    }
+
+    #[test]
+    fn find_port_by_name_in_fake_sysfs() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("sys");
+        for (dir, name) in [
+            ("vport0p1", "com.nexus.flash\n"),
+            ("vport0p2", "com.nexus.bootctl\n"),
+            ("evil", "com.nexus.reboot\n"),
+        ] {
+            std::fs::create_dir_all(sys.join(dir)).unwrap();
+            std::fs::write(sys.join(dir).join("name"), name).unwrap();
+        }
+        let dev = Path::new("/dev");
+        assert_eq!(
+            find_port_in(&sys, dev, "com.nexus.bootctl").unwrap(),
+            Some(PathBuf::from("/dev/vport0p2"))
+        );
+        assert_eq!(find_port_in(&sys, dev, "com.nexus.reboot").unwrap(), None);
+        assert_eq!(
+            find_port_in(&d.path().join("none"), dev, "x").unwrap(),
+            None
+        );
+    }
+}
