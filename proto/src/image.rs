@@ -91,6 +91,17 @@ pub enum ImageError {
         /// Bytes given.
         found: usize,
     },
+    /// The file ends before the end of its head.
+    #[error(
+        "image truncated: the file is {len} bytes, but its head alone (header, manifest, \
+         signature slot) is {data_offset} bytes"
+    )]
+    HeadTruncated {
+        /// File length.
+        len: u64,
+        /// `data_offset` from the header.
+        data_offset: u64,
+    },
     /// Non-zero bytes in the signature slot or the head padding.
     #[error("head padding byte at offset {offset} is not zero")]
     HeadPaddingNotZero {
