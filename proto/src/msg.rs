@@ -1,1 +1,1305 @@
-//! See the crate docs.
+//! Messages of the flashing conversation, each carried in one [`Frame`].
+//!
+//! The byte-exact tables are in `docs/provisioning/protocol.md`; this module is
+//! their reference implementation. All integers are little-endian. Strings are
+//! UTF-8 with a length prefix (`str8`: u8 length, `str16`: u16 length) and are
+//! validated on decode *and* encode: a message that does not fit the rules never
+//! leaves this module and never comes out of it.
+//!
+//! * The frame's `seq` is the chunk sequence number for `WRITE` (≥ 1) and must be
+//!   0 for every other message.
+//! * The frame's `flags` carry the `WRITE` body kind ([`WriteKind`]) and must be 0
+//!   for every other message.
+//! * A payload must be consumed exactly: trailing bytes are an error.
+//!
+//! ```
+//! use proto::msg::{Ack, Message};
+//! let frame = Message::Ack(Ack { ack: 41 }).to_frame().unwrap();
+//! assert_eq!(Message::from_frame(&frame).unwrap(), Message::Ack(Ack { ack: 41 }));
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::{Frame, FrameError, MAX_PAYLOAD};
+
+/// Protocol version carried in HELLO / HELLO_REPLY / INFO_REPLY.
+pub const PROTO_VERSION: u8 = 1;
+/// Smallest chunk size (= the manifest's data-range granularity).
+pub const MIN_CHUNK: u32 = 4096;
+/// Largest chunk size.
+pub const MAX_CHUNK: u32 = 1024 * 1024;
+/// Largest window (WRITE frames in flight).
+pub const MAX_WINDOW: u16 = 256;
+/// Largest image head carried in HELLO (same bound as the image format's).
+pub const MAX_HEAD: usize = 2 << 20;
+/// Largest number of skip-index entries in a HELLO_REPLY.
+pub const MAX_INDEX_ENTRIES: usize = 65536;
+/// Host and device names: `[A-Za-z0-9._-]{1,64}`.
+pub const MAX_NAME_LEN: usize = 64;
+/// Segment names: `[a-z0-9_-]{1,32}`.
+pub const MAX_SEGMENT_NAME_LEN: usize = 32;
+/// Device info string.
+pub const MAX_INFO_LEN: usize = 128;
+/// Image version string.
+pub const MAX_VERSION_LEN: usize = 64;
+/// ERROR text and ABORT reason.
+pub const MAX_TEXT_LEN: usize = 512;
+
+/// Compression set bit: zstd.
+pub const COMPRESS_ZSTD: u8 = 0x01;
+
+/// HELLO flag: the host forbids skipping (`--no-skip`): send every data chunk.
+pub const HELLO_NO_SKIP: u8 = 0x01;
+/// HELLO_REPLY flag: the target already has exactly this image installed.
+pub const REPLY_ALREADY_INSTALLED: u8 = 0x01;
+/// HELLO_REPLY flag: the target holds a partial transfer of this image.
+pub const REPLY_RESUMED: u8 = 0x02;
+
+// Every message fits a frame: the largest fixed HELLO part is far below the slack.
+const _: () = assert!(MAX_HEAD + 4096 <= MAX_PAYLOAD);
+const _: () = assert!((MAX_CHUNK as usize) + 4096 <= MAX_PAYLOAD);
+const _: () = assert!(MAX_INDEX_ENTRIES * INDEX_ENTRY_LEN + 4096 <= MAX_PAYLOAD);
+
+const INDEX_ENTRY_LEN: usize = 8 + 4 + 16;
+
+/// A 128-bit chunk content hash (first 16 bytes of SHA-256), used for skipping.
+pub type ChunkHash = [u8; 16];
+
+/// Message type codes (the frame's `msg_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MsgType {
+    Hello = 0x01,
+    HelloReply = 0x02,
+    Info = 0x03,
+    InfoReply = 0x04,
+    Write = 0x10,
+    Ack = 0x11,
+    Nak = 0x12,
+    Verified = 0x13,
+    Done = 0x20,
+    DoneReply = 0x21,
+    Abort = 0x30,
+    Error = 0x3f,
+}
+
+impl MsgType {
+    pub fn from_u8(v: u8) -> Option<MsgType> {
+        Some(match v {
+            0x01 => MsgType::Hello,
+            0x02 => MsgType::HelloReply,
+            0x03 => MsgType::Info,
+            0x04 => MsgType::InfoReply,
+            0x10 => MsgType::Write,
+            0x11 => MsgType::Ack,
+            0x12 => MsgType::Nak,
+            0x13 => MsgType::Verified,
+            0x20 => MsgType::Done,
+            0x21 => MsgType::DoneReply,
+            0x30 => MsgType::Abort,
+            0x3f => MsgType::Error,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            MsgType::Hello => "HELLO",
+            MsgType::HelloReply => "HELLO_REPLY",
+            MsgType::Info => "INFO?",
+            MsgType::InfoReply => "INFO_REPLY",
+            MsgType::Write => "WRITE",
+            MsgType::Ack => "ACK",
+            MsgType::Nak => "NAK",
+            MsgType::Verified => "VERIFIED",
+            MsgType::Done => "DONE",
+            MsgType::DoneReply => "DONE_REPLY",
+            MsgType::Abort => "ABORT",
+            MsgType::Error => "ERROR",
+        }
+    }
+}
+
+/// Stable numeric error codes (ERROR and ABORT). Never renumber; only append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 1: malformed message, or a message that is not valid in the current state.
+    Protocol,
+    /// 2: the peer speaks another protocol version.
+    Version,
+    /// 3: the image head (header/manifest) is invalid.
+    BadImage,
+    /// 4: a signature is required but missing, or does not verify.
+    Signature,
+    /// 5: a WRITE was rejected (unknown segment, out of bounds, not the planned chunk).
+    BadWrite,
+    /// 6: a segment's SHA-256 does not match the manifest.
+    VerifyFailed,
+    /// 7: DONE carries an image hash that does not match the manifest.
+    ImageHash,
+    /// 8: DONE before every chunk was received and every segment verified.
+    Incomplete,
+    /// 9: target storage failed (staging file, journal).
+    Storage,
+    /// 10: the install step failed; the previous install is untouched.
+    InstallFailed,
+    /// 11: the target has no usable state directory and refuses to flash.
+    NoState,
+    /// 12: no common capabilities (e.g. zstd required, not supported).
+    Capability,
+    /// 13: the image is larger than the target accepts.
+    TooLarge,
+    /// 14: the host aborted the transfer (it stays resumable).
+    Aborted,
+    /// 15: the peer stopped answering.
+    Timeout,
+    /// A code this version does not know (kept verbatim).
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorCode::Protocol => 1,
+            ErrorCode::Version => 2,
+            ErrorCode::BadImage => 3,
+            ErrorCode::Signature => 4,
+            ErrorCode::BadWrite => 5,
+            ErrorCode::VerifyFailed => 6,
+            ErrorCode::ImageHash => 7,
+            ErrorCode::Incomplete => 8,
+            ErrorCode::Storage => 9,
+            ErrorCode::InstallFailed => 10,
+            ErrorCode::NoState => 11,
+            ErrorCode::Capability => 12,
+            ErrorCode::TooLarge => 13,
+            ErrorCode::Aborted => 14,
+            ErrorCode::Timeout => 15,
+            ErrorCode::Unknown(c) => c,
+        }
+    }
+    pub fn from_code(c: u16) -> ErrorCode {
+        match c {
+            1 => ErrorCode::Protocol,
+            2 => ErrorCode::Version,
+            3 => ErrorCode::BadImage,
+            4 => ErrorCode::Signature,
+            5 => ErrorCode::BadWrite,
+            6 => ErrorCode::VerifyFailed,
+            7 => ErrorCode::ImageHash,
+            8 => ErrorCode::Incomplete,
+            9 => ErrorCode::Storage,
+            10 => ErrorCode::InstallFailed,
+            11 => ErrorCode::NoState,
+            12 => ErrorCode::Capability,
+            13 => ErrorCode::TooLarge,
+            14 => ErrorCode::Aborted,
+            15 => ErrorCode::Timeout,
+            c => ErrorCode::Unknown(c),
+        }
+    }
+    /// Short stable name (`snake_case`), for logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::Version => "version",
+            ErrorCode::BadImage => "bad_image",
+            ErrorCode::Signature => "signature",
+            ErrorCode::BadWrite => "bad_write",
+            ErrorCode::VerifyFailed => "verify_failed",
+            ErrorCode::ImageHash => "image_hash",
+            ErrorCode::Incomplete => "incomplete",
+            ErrorCode::Storage => "storage",
+            ErrorCode::InstallFailed => "install_failed",
+            ErrorCode::NoState => "no_state",
+            ErrorCode::Capability => "capability",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Aborted => "aborted",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.code(), self.name())
+    }
+}
+
+/// `HELLO` (host → target): opens a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Must be [`PROTO_VERSION`]; the decoder accepts any value so the receiver can
+    /// answer a mismatch with `ERROR Version`.
+    pub proto: u8,
+    /// Random per connection; echoed in the reply.
+    pub nonce: u64,
+    /// Largest window the host wants (1..=[`MAX_WINDOW`]).
+    pub window: u16,
+    /// Largest chunk size the host wants (power of two, [`MIN_CHUNK`]..=[`MAX_CHUNK`]).
+    pub chunk_size: u32,
+    /// Compression algorithms the host can produce (bit set, [`COMPRESS_ZSTD`]).
+    pub compression: u8,
+    /// `false` = `--no-skip`: the target must not offer its skip index.
+    pub skip: bool,
+    /// Host name, `[A-Za-z0-9._-]{1,64}`.
+    pub host: String,
+    /// The image head: every byte before the first segment (header, manifest,
+    /// signature, padding); 1..=[`MAX_HEAD`] bytes.
+    pub head: Bytes,
+}
+
+/// One entry of the target's skip index: a chunk of the installed image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IndexEntry {
+    /// Absolute offset in the installed image.
+    pub offset: u64,
+    /// Length in bytes (1..=[`MAX_CHUNK`]).
+    pub len: u32,
+    /// [`ChunkHash`] of those bytes.
+    pub hash: ChunkHash,
+}
+
+/// `HELLO_REPLY` (target → host): the negotiated session and where to continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    pub proto: u8,
+    /// The HELLO's nonce.
+    pub nonce: u64,
+    pub device: String,
+    pub info: String,
+    /// Accepted window (1..=HELLO window).
+    pub window: u16,
+    /// Accepted chunk size (power of two, MIN_CHUNK..=HELLO chunk size).
+    pub chunk_size: u32,
+    /// Accepted compression: 0 or exactly one bit of the HELLO set.
+    pub compression: u8,
+    /// The target already has exactly this image installed (send DONE directly).
+    pub already_installed: bool,
+    /// The target holds part of this image from an earlier session.
+    pub resumed: bool,
+    /// Chunks the target already holds: the host continues with seq `resume_seq + 1`.
+    pub resume_seq: u32,
+    /// Bit i set = segment i (table order) already verified.
+    pub verified: u64,
+    /// Chunks of the installed image (empty when skipping is off or impossible).
+    pub index: Vec<IndexEntry>,
+}
+
+/// What an INFO_REPLY says about the installed image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledInfo {
+    pub image_id: [u8; 32],
+    pub image_sha256: [u8; 32],
+    pub total_size: u64,
+    pub version: String,
+}
+
+/// What an INFO_REPLY says about a partial transfer in staging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferInfo {
+    pub image_id: [u8; 32],
+    pub chunk_size: u32,
+    /// Chunks durably held.
+    pub next_seq: u32,
+    pub plan_chunks: u32,
+    pub verified: u64,
+}
+
+/// `INFO_REPLY` (target → host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoReply {
+    pub proto: u8,
+    pub device: String,
+    pub info: String,
+    pub max_window: u16,
+    pub max_chunk: u32,
+    pub compression: u8,
+    pub installed: Option<InstalledInfo>,
+    pub transfer: Option<TransferInfo>,
+}
+
+/// The body kind of a WRITE, carried in the frame flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum WriteKind {
+    Raw = 0,
+    Zero = 1,
+    Zstd = 2,
+    Copy = 3,
+}
+
+/// The data of a WRITE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteBody {
+    /// Exactly `len` bytes.
+    Raw(Bytes),
+    /// `len` zero bytes (nothing on the wire).
+    Zero,
+    /// A zstd frame that decompresses to exactly `len` bytes; 1..=`len` bytes long.
+    Zstd(Bytes),
+    /// Copy `len` bytes from the installed image at absolute `src_offset`; they hash
+    /// to `hash`.
+    Copy { src_offset: u64, hash: ChunkHash },
+}
+
+impl WriteBody {
+    pub fn kind(&self) -> WriteKind {
+        match self {
+            WriteBody::Raw(_) => WriteKind::Raw,
+            WriteBody::Zero => WriteKind::Zero,
+            WriteBody::Zstd(_) => WriteKind::Zstd,
+            WriteBody::Copy { .. } => WriteKind::Copy,
+        }
+    }
+    /// Bytes this body occupies on the wire.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            WriteBody::Raw(b) | WriteBody::Zstd(b) => b.len(),
+            WriteBody::Zero => 0,
+            WriteBody::Copy { .. } => 24,
+        }
+    }
+}
+
+/// `WRITE` (host → target): one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// Chunk sequence number, ≥ 1 (the frame's seq).
+    pub seq: u32,
+    /// Segment name, `[a-z0-9_-]{1,32}`.
+    pub segment: String,
+    /// Offset relative to the segment start.
+    pub offset: u64,
+    /// Decoded length (1..=[`MAX_CHUNK`]).
+    pub len: u32,
+    pub body: WriteBody,
+}
+
+/// `ACK` (target → host): every WRITE with seq ≤ `ack` was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub ack: u32,
+}
+
+/// Why a NAK was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NakReason {
+    /// 1: a WRITE arrived after a missing one.
+    Gap,
+    /// 2: the decoder discarded corrupt bytes.
+    Corrupt,
+    /// Unknown value, kept verbatim.
+    Unknown(u8),
+}
+
+impl NakReason {
+    pub fn code(self) -> u8 {
+        match self {
+            NakReason::Gap => 1,
+            NakReason::Corrupt => 2,
+            NakReason::Unknown(v) => v,
+        }
+    }
+    pub fn from_code(v: u8) -> NakReason {
+        match v {
+            1 => NakReason::Gap,
+            2 => NakReason::Corrupt,
+            v => NakReason::Unknown(v),
+        }
+    }
+}
+
+/// `NAK` (target → host): resend from `seq`; implies ACK of `seq - 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nak {
+    pub seq: u32,
+    pub reason: NakReason,
+}
+
+/// `VERIFIED` (target → host): a segment's SHA-256 matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub segment: String,
+}
+
+/// `DONE` (host → target): everything sent; install if the image hash matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub image_sha256: [u8; 32],
+}
+
+/// Status in a DONE_REPLY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoneStatus {
+    /// 0: verified and installed.
+    Installed,
+    /// 1: still verifying or installing; the reply will follow (keep-alive).
+    Pending,
+    /// 2: the identical image was already installed; nothing changed.
+    Unchanged,
+}
+
+/// `DONE_REPLY` (target → host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoneReply {
+    pub status: DoneStatus,
+    pub image_sha256: [u8; 32],
+}
+
+/// `ABORT` (host → target): stop; the transfer stays resumable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abort {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// `ERROR` (either way): the session failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub text: String,
+}
+
+/// Every message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloReply(HelloReply),
+    Info,
+    InfoReply(InfoReply),
+    Write(Write),
+    Ack(Ack),
+    Nak(Nak),
+    Verified(Verified),
+    Done(Done),
+    DoneReply(DoneReply),
+    Abort(Abort),
+    Error(ErrorMsg),
+}
+
+/// Why a message could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MsgError {
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("{msg}: payload ends inside field `{field}`")]
+    Truncated {
+        msg: &'static str,
+        field: &'static str,
+    },
+    #[error("{msg}: {extra} unexpected bytes after the last field")]
+    Trailing { msg: &'static str, extra: usize },
+    #[error("{msg}: field `{field}` is invalid: {why}")]
+    Invalid {
+        msg: &'static str,
+        field: &'static str,
+        why: String,
+    },
+    #[error("{msg}: frame flags {flags:#06x} are not valid for this message")]
+    BadFlags { msg: &'static str, flags: u16 },
+    #[error("{msg}: frame seq {seq} is not valid for this message")]
+    BadSeq { msg: &'static str, seq: u32 },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+impl MsgError {
+    fn invalid(msg: &'static str, field: &'static str, why: impl Into<String>) -> MsgError {
+        MsgError::Invalid {
+            msg,
+            field,
+            why: why.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- validators
+
+/// `[a-z0-9_-]{1,32}` (so never `/`, `.` or `..`).
+pub fn validate_segment_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_SEGMENT_NAME_LEN {
+        return Err(format!(
+            "segment name must be 1..={MAX_SEGMENT_NAME_LEN} bytes, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "segment name {:?} contains {c:?}; allowed: [a-z0-9_-]",
+            name.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Host/device names: `[A-Za-z0-9._-]{1,64}`.
+pub fn validate_peer_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "name must be 1..={MAX_NAME_LEN} bytes, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "name {:?} contains {c:?}; allowed: [A-Za-z0-9._-]",
+            name.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Free text: at most `max` bytes, no control characters.
+pub fn validate_text(text: &str, max: usize) -> Result<(), String> {
+    if text.len() > max {
+        return Err(format!("text is {} bytes, max {max}", text.len()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err("text contains control characters".to_string());
+    }
+    Ok(())
+}
+
+/// Makes arbitrary text fit [`validate_text`]: control characters become spaces,
+/// the text is cut (on a char boundary) to `max` bytes.
+pub fn sanitize_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Chunk size rule: power of two in [`MIN_CHUNK`]..=[`MAX_CHUNK`].
+pub fn valid_chunk_size(c: u32) -> bool {
+    c.is_power_of_two() && (MIN_CHUNK..=MAX_CHUNK).contains(&c)
+}
+
+/// The [`ChunkHash`] of some bytes.
+pub fn chunk_hash(data: &[u8]) -> ChunkHash {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(data);
+    let mut h = [0u8; 16];
+    h.copy_from_slice(&d[..16]);
+    h
+}
+
+// ---------------------------------------------------------------- wire helpers
+
+struct Rd<'a> {
+    msg: &'static str,
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl<'a> Rd<'a> {
+    fn new(msg: &'static str, buf: &'a Bytes) -> Rd<'a> {
+        Rd { msg, buf, pos: 0 }
+    }
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], MsgError> {
+        let buf: &'a [u8] = self.buf;
+        if buf.len() - self.pos < n {
+            return Err(MsgError::Truncated {
+                msg: self.msg,
+                field,
+            });
+        }
+        let s = &buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn bytes(&mut self, n: usize, field: &'static str) -> Result<Bytes, MsgError> {
+        if self.buf.len() - self.pos < n {
+            return Err(MsgError::Truncated {
+                msg: self.msg,
+                field,
+            });
+        }
+        let b = self.buf.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(b)
+    }
+    fn rest(&mut self) -> Bytes {
+        let b = self.buf.slice(self.pos..);
+        self.pos = self.buf.len();
+        b
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn u8(&mut self, f: &'static str) -> Result<u8, MsgError> {
+        Ok(self.take(1, f)?[0])
+    }
+    fn u16(&mut self, f: &'static str) -> Result<u16, MsgError> {
+        let b = self.take(2, f)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, f: &'static str) -> Result<u32, MsgError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4, f)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self, f: &'static str) -> Result<u64, MsgError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8, f)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn arr<const N: usize>(&mut self, f: &'static str) -> Result<[u8; N], MsgError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, f)?);
+        Ok(a)
+    }
+    fn flag(&mut self, f: &'static str) -> Result<bool, MsgError> {
+        match self.u8(f)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(MsgError::invalid(
+                self.msg,
+                f,
+                format!("must be 0 or 1, got {v}"),
+            )),
+        }
+    }
+    fn utf8(&mut self, n: usize, f: &'static str) -> Result<String, MsgError> {
+        let b = self.take(n, f)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| MsgError::invalid(self.msg, f, "not valid UTF-8"))
+    }
+    fn str8(&mut self, f: &'static str) -> Result<String, MsgError> {
+        let n = self.u8(f)? as usize;
+        self.utf8(n, f)
+    }
+    fn str16(&mut self, f: &'static str) -> Result<String, MsgError> {
+        let n = self.u16(f)? as usize;
+        self.utf8(n, f)
+    }
+    fn check(&self, r: Result<(), String>, f: &'static str) -> Result<(), MsgError> {
+        r.map_err(|why| MsgError::invalid(self.msg, f, why))
+    }
+    fn end(&self) -> Result<(), MsgError> {
+        match self.remaining() {
+            0 => Ok(()),
+            extra => Err(MsgError::Trailing {
+                msg: self.msg,
+                extra,
+            }),
+        }
+    }
+}
+
+fn put_str8(b: &mut BytesMut, s: &str) {
+    // Callers validated the length (≤ 255).
+    b.put_u8(s.len() as u8);
+    b.put_slice(s.as_bytes());
+}
+
+fn put_str16(b: &mut BytesMut, s: &str) {
+    b.put_u16_le(s.len() as u16);
+    b.put_slice(s.as_bytes());
+}
+
+fn chk(msg: &'static str, field: &'static str, r: Result<(), String>) -> Result<(), MsgError> {
+    r.map_err(|why| MsgError::invalid(msg, field, why))
+}
+
+fn check_window(msg: &'static str, w: u16) -> Result<(), String> {
+    let _ = msg;
+    if w == 0 || w > MAX_WINDOW {
+        return Err(format!("window must be 1..={MAX_WINDOW}, got {w}"));
+    }
+    Ok(())
+}
+
+fn check_chunk(c: u32) -> Result<(), String> {
+    if !valid_chunk_size(c) {
+        return Err(format!(
+            "chunk size must be a power of two in {MIN_CHUNK}..={MAX_CHUNK}, got {c}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_compression_set(c: u8) -> Result<(), String> {
+    if c & !COMPRESS_ZSTD != 0 {
+        return Err(format!("unknown compression bits {c:#04x}"));
+    }
+    Ok(())
+}
+
+fn check_head_len(n: usize) -> Result<(), String> {
+    if n == 0 || n > MAX_HEAD {
+        return Err(format!("image head must be 1..={MAX_HEAD} bytes, got {n}"));
+    }
+    Ok(())
+}
+
+fn check_write_len(len: u32) -> Result<(), String> {
+    if len == 0 || len > MAX_CHUNK {
+        return Err(format!("chunk length must be 1..={MAX_CHUNK}, got {len}"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- encode / decode
+
+impl Message {
+    pub fn msg_type(&self) -> MsgType {
+        match self {
+            Message::Hello(_) => MsgType::Hello,
+            Message::HelloReply(_) => MsgType::HelloReply,
+            Message::Info => MsgType::Info,
+            Message::InfoReply(_) => MsgType::InfoReply,
+            Message::Write(_) => MsgType::Write,
+            Message::Ack(_) => MsgType::Ack,
+            Message::Nak(_) => MsgType::Nak,
+            Message::Verified(_) => MsgType::Verified,
+            Message::Done(_) => MsgType::Done,
+            Message::DoneReply(_) => MsgType::DoneReply,
+            Message::Abort(_) => MsgType::Abort,
+            Message::Error(_) => MsgType::Error,
+        }
+    }
+
+    /// Validates and encodes the message into a frame.
+    pub fn to_frame(&self) -> Result<Frame, MsgError> {
+        let t = self.msg_type();
+        let m = t.name();
+        let mut b = BytesMut::new();
+        let mut flags = 0u16;
+        let mut seq = 0u32;
+        match self {
+            Message::Hello(h) => {
+                chk(m, "window", check_window(m, h.window))?;
+                chk(m, "chunk_size", check_chunk(h.chunk_size))?;
+                chk(m, "compression", check_compression_set(h.compression))?;
+                chk(m, "host", validate_peer_name(&h.host))?;
+                chk(m, "head", check_head_len(h.head.len()))?;
+                b.reserve(32 + h.head.len());
+                b.put_u8(h.proto);
+                b.put_u64_le(h.nonce);
+                b.put_u16_le(h.window);
+                b.put_u32_le(h.chunk_size);
+                b.put_u8(h.compression);
+                b.put_u8(if h.skip { 0 } else { HELLO_NO_SKIP });
+                put_str8(&mut b, &h.host);
+                b.put_u32_le(h.head.len() as u32);
+                b.put_slice(&h.head);
+            }
+            Message::HelloReply(r) => {
+                chk(m, "device", validate_peer_name(&r.device))?;
+                chk(m, "info", validate_text(&r.info, MAX_INFO_LEN))?;
+                chk(m, "window", check_window(m, r.window))?;
+                chk(m, "chunk_size", check_chunk(r.chunk_size))?;
+                chk(m, "compression", check_reply_compression(r.compression))?;
+                if r.index.len() > MAX_INDEX_ENTRIES {
+                    return Err(MsgError::invalid(
+                        m,
+                        "index",
+                        format!("{} entries, max {MAX_INDEX_ENTRIES}", r.index.len()),
+                    ));
+                }
+                for e in &r.index {
+                    chk(m, "index.len", check_write_len(e.len))?;
+                }
+                b.reserve(64 + r.index.len() * INDEX_ENTRY_LEN);
+                b.put_u8(r.proto);
+                b.put_u64_le(r.nonce);
+                put_str8(&mut b, &r.device);
+                put_str8(&mut b, &r.info);
+                b.put_u16_le(r.window);
+                b.put_u32_le(r.chunk_size);
+                b.put_u8(r.compression);
+                let mut f = 0u8;
+                if r.already_installed {
+                    f |= REPLY_ALREADY_INSTALLED;
+                }
+                if r.resumed {
+                    f |= REPLY_RESUMED;
+                }
+                b.put_u8(f);
+                b.put_u32_le(r.resume_seq);
+                b.put_u64_le(r.verified);
+                b.put_u32_le(r.index.len() as u32);
+                for e in &r.index {
+                    b.put_u64_le(e.offset);
+                    b.put_u32_le(e.len);
+                    b.put_slice(&e.hash);
+                }
+            }
+            Message::Info => {}
+            Message::InfoReply(r) => {
+                chk(m, "device", validate_peer_name(&r.device))?;
+                chk(m, "info", validate_text(&r.info, MAX_INFO_LEN))?;
+                chk(m, "max_window", check_window(m, r.max_window))?;
+                chk(m, "max_chunk", check_chunk(r.max_chunk))?;
+                chk(m, "compression", check_compression_set(r.compression))?;
+                b.put_u8(r.proto);
+                put_str8(&mut b, &r.device);
+                put_str8(&mut b, &r.info);
+                b.put_u16_le(r.max_window);
+                b.put_u32_le(r.max_chunk);
+                b.put_u8(r.compression);
+                match &r.installed {
+                    None => b.put_u8(0),
+                    Some(i) => {
+                        chk(
+                            m,
+                            "installed.version",
+                            validate_text(&i.version, MAX_VERSION_LEN),
+                        )?;
+                        b.put_u8(1);
+                        b.put_slice(&i.image_id);
+                        b.put_slice(&i.image_sha256);
+                        b.put_u64_le(i.total_size);
+                        put_str8(&mut b, &i.version);
+                    }
+                }
+                match &r.transfer {
+                    None => b.put_u8(0),
+                    Some(t) => {
+                        chk(m, "transfer.chunk_size", check_chunk(t.chunk_size))?;
+                        b.put_u8(1);
+                        b.put_slice(&t.image_id);
+                        b.put_u32_le(t.chunk_size);
+                        b.put_u32_le(t.next_seq);
+                        b.put_u32_le(t.plan_chunks);
+                        b.put_u64_le(t.verified);
+                    }
+                }
+            }
+            Message::Write(w) => {
+                if w.seq == 0 {
+                    return Err(MsgError::BadSeq { msg: m, seq: 0 });
+                }
+                chk(m, "segment", validate_segment_name(&w.segment))?;
+                chk(m, "len", check_write_len(w.len))?;
+                check_body(m, w.len, &w.body)?;
+                seq = w.seq;
+                flags = w.body.kind() as u16;
+                b.reserve(1 + w.segment.len() + 12 + w.body.wire_len());
+                put_str8(&mut b, &w.segment);
+                b.put_u64_le(w.offset);
+                b.put_u32_le(w.len);
+                match &w.body {
+                    WriteBody::Raw(d) | WriteBody::Zstd(d) => b.put_slice(d),
+                    WriteBody::Zero => {}
+                    WriteBody::Copy { src_offset, hash } => {
+                        b.put_u64_le(*src_offset);
+                        b.put_slice(hash);
+                    }
+                }
+            }
+            Message::Ack(a) => b.put_u32_le(a.ack),
+            Message::Nak(n) => {
+                b.put_u32_le(n.seq);
+                b.put_u8(n.reason.code());
+            }
+            Message::Verified(v) => {
+                chk(m, "segment", validate_segment_name(&v.segment))?;
+                put_str8(&mut b, &v.segment);
+            }
+            Message::Done(d) => b.put_slice(&d.image_sha256),
+            Message::DoneReply(d) => {
+                b.put_u8(match d.status {
+                    DoneStatus::Installed => 0,
+                    DoneStatus::Pending => 1,
+                    DoneStatus::Unchanged => 2,
+                });
+                b.put_slice(&d.image_sha256);
+            }
+            Message::Abort(a) => {
+                chk(m, "reason", validate_text(&a.reason, MAX_TEXT_LEN))?;
+                b.put_u16_le(a.code.code());
+                put_str16(&mut b, &a.reason);
+            }
+            Message::Error(e) => {
+                chk(m, "text", validate_text(&e.text, MAX_TEXT_LEN))?;
+                b.put_u16_le(e.code.code());
+                put_str16(&mut b, &e.text);
+            }
+        }
+        Ok(Frame::new(t as u8, flags, seq, b.freeze())?)
+    }
+
+    /// Decodes and validates a frame's message. Bytes of WRITE data are zero-copy
+    /// slices of the frame payload.
+    pub fn from_frame(frame: &Frame) -> Result<Message, MsgError> {
+        let t =
+            MsgType::from_u8(frame.msg_type()).ok_or(MsgError::UnknownType(frame.msg_type()))?;
+        let m = t.name();
+        if t != MsgType::Write {
+            if frame.flags() != 0 {
+                return Err(MsgError::BadFlags {
+                    msg: m,
+                    flags: frame.flags(),
+                });
+            }
+            if frame.seq() != 0 {
+                return Err(MsgError::BadSeq {
+                    msg: m,
+                    seq: frame.seq(),
+                });
+            }
+        }
+        let mut r = Rd::new(m, frame.payload());
+        let msg = match t {
+            MsgType::Hello => {
+                let proto = r.u8("proto")?;
+                let nonce = r.u64("nonce")?;
+                let window = r.u16("window")?;
+                r.check(check_window(m, window), "window")?;
+                let chunk_size = r.u32("chunk_size")?;
+                r.check(check_chunk(chunk_size), "chunk_size")?;
+                let compression = r.u8("compression")?;
+                r.check(check_compression_set(compression), "compression")?;
+                let fl = r.u8("flags")?;
+                if fl & !HELLO_NO_SKIP != 0 {
+                    return Err(MsgError::invalid(
+                        m,
+                        "flags",
+                        format!("unknown bits {fl:#04x}"),
+                    ));
+                }
+                let host = r.str8("host")?;
+                r.check(validate_peer_name(&host), "host")?;
+                let head_len = r.u32("head_len")? as usize;
+                r.check(check_head_len(head_len), "head_len")?;
+                let head = r.bytes(head_len, "head")?;
+                Message::Hello(Hello {
+                    proto,
+                    nonce,
+                    window,
+                    chunk_size,
+                    compression,
+                    skip: fl & HELLO_NO_SKIP == 0,
+                    host,
+                    head,
+                })
+            }
+            MsgType::HelloReply => {
+                let proto = r.u8("proto")?;
+                let nonce = r.u64("nonce")?;
+                let device = r.str8("device")?;
+                r.check(validate_peer_name(&device), "device")?;
+                let info = r.str8("info")?;
+                r.check(validate_text(&info, MAX_INFO_LEN), "info")?;
+                let window = r.u16("window")?;
+                r.check(check_window(m, window), "window")?;
+                let chunk_size = r.u32("chunk_size")?;
+                r.check(check_chunk(chunk_size), "chunk_size")?;
+                let compression = r.u8("compression")?;
+                r.check(check_reply_compression(compression), "compression")?;
+                let fl = r.u8("flags")?;
+                if fl & !(REPLY_ALREADY_INSTALLED | REPLY_RESUMED) != 0 {
+                    return Err(MsgError::invalid(
+                        m,
+                        "flags",
+                        format!("unknown bits {fl:#04x}"),
+                    ));
+                }
+                let resume_seq = r.u32("resume_seq")?;
+                let verified = r.u64("verified")?;
+                let n = r.u32("index_count")? as usize;
+                if n > MAX_INDEX_ENTRIES {
+                    return Err(MsgError::invalid(
+                        m,
+                        "index_count",
+                        format!("{n} entries, max {MAX_INDEX_ENTRIES}"),
+                    ));
+                }
+                if r.remaining() != n * INDEX_ENTRY_LEN {
+                    return Err(MsgError::invalid(
+                        m,
+                        "index",
+                        format!(
+                            "{n} entries need {} bytes, payload has {}",
+                            n * INDEX_ENTRY_LEN,
+                            r.remaining()
+                        ),
+                    ));
+                }
+                let mut index = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let offset = r.u64("index.offset")?;
+                    let len = r.u32("index.len")?;
+                    r.check(check_write_len(len), "index.len")?;
+                    let hash = r.arr::<16>("index.hash")?;
+                    index.push(IndexEntry { offset, len, hash });
+                }
+                Message::HelloReply(HelloReply {
+                    proto,
+                    nonce,
+                    device,
+                    info,
+                    window,
+                    chunk_size,
+                    compression,
+                    already_installed: fl & REPLY_ALREADY_INSTALLED != 0,
+                    resumed: fl & REPLY_RESUMED != 0,
+                    resume_seq,
+                    verified,
+                    index,
+                })
+            }
+            MsgType::Info => Message::Info,
+            MsgType::InfoReply => {
+                let proto = r.u8("proto")?;
+                let device = r.str8("device")?;
+                r.check(validate_peer_name(&device), "device")?;
+                let info = r.str8("info")?;
+                r.check(validate_text(&info, MAX_INFO_LEN), "info")?;
+                let max_window = r.u16("max_window")?;
+                r.check(check_window(m, max_window), "max_window")?;
+                let max_chunk = r.u32("max_chunk")?;
+                r.check(check_chunk(max_chunk), "max_chunk")?;
+                let compression = r.u8("compression")?;
+                r.check(check_compression_set(compression), "compression")?;
+                let installed = if r.flag("has_installed")? {
+                    let image_id = r.arr::<32>("installed.image_id")?;
+                    let image_sha256 = r.arr::<32>("installed.image_sha256")?;
+                    let total_size = r.u64("installed.total_size")?;
+                    let version = r.str8("installed.version")?;
+                    r.check(
+                        validate_text(&version, MAX_VERSION_LEN),
+                        "installed.version",
+                    )?;
+                    Some(InstalledInfo {
+                        image_id,
+                        image_sha256,
+                        total_size,
+                        version,
+                    })
+                } else {
+                    None
+                };
+                let transfer = if r.flag("has_transfer")? {
+                    let image_id = r.arr::<32>("transfer.image_id")?;
+                    let chunk_size = r.u32("transfer.chunk_size")?;
+                    r.check(check_chunk(chunk_size), "transfer.chunk_size")?;
+                    let next_seq = r.u32("transfer.next_seq")?;
+                    let plan_chunks = r.u32("transfer.plan_chunks")?;
+                    let verified = r.u64("transfer.verified")?;
+                    Some(TransferInfo {
+                        image_id,
+                        chunk_size,
+                        next_seq,
+                        plan_chunks,
+                        verified,
+                    })
+                } else {
+                    None
+                };
+                Message::InfoReply(InfoReply {
+                    proto,
+                    device,
+                    info,
+                    max_window,
+                    max_chunk,
+                    compression,
+                    installed,
+                    transfer,
+                })
+            }
+            MsgType::Write => {
+                if frame.seq() == 0 {
+                    return Err(MsgError::BadSeq { msg: m, seq: 0 });
+                }
+                let kind = match frame.flags() {
+                    0 => WriteKind::Raw,
+                    1 => WriteKind::Zero,
+                    2 => WriteKind::Zstd,
+                    3 => WriteKind::Copy,
+                    flags => return Err(MsgError::BadFlags { msg: m, flags }),
+                };
+                let segment = r.str8("segment")?;
+                r.check(validate_segment_name(&segment), "segment")?;
+                let offset = r.u64("offset")?;
+                let len = r.u32("len")?;
+                r.check(check_write_len(len), "len")?;
+                let body = match kind {
+                    WriteKind::Raw => WriteBody::Raw(r.rest()),
+                    WriteKind::Zero => WriteBody::Zero,
+                    WriteKind::Zstd => WriteBody::Zstd(r.rest()),
+                    WriteKind::Copy => WriteBody::Copy {
+                        src_offset: r.u64("src_offset")?,
+                        hash: r.arr::<16>("hash")?,
+                    },
+                };
+                check_body(m, len, &body)?;
+                Message::Write(Write {
+                    seq: frame.seq(),
+                    segment,
+                    offset,
+                    len,
+                    body,
+                })
+            }
+            MsgType::Ack => Message::Ack(Ack { ack: r.u32("ack")? }),
+            MsgType::Nak => Message::Nak(Nak {
+                seq: r.u32("seq")?,
+                reason: NakReason::from_code(r.u8("reason")?),
+            }),
+            MsgType::Verified => {
+                let segment = r.str8("segment")?;
+                r.check(validate_segment_name(&segment), "segment")?;
+                Message::Verified(Verified { segment })
+            }
+            MsgType::Done => Message::Done(Done {
+                image_sha256: r.arr::<32>("image_sha256")?,
+            }),
+            MsgType::DoneReply => {
+                let status = match r.u8("status")? {
+                    0 => DoneStatus::Installed,
+                    1 => DoneStatus::Pending,
+                    2 => DoneStatus::Unchanged,
+                    v => {
+                        return Err(MsgError::invalid(
+                            m,
+                            "status",
+                            format!("unknown status {v}"),
+                        ))
+                    }
+                };
+                Message::DoneReply(DoneReply {
+                    status,
+                    image_sha256: r.arr::<32>("image_sha256")?,
+                })
+            }
+            MsgType::Abort => {
+                let code = ErrorCode::from_code(r.u16("code")?);
+                let reason = r.str16("reason")?;
+                r.check(validate_text(&reason, MAX_TEXT_LEN), "reason")?;
+                Message::Abort(Abort { code, reason })
+            }
+            MsgType::Error => {
+                let code = ErrorCode::from_code(r.u16("code")?);
+                let text = r.str16("text")?;
+                r.check(validate_text(&text, MAX_TEXT_LEN), "text")?;
+                Message::Error(ErrorMsg { code, text })
+            }
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+fn check_reply_compression(c: u8) -> Result<(), String> {
+    check_compression_set(c)?;
+    if c.count_ones() > 1 {
+        return Err(format!(
+            "at most one algorithm may be accepted, got {c:#04x}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_body(m: &'static str, len: u32, body: &WriteBody) -> Result<(), MsgError> {
+    match body {
+        WriteBody::Raw(d) if d.len() != len as usize => Err(MsgError::invalid(
+            m,
+            "data",
+            format!("raw data is {} bytes, len says {len}", d.len()),
+        )),
+        WriteBody::Zstd(d) if d.is_empty() || d.len() > len as usize => Err(MsgError::invalid(
+            m,
+            "data",
+            format!("compressed data must be 1..={len} bytes, got {}", d.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl ErrorMsg {
+    /// An ERROR with text made to fit the rules (see [`sanitize_text`]).
+    pub fn new(code: ErrorCode, text: impl AsRef<str>) -> ErrorMsg {
+        ErrorMsg {
+            code,
+            text: sanitize_text(text.as_ref(), MAX_TEXT_LEN),
+        }
+    }
+}
+
+impl Abort {
+    /// An ABORT with the reason made to fit the rules.
+    pub fn new(code: ErrorCode, reason: impl AsRef<str>) -> Abort {
+        Abort {
+            code,
+            reason: sanitize_text(reason.as_ref(), MAX_TEXT_LEN),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names() {
+        for ok in [
+            "rootfs",
+            "a",
+            "kernel-6_1",
+            "0123456789abcdefghij0123456789ab",
+        ] {
+            assert!(validate_segment_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            "/",
+            "A",
+            "a.b",
+            "root fs",
+            "é",
+            "0123456789abcdefghij0123456789abc",
+        ] {
+            assert!(validate_segment_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_codes_are_stable() {
+        let table = [
+            (ErrorCode::Protocol, 1),
+            (ErrorCode::Version, 2),
+            (ErrorCode::BadImage, 3),
+            (ErrorCode::Signature, 4),
+            (ErrorCode::BadWrite, 5),
+            (ErrorCode::VerifyFailed, 6),
+            (ErrorCode::ImageHash, 7),
+            (ErrorCode::Incomplete, 8),
+            (ErrorCode::Storage, 9),
+            (ErrorCode::InstallFailed, 10),
+            (ErrorCode::NoState, 11),
+            (ErrorCode::Capability, 12),
+            (ErrorCode::TooLarge, 13),
+            (ErrorCode::Aborted, 14),
+            (ErrorCode::Timeout, 15),
+        ];
+        for (c, n) in table {
+            assert_eq!(c.code(), n);
+            assert_eq!(ErrorCode::from_code(n), c);
+        }
+        assert_eq!(ErrorCode::from_code(999), ErrorCode::Unknown(999));
+    }
+
+    #[test]
+    fn sanitize_keeps_rules() {
+        let s = sanitize_text("a\nb\u{7f}é", 4);
+        assert_eq!(s, "a b ");
+        assert!(validate_text(&s, 4).is_ok());
+    }
+}
