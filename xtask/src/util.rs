@@ -1,8 +1,9 @@
-//! Small helpers shared by the recipes.
+//! Small helpers shared by the recipes: running commands, host tools (apt), paths.
 
 use anyhow::{bail, Context};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The workspace root (the parent of `xtask/`).
 pub fn root() -> PathBuf {
@@ -10,11 +11,19 @@ pub fn root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
-/// Run a command in the workspace root, echoing it; fail with its exit status.
+/// `build/` under the workspace root (ignored by git).
+pub fn build_dir() -> PathBuf {
+    root().join("build")
+}
+
+/// Run a command in the workspace root (unless the command has its own directory), echoing
+/// it; fail with its exit status.
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("$ {}", describe(cmd));
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     let status = cmd
-        .current_dir(root())
         .status()
         .with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
@@ -23,16 +32,179 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run a command quietly and return its stdout; on failure the error carries its stderr.
+pub fn capture(cmd: &mut Command) -> anyhow::Result<String> {
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `cargo` as invoked by this xtask (respects `$CARGO`).
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn describe(cmd: &Command) -> String {
+/// The command line of `cmd`, for messages.
+pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
         s.push_str(&a.to_string_lossy());
     }
     s
+}
+
+/// A host tool and the Debian package that ships it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    pub bin: &'static str,
+    pub package: &'static str,
+}
+
+/// Everything the guest build and the QEMU runs need on the host.
+pub const HOST_TOOLS: &[Tool] = &[
+    Tool {
+        bin: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+    },
+    Tool {
+        bin: "mkfs.ext4",
+        package: "e2fsprogs",
+    },
+    Tool {
+        bin: "debugfs",
+        package: "e2fsprogs",
+    },
+    Tool {
+        bin: "sfdisk",
+        package: "fdisk",
+    },
+    Tool {
+        bin: "dpkg-deb",
+        package: "dpkg",
+    },
+    Tool {
+        bin: "apt-get",
+        package: "apt",
+    },
+];
+
+/// Find an executable in `$PATH` plus the sbin directories (a non-root `$PATH` often lacks them).
+pub fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    for extra in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        dirs.push(PathBuf::from(extra));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(bin))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// [`which`] or a clear error naming the package.
+pub fn tool(bin: &str) -> anyhow::Result<PathBuf> {
+    which(bin).with_context(|| {
+        let pkg = HOST_TOOLS
+            .iter()
+            .find(|t| t.bin == bin)
+            .map(|t| t.package)
+            .unwrap_or(bin);
+        format!("`{bin}` not found; install it with `apt-get install -y {pkg}` (cargo xtask guest does this when run as root)")
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
+/// `apt-get update`, at most once per xtask run.
+pub fn apt_update() -> anyhow::Result<()> {
+    if APT_UPDATED.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the apt package lists need refreshing; run `sudo apt-get update` and retry");
+    }
+    eprintln!("xtask: refreshing apt package lists (apt-get update)");
+    run_cmd(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Install the Debian packages of every missing tool in `tools` (root only; otherwise say
+/// exactly what to run).
+pub fn ensure_tools(tools: &[Tool]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|t| which(t.bin).is_none())
+        .map(|t| t.package)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!("missing host packages: {list}; install them with `sudo apt-get install -y --no-install-recommends {list}`");
+    }
+    eprintln!("xtask: installing missing host packages: {list}");
+    let install = || {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        apt_update()?;
+        install().with_context(|| format!("apt-get install {list} failed"))?;
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` only when the content differs (keeps mtimes stable for caching).
+/// Returns true when the file was (re)written.
+pub fn write_if_changed(path: &Path, bytes: &[u8]) -> anyhow::Result<bool> {
+    if std::fs::read(path).map(|old| old == bytes).unwrap_or(false) {
+        return Ok(false);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+    Ok(true)
+}
+
+/// A stage heading for long recipes (demo, ci).
+pub fn stage(title: &str) {
+    eprintln!("\n==== {title} ====");
 }
