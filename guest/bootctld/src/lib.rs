@@ -42,6 +42,8 @@ pub struct Config {
     pub reboot: service::RebootVia,
     /// This boot's id; `None`: read [`BOOT_ID_PATH`].
     pub boot_id: Option<String>,
+    /// Where console markers go (stdout by default).
+    pub markers: service::Markers,
 }
 
 /// This boot's id from [`BOOT_ID_PATH`] (bounded, printable), "" when unreadable.
@@ -61,7 +63,13 @@ pub fn read_boot_id() -> String {
 pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<String>) {
     let opened = store::Store::open(config.state.as_deref(), config.require_mountpoint);
     let boot_id = config.boot_id.clone().unwrap_or_else(read_boot_id);
-    let daemon = service::Daemon::new(opened.state, opened.store, boot_id, config.reboot.clone());
+    let daemon = service::Daemon::new(
+        opened.state,
+        opened.store,
+        boot_id,
+        config.reboot.clone(),
+        config.markers.clone(),
+    );
     (daemon, opened.notes)
 }
 
@@ -71,16 +79,17 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError> {
     let (daemon, notes) = open_daemon(&config);
+    let markers = config.markers.clone();
     for note in &notes {
-        println!("{note}");
+        markers.emit(note);
     }
     if let service::RebootVia::Stub(why) = daemon.reboot_via() {
-        println!("bootctld: reboot() is a stub here ({why})");
+        markers.emit(&format!("bootctld: reboot() is a stub here ({why})"));
     }
     let listeners = rebootd::transport::bind(&config.endpoints)?;
     let client: proto::rpc::bootctl_capnp::boot_ctl::Client =
         capnp_rpc::new_client(service::BootCtlService::new(daemon));
-    println!("bootctld: ready");
+    markers.emit("bootctld: ready");
     let serve = std::pin::pin!(listeners.serve(client.client, "bootctld"));
     let shutdown = std::pin::pin!(shutdown);
     futures::future::select(serve, shutdown).await;

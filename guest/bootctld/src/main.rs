@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         endpoints,
         reboot,
         boot_id: args.boot_id,
+        markers: bootctld::service::Markers::stdout(),
     };
     if args.export_json {
         let (daemon, notes) = bootctld::open_daemon(&config);

@@ -9,6 +9,7 @@ use proto::rpc::bootctl_capnp::boot_ctl;
 use rebootd::record::Target;
 use std::cell::RefCell;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long `reboot()` waits for rebootd.
@@ -37,6 +38,40 @@ pub enum DaemonError {
     Rebootd(#[from] rebootd::transport::TransportError),
 }
 
+/// Where console markers go: stdout (the guest console) by default; tests
+/// add a collector.
+#[derive(Clone)]
+pub struct Markers(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl Markers {
+    /// Print each marker on its own stdout line.
+    pub fn stdout() -> Self {
+        Markers(Arc::new(|line: &str| println!("{line}")))
+    }
+
+    /// Send markers to `f`.
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Markers(Arc::new(f))
+    }
+
+    /// Emit one marker line.
+    pub fn emit(&self, line: &str) {
+        (self.0)(line)
+    }
+}
+
+impl Default for Markers {
+    fn default() -> Self {
+        Markers::stdout()
+    }
+}
+
+impl std::fmt::Debug for Markers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Markers")
+    }
+}
+
 /// The slot-state authority: current state, its store, this boot's id.
 #[derive(Debug)]
 pub struct Daemon {
@@ -44,17 +79,30 @@ pub struct Daemon {
     store: Store,
     boot_id: String,
     reboot: RebootVia,
+    markers: Markers,
 }
 
 impl Daemon {
     /// A daemon starting from `state` kept in `store`; `boot_id` identifies this boot.
-    pub fn new(state: BootState, store: Store, boot_id: String, reboot: RebootVia) -> Self {
+    pub fn new(
+        state: BootState,
+        store: Store,
+        boot_id: String,
+        reboot: RebootVia,
+        markers: Markers,
+    ) -> Self {
         Daemon {
             state,
             store,
             boot_id,
             reboot,
+            markers,
         }
+    }
+
+    /// The marker sink.
+    pub fn markers(&self) -> &Markers {
+        &self.markers
     }
 
     /// The current state.
@@ -95,7 +143,9 @@ impl Daemon {
     /// `setActive`.
     pub fn set_active(&mut self, slot: Slot, trial: bool, tries: u8) -> Result<(), DaemonError> {
         self.apply(|s| s.set_active(slot, trial, tries))?;
-        println!("bootctl: setActive slot={slot} trial={trial} tries={tries}");
+        self.markers.emit(&format!(
+            "bootctl: setActive slot={slot} trial={trial} tries={tries}"
+        ));
         Ok(())
     }
 
@@ -103,16 +153,16 @@ impl Daemon {
     pub fn confirm(&mut self) -> Result<Slot, DaemonError> {
         let id = self.boot_id.clone();
         let slot = self.apply(|s| s.confirm(&id))?;
-        println!("bootctl: confirm");
+        self.markers.emit("bootctl: confirm");
         Ok(slot)
     }
 
     /// `markBad`.
     pub fn mark_bad(&mut self, slot: Slot) -> Result<(), DaemonError> {
         let switched = self.apply(|s| Ok(s.mark_bad(slot)))?;
-        println!("bootctl: markBad slot={slot}");
+        self.markers.emit(&format!("bootctl: markBad slot={slot}"));
         if let Some(active) = switched {
-            println!("bootctl: active slot={active}");
+            self.markers.emit(&format!("bootctl: active slot={active}"));
         }
         Ok(())
     }
@@ -120,7 +170,9 @@ impl Daemon {
     /// `slotImaged`.
     pub fn slot_imaged(&mut self, slot: Slot, version: &str) -> Result<(), DaemonError> {
         self.apply(|s| s.slot_imaged(slot, version))?;
-        println!("bootctl: slotImaged slot={slot} version={version}");
+        self.markers.emit(&format!(
+            "bootctl: slotImaged slot={slot} version={version}"
+        ));
         Ok(())
     }
 
@@ -129,37 +181,40 @@ impl Daemon {
         let id = self.boot_id.clone();
         let d = self.apply(|s| Ok(s.boot_attempt(&id)))?;
         if let Some(bad) = d.marked_bad {
-            println!("bootctl: markBad slot={bad}");
-            println!("bootctl: slot {bad} ran out of trial tries");
+            self.markers.emit(&format!("bootctl: markBad slot={bad}"));
+            self.markers
+                .emit(&format!("bootctl: slot {bad} ran out of trial tries"));
         }
         if d.rolled_back {
-            println!("bootctl: rollback to slot={}", d.slot);
+            self.markers
+                .emit(&format!("bootctl: rollback to slot={}", d.slot));
         }
         if d.bootable {
-            println!(
+            self.markers.emit(&format!(
                 "bootctl: bootAttempt slot={} trial={} tries={}",
                 d.slot, d.trial, d.tries_left
-            );
+            ));
         } else {
-            println!("bootctl: bootAttempt no bootable slot (boot recovery)");
+            self.markers
+                .emit("bootctl: bootAttempt no bootable slot (boot recovery)");
         }
         Ok(d)
     }
 
     /// `reboot`: ask rebootd for a normal boot. Returns whether a real
     /// reboot was started; prints `bootctl: reboot` or `bootctl: reboot (stub)`.
-    pub async fn reboot(via: RebootVia) -> Result<bool, DaemonError> {
+    pub async fn reboot(via: RebootVia, markers: Markers) -> Result<bool, DaemonError> {
         match via {
             RebootVia::Stub(why) => {
-                println!("bootctl: reboot (stub) — {why}");
+                markers.emit(&format!("bootctl: reboot (stub) — {why}"));
                 Ok(false)
             }
             RebootVia::Rebootd(sock) => {
                 let real = rebootd::request_mode(&sock, Target::Normal, REBOOTD_TIMEOUT).await?;
                 if real {
-                    println!("bootctl: reboot");
+                    markers.emit("bootctl: reboot");
                 } else {
-                    println!("bootctl: reboot (stub) — rebootd cannot reboot here");
+                    markers.emit("bootctl: reboot (stub) — rebootd cannot reboot here");
                 }
                 Ok(real)
             }
@@ -240,8 +295,11 @@ impl boot_ctl::Server for BootCtlService {
         _params: boot_ctl::RebootParams,
         mut results: boot_ctl::RebootResults,
     ) -> Result<(), capnp::Error> {
-        let via = self.daemon.borrow().reboot_via().clone();
-        let real = Daemon::reboot(via).await.map_err(err)?;
+        let (via, markers) = {
+            let d = self.daemon.borrow();
+            (d.reboot_via().clone(), d.markers().clone())
+        };
+        let real = Daemon::reboot(via, markers).await.map_err(err)?;
         results.get().set_rebooting(real);
         Ok(())
     }

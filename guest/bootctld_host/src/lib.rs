@@ -1,0 +1,167 @@
+//! Test harness for the host-side proof of `bootctld` and `rebootd`
+//! (`cargo test -p bootctld_host -- --nocapture`).
+//!
+//! [`TestServer`] runs a real daemon in-process (its own thread, a tokio
+//! current-thread runtime and a `LocalSet`, exactly like the binaries) on a unix
+//! socket in a temp dir, collects its console markers, and stops on drop.
+//! [`call`] drives one Cap'n Proto client call against a socket.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+use anyhow::{bail, Context};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Markers collected from a daemon.
+pub type MarkerLog = Arc<Mutex<Vec<String>>>;
+
+/// Which daemon a [`TestServer`] runs.
+pub enum Daemon {
+    /// bootctld with this config (endpoints/markers are filled in by `start`).
+    Bootctld(bootctld::Config),
+    /// rebootd with this config (endpoints are filled in by `start`).
+    Rebootd(rebootd::Config),
+}
+
+/// A daemon serving on a unix socket in this process.
+pub struct TestServer {
+    /// The socket it serves on.
+    pub socket: PathBuf,
+    /// Markers it printed so far (bootctld only; rebootd prints to stdout).
+    pub markers: MarkerLog,
+    shutdown: Option<futures::channel::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A bootctld config for tests: `state` dir (or RAM-only), no ports, the given
+/// boot id and reboot method.
+pub fn bootctld_config(
+    state: Option<&Path>,
+    boot_id: &str,
+    reboot: bootctld::service::RebootVia,
+) -> bootctld::Config {
+    bootctld::Config {
+        state: state.map(Path::to_path_buf),
+        require_mountpoint: false,
+        endpoints: Vec::new(),
+        reboot,
+        boot_id: Some(boot_id.to_string()),
+        markers: bootctld::service::Markers::stdout(),
+    }
+}
+
+impl TestServer {
+    /// Start `daemon` on `socket` and wait until it accepts connections.
+    pub fn start(daemon: Daemon, socket: &Path) -> anyhow::Result<TestServer> {
+        let markers: MarkerLog = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        let endpoint = rebootd::transport::Endpoint::Unix(socket.to_path_buf());
+        let sink = markers.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("test server: no runtime: {e}");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            let stop = async move {
+                let _ = rx.await;
+            };
+            let result = match daemon {
+                Daemon::Bootctld(mut cfg) => {
+                    cfg.endpoints = vec![endpoint];
+                    cfg.markers = bootctld::service::Markers::new(move |line: &str| {
+                        println!("{line}");
+                        if let Ok(mut v) = sink.lock() {
+                            v.push(line.to_string());
+                        }
+                    });
+                    local.block_on(&rt, bootctld::run_until(cfg, stop))
+                }
+                Daemon::Rebootd(mut cfg) => {
+                    cfg.endpoints = vec![endpoint];
+                    local.block_on(&rt, async move {
+                        let run = std::pin::pin!(rebootd::run(cfg));
+                        let stop = std::pin::pin!(stop);
+                        match futures::future::select(run, stop).await {
+                            futures::future::Either::Left((r, _)) => r,
+                            futures::future::Either::Right(((), _)) => Ok(()),
+                        }
+                    })
+                }
+            };
+            if let Err(e) = result {
+                eprintln!("test server failed: {e}");
+            }
+        });
+        let server = TestServer {
+            socket: socket.to_path_buf(),
+            markers,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("daemon did not listen on {} within 10 s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(server)
+    }
+
+    /// The markers printed so far.
+    pub fn markers(&self) -> Vec<String> {
+        self.markers.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Stop the daemon and wait for its thread.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Run `f` (a client conversation) to completion on a fresh current-thread runtime.
+pub fn block_on<F: Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("no tokio runtime")?;
+    Ok(rt.block_on(f))
+}
+
+/// Bootstrap a `C` client on `socket` and run `call` with it.
+pub fn call<C, F, Fut, T>(socket: &Path, call: F) -> anyhow::Result<T>
+where
+    C: capnp::capability::FromClientHook,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = Result<T, capnp::Error>>,
+{
+    let r = block_on(rebootd::transport::call_unix(
+        socket,
+        Duration::from_secs(10),
+        call,
+    ))?;
+    Ok(r?)
+}

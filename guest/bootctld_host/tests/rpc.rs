@@ -1,0 +1,386 @@
+//! Real Cap'n Proto RPC over unix sockets: bootctld and rebootd served
+//! in-process exactly like the binaries, driven through the generated clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bootctld::machine::{BootState, Health, Slot};
+use bootctld::service::RebootVia;
+use bootctld_host::{bootctld_config, call, Daemon, TestServer};
+use proto::rpc::bootctl_capnp::{self as bc, boot_ctl};
+use proto::rpc::reboot_capnp::reboot;
+use std::path::Path;
+
+fn wslot(s: Slot) -> bc::Slot {
+    bootctld::snapshot::slot_to_schema(s)
+}
+
+fn state(sock: &Path) -> (BootState, bool) {
+    call(sock, |c: boot_ctl::Client| async move {
+        let resp = c.state_request().send().promise.await?;
+        let r = resp.get()?;
+        let st = bootctld::snapshot::read(r.get_state()?)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        Ok((st, r.get_persistent()))
+    })
+    .unwrap()
+}
+
+fn set_active(sock: &Path, s: Slot, trial: bool, tries: u8) -> anyhow::Result<()> {
+    call(sock, move |c: boot_ctl::Client| async move {
+        let mut req = c.set_active_request();
+        req.get().set_slot(wslot(s));
+        req.get().set_trial(trial);
+        req.get().set_tries_left(tries);
+        req.send().promise.await?;
+        Ok(())
+    })
+}
+
+fn slot_imaged(sock: &Path, s: Slot, v: &'static str) -> anyhow::Result<()> {
+    call(sock, move |c: boot_ctl::Client| async move {
+        let mut req = c.slot_imaged_request();
+        req.get().set_slot(wslot(s));
+        req.get().set_version(v);
+        req.send().promise.await?;
+        Ok(())
+    })
+}
+
+fn confirm(sock: &Path) -> anyhow::Result<()> {
+    call(sock, |c: boot_ctl::Client| async move {
+        c.confirm_request().send().promise.await?;
+        Ok(())
+    })
+}
+
+fn mark_bad(sock: &Path, s: Slot) -> anyhow::Result<()> {
+    call(sock, move |c: boot_ctl::Client| async move {
+        let mut req = c.mark_bad_request();
+        req.get().set_slot(wslot(s));
+        req.send().promise.await?;
+        Ok(())
+    })
+}
+
+/// (bootable, slot, trial, tries_left, rolled_back)
+fn boot_attempt(sock: &Path) -> (bool, Slot, bool, u8, bool) {
+    call(sock, |c: boot_ctl::Client| async move {
+        let resp = c.boot_attempt_request().send().promise.await?;
+        let d = resp.get()?.get_decision()?;
+        Ok((
+            d.get_bootable(),
+            bootctld::snapshot::slot_from_schema(d.get_slot()?),
+            d.get_trial(),
+            d.get_tries_left(),
+            d.get_rolled_back(),
+        ))
+    })
+    .unwrap()
+}
+
+fn bootctl_reboot(sock: &Path) -> anyhow::Result<bool> {
+    call(sock, |c: boot_ctl::Client| async move {
+        let resp = c.reboot_request().send().promise.await?;
+        Ok(resp.get()?.get_rebooting())
+    })
+}
+
+fn export_json(sock: &Path) -> String {
+    call(sock, |c: boot_ctl::Client| async move {
+        let resp = c.export_json_request().send().promise.await?;
+        Ok(resp.get()?.get_json()?.to_string()?)
+    })
+    .unwrap()
+}
+
+fn bootctl_markers(server: &TestServer) -> Vec<String> {
+    server
+        .markers()
+        .into_iter()
+        .filter(|m| m.starts_with("bootctl: "))
+        .collect()
+}
+
+fn stub() -> RebootVia {
+    RebootVia::Stub("host test".into())
+}
+
+#[test]
+fn update_flow_over_rpc_with_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let server = TestServer::start(
+        Daemon::Bootctld(bootctld_config(Some(dir.path()), "boot-1", stub())),
+        &sock,
+    )
+    .unwrap();
+    assert!(server.markers().contains(&"bootctld: ready".to_string()));
+
+    let (s, persistent) = state(&sock);
+    assert!(persistent);
+    assert_eq!(s, BootState::factory_default());
+
+    // Refused: b was never imaged. The reason travels to the caller.
+    let e = set_active(&sock, Slot::B, true, 3).unwrap_err();
+    assert!(format!("{e:#}").contains("slot b is empty"), "{e:#}");
+
+    // Recovery: flashd installed version 2 into b, activates it on trial.
+    slot_imaged(&sock, Slot::B, "2").unwrap();
+    set_active(&sock, Slot::B, true, 3).unwrap();
+    let e = confirm(&sock).unwrap_err();
+    assert!(format!("{e:#}").contains("nothing to confirm"), "{e:#}");
+
+    // Normal boot: the init asks which slot to boot; the health check confirms.
+    assert_eq!(boot_attempt(&sock), (true, Slot::B, true, 2, false));
+    confirm(&sock).unwrap();
+    let (s, _) = state(&sock);
+    assert_eq!(s.active, Slot::B);
+    assert_eq!(s.b.health, Health::Good);
+    assert!(!s.b.trial);
+
+    mark_bad(&sock, Slot::A).unwrap();
+    assert!(!bootctl_reboot(&sock).unwrap(), "host test: stub reboot");
+
+    let j: serde_json::Value = serde_json::from_str(&export_json(&sock)).unwrap();
+    assert_eq!(j["active"], "b");
+    assert_eq!(j["slots"]["b"]["health"], "good");
+    assert_eq!(j["slots"]["a"]["health"], "bad");
+    assert_eq!(j["storage"], "persistent");
+
+    assert_eq!(
+        bootctl_markers(&server),
+        vec![
+            "bootctl: slotImaged slot=b version=2",
+            "bootctl: setActive slot=b trial=true tries=3",
+            "bootctl: bootAttempt slot=b trial=true tries=2",
+            "bootctl: confirm",
+            "bootctl: markBad slot=a",
+            "bootctl: reboot (stub) — host test",
+        ]
+    );
+    server.stop();
+}
+
+#[test]
+fn trial_runs_out_and_rolls_back_over_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let server = TestServer::start(
+        Daemon::Bootctld(bootctld_config(Some(dir.path()), "boot-1", stub())),
+        &sock,
+    )
+    .unwrap();
+    slot_imaged(&sock, Slot::B, "broken").unwrap();
+    set_active(&sock, Slot::B, true, 2).unwrap();
+    assert_eq!(boot_attempt(&sock), (true, Slot::B, true, 1, false));
+    assert_eq!(boot_attempt(&sock), (true, Slot::B, true, 0, false));
+    assert_eq!(boot_attempt(&sock), (true, Slot::A, false, 0, true));
+    let (s, _) = state(&sock);
+    assert_eq!(s.b.health, Health::Bad);
+    assert_eq!(s.active, Slot::A);
+    let m = bootctl_markers(&server);
+    assert!(m.contains(&"bootctl: markBad slot=b".to_string()), "{m:?}");
+    assert!(
+        m.contains(&"bootctl: rollback to slot=a".to_string()),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn state_survives_a_restart_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let snap = dir.path().join("bootctl/state.nxs");
+    let first = TestServer::start(
+        Daemon::Bootctld(bootctld_config(Some(dir.path()), "boot-1", stub())),
+        &sock,
+    )
+    .unwrap();
+    slot_imaged(&sock, Slot::B, "2").unwrap();
+    set_active(&sock, Slot::B, true, 3).unwrap();
+    boot_attempt(&sock);
+    let (before, _) = state(&sock);
+    first.stop();
+    let bytes = std::fs::read(&snap).unwrap();
+    assert_eq!(bytes, bootctld::snapshot::encode(&before));
+
+    // Same boot (bootctld restarted): the state is back and confirm still works.
+    let second = TestServer::start(
+        Daemon::Bootctld(bootctld_config(Some(dir.path()), "boot-1", stub())),
+        &sock,
+    )
+    .unwrap();
+    assert_eq!(state(&sock).0, before);
+    assert!(second.markers()[0].starts_with("bootctld: state loaded from"));
+    second.stop();
+    assert_eq!(
+        std::fs::read(&snap).unwrap(),
+        bytes,
+        "no change, no rewrite"
+    );
+
+    // Next boot (new boot id, e.g. recovery): nothing to confirm.
+    let third = TestServer::start(
+        Daemon::Bootctld(bootctld_config(Some(dir.path()), "boot-2", stub())),
+        &sock,
+    )
+    .unwrap();
+    let e = confirm(&sock).unwrap_err();
+    assert!(format!("{e:#}").contains("nothing to confirm"), "{e:#}");
+    third.stop();
+}
+
+#[test]
+fn ram_only_without_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let missing = dir.path().join("no-state");
+    let server = TestServer::start(
+        Daemon::Bootctld(bootctld_config(Some(&missing), "boot-1", stub())),
+        &sock,
+    )
+    .unwrap();
+    let m = server.markers();
+    assert!(
+        m[0].starts_with("bootctld: stub/placeholder") && m[0].contains("RAM-only"),
+        "{m:?}"
+    );
+    assert!(!state(&sock).1, "never claims persistence");
+    slot_imaged(&sock, Slot::B, "2").unwrap();
+    assert!(export_json(&sock).contains("ram-only stub/placeholder"));
+    assert!(!missing.exists());
+}
+
+fn rebootd_config(state: Option<&Path>) -> rebootd::Config {
+    rebootd::Config {
+        state: state.map(Path::to_path_buf),
+        require_mountpoint: false,
+        endpoints: Vec::new(),
+        reboot_method: rebootd::pid1::MethodArg::Stub,
+    }
+}
+
+fn pending(sock: &Path) -> (String, bool, bool) {
+    call(sock, |c: reboot::Client| async move {
+        let resp = c.pending_request().send().promise.await?;
+        let r = resp.get()?;
+        Ok((
+            r.get_target()?.to_string()?,
+            r.get_factory_wipe(),
+            r.get_persistent(),
+        ))
+    })
+    .unwrap()
+}
+
+fn mode(sock: &Path, target: &'static str) -> anyhow::Result<bool> {
+    call(sock, move |c: reboot::Client| async move {
+        let mut req = c.mode_request();
+        req.get().set_target(target);
+        let resp = req.send().promise.await?;
+        Ok(resp.get()?.get_rebooting())
+    })
+}
+
+#[test]
+fn rebootd_persists_the_next_boot_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("reboot.sock");
+    let _server =
+        TestServer::start(Daemon::Rebootd(rebootd_config(Some(dir.path()))), &sock).unwrap();
+    assert_eq!(pending(&sock), (String::new(), false, true));
+
+    call(&sock, |c: reboot::Client| async move {
+        let mut req = c.set_next_request();
+        req.get().set_target("recovery");
+        req.send().promise.await?;
+        Ok(())
+    })
+    .unwrap();
+    let record = dir.path().join("boot/next_mode");
+    assert_eq!(std::fs::read(&record).unwrap(), b"recovery\n");
+
+    assert!(
+        !mode(&sock, "normal").unwrap(),
+        "stub method: no real reboot"
+    );
+    assert_eq!(std::fs::read(&record).unwrap(), b"normal\n");
+    assert_eq!(pending(&sock), ("normal".to_string(), false, true));
+
+    let e = mode(&sock, "../etc/passwd").unwrap_err();
+    assert!(
+        format!("{e:#}").contains("invalid next-boot target"),
+        "{e:#}"
+    );
+    assert_eq!(std::fs::read(&record).unwrap(), b"normal\n");
+
+    let rebooting = call(&sock, |c: reboot::Client| async move {
+        let resp = c.factory_wipe_request().send().promise.await?;
+        Ok(resp.get()?.get_rebooting())
+    })
+    .unwrap();
+    assert!(!rebooting);
+    assert_eq!(std::fs::read(&record).unwrap(), b"recovery\n");
+    assert_eq!(
+        std::fs::read(dir.path().join("boot/factory_wipe")).unwrap(),
+        b"wipe\n"
+    );
+    assert_eq!(pending(&sock), ("recovery".to_string(), true, true));
+}
+
+#[test]
+fn rebootd_without_state_refuses_to_reboot() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("reboot.sock");
+    let _server = TestServer::start(
+        Daemon::Rebootd(rebootd_config(Some(&dir.path().join("missing")))),
+        &sock,
+    )
+    .unwrap();
+    let e = mode(&sock, "recovery").unwrap_err();
+    assert!(format!("{e:#}").contains("stub/placeholder"), "{e:#}");
+    assert!(!pending(&sock).2);
+}
+
+#[test]
+fn bootctl_reboot_goes_through_rebootd() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsock = dir.path().join("reboot.sock");
+    let bsock = dir.path().join("bootctl.sock");
+    let _rebootd =
+        TestServer::start(Daemon::Rebootd(rebootd_config(Some(dir.path()))), &rsock).unwrap();
+    let bootctl = TestServer::start(
+        Daemon::Bootctld(bootctld_config(
+            Some(dir.path()),
+            "boot-1",
+            RebootVia::Rebootd(rsock.clone()),
+        )),
+        &bsock,
+    )
+    .unwrap();
+    assert!(!bootctl_reboot(&bsock).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("boot/next_mode")).unwrap(),
+        b"normal\n"
+    );
+    assert_eq!(
+        bootctl_markers(&bootctl),
+        vec!["bootctl: reboot (stub) — rebootd cannot reboot here"]
+    );
+}
+
+#[test]
+fn bootctl_reboot_without_rebootd_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bsock = dir.path().join("bootctl.sock");
+    let _bootctl = TestServer::start(
+        Daemon::Bootctld(bootctld_config(
+            Some(dir.path()),
+            "boot-1",
+            RebootVia::Rebootd(dir.path().join("nobody.sock")),
+        )),
+        &bsock,
+    )
+    .unwrap();
+    let e = bootctl_reboot(&bsock).unwrap_err();
+    assert!(format!("{e:#}").contains("is rebootd running?"), "{e:#}");
+}
