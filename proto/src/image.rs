@@ -624,12 +624,15 @@ pub struct ImageVerifier {
     content_done: bool,
     hasher: SegmentHasher,
     verified: usize,
+    invalid: Option<ImageError>,
 }
 
 impl ImageVerifier {
-    /// A verifier positioned at the manifest's `data_offset`.
+    /// A verifier positioned at the manifest's `data_offset`. An invalid manifest (possible
+    /// only if it was built by hand, not parsed) makes every later call fail with its error.
     pub fn new(manifest: &Manifest) -> Self {
         ImageVerifier {
+            invalid: manifest.validate().err().map(ImageError::from),
             segments: manifest.segments.clone(),
             total_size: manifest.total_size,
             pos: manifest.data_offset(),
@@ -652,6 +655,11 @@ impl ImageVerifier {
 
     /// Feed the next bytes of the file.
     pub fn update(&mut self, mut data: &[u8]) -> Result<(), ImageError> {
+        if let Some(e) = &self.invalid {
+            return Err(e.clone());
+        }
+        // The manifest is valid: segments are contiguous, non-empty and end at total_size,
+        // so every round below consumes at least one byte or finishes a segment.
         while !data.is_empty() {
             let Some(seg) = self.segments.get(self.idx) else {
                 return Err(ImageError::TrailingData {
@@ -659,7 +667,7 @@ impl ImageVerifier {
                 });
             };
             if !self.content_done {
-                let n = (seg.end() - self.pos).min(data.len() as u64) as usize;
+                let n = seg.end().saturating_sub(self.pos).min(data.len() as u64) as usize;
                 let (now, rest) = data.split_at(n);
                 self.hasher.update(now);
                 self.pos += n as u64;
@@ -671,7 +679,10 @@ impl ImageVerifier {
                     self.content_done = true;
                 }
             } else {
-                let n = (seg.padded_end() - self.pos).min(data.len() as u64) as usize;
+                let n = seg
+                    .padded_end()
+                    .saturating_sub(self.pos)
+                    .min(data.len() as u64) as usize;
                 let (now, rest) = data.split_at(n);
                 if !is_all_zero(now) {
                     let i = now.iter().position(|x| *x != 0).unwrap_or(0);
@@ -693,6 +704,9 @@ impl ImageVerifier {
 
     /// End of input: every segment and its padding must have been seen.
     pub fn finish(self) -> Result<(), ImageError> {
+        if let Some(e) = self.invalid {
+            return Err(e);
+        }
         match self.segments.get(self.idx) {
             None => Ok(()),
             Some(seg) => Err(ImageError::Truncated {

@@ -141,3 +141,13 @@ fn lying_data_ranges_are_caught() {
         "{e}"
     );
 }
+
+#[test]
+fn hand_built_invalid_manifest_fails_instead_of_looping() {
+    let b = sample();
+    let mut m = b.head.manifest.clone();
+    m.segments[1].offset = 0; // breaks the layout rule
+    let mut v = ImageVerifier::new(&m);
+    assert!(matches!(v.update(&[0u8; 10]), Err(ImageError::Manifest(_))));
+    assert!(matches!(v.finish(), Err(ImageError::Manifest(_))));
+}
