@@ -2,5 +2,7 @@
 //! the terminal lives here so tests can drive it.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod boot;
 pub mod image;
+pub mod rpc_client;
 pub mod transport;

@@ -26,12 +26,15 @@ struct Cli {
 enum Command {
     /// Build, verify and inspect OS images; make signing keys.
     Image(nx_cli::image::ImageArgs),
+    /// A/B slots: status, set-active (trial), confirm, mark-bad (talks to bootctld).
+    Boot(nx_cli::boot::BootArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Image(args) => nx_cli::image::run(args),
+        Command::Boot(args) => nx_cli::boot::run(args),
     };
     match result {
         Ok(code) => code,

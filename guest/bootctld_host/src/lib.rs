@@ -165,3 +165,8 @@ where
     ))?;
     Ok(r?)
 }
+
+/// Re-exported so dependents (the nx-cli tests) configure daemons without
+/// depending on the guest crates directly.
+pub use bootctld;
+pub use rebootd;

@@ -1,0 +1,201 @@
+//! Cap'n Proto RPC clients of the guest daemons: `bootctld` (`nx boot …`) and
+//! `rebootd` (`nx flash reboot …`).
+//!
+//! The port is any `--port` SPEC of [`crate::transport`] (by default the QEMU
+//! chardev sockets `build/qemu/bootctl.sock` / `build/qemu/reboot.sock`, which
+//! QEMU wires to the virtio-serial ports `com.nexus.bootctl` /
+//! `com.nexus.reboot`). One connection per command: connect, bootstrap the
+//! capability, make the call(s), close.
+//!
+//! Failure messages say what to do: no socket → "is the guest running? start
+//! it with `just recovery`"; socket there but no answer (the daemon is not up
+//! in the guest) → a timeout naming the daemon; a refused call → the daemon's
+//! own reason.
+
+use crate::transport::{self, PortSpec};
+use anyhow::{anyhow, bail, Context};
+use capnp::capability::FromClientHook;
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use futures::future::Either;
+use std::future::Future;
+use std::time::Duration;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+/// Default `--port` of `nx boot …`.
+pub const DEFAULT_BOOTCTL_PORT: &str = "unix:build/qemu/bootctl.sock";
+/// Default `--port` of `nx flash reboot …`.
+pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
+/// Default time to wait for a daemon's answer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound for one incoming RPC message (words): 512 KiB.
+const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
+
+/// Which daemon a call goes to (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    /// bootctld, the slot-state authority.
+    Bootctld,
+    /// rebootd, the next-boot authority.
+    Rebootd,
+}
+
+impl Daemon {
+    fn name(self) -> &'static str {
+        match self {
+            Daemon::Bootctld => "bootctld",
+            Daemon::Rebootd => "rebootd",
+        }
+    }
+}
+
+/// The text of an RPC failure: the daemon's own reason when it refused.
+pub fn rpc_error_text(e: &capnp::Error) -> String {
+    match e.kind {
+        capnp::ErrorKind::Failed => e
+            .extra
+            .strip_prefix("remote exception: ")
+            .unwrap_or(&e.extra)
+            .to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// Connect to `port`, bootstrap a `C` (the daemon's capability), run `call`
+/// with it and return its result; the whole conversation is bounded by `timeout`.
+pub async fn with_client<C, F, Fut, T>(
+    port: &str,
+    daemon: Daemon,
+    timeout: Duration,
+    call: F,
+) -> anyhow::Result<T>
+where
+    C: FromClientHook,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = Result<T, capnp::Error>>,
+{
+    let name = daemon.name();
+    let spec: PortSpec = port
+        .parse()
+        .with_context(|| format!("bad --port `{port}` for {name}"))?;
+    if let PortSpec::Unix(path) = &spec {
+        if !path.exists() {
+            bail!(
+                "{name} port {} does not exist: is the guest running? start it with `just recovery` \
+                 (or pass --port)",
+                path.display()
+            );
+        }
+    }
+    let link = transport::connect(&spec)
+        .await
+        .with_context(|| format!("cannot reach {name}: is the guest running?"))?;
+    let (r, w) = tokio::io::split(link);
+    let mut opts = capnp::message::ReaderOptions::new();
+    opts.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r.compat()),
+        w.compat_write(),
+        Side::Client,
+        opts,
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let client: C = rpc.bootstrap(Side::Server);
+    let call = Box::pin(call(client));
+    match tokio::time::timeout(timeout, futures::future::select(call, rpc)).await {
+        Err(_) => bail!(
+            "no answer from {name} on {spec} within {} s: the port is open but nobody answered — \
+             is {name} running in the guest? (check the console log for `{name}: ready`)",
+            timeout.as_secs()
+        ),
+        Ok(Either::Left((Ok(v), _))) => Ok(v),
+        Ok(Either::Left((Err(e), _))) => match e.kind {
+            capnp::ErrorKind::Disconnected => Err(anyhow!(
+                "{name} on {spec} closed the connection ({}): is {name} running in the guest?",
+                rpc_error_text(&e)
+            )),
+            _ => Err(anyhow!("{name}: {}", rpc_error_text(&e))),
+        },
+        Ok(Either::Right((result, _))) => Err(anyhow!(
+            "{name} on {spec} closed the connection before answering{}: is {name} running in the guest?",
+            result
+                .err()
+                .map(|e| format!(" ({})", rpc_error_text(&e)))
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// `nx flash reboot normal|recovery`: ask rebootd on `port` to persist the
+/// next-boot mode and reboot the guest. Returns `true` when the guest really
+/// reboots, `false` when rebootd could only do a stub reboot (not managed by
+/// the guest's PID 1). Fails (and nothing is changed) when `target` is not
+/// `normal` or `recovery`, when rebootd is not reachable, or when it cannot
+/// persist the record (no /state in the guest).
+pub async fn reboot(port: &str, target: &str) -> anyhow::Result<bool> {
+    reboot_with_timeout(port, target, DEFAULT_TIMEOUT).await
+}
+
+/// [`reboot`] with an explicit timeout.
+pub async fn reboot_with_timeout(
+    port: &str,
+    target: &str,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    if !matches!(target, "normal" | "recovery") {
+        bail!("unknown reboot target `{target}`: use `normal` or `recovery`");
+    }
+    let target = target.to_string();
+    with_client(
+        port,
+        Daemon::Rebootd,
+        timeout,
+        |c: proto::rpc::reboot_capnp::reboot::Client| async move {
+            let mut req = c.mode_request();
+            req.get().set_target(target.as_str());
+            let resp = req.send().promise.await?;
+            Ok(resp.get()?.get_rebooting())
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_socket_says_start_the_guest() {
+        let err = reboot("unix:/nonexistent/reboot.sock", "normal")
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("is the guest running?"), "{msg}");
+        assert!(msg.contains("just recovery"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn bad_target_is_refused_before_connecting() {
+        let err = reboot("unix:/nonexistent/reboot.sock", "sideways")
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("use `normal` or `recovery`"));
+    }
+
+    #[tokio::test]
+    async fn silent_port_times_out_with_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("silent.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let hold = tokio::spawn(async move {
+            let (_s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let port = format!("unix:{}", sock.display());
+        let err = reboot_with_timeout(&port, "normal", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("no answer from rebootd"), "{msg}");
+        hold.abort();
+    }
+}

@@ -1,0 +1,193 @@
+//! `nx boot …` and `nx_cli::rpc_client::reboot` against real daemons: bootctld
+//! / rebootd served in-process on a unix socket in a temp dir (`--listen`),
+//! driven through the `nx` binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bootctld_host::bootctld::service::RebootVia;
+use bootctld_host::{bootctld_config, Daemon, TestServer};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn nx(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_nx"))
+        .args(args)
+        .output()
+        .unwrap();
+    println!(
+        "$ nx {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = nx(args);
+    assert!(out.status.success(), "nx {args:?} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = nx(args);
+    assert_eq!(out.status.code(), Some(1), "nx {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn start(state: &Path, sock: &Path, boot_id: &str) -> TestServer {
+    TestServer::start(
+        Daemon::Bootctld(bootctld_config(
+            Some(state),
+            boot_id,
+            RebootVia::Stub("host test".into()),
+        )),
+        sock,
+    )
+    .unwrap()
+}
+
+#[test]
+fn nx_boot_drives_bootctld() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let port = format!("unix:{}", sock.display());
+    let p = port.as_str();
+    let server = start(dir.path(), &sock, "boot-1");
+
+    let table = ok(&["boot", "status", "--port", p]);
+    assert!(table.starts_with("slot  active  health"), "{table}");
+    assert!(table.contains("a     *       good"), "{table}");
+    assert!(table.contains("b             empty"), "{table}");
+    assert!(table.contains("storage: persistent"), "{table}");
+
+    // b was never imaged: bootctld refuses, nx says why.
+    let err = fails(&["boot", "set-active", "b", "--trial", "--port", p]);
+    assert!(err.contains("bootctld: slot b is empty"), "{err}");
+
+    // Pretend flashd installed version 2 into b (flashd reports it over RPC).
+    bootctld_host::call(
+        &sock,
+        |c: proto::rpc::bootctl_capnp::boot_ctl::Client| async move {
+            let mut req = c.slot_imaged_request();
+            req.get().set_slot(proto::rpc::bootctl_capnp::Slot::B);
+            req.get().set_version("2");
+            req.send().promise.await?;
+            Ok(())
+        },
+    )
+    .unwrap();
+
+    let out = ok(&[
+        "boot",
+        "set-active",
+        "b",
+        "--trial",
+        "--tries",
+        "2",
+        "--port",
+        p,
+    ]);
+    assert_eq!(
+        out,
+        "slot b is active for the next boot, on trial (2 tries)\n"
+    );
+    let err = fails(&["boot", "confirm", "--port", p]);
+    assert!(err.contains("nothing to confirm"), "{err}");
+
+    // The normal init's bootAttempt, then the health check's confirm.
+    bootctld_host::call(
+        &sock,
+        |c: proto::rpc::bootctl_capnp::boot_ctl::Client| async move {
+            c.boot_attempt_request().send().promise.await?;
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        ok(&["boot", "confirm", "--port", p]),
+        "confirmed: the booted slot is good\n"
+    );
+    assert_eq!(
+        ok(&["boot", "mark-bad", "a", "--port", p]),
+        "slot a is marked bad (until it is re-imaged)\n"
+    );
+
+    let json = ok(&["boot", "status", "--json", "--port", p]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["active"], "b");
+    assert_eq!(v["slots"]["b"]["health"], "good");
+    assert_eq!(v["slots"]["b"]["trial"], false);
+    assert_eq!(v["slots"]["a"]["health"], "bad");
+
+    let markers: Vec<String> = server
+        .markers()
+        .into_iter()
+        .filter(|m| m.starts_with("bootctl: "))
+        .collect();
+    assert_eq!(
+        markers,
+        vec![
+            "bootctl: slotImaged slot=b version=2",
+            "bootctl: setActive slot=b trial=true tries=2",
+            "bootctl: bootAttempt slot=b trial=true tries=1",
+            "bootctl: confirm",
+            "bootctl: markBad slot=a",
+        ]
+    );
+    server.stop();
+
+    // The slot table survives a restart of bootctld (bare-path port spec).
+    let again = start(dir.path(), &sock, "boot-2");
+    let table = ok(&["boot", "status", "--port", sock.to_str().unwrap()]);
+    assert!(table.contains("b     *       good"), "{table}");
+    again.stop();
+}
+
+#[test]
+fn nx_boot_without_a_guest_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = format!("unix:{}", dir.path().join("bootctl.sock").display());
+    let err = fails(&["boot", "status", "--port", &port]);
+    assert!(err.contains("is the guest running?"), "{err}");
+    assert!(err.contains("just recovery"), "{err}");
+}
+
+#[test]
+fn nx_boot_argument_errors() {
+    let out = nx(&["boot", "set-active", "c"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = nx(&["boot", "set-active", "a", "--tries", "3"]);
+    assert_eq!(out.status.code(), Some(2), "--tries needs --trial");
+}
+
+#[test]
+fn rpc_client_reboot_talks_to_rebootd() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("reboot.sock");
+    let _server = TestServer::start(
+        Daemon::Rebootd(bootctld_host::rebootd::Config {
+            state: Some(dir.path().to_path_buf()),
+            require_mountpoint: false,
+            endpoints: Vec::new(),
+            reboot_method: bootctld_host::rebootd::pid1::MethodArg::Stub,
+        }),
+        &sock,
+    )
+    .unwrap();
+    let port = format!("unix:{}", sock.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let real = rt
+        .block_on(nx_cli::rpc_client::reboot(&port, "recovery"))
+        .unwrap();
+    assert!(
+        !real,
+        "host test: rebootd is not managed by our PID 1 (stub)"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("boot/next_mode")).unwrap(),
+        b"recovery\n"
+    );
+}
