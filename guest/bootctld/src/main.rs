@@ -34,8 +34,17 @@ struct Args {
     boot_id: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bootctld: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let reboot = if args.rebootd == "none" {
         RebootVia::Stub("started with --rebootd none".into())
     } else {

@@ -27,8 +27,17 @@ struct Args {
     reboot_method: rebootd::pid1::MethodArg,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("rebootd: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let mut endpoints: Vec<Endpoint> = args.listen.into_iter().map(Endpoint::Unix).collect();
     if let Some(name) = args.port_name {
         endpoints.push(Endpoint::Port(name));
