@@ -14,9 +14,11 @@ struct Args {
     /// Missing: RAM-only stub (nothing persisted).
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Treat a state dir that is not a mount point as missing (the guest passes this).
+    /// Persist into a state dir even when it is not a mount point (host runs).
+    /// By default an unmounted state dir counts as missing: in the guest it is
+    /// a directory of the initramfs (RAM), and persisting there would be a lie.
     #[arg(long)]
-    require_mountpoint: bool,
+    allow_unmounted_state: bool,
     /// Serve on the virtio-serial port with this name (e.g. com.nexus.bootctl).
     #[arg(long)]
     port_name: Option<String>,
@@ -56,7 +58,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let config = bootctld::Config {
         state: args.state,
-        require_mountpoint: args.require_mountpoint,
+        require_mountpoint: !args.allow_unmounted_state,
         endpoints,
         reboot,
         boot_id: args.boot_id,
