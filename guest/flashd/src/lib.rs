@@ -1,4 +1,36 @@
 //! flashd — the only flashing authority on the target.
+//!
+//! It receives an image over a link ([`link`]: a unix socket it serves itself, or the guest's
+//! virtio-serial port), streams it into a staging file with a journal beside it ([`store`],
+//! [`records`]), verifies each segment's SHA-256 as soon as it is complete, and on `DONE`
+//! installs atomically. The protocol decisions are made by the sans-IO
+//! [`proto::session::Receiver`]; [`server`] executes its actions, with hashing and fsync on
+//! background threads ([`workers`]).
+//!
+//! Architecture invariant: nothing from the host (names, lengths, offsets) is trusted; the
+//! receiver validates every message and the storage layer bounds every range.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod config;
+pub mod link;
+pub mod records;
+pub mod server;
 pub mod store;
+pub mod workers;
+
+use std::path::PathBuf;
+
+/// Errors that stop flashd from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum FlashdError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("public key {path}: {reason} (expected a file written by `nx image keygen`)")]
+    Key { path: PathBuf, reason: String },
+    #[error("cannot start a worker thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    #[error("virtio-serial port {name}: {reason}")]
+    Port { name: String, reason: String },
+}

@@ -1,4 +1,57 @@
-fn main() -> std::process::ExitCode {
-    println!("flashd: stub/placeholder — the receiver is not implemented yet; refusing to flash");
-    std::process::ExitCode::FAILURE
+//! flashd binary: parse arguments, open the link, serve. All logic is in the library.
+
+use anyhow::Context;
+use clap::Parser;
+use flashd::config::{Args, Source};
+use flashd::link::{Acceptor, PortAcceptor, UnixAcceptor};
+use flashd::server::{Server, StdOutput};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let text = format!("{e:#}");
+            nx_guest::marker::emit(&format!("flashd: error 0 {}", text.replace('\n', " ")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let (source, cfg) = args.resolve().context("invalid arguments")?;
+    let mut server = Server::new(cfg, Arc::new(StdOutput)).context("cannot start flashd")?;
+    let mut acceptor: Box<dyn Acceptor> = match &source {
+        Source::Listen(path) => Box::new(UnixAcceptor::bind(path)?),
+        Source::Port(name) => {
+            let dev = wait_for_port(name);
+            Box::new(PortAcceptor::open(&dev).with_context(|| {
+                format!("cannot open the virtio-serial port {name} at {}", dev.display())
+            })?)
+        }
+    };
+    server.announce();
+    eprintln!("flashd: serving on {}", acceptor.describe());
+    server.serve(acceptor.as_mut(), args.once)?;
+    Ok(())
+}
+
+/// Find the port by name; it may show up a little after the driver loads. Never gives up
+/// (flashd is the only way to flash this target), but says what it is waiting for.
+fn wait_for_port(name: &str) -> std::path::PathBuf {
+    let mut warned = false;
+    loop {
+        match nx_guest::port::wait(name, Duration::from_secs(10)) {
+            Ok(p) => return p,
+            Err(e) => {
+                if !warned {
+                    eprintln!("flashd: still waiting for virtio-serial port {name}: {e}");
+                    warned = true;
+                }
+            }
+        }
+    }
 }

@@ -316,6 +316,11 @@ impl Staging {
         sha256_file_range(&self.file, &self.path, offset, len)
     }
 
+    /// A second handle on the same open file (for background fsync and read-back).
+    pub fn file_handle(&self) -> Result<File, StoreError> {
+        self.file.try_clone().map_err(io_err("dup", &self.path))
+    }
+
     /// Flush written data to stable storage (before the journal says it is there).
     pub fn sync(&self) -> Result<(), StoreError> {
         self.file.sync_data().map_err(io_err("fsync", &self.path))

@@ -1,0 +1,186 @@
+//! Command line of flashd and the resolved configuration.
+
+use crate::FlashdError;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `flashd` — receives images over a link, verifies every byte, installs atomically.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "flashd",
+    version,
+    about = "The flashing authority on the target: receive, verify, install atomically",
+    after_help = "Examples:\n  \
+        flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
+        flashd --port-name com.nexus.flash --state /state --install-partition system_b"
+)]
+pub struct Args {
+    /// Serve a unix socket at SOCK (host use and tests).
+    #[arg(long, value_name = "SOCK", conflicts_with = "port_name", required_unless_present = "port_name")]
+    pub listen: Option<PathBuf>,
+    /// Serve the virtio-serial port with this name (found under /sys/class/virtio-ports/*/name).
+    #[arg(long, value_name = "NAME")]
+    pub port_name: Option<String>,
+    /// State directory (staging file, journal, install records under DIR/flash/).
+    #[arg(long, value_name = "DIR")]
+    pub state: PathBuf,
+    /// Install into this file or block device.
+    #[arg(long, value_name = "PATH", conflicts_with = "install_partition", required_unless_present = "install_partition")]
+    pub install: Option<PathBuf>,
+    /// Install into the GPT partition with this name (PARTNAME in /sys/class/block/*/uevent).
+    #[arg(long, value_name = "NAME")]
+    pub install_partition: Option<String>,
+    /// Refuse images not signed by this Ed25519 public key (`nx image keygen` writes KEY.pub).
+    #[arg(long, value_name = "PUB")]
+    pub require_signed: Option<PathBuf>,
+    /// Serve one connection, then exit (tests).
+    #[arg(long)]
+    pub once: bool,
+    /// Device name sent to the host.
+    #[arg(long, default_value = "nexus", value_name = "NAME")]
+    pub device: String,
+    /// Require the state dir to be a mounted filesystem of its own (default: on with
+    /// --port-name, off with --listen).
+    #[arg(long, value_name = "BOOL")]
+    pub require_mount: Option<bool>,
+    /// Drop a connection that sends nothing for this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub idle_timeout: u64,
+    /// Largest window accepted (frames in flight).
+    #[arg(long, default_value_t = 64)]
+    pub max_window: u16,
+    /// Largest chunk accepted (bytes, power of two, 4096..=1048576).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_chunk: u32,
+}
+
+/// Where flashd receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Listen(PathBuf),
+    Port(String),
+}
+
+/// Where a verified image goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallSpec {
+    /// A file or block device path.
+    Path(PathBuf),
+    /// A GPT partition by name, looked up in `sys_dir` (normally `/sys/class/block`) and
+    /// opened under `dev_dir` (normally `/dev`).
+    Partition {
+        name: String,
+        sys_dir: PathBuf,
+        dev_dir: PathBuf,
+    },
+}
+
+impl InstallSpec {
+    /// What to call the target in messages and receipts.
+    pub fn describe(&self) -> String {
+        match self {
+            InstallSpec::Path(p) => p.display().to_string(),
+            InstallSpec::Partition { name, .. } => format!("partition {name}"),
+        }
+    }
+}
+
+/// The resolved configuration of a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub require_mountpoint: bool,
+    pub install: InstallSpec,
+    pub require_signed: Option<[u8; 32]>,
+    pub device: String,
+    pub idle_timeout: Duration,
+    pub max_window: u16,
+    pub max_chunk: u32,
+}
+
+impl Config {
+    /// A host-style configuration (tests): state dir need not be a mount point.
+    pub fn new(state_dir: impl Into<PathBuf>, install: InstallSpec) -> Config {
+        Config {
+            state_dir: state_dir.into(),
+            require_mountpoint: false,
+            install,
+            require_signed: None,
+            device: "nexus".to_string(),
+            idle_timeout: Duration::from_secs(60),
+            max_window: 64,
+            max_chunk: 1 << 20,
+        }
+    }
+}
+
+impl Args {
+    /// Resolve into a [`Source`] and a [`Config`] (reads the public key file).
+    pub fn resolve(&self) -> Result<(Source, Config), FlashdError> {
+        let source = match (&self.listen, &self.port_name) {
+            (Some(p), None) => Source::Listen(p.clone()),
+            (None, Some(n)) => Source::Port(n.clone()),
+            _ => return Err(FlashdError::Usage("give exactly one of --listen SOCK or --port-name NAME".into())),
+        };
+        let install = match (&self.install, &self.install_partition) {
+            (Some(p), None) => InstallSpec::Path(p.clone()),
+            (None, Some(n)) => {
+                proto::msg::validate_peer_name(n)
+                    .map_err(|e| FlashdError::Usage(format!("--install-partition: {e}")))?;
+                InstallSpec::Partition {
+                    name: n.clone(),
+                    sys_dir: PathBuf::from(nx_guest::blockdev::SYS_CLASS_BLOCK),
+                    dev_dir: PathBuf::from("/dev"),
+                }
+            }
+            _ => {
+                return Err(FlashdError::Usage(
+                    "give exactly one of --install PATH or --install-partition NAME".into(),
+                ))
+            }
+        };
+        proto::msg::validate_peer_name(&self.device)
+            .map_err(|e| FlashdError::Usage(format!("--device: {e}")))?;
+        let require_signed = match &self.require_signed {
+            Some(p) => Some(load_public_key(p)?),
+            None => None,
+        };
+        let require_mountpoint = self
+            .require_mount
+            .unwrap_or(matches!(source, Source::Port(_)));
+        Ok((
+            source,
+            Config {
+                state_dir: self.state.clone(),
+                require_mountpoint,
+                install,
+                require_signed,
+                device: self.device.clone(),
+                idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+                max_window: self.max_window,
+                max_chunk: self.max_chunk,
+            },
+        ))
+    }
+}
+
+/// Read an Ed25519 public key file (`nexus-ed25519-public-v1 <hex>`), bounded.
+pub fn load_public_key(path: &Path) -> Result<[u8; 32], FlashdError> {
+    let bytes = crate::store::read_bounded(path, 4096)
+        .map_err(|e| FlashdError::Key {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| FlashdError::Key {
+            path: path.to_path_buf(),
+            reason: "no such file".into(),
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| FlashdError::Key {
+        path: path.to_path_buf(),
+        reason: "not UTF-8 text".into(),
+    })?;
+    proto::image::decode_public_key(&text).map_err(|e| FlashdError::Key {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}

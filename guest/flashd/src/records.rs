@@ -1,0 +1,227 @@
+//! Records flashd keeps beside the staging file, and the install receipt.
+//!
+//! * `flash/journal.json` — the session [`Journal`] (durable progress: resume point).
+//! * `flash/counters.json` — [`Counters`]: what arrived how, per segment, for the receipt.
+//! * `flash/installed.json` — [`InstalledImage`] without its skip index: what is installed.
+//! * `flash/index.json` — the [`SkipIndex`] of the installed image (chunk hashes).
+//! * `flash/last-install.json` — the [`Receipt`] of the last install.
+//!
+//! The receipt schema is shared with `nx flash send --receipt` (same field names and meaning).
+
+use crate::store::{self, StateDir, StoreError};
+use proto::manifest::Manifest;
+use proto::session::{InstalledImage, Journal, SkipIndex};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Largest index file read back (a full index of 65536 entries is ~6 MiB of JSON).
+pub const MAX_INDEX_LEN: u64 = 8 << 20;
+
+/// Version of the [`Receipt`] layout.
+pub const RECEIPT_VERSION: u32 = 1;
+
+/// Per segment: how its bytes reached the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentReceipt {
+    pub name: String,
+    /// Content bytes of the segment.
+    pub size: u64,
+    /// Data bytes carried over the link (raw or compressed), counted once per chunk.
+    pub sent_bytes: u64,
+    /// Bytes the target already held (COPY from the installed image, or the whole image
+    /// when it was unchanged).
+    pub skipped_bytes: u64,
+    /// Zero bytes never sent (zero runs of the manifest and all-zero chunks).
+    pub zero_bytes: u64,
+    /// Bytes saved by compression (decoded length − wire length).
+    pub compressed_bytes: u64,
+    /// Data bytes held from an earlier session whose breakdown this side did not see.
+    pub resumed_bytes: u64,
+}
+
+/// The install receipt: flashd writes it to `flash/last-install.json`; `nx flash send`
+/// prints the same record (from its side of the link) as its last line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub receipt_version: u32,
+    /// Who wrote it: `flashd` or `nx`.
+    pub writer: String,
+    pub image_version: String,
+    /// Manifest id (hex).
+    pub image_id: String,
+    /// Whole-image hash from the manifest (hex).
+    pub image_sha256: String,
+    pub image_size: u64,
+    pub device: String,
+    pub host: String,
+    /// Where the image went (file path or `partition NAME (/dev/…)`).
+    pub target: String,
+    /// `installed`, `unchanged` or `failed`.
+    pub state: String,
+    /// Sessions that continued an earlier partial transfer.
+    pub resume_count: u32,
+    /// Sessions (HELLOs) it took.
+    pub tries: u32,
+    /// Encoded frame bytes received (flashd) or sent (nx), retransmissions included.
+    pub wire_bytes: u64,
+    pub segments: Vec<SegmentReceipt>,
+}
+
+/// Receipt counters of the transfer in staging; persisted beside the journal so a restarted
+/// flashd still writes an exact receipt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Manifest id (hex) the counters are for.
+    pub image_id: String,
+    pub resume_count: u32,
+    pub tries: u32,
+    pub wire_bytes: u64,
+    pub host: String,
+    pub segments: Vec<SegmentReceipt>,
+}
+
+impl Counters {
+    /// Fresh counters for `manifest`: zero runs are known up front.
+    pub fn new(manifest: &Manifest) -> Counters {
+        Counters {
+            image_id: hex::encode(manifest.id()),
+            segments: manifest
+                .segments
+                .iter()
+                .map(|s| SegmentReceipt {
+                    name: s.name.clone(),
+                    size: s.size,
+                    zero_bytes: s.size.saturating_sub(s.data_bytes()),
+                    ..SegmentReceipt::default()
+                })
+                .collect(),
+            ..Counters::default()
+        }
+    }
+
+    /// Whether these counters belong to `manifest` (same id and segment table).
+    pub fn matches(&self, manifest: &Manifest) -> bool {
+        self.image_id == hex::encode(manifest.id())
+            && self.segments.len() == manifest.segments.len()
+    }
+
+    pub fn segment_mut(&mut self, index: usize) -> Option<&mut SegmentReceipt> {
+        self.segments.get_mut(index)
+    }
+
+    /// The receipt for these counters.
+    pub fn receipt(
+        &self,
+        manifest: &Manifest,
+        device: &str,
+        target: &str,
+        state: &str,
+    ) -> Receipt {
+        Receipt {
+            receipt_version: RECEIPT_VERSION,
+            writer: "flashd".to_string(),
+            image_version: manifest.version.clone(),
+            image_id: hex::encode(manifest.id()),
+            image_sha256: hex::encode(manifest.image_sha256),
+            image_size: manifest.total_size,
+            device: device.to_string(),
+            host: self.host.clone(),
+            target: target.to_string(),
+            state: state.to_string(),
+            resume_count: self.resume_count,
+            tries: self.tries,
+            wire_bytes: self.wire_bytes,
+            segments: self.segments.clone(),
+        }
+    }
+}
+
+fn counters_path(state: &StateDir) -> PathBuf {
+    state.flash_dir().join("counters.json")
+}
+
+fn index_path(state: &StateDir) -> PathBuf {
+    state.flash_dir().join("index.json")
+}
+
+/// `installed.json` without the (large) index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct InstalledRecord {
+    #[serde(flatten)]
+    image: InstalledImage,
+    /// Where it was installed (for `nx flash info`).
+    target: String,
+}
+
+/// Load the journal; `None` if absent or unreadable (a bad journal only costs a resend).
+pub fn load_journal(state: &StateDir) -> (Option<Journal>, Option<String>) {
+    match store::read_json::<Journal>(&state.journal_path()) {
+        Ok(j) => (j, None),
+        Err(e) => (None, Some(format!("ignoring journal: {e}"))),
+    }
+}
+
+pub fn save_journal(state: &StateDir, j: &Journal) -> Result<(), StoreError> {
+    store::write_json_atomic(&state.journal_path(), j)
+}
+
+pub fn clear_journal(state: &StateDir) -> Result<(), StoreError> {
+    store::remove_if_exists(&state.journal_path())?;
+    store::remove_if_exists(&counters_path(state))
+}
+
+pub fn load_counters(state: &StateDir) -> Option<Counters> {
+    store::read_json::<Counters>(&counters_path(state)).ok().flatten()
+}
+
+pub fn save_counters(state: &StateDir, c: &Counters) -> Result<(), StoreError> {
+    store::write_json_atomic(&counters_path(state), c)
+}
+
+/// Load what is installed, with its skip index when that is present and consistent.
+pub fn load_installed(state: &StateDir) -> (Option<InstalledImage>, Option<String>) {
+    let rec = match store::read_json::<InstalledRecord>(&state.installed_path()) {
+        Ok(Some(r)) => r,
+        Ok(None) => return (None, None),
+        Err(e) => return (None, Some(format!("ignoring install record: {e}"))),
+    };
+    let mut image = rec.image;
+    image.index = None;
+    let index = store::read_bounded(&index_path(state), MAX_INDEX_LEN)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<SkipIndex>(&b).ok())
+        .filter(|ix| ix.image_id == image.image_id);
+    image.index = index;
+    (Some(image), None)
+}
+
+/// Persist the install record (the index goes to its own file, if any).
+pub fn save_installed(
+    state: &StateDir,
+    image: &InstalledImage,
+    target: &str,
+) -> Result<(), StoreError> {
+    let mut bare = image.clone();
+    let index = bare.index.take();
+    // Write the record first: an index without a matching record is ignored.
+    store::write_json_atomic(
+        &state.installed_path(),
+        &InstalledRecord {
+            image: bare,
+            target: target.to_string(),
+        },
+    )?;
+    match index {
+        Some(ix) => store::write_json_atomic(&index_path(state), &ix),
+        None => store::remove_if_exists(&index_path(state)),
+    }
+}
+
+pub fn save_receipt(state: &StateDir, r: &Receipt) -> Result<(), StoreError> {
+    store::write_json_atomic(&state.receipt_path(), r)
+}
+
+pub fn load_receipt(state: &StateDir) -> Option<Receipt> {
+    store::read_json::<Receipt>(&state.receipt_path()).ok().flatten()
+}
