@@ -1,0 +1,851 @@
+//! The host side: plans the chunks, keeps a sliding window of WRITE frames,
+//! retransmits on NAK or timeout, and reports progress as data.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::frame::Frame;
+use crate::image::ImageHead;
+use crate::manifest::{is_all_zero, Manifest};
+use crate::msg::{
+    self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
+    WriteBody, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
+};
+
+use super::plan::Plan;
+use super::{deadline, CompressMode, ProgressEvent, SegmentProgress, SessionError, SkipKind};
+
+/// Host-side settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderConfig {
+    /// Host name sent in HELLO (`[A-Za-z0-9._-]{1,64}`).
+    pub host: String,
+    /// Random per connection (echoed by the target to match replies).
+    pub nonce: u64,
+    /// WRITE frames in flight (1..=256). Default 16.
+    pub window: u16,
+    /// Largest chunk size wanted (power of two, 4 KiB..=1 MiB). Default 256 KiB.
+    pub chunk_size: u32,
+    /// `--compress`. Default auto.
+    pub compress: CompressMode,
+    /// `false` = `--no-skip`.
+    pub skip: bool,
+    /// Retransmission timeout: no ACK progress for this long → resend from the last
+    /// acknowledged seq (and resend HELLO/DONE while waiting for their replies).
+    /// Default 2 s.
+    pub rto: Duration,
+    /// Consecutive timeouts without progress before giving up. Default 10.
+    pub max_retries: u32,
+    /// Chunks read ahead beyond the window (memory: (window + read_ahead) × chunk).
+    /// Default 4.
+    pub read_ahead: u16,
+}
+
+impl SenderConfig {
+    /// Defaults with the given host name.
+    pub fn new(host: impl Into<String>) -> SenderConfig {
+        SenderConfig {
+            host: host.into(),
+            nonce: 0,
+            window: 16,
+            chunk_size: 256 * 1024,
+            compress: CompressMode::Auto,
+            skip: true,
+            rto: Duration::from_secs(2),
+            max_retries: 10,
+            read_ahead: 4,
+        }
+    }
+}
+
+/// Events the shell feeds into a [`Sender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// A frame decoded from the link.
+    Frame(Frame),
+    /// Answer to [`SenderAction::ReadChunk`]: exactly `len` bytes of the image at
+    /// `offset`. `hash` is [`msg::chunk_hash`] of the data if the action asked for it
+    /// (`None` makes the sender hash it itself).
+    ChunkRead {
+        seq: u32,
+        data: Bytes,
+        hash: Option<ChunkHash>,
+    },
+    /// Reading failed (the session fails; the transfer stays resumable).
+    ReadFailed { seq: u32, detail: String },
+    /// Answer to [`SenderAction::Compress`]: a zstd frame of the data, or `None`
+    /// (compression failed or did not help).
+    Compressed { seq: u32, data: Option<Bytes> },
+    /// Time passed (call when [`Sender::next_deadline`] is reached; extra ticks are
+    /// harmless).
+    Tick,
+}
+
+/// What the shell must do for a [`Sender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderAction {
+    /// Write this frame to the link.
+    Send(Frame),
+    /// Read `len` bytes of the image file at absolute `offset`; if `hash`, also
+    /// compute [`msg::chunk_hash`] of them; answer with [`SenderEvent::ChunkRead`].
+    /// Several reads may be outstanding; answers may come in any order.
+    ReadChunk {
+        seq: u32,
+        offset: u64,
+        len: u32,
+        hash: bool,
+    },
+    /// Compress `data` with zstd (one frame, any level; 3 is a good default);
+    /// answer with [`SenderEvent::Compressed`].
+    Compress { seq: u32, data: Bytes },
+    /// Progress for the user.
+    Progress(ProgressEvent),
+    /// Terminal: installed (or unchanged).
+    Finished(Outcome),
+    /// Terminal: the session failed. The target keeps what it has: running the same
+    /// transfer again resumes.
+    Failed(SessionError),
+}
+
+/// Counters of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Encoded bytes of every frame sent (retransmissions included).
+    pub wire_bytes: u64,
+    /// Data bytes of the plan (zero runs excluded).
+    pub data_bytes: u64,
+    /// Data bytes the target already held when the session started.
+    pub resumed_bytes: u64,
+    /// Bytes of zero runs not sent (manifest zero runs + all-zero chunks).
+    pub zero_bytes: u64,
+    /// Bytes the target copied from its installed image (or the whole image, if
+    /// unchanged).
+    pub identical_bytes: u64,
+    /// Bytes saved by compression.
+    pub compressed_saved: u64,
+    /// WRITE frames sent again after a NAK or timeout.
+    pub retransmitted_frames: u64,
+}
+
+/// How a successful session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// `Installed` or `Unchanged`.
+    pub status: DoneStatus,
+    pub image_sha256: [u8; 32],
+    pub stats: Stats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Hello,
+    Transfer,
+    Done,
+    Over,
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    Reading,
+    Compressing(Bytes),
+    Ready(Frame),
+}
+
+/// The sender state machine. One per connection: after a cut link, build a new one
+/// (the target's HELLO_REPLY says where to continue).
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    head: Bytes,
+    manifest: Manifest,
+    image_id: [u8; 32],
+    phase: Phase,
+    now: Duration,
+    deadline: Option<Duration>,
+    retries: u32,
+    // negotiated
+    device: String,
+    window: u32,
+    zstd: bool,
+    skip_map: HashMap<(u32, ChunkHash), u64>,
+    plan: Option<Plan>,
+    // window
+    acked: u32,
+    next_send: u32,
+    next_read: u32,
+    highest_sent: u32,
+    /// slots[i] holds seq acked + 1 + i.
+    slots: VecDeque<Slot>,
+    stats: Stats,
+    actions: VecDeque<SenderAction>,
+}
+
+impl Sender {
+    /// A sender for the image whose head (every byte before the first segment) is
+    /// `head`. Fails if the head does not parse or the config is out of range.
+    pub fn new(cfg: SenderConfig, head: Bytes) -> Result<Sender, SessionError> {
+        let parsed = ImageHead::parse(&head)?;
+        if cfg.window == 0 || cfg.window > MAX_WINDOW {
+            return Err(SessionError::Capability(format!(
+                "window must be 1..={MAX_WINDOW}, got {}",
+                cfg.window
+            )));
+        }
+        if !msg::valid_chunk_size(cfg.chunk_size) {
+            return Err(SessionError::Capability(format!(
+                "chunk size must be a power of two in 4096..={MAX_CHUNK}, got {}",
+                cfg.chunk_size
+            )));
+        }
+        msg::validate_peer_name(&cfg.host).map_err(SessionError::Capability)?;
+        let manifest = parsed.manifest;
+        Ok(Sender {
+            image_id: manifest.id(),
+            manifest,
+            head,
+            cfg,
+            phase: Phase::Created,
+            now: Duration::ZERO,
+            deadline: None,
+            retries: 0,
+            device: String::new(),
+            window: 1,
+            zstd: false,
+            skip_map: HashMap::new(),
+            plan: None,
+            acked: 0,
+            next_send: 1,
+            next_read: 1,
+            highest_sent: 0,
+            slots: VecDeque::new(),
+            stats: Stats::default(),
+            actions: VecDeque::new(),
+        })
+    }
+
+    /// The manifest being sent.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+    /// The plan, once negotiated.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+    /// Highest cumulatively acknowledged seq.
+    pub fn acked(&self) -> u32 {
+        self.acked
+    }
+    /// `true` once `Finished` or `Failed` was emitted.
+    pub fn is_over(&self) -> bool {
+        self.phase == Phase::Over
+    }
+    /// When the shell must call `handle(now, Tick)` next, if at all.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        if self.phase == Phase::Over {
+            None
+        } else {
+            self.deadline
+        }
+    }
+    /// Chunks buffered (reading, compressing, ready or in flight): memory is
+    /// bounded by this × chunk size.
+    pub fn buffered_chunks(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Next action to execute, in order.
+    pub fn poll_action(&mut self) -> Option<SenderAction> {
+        self.actions.pop_front()
+    }
+
+    /// Sends HELLO.
+    pub fn start(&mut self, now: Duration) {
+        self.now = now;
+        if self.phase != Phase::Created {
+            return;
+        }
+        self.phase = Phase::Hello;
+        self.send_hello();
+    }
+
+    /// Abandons the session (Ctrl-C): sends ABORT and fails with
+    /// [`SessionError::Aborted`]. The target keeps its progress.
+    pub fn abort(&mut self, reason: &str) {
+        if self.phase == Phase::Over {
+            return;
+        }
+        if self.phase != Phase::Created {
+            if let Ok(f) = Message::Abort(Abort::new(ErrorCode::Aborted, reason)).to_frame() {
+                self.send(f);
+            }
+        }
+        self.fail(SessionError::Aborted(reason.to_string()));
+    }
+
+    /// Feeds one event.
+    pub fn handle(&mut self, now: Duration, ev: SenderEvent) {
+        self.now = self.now.max(now);
+        if self.phase == Phase::Over {
+            return;
+        }
+        match ev {
+            SenderEvent::Frame(f) => match Message::from_frame(&f) {
+                Ok(m) => self.on_message(m),
+                Err(e) => self.fail(SessionError::Protocol(format!(
+                    "undecodable message from the target: {e}"
+                ))),
+            },
+            SenderEvent::ChunkRead { seq, data, hash } => self.on_chunk(seq, data, hash),
+            SenderEvent::ReadFailed { seq, detail } => {
+                self.fail(SessionError::Read { seq, detail });
+            }
+            SenderEvent::Compressed { seq, data } => self.on_compressed(seq, data),
+            SenderEvent::Tick => self.on_tick(),
+        }
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn send(&mut self, f: Frame) {
+        self.stats.wire_bytes += f.encoded_len() as u64;
+        self.actions.push_back(SenderAction::Send(f));
+    }
+
+    fn progress(&mut self, p: ProgressEvent) {
+        self.actions.push_back(SenderAction::Progress(p));
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        if self.phase == Phase::Over {
+            return;
+        }
+        let code = e.code();
+        self.progress(ProgressEvent::Error {
+            code: code.code(),
+            name: code.name().to_string(),
+            text: e.to_string(),
+        });
+        self.actions.push_back(SenderAction::Failed(e));
+        self.phase = Phase::Over;
+        self.slots.clear();
+        self.deadline = None;
+    }
+
+    fn send_hello(&mut self) {
+        let compression = match self.cfg.compress {
+            CompressMode::None => 0,
+            CompressMode::Auto | CompressMode::Zstd => COMPRESS_ZSTD,
+        };
+        let hello = Message::Hello(Hello {
+            proto: PROTO_VERSION,
+            nonce: self.cfg.nonce,
+            window: self.cfg.window,
+            chunk_size: self.cfg.chunk_size,
+            compression,
+            skip: self.cfg.skip,
+            host: self.cfg.host.clone(),
+            head: self.head.clone(),
+        });
+        match hello.to_frame() {
+            Ok(f) => {
+                self.send(f);
+                self.deadline = Some(deadline(self.now, self.cfg.rto));
+            }
+            Err(e) => self.fail(SessionError::Protocol(format!("cannot encode HELLO: {e}"))),
+        }
+    }
+
+    fn send_done(&mut self) {
+        let done = Message::Done(Done {
+            image_sha256: self.manifest.image_sha256,
+        });
+        match done.to_frame() {
+            Ok(f) => {
+                self.send(f);
+                self.deadline = Some(deadline(self.now, self.cfg.rto));
+            }
+            Err(e) => self.fail(SessionError::Protocol(format!("cannot encode DONE: {e}"))),
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match m {
+            Message::HelloReply(r) => {
+                if self.phase == Phase::Hello && r.nonce == self.cfg.nonce {
+                    self.on_hello_reply(r);
+                }
+                // else: a duplicate or stale reply: ignore.
+            }
+            Message::Ack(a) => {
+                if self.phase == Phase::Transfer {
+                    self.on_ack(a.ack);
+                }
+            }
+            Message::Nak(n) => {
+                if self.phase == Phase::Transfer {
+                    self.on_nak(n.seq);
+                }
+            }
+            Message::Verified(v) => {
+                self.progress(ProgressEvent::SegmentVerified { segment: v.segment })
+            }
+            Message::DoneReply(d) => {
+                if self.phase != Phase::Done {
+                    return;
+                }
+                if d.image_sha256 != self.manifest.image_sha256 {
+                    self.fail(SessionError::Protocol(
+                        "DONE_REPLY names another image hash".to_string(),
+                    ));
+                    return;
+                }
+                match d.status {
+                    DoneStatus::Pending => {
+                        // Keep-alive: the target is verifying or installing.
+                        self.retries = 0;
+                        self.deadline = Some(deadline(self.now, self.cfg.rto));
+                    }
+                    DoneStatus::Installed | DoneStatus::Unchanged => {
+                        let unchanged = d.status == DoneStatus::Unchanged;
+                        let stats = self.stats;
+                        self.progress(ProgressEvent::Done {
+                            unchanged,
+                            image_sha256: d.image_sha256,
+                            stats,
+                        });
+                        self.actions.push_back(SenderAction::Finished(Outcome {
+                            status: d.status,
+                            image_sha256: d.image_sha256,
+                            stats,
+                        }));
+                        self.phase = Phase::Over;
+                        self.deadline = None;
+                    }
+                }
+            }
+            Message::Error(e) => self.fail(SessionError::Remote {
+                code: e.code,
+                text: e.text,
+            }),
+            Message::Hello(_)
+            | Message::Info
+            | Message::InfoReply(_)
+            | Message::Write(_)
+            | Message::Done(_)
+            | Message::Abort(_) => {
+                // Not something a target sends during a flash; an INFO_REPLY may be a
+                // late answer to an earlier query. Ignore.
+            }
+        }
+    }
+
+    fn on_hello_reply(&mut self, r: msg::HelloReply) {
+        if r.proto != PROTO_VERSION {
+            self.fail(SessionError::Capability(format!(
+                "target speaks protocol {}, this host speaks {PROTO_VERSION}",
+                r.proto
+            )));
+            return;
+        }
+        if r.window > self.cfg.window || r.chunk_size > self.cfg.chunk_size {
+            self.fail(SessionError::Protocol(format!(
+                "target accepted window {} / chunk {} above what was offered ({} / {})",
+                r.window, r.chunk_size, self.cfg.window, self.cfg.chunk_size
+            )));
+            return;
+        }
+        let offered = match self.cfg.compress {
+            CompressMode::None => 0,
+            _ => COMPRESS_ZSTD,
+        };
+        if r.compression & !offered != 0 {
+            self.fail(SessionError::Protocol(
+                "target accepted a compression that was not offered".to_string(),
+            ));
+            return;
+        }
+        self.zstd = r.compression & COMPRESS_ZSTD != 0;
+        if self.cfg.compress == CompressMode::Zstd && !self.zstd {
+            self.fail(SessionError::Capability(
+                "--compress zstd was requested but the target does not support zstd; use --compress auto or none".to_string(),
+            ));
+            return;
+        }
+        let plan = match Plan::new(&self.manifest, r.chunk_size) {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail(SessionError::Capability(e.to_string()));
+                return;
+            }
+        };
+        if r.resume_seq > plan.total() {
+            self.fail(SessionError::Protocol(format!(
+                "target resumes at chunk {} but the plan has {}",
+                r.resume_seq,
+                plan.total()
+            )));
+            return;
+        }
+        self.device = r.device.clone();
+        self.window = u32::from(r.window);
+        self.retries = 0;
+        self.deadline = None;
+        let segments: Vec<SegmentProgress> = self
+            .manifest
+            .segments
+            .iter()
+            .map(|s| SegmentProgress {
+                name: s.name.clone(),
+                size: s.size,
+                data_bytes: s.data_bytes(),
+            })
+            .collect();
+        let content: u64 = self.manifest.segments.iter().map(|s| s.size).sum();
+        self.stats.data_bytes = plan.data_bytes();
+        self.stats.zero_bytes = content.saturating_sub(plan.data_bytes());
+        self.progress(ProgressEvent::Start {
+            image_id: hex::encode(self.image_id),
+            version: self.manifest.version.clone(),
+            device: r.device.clone(),
+            image_size: self.manifest.total_size,
+            data_bytes: plan.data_bytes(),
+            chunks: plan.total(),
+            chunk_size: plan.chunk_size(),
+            window: r.window,
+            compression: if self.zstd { "zstd" } else { "none" }.to_string(),
+            skip: self.cfg.skip,
+            segments,
+        });
+        if self.stats.zero_bytes > 0 {
+            self.progress(ProgressEvent::Skipped {
+                kind: SkipKind::Zero,
+                bytes: self.stats.zero_bytes,
+            });
+        }
+        if r.already_installed {
+            self.stats.identical_bytes = plan.data_bytes();
+            self.progress(ProgressEvent::Skipped {
+                kind: SkipKind::Identical,
+                bytes: plan.data_bytes(),
+            });
+            self.plan = Some(plan);
+            self.phase = Phase::Done;
+            self.send_done();
+            return;
+        }
+        if r.resume_seq > 0 {
+            let at_offset = plan
+                .chunk(r.resume_seq + 1)
+                .map_or(self.manifest.total_size, |c| c.offset);
+            let done_bytes = plan.bytes_done(r.resume_seq);
+            self.stats.resumed_bytes = done_bytes;
+            self.progress(ProgressEvent::Resumed {
+                seq: r.resume_seq + 1,
+                at_offset,
+                done_bytes,
+            });
+        }
+        for (i, s) in self.manifest.segments.iter().enumerate().take(64) {
+            if r.verified & (1 << i) != 0 {
+                self.actions
+                    .push_back(SenderAction::Progress(ProgressEvent::SegmentVerified {
+                        segment: s.name.clone(),
+                    }));
+            }
+        }
+        if self.cfg.skip {
+            for e in &r.index {
+                self.skip_map.entry((e.len, e.hash)).or_insert(e.offset);
+            }
+        }
+        self.acked = r.resume_seq;
+        self.next_send = r.resume_seq + 1;
+        self.next_read = r.resume_seq + 1;
+        self.highest_sent = r.resume_seq;
+        self.plan = Some(plan);
+        self.phase = Phase::Transfer;
+        self.pump();
+    }
+
+    fn total(&self) -> u32 {
+        self.plan.as_ref().map_or(0, Plan::total)
+    }
+
+    fn slot_mut(&mut self, seq: u32) -> Option<&mut Slot> {
+        let i = seq.checked_sub(self.acked + 1)? as usize;
+        self.slots.get_mut(i)
+    }
+
+    /// Issues reads and sends as far as the window allows; sends DONE at the end.
+    fn pump(&mut self) {
+        if self.phase != Phase::Transfer {
+            return;
+        }
+        let total = self.total();
+        let limit = self.window + u32::from(self.cfg.read_ahead);
+        while self.next_read <= total && self.next_read - self.acked - 1 < limit {
+            let seq = self.next_read;
+            let Some(c) = self.plan.as_ref().and_then(|p| p.chunk(seq)) else {
+                self.fail(SessionError::Protocol(format!(
+                    "no chunk {seq} in the plan"
+                )));
+                return;
+            };
+            self.slots.push_back(Slot::Reading);
+            self.actions.push_back(SenderAction::ReadChunk {
+                seq,
+                offset: c.offset,
+                len: c.len,
+                hash: !self.skip_map.is_empty(),
+            });
+            self.next_read += 1;
+        }
+        while self.next_send <= total && self.next_send - self.acked <= self.window {
+            let seq = self.next_send;
+            let frame = match self.slot_mut(seq) {
+                Some(Slot::Ready(f)) => f.clone(),
+                _ => break,
+            };
+            if seq <= self.highest_sent {
+                self.stats.retransmitted_frames += 1;
+            }
+            self.send(frame);
+            self.highest_sent = self.highest_sent.max(seq);
+            self.next_send += 1;
+            if self.deadline.is_none() {
+                self.deadline = Some(deadline(self.now, self.cfg.rto));
+            }
+        }
+        if self.acked == total {
+            self.phase = Phase::Done;
+            self.send_done();
+        }
+    }
+
+    fn on_chunk(&mut self, seq: u32, data: Bytes, hash: Option<ChunkHash>) {
+        if !matches!(self.slot_mut(seq), Some(Slot::Reading)) {
+            return; // stale (already acknowledged) or not asked for
+        }
+        let Some(c) = self.plan.as_ref().and_then(|p| p.chunk(seq)) else {
+            return;
+        };
+        if data.len() != c.len as usize {
+            self.fail(SessionError::Read {
+                seq,
+                detail: format!(
+                    "expected {} bytes at offset {}, got {} (image truncated or changed?)",
+                    c.len,
+                    c.offset,
+                    data.len()
+                ),
+            });
+            return;
+        }
+        let body = if is_all_zero(&data) {
+            self.stats.zero_bytes += u64::from(c.len);
+            self.progress(ProgressEvent::Skipped {
+                kind: SkipKind::Zero,
+                bytes: u64::from(c.len),
+            });
+            WriteBody::Zero
+        } else if let Some(src) = self.lookup(c.len, hash, &data) {
+            self.stats.identical_bytes += u64::from(c.len);
+            self.progress(ProgressEvent::Skipped {
+                kind: SkipKind::Identical,
+                bytes: u64::from(c.len),
+            });
+            src
+        } else if self.zstd {
+            if let Some(slot) = self.slot_mut(seq) {
+                *slot = Slot::Compressing(data.clone());
+            }
+            self.actions.push_back(SenderAction::Compress { seq, data });
+            return;
+        } else {
+            WriteBody::Raw(data)
+        };
+        self.make_ready(seq, body);
+    }
+
+    fn lookup(&self, len: u32, hash: Option<ChunkHash>, data: &[u8]) -> Option<WriteBody> {
+        if self.skip_map.is_empty() {
+            return None;
+        }
+        let h = hash.unwrap_or_else(|| chunk_hash(data));
+        self.skip_map.get(&(len, h)).map(|src| WriteBody::Copy {
+            src_offset: *src,
+            hash: h,
+        })
+    }
+
+    fn on_compressed(&mut self, seq: u32, data: Option<Bytes>) {
+        let raw = match self.slot_mut(seq) {
+            Some(Slot::Compressing(raw)) => raw.clone(),
+            _ => return,
+        };
+        let worth = |c: &Bytes| match self.cfg.compress {
+            CompressMode::Zstd => !c.is_empty() && c.len() < raw.len(),
+            _ => !c.is_empty() && c.len() <= raw.len() - raw.len() / 16,
+        };
+        let body = match data {
+            Some(c) if worth(&c) => {
+                let saved = (raw.len() - c.len()) as u64;
+                self.stats.compressed_saved += saved;
+                self.progress(ProgressEvent::Skipped {
+                    kind: SkipKind::Compressed,
+                    bytes: saved,
+                });
+                WriteBody::Zstd(c)
+            }
+            _ => WriteBody::Raw(raw),
+        };
+        self.make_ready(seq, body);
+    }
+
+    fn make_ready(&mut self, seq: u32, body: WriteBody) {
+        let Some(c) = self.plan.as_ref().and_then(|p| p.chunk(seq)) else {
+            return;
+        };
+        let Some(seg) = self.manifest.segments.get(c.segment) else {
+            return;
+        };
+        let w = Message::Write(Write {
+            seq,
+            segment: seg.name.clone(),
+            offset: c.rel_offset,
+            len: c.len,
+            body,
+        });
+        match w.to_frame() {
+            Ok(f) => {
+                if let Some(slot) = self.slot_mut(seq) {
+                    *slot = Slot::Ready(f);
+                }
+                self.pump();
+            }
+            Err(e) => self.fail(SessionError::Protocol(format!(
+                "cannot encode WRITE seq {seq}: {e}"
+            ))),
+        }
+    }
+
+    /// Cumulative acknowledgement of every seq ≤ `ack`.
+    fn advance(&mut self, ack: u32) -> bool {
+        if ack <= self.acked {
+            return true; // duplicate or stale: harmless
+        }
+        if ack > self.highest_sent {
+            self.fail(SessionError::Protocol(format!(
+                "target acknowledged seq {ack}, but only {} was sent",
+                self.highest_sent
+            )));
+            return false;
+        }
+        let n = (ack - self.acked) as usize;
+        self.slots.drain(..n.min(self.slots.len()));
+        self.acked = ack;
+        if self.next_send <= ack {
+            self.next_send = ack + 1;
+        }
+        self.retries = 0;
+        self.deadline = if self.highest_sent > self.acked {
+            Some(deadline(self.now, self.cfg.rto))
+        } else {
+            None
+        };
+        if let Some(p) = &self.plan {
+            if let Some(c) = p.chunk(ack) {
+                let seg = self.manifest.segments.get(c.segment);
+                let (first, _) = p.segment_chunks(c.segment).unwrap_or((0, 0));
+                let seg_base = p.bytes_done(first);
+                let done_bytes = p.bytes_done(ack);
+                let ev = ProgressEvent::Progress {
+                    segment: seg.map(|s| s.name.clone()).unwrap_or_default(),
+                    segment_done: done_bytes - seg_base,
+                    segment_total: seg.map(|s| s.data_bytes()).unwrap_or(0),
+                    done_bytes,
+                    total_bytes: p.data_bytes(),
+                    wire_bytes: self.stats.wire_bytes,
+                };
+                self.progress(ev);
+            }
+        }
+        true
+    }
+
+    fn on_ack(&mut self, ack: u32) {
+        if self.advance(ack) {
+            self.pump();
+        }
+    }
+
+    fn on_nak(&mut self, seq: u32) {
+        if seq == 0 {
+            self.fail(SessionError::Protocol("NAK of seq 0".to_string()));
+            return;
+        }
+        if !self.advance(seq - 1) {
+            return;
+        }
+        if seq <= self.acked || seq > self.highest_sent {
+            // Stale, or nothing to resend (the receiver is just ahead of us).
+            self.pump();
+            return;
+        }
+        if self.next_send > seq {
+            self.next_send = seq;
+            self.progress(ProgressEvent::Retransmit {
+                from_seq: seq,
+                reason: "nak".to_string(),
+            });
+        }
+        self.deadline = Some(deadline(self.now, self.cfg.rto));
+        self.pump();
+    }
+
+    fn on_tick(&mut self) {
+        let Some(d) = self.deadline else { return };
+        if self.now < d {
+            return;
+        }
+        self.retries += 1;
+        if self.retries > self.cfg.max_retries {
+            let what = match self.phase {
+                Phase::Hello => "waiting for HELLO_REPLY",
+                Phase::Done => "waiting for DONE_REPLY",
+                _ => "waiting for ACK",
+            };
+            self.fail(SessionError::Timeout {
+                what,
+                retries: self.cfg.max_retries,
+            });
+            return;
+        }
+        match self.phase {
+            Phase::Hello => self.send_hello(),
+            Phase::Done => self.send_done(),
+            Phase::Transfer => {
+                self.deadline = None;
+                if self.highest_sent > self.acked {
+                    let from = self.acked + 1;
+                    self.next_send = from;
+                    self.progress(ProgressEvent::Retransmit {
+                        from_seq: from,
+                        reason: "timeout".to_string(),
+                    });
+                    self.deadline = Some(deadline(self.now, self.cfg.rto));
+                }
+                self.pump();
+            }
+            Phase::Created | Phase::Over => self.deadline = None,
+        }
+    }
+}
