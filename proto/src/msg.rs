@@ -30,8 +30,8 @@ pub const MIN_CHUNK: u32 = 4096;
 pub const MAX_CHUNK: u32 = 1024 * 1024;
 /// Largest window (WRITE frames in flight).
 pub const MAX_WINDOW: u16 = 256;
-/// Largest image head carried in HELLO (same bound as the image format's).
-pub const MAX_HEAD: usize = 2 << 20;
+/// Largest image head carried in HELLO: the image format's bound.
+pub const MAX_HEAD: usize = crate::image::MAX_HEAD_LEN;
 /// Largest number of skip-index entries in a HELLO_REPLY.
 pub const MAX_INDEX_ENTRIES: usize = 65536;
 /// Host and device names: `[A-Za-z0-9._-]{1,64}`.

@@ -1189,3 +1189,70 @@ fn unexpected_message_from_host_is_a_protocol_error() {
     assert_eq!(errors(&a)[0].code, ErrorCode::Protocol);
     assert!(errors(&a)[0].text.contains("unexpected ACK"));
 }
+
+#[test]
+fn lost_staging_file_restarts_the_transfer_from_scratch() {
+    let img = image();
+    let mut rx = started(&img);
+    feed(&mut rx, &img, 1, 3);
+    rx.handle(ReceiverEvent::StagingSynced { upto_seq: 3 });
+    let j = drain_rx(&mut rx)
+        .into_iter()
+        .find_map(|x| {
+            if let ReceiverAction::PersistJournal(j) = x {
+                Some(j)
+            } else {
+                None
+            }
+        })
+        .unwrap();
+    let mut rx = Receiver::new(rcfg(), Some(j), None);
+    rx.handle(ReceiverEvent::Frame(hello(&img, 4, true)));
+    // the shell executes the marker, then fails to open the staging file
+    assert!(matches!(rx.poll_action(), Some(ReceiverAction::Marker(_))));
+    assert!(matches!(
+        rx.poll_action(),
+        Some(ReceiverAction::OpenStaging { fresh: false, .. })
+    ));
+    rx.handle(ReceiverEvent::StagingLost);
+    let a = drain_rx(&mut rx);
+    assert!(markers_of(&a).is_empty(), "no second hello marker");
+    assert!(a.iter().any(|x| matches!(x, ReceiverAction::ClearJournal)));
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, ReceiverAction::OpenStaging { fresh: true, .. })));
+    let replies: Vec<HelloReply> = frames_of(&a)
+        .into_iter()
+        .filter_map(|m| {
+            if let Message::HelloReply(r) = m {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(replies.len(), 1, "the stale resume reply was discarded");
+    assert_eq!((replies[0].resume_seq, replies[0].resumed), (0, false));
+}
+
+#[test]
+fn failed_write_discards_its_queued_ack() {
+    let img = image();
+    let mut rx = started(&img);
+    rx.handle(wframe(write_msg(&img, 1)));
+    assert!(matches!(
+        rx.poll_action(),
+        Some(ReceiverAction::Write { seq: 1, .. })
+    ));
+    rx.handle(ReceiverEvent::ActionFailed {
+        code: ErrorCode::Storage,
+        text: "EIO".into(),
+    });
+    let a = drain_rx(&mut rx);
+    assert!(
+        !frames_of(&a).iter().any(|m| matches!(m, Message::Ack(_))),
+        "{a:?}"
+    );
+    assert_eq!(errors(&a)[0].code, ErrorCode::Storage);
+    assert_eq!(rx.received(), 0);
+}

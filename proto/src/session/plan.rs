@@ -30,6 +30,8 @@ struct Piece {
     start: u64,
     end: u64,
     first_index: u32,
+    /// Data bytes of all earlier pieces.
+    bytes_before: u64,
 }
 
 /// Why a plan cannot be made.
@@ -83,6 +85,7 @@ impl Plan {
                     end,
                     first_index: u32::try_from(next)
                         .map_err(|_| PlanError::TooManyChunks { chunk_size })?,
+                    bytes_before: data_bytes,
                 });
                 next += count;
                 data_bytes += end - start;
@@ -169,21 +172,15 @@ impl Plan {
     /// Data bytes in chunks with seq ≤ `done`.
     pub fn bytes_done(&self, done: u32) -> u64 {
         let done = done.min(self.total);
-        if done == 0 {
+        let Some(c) = self.chunk(done) else {
             return 0;
-        }
+        };
         let index = done - 1;
         let pi = self.pieces.partition_point(|p| p.first_index <= index);
-        let mut sum: u64 = self.pieces[..pi.saturating_sub(1)]
-            .iter()
-            .map(|p| p.end - p.start)
-            .sum();
-        if let Some(c) = self.chunk(done) {
-            if let Some(p) = pi.checked_sub(1).and_then(|i| self.pieces.get(i)) {
-                sum += c.rel_offset + u64::from(c.len) - p.start;
-            }
+        match pi.checked_sub(1).and_then(|i| self.pieces.get(i)) {
+            Some(p) => p.bytes_before + (c.rel_offset + u64::from(c.len) - p.start),
+            None => 0,
         }
-        sum
     }
 }
 

@@ -90,7 +90,13 @@ pub enum ReceiverEvent {
     Installed { ok: bool, detail: String },
     /// An action failed in the shell (write, copy, decompress, sync, journal).
     /// `code` is usually `Storage` (or `BadWrite` for undecodable zstd data).
+    /// Report it right after the failed action: the receiver discards the actions
+    /// it queued that were not executed yet (e.g. the ACK covering a failed write).
     ActionFailed { code: ErrorCode, text: String },
+    /// Answer to `OpenStaging { fresh: false }` when the staging file is missing,
+    /// has the wrong size or cannot be trusted: the receiver discards the queued
+    /// actions, forgets the journal and restarts the session from scratch.
+    StagingLost,
 }
 
 /// What the shell must do for a [`Receiver`], in order.
@@ -249,6 +255,8 @@ pub struct Receiver {
     journal: Option<Journal>,
     installed: Option<InstalledImage>,
     deferred_hello: Option<Hello>,
+    /// The HELLO of the current session (to restart it if staging is lost).
+    last_hello: Option<Hello>,
     next_ticket: u64,
     actions: VecDeque<ReceiverAction>,
 }
@@ -277,6 +285,7 @@ impl Receiver {
             journal: journal.filter(|j| j.version == JOURNAL_VERSION),
             installed,
             deferred_hello: None,
+            last_hello: None,
             next_ticket: 1,
             actions: VecDeque::new(),
         }
@@ -330,7 +339,28 @@ impl Receiver {
             ReceiverEvent::StagingSynced { upto_seq } => self.on_synced(upto_seq),
             ReceiverEvent::SegmentVerified { ticket, ok } => self.on_verified(ticket, ok),
             ReceiverEvent::Installed { ok, detail } => self.on_installed(ok, &detail),
+            ReceiverEvent::StagingLost => {
+                self.actions.clear();
+                self.xfer = None;
+                self.journal = None;
+                self.push(ReceiverAction::Log(
+                    "flashd: staging file lost: restarting the transfer from scratch".to_string(),
+                ));
+                match self.last_hello.take() {
+                    Some(h) if self.phase == Phase::Transfer => {
+                        if let Err(Fatal::Err(code, text)) = self.start_session(h, false) {
+                            self.fail(code, &text);
+                        }
+                    }
+                    _ => {
+                        self.push(ReceiverAction::ClearJournal);
+                        self.phase = Phase::Idle;
+                    }
+                }
+            }
             ReceiverEvent::ActionFailed { code, text } => {
+                // Queued actions after the failed one must not run (e.g. its ACK).
+                self.actions.clear();
                 // Whatever failed, the journal was not advanced past it.
                 if let Some(x) = &mut self.xfer {
                     x.sync_in_flight = None;
@@ -472,14 +502,15 @@ impl Receiver {
             self.reply_hello(self.phase == Phase::Unchanged);
             return;
         }
-        if let Err(Fatal::Err(code, text)) = self.start_session(h) {
+        if let Err(Fatal::Err(code, text)) = self.start_session(h, true) {
             self.fail(code, &text);
         }
     }
 
-    fn start_session(&mut self, h: Hello) -> Result<(), Fatal> {
+    fn start_session(&mut self, h: Hello, announce: bool) -> Result<(), Fatal> {
         self.link = Link::default();
         self.phase = Phase::Idle;
+        self.last_hello = Some(h.clone());
         if h.proto != PROTO_VERSION {
             return Err(Fatal::Err(
                 ErrorCode::Version,
@@ -489,10 +520,12 @@ impl Receiver {
                 ),
             ));
         }
-        self.push(ReceiverAction::Marker(format!(
-            "flashd: hello host={} proto={}",
-            h.host, h.proto
-        )));
+        if announce {
+            self.push(ReceiverAction::Marker(format!(
+                "flashd: hello host={} proto={}",
+                h.host, h.proto
+            )));
+        }
         let head = ImageHead::parse(&h.head)
             .map_err(|e| Fatal::Err(ErrorCode::BadImage, format!("image head rejected: {e}")))?;
         if let Some(key) = &self.cfg.require_signed {
