@@ -28,6 +28,8 @@ enum Command {
     Image(nx_cli::image::ImageArgs),
     /// A/B slots: status, set-active (trial), confirm, mark-bad (talks to bootctld).
     Boot(nx_cli::boot::BootArgs),
+    /// Flash an image to a target (send), query (info) and verify the install; reboot.
+    Flash(nx_cli::flash::FlashArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Command::Image(args) => nx_cli::image::run(args),
         Command::Boot(args) => nx_cli::boot::run(args),
+        Command::Flash(args) => nx_cli::flash::run(args),
     };
     match result {
         Ok(code) => code,

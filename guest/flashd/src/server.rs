@@ -93,6 +93,8 @@ struct Active {
     hello_manifest: Option<Manifest>,
     /// `unchanged` flag of the install in progress.
     installing_unchanged: Option<bool>,
+    /// The staging file became the install (until the next `OpenStaging`).
+    staging_consumed: bool,
     install_target: String,
 }
 
@@ -173,6 +175,7 @@ impl Server {
                 last_host: String::new(),
                 hello_manifest: None,
                 installing_unchanged: None,
+                staging_consumed: false,
                 install_target,
             })),
         })
@@ -431,10 +434,8 @@ impl Active {
 
     fn on_frame(&mut self, f: Frame, conn: &mut Conn, cfg: &Config, out: &dyn Output) {
         let t = MsgType::from_u8(f.msg_type());
-        if t == Some(MsgType::Write) {
-            if let Some(c) = &mut self.counters {
-                c.wire_bytes += f.encoded_len() as u64;
-            }
+        if let Some(c) = &mut self.counters {
+            c.wire_bytes += f.encoded_len() as u64;
         }
         if t == Some(MsgType::Hello) {
             if let Ok(Message::Hello(h)) = Message::from_frame(&f) {
@@ -525,6 +526,7 @@ impl Active {
             } => {
                 self.close_staging();
                 self.stream = None;
+                self.staging_consumed = false;
                 let path = self.state.staging_path();
                 let s = if fresh {
                     // Nothing may claim the old content once it is gone.
@@ -573,15 +575,18 @@ impl Active {
                 body,
             } => self.write_chunk(offset, len, body, cfg)?,
             ReceiverAction::SyncStaging { upto_seq } => {
-                let file = self
-                    .staging_file
-                    .clone()
-                    .ok_or((ErrorCode::Storage, "sync without a staging file".to_string()))?;
+                // No open file: it was handed to the install queued before this job.
+                let file = self.staging_file.clone();
                 self.outstanding += 1;
                 self.durable.send(DurableJob::Sync { file, upto_seq });
             }
             ReceiverAction::PersistJournal(j) => {
                 self.plan_chunk = Some(j.chunk_size);
+                if self.staging_consumed {
+                    // A late sync answer after the install: there is no staging file any
+                    // more, and a journal would describe nothing.
+                    return Ok(());
+                }
                 let counters = self.counters.clone().map(Box::new);
                 self.durable.send(DurableJob::Journal(Box::new(j), counters));
             }
@@ -885,6 +890,7 @@ impl Active {
         if ok && !unchanged {
             self.counters = None;
             self.manifest = None;
+            self.staging_consumed = true;
         }
         if need_index {
             self.build_index_in_background(&m, cfg, out);

@@ -190,8 +190,12 @@ pub type RecordJob = Box<dyn FnOnce(&StateDir) -> Result<(), String> + Send>;
 
 /// Jobs of the durability thread (executed in order).
 pub enum DurableJob {
-    /// fdatasync the staging file, then report `Synced`.
-    Sync { file: Arc<File>, upto_seq: u32 },
+    /// fdatasync the staging file, then report `Synced`. Without a file (it was handed to
+    /// the install queued before this job, which syncs it itself) just report.
+    Sync {
+        file: Option<Arc<File>>,
+        upto_seq: u32,
+    },
     /// Persist the journal (and the receipt counters) atomically.
     Journal(Box<Journal>, Option<Box<Counters>>),
     /// Remove the journal and counters.
@@ -246,7 +250,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
     while let Ok(job) = rx.recv() {
         match job {
             DurableJob::Sync { file, upto_seq } => {
-                let r = match file.sync_data() {
+                let r = match file.map_or(Ok(()), |f| f.sync_data()) {
                     Ok(()) => WorkResult::Synced { upto_seq },
                     Err(e) => WorkResult::Failed {
                         what: "sync".into(),

@@ -1,0 +1,365 @@
+//! `nx flash …`: stream an image to flashd (`send`), ask what is installed (`info`), check an
+//! image against the install (`verify`), reboot the guest (`reboot`).
+//!
+//! The protocol logic is the sans-IO [`proto::session::Sender`]; [`send`] is its I/O shell.
+//! User documentation: `docs/tools/nx-flash.md`.
+
+use crate::transport::PortSpec;
+use anyhow::Context as _;
+use proto::session::CompressMode;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod image_file;
+pub mod query;
+pub mod receipt;
+pub mod render;
+pub mod send;
+
+use image_file::ImageFile;
+use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
+use send::{SendError, SendOptions};
+
+/// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
+pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
+/// Default port of rebootd.
+pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
+
+/// Exit codes of `nx flash …` (documented in `docs/tools/nx-flash.md`).
+pub mod exit {
+    /// Installed (or already installed), info printed, image matches.
+    pub const OK: u8 = 0;
+    /// Local error: I/O, bad argument value, cannot write the receipt.
+    pub const ERROR: u8 = 1;
+    /// Command-line usage error (reported by the argument parser).
+    pub const USAGE: u8 = 2;
+    /// The image file is invalid (head, size, a segment hash): nothing was installed.
+    pub const IMAGE_INVALID: u8 = 3;
+    /// The target refused the image or its verification/install failed; or `verify` found
+    /// another image installed.
+    pub const TARGET_REFUSED: u8 = 4;
+    /// Cannot reach the target, the link was lost for good, or it stopped answering. The
+    /// transfer is resumable: run the same command again.
+    pub const LINK_LOST: u8 = 5;
+    /// Interrupted (Ctrl-C). Resumable: run the same command again.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// Arguments of `nx flash`.
+#[derive(clap::Args)]
+#[command(
+    about = "Flash an image to a target over its flash port; query and verify the install",
+    after_help = "Examples:\n  \
+        nx flash send build/nexus-os.img\n  \
+        nx flash send build/nexus-os.img --port unix:/tmp/flash.sock --json\n  \
+        nx flash info\n  \
+        nx flash verify build/nexus-os.img\n\n\
+        Exit codes: 0 ok, 1 error, 2 usage, 3 image invalid, 4 target refused or verify failed, \
+        5 link lost or timeout (resumable), 130 interrupted (resumable)."
+)]
+pub struct FlashArgs {
+    #[command(subcommand)]
+    cmd: FlashCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum FlashCommand {
+    /// Stream an image to flashd: resumable, verified, installed atomically.
+    Send(SendArgs),
+    /// Ask flashd what is installed and what is staged (INFO?).
+    Info(InfoArgs),
+    /// Check that the target's install is exactly this image (and the file is intact).
+    Verify(VerifyArgs),
+    /// Reboot the guest into `normal` or `recovery` (asks rebootd).
+    Reboot(RebootArgs),
+}
+
+/// `nx flash send`.
+#[derive(clap::Args)]
+#[command(after_help = "Ctrl-C leaves the transfer resumable: run the same command again to \
+    continue where it stopped. The last line on stdout is the JSON install receipt.")]
+pub struct SendArgs {
+    /// The image file (`nx image build` writes one).
+    pub image: PathBuf,
+    /// Where flashd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
+    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    pub port: PortSpec,
+    /// WRITE frames in flight (1..=256).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub window: u16,
+    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536).
+    #[arg(long, default_value = "256K", value_parser = parse_chunk)]
+    pub chunk: u32,
+    /// Compression of chunks: auto (zstd where it pays and the link is the bottleneck),
+    /// zstd (whenever it shrinks a chunk), none.
+    #[arg(long, default_value = "auto", value_parser = parse_compress)]
+    pub compress: CompressMode,
+    /// Send every data chunk, even those the target already holds.
+    #[arg(long)]
+    pub no_skip: bool,
+    /// NDJSON events on stdout (start, progress, segment_verified, resumed, done, error,
+    /// receipt).
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+    /// No progress output: errors and the final receipt line only.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Also write the install receipt (JSON) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub receipt: Option<PathBuf>,
+    /// Connections tried in a row without progress before giving up.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub retries: u32,
+    /// Seconds without an answer before frames are sent again (10 times in a row = link lost).
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    pub timeout: f64,
+}
+
+/// `nx flash info`.
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    pub port: PortSpec,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `nx flash verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The image the target should hold.
+    pub image: PathBuf,
+    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    pub port: PortSpec,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `nx flash reboot`.
+#[derive(clap::Args)]
+pub struct RebootArgs {
+    /// `normal` or `recovery`.
+    #[arg(value_parser = ["normal", "recovery"])]
+    pub target: String,
+    /// Where rebootd listens.
+    #[arg(long, default_value = DEFAULT_REBOOT_PORT, value_name = "SPEC")]
+    pub port: String,
+}
+
+fn parse_chunk(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1024u64),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1024 * 1024),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 256K, 1M, 65536)"))?;
+    let v = n.saturating_mul(mul);
+    let v = u32::try_from(v).map_err(|_| format!("`{s}` is too large (max 1M)"))?;
+    if !proto::msg::valid_chunk_size(v) {
+        return Err(format!(
+            "chunk size {v} must be a power of two from 4K to 1M"
+        ));
+    }
+    Ok(v)
+}
+
+fn parse_compress(s: &str) -> Result<CompressMode, String> {
+    match s {
+        "auto" => Ok(CompressMode::Auto),
+        "zstd" => Ok(CompressMode::Zstd),
+        "none" => Ok(CompressMode::None),
+        _ => Err(format!("`{s}`: use auto, zstd or none")),
+    }
+}
+
+/// The host name sent in HELLO: the kernel's host name made to fit `[A-Za-z0-9._-]{1,64}`.
+pub fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let clean: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "host".to_string()
+    } else {
+        clean
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Run `nx flash …`.
+pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
+    match args.cmd {
+        FlashCommand::Send(a) => Ok(ExitCode::from(run_send(a)?)),
+        FlashCommand::Info(a) => runtime()?.block_on(query::run_info(a)),
+        FlashCommand::Verify(a) => runtime()?.block_on(query::run_verify(a)),
+        FlashCommand::Reboot(a) => {
+            let real = runtime()?.block_on(crate::rpc_client::reboot(&a.port, &a.target))?;
+            if real {
+                eprintln!("nx: the guest is rebooting into {}", a.target);
+            } else {
+                eprintln!(
+                    "nx: rebootd recorded next boot = {} but could only do a stub reboot \
+                     (stub/placeholder: the guest's PID 1 does not manage it)",
+                    a.target
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `nx flash send`; returns the exit code.
+pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
+    let mode = OutputMode::choose(a.json, a.quiet);
+    let mut r = Renderer::new(mode);
+    let img = match ImageFile::open(&a.image) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            let code = match e {
+                image_file::ImageFileError::Invalid { .. } => exit::IMAGE_INVALID,
+                _ => exit::ERROR,
+            };
+            report_error(&r, code, &e.to_string(), None);
+            return Ok(code);
+        }
+    };
+    let mut opts = SendOptions::new(host_name());
+    opts.window = a.window;
+    opts.chunk_size = a.chunk;
+    opts.compress = a.compress;
+    opts.skip = !a.no_skip;
+    opts.attempts = a.retries.max(1);
+    opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
+    let again = format!(
+        "nx flash send {} --port {}",
+        a.image.display(),
+        a.port
+    );
+    let rt = runtime()?;
+    let mut port = a.port.clone();
+    let result = rt.block_on(async {
+        let interrupt = send::interrupt_flag();
+        send::send_image(img.clone(), &mut port, &opts, &mut r, interrupt).await
+    });
+    // Do not wait for blocking reads still queued: the process is done.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(rep) => {
+            let receipt_json = serde_json::to_string(&rep.receipt).context("receipt")?;
+            if let Some(path) = &a.receipt {
+                write_receipt(path, &receipt_json)?;
+            }
+            let st = rep.outcome.stats;
+            let skips = rep.skips;
+            r.say(&format!(
+                "nx: skipped {} of zeros, {} identical, {} saved by compression",
+                human_bytes(skips.zero),
+                human_bytes(skips.identical),
+                human_bytes(skips.compressed)
+            ));
+            let verb = if rep.receipt.state == "unchanged" {
+                "already installed"
+            } else {
+                "installed"
+            };
+            r.say(&format!(
+                "nx: {verb}: version {} on {} in {:.2} s — {} image at {:.1} MB/s effective, \
+                 {} of data sent, {} on the wire, {} resent",
+                rep.receipt.image_version,
+                rep.device,
+                rep.elapsed.as_secs_f64(),
+                human_bytes(img.len()),
+                rate_mb_s(img.len(), rep.elapsed),
+                human_bytes(st.data_bytes.saturating_sub(st.resumed_bytes + st.identical_bytes)),
+                human_bytes(rep.receipt.wire_bytes),
+                st.retransmitted_frames
+            ));
+            if mode == OutputMode::Json {
+                let mut v = serde_json::to_value(&rep.receipt).context("receipt")?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("event".into(), "receipt".into());
+                }
+                r.json(&v);
+            } else {
+                println!("{receipt_json}");
+            }
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            let (code, hint) = match &e {
+                SendError::ImageInvalid(_) => (
+                    exit::IMAGE_INVALID,
+                    Some("nothing was installed; rebuild the image (`nx image verify` names the bad part)".to_string()),
+                ),
+                SendError::Refused { .. } => (
+                    exit::TARGET_REFUSED,
+                    Some("nothing was installed; the previous install is untouched".to_string()),
+                ),
+                SendError::LinkLost(_) => (
+                    exit::LINK_LOST,
+                    Some(format!("the transfer is resumable: run `{again}` again")),
+                ),
+                SendError::Interrupted => (
+                    exit::INTERRUPTED,
+                    Some(format!(
+                        "the target keeps what it received; continue with the same command: {again}"
+                    )),
+                ),
+                SendError::Local(_) => (exit::ERROR, None),
+            };
+            report_error(&r, code, &e.to_string(), hint.as_deref());
+            Ok(code)
+        }
+    }
+}
+
+fn report_error(r: &Renderer, code: u8, text: &str, hint: Option<&str>) {
+    if r.mode() == OutputMode::Json {
+        r.json(&serde_json::json!({
+            "event": "error", "exit_code": code, "message": text, "hint": hint
+        }));
+    } else {
+        eprintln!("nx: error: {text}");
+        if let Some(h) = hint {
+            eprintln!("nx: {h}");
+        }
+    }
+}
+
+fn write_receipt(path: &std::path::Path, json: &str) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write the receipt into {}", dir.display()))?;
+    use std::io::Write;
+    writeln!(tmp, "{json}").context("cannot write the receipt")?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write the receipt {}", path.display()))?;
+    Ok(())
+}

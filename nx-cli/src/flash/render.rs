@@ -1,0 +1,376 @@
+//! Output of `nx flash send`: indicatif bars on a terminal, plain progress lines when piped,
+//! NDJSON events with `--json`, nothing but the receipt with `--quiet`.
+//!
+//! Architecture invariant: only nx-cli writes to a terminal; the session reports progress as
+//! [`ProgressEvent`] values and this module renders them.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use proto::session::{ProgressEvent, SkipKind};
+use serde_json::json;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Bars on stderr (stderr is a terminal).
+    Bars,
+    /// Plain lines on stderr, at most one progress line per second.
+    Plain,
+    /// NDJSON events on stdout.
+    Json,
+    /// Errors only (and the final receipt line).
+    Quiet,
+}
+
+impl OutputMode {
+    /// Pick the mode from the flags and whether stderr is a terminal.
+    pub fn choose(json: bool, quiet: bool) -> OutputMode {
+        if json {
+            OutputMode::Json
+        } else if quiet {
+            OutputMode::Quiet
+        } else if std::io::stderr().is_terminal() {
+            OutputMode::Bars
+        } else {
+            OutputMode::Plain
+        }
+    }
+}
+
+/// Something to show.
+#[derive(Debug, Clone)]
+pub enum Ui<'a> {
+    /// An event of the session state machine.
+    Session(&'a ProgressEvent),
+    /// Connecting to the target (attempt ≥ 1).
+    Connecting { port: &'a str, attempt: u32 },
+    /// The link was lost; trying again after `delay`.
+    Reconnect {
+        error: &'a str,
+        attempt: u32,
+        max: u32,
+        delay: Duration,
+    },
+}
+
+/// Accumulated skip figures of the current run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Skips {
+    pub zero: u64,
+    pub identical: u64,
+    pub compressed: u64,
+}
+
+/// The renderer.
+pub struct Renderer {
+    mode: OutputMode,
+    mp: Option<MultiProgress>,
+    overall: Option<ProgressBar>,
+    segs: Vec<(String, ProgressBar)>,
+    last_line: Option<Instant>,
+    last_json_progress: Option<Instant>,
+    pending_json_progress: Option<ProgressEvent>,
+    session_start: Option<(Instant, u64)>,
+    skips: Skips,
+    retransmits: u64,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// Human size: `12.3 MiB`, `812 KiB`, `17 B`.
+pub fn human_bytes(b: u64) -> String {
+    if b >= 1 << 20 {
+        mib(b)
+    } else if b >= 1 << 10 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// MB/s (decimal megabytes) of `bytes` over `d`.
+pub fn rate_mb_s(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / 1e6 / s
+    }
+}
+
+impl Renderer {
+    pub fn new(mode: OutputMode) -> Renderer {
+        Renderer {
+            mode,
+            mp: None,
+            overall: None,
+            segs: Vec::new(),
+            last_line: None,
+            last_json_progress: None,
+            pending_json_progress: None,
+            session_start: None,
+            skips: Skips::default(),
+            retransmits: 0,
+        }
+    }
+
+    pub fn mode(&self) -> OutputMode {
+        self.mode
+    }
+
+    /// Skip figures seen so far.
+    pub fn skips(&self) -> Skips {
+        self.skips
+    }
+
+    /// Retransmissions seen so far.
+    pub fn retransmits(&self) -> u64 {
+        self.retransmits
+    }
+
+    /// A line for a human (stderr), shown above the bars. Nothing in JSON/quiet mode.
+    pub fn say(&self, text: &str) {
+        match self.mode {
+            OutputMode::Bars => match &self.mp {
+                Some(mp) => {
+                    let _ = mp.println(text);
+                }
+                None => eprintln!("{text}"),
+            },
+            OutputMode::Plain => eprintln!("{text}"),
+            OutputMode::Json | OutputMode::Quiet => {}
+        }
+    }
+
+    /// One NDJSON line on stdout (JSON mode only).
+    pub fn json(&self, v: &serde_json::Value) {
+        if self.mode == OutputMode::Json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        }
+    }
+
+    /// Render one event.
+    pub fn show(&mut self, ui: &Ui) {
+        match ui {
+            Ui::Connecting { port, attempt } => {
+                self.json(&json!({"event": "connecting", "port": port, "attempt": attempt}));
+                if *attempt > 1 {
+                    self.say(&format!("nx: connecting to {port} (attempt {attempt})"));
+                }
+            }
+            Ui::Reconnect {
+                error,
+                attempt,
+                max,
+                delay,
+            } => {
+                self.json(&json!({
+                    "event": "link_lost", "error": error, "attempt": attempt,
+                    "max_attempts": max, "retry_in_ms": delay.as_millis() as u64
+                }));
+                self.say(&format!(
+                    "nx: link lost ({error}); reconnecting in {:.1} s (attempt {}/{max})",
+                    delay.as_secs_f64(),
+                    attempt + 1
+                ));
+            }
+            Ui::Session(ev) => self.session(ev),
+        }
+    }
+
+    fn session(&mut self, ev: &ProgressEvent) {
+        match ev {
+            ProgressEvent::Progress { .. } => {}
+            _ => self.flush_json_progress(),
+        }
+        match ev {
+            ProgressEvent::Start {
+                version,
+                device,
+                image_size,
+                data_bytes,
+                chunk_size,
+                window,
+                compression,
+                segments,
+                ..
+            } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                self.session_start = Some((Instant::now(), 0));
+                self.say(&format!(
+                    "nx: flashing version {version} to {device}: {} image, {} of data, {} segment(s), chunk {} KiB, window {window}, compression {compression}",
+                    human_bytes(*image_size),
+                    human_bytes(*data_bytes),
+                    segments.len(),
+                    chunk_size / 1024
+                ));
+                if self.mode == OutputMode::Bars {
+                    self.setup_bars(*data_bytes, segments);
+                }
+            }
+            ProgressEvent::Resumed {
+                seq,
+                at_offset,
+                done_bytes,
+            } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                if let Some((t, _)) = self.session_start {
+                    self.session_start = Some((t, *done_bytes));
+                }
+                self.say(&format!(
+                    "nx: resumed at {at_offset} bytes (chunk {seq}; {} already on the target)",
+                    human_bytes(*done_bytes)
+                ));
+                if let Some(o) = &self.overall {
+                    o.set_position(*done_bytes);
+                    o.reset_eta();
+                }
+            }
+            ProgressEvent::Skipped { kind, bytes } => {
+                match kind {
+                    SkipKind::Zero => self.skips.zero += bytes,
+                    SkipKind::Identical => self.skips.identical += bytes,
+                    SkipKind::Compressed => self.skips.compressed += bytes,
+                }
+                // Cumulative figures are in the summary; per-chunk skips would flood NDJSON.
+            }
+            ProgressEvent::Progress {
+                segment,
+                segment_done,
+                done_bytes,
+                total_bytes,
+                ..
+            } => {
+                match self.mode {
+                    OutputMode::Bars => {
+                        if let Some(o) = &self.overall {
+                            o.set_position(*done_bytes);
+                        }
+                        if let Some((_, b)) = self.segs.iter().find(|(n, _)| n == segment) {
+                            b.set_position(*segment_done);
+                        }
+                    }
+                    OutputMode::Plain => {
+                        let due = self
+                            .last_line
+                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                        if due || done_bytes == total_bytes {
+                            self.last_line = Some(Instant::now());
+                            eprintln!("{}", self.plain_line(segment, *done_bytes, *total_bytes));
+                        }
+                    }
+                    OutputMode::Json => {
+                        let due = self
+                            .last_json_progress
+                            .is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
+                        if due {
+                            self.last_json_progress = Some(Instant::now());
+                            self.pending_json_progress = None;
+                            self.json(&serde_json::to_value(ev).unwrap_or_default());
+                        } else {
+                            self.pending_json_progress = Some(ev.clone());
+                        }
+                    }
+                    OutputMode::Quiet => {}
+                }
+            }
+            ProgressEvent::Retransmit { from_seq, reason } => {
+                self.retransmits += 1;
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                if self.mode == OutputMode::Plain && self.retransmits <= 3 {
+                    eprintln!("nx: resending from chunk {from_seq} ({reason})");
+                }
+            }
+            ProgressEvent::SegmentVerified { segment } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                match self.mode {
+                    OutputMode::Bars => {
+                        if let Some((_, b)) = self.segs.iter().find(|(n, _)| n == segment) {
+                            b.finish_with_message(format!("{segment} verified"));
+                        }
+                    }
+                    OutputMode::Plain => eprintln!("nx: segment {segment} verified by the target"),
+                    _ => {}
+                }
+            }
+            ProgressEvent::Done { .. } | ProgressEvent::Error { .. } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                self.clear_bars();
+            }
+        }
+    }
+
+    fn flush_json_progress(&mut self) {
+        if let Some(p) = self.pending_json_progress.take() {
+            self.json(&serde_json::to_value(&p).unwrap_or_default());
+        }
+    }
+
+    fn plain_line(&self, segment: &str, done: u64, total: u64) -> String {
+        let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        let (rate, eta) = match self.session_start {
+            Some((t, base)) => {
+                let r = rate_mb_s(done.saturating_sub(base), t.elapsed());
+                let eta = if r > 0.0 {
+                    format!("{:.0}s", (total.saturating_sub(done)) as f64 / 1e6 / r)
+                } else {
+                    "?".to_string()
+                };
+                (r, eta)
+            }
+            None => (0.0, "?".to_string()),
+        };
+        format!(
+            "nx: progress {pct:5.1}% {}/{} (segment {segment}) {rate:.1} MB/s eta {eta}",
+            mib(done),
+            mib(total)
+        )
+    }
+
+    fn setup_bars(&mut self, data_bytes: u64, segments: &[proto::session::SegmentProgress]) {
+        self.clear_bars();
+        let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let style = ProgressStyle::with_template(
+            "{prefix:>12} [{bar:32.cyan/blue}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>4} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let overall = mp.add(ProgressBar::new(data_bytes));
+        overall.set_style(style.clone());
+        overall.set_prefix("total");
+        self.segs = segments
+            .iter()
+            .map(|s| {
+                let b = mp.add(ProgressBar::new(s.data_bytes));
+                b.set_style(style.clone());
+                b.set_prefix(s.name.clone());
+                (s.name.clone(), b)
+            })
+            .collect();
+        self.overall = Some(overall);
+        self.mp = Some(mp);
+    }
+
+    fn clear_bars(&mut self) {
+        if let Some(o) = self.overall.take() {
+            o.finish();
+        }
+        for (_, b) in self.segs.drain(..) {
+            if !b.is_finished() {
+                b.finish();
+            }
+        }
+        self.mp = None;
+    }
+
+    /// End of output: flush what is pending and remove the bars.
+    pub fn finish(&mut self) {
+        self.flush_json_progress();
+        self.clear_bars();
+    }
+}

@@ -1,0 +1,653 @@
+//! The I/O shell around [`proto::session::Sender`]: connect, run the session over the link,
+//! read and compress chunks in the background, check the image locally while sending, and
+//! reconnect (the target's HELLO_REPLY says where to continue) when the link drops.
+//!
+//! Memory is bounded by the sender's window: at most `(window + read_ahead)` chunks are
+//! buffered, plus the frames queued to the writer; the image is never read whole.
+
+use crate::flash::image_file::{CheckState, ImageFile, LocalCheck};
+use crate::flash::receipt::{Receipt, ReceiptBuilder};
+use crate::flash::render::{Renderer, Skips, Ui};
+use crate::transport::{self, Link, PortSpec};
+use bytes::Bytes;
+use futures::StreamExt;
+use proto::frame::codec::{FrameCodec, Incoming};
+use proto::frame::Frame;
+use proto::msg::{ChunkHash, DoneStatus, ErrorCode, MsgType};
+use proto::session::{
+    CompressMode, Outcome, ProgressEvent, Sender, SenderAction, SenderConfig, SenderEvent,
+    SessionError,
+};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::FramedRead;
+
+/// zstd level used for chunks (fast; the link, not the ratio, is what we optimise).
+pub const ZSTD_LEVEL: i32 = 1;
+/// After a chunk that did not compress, this many chunks of the same segment are sent raw
+/// before compression is tried again (`--compress auto`).
+const COMPRESS_BACKOFF: u32 = 32;
+/// Frames queued to the writer task.
+const WRITER_QUEUE: usize = 8;
+
+/// Settings of `nx flash send`.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub host: String,
+    pub window: u16,
+    pub chunk_size: u32,
+    pub compress: CompressMode,
+    pub skip: bool,
+    /// Retransmission timeout of the session.
+    pub rto: Duration,
+    /// Timeouts in a row before a session gives up.
+    pub max_timeouts: u32,
+    /// Connections tried in a row without progress before giving up.
+    pub attempts: u32,
+}
+
+impl SendOptions {
+    pub fn new(host: impl Into<String>) -> SendOptions {
+        SendOptions {
+            host: host.into(),
+            window: 16,
+            chunk_size: 256 * 1024,
+            compress: CompressMode::Auto,
+            skip: true,
+            rto: Duration::from_secs(2),
+            max_timeouts: 10,
+            attempts: 10,
+        }
+    }
+}
+
+/// Why `nx flash send` failed; each maps to a documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The image file is invalid (bad head, truncated, a segment does not hash).
+    #[error("{0}")]
+    ImageInvalid(String),
+    /// The target refused the image or failed to verify/install it.
+    #[error("the target refused: error {code}: {text}")]
+    Refused { code: ErrorCode, text: String },
+    /// The link could not be (re-)established or kept timing out.
+    #[error("{0}")]
+    LinkLost(String),
+    /// Ctrl-C.
+    #[error("interrupted")]
+    Interrupted,
+    /// Anything else on this side (I/O, threads).
+    #[error(transparent)]
+    Local(#[from] anyhow::Error),
+}
+
+/// A successful transfer.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    pub outcome: Outcome,
+    pub receipt: Receipt,
+    pub elapsed: Duration,
+    /// The first "resumed at" offset reported by the target, if any.
+    pub resumed_at: Option<u64>,
+    pub skips: Skips,
+    pub device: String,
+}
+
+/// A pending connection attempt.
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Box<dyn Link>>> + Send + 'a>>;
+
+/// Opens links to the target (a `--port` spec, or anything tests plug in).
+pub trait Connector: Send {
+    fn connect(&mut self) -> Connecting<'_>;
+    fn describe(&self) -> String;
+}
+
+impl Connector for PortSpec {
+    fn connect(&mut self) -> Connecting<'_> {
+        Box::pin(transport::connect(self))
+    }
+    fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// The Ctrl-C flag: a watch that turns `true` once.
+pub fn interrupt_flag() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = tx.send(true);
+        }
+    });
+    rx
+}
+
+/// Send `img` to the target behind `connector`, reconnecting and resuming until it is
+/// installed, the target refuses, the image is found invalid, `attempts` connections in a
+/// row make no progress, or `interrupt` turns true.
+pub async fn send_image(
+    img: Arc<ImageFile>,
+    connector: &mut dyn Connector,
+    opts: &SendOptions,
+    r: &mut Renderer,
+    mut interrupt: watch::Receiver<bool>,
+) -> Result<SendReport, SendError> {
+    let started = Instant::now();
+    let port = connector.describe();
+    let mut ctx = Ctx {
+        img: img.clone(),
+        check: None,
+        receipt: ReceiptBuilder::new(img.manifest(), &opts.host, &port),
+        resumed_at: None,
+        device: String::new(),
+    };
+    let mut failures = 0u32;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        r.show(&Ui::Connecting {
+            port: &port,
+            attempt,
+        });
+        let link = tokio::select! {
+            biased;
+            _ = interrupt.wait_for(|v| *v) => return Err(SendError::Interrupted),
+            l = connector.connect() => l,
+        };
+        let link = match link {
+            Ok(l) => l,
+            Err(e) => {
+                failures += 1;
+                if attempt == 1 || failures >= opts.attempts {
+                    return Err(SendError::LinkLost(format!("{e:#}")));
+                }
+                backoff(r, &format!("{e:#}"), failures, opts.attempts, &mut interrupt).await?;
+                continue;
+            }
+        };
+        ctx.receipt.try_started();
+        let mut cfg = SenderConfig::new(opts.host.clone());
+        cfg.nonce = random_nonce();
+        cfg.window = opts.window;
+        cfg.chunk_size = opts.chunk_size;
+        cfg.compress = opts.compress;
+        cfg.skip = opts.skip;
+        cfg.rto = opts.rto;
+        cfg.max_retries = opts.max_timeouts;
+        let sender = Sender::new(cfg, img.head()).map_err(|e| match e {
+            SessionError::BadImage(e) => SendError::ImageInvalid(format!(
+                "image {} is invalid: {e}",
+                img.path().display()
+            )),
+            other => SendError::Local(anyhow::anyhow!("{other}")),
+        })?;
+        match run_session(link, sender, &mut ctx, opts, r, &mut interrupt).await {
+            Ok(outcome) => {
+                let state = match outcome.status {
+                    DoneStatus::Unchanged => "unchanged",
+                    _ => "installed",
+                };
+                r.finish();
+                return Ok(SendReport {
+                    outcome,
+                    receipt: ctx.receipt.finish(state),
+                    elapsed: started.elapsed(),
+                    resumed_at: ctx.resumed_at,
+                    skips: r.skips(),
+                    device: ctx.device.clone(),
+                });
+            }
+            Err(End::Fatal(e)) => {
+                r.finish();
+                return Err(e);
+            }
+            Err(End::Retry { why, progressed }) => {
+                if progressed {
+                    failures = 0;
+                }
+                failures += 1;
+                if failures >= opts.attempts {
+                    r.finish();
+                    return Err(SendError::LinkLost(format!(
+                        "{why}; gave up after {failures} attempts without progress. The transfer \
+                         is resumable: run the same command again"
+                    )));
+                }
+                backoff(r, &why, failures, opts.attempts, &mut interrupt).await?;
+            }
+        }
+    }
+}
+
+async fn backoff(
+    r: &mut Renderer,
+    why: &str,
+    failures: u32,
+    max: u32,
+    interrupt: &mut watch::Receiver<bool>,
+) -> Result<(), SendError> {
+    let delay = Duration::from_millis(100 * u64::from(failures.min(20)));
+    r.show(&Ui::Reconnect {
+        error: why,
+        attempt: failures,
+        max,
+        delay,
+    });
+    tokio::select! {
+        biased;
+        _ = interrupt.wait_for(|v| *v) => Err(SendError::Interrupted),
+        _ = tokio::time::sleep(delay) => Ok(()),
+    }
+}
+
+fn random_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        return t ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+
+/// State that lives across connections.
+struct Ctx {
+    img: Arc<ImageFile>,
+    check: Option<LocalCheck>,
+    receipt: ReceiptBuilder,
+    resumed_at: Option<u64>,
+    device: String,
+}
+
+enum End {
+    Fatal(SendError),
+    Retry { why: String, progressed: bool },
+}
+
+/// Results of background jobs.
+enum JobResult {
+    Read {
+        seq: u32,
+        data: Bytes,
+        hash: Option<ChunkHash>,
+    },
+    ReadFailed {
+        seq: u32,
+        detail: String,
+    },
+    Compressed {
+        seq: u32,
+        data: Option<Bytes>,
+    },
+}
+
+/// Adaptive compression (`auto`): compress only while it pays, and only while the link is
+/// the bottleneck (frames are waiting for the writer).
+struct CompressGate {
+    mode: CompressMode,
+    segment: Option<usize>,
+    skip_until: u32,
+}
+
+impl CompressGate {
+    fn should_try(&mut self, seq: u32, segment: usize, writer_backlog: u64, chunk: u64) -> bool {
+        if self.mode == CompressMode::Zstd {
+            return true;
+        }
+        if self.segment != Some(segment) {
+            self.segment = Some(segment);
+            self.skip_until = 0;
+        }
+        if seq < self.skip_until {
+            return false;
+        }
+        // The link keeps up with raw data: compressing would only add latency.
+        writer_backlog >= 2 * chunk
+    }
+
+    fn result(&mut self, seq: u32, raw: usize, compressed: Option<usize>) {
+        let worth = compressed.is_some_and(|c| c <= raw - raw / 16);
+        if !worth && self.mode != CompressMode::Zstd {
+            self.skip_until = seq + COMPRESS_BACKOFF;
+        }
+    }
+}
+
+async fn run_session(
+    link: Box<dyn Link>,
+    mut sender: Sender,
+    ctx: &mut Ctx,
+    opts: &SendOptions,
+    r: &mut Renderer,
+    interrupt: &mut watch::Receiver<bool>,
+) -> Result<Outcome, End> {
+    let t0 = Instant::now();
+    let (rd, mut wr) = tokio::io::split(link);
+    let mut frames = FramedRead::new(rd, FrameCodec::new());
+    let backlog = Arc::new(AtomicU64::new(0));
+    let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITER_QUEUE);
+    let wbacklog = backlog.clone();
+    let mut writer = tokio::spawn(async move {
+        while let Some(b) = wrx.recv().await {
+            let n = b.len() as u64;
+            let r = wr.write_all(&b).await;
+            wbacklog.fetch_sub(n, Ordering::Relaxed);
+            r?;
+        }
+        wr.flush().await?;
+        wr.shutdown().await
+    });
+    let (jtx, mut jrx) = mpsc::unbounded_channel::<JobResult>();
+    let mut gate = CompressGate {
+        mode: opts.compress,
+        segment: None,
+        skip_until: 0,
+    };
+    let acked_at_start = sender.acked();
+    let mut max_acked = 0u32;
+    let mut held_reads: VecDeque<(u32, usize, Bytes, Option<ChunkHash>)> = VecDeque::new();
+    let mut held_done: Option<Frame> = None;
+    let mut check_rx: Option<watch::Receiver<CheckState>> =
+        ctx.check.as_ref().map(LocalCheck::subscribe);
+    let mut result: Option<Result<Outcome, End>> = None;
+    let now = |t0: Instant| t0.elapsed();
+    sender.start(now(t0));
+    let mut writer_done = false;
+
+    loop {
+        // 1. Execute every pending action, in order.
+        while let Some(a) = sender.poll_action() {
+            match a {
+                SenderAction::Send(f) => {
+                    ctx.receipt.frame_sent(ctx.img.manifest(), &f);
+                    let check_pending = ctx.check.as_ref().is_some_and(|c| !c.state().done);
+                    if f.msg_type() == MsgType::Done as u8 && check_pending {
+                        // Nothing is installed from a file we have not fully checked.
+                        held_done = Some(f);
+                        continue;
+                    }
+                    if queue_frame(&wtx, &backlog, &f).await.is_err() {
+                        result = Some(Err(End::Retry {
+                            why: "the link closed while sending".into(),
+                            progressed: max_acked > acked_at_start,
+                        }));
+                        break;
+                    }
+                }
+                SenderAction::ReadChunk {
+                    seq,
+                    offset,
+                    len,
+                    hash,
+                } => {
+                    if ctx.check.is_none() {
+                        match LocalCheck::start(ctx.img.clone()) {
+                            Ok(c) => {
+                                check_rx = Some(c.subscribe());
+                                ctx.check = Some(c);
+                            }
+                            Err(e) => {
+                                result = Some(Err(End::Fatal(SendError::Local(e))));
+                                break;
+                            }
+                        }
+                    }
+                    let img = ctx.img.clone();
+                    let tx = jtx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let res = match img.read_at(offset, len) {
+                            Ok(data) => {
+                                let h = hash.then(|| proto::msg::chunk_hash(&data));
+                                JobResult::Read {
+                                    seq,
+                                    data,
+                                    hash: h,
+                                }
+                            }
+                            Err(e) => JobResult::ReadFailed {
+                                seq,
+                                detail: format!("reading {}: {e}", img.path().display()),
+                            },
+                        };
+                        let _ = tx.send(res);
+                    });
+                }
+                SenderAction::Compress { seq, data } => {
+                    let segment = sender
+                        .plan()
+                        .and_then(|p| p.chunk(seq))
+                        .map_or(0, |c| c.segment);
+                    let chunk = u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
+                    if gate.should_try(seq, segment, backlog.load(Ordering::Relaxed), chunk) {
+                        let tx = jtx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let out = zstd::bulk::compress(&data, ZSTD_LEVEL).ok().map(Bytes::from);
+                            let _ = tx.send(JobResult::Compressed { seq, data: out });
+                        });
+                    } else {
+                        sender.handle(now(t0), SenderEvent::Compressed { seq, data: None });
+                    }
+                }
+                SenderAction::Progress(p) => {
+                    on_progress(&p, &sender, ctx);
+                    if let ProgressEvent::Progress { .. } = &p {
+                        max_acked = max_acked.max(sender.acked());
+                    }
+                    r.show(&Ui::Session(&p));
+                }
+                SenderAction::Finished(o) => {
+                    result = Some(Ok(o));
+                }
+                SenderAction::Failed(e) => {
+                    result = Some(Err(classify(e, max_acked > acked_at_start)));
+                }
+            }
+        }
+        if let Some(res) = result.take() {
+            // Let the writer push out what is queued (an ABORT, the last ACK-free frames).
+            drop(wtx);
+            if !writer_done {
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+            }
+            writer.abort();
+            return res;
+        }
+
+        // 2. The local check: release held chunks, refuse a bad image.
+        if let Some(c) = &ctx.check {
+            let st = c.state();
+            if let Some(err) = st.error.clone() {
+                sender.abort("the image file is invalid");
+                while let Some(a) = sender.poll_action() {
+                    if let SenderAction::Send(f) = a {
+                        let _ = queue_frame(&wtx, &backlog, &f).await;
+                    }
+                }
+                result = Some(Err(End::Fatal(SendError::ImageInvalid(format!(
+                    "image {} is invalid: {err}",
+                    ctx.img.path().display()
+                )))));
+                continue;
+            }
+            let mut released = false;
+            while held_reads
+                .front()
+                .is_some_and(|(_, seg, _, _)| st.done || st.verified_segments > *seg)
+            {
+                if let Some((seq, _, data, hash)) = held_reads.pop_front() {
+                    sender.handle(now(t0), SenderEvent::ChunkRead { seq, data, hash });
+                    released = true;
+                }
+            }
+            if st.done {
+                if let Some(f) = held_done.take() {
+                    if queue_frame(&wtx, &backlog, &f).await.is_err() {
+                        result = Some(Err(End::Retry {
+                            why: "the link closed while sending".into(),
+                            progressed: max_acked > acked_at_start,
+                        }));
+                        continue;
+                    }
+                }
+            }
+            if released {
+                continue;
+            }
+        }
+
+        // 3. Wait for something to happen.
+        let deadline = sender.next_deadline().map(|d| t0 + d);
+        let watch_check = check_rx
+            .as_ref()
+            .is_some_and(|rx| !rx.borrow().done && rx.borrow().error.is_none());
+        tokio::select! {
+            biased;
+            _ = interrupt.wait_for(|v| *v) => {
+                sender.abort("interrupted on the host (Ctrl-C)");
+                while let Some(a) = sender.poll_action() {
+                    if let SenderAction::Send(f) = a {
+                        let _ = queue_frame(&wtx, &backlog, &f).await;
+                    }
+                }
+                result = Some(Err(End::Fatal(SendError::Interrupted)));
+            }
+            w = &mut writer, if !writer_done => {
+                writer_done = true;
+                let why = match w {
+                    Ok(Ok(())) => "the writer stopped".to_string(),
+                    Ok(Err(e)) => format!("writing to the link failed: {e}"),
+                    Err(e) => format!("writer task failed: {e}"),
+                };
+                result = Some(Err(End::Retry { why, progressed: max_acked > acked_at_start }));
+            }
+            f = frames.next() => match f {
+                Some(Ok(Incoming::Frame(frame))) => sender.handle(now(t0), SenderEvent::Frame(frame)),
+                Some(Ok(Incoming::Skipped { .. })) => {}
+                Some(Err(e)) => {
+                    result = Some(Err(End::Retry { why: format!("link: {e}"), progressed: max_acked > acked_at_start }));
+                }
+                None => {
+                    result = Some(Err(End::Retry {
+                        why: "the target closed the connection".into(),
+                        progressed: max_acked > acked_at_start,
+                    }));
+                }
+            },
+            Some(job) = jrx.recv() => match job {
+                JobResult::Read { seq, data, hash } => {
+                    match hold_segment(&sender, ctx, seq) {
+                        Some(seg) => held_reads.push_back((seq, seg, data, hash)),
+                        None => sender.handle(now(t0), SenderEvent::ChunkRead { seq, data, hash }),
+                    }
+                }
+                JobResult::ReadFailed { seq, detail } => {
+                    sender.handle(now(t0), SenderEvent::ReadFailed { seq, detail });
+                }
+                JobResult::Compressed { seq, data } => {
+                    let raw = sender
+                        .plan()
+                        .and_then(|p| p.chunk(seq))
+                        .map_or(0, |c| c.len as usize);
+                    gate.result(seq, raw, data.as_ref().map(Bytes::len));
+                    sender.handle(now(t0), SenderEvent::Compressed { seq, data });
+                }
+            },
+            _ = async {
+                if let Some(rx) = check_rx.as_mut() {
+                    let _ = rx.changed().await;
+                }
+            }, if watch_check => {}
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                sender.handle(now(t0), SenderEvent::Tick);
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// If `seq` is the last chunk of a segment the local check has not passed yet, the segment
+/// index (hold the chunk back: the target must never complete a segment we did not check).
+fn hold_segment(sender: &Sender, ctx: &Ctx, seq: u32) -> Option<usize> {
+    let plan = sender.plan()?;
+    let c = plan.chunk(seq)?;
+    let (first, count) = plan.segment_chunks(c.segment)?;
+    if seq != first + count {
+        return None;
+    }
+    let st = ctx.check.as_ref()?.state();
+    if st.done || st.verified_segments > c.segment {
+        None
+    } else {
+        Some(c.segment)
+    }
+}
+
+async fn queue_frame(
+    wtx: &mpsc::Sender<Bytes>,
+    backlog: &AtomicU64,
+    f: &Frame,
+) -> Result<(), ()> {
+    let b = f.to_bytes();
+    backlog.fetch_add(b.len() as u64, Ordering::Relaxed);
+    wtx.send(b).await.map_err(|_| ())
+}
+
+fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
+    match p {
+        ProgressEvent::Start { device, .. } => {
+            ctx.device = device.clone();
+            if let Some(plan) = sender.plan() {
+                ctx.receipt.negotiated(device, plan);
+            }
+        }
+        ProgressEvent::Resumed { seq, at_offset, .. } => {
+            if ctx.resumed_at.is_none() {
+                ctx.resumed_at = Some(*at_offset);
+            }
+            if let Some(plan) = sender.plan() {
+                ctx.receipt.resumed(plan, seq.saturating_sub(1));
+            }
+        }
+        ProgressEvent::Done { unchanged: true, .. } => {
+            ctx.receipt.unchanged(sender.manifest());
+        }
+        _ => {}
+    }
+}
+
+fn classify(e: SessionError, progressed: bool) -> End {
+    match e {
+        SessionError::BadImage(e) => End::Fatal(SendError::ImageInvalid(e.to_string())),
+        SessionError::Remote { code, text } => match code {
+            ErrorCode::Storage | ErrorCode::Timeout | ErrorCode::Aborted => End::Retry {
+                why: format!("the target reported error {code}: {text}"),
+                progressed,
+            },
+            _ => End::Fatal(SendError::Refused { code, text }),
+        },
+        SessionError::Timeout { .. } => End::Retry {
+            why: e.to_string(),
+            progressed,
+        },
+        SessionError::Aborted(_) => End::Fatal(SendError::Interrupted),
+        SessionError::Protocol(_) | SessionError::Capability(_) => End::Fatal(SendError::Refused {
+            code: e.code(),
+            text: e.to_string(),
+        }),
+        SessionError::Read { .. } => End::Fatal(SendError::Local(anyhow::anyhow!("{e}"))),
+    }
+}
