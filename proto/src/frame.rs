@@ -372,7 +372,7 @@ impl FrameDecoder {
 
 /// tokio-util `Encoder`/`Decoder` adapter (feature `codec`).
 ///
-/// The decoder's item is [`Incoming`]: a frame, or a report of skipped bytes (the
+/// The decoder's item is [`Incoming`](self::codec::Incoming): a frame, or a report of skipped bytes (the
 /// stream continues). Only I/O errors and a truncated last frame end the stream.
 #[cfg(feature = "codec")]
 pub mod codec {

@@ -194,7 +194,7 @@ pub enum ProgressEvent {
     Resumed {
         /// Next chunk to send.
         seq: u32,
-        /// Image offset of that chunk ("resumed at <bytes>").
+        /// Image offset of that chunk (`resumed at <bytes>`).
         at_offset: u64,
         /// Data bytes already held.
         done_bytes: u64,

@@ -1256,3 +1256,30 @@ fn failed_write_discards_its_queued_ack() {
     assert_eq!(errors(&a)[0].code, ErrorCode::Storage);
     assert_eq!(rx.received(), 0);
 }
+
+#[test]
+fn a_target_without_state_refuses_to_flash_but_answers_info() {
+    let img = image();
+    let cfg = ReceiverConfig {
+        refuse: Some("no usable state dir /state/flash (stub/placeholder: not flashing)".into()),
+        device: "bad name!".into(),
+        ..rcfg()
+    };
+    let mut rx = Receiver::new(cfg, None, None);
+    rx.handle(ReceiverEvent::Frame(hello(&img, 1, true)));
+    let a = drain_rx(&mut rx);
+    assert_eq!(errors(&a)[0].code, ErrorCode::NoState);
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        ReceiverAction::OpenStaging { .. } | ReceiverAction::Install { .. }
+    )));
+    assert!(markers_of(&a)
+        .iter()
+        .any(|m| m.starts_with("flashd: error 11 no usable state dir")));
+    rx.handle(ev(Message::Info));
+    let m = frames_of(&drain_rx(&mut rx));
+    let Message::InfoReply(r) = &m[0] else {
+        panic!("{m:?}")
+    };
+    assert_eq!(r.device, "bad-name-");
+}

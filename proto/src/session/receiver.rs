@@ -40,6 +40,9 @@ pub struct ReceiverConfig {
     /// accepted window). Resume re-sends at most this many chunks plus the ones
     /// written while the last sync was in flight.
     pub checkpoint_chunks: Option<u32>,
+    /// `Some(reason)`: refuse every flash with `ERROR 11 no_state` (e.g. no usable
+    /// state directory); `INFO?` is still answered.
+    pub refuse: Option<String>,
 }
 
 impl ReceiverConfig {
@@ -53,6 +56,7 @@ impl ReceiverConfig {
             require_signed: None,
             max_image_size: 1 << 40,
             checkpoint_chunks: None,
+            refuse: None,
         }
     }
 }
@@ -273,6 +277,25 @@ impl Receiver {
         installed: Option<InstalledImage>,
     ) -> Receiver {
         let mut cfg = cfg;
+        if msg::validate_peer_name(&cfg.device).is_err() {
+            let d: String = cfg
+                .device
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(msg::MAX_NAME_LEN)
+                .collect();
+            cfg.device = if d.is_empty() {
+                "target".to_string()
+            } else {
+                d
+            };
+        }
         cfg.max_window = cfg.max_window.clamp(1, MAX_WINDOW);
         if !msg::valid_chunk_size(cfg.max_chunk) {
             cfg.max_chunk = MAX_CHUNK;
@@ -525,6 +548,9 @@ impl Receiver {
                 "flashd: hello host={} proto={}",
                 h.host, h.proto
             )));
+        }
+        if let Some(reason) = &self.cfg.refuse {
+            return Err(Fatal::Err(ErrorCode::NoState, reason.clone()));
         }
         let head = ImageHead::parse(&h.head)
             .map_err(|e| Fatal::Err(ErrorCode::BadImage, format!("image head rejected: {e}")))?;
