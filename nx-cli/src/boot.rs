@@ -5,6 +5,7 @@
 //! nx boot set-active <a|b> [--trial [--tries N]]
 //! nx boot confirm
 //! nx boot mark-bad <a|b>
+//! nx boot reboot
 //! ```
 //! Every verb takes `--port SPEC` (default `unix:build/qemu/bootctl.sock`) and
 //! `--timeout SECS`. bootctld is the only authority: `nx` never edits the slot
@@ -87,6 +88,11 @@ enum BootCmd {
     },
     /// Mark the slot booted in this boot good and end its trial.
     Confirm {
+        #[command(flatten)]
+        port: PortArgs,
+    },
+    /// Reboot the guest into the normal boot of the active slot (bootctld asks rebootd).
+    Reboot {
         #[command(flatten)]
         port: PortArgs,
     },
@@ -177,6 +183,18 @@ async fn run_async(cmd: BootCmd) -> anyhow::Result<String> {
             })
             .await?;
             Ok("confirmed: the booted slot is good\n".into())
+        }
+        BootCmd::Reboot { port } => {
+            let real = call(&port, |c| async move {
+                let resp = c.reboot_request().send().promise.await?;
+                Ok(resp.get()?.get_rebooting())
+            })
+            .await?;
+            Ok(if real {
+                "the guest is rebooting into the normal boot\n".into()
+            } else {
+                "stub: bootctld cannot reboot this guest (no rebootd managed by PID 1); nothing happened\n".into()
+            })
         }
         BootCmd::MarkBad { slot, port } => {
             call(&port, move |c| async move {

@@ -7,6 +7,11 @@
 //! `com.nexus.reboot`). One connection per command: connect, bootstrap the
 //! capability, make the call(s), close.
 //!
+//! RPC bytes travel framed (`proto::rpc::link`): a virtio-serial port has no
+//! reliable connection boundaries, so each connection is a session of its own
+//! and stale bytes of an earlier one are dropped on both sides. The daemons
+//! also accept framed connections on their unix sockets.
+//!
 //! Failure messages say what to do: no socket → "is the guest running? start
 //! it with `just recovery`"; socket there but no answer (the daemon is not up
 //! in the guest) → a timeout naming the daemon; a refused call → the daemon's
@@ -17,6 +22,7 @@ use anyhow::{anyhow, bail, Context};
 use capnp::capability::FromClientHook;
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::future::Either;
+use proto::rpc::link;
 use std::future::Future;
 use std::time::Duration;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -89,19 +95,36 @@ where
     let link = transport::connect(&spec)
         .await
         .with_context(|| format!("cannot reach {name}: is the guest running?"))?;
-    let (r, w) = tokio::io::split(link);
+    let (link_r, link_w) = tokio::io::split(link);
+
+    // The RPC system talks to one end of an in-memory pipe; two pumps carry its
+    // bytes to and from the link in frames of this connection's session.
+    let session = new_session_id();
+    let (rpc_end, pump_end) = tokio::io::duplex(2 * link::MAX_CHUNK);
+    let (rpc_r, rpc_w) = tokio::io::split(rpc_end);
+    let (pump_r, pump_w) = tokio::io::split(pump_end);
     let mut opts = capnp::message::ReaderOptions::new();
     opts.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
     let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r.compat()),
-        w.compat_write(),
+        futures::io::BufReader::new(rpc_r.compat()),
+        rpc_w.compat_write(),
         Side::Client,
         opts,
     );
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let client: C = rpc.bootstrap(Side::Server);
+    let driver = async move {
+        let rpc = Box::pin(async move { rpc.await.err().map(|e| rpc_error_text(&e)) });
+        let out = Box::pin(pump_out(pump_r, link_w, session));
+        let inn = Box::pin(pump_in(link_r, pump_w, session));
+        match futures::future::select(rpc, futures::future::select(out, inn)).await {
+            Either::Left((e, _)) => e,
+            Either::Right((Either::Left((r, _)), _))
+            | Either::Right((Either::Right((r, _)), _)) => r.err().map(|e| e.to_string()),
+        }
+    };
     let call = Box::pin(call(client));
-    match tokio::time::timeout(timeout, futures::future::select(call, rpc)).await {
+    match tokio::time::timeout(timeout, futures::future::select(call, Box::pin(driver))).await {
         Err(_) => bail!(
             "no answer from {name} on {spec} within {} s: the port is open but nobody answered — \
              is {name} running in the guest? (check the console log for `{name}: ready`)",
@@ -115,13 +138,73 @@ where
             )),
             _ => Err(anyhow!("{name}: {}", rpc_error_text(&e))),
         },
-        Ok(Either::Right((result, _))) => Err(anyhow!(
+        Ok(Either::Right((why, _))) => Err(anyhow!(
             "{name} on {spec} closed the connection before answering{}: is {name} running in the guest?",
-            result
-                .err()
-                .map(|e| format!(" ({})", rpc_error_text(&e)))
-                .unwrap_or_default()
+            why.map(|w| format!(" ({w})")).unwrap_or_default()
         )),
+    }
+}
+
+/// A random session id for one connection (see `proto::rpc::link`).
+fn new_session_id() -> u32 {
+    getrandom::u32().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        t ^ std::process::id().rotate_left(16)
+    })
+}
+
+/// RPC bytes → framed chunks on the link.
+async fn pump_out<R, W>(mut from_rpc: R, mut link_w: W, session: u32) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; link::MAX_CHUNK];
+    let mut seq = 0u32;
+    loop {
+        let n = from_rpc.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut frame = Vec::with_capacity(n + 32);
+        link::encode(session, seq, &buf[..n], &mut frame)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        seq = seq.wrapping_add(1);
+        link_w.write_all(&frame).await?;
+        link_w.flush().await?;
+    }
+}
+
+/// Framed chunks of our session on the link → RPC bytes; everything else
+/// (stale replies of an earlier connection, noise) is dropped.
+async fn pump_in<R, W>(mut link_r: R, mut to_rpc: W, session: u32) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut dec = link::LinkDecoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = link_r.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the port closed",
+            ));
+        }
+        dec.push(&buf[..n]);
+        while let Some(event) = dec.next_event() {
+            if let link::Event::Chunk(c) = event {
+                if c.session == session {
+                    to_rpc.write_all(&c.data).await?;
+                }
+            }
+        }
     }
 }
 

@@ -191,3 +191,44 @@ fn rpc_client_reboot_talks_to_rebootd() {
         b"recovery\n"
     );
 }
+
+#[test]
+fn nx_boot_over_a_port_without_connection_boundaries() {
+    // Like a QEMU chardev socket in front of a virtio-serial port: every
+    // connection lands in the same byte stream and bootctld never sees an EOF.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let server = TestServer::start(
+        Daemon::BootctldBehindVport(bootctld_config(
+            Some(dir.path()),
+            "boot-1",
+            RebootVia::Stub("host test".into()),
+        )),
+        &sock,
+    )
+    .unwrap();
+    let p = sock.to_str().unwrap();
+    for _ in 0..3 {
+        let table = ok(&["boot", "status", "--port", p]);
+        assert!(table.contains("a     *       good"), "{table}");
+    }
+    // Noise and a frame cut in the middle by a vanished client.
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut frame = Vec::new();
+        proto::rpc::link::encode(0xdead_beef, 0, &[0u8; 200], &mut frame).unwrap();
+        s.write_all(b"line noise").unwrap();
+        s.write_all(&frame[..frame.len() / 2]).unwrap();
+    }
+    ok(&["boot", "mark-bad", "b", "--port", p]);
+    let json = ok(&["boot", "status", "--json", "--port", p]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["slots"]["b"]["health"], "bad");
+    let err = fails(&["boot", "set-active", "b", "--port", p]);
+    assert!(err.contains("marked bad"), "{err}");
+    ok(&["boot", "status", "--port", p]);
+    assert!(server
+        .markers()
+        .contains(&"bootctl: markBad slot=b".to_string()));
+}

@@ -10,6 +10,11 @@
 //!
 //! The generated files are pulled in with `include!` so that `cargo fmt` leaves
 //! them byte-identical to the generator's output.
+//!
+//! [`link`] is the (hand-written, sans-IO) framing that carries RPC over a
+//! virtio-serial port, where connections have no reliable boundaries.
+
+pub mod link;
 
 /// `bootctl.capnp`: the slot-state authority (`BootCtl`, `BootState`, …).
 #[allow(

@@ -73,6 +73,13 @@ pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<String>) {
     (daemon, opened.notes)
 }
 
+/// The `BootCtl` capability over `daemon`, as the bootstrap of a connection.
+pub fn bootstrap(daemon: service::Daemon) -> capnp::capability::Client {
+    let client: proto::rpc::bootctl_capnp::boot_ctl::Client =
+        capnp_rpc::new_client(service::BootCtlService::new(daemon));
+    client.client
+}
+
 /// Serve until `shutdown` completes (tests) — see [`run`].
 pub async fn run_until(
     config: Config,
@@ -87,10 +94,9 @@ pub async fn run_until(
         markers.emit(&format!("bootctld: reboot() is a stub here ({why})"));
     }
     let listeners = rebootd::transport::bind(&config.endpoints)?;
-    let client: proto::rpc::bootctl_capnp::boot_ctl::Client =
-        capnp_rpc::new_client(service::BootCtlService::new(daemon));
+    let client = bootstrap(daemon);
     markers.emit("bootctld: ready");
-    let serve = std::pin::pin!(listeners.serve(client.client, "bootctld"));
+    let serve = std::pin::pin!(listeners.serve(client, "bootctld"));
     let shutdown = std::pin::pin!(shutdown);
     futures::future::select(serve, shutdown).await;
     Ok(())

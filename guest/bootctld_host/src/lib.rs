@@ -22,6 +22,12 @@ pub enum Daemon {
     Bootctld(bootctld::Config),
     /// rebootd with this config (endpoints are filled in by `start`).
     Rebootd(rebootd::Config),
+    /// bootctld behind a simulated virtio-serial port: like QEMU's chardev
+    /// socket, every host connection is spliced into one persistent byte
+    /// stream, and the daemon never sees an EOF between connections (nor loses
+    /// what an earlier connection left in flight). Served with the framed link
+    /// of `proto::rpc::link`, exactly like the guest's port.
+    BootctldBehindVport(bootctld::Config),
 }
 
 /// A daemon serving on a unix socket in this process.
@@ -84,6 +90,26 @@ impl TestServer {
                     });
                     local.block_on(&rt, bootctld::run_until(cfg, stop))
                 }
+                Daemon::BootctldBehindVport(mut cfg) => {
+                    cfg.markers = bootctld::service::Markers::new(move |line: &str| {
+                        println!("{line}");
+                        if let Ok(mut v) = sink.lock() {
+                            v.push(line.to_string());
+                        }
+                    });
+                    let socket = match &endpoint {
+                        rebootd::transport::Endpoint::Unix(p) => p.clone(),
+                        rebootd::transport::Endpoint::Port(_) => return,
+                    };
+                    local.block_on(&rt, async move {
+                        let run = std::pin::pin!(vport_sim(cfg, socket));
+                        let stop = std::pin::pin!(stop);
+                        match futures::future::select(run, stop).await {
+                            futures::future::Either::Left((r, _)) => r,
+                            futures::future::Either::Right(((), _)) => Ok(()),
+                        }
+                    })
+                }
                 Daemon::Rebootd(mut cfg) => {
                     cfg.endpoints = vec![endpoint];
                     local.block_on(&rt, async move {
@@ -139,6 +165,49 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop_inner();
+    }
+}
+
+/// bootctld served framed over one persistent pipe that every connection to
+/// `socket` is spliced into, one connection at a time (see
+/// [`Daemon::BootctldBehindVport`]).
+async fn vport_sim(
+    cfg: bootctld::Config,
+    socket: PathBuf,
+) -> Result<(), rebootd::transport::TransportError> {
+    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+    let (daemon, notes) = bootctld::open_daemon(&cfg);
+    for n in &notes {
+        cfg.markers.emit(n);
+    }
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(|source| {
+        rebootd::transport::TransportError::Bind {
+            path: socket.clone(),
+            source,
+        }
+    })?;
+    let (guest_end, host_end) = tokio::io::duplex(256 * 1024);
+    let (g_r, g_w) = tokio::io::split(guest_end);
+    tokio::task::spawn_local(rebootd::transport::serve_framed(
+        g_r.compat(),
+        g_w.compat_write(),
+        Vec::new(),
+        bootctld::bootstrap(daemon),
+        "bootctld",
+        "vport-sim",
+    ));
+    cfg.markers.emit("bootctld: ready");
+    let (mut h_r, mut h_w) = tokio::io::split(host_end);
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (mut c_r, mut c_w) = conn.into_split();
+        // Until the host closes its side: host → port, and port → host.
+        tokio::select! {
+            _ = tokio::io::copy(&mut c_r, &mut h_w) => {}
+            _ = tokio::io::copy(&mut h_r, &mut c_w) => {}
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::future::Either;
 use futures::io::{AsyncRead, AsyncWrite, BufReader, Cursor};
 use futures::AsyncReadExt as _;
+use proto::rpc::link;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -178,14 +179,33 @@ async fn accept_loop(path: PathBuf, listener: UnixListener, bootstrap: Client, w
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let (r, w) = stream.into_split();
-                spawn_session(
-                    r.compat(),
-                    w.compat_write(),
-                    bootstrap.clone(),
-                    who,
-                    path.display().to_string(),
-                );
+                let peer = path.display().to_string();
+                let bootstrap = bootstrap.clone();
+                tokio::task::spawn_local(async move {
+                    let (r, w) = stream.into_split();
+                    let mut r = r.compat();
+                    // Framed (nx over a host socket) or raw capnp (guest-local
+                    // clients)? The first four bytes tell.
+                    let mut first = [0u8; 4];
+                    if futures::AsyncReadExt::read_exact(&mut r, &mut first)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if link::is_framed(&first) {
+                        serve_framed(r, w.compat_write(), first.to_vec(), bootstrap, who, &peer)
+                            .await;
+                    } else {
+                        spawn_session(
+                            Cursor::new(first.to_vec()).chain(r),
+                            w.compat_write(),
+                            bootstrap,
+                            who,
+                            peer,
+                        );
+                    }
+                });
             }
             Err(e) => {
                 eprintln!("{who}: accept on {} failed: {e}; retrying", path.display());
@@ -193,6 +213,171 @@ async fn accept_loop(path: PathBuf, listener: UnixListener, bootstrap: Client, w
             }
         }
     }
+}
+
+/// One RPC session of a framed link: the RPC system and its output pump run as
+/// local tasks over an in-memory pipe; dropping the session aborts both.
+struct FramedSession {
+    id: u32,
+    next_seq: u32,
+    input: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for FramedSession {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl FramedSession {
+    fn start(
+        id: u32,
+        bootstrap: Client,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+        who: &'static str,
+        peer: String,
+    ) -> Self {
+        let (rpc_end, link_end) = tokio::io::duplex(2 * link::MAX_CHUNK);
+        let (rpc_r, rpc_w) = tokio::io::split(rpc_end);
+        let network = twoparty::VatNetwork::new(
+            BufReader::new(rpc_r.compat()),
+            rpc_w.compat_write(),
+            Side::Server,
+            reader_options(),
+        );
+        let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
+        let rpc_task = tokio::task::spawn_local(async move {
+            if let Err(e) = rpc.await {
+                eprintln!("{who}: rpc session {id:#010x} on {peer} ended with an error: {e}");
+            }
+        });
+        let (mut from_rpc, input) = tokio::io::split(link_end);
+        let pump = tokio::task::spawn_local(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut buf = vec![0u8; link::MAX_CHUNK];
+            let mut seq = 0u32;
+            loop {
+                let n = match from_rpc.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut frame = Vec::with_capacity(n + 32);
+                if link::encode(id, seq, &buf[..n], &mut frame).is_err() {
+                    return;
+                }
+                seq = seq.wrapping_add(1);
+                if out.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        FramedSession {
+            id,
+            next_seq: 0,
+            input,
+            tasks: [rpc_task, pump],
+        }
+    }
+}
+
+/// Serve framed RPC (see `proto::rpc::link`) on one byte link until it ends
+/// (EOF or a read error): one RPC session per session id, a new id replaces
+/// the current session. `first` are bytes already read from `read`.
+pub async fn serve_framed<R, W>(
+    mut read: R,
+    write: W,
+    first: Vec<u8>,
+    bootstrap: Client,
+    who: &'static str,
+    peer: &str,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
+    use futures::AsyncWriteExt as _;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let writer_peer = peer.to_string();
+    let writer = tokio::task::spawn_local(async move {
+        let mut write = write;
+        let mut reported = false;
+        while let Some(frame) = rx.recv().await {
+            let r = match write.write_all(&frame).await {
+                Ok(()) => write.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                if !reported {
+                    eprintln!("{who}: writing to {writer_peer} failed: {e}; dropping replies");
+                    reported = true;
+                }
+            }
+        }
+    });
+    let mut dec = link::LinkDecoder::new();
+    dec.push(&first);
+    let mut current: Option<FramedSession> = None;
+    let mut dead: Option<u32> = None;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut skipped = 0usize;
+    loop {
+        while let Some(event) = dec.next_event() {
+            let chunk = match event {
+                link::Event::Chunk(c) => c,
+                link::Event::Skipped { bytes, reason } => {
+                    if skipped == 0 {
+                        eprintln!("{who}: skipped {bytes} bytes on {peer}: {reason}");
+                    }
+                    skipped = skipped.saturating_add(bytes);
+                    continue;
+                }
+            };
+            if dead == Some(chunk.session) {
+                continue;
+            }
+            if current.as_ref().map(|s| s.id) != Some(chunk.session) {
+                if chunk.seq != 0 {
+                    // The start of this session is gone (an old conversation
+                    // cut in the middle): nothing sensible can be served.
+                    dead = Some(chunk.session);
+                    continue;
+                }
+                current = Some(FramedSession::start(
+                    chunk.session,
+                    bootstrap.clone(),
+                    tx.clone(),
+                    who,
+                    peer.to_string(),
+                ));
+            }
+            let Some(session) = current.as_mut() else {
+                continue;
+            };
+            if chunk.seq != session.next_seq {
+                eprintln!(
+                    "{who}: session {:#010x} on {peer} lost data (chunk {} after {}); ending it",
+                    session.id, chunk.seq, session.next_seq
+                );
+                dead = Some(session.id);
+                current = None;
+                continue;
+            }
+            session.next_seq = session.next_seq.wrapping_add(1);
+            use tokio::io::AsyncWriteExt as _;
+            if session.input.write_all(&chunk.data).await.is_err() {
+                dead = Some(session.id);
+                current = None;
+            }
+        }
+        match futures::AsyncReadExt::read(&mut read, &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => dec.push(&buf[..n]),
+        }
+    }
+    drop(current);
+    writer.abort();
 }
 
 /// Find the `/dev/vportNpM` device whose sysfs `name` is `name`.
@@ -293,17 +478,15 @@ async fn port_loop(name: String, bootstrap: Client, who: &'static str) {
                 continue;
             }
         };
-        let read = Cursor::new(prefix).chain(VportIo(session.clone()));
-        let network = twoparty::VatNetwork::new(
-            BufReader::new(read),
+        serve_framed(
+            VportIo(session.clone()),
             VportIo(session),
-            Side::Server,
-            reader_options(),
-        );
-        let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.clone()));
-        if let Err(e) = rpc.await {
-            eprintln!("{who}: rpc session on port {name} ended with an error: {e}");
-        }
+            prefix,
+            bootstrap.clone(),
+            who,
+            &name,
+        )
+        .await;
     }
 }
 
