@@ -1283,3 +1283,36 @@ fn a_target_without_state_refuses_to_flash_but_answers_info() {
     };
     assert_eq!(r.device, "bad-name-");
 }
+
+#[test]
+fn rewinding_below_a_verified_segment_forgets_its_verification() {
+    let img = image();
+    let mut rx = started(&img);
+    let a = feed(&mut rx, &img, 1, 5);
+    let ticket = a
+        .iter()
+        .find_map(|x| {
+            if let ReceiverAction::VerifySegment { ticket, .. } = x {
+                Some(*ticket)
+            } else {
+                None
+            }
+        })
+        .unwrap();
+    rx.handle(ReceiverEvent::SegmentVerified { ticket, ok: true });
+    drain_rx(&mut rx);
+    // nothing durable yet; a write fails → back to 0: the kernel must be verified again
+    rx.handle(ReceiverEvent::ActionFailed {
+        code: ErrorCode::Storage,
+        text: "EIO".into(),
+    });
+    drain_rx(&mut rx);
+    rx.handle(ReceiverEvent::LinkDown);
+    rx.handle(ReceiverEvent::Frame(hello(&img, 2, true)));
+    let r = reply_of(&drain_rx(&mut rx));
+    assert_eq!((r.resume_seq, r.verified), (0, 0));
+    let a = feed(&mut rx, &img, 1, 5);
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, ReceiverAction::VerifySegment { segment: 0, .. })));
+}

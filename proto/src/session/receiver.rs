@@ -225,6 +225,21 @@ impl Xfer {
         }
     }
 
+    /// Forgets every chunk after `pos`: segments not complete at `pos` lose their
+    /// verified flag (their bytes will be written again and must be verified again).
+    fn rewind(&mut self, pos: u32) {
+        self.received = self.received.min(pos);
+        self.durable = self.durable.min(pos);
+        for i in 0..self.verified.len() {
+            if !self.plan.segment_complete(i, self.received) {
+                self.verified[i] = false;
+                self.verifying[i] = None;
+                self.announced[i] = false;
+                self.used_copy[i] = false;
+            }
+        }
+    }
+
     fn verified_mask(&self) -> u64 {
         let mut m = 0u64;
         for (i, v) in self.verified.iter().enumerate().take(64) {
@@ -387,9 +402,10 @@ impl Receiver {
                 // Whatever failed, the journal was not advanced past it.
                 if let Some(x) = &mut self.xfer {
                     x.sync_in_flight = None;
-                    x.received = x.durable;
-                    for i in 0..x.verifying.len() {
-                        x.verifying[i] = None;
+                    let d = x.durable;
+                    x.rewind(d);
+                    for v in x.verifying.iter_mut() {
+                        *v = None;
                     }
                 }
                 if matches!(self.phase, Phase::Installing { .. }) {
@@ -953,17 +969,10 @@ impl Receiver {
         }
         // Bad segment: rewind to its first chunk so a new session re-sends it.
         let (first, _) = x.plan.segment_chunks(i).unwrap_or((0, 0));
-        x.received = x.received.min(first);
-        x.durable = x.durable.min(first);
-        for k in i..x.verified.len() {
-            x.verified[k] = false;
-            x.verifying[k] = None;
-            x.announced[k] = false;
-        }
         let copied = x.used_copy[i];
-        for k in i..x.used_copy.len() {
-            x.used_copy[k] = false;
-        }
+        x.rewind(first);
+        x.verified[i] = false;
+        x.announced[i] = false;
         let j = x.journal();
         self.push(ReceiverAction::PersistJournal(j));
         if copied {
