@@ -4,6 +4,7 @@
 use crate::marker;
 use crate::sys::{self, Shutdown, PID1_SIGNALS};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -199,6 +200,10 @@ fn spawn(svc: &Service) -> std::io::Result<i32> {
         cmd.stdin(Stdio::from(f.try_clone()?))
             .stdout(Stdio::from(f.try_clone()?))
             .stderr(Stdio::from(f));
+    }
+    // SAFETY: the hook only calls async-signal-safe functions (sigemptyset, sigprocmask).
+    unsafe {
+        cmd.pre_exec(sys::unblock_all_signals);
     }
     let child = cmd.spawn()?;
     // The child is reaped by the run loop (`waitpid(-1)`), not through `Child`.

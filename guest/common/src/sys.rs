@@ -122,8 +122,9 @@ fn sigset(signals: &[i32]) -> Result<libc::sigset_t> {
 }
 
 /// Install no-op handlers (so the kernel queues them for PID 1, which ignores signals that
-/// have no handler) and block `signals`, to be taken with [`wait_signal`]. Children started
-/// with `std::process::Command` get an empty mask and default handlers again.
+/// have no handler) and block `signals`, to be taken with [`wait_signal`]. Handlers reset to
+/// the default on `execve`, but the mask does not: children must call
+/// [`unblock_all_signals`] before exec (the supervisor does).
 pub fn block_signals(signals: &[i32]) -> Result<()> {
     for &s in signals {
         // SAFETY: installing a handler that does nothing is async-signal-safe.
@@ -148,6 +149,22 @@ pub fn block_signals(signals: &[i32]) -> Result<()> {
             what: "sigprocmask".into(),
             source: std::io::Error::last_os_error(),
         });
+    }
+    Ok(())
+}
+
+/// Empty this thread's signal mask. Used between fork and exec of every child of PID 1: the
+/// mask is inherited across `execve`, and a service with SIGTERM blocked would ignore the
+/// shutdown request. Async-signal-safe (no allocation, only `sigemptyset`/`sigprocmask`).
+pub fn unblock_all_signals() -> std::io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set; sigprocmask reads it.
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -230,6 +247,14 @@ pub fn shutdown(action: Shutdown, grace: Duration) -> Error {
         }
         let _ = wait_signal(&[libc::SIGCHLD], Duration::from_millis(50));
     }
+    let left = survivors();
+    if !left.is_empty() {
+        crate::marker::emit(&format!(
+            "shutdown: still running after {} ms, killing: {}",
+            grace.as_millis(),
+            left.join(", ")
+        ));
+    }
     kill_all(libc::SIGKILL);
     // Give the kernel a moment to deliver SIGKILL, then reap what is left.
     for _ in 0..20 {
@@ -265,6 +290,37 @@ pub fn shutdown(action: Shutdown, grace: Duration) -> Error {
             source: e.into(),
         },
     }
+}
+
+/// `name(pid)` of every child of PID 1 still around (for the shutdown report).
+fn survivors() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = crate::bounded::read_string(&e.path().join("stat"), 4096) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may contain spaces, so split at the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("?");
+        let ppid = tail.split_whitespace().nth(1);
+        if ppid == Some("1") {
+            out.push(format!("{comm}({pid})"));
+        }
+    }
+    out.sort();
+    out
 }
 
 fn any_children() -> bool {

@@ -1,0 +1,292 @@
+//! The marker contract: `qemu/markers.toml` holds, per profile, how to boot (recovery or
+//! normal, with or without disks, extra kernel arguments), the ordered markers that must
+//! appear, markers that must never appear, and an optional console script (send / expect).
+
+use crate::{Config, Error, Hit, Runner};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Console lines shown with a failure.
+pub const TAIL_LINES: usize = 40;
+
+/// The whole contract file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contract {
+    /// Applies to every profile.
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// Profiles by name.
+    pub profile: BTreeMap<String, Profile>,
+}
+
+/// Settings for every profile.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Markers that fail every profile (e.g. a kernel panic).
+    #[serde(default)]
+    pub forbidden: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// What it proves.
+    pub description: String,
+    /// First boot into recovery (`RECOVERY=1`).
+    #[serde(default)]
+    pub recovery: bool,
+    /// Attach `state.img`.
+    #[serde(default = "yes")]
+    pub state: bool,
+    /// Attach `disk.img`.
+    #[serde(default = "yes")]
+    pub disk: bool,
+    /// Extra kernel arguments.
+    #[serde(default)]
+    pub cmdline: Vec<String>,
+    /// Markers that must appear, in this order.
+    pub markers: Vec<String>,
+    /// The marker whose time since boot is reported as the boot time.
+    #[serde(default)]
+    pub ready: Option<String>,
+    /// Markers that must never appear.
+    #[serde(default)]
+    pub forbidden: Vec<String>,
+    /// Steps after the markers: type into the console, then expect a line.
+    #[serde(default)]
+    pub script: Vec<Step>,
+    /// Keep the guest running this long after the last step before judging `forbidden`.
+    #[serde(default)]
+    pub settle_ms: u64,
+}
+
+/// One console step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Bytes to type (TOML escapes such as `\r` work).
+    #[serde(default)]
+    pub send: Option<String>,
+    /// A marker to wait for afterwards.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+impl Contract {
+    /// Read and validate a contract file.
+    pub fn load(path: &Path) -> Result<Contract, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            what: "read",
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::parse(&text).map_err(|reason| Error::Markers {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parse and validate.
+    pub fn parse(text: &str) -> Result<Contract, String> {
+        let c: Contract = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, p) in &c.profile {
+            if p.markers.is_empty() {
+                return Err(format!("profile {name} has no markers"));
+            }
+            if let Some(r) = &p.ready {
+                if !p.markers.contains(r) {
+                    return Err(format!(
+                        "profile {name}: ready marker {r:?} is not one of its markers"
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// A profile by name, or an error listing the known ones.
+    pub fn get(&self, name: &str) -> Result<&Profile, String> {
+        self.profile.get(name).ok_or_else(|| {
+            format!(
+                "unknown profile {name:?}; known: {}",
+                self.profile.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+impl Profile {
+    /// Apply the profile's boot settings to a runner configuration.
+    pub fn apply(&self, cfg: &mut Config) {
+        cfg.recovery |= self.recovery;
+        if !self.state {
+            cfg.state_img = None;
+        }
+        if !self.disk {
+            cfg.disk_img = None;
+        }
+        cfg.extra_cmdline.extend(self.cmdline.iter().cloned());
+    }
+}
+
+/// What a passing check saw.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Every awaited marker with its hit, in order.
+    pub hits: Vec<(String, Hit)>,
+    /// Time from QEMU start to the profile's `ready` marker.
+    pub ready: Option<Duration>,
+}
+
+/// A failed check. `Display` is the contract's error format.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// A marker did not appear (in order) in time.
+    #[error("[error] Missing marker: {marker} ({reason})\n{}", render_tail(.tail))]
+    Missing {
+        marker: String,
+        reason: String,
+        tail: Vec<String>,
+    },
+    /// A forbidden marker appeared.
+    #[error("[error] Forbidden marker seen: {marker}\n{}", render_tail(.tail))]
+    Forbidden { marker: String, tail: Vec<String> },
+    /// The console could not be written.
+    #[error("[error] {0}")]
+    Runner(Error),
+}
+
+fn render_tail(tail: &[String]) -> String {
+    let mut s = format!("--- last {} console lines ---\n", tail.len());
+    for l in tail {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("--- end of console ---");
+    s
+}
+
+/// Check a profile on a running guest: every marker in order, then the script, then (after
+/// `settle_ms`) that no forbidden marker appeared. `timeout` covers the whole check.
+pub fn check(
+    runner: &Runner,
+    profile: &Profile,
+    defaults: &Defaults,
+    timeout: Duration,
+) -> Result<Report, CheckError> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let missing = |marker: &str, e: Error| CheckError::Missing {
+        marker: marker.to_string(),
+        reason: e.to_string(),
+        tail: runner.tail(TAIL_LINES),
+    };
+    let forbidden: Vec<&String> = defaults
+        .forbidden
+        .iter()
+        .chain(profile.forbidden.iter())
+        .collect();
+    let check_forbidden = || -> Result<(), CheckError> {
+        for f in &forbidden {
+            if runner.console_contains(f) {
+                return Err(CheckError::Forbidden {
+                    marker: f.to_string(),
+                    tail: runner.tail(TAIL_LINES),
+                });
+            }
+        }
+        Ok(())
+    };
+    let mut hits = Vec::new();
+    let mut ready = None;
+    for m in &profile.markers {
+        let hit = runner
+            .wait_for(m, left())
+            .map_err(|e| check_forbidden().err().unwrap_or_else(|| missing(m, e)))?;
+        if profile.ready.as_deref() == Some(m.as_str()) {
+            ready = Some(hit.since_boot);
+        }
+        hits.push((m.clone(), hit));
+    }
+    for step in &profile.script {
+        if let Some(text) = &step.send {
+            runner.send(text.as_bytes()).map_err(CheckError::Runner)?;
+        }
+        if let Some(m) = &step.expect {
+            let hit = runner.wait_for(m, left()).map_err(|e| missing(m, e))?;
+            hits.push((m.clone(), hit));
+        }
+    }
+    if profile.settle_ms > 0 {
+        std::thread::sleep(Duration::from_millis(profile.settle_ms).min(left()));
+    }
+    check_forbidden()?;
+    Ok(Report { hits, ready })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_contract_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("markers.toml");
+        let c = Contract::load(&path).unwrap();
+        let r = c.get("recovery").unwrap();
+        assert_eq!(
+            r.markers,
+            [
+                "recovery: boot target selected",
+                "recovery: init start",
+                "recovery: services ready",
+                "recovery: ready (serial=@/dev/vport0p1)",
+                "recovery: shell ready",
+            ]
+        );
+        assert!(r.recovery);
+        let n = c.get("normal").unwrap();
+        assert_eq!(n.markers.first().map(String::as_str), Some("init: start"));
+        assert_eq!(n.markers.last().map(String::as_str), Some("init: ready"));
+        let ns = c.get("recovery-nostate").unwrap();
+        assert!(!ns.state);
+        assert!(ns.forbidden.iter().any(|f| f == "flashd: installed"));
+        assert!(ns.markers.iter().any(|m| m.contains("stub/placeholder")));
+        assert!(c.get("nope").is_err());
+    }
+
+    #[test]
+    fn validation() {
+        assert!(Contract::parse("[profile.x]\ndescription='d'\nmarkers=[]\n").is_err());
+        assert!(
+            Contract::parse("[profile.x]\ndescription='d'\nmarkers=['a']\nready='b'\n").is_err()
+        );
+        assert!(Contract::parse("[profile.x]\ndescription='d'\nmarkers=['a']\nbogus=1\n").is_err());
+        let c = Contract::parse(
+            "[profile.x]\ndescription='d'\nmarkers=['a']\n[[profile.x.script]]\nsend=\"help\\r\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.profile["x"].script[0].send.as_deref(), Some("help\r"));
+    }
+
+    #[test]
+    fn error_format() {
+        let e = CheckError::Missing {
+            marker: "m".into(),
+            reason: "r".into(),
+            tail: vec!["a".into(), "b".into()],
+        };
+        let s = e.to_string();
+        assert!(
+            s.starts_with("[error] Missing marker: m (r)\n--- last 2 console lines ---\na\nb\n")
+        );
+    }
+}
