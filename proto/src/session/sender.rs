@@ -185,8 +185,10 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender for the image whose head (every byte before the first segment) is
-    /// `head`. Fails if the head does not parse or the config is out of range.
+    /// A sender for the image whose head is `head`: the image file's bytes
+    /// `[0, data_offset)` (read the 4 KiB header, [`crate::image::Header::parse`] it,
+    /// then read `data_offset` bytes). Fails if the head does not parse or the
+    /// config is out of range.
     pub fn new(cfg: SenderConfig, head: Bytes) -> Result<Sender, SessionError> {
         let parsed = ImageHead::parse(&head)?;
         if cfg.window == 0 || cfg.window > MAX_WINDOW {
