@@ -357,6 +357,16 @@ impl Runner {
             .any(|l| l.text.contains(text))
     }
 
+    /// Every console line so far containing `text`, in order.
+    pub fn grep(&self, text: &str) -> Vec<String> {
+        lock(&self.shared.inner)
+            .lines
+            .iter()
+            .filter(|l| l.text.contains(text))
+            .map(|l| l.text.clone())
+            .collect()
+    }
+
     /// The last `n` console lines.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let inner = lock(&self.shared.inner);

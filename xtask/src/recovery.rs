@@ -1,9 +1,137 @@
-//! `cargo xtask recovery`.
+//! `cargo xtask recovery` (`just recovery`): boot the recovery ramdisk (`RECOVERY=1`), wait for
+//! `recovery: ready`, flash `build/nexus-os.img` with `nx flash send` over the virtio-serial
+//! port, print flashd's markers and leave the guest up (the console is attached to this
+//! terminal when there is one: Ctrl-A x quits QEMU; `poweroff` in recovery-sh powers off).
+
+use crate::util;
+use anyhow::{bail, Context};
+use nx_qemu::{Config, Runner};
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Arguments of `cargo xtask recovery`.
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// Do not run `cargo xtask guest` first.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Image to flash (default: build/nexus-os.img).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Only boot recovery; do not flash.
+    #[arg(long)]
+    pub no_flash: bool,
+    /// Stop the guest after flashing instead of leaving it up.
+    #[arg(long)]
+    pub exit: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("cargo xtask recovery: stub/placeholder — not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let demo_image = if args.no_build {
+        let p = util::build_dir().join("nexus-os.img");
+        p.exists().then_some(p)
+    } else {
+        crate::guest::build(&crate::guest::Args::default())?.demo_image
+    };
+    let image = args.image.clone().or(demo_image);
+    let interactive = !args.exit && stdin_is_tty();
+    let mut runner = boot_recovery(interactive)?;
+    if !args.no_flash {
+        match &image {
+            Some(img) => flash(&runner, img)?,
+            None => eprintln!("xtask: flash: stub/placeholder — no image to flash (nx image build did not produce build/nexus-os.img)"),
+        }
+    }
+    if args.exit {
+        runner.stop();
+        return Ok(());
+    }
+    util::stage("guest is up");
+    eprintln!(
+        "xtask: recovery guest left running; console log: {}",
+        runner.config().console_log().display()
+    );
+    if interactive {
+        eprintln!("xtask: the console is this terminal: type `help` in recovery-sh; `poweroff` or Ctrl-A x ends the run");
+    } else {
+        eprintln!(
+            "xtask: no terminal: the guest runs until it powers off or this process is stopped"
+        );
+    }
+    let outcome = loop {
+        if let Some(o) = runner.wait_finished(Duration::from_secs(3600)) {
+            break o;
+        }
+    };
+    eprintln!("xtask: guest run ended: {outcome}");
+    Ok(())
+}
+
+fn stdin_is_tty() -> bool {
+    // SAFETY: isatty has no preconditions.
+    unsafe { libc::isatty(0) == 1 }
+}
+
+/// Boot the recovery ramdisk and wait for `recovery: ready`.
+pub fn boot_recovery(interactive: bool) -> anyhow::Result<Runner> {
+    util::stage("3/4 boot recovery (RECOVERY=1)");
+    let mut cfg = Config::new(&util::build_dir()).apply_env();
+    cfg.qemu = util::tool("qemu-system-x86_64")?;
+    cfg.debugfs = util::tool("debugfs")?;
+    cfg.recovery = true;
+    cfg.echo = true;
+    cfg.interactive = interactive;
+    let runner = Runner::start(cfg).context("could not start QEMU")?;
+    let hit = runner
+        .wait_for("recovery: ready (serial=@", Duration::from_secs(120))
+        .context("the recovery guest did not become ready (see build/qemu/console.log)")?;
+    eprintln!(
+        "xtask: `{}` after {:.2} s",
+        hit.line.trim(),
+        hit.since_boot.as_secs_f64()
+    );
+    Ok(runner)
+}
+
+/// `nx flash send IMAGE` over the flash port, then print flashd's console markers.
+pub fn flash(runner: &Runner, image: &std::path::Path) -> anyhow::Result<()> {
+    util::stage(&format!("4/4 flash {} (nx flash send)", image.display()));
+    let sock = runner
+        .config()
+        .port_socket(nx_qemu::FLASH_PORT.0)
+        .context("the runner has no flash port")?
+        .to_path_buf();
+    let mut cmd = util::cargo();
+    cmd.args([
+        "run", "-q", "-p", "nx-cli", "--bin", "nx", "--", "flash", "send",
+    ])
+    .arg(image)
+    .arg("--port")
+    .arg(format!("unix:{}", sock.display()));
+    let result = util::run_cmd(&mut cmd);
+    // flashd prints its last markers right after the host sees the receipt.
+    let _ = runner.wait_for("flashd: install", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    util::stage("flashd markers (guest console)");
+    for l in runner.grep("flashd:") {
+        println!("  {l}");
+    }
+    if let Err(e) = result {
+        if !nx_has_flash_send()? {
+            eprintln!("xtask: flash: stub/placeholder — `nx flash send` is not available yet");
+            return Ok(());
+        }
+        bail!("flashing failed: {e:#}");
+    }
+    Ok(())
+}
+
+fn nx_has_flash_send() -> anyhow::Result<bool> {
+    let out = util::cargo()
+        .args([
+            "run", "-q", "-p", "nx-cli", "--bin", "nx", "--", "flash", "send", "--help",
+        ])
+        .current_dir(util::root())
+        .output()?;
+    Ok(out.status.success())
 }
