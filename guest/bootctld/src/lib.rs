@@ -4,6 +4,7 @@
 //! * [`snapshot`]: its canonical Cap'n Proto snapshot (`STATE/bootctl/state.nxs`);
 //! * [`json`]: the JSON debug/export view;
 //! * [`store`]: atomic persistence, or RAM-only (explicit stub) without /state;
+//! * [`client`]: guest-local clients (init, flashd, selftest) over the unix socket;
 //! * [`service`]: the daemon core with the console markers and the `BootCtl`
 //!   capability of `proto/schema/bootctl.capnp`.
 //!
@@ -12,6 +13,7 @@
 //! shared with rebootd. See docs/updates/bootctl.md.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod client;
 pub mod json;
 pub mod machine;
 pub mod service;

@@ -384,3 +384,54 @@ fn bootctl_reboot_without_rebootd_is_a_clear_error() {
     let e = bootctl_reboot(&bsock).unwrap_err();
     assert!(format!("{e:#}").contains("is rebootd running?"), "{e:#}");
 }
+
+#[test]
+fn guest_local_clients_drive_the_update_flow() {
+    use bootctld::client;
+    let dir = tempfile::tempdir().unwrap();
+    let bsock = dir.path().join("bootctld.sock");
+    let rsock = dir.path().join("rebootd.sock");
+    let _rebootd =
+        TestServer::start(Daemon::Rebootd(rebootd_config(Some(dir.path()))), &rsock).unwrap();
+    let _bootctld = TestServer::start(
+        Daemon::Bootctld(bootctld_config(
+            Some(dir.path()),
+            "boot-1",
+            RebootVia::Rebootd(rsock.clone()),
+        )),
+        &bsock,
+    )
+    .unwrap();
+    let b = bsock.as_path();
+    bootctld_host::block_on(async {
+        // Recovery: flashd installs into the inactive slot and activates it.
+        client::slot_imaged(b, Slot::B, "2").await.unwrap();
+        client::set_active(b, Slot::B, true, 3).await.unwrap();
+        let t = std::time::Duration::from_secs(5);
+        rebootd::request_set_next(&rsock, rebootd::record::Target::Normal, t)
+            .await
+            .unwrap();
+        // Normal boot: the init asks which slot, the health check confirms.
+        let d = client::boot_attempt(b).await.unwrap();
+        assert!(d.bootable && d.trial);
+        assert_eq!(
+            (d.slot, d.tries_left, d.version.as_str()),
+            (Slot::B, 2, "2")
+        );
+        client::confirm(b).await.unwrap();
+        let (s, persistent) = client::state(b).await.unwrap();
+        assert!(persistent);
+        assert_eq!(s.b.health, Health::Good);
+        assert!(client::export_json(b)
+            .await
+            .unwrap()
+            .contains("\"active\": \"b\""));
+        assert!(!client::reboot(b).await.unwrap(), "stub rebootd");
+        assert!(!rebootd::request_factory_wipe(&rsock, t).await.unwrap());
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("boot/factory_wipe")).unwrap(),
+        b"wipe\n"
+    );
+}

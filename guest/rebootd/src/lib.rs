@@ -78,3 +78,39 @@ pub async fn request_mode(
     )
     .await
 }
+
+/// Ask the rebootd at `socket` to persist `target` without rebooting.
+pub async fn request_set_next(
+    socket: &std::path::Path,
+    target: record::Target,
+    timeout: Duration,
+) -> Result<(), transport::TransportError> {
+    transport::call_unix(
+        socket,
+        timeout,
+        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
+            let mut req = client.set_next_request();
+            req.get().set_target(target.as_str());
+            req.send().promise.await?;
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// Ask the rebootd at `socket` to record a factory wipe and reboot to
+/// recovery; returns whether a real reboot was started.
+pub async fn request_factory_wipe(
+    socket: &std::path::Path,
+    timeout: Duration,
+) -> Result<bool, transport::TransportError> {
+    transport::call_unix(
+        socket,
+        timeout,
+        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
+            let resp = client.factory_wipe_request().send().promise.await?;
+            Ok(resp.get()?.get_rebooting())
+        },
+    )
+    .await
+}
