@@ -16,6 +16,7 @@ pub mod link;
 pub mod records;
 pub mod server;
 pub mod store;
+pub mod testkit;
 pub mod workers;
 
 use std::path::PathBuf;

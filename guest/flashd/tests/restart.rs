@@ -1,0 +1,173 @@
+//! The real flashd binary: markers in order, and a SIGKILL mid-segment followed by a restart
+//! on the same state dir resumes (resume point > 0) and installs the exact image.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{send_image, Client};
+use flashd::testkit::{build_image, noise, Capture, RunningServer};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+fn spawn(sock: &Path, state: &Path, out: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashd"))
+        .arg("--listen")
+        .arg(sock)
+        .arg("--state")
+        .arg(state)
+        .arg("--install")
+        .arg(out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => l2.lock().unwrap().push(l),
+                Err(_) => break,
+            }
+        }
+    });
+    Daemon { child, lines }
+}
+
+fn wait_marker(d: &Daemon, m: &str) {
+    for _ in 0..1000 {
+        if d.lines.lock().unwrap().iter().any(|l| l == m) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("no `{m}` in {:?}", d.lines.lock().unwrap());
+}
+
+#[test]
+fn binary_prints_the_five_markers_in_order_and_installs_the_exact_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state, out) = (
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("out.img"),
+    );
+    std::fs::create_dir(&state).unwrap();
+    let mut d = spawn(&sock, &state, &out);
+    wait_marker(&d, "flashd: ready");
+    let mut z = vec![0u8; 40_000];
+    z.extend(noise(4, 10_000));
+    let img = build_image("3", &[("kernel", noise(3, 30_000)), ("rootfs", z)], None).unwrap();
+    let mut c = Client::connect(&sock);
+    send_image(&mut c, &img, 8, 4096, None).unwrap();
+    wait_marker(&d, "flashd: installed");
+    c.send(proto::msg::Message::Info);
+    match c.expect("INFO_REPLY", |m| matches!(m, proto::msg::Message::InfoReply(_))) {
+        proto::msg::Message::InfoReply(r) => {
+            assert_eq!(r.installed.map(|i| i.version), Some("3".to_string()))
+        }
+        _ => unreachable!(),
+    }
+    d.child.kill().unwrap();
+    let _ = d.child.wait();
+    assert_eq!(std::fs::read(&out).unwrap(), img);
+    let lines = d.lines.lock().unwrap().clone();
+    assert_eq!(
+        lines,
+        vec![
+            "flashd: ready",
+            "flashd: hello host=testhost proto=1",
+            "flashd: wrote seg=kernel bytes=30000",
+            "flashd: wrote seg=rootfs bytes=50000",
+            "flashd: verify ok",
+            "flashd: installed",
+        ]
+    );
+}
+
+#[test]
+fn sigkill_mid_segment_then_restart_resumes_and_installs_the_exact_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state, out) = (
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("out.img"),
+    );
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(&out, b"previous").unwrap();
+    // One segment of 64 chunks of 4 KiB: a kill after 40 lands mid-segment.
+    let img = build_image("7", &[("rootfs", noise(7, 64 * 4096))], None).unwrap();
+
+    let mut d = spawn(&sock, &state, &out);
+    wait_marker(&d, "flashd: ready");
+    let mut c = Client::connect(&sock);
+    send_image(&mut c, &img, 4, 4096, Some(40)).unwrap();
+    // Give the background fsync a moment, then kill without warning.
+    std::thread::sleep(Duration::from_millis(100));
+    d.child.kill().unwrap();
+    let _ = d.child.wait();
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous", "nothing installed yet");
+    assert!(state.join("flash/journal.json").exists());
+
+    let mut d = spawn(&sock, &state, &out);
+    wait_marker(&d, "flashd: ready");
+    let mut c = Client::connect(&sock);
+    let resumed = send_image(&mut c, &img, 4, 4096, None).unwrap();
+    assert!(resumed > 0, "no resume point after the restart");
+    assert!(resumed <= 40);
+    wait_marker(&d, "flashd: installed");
+    d.child.kill().unwrap();
+    let _ = d.child.wait();
+    assert_eq!(std::fs::read(&out).unwrap(), img);
+}
+
+#[test]
+fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state, out) = (
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("out.img"),
+    );
+    std::fs::create_dir(&state).unwrap();
+    let img = build_image("8", &[("a", noise(8, 50 * 4096)), ("b", noise(9, 30 * 4096))], None)
+        .unwrap();
+    for stop in [10u32, 35, 60] {
+        let cap = Capture::new();
+        let srv = RunningServer::start_simple(&state, &out, &sock, cap).unwrap();
+        let mut c = Client::connect(&sock);
+        send_image(&mut c, &img, 4, 4096, Some(stop)).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        srv.kill();
+        assert!(!out.exists());
+    }
+    let cap = Capture::new();
+    let srv = RunningServer::start_simple(&state, &out, &sock, cap.clone()).unwrap();
+    let mut c = Client::connect(&sock);
+    let resumed = send_image(&mut c, &img, 4, 4096, None).unwrap();
+    assert!(resumed >= 50, "resumed at {resumed}");
+    assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
+    srv.kill();
+    assert_eq!(std::fs::read(&out).unwrap(), img);
+    // A second identical send is a no-op that still ends installed/unchanged.
+    let cap = Capture::new();
+    let srv = RunningServer::start_simple(&state, &out, &sock, cap.clone()).unwrap();
+    let mut c = Client::connect(&sock);
+    send_image(&mut c, &img, 4, 4096, None).unwrap();
+    assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
+    srv.kill();
+    assert!(!cap.markers().iter().any(|m| m.starts_with("flashd: wrote")));
+    let receipt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("flash/last-install.json")).unwrap())
+            .unwrap();
+    assert_eq!(receipt["state"], "unchanged");
+}
