@@ -20,6 +20,21 @@ pub struct Contract {
     pub defaults: Defaults,
     /// Profiles by name.
     pub profile: BTreeMap<String, Profile>,
+    /// What flashd prints during one successful transfer (checked by the flash e2e tests).
+    #[serde(default)]
+    pub flash: FlashMarkers,
+}
+
+/// flashd's markers for one successful transfer, in order.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlashMarkers {
+    /// Ordered markers.
+    #[serde(default)]
+    pub markers: Vec<String>,
+    /// Markers a resumed transfer must show (after the cut), in order.
+    #[serde(default)]
+    pub resume_markers: Vec<String>,
 }
 
 /// Settings for every profile.
@@ -261,6 +276,10 @@ mod tests {
         assert!(ns.forbidden.iter().any(|f| f == "flashd: installed"));
         assert!(ns.markers.iter().any(|m| m.contains("stub/placeholder")));
         assert!(c.get("nope").is_err());
+        assert_eq!(
+            c.flash.markers.last().map(String::as_str),
+            Some("flashd: installed")
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod ci;
 mod codegen;
 mod demo;
 mod disks;
+mod e2e;
 mod guest;
 mod initramfs;
 mod kernel;
@@ -34,6 +35,8 @@ enum Cmd {
     Guest(guest::Args),
     /// Boot a profile in QEMU and check its marker contract (qemu/markers.toml).
     QemuTest(qemu_test::Args),
+    /// Flash end-to-end scenarios in QEMU (flash, cut + resume, power cut + resume).
+    E2e(e2e::Args),
     /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
     Recovery(recovery::Args),
     /// Benchmarks (not tests): `cargo xtask bench [flash|fanout]`.
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Cmd::Guest(a) => guest::run(a),
         Cmd::QemuTest(a) => qemu_test::run(a),
         Cmd::Recovery(a) => recovery::run(a),
+        Cmd::E2e(a) => e2e::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Codegen(a) => codegen::run(a),
     };

@@ -41,7 +41,10 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     } else {
         (s, 1000)
     };
-    let n: u64 = num.trim().parse().with_context(|| format!("bad duration {s:?} (use e.g. 120s, 2m, 500ms)"))?;
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("bad duration {s:?} (use e.g. 120s, 2m, 500ms)"))?;
     Ok(Duration::from_millis(n.saturating_mul(mul_ms)))
 }
 
@@ -59,13 +62,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let timeout = parse_duration(&args.timeout)?;
     let ready = run_profile(&profile, timeout, args.until_marker, args.echo)?;
     if let Some(r) = ready {
-        println!("[ok] {profile}: boot to ready took {:.2} s", r.as_secs_f64());
+        println!(
+            "[ok] {profile}: boot to ready took {:.2} s",
+            r.as_secs_f64()
+        );
     }
     Ok(())
 }
 
 /// Boot `profile` and check it. Returns the measured boot-to-ready time.
-pub fn run_profile(profile: &str, timeout: Duration, until_marker: bool, echo: bool) -> anyhow::Result<Option<Duration>> {
+pub fn run_profile(
+    profile: &str,
+    timeout: Duration,
+    until_marker: bool,
+    echo: bool,
+) -> anyhow::Result<Option<Duration>> {
     let contract = Contract::load(&util::root().join("qemu/markers.toml"))?;
     let p = contract.get(profile).map_err(anyhow::Error::msg)?;
     let mut cfg = Config::new(&util::build_dir()).apply_env();
@@ -94,9 +105,17 @@ pub fn run_profile(profile: &str, timeout: Duration, until_marker: bool, echo: b
     }
     if !until_marker {
         let left = timeout.saturating_sub(started.elapsed());
-        eprintln!("xtask: markers seen; keeping the guest up for {:.0} s (RUN_UNTIL_MARKER=1 stops now)", left.as_secs_f64());
+        eprintln!(
+            "xtask: markers seen; keeping the guest up for {:.0} s (RUN_UNTIL_MARKER=1 stops now)",
+            left.as_secs_f64()
+        );
         runner.wait_finished(left);
-        let forbidden: Vec<&String> = contract.defaults.forbidden.iter().chain(p.forbidden.iter()).collect();
+        let forbidden: Vec<&String> = contract
+            .defaults
+            .forbidden
+            .iter()
+            .chain(p.forbidden.iter())
+            .collect();
         for f in forbidden {
             if runner.console_contains(f) {
                 runner.stop();
