@@ -66,6 +66,9 @@ const INDEX_ENTRY_LEN: usize = 8 + 4 + 16;
 pub type ChunkHash = [u8; 16];
 
 /// Message type codes (the frame's `msg_type`).
+///
+/// `0x52` is reserved for the Cap'n Proto RPC link on the reboot/bootctl ports
+/// ([`crate::rpc::link::RPC_DATA`]); no flashing message may use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MsgType {
@@ -1244,6 +1247,11 @@ impl Abort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpc_link_type_is_not_a_flashing_message() {
+        assert!(MsgType::from_u8(crate::rpc::link::RPC_DATA).is_none());
+    }
 
     #[test]
     fn segment_names() {
