@@ -1,14 +1,72 @@
-//! `cargo xtask ci` — everything CI runs, in order, stopping at the first failure.
+//! `cargo xtask ci` — everything CI runs, in order: host packages, fmt, clippy, unit and
+//! in-process tests, the guest build, every QEMU marker profile of `qemu/markers.toml`, and
+//! the flash e2e scenarios. The host checks stop at the first failure; the QEMU runs all go
+//! and the summary line counts them.
 
-use crate::util::{cargo, run_cmd};
+use crate::util::{self, cargo, run_cmd};
+use std::time::{Duration, Instant};
 
 /// Arguments of `cargo xtask ci`.
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// Skip the QEMU marker tests and e2e scenarios.
+    #[arg(long)]
+    pub no_qemu: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
+/// Timeout per marker profile.
+const PROFILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    util::stage("host packages");
+    util::ensure_tools(util::HOST_TOOLS)?;
+    util::stage("fmt");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    util::stage("clippy");
     run_cmd(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    util::stage("tests");
     run_cmd(cargo().args(["test", "--workspace"]))?;
+    if args.no_qemu {
+        return Ok(());
+    }
+    util::stage("guest build");
+    crate::guest::build(&crate::guest::Args::default())?;
+
+    let contract = nx_qemu::markers::Contract::load(&util::root().join("qemu/markers.toml"))?;
+    let mut passed = 0usize;
+    let mut failed: Vec<String> = Vec::new();
+    for name in contract.profile.keys() {
+        util::stage(&format!("qemu marker profile {name}"));
+        match crate::qemu_test::run_profile(name, PROFILE_TIMEOUT, true, false) {
+            Ok(ready) => {
+                passed += 1;
+                if let Some(r) = ready {
+                    println!("qemu: {name}: boot to ready {:.2} s", r.as_secs_f64());
+                }
+            }
+            Err(e) => {
+                eprintln!("[error] qemu profile {name}: {e:#}");
+                failed.push(format!("profile {name}"));
+            }
+        }
+    }
+    for name in crate::e2e::SCENARIOS {
+        util::stage(&format!("e2e {name}"));
+        match crate::e2e::run_scenario(name, false) {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                eprintln!("[error] e2e {name}: {e:#}");
+                failed.push(format!("e2e {name}"));
+            }
+        }
+    }
+    util::stage("summary");
+    eprintln!("xtask: ci took {:.0} s", t0.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        eprintln!("failed: {}", failed.join(", "));
+    }
+    println!("qemu: {passed} passed, {} failed", failed.len());
+    anyhow::ensure!(failed.is_empty(), "{} QEMU test(s) failed", failed.len());
     Ok(())
 }

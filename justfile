@@ -1,0 +1,38 @@
+# nexus provisioning & recovery — every recipe only wraps `cargo xtask` (see xtask/).
+# `just` is not in Debian bookworm: `cargo install just`, or call `cargo xtask …` directly.
+
+# List the recipes.
+default:
+    @just --list
+
+# Build kernel, static guest binaries, ramdisks, state/slot disks, demo image into build/.
+guest *ARGS:
+    cargo xtask guest {{ARGS}}
+
+# Boot recovery (RECOVERY=1), flash build/nexus-os.img over virtio-serial, leave the guest up.
+recovery *ARGS:
+    cargo xtask recovery {{ARGS}}
+
+# The whole story from a fresh machine: packages, guest build, boot recovery, flash.
+demo *ARGS:
+    cargo xtask demo {{ARGS}}
+
+# Boot a marker profile of qemu/markers.toml and check it (PROFILE=, RECOVERY=1, RUN_TIMEOUT=, RUN_UNTIL_MARKER=1).
+qemu-test *ARGS:
+    cargo xtask qemu-test {{ARGS}}
+
+# Flash e2e scenarios in QEMU (flash, cut + resume, power cut + resume).
+e2e *ARGS:
+    cargo xtask e2e {{ARGS}}
+
+# Everything CI runs.
+ci:
+    cargo xtask ci
+
+# Benchmarks.
+bench *ARGS:
+    cargo xtask bench {{ARGS}}
+
+# Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
+codegen *ARGS:
+    cargo xtask codegen {{ARGS}}
