@@ -12,6 +12,9 @@ pub struct Args {
     /// Skip the QEMU marker tests and e2e scenarios.
     #[arg(long)]
     pub no_qemu: bool,
+    /// Only the guest build, QEMU marker profiles and e2e scenarios (skip fmt/clippy/tests).
+    #[arg(long, conflicts_with = "no_qemu")]
+    pub qemu_only: bool,
 }
 
 /// Timeout per marker profile.
@@ -21,15 +24,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     util::stage("host packages");
     util::ensure_tools(util::HOST_TOOLS)?;
-    util::stage("fmt");
-    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    util::stage("clippy");
-    run_cmd(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    util::stage("tests");
-    run_cmd(cargo().args(["test", "--workspace"]))?;
+    if !args.qemu_only {
+        host_checks()?;
+    }
     if args.no_qemu {
         return Ok(());
     }
+    qemu_tests(t0)
+}
+
+/// fmt, clippy, unit and in-process tests.
+fn host_checks() -> anyhow::Result<()> {
+    util::stage("fmt");
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    util::stage("clippy");
+    run_cmd(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    util::stage("tests");
+    run_cmd(cargo().args(["test", "--workspace"]))?;
+    Ok(())
+}
+
+/// Guest build, every marker profile, the e2e scenarios; all run, then the summary line.
+fn qemu_tests(t0: Instant) -> anyhow::Result<()> {
     util::stage("guest build");
     crate::guest::build(&crate::guest::Args::default())?;
 
