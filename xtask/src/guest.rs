@@ -199,7 +199,7 @@ fn build_guest_binaries() -> anyhow::Result<BTreeMap<String, PathBuf>> {
             "-C target-feature=+crt-static",
         )
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
     run_cmd(&mut cmd).context("static guest build failed")?;
     let dir = util::root()
         .join("target/guest")
