@@ -41,7 +41,7 @@ const NORMAL_BINS: &[(&str, bool)] = &[
 ];
 
 /// Arguments of `cargo xtask guest`.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Recreate everything: fetch the newest kernel, new state.img / disk.img (wipes /state and
     /// both slots), rebuild the demo image.
@@ -50,6 +50,15 @@ pub struct Args {
     /// Version written into the demo image's /etc/os-release.
     #[arg(long, default_value = DEMO_VERSION)]
     pub demo_version: String,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            fresh: false,
+            demo_version: DEMO_VERSION.to_string(),
+        }
+    }
 }
 
 /// Where `cargo xtask guest` puts things.
