@@ -1,7 +1,6 @@
 //! Shared helpers for the session tests: test images, a simulated target shell
 //! (staging with a page cache that a crash can lose, journal, install) and a host
 //! shell. Pure proto, no tokio.
-#![allow(dead_code)]
 
 use bytes::{Bytes, BytesMut};
 use proto::frame::{Frame, FrameDecoder, FrameError};

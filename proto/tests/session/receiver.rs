@@ -1,14 +1,11 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Receiver transitions, one by one, against hand-made host frames.
 
-mod session_support;
-
+use crate::support::*;
 use bytes::Bytes;
 use proto::frame::Frame;
 use proto::image::{public_key_of, sign_manifest, ImageHead};
 use proto::msg::*;
 use proto::session::*;
-use session_support::*;
 
 const CHUNK: u32 = 8192;
 

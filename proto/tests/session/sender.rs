@@ -1,15 +1,12 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Sender transitions, one by one, against hand-made target replies.
-
-mod session_support;
 
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use proto::frame::Frame;
 use proto::msg::*;
 use proto::session::*;
-use session_support::*;
 
 const MS: Duration = Duration::from_millis(1);
 

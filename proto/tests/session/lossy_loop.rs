@@ -1,18 +1,15 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Sender ↔ receiver over a simulated lossy link: dropped frames, flipped bits, cuts at
 //! random points, receiver crashes (losing unsynced writes) — every run must end with
 //! the installed bytes identical to the image. Pure proto, no tokio, deterministic seeds.
 
-mod session_support;
-
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::BytesMut;
 use proto::frame::{Frame, FrameDecoder};
 use proto::msg::{DoneStatus, ErrorCode};
 use proto::session::*;
-use session_support::*;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Faults {
