@@ -27,7 +27,23 @@ interface Reboot {
   # reboots later; the selftest checks the flag).
   setNext @2 (target :Text) -> ();
 
-  # Issue 6: record a factory-wipe request (STATE/boot/factory_wipe), set the
-  # next boot to recovery and reboot. recovery-init performs the wipe.
+  # Record a factory-wipe request (STATE/boot/factory_wipe), set the next boot
+  # to recovery and reboot. recovery-init performs the wipe (nx-reset) before it
+  # starts any service, and removes the request only when the wipe is complete.
   factoryWipe @3 () -> (rebooting :Bool);
+
+  # The factory-reset plan of STATE (nx-reset plan JSON, format 1, at most
+  # 384 KiB): every path under apps/content/settings a wipe would remove and
+  # everything preserved, with sizes. Read only. `device` is the name the
+  # operator types to confirm a reset. Fails without a persistent /state.
+  resetPlan @4 () -> (json :Text, device :Text);
+
+  # The newest diagnostics bundle STATE/recovery/diag-<n>.tar.zst (nx-diag),
+  # at most 448 KiB. With `create`, a new bundle is written first (prints
+  # `recovery: diag written (bytes=<n>)`). Fails when there is none.
+  fetchDiag @5 (create :Bool) -> (name :Text, data :Data);
+
+  # Remove the next-boot record: the next boot is the firmware's default
+  # (normal). The selftest uses it to restore "no record".
+  clearNext @6 () -> ();
 }

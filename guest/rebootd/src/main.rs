@@ -27,6 +27,16 @@ struct Args {
     /// How to reboot: `auto` signals PID 1 only when managed by our /init.
     #[arg(long, value_enum, default_value_t = rebootd::pid1::MethodArg::Auto)]
     reboot_method: rebootd::pid1::MethodArg,
+    /// The device name operators type to confirm a factory reset
+    /// (default: the kernel hostname when it is a plain name, else `nexus`).
+    #[arg(long)]
+    device: Option<String>,
+    /// bootctld's socket for the JSON view in new diag bundles, or `none`.
+    #[arg(long, default_value = rebootd::nx_diag::BOOTCTLD_SOCKET)]
+    bootctld: String,
+    /// A console/marker log file that new diag bundles include (its tail).
+    #[arg(long)]
+    console_log: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +61,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             rebootd::DEFAULT_SOCKET
         );
     }
+    let mut options = rebootd::Options::default();
+    if let Some(device) = args.device {
+        if !rebootd::nx_reset::is_device_name(&device) {
+            anyhow::bail!("--device {device:?}: use 1..=64 of [A-Za-z0-9._-]");
+        }
+        options.device = device;
+    }
+    options.bootctld_socket = (args.bootctld != "none").then(|| PathBuf::from(&args.bootctld));
+    options.console_log = args.console_log;
     let config = rebootd::Config {
         state: args.state,
         require_mountpoint: !args.allow_unmounted_state,
@@ -63,7 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("could not start the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     local
-        .block_on(&rt, rebootd::run(config))
+        .block_on(&rt, rebootd::run_with(config, options))
         .context("rebootd failed")?;
     Ok(())
 }

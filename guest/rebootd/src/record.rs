@@ -209,6 +209,32 @@ impl Store {
         }
     }
 
+    /// Remove the next-boot record (durably); `Ok(false)`: RAM only.
+    pub fn clear_next(&mut self) -> Result<bool, RecordError> {
+        match self {
+            Store::Dir(dir) => {
+                fsutil::remove_durable(dir, NEXT_MODE_FILE).map_err(|source| RecordError::Io {
+                    what: "could not remove",
+                    path: dir.join(NEXT_MODE_FILE),
+                    source,
+                })?;
+                Ok(true)
+            }
+            Store::Ram { pending, .. } => {
+                pending.target = None;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The state dir the records live in (the parent of `STATE/boot`); `None` in RAM-only mode.
+    pub fn state_root(&self) -> Option<&Path> {
+        match self {
+            Store::Dir(dir) => dir.parent(),
+            Store::Ram { .. } => None,
+        }
+    }
+
     /// Persist the factory-wipe request (`Ok(false)`: RAM only).
     pub fn set_factory_wipe(&mut self) -> Result<bool, RecordError> {
         match self {
@@ -285,6 +311,18 @@ mod tests {
         let p = s.pending().unwrap();
         assert_eq!(p.target, Some(Target::Recovery));
         assert!(p.factory_wipe);
+        assert_eq!(s.state_root(), Some(d.path()));
+        assert!(s.clear_next().unwrap());
+        assert!(!d.path().join("boot/next_mode").exists());
+        assert_eq!(s.pending().unwrap().target, None);
+        assert!(s.clear_next().unwrap());
+        assert!(s.set_next(Target::Recovery).unwrap());
+        // The request format is the one nx-reset's wipe consumes.
+        assert_eq!(FACTORY_WIPE_CONTENT, nx_reset::REQUEST_CONTENT);
+        assert_eq!(
+            format!("{BOOT_SUBDIR}/{FACTORY_WIPE_FILE}"),
+            nx_reset::REQUEST
+        );
         std::fs::write(d.path().join("boot/next_mode"), b"garbage").unwrap();
         assert!(s.pending().is_err());
         std::fs::write(d.path().join("boot/next_mode"), vec![b'x'; 1 << 20]).unwrap();

@@ -2,20 +2,40 @@
 
 use crate::pid1::{self, RebootMethod};
 use crate::record::{Pending, RecordError, Store, Target};
+use crate::Options;
 use capnp::capability::Rc;
 use proto::rpc::reboot_capnp::reboot;
 use std::cell::RefCell;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Largest plan JSON served by `resetPlan()` (the host reads at most 512 KiB per message).
+pub const MAX_PLAN_JSON: usize = 384 * 1024;
 
 /// The next-boot authority: the record store plus the reboot method.
 pub struct RebootService {
     inner: RefCell<Inner>,
+    options: Options,
 }
 
 struct Inner {
     store: Store,
     method: RebootMethod,
     delay: Duration,
+}
+
+/// The state root of a persistent store, or why there is none.
+fn persistent_root(store: &Store, what: &str) -> Result<PathBuf, capnp::Error> {
+    match (store.state_root(), store.not_persistent_reason()) {
+        (Some(root), None) => Ok(root.to_path_buf()),
+        (_, reason) => {
+            Err(capnp::Error::failed(format!(
+            "{what} needs the guest's /state, and rebootd runs without it (stub/placeholder: {}); \
+             attach the state disk and boot again",
+            reason.map(|r| r.to_string()).unwrap_or_else(|| "no state dir".into())
+        )))
+        }
+    }
 }
 
 fn rpc_err(e: RecordError) -> capnp::Error {
@@ -29,15 +49,42 @@ fn text_arg(t: capnp::text::Reader<'_>) -> Result<String, capnp::Error> {
 }
 
 impl RebootService {
-    /// A service over `store`, rebooting with `method`.
+    /// A service over `store`, rebooting with `method` (default [`Options`]).
     pub fn new(store: Store, method: RebootMethod) -> Self {
+        Self::with_options(store, method, Options::default())
+    }
+
+    /// A service with explicit [`Options`] (device name, diag sources).
+    pub fn with_options(store: Store, method: RebootMethod, options: Options) -> Self {
         RebootService {
             inner: RefCell::new(Inner {
                 store,
                 method,
                 delay: pid1::REBOOT_DELAY,
             }),
+            options,
         }
+    }
+
+    /// The device name confirmations use.
+    pub fn device(&self) -> &str {
+        &self.options.device
+    }
+
+    /// Remove the next-boot record.
+    pub fn clear_next(&self) -> Result<(), RecordError> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.store.clear_next()? {
+            println!("rebootd: next-boot record cleared");
+        } else {
+            println!("rebootd: next-boot record cleared (stub/placeholder: RAM only)");
+        }
+        Ok(())
+    }
+
+    /// The state root when records are persistent (for the plan and diag).
+    fn state_root(&self, what: &str) -> Result<PathBuf, capnp::Error> {
+        persistent_root(&self.inner.borrow().store, what)
     }
 
     /// The records as they are now, and whether they are persistent.
@@ -151,5 +198,85 @@ impl reboot::Server for RebootService {
         let rebooting = RebootService::factory_wipe(&self).map_err(rpc_err)?;
         results.get().set_rebooting(rebooting);
         Ok(())
+    }
+
+    async fn reset_plan(
+        self: Rc<Self>,
+        _params: reboot::ResetPlanParams,
+        mut results: reboot::ResetPlanResults,
+    ) -> Result<(), capnp::Error> {
+        let root = self.state_root("the factory-reset plan")?;
+        let plan = tokio::task::spawn_blocking(move || nx_reset::plan(&root))
+            .await
+            .map_err(|e| capnp::Error::failed(format!("the plan task failed: {e}")))?
+            .map_err(|e| {
+                capnp::Error::failed(format!("cannot compute the factory-reset plan: {e}"))
+            })?;
+        let json = plan.to_json();
+        if json.len() > MAX_PLAN_JSON {
+            return Err(capnp::Error::failed(format!(
+                "the factory-reset plan is {} bytes, more than the {MAX_PLAN_JSON}-byte bound",
+                json.len()
+            )));
+        }
+        let mut r = results.get();
+        r.set_json(json.as_str());
+        r.set_device(self.options.device.as_str());
+        Ok(())
+    }
+
+    async fn fetch_diag(
+        self: Rc<Self>,
+        params: reboot::FetchDiagParams,
+        mut results: reboot::FetchDiagResults,
+    ) -> Result<(), capnp::Error> {
+        let create = params.get()?.get_create();
+        let root = self.state_root("a diag bundle")?;
+        if create {
+            let view = match &self.options.bootctld_socket {
+                Some(sock) => nx_diag::bootctl::fetch(sock, Duration::from_secs(3)).await,
+                None => nx_diag::bootctl::View::Unavailable(
+                    "rebootd has no bootctld socket configured".into(),
+                ),
+            };
+            let cfg = nx_diag::Config {
+                state_root: root.clone(),
+                // The store already decided that this state dir is persistent.
+                require_mountpoint: false,
+                kmsg_sources: self.options.kmsg_sources.clone(),
+                console_log: self.options.console_log.clone(),
+            };
+            tokio::task::spawn_blocking(move || {
+                nx_diag::run(&cfg, &view, &mut |line| println!("{line}"))
+            })
+            .await
+            .map_err(|e| capnp::Error::failed(format!("the diag task failed: {e}")))?
+            .map_err(|e| capnp::Error::failed(format!("cannot write a diag bundle: {e}")))?;
+        }
+        let latest_root = root.clone();
+        let latest = tokio::task::spawn_blocking(move || nx_diag::store::read_latest(&latest_root))
+            .await
+            .map_err(|e| capnp::Error::failed(format!("the diag task failed: {e}")))?
+            .map_err(|e| {
+                capnp::Error::failed(format!("cannot read the newest diag bundle: {e}"))
+            })?;
+        let Some((name, data)) = latest else {
+            return Err(capnp::Error::failed(format!(
+                "no diag bundle in {}/recovery yet: run `diag` in the recovery shell, or ask for a new one (`nx recovery diag --new`)",
+                root.display()
+            )));
+        };
+        let mut r = results.get();
+        r.set_name(name.as_str());
+        r.set_data(&data);
+        Ok(())
+    }
+
+    async fn clear_next(
+        self: Rc<Self>,
+        _params: reboot::ClearNextParams,
+        _results: reboot::ClearNextResults,
+    ) -> Result<(), capnp::Error> {
+        RebootService::clear_next(&self).map_err(rpc_err)
     }
 }
