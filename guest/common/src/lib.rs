@@ -1,6 +1,7 @@
 //! Shared guest library: ports by name, console markers, `/state` layout, block devices by
-//! label / GPT partition name, kernel command line, module loading and the PID 1 supervisor
-//! used by both `recovery-init` and the normal `init`.
+//! label / GPT partition name, kernel command line, module loading, the PID 1 supervisor
+//! used by both `recovery-init` and the normal `init`, and the slot rootfs (image head in a
+//! slot partition → verified `rootfs` segment → read-only loop device → squashfs mount).
 //!
 //! Architecture invariant: nothing read from the host (port names, sysfs contents, file
 //! contents on `/state`, the kernel command line) is trusted: every read is bounded and every
@@ -10,10 +11,12 @@
 pub mod blockdev;
 pub mod bounded;
 pub mod cmdline;
+pub mod loopdev;
 pub mod marker;
 pub mod modules;
 pub mod pid1;
 pub mod port;
+pub mod slotfs;
 pub mod state;
 pub mod supervisor;
 pub mod sys;

@@ -1,0 +1,534 @@
+//! The root file system of an A/B slot.
+//!
+//! A slot partition (`system_a` / `system_b`) holds an image file written byte for byte at the
+//! partition start (docs/provisioning/overview.md). To boot it, the normal init reads the head
+//! from the partition (bounded, strictly parsed by `proto::image`), finds segment `rootfs`,
+//! checks its SHA-256 against the manifest, exposes exactly that byte range as a read-only
+//! loop device and mounts it as squashfs, read-only. `/etc/os-release` inside gives the
+//! version. Nothing on the partition is trusted: it may be blank, half-written (power cut),
+//! junk, or an image whose rootfs is not a file system.
+//!
+//! Errors tell apart a fault of the *slot* (its content is unusable: never confirm it, it
+//! rolls back) from a fault of the *environment* (no loop driver, no squashfs driver: not
+//! the slot's fault, never mark it bad for that) — [`SlotFsError::is_slot_fault`].
+
+use crate::loopdev::{self, Range};
+use proto::image::{Header, ImageHead, HEADER_LEN};
+use proto::manifest::{validate_version, Segment, SegmentHasher};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The image segment holding the root file system.
+pub const ROOTFS_SEGMENT: &str = "rootfs";
+/// Where the normal init mounts the booted slot's rootfs.
+pub const SYSROOT: &str = "/sysroot";
+/// Largest os-release file read.
+pub const MAX_OS_RELEASE: usize = 4096;
+/// Read size while hashing the rootfs segment.
+const HASH_CHUNK: usize = 1 << 20;
+
+/// Why a slot's rootfs cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotFsError {
+    /// Reading the partition failed.
+    #[error("reading {path} failed: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The partition does not start with a valid image head (blank, junk, half-written).
+    #[error("{path} holds no valid nexus image: {reason}")]
+    NoImage { path: PathBuf, reason: String },
+    /// The image is larger than the partition (cannot be a complete install).
+    #[error("the image in {path} is {total} bytes but the partition holds only {capacity}")]
+    Truncated {
+        path: PathBuf,
+        total: u64,
+        capacity: u64,
+    },
+    /// The image has no `rootfs` segment.
+    #[error("the image in {path} (version {version}) has no `rootfs` segment (segments: {segments})")]
+    NoRootfs {
+        path: PathBuf,
+        version: String,
+        segments: String,
+    },
+    /// The rootfs bytes do not match the manifest.
+    #[error("the rootfs segment in {path} does not match its manifest: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    /// No loop device (environment).
+    #[error("cannot attach a loop device to the rootfs segment of {path}: {source}")]
+    Loop {
+        path: PathBuf,
+        #[source]
+        source: crate::Error,
+    },
+    /// The mount point could not be prepared (environment).
+    #[error("cannot prepare mount point {path}: {source}")]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        source: crate::Error,
+    },
+    /// The rootfs segment does not mount as squashfs.
+    #[error("the rootfs segment of {path} does not mount as squashfs ({loop_dev}): {source}")]
+    Mount {
+        path: PathBuf,
+        loop_dev: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/etc/os-release` is missing, too large, or has no usable VERSION.
+    #[error("os-release of the rootfs in {path}: {reason}")]
+    OsRelease { path: PathBuf, reason: String },
+}
+
+impl SlotFsError {
+    /// True when the slot's content is at fault (the slot must not be confirmed and may be
+    /// marked bad); false for a problem of the booted environment (missing drivers).
+    pub fn is_slot_fault(&self) -> bool {
+        match self {
+            SlotFsError::Loop { .. } | SlotFsError::MountPoint { .. } => false,
+            // No squashfs driver at all: the environment.
+            SlotFsError::Mount { source, .. } => source.raw_os_error() != Some(libc::ENODEV),
+            _ => true,
+        }
+    }
+}
+
+/// A mounted slot rootfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mounted {
+    /// The loop device carrying the rootfs segment.
+    pub loop_dev: PathBuf,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// `VERSION` of the rootfs' os-release.
+    pub version: String,
+    /// The image version in the manifest.
+    pub image_version: String,
+    /// Bytes of the rootfs segment.
+    pub rootfs_bytes: u64,
+}
+
+fn read_exact_at(f: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), SlotFsError> {
+    f.read_exact_at(buf, offset)
+        .map_err(|source| SlotFsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Size of a file or block device.
+pub fn capacity(f: &File, path: &Path) -> Result<u64, SlotFsError> {
+    let mut h = f;
+    std::io::Seek::seek(&mut h, std::io::SeekFrom::End(0)).map_err(|source| SlotFsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Read and strictly parse the image head at the start of `f` (`capacity` bytes long).
+pub fn read_head(f: &File, path: &Path, capacity: u64) -> Result<ImageHead, SlotFsError> {
+    let no_image = |reason: String| SlotFsError::NoImage {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if capacity < HEADER_LEN as u64 {
+        return Err(no_image(format!("only {capacity} bytes")));
+    }
+    let mut header = vec![0u8; HEADER_LEN];
+    read_exact_at(f, path, &mut header, 0)?;
+    if header.iter().all(|&b| b == 0) {
+        return Err(no_image("the partition is blank (never imaged)".into()));
+    }
+    let h = Header::parse(&header).map_err(|e| no_image(e.to_string()))?;
+    // Header::parse bounds data_offset by MAX_HEAD_LEN (2 MiB), so this allocation is bounded.
+    let head_len = usize::try_from(h.data_offset).map_err(|_| no_image("head too large".into()))?;
+    if h.data_offset > capacity {
+        return Err(no_image(format!(
+            "head of {} bytes is larger than the partition",
+            h.data_offset
+        )));
+    }
+    let mut head = vec![0u8; head_len];
+    read_exact_at(f, path, &mut head, 0)?;
+    let parsed = ImageHead::parse(&head).map_err(|e| no_image(e.to_string()))?;
+    if parsed.manifest.total_size > capacity {
+        return Err(SlotFsError::Truncated {
+            path: path.to_path_buf(),
+            total: parsed.manifest.total_size,
+            capacity,
+        });
+    }
+    Ok(parsed)
+}
+
+/// The `rootfs` segment of a parsed head.
+pub fn rootfs_segment(head: &ImageHead, path: &Path) -> Result<Segment, SlotFsError> {
+    head.manifest
+        .segment(ROOTFS_SEGMENT)
+        .cloned()
+        .ok_or_else(|| SlotFsError::NoRootfs {
+            path: path.to_path_buf(),
+            version: head.manifest.version.clone(),
+            segments: head
+                .manifest
+                .segments
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Hash the segment's bytes on `f` and compare with the manifest (size, SHA-256, data ranges).
+pub fn verify_segment(f: &File, path: &Path, seg: &Segment) -> Result<(), SlotFsError> {
+    let mut hasher = SegmentHasher::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut done = 0u64;
+    while done < seg.size {
+        let n = usize::try_from((seg.size - done).min(HASH_CHUNK as u64)).unwrap_or(HASH_CHUNK);
+        let piece = buf.get_mut(..n).unwrap_or_default();
+        read_exact_at(f, path, piece, seg.offset + done)?;
+        hasher.update(piece);
+        done += n as u64;
+    }
+    seg.check(&hasher.finish())
+        .map_err(|e| SlotFsError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// The loop range of a segment: its bytes plus the zero padding to the next 4 KiB boundary
+/// (inside the image, so inside the partition once [`read_head`] checked `total_size`).
+pub fn segment_range(seg: &Segment) -> Range {
+    Range {
+        offset: seg.offset,
+        len: seg.padded_end().saturating_sub(seg.offset),
+    }
+}
+
+/// The version in an os-release text: `VERSION`, else `VERSION_ID` (quotes removed). It must be
+/// a valid image version (`[A-Za-z0-9._+~:-]{1,64}`), so it can go into a marker as is.
+pub fn os_release_version(text: &str) -> Result<String, String> {
+    let field = |key: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| {
+                let v = v.trim();
+                let unq = v
+                    .strip_prefix('"')
+                    .and_then(|x| x.strip_suffix('"'))
+                    .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+                    .unwrap_or(v);
+                unq.to_string()
+            })
+        })
+    };
+    let v = field("VERSION")
+        .or_else(|| field("VERSION_ID"))
+        .ok_or_else(|| "no VERSION= or VERSION_ID= line".to_string())?;
+    validate_version(&v).map_err(|e| format!("VERSION {v:?}: {e}"))?;
+    Ok(v)
+}
+
+/// Read `etc/os-release` (or `usr/lib/os-release`) of the tree at `root`, resolving symlinks
+/// inside that tree only (`RESOLVE_IN_ROOT`), bounded.
+pub fn read_os_release(root: &Path) -> Result<String, String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = File::open(root).map_err(|e| format!("open {}: {e}", root.display()))?;
+    let mut last = String::new();
+    for rel in ["etc/os-release", "usr/lib/os-release"] {
+        match rustix::fs::openat2(
+            dir.as_fd(),
+            rel,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV,
+        ) {
+            Ok(fd) => {
+                let f = File::from(fd);
+                let meta = f.metadata().map_err(|e| format!("{rel}: {e}"))?;
+                if !meta.is_file() {
+                    return Err(format!("{rel} is not a regular file"));
+                }
+                let mut buf = Vec::new();
+                let limit = u64::try_from(MAX_OS_RELEASE).unwrap_or(u64::MAX) + 1;
+                std::io::Read::read_to_end(&mut std::io::Read::take(&f, limit), &mut buf)
+                    .map_err(|e| format!("read {rel}: {e}"))?;
+                if buf.len() > MAX_OS_RELEASE {
+                    return Err(format!("{rel} is larger than {MAX_OS_RELEASE} bytes"));
+                }
+                return String::from_utf8(buf).map_err(|_| format!("{rel} is not UTF-8"));
+            }
+            Err(e) => last = format!("{rel}: {e}"),
+        }
+    }
+    Err(format!("no os-release ({last})"))
+}
+
+/// Everything up to the mount: open the partition read-only, parse the head, find and verify
+/// the rootfs segment. Returns the open partition, the head and the segment.
+pub fn check_slot(partition: &Path) -> Result<(File, ImageHead, Segment), SlotFsError> {
+    let f = File::open(partition).map_err(|source| SlotFsError::Read {
+        path: partition.to_path_buf(),
+        source,
+    })?;
+    let cap = capacity(&f, partition)?;
+    let head = read_head(&f, partition, cap)?;
+    let seg = rootfs_segment(&head, partition)?;
+    verify_segment(&f, partition, &seg)?;
+    Ok((f, head, seg))
+}
+
+/// Check the slot on `partition`, mount its rootfs read-only on `mountpoint` (squashfs on a
+/// read-only, autoclear loop device over exactly the segment's bytes) and read its version.
+/// On an os-release failure the file system is unmounted again.
+pub fn mount_rootfs(
+    partition: &Path,
+    mountpoint: &Path,
+    dev_dir: &Path,
+) -> Result<Mounted, SlotFsError> {
+    let (f, head, seg) = check_slot(partition)?;
+    crate::sys::mkdir_p(mountpoint).map_err(|source| SlotFsError::MountPoint {
+        path: mountpoint.to_path_buf(),
+        source,
+    })?;
+    let range = segment_range(&seg);
+    let dev = loopdev::attach_read_only(&f, &range, dev_dir).map_err(|source| {
+        SlotFsError::Loop {
+            path: partition.to_path_buf(),
+            source,
+        }
+    })?;
+    use rustix::mount::MountFlags;
+    rustix::mount::mount(
+        dev.path(),
+        mountpoint,
+        "squashfs",
+        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+        None,
+    )
+    .map_err(|e| SlotFsError::Mount {
+        path: partition.to_path_buf(),
+        loop_dev: dev.path().to_path_buf(),
+        source: e.into(),
+    })?;
+    let loop_dev = dev.path().to_path_buf();
+    // The mount holds the loop device now; with autoclear it detaches at unmount.
+    drop(dev);
+    let version = read_os_release(mountpoint).and_then(|t| os_release_version(&t));
+    match version {
+        Ok(version) => Ok(Mounted {
+            loop_dev,
+            mountpoint: mountpoint.to_path_buf(),
+            version,
+            image_version: head.manifest.version.clone(),
+            rootfs_bytes: seg.size,
+        }),
+        Err(reason) => {
+            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            Err(SlotFsError::OsRelease {
+                path: partition.to_path_buf(),
+                reason,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::manifest::SegmentDigest;
+
+    /// A minimal valid image with the given segments (name, bytes).
+    fn image(version: &str, segs: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let parts: Vec<(String, SegmentDigest)> = segs
+            .iter()
+            .map(|(n, b)| {
+                let mut h = SegmentHasher::new();
+                h.update(b);
+                (n.to_string(), h.finish())
+            })
+            .collect();
+        let m = proto::image::layout(version, &parts).unwrap();
+        let head = ImageHead::build(&m, None).unwrap().to_bytes();
+        let mut out = vec![0u8; usize::try_from(m.total_size).unwrap()];
+        out[..head.len()].copy_from_slice(&head);
+        for (s, (_, b)) in m.segments.iter().zip(segs) {
+            let o = usize::try_from(s.offset).unwrap();
+            out[o..o + b.len()].copy_from_slice(b);
+        }
+        out
+    }
+
+    fn part(bytes: &[u8], size: usize) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("system_a");
+        let mut v = bytes.to_vec();
+        v.resize(size.max(bytes.len()), 0);
+        std::fs::write(&p, v).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn finds_and_verifies_rootfs() {
+        let img = image("2", &[("rootfs", vec![7u8; 5000]), ("extra", vec![1u8; 10])]);
+        let (_d, p) = part(&img, 1 << 20);
+        let (_f, head, seg) = check_slot(&p).unwrap();
+        assert_eq!(head.manifest.version, "2");
+        assert_eq!(seg.size, 5000);
+        let r = segment_range(&seg);
+        assert_eq!(r.len, 8192);
+        r.check(1 << 20).unwrap();
+    }
+
+    #[test]
+    fn blank_junk_truncated_and_corrupt_slots_are_slot_faults() {
+        let (_d, p) = part(&[], 1 << 20);
+        let e = check_slot(&p).unwrap_err();
+        assert!(matches!(e, SlotFsError::NoImage { .. }), "{e}");
+        assert!(e.to_string().contains("blank"));
+        assert!(e.is_slot_fault());
+
+        let (_d, p) = part(&[0x5a; 8192], 1 << 20);
+        assert!(matches!(
+            check_slot(&p).unwrap_err(),
+            SlotFsError::NoImage { .. }
+        ));
+
+        let (_d, p) = part(&[1, 2, 3], 0);
+        assert!(matches!(
+            check_slot(&p).unwrap_err(),
+            SlotFsError::NoImage { .. }
+        ));
+
+        let img = image("1", &[("rootfs", vec![3u8; 100_000])]);
+        // Only part of the image fits (a partition smaller than the image).
+        let (_d, p) = part(&img[..img.len() - 8192], 0);
+        assert!(matches!(
+            check_slot(&p).unwrap_err(),
+            SlotFsError::Truncated { .. }
+        ));
+
+        // A half-written install: head fine, data missing (zeros).
+        let mut half = img.clone();
+        let n = half.len();
+        half[n - 20_000..].fill(0);
+        let (_d, p) = part(&half, 1 << 20);
+        let e = check_slot(&p).unwrap_err();
+        assert!(matches!(e, SlotFsError::Corrupt { .. }), "{e}");
+        assert!(e.is_slot_fault());
+
+        let img = image("1", &[("kernel", vec![3u8; 10])]);
+        let (_d, p) = part(&img, 1 << 20);
+        let e = check_slot(&p).unwrap_err();
+        assert!(e.to_string().contains("no `rootfs` segment (segments: kernel)"));
+    }
+
+    #[test]
+    fn environment_faults_are_not_slot_faults() {
+        let e = SlotFsError::Mount {
+            path: "/dev/vdb1".into(),
+            loop_dev: "/dev/loop0".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        assert!(!e.is_slot_fault());
+        let e = SlotFsError::Mount {
+            path: "/dev/vdb1".into(),
+            loop_dev: "/dev/loop0".into(),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        assert!(e.is_slot_fault());
+    }
+
+    #[test]
+    fn os_release_versions() {
+        assert_eq!(
+            os_release_version("NAME=\"nexus\"\nVERSION=\"2\"\nVERSION_ID=2\n").unwrap(),
+            "2"
+        );
+        assert_eq!(os_release_version("VERSION_ID=1.0.0\n").unwrap(), "1.0.0");
+        assert_eq!(os_release_version("VERSION='3'\n").unwrap(), "3");
+        assert!(os_release_version("NAME=x\n").is_err());
+        assert!(os_release_version("VERSION=\"1 (buster)\"\n").is_err());
+        assert!(os_release_version("VERSION=\"\"\n").is_err());
+    }
+
+    #[test]
+    fn os_release_stays_inside_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::create_dir_all(d.path().join("usr/lib")).unwrap();
+        std::fs::write(d.path().join("usr/lib/os-release"), "VERSION=9\n").unwrap();
+        // An absolute symlink resolves inside the tree, not on the host.
+        std::os::unix::fs::symlink("/usr/lib/os-release", d.path().join("etc/os-release"))
+            .unwrap();
+        let t = read_os_release(d.path());
+        assert_eq!(os_release_version(&t.unwrap()).unwrap(), "9");
+        // A symlink escaping with .. stays inside too.
+        std::fs::remove_file(d.path().join("etc/os-release")).unwrap();
+        std::os::unix::fs::symlink("../../../../../etc/hostname", d.path().join("etc/os-release"))
+            .unwrap();
+        std::fs::write(d.path().join("etc/hostname"), "VERSION=inside\n").unwrap();
+        assert_eq!(
+            os_release_version(&read_os_release(d.path()).unwrap()).unwrap(),
+            "inside"
+        );
+        std::fs::remove_file(d.path().join("etc/os-release")).unwrap();
+        std::fs::write(d.path().join("usr/lib/os-release"), "x".repeat(5000)).unwrap();
+        assert!(read_os_release(d.path()).unwrap_err().contains("larger"));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(read_os_release(empty.path())
+            .unwrap_err()
+            .contains("no os-release"));
+    }
+
+    /// The whole path on the build host when it allows it (root, loop devices, squashfs):
+    /// the demo image that `cargo xtask guest` builds, in a partition-like file, mounts and
+    /// reports its os-release version; the broken image is a slot fault.
+    #[test]
+    fn mount_demo_image_on_host_when_possible() {
+        let build = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build");
+        let demo = build.join("nexus-os.img");
+        if rustix::process::geteuid().as_raw() != 0 || !demo.exists() {
+            eprintln!("skipped: not root or no build/nexus-os.img (cargo xtask guest)");
+            return;
+        }
+        let (_d, p) = part(&std::fs::read(&demo).unwrap(), 4 << 20);
+        let mnt = tempfile::tempdir().unwrap();
+        match mount_rootfs(&p, mnt.path(), Path::new("/dev")) {
+            Ok(m) => {
+                // Unmount before asserting, so a failure leaves no mount behind.
+                let unmounted =
+                    rustix::mount::unmount(mnt.path(), rustix::mount::UnmountFlags::empty());
+                assert_eq!(m.version, m.image_version);
+                assert!(m.loop_dev.to_string_lossy().starts_with("/dev/loop"));
+                unmounted.unwrap();
+            }
+            Err(e) if !e.is_slot_fault() => {
+                eprintln!("skipped: cannot mount here ({e})");
+                return;
+            }
+            Err(SlotFsError::Mount { source, .. })
+                if source.raw_os_error() == Some(libc::EPERM) =>
+            {
+                eprintln!("skipped: mounting not permitted here");
+                return;
+            }
+            Err(e) => panic!("demo image did not mount: {e}"),
+        }
+        let broken = build.join("nexus-os-broken.img");
+        if broken.exists() {
+            let (_d, p) = part(&std::fs::read(&broken).unwrap(), 4 << 20);
+            let e = mount_rootfs(&p, mnt.path(), Path::new("/dev")).unwrap_err();
+            assert!(matches!(e, SlotFsError::Mount { .. }), "{e}");
+            assert!(e.is_slot_fault());
+        }
+    }
+}
