@@ -5,5 +5,7 @@
 pub mod boot;
 pub mod flash;
 pub mod image;
+pub mod recovery;
+pub mod reset;
 pub mod rpc_client;
 pub mod transport;

@@ -30,6 +30,10 @@ enum Command {
     Boot(nx_cli::boot::BootArgs),
     /// Flash an image to a target (send), query (info) and verify the install; reboot.
     Flash(nx_cli::flash::FlashArgs),
+    /// Factory reset: the exact plan (--dry-run), or wipe apps/content/settings after a double confirmation (talks to rebootd).
+    Reset(nx_cli::reset::ResetArgs),
+    /// Recovery tools: fetch the newest diagnostics bundle from the guest (talks to rebootd).
+    Recovery(nx_cli::recovery::RecoveryArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,8 @@ fn main() -> ExitCode {
         Command::Image(args) => nx_cli::image::run(args),
         Command::Boot(args) => nx_cli::boot::run(args),
         Command::Flash(args) => nx_cli::flash::run(args),
+        Command::Reset(args) => nx_cli::reset::run(args),
+        Command::Recovery(args) => nx_cli::recovery::run(args),
     };
     match result {
         Ok(code) => code,
