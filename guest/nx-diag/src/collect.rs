@@ -120,7 +120,7 @@ pub fn gather(cfg: &Config, bootctl: &View) -> Vec<Member> {
         (root.display().to_string(), truncated),
     );
 
-    let text = flash(root);
+    let text = flash_summary(root);
     push(
         &mut members,
         &mut notes,
@@ -397,8 +397,9 @@ fn shown_value(v: Option<&serde_json::Value>) -> String {
     }
 }
 
-/// flashd's records, summarised.
-fn flash(root: &Path) -> String {
+/// flashd's records under `root/flash`, summarised (the `flash.txt` member; the recovery
+/// menu's flash mode shows it too).
+pub fn flash_summary(root: &Path) -> String {
     let dir = root.join("flash");
     let mut s = String::new();
     let size_of = |name: &str| {

@@ -1,0 +1,267 @@
+//! The real backend: rebootd and bootctld over their guest-local unix sockets
+//! (`/run/rebootd.sock`, `/run/bootctld.sock`), nx-diag on `/state`, and a look at flashd
+//! through `/proc`. Every function is synchronous (it runs its own current-thread tokio
+//! runtime), so recovery-sh's built-ins can call them directly.
+
+use crate::{render_slots, Backend, Target};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where things are.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// The state dir (`/state`).
+    pub state_root: PathBuf,
+    /// Count an unmounted state dir as unusable for diag (in the guest it would be RAM).
+    pub require_mountpoint: bool,
+    /// rebootd's guest-local socket.
+    pub rebootd: PathBuf,
+    /// bootctld's guest-local socket.
+    pub bootctld: PathBuf,
+    /// A console/marker log file for diag bundles, when there is one.
+    pub console_log: Option<PathBuf>,
+    /// Kernel log sources for diag.
+    pub kmsg_sources: Vec<PathBuf>,
+    /// How long an RPC may take.
+    pub timeout: Duration,
+    /// `/proc` (tests use a fake one).
+    pub proc_root: PathBuf,
+    /// `/sys/class/virtio-ports` (tests use a fake one).
+    pub ports_root: PathBuf,
+    /// `/dev`.
+    pub dev_root: PathBuf,
+}
+
+impl GuestConfig {
+    /// The guest's paths.
+    pub fn guest() -> Self {
+        GuestConfig {
+            state_root: PathBuf::from("/state"),
+            require_mountpoint: true,
+            rebootd: PathBuf::from(rebootd::DEFAULT_SOCKET),
+            bootctld: PathBuf::from(bootctld::DEFAULT_SOCKET),
+            console_log: None,
+            kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
+            timeout: Duration::from_secs(10),
+            proc_root: PathBuf::from("/proc"),
+            ports_root: PathBuf::from("/sys/class/virtio-ports"),
+            dev_root: PathBuf::from("/dev"),
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|rt| rt.block_on(f))
+        .map_err(|e| format!("could not start a tokio runtime: {e}"))
+}
+
+/// Write a diag bundle (nx-diag): the console lines it printed (the
+/// `recovery: diag written (bytes=<n>)` marker last) and the outcome.
+pub fn diag(cfg: &GuestConfig) -> (Vec<String>, Result<nx_diag::Outcome, String>) {
+    let view = block_on(nx_diag::bootctl::fetch(
+        &cfg.bootctld,
+        Duration::from_secs(3),
+    ))
+    .unwrap_or_else(nx_diag::bootctl::View::Unavailable);
+    let dcfg = nx_diag::Config {
+        state_root: cfg.state_root.clone(),
+        require_mountpoint: cfg.require_mountpoint,
+        kmsg_sources: cfg.kmsg_sources.clone(),
+        console_log: cfg.console_log.clone(),
+    };
+    let mut lines = Vec::new();
+    let r =
+        nx_diag::run(&dcfg, &view, &mut |l| lines.push(l.to_string())).map_err(|e| e.to_string());
+    if let Err(e) = &r {
+        lines.push(format!("nx-diag: error: {e}"));
+    }
+    (lines, r)
+}
+
+/// The slot table from bootctld (`state()`), rendered.
+pub fn slot_status(cfg: &GuestConfig) -> Result<String, String> {
+    let (st, persistent) = block_on(bootctld::client::state(&cfg.bootctld))?.map_err(|e| {
+        format!(
+            "bootctld on {} did not answer ({e}); is bootctld running?",
+            cfg.bootctld.display()
+        )
+    })?;
+    Ok(render_slots(&st, persistent))
+}
+
+/// The factory-reset plan and device name from rebootd (`resetPlan()`), checked.
+pub fn reset_plan(cfg: &GuestConfig) -> Result<(nx_reset::Plan, String), String> {
+    let (json, device) = block_on(rebootd::request_reset_plan(&cfg.rebootd, cfg.timeout))?
+        .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))?;
+    let plan = nx_reset::Plan::from_json(&json)
+        .map_err(|e| format!("rebootd sent a plan that does not parse: {e}"))?;
+    if !plan.is_sane() {
+        return Err(
+            "rebootd's plan does not wipe exactly apps, content and settings; refusing".into(),
+        );
+    }
+    if !nx_reset::is_device_name(&device) {
+        return Err("rebootd reports a device name that is not a plain name; refusing".into());
+    }
+    Ok((plan, device))
+}
+
+/// rebootd `factoryWipe()` (records the request, next boot recovery, reboots).
+pub fn factory_wipe(cfg: &GuestConfig) -> Result<bool, String> {
+    block_on(rebootd::request_factory_wipe(&cfg.rebootd, cfg.timeout))?
+        .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))
+}
+
+/// rebootd `mode(target)` (persist the next-boot record and reboot).
+pub fn reboot(cfg: &GuestConfig, target: Target) -> Result<bool, String> {
+    block_on(rebootd::request_mode(&cfg.rebootd, target, cfg.timeout))?
+        .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))
+}
+
+/// What `/proc` says about flashd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlashdProbe {
+    /// flashd's pid, when it runs.
+    pub pid: Option<u32>,
+    /// The flash port's device (found by name in sysfs).
+    pub port: Option<PathBuf>,
+    /// Whether flashd holds the flash port open (it serves it).
+    pub serving: bool,
+}
+
+/// Read at most `max` bytes of a small proc/sys file.
+fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(max)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(buf)
+}
+
+/// The `/dev` node of the virtio-serial port named `name` (sysfs `name` files, bounded;
+/// only `vport<N>p<M>` entries count).
+pub fn find_port(ports_root: &Path, dev_root: &Path, name: &str) -> Option<PathBuf> {
+    let mut found: Vec<String> = std::fs::read_dir(ports_root)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let dir = e.file_name().to_str()?.to_string();
+            let rest = dir.strip_prefix("vport")?;
+            let (a, b) = rest.split_once('p')?;
+            let digits =
+                |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|c| c.is_ascii_digit());
+            if !digits(a) || !digits(b) {
+                return None;
+            }
+            let text = read_small(&e.path().join("name"), 256)?;
+            (text.strip_suffix(b"\n").unwrap_or(&text) == name.as_bytes()).then_some(dir)
+        })
+        .collect();
+    found.sort();
+    found.first().map(|d| dev_root.join(d))
+}
+
+/// Find flashd (`/proc/<pid>/comm` = `flashd`) and whether it holds the flash port
+/// (`com.nexus.flash`) open among its descriptors.
+pub fn probe_flashd(cfg: &GuestConfig) -> FlashdProbe {
+    let port = find_port(&cfg.ports_root, &cfg.dev_root, "com.nexus.flash");
+    let mut pids: Vec<u32> = std::fs::read_dir(&cfg.proc_root)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    for pid in pids {
+        let dir = cfg.proc_root.join(pid.to_string());
+        let Some(comm) = read_small(&dir.join("comm"), 64) else {
+            continue;
+        };
+        if comm.strip_suffix(b"\n").unwrap_or(&comm) != b"flashd" {
+            continue;
+        }
+        let serving = port.as_ref().is_some_and(|p| {
+            std::fs::read_dir(dir.join("fd"))
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .take(4096)
+                        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| &t == p))
+                })
+                .unwrap_or(false)
+        });
+        return FlashdProbe {
+            pid: Some(pid),
+            port,
+            serving,
+        };
+    }
+    FlashdProbe {
+        pid: None,
+        port,
+        serving: false,
+    }
+}
+
+/// Flash mode: how to flash from the host, whether flashd serves the port, and flashd's
+/// records (transfer to resume, last install).
+pub fn flash_status(cfg: &GuestConfig) -> String {
+    let p = probe_flashd(cfg);
+    let mut s = String::from(
+        "flash mode: flashd receives images on the virtio-serial port com.nexus.flash.\n\
+         On the host run:  nx flash send IMAGE   (port unix:build/qemu/flash.sock)\n",
+    );
+    match (&p.pid, &p.port, p.serving) {
+        (Some(pid), Some(port), true) => s.push_str(&format!(
+            "flashd: running (pid {pid}), serving {} — waiting for the host\n",
+            port.display()
+        )),
+        (Some(pid), _, _) => s.push_str(&format!(
+            "flashd: running (pid {pid}) but not holding the flash port open (no port, or it is waiting for one)\n"
+        )),
+        (None, _, _) => s.push_str("flashd: NOT running — flashing is not possible right now (see the console log)\n"),
+    }
+    s.push_str(&nx_diag::collect::flash_summary(&cfg.state_root));
+    s
+}
+
+/// [`Backend`] over [`GuestConfig`].
+#[derive(Debug, Clone)]
+pub struct GuestBackend {
+    /// Where things are.
+    pub cfg: GuestConfig,
+}
+
+impl Backend for GuestBackend {
+    fn flash_status(&mut self) -> String {
+        flash_status(&self.cfg)
+    }
+
+    fn diag(&mut self) -> Result<String, String> {
+        let (lines, r) = diag(&self.cfg);
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        r.map(|_| text)
+    }
+
+    fn slot_status(&mut self) -> Result<String, String> {
+        slot_status(&self.cfg)
+    }
+
+    fn reset_plan(&mut self) -> Result<(nx_reset::Plan, String), String> {
+        reset_plan(&self.cfg)
+    }
+
+    fn factory_wipe(&mut self) -> Result<bool, String> {
+        factory_wipe(&self.cfg)
+    }
+
+    fn reboot(&mut self, target: Target) -> Result<bool, String> {
+        reboot(&self.cfg, target)
+    }
+}
