@@ -194,6 +194,10 @@ impl Drop for Conn {
             self.stop.store(true, Ordering::Relaxed);
             // Wake a reader blocked in poll: shut the socket down (harmless on a port).
             let _ = rustix::net::shutdown(self.writer.as_fd(), rustix::net::Shutdown::Both);
+            // Drop our end of the queue first: a reader blocked on a full queue then fails
+            // its send and exits instead of waiting for us forever.
+            let (_, dummy) = mpsc::sync_channel(1);
+            drop(std::mem::replace(&mut self.events, Arc::new(Mutex::new(dummy))));
             if let Some(h) = self.reader.take() {
                 let _ = h.join();
             }

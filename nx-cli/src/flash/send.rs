@@ -50,6 +50,8 @@ pub struct SendOptions {
     pub max_timeouts: u32,
     /// Connections tried in a row without progress before giving up.
     pub attempts: u32,
+    /// Wait before reconnecting: this × the number of failures in a row (max 20×).
+    pub backoff: Duration,
 }
 
 impl SendOptions {
@@ -63,6 +65,7 @@ impl SendOptions {
             rto: Duration::from_secs(2),
             max_timeouts: 10,
             attempts: 10,
+            backoff: Duration::from_millis(100),
         }
     }
 }
@@ -128,6 +131,13 @@ pub fn interrupt_flag() -> watch::Receiver<bool> {
     rx
 }
 
+/// Resolves when the interrupt flag turns true (never, if its sender is gone).
+async fn interrupted(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Send `img` to the target behind `connector`, reconnecting and resuming until it is
 /// installed, the target refuses, the image is found invalid, `attempts` connections in a
 /// row make no progress, or `interrupt` turns true.
@@ -146,6 +156,7 @@ pub async fn send_image(
         receipt: ReceiptBuilder::new(img.manifest(), &opts.host, &port),
         resumed_at: None,
         device: String::new(),
+        done_sent: false,
     };
     let mut failures = 0u32;
     let mut attempt = 0u32;
@@ -157,7 +168,7 @@ pub async fn send_image(
         });
         let link = tokio::select! {
             biased;
-            _ = interrupt.wait_for(|v| *v) => return Err(SendError::Interrupted),
+            _ = interrupted(&mut interrupt) => return Err(SendError::Interrupted),
             l = connector.connect() => l,
         };
         let link = match link {
@@ -167,7 +178,7 @@ pub async fn send_image(
                 if attempt == 1 || failures >= opts.attempts {
                     return Err(SendError::LinkLost(format!("{e:#}")));
                 }
-                backoff(r, &format!("{e:#}"), failures, opts.attempts, &mut interrupt).await?;
+                backoff(r, &format!("{e:#}"), failures, opts, &mut interrupt).await?;
                 continue;
             }
         };
@@ -187,10 +198,13 @@ pub async fn send_image(
             )),
             other => SendError::Local(anyhow::anyhow!("{other}")),
         })?;
+        let done_before = ctx.done_sent;
         match run_session(link, sender, &mut ctx, opts, r, &mut interrupt).await {
             Ok(outcome) => {
+                // "Unchanged" after our own DONE of an earlier session (its reply was lost):
+                // this run installed it.
                 let state = match outcome.status {
-                    DoneStatus::Unchanged => "unchanged",
+                    DoneStatus::Unchanged if !done_before => "unchanged",
                     _ => "installed",
                 };
                 r.finish();
@@ -219,7 +233,7 @@ pub async fn send_image(
                          is resumable: run the same command again"
                     )));
                 }
-                backoff(r, &why, failures, opts.attempts, &mut interrupt).await?;
+                backoff(r, &why, failures, opts, &mut interrupt).await?;
             }
         }
     }
@@ -229,10 +243,11 @@ async fn backoff(
     r: &mut Renderer,
     why: &str,
     failures: u32,
-    max: u32,
+    opts: &SendOptions,
     interrupt: &mut watch::Receiver<bool>,
 ) -> Result<(), SendError> {
-    let delay = Duration::from_millis(100 * u64::from(failures.min(20)));
+    let max = opts.attempts;
+    let delay = opts.backoff * failures.min(20);
     r.show(&Ui::Reconnect {
         error: why,
         attempt: failures,
@@ -241,7 +256,7 @@ async fn backoff(
     });
     tokio::select! {
         biased;
-        _ = interrupt.wait_for(|v| *v) => Err(SendError::Interrupted),
+        _ = interrupted(interrupt) => Err(SendError::Interrupted),
         _ = tokio::time::sleep(delay) => Ok(()),
     }
 }
@@ -265,6 +280,8 @@ struct Ctx {
     receipt: ReceiptBuilder,
     resumed_at: Option<u64>,
     device: String,
+    /// A DONE went out in some session of this run.
+    done_sent: bool,
 }
 
 enum End {
@@ -373,6 +390,9 @@ async fn run_session(
                         // Nothing is installed from a file we have not fully checked.
                         held_done = Some(f);
                         continue;
+                    }
+                    if f.msg_type() == MsgType::Done as u8 {
+                        ctx.done_sent = true;
                     }
                     if queue_frame(&wtx, &backlog, &f).await.is_err() {
                         result = Some(Err(End::Retry {
@@ -489,6 +509,7 @@ async fn run_session(
             }
             if st.done {
                 if let Some(f) = held_done.take() {
+                    ctx.done_sent = true;
                     if queue_frame(&wtx, &backlog, &f).await.is_err() {
                         result = Some(Err(End::Retry {
                             why: "the link closed while sending".into(),
@@ -510,7 +531,7 @@ async fn run_session(
             .is_some_and(|rx| !rx.borrow().done && rx.borrow().error.is_none());
         tokio::select! {
             biased;
-            _ = interrupt.wait_for(|v| *v) => {
+            _ = interrupted(interrupt) => {
                 sender.abort("interrupted on the host (Ctrl-C)");
                 while let Some(a) = sender.poll_action() {
                     if let SenderAction::Send(f) = a {
