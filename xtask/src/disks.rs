@@ -1,6 +1,11 @@
 //! The persistent disks: `build/state.img` (ext4 labelled `state` with the /state layout) and
 //! `build/disk.img` (GPT with `system_a`, `system_b`). Created once and kept across runs —
 //! persistence across boots is the point — and recreated by `cargo xtask guest --fresh`.
+//!
+//! The slot disk is seeded like a factory-fresh device: the demo image (version 1) is written
+//! at the start of `system_a`, so slot a boots and matches bootctld's factory default
+//! (a active and good, b empty). A kept disk whose `system_a` was never written (its first
+//! 4 KiB are zero) is seeded too; one that holds anything else is left alone.
 
 use crate::util::{run_cmd, tool};
 use anyhow::Context;
@@ -16,6 +21,18 @@ pub const STATE_DIRS: [&str; 8] = [
 pub const STATE_MIB: u64 = 1024;
 /// Size of each slot partition.
 pub const SLOT_MIB: u64 = 512;
+/// First sector of `system_a` (1 MiB: the GPT head before it).
+pub const SYSTEM_A_START_SECTOR: u64 = 2048;
+
+/// Byte offset of a slot partition in disk.img (`a` or `b`), from the fixed layout.
+pub fn slot_offset(slot: char) -> u64 {
+    let a = SYSTEM_A_START_SECTOR * 512;
+    if slot == 'b' {
+        a + (SLOT_MIB << 20)
+    } else {
+        a
+    }
+}
 
 /// Create `state.img` unless it exists (or `fresh`).
 pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
@@ -51,8 +68,58 @@ pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Create `disk.img` unless it exists (or `fresh`).
-pub fn ensure_disk(path: &Path, fresh: bool) -> anyhow::Result<()> {
+/// Write `image` at the start of `system_a` of `disk` when that slot was never written.
+/// Returns whether it seeded.
+pub fn seed_slot_a(disk: &Path, image: &Path) -> anyhow::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("open {}", disk.display()))?;
+    let off = slot_offset('a');
+    let mut first = vec![0u8; 4096];
+    f.read_exact_at(&mut first, off)
+        .with_context(|| format!("read system_a of {}", disk.display()))?;
+    if first.iter().any(|&b| b != 0) {
+        return Ok(false);
+    }
+    let bytes = std::fs::read(image).with_context(|| format!("read {}", image.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= SLOT_MIB << 20,
+        "{} ({} bytes) does not fit into system_a ({SLOT_MIB} MiB)",
+        image.display(),
+        bytes.len()
+    );
+    f.write_all_at(&bytes, off)
+        .with_context(|| format!("write system_a of {}", disk.display()))?;
+    f.sync_all()?;
+    eprintln!(
+        "xtask: seeded system_a of {} with {} (factory slot a)",
+        disk.display(),
+        image.display()
+    );
+    Ok(true)
+}
+
+/// Create `disk.img` unless it exists (or `fresh`); seed `system_a` with `seed` (the demo
+/// image) when that slot is blank. `seed = None`: no image could be built (stub/placeholder),
+/// the slot stays blank and the normal boot will report slot a unusable.
+pub fn ensure_disk(path: &Path, fresh: bool, seed: Option<&Path>) -> anyhow::Result<()> {
+    create_disk(path, fresh)?;
+    match seed {
+        Some(img) => {
+            seed_slot_a(path, img)?;
+        }
+        None => eprintln!(
+            "xtask: {}: stub/placeholder — no demo image, system_a stays blank (slot a will not boot)",
+            path.display()
+        ),
+    }
+    Ok(())
+}
+
+fn create_disk(path: &Path, fresh: bool) -> anyhow::Result<()> {
     if path.exists() && !fresh {
         eprintln!(
             "xtask: {} kept (persistent; --fresh recreates it)",
@@ -71,9 +138,10 @@ pub fn ensure_disk(path: &Path, fresh: bool) -> anyhow::Result<()> {
     // Fixed GUIDs: same inputs, same disk.
     let script = format!(
         "label: gpt\nlabel-id: 6E657875-732D-4469-736B-000000000001\n\
-         start=2048, size={s}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=6E657875-732D-536C-6F74-00000000000A, name=system_a\n\
+         start={a}, size={s}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=6E657875-732D-536C-6F74-00000000000A, name=system_a\n\
          size={s}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=6E657875-732D-536C-6F74-00000000000B, name=system_b\n",
-        s = SLOT_MIB
+        s = SLOT_MIB,
+        a = SYSTEM_A_START_SECTOR
     );
     eprintln!(
         "$ sfdisk {} <<< (GPT: system_a, system_b, {SLOT_MIB} MiB each)",

@@ -94,7 +94,7 @@ impl Ctx {
         let dir = util::build_dir().join("e2e").join(name);
         std::fs::create_dir_all(&dir)?;
         crate::disks::ensure_state(&dir.join("state.img"), true)?;
-        crate::disks::ensure_disk(&dir.join("disk.img"), true)?;
+        crate::disks::ensure_disk(&dir.join("disk.img"), true, Some(&demo_image()?))?;
         run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;
         let nx = util::root().join("target/debug/nx");
         let contract = Contract::load(&util::root().join("qemu/markers.toml"))?;

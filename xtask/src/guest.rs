@@ -5,8 +5,14 @@
 //! - static guest binaries (`+crt-static`, own target dir `target/guest`) of every guest crate
 //!   that has a binary (discovered from `guest/*/Cargo.toml`);
 //! - `build/recovery/initrd.cpio` (recovery ramdisk) and `build/initrd.cpio` (normal);
-//! - `build/state.img`, `build/disk.img` (kept across runs; `--fresh` recreates);
-//! - `build/nexus-os.img`, the demo image, via `nx image build`.
+//! - the images, via `nx image build` (deterministic; rewritten only when their bytes change):
+//!   `build/nexus-os.img` (the demo image, version 1, the factory image of slot a),
+//!   `build/nexus-os-v2.img` (version 2, the update of the e2e scenarios) and
+//!   `build/nexus-os-broken.img` (a valid image whose `rootfs` segment is junk, not a file
+//!   system: it installs and verifies, but never mounts — the rollback scenario);
+//! - `build/state.img`, `build/disk.img` (kept across runs; `--fresh` recreates); a new
+//!   disk (or one whose `system_a` was never written) gets the demo image at the start of
+//!   `system_a`, so a fresh guest has a bootable, good slot a (bootctld's factory default).
 
 use crate::initramfs::Initramfs;
 use crate::util::{self, cargo, run_cmd};
@@ -17,8 +23,14 @@ use std::path::{Path, PathBuf};
 
 /// The guest target triple (the only one available here; static via `+crt-static`).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
-/// Demo image version.
-pub const DEMO_VERSION: &str = "1.0.0";
+/// Demo image version (the factory image of slot a).
+pub const DEMO_VERSION: &str = "1";
+/// Version of the update image `build/nexus-os-v2.img`.
+pub const V2_VERSION: &str = "2";
+/// Version of the broken image `build/nexus-os-broken.img`.
+pub const BROKEN_VERSION: &str = "3-broken";
+/// Size of the junk `rootfs` segment of the broken image.
+const BROKEN_ROOTFS_BYTES: usize = 64 * 1024;
 
 /// Binaries of the recovery ramdisk: `(binary, required)`. `recovery-init` becomes `/init`.
 const RECOVERY_BINS: &[(&str, bool)] = &[
@@ -71,6 +83,10 @@ pub struct Outputs {
     pub disk_img: PathBuf,
     /// `None` while `nx image build` is not available (stub/placeholder).
     pub demo_image: Option<PathBuf>,
+    /// The version-2 update image (`None`: stub/placeholder, as above).
+    pub v2_image: Option<PathBuf>,
+    /// The image with an unmountable rootfs (`None`: stub/placeholder, as above).
+    pub broken_image: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -81,10 +97,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("  normal initramfs  {}", out.normal_initrd.display());
     eprintln!("  state disk        {}", out.state_img.display());
     eprintln!("  slot disk         {}", out.disk_img.display());
-    match &out.demo_image {
-        Some(p) => eprintln!("  demo image        {}", p.display()),
-        None => {
-            eprintln!("  demo image        stub/placeholder (nx image build not available yet)")
+    for (what, img) in [
+        ("demo image", &out.demo_image),
+        ("update image", &out.v2_image),
+        ("broken image", &out.broken_image),
+    ] {
+        match img {
+            Some(p) => eprintln!("  {what:<17} {}", p.display()),
+            None => eprintln!("  {what:<17} stub/placeholder (nx image build not available yet)"),
         }
     }
     Ok(())
@@ -110,33 +130,43 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
     let bins = build_guest_binaries()?;
 
     let recovery = build.join("recovery/initrd.cpio");
-    let ramdisk = assemble(&bins, &k, RECOVERY_BINS, "recovery-init", "recovery")?;
+    let ramdisk = assemble(
+        &bins,
+        &k,
+        &k.modules,
+        RECOVERY_BINS,
+        "recovery-init",
+        "recovery",
+    )?;
     report(
         &recovery,
         util::write_if_changed(&recovery, &ramdisk)?,
         ramdisk.len(),
     );
     let normal = build.join("initrd.cpio");
-    let initramfs = assemble(&bins, &k, NORMAL_BINS, "init", "normal")?;
+    let initramfs = assemble(&bins, &k, &k.normal_modules, NORMAL_BINS, "init", "normal")?;
     report(
         &normal,
         util::write_if_changed(&normal, &initramfs)?,
         initramfs.len(),
     );
 
+    let images = build_images(&build, &args.demo_version)?;
+
     let state_img = build.join("state.img");
     disks::ensure_state(&state_img, args.fresh)?;
     let disk_img = build.join("disk.img");
-    disks::ensure_disk(&disk_img, args.fresh)?;
+    disks::ensure_disk(&disk_img, args.fresh, images.demo.as_deref())?;
 
-    let demo_image = demo_image(&build, &args.demo_version)?;
     Ok(Outputs {
         kernel: k.vmlinuz,
         recovery_initrd: recovery,
         normal_initrd: normal,
         state_img,
         disk_img,
-        demo_image,
+        demo_image: images.demo,
+        v2_image: images.v2,
+        broken_image: images.broken,
     })
 }
 
@@ -266,6 +296,7 @@ pub fn has_interpreter(elf: &[u8]) -> bool {
 fn assemble(
     bins: &BTreeMap<String, PathBuf>,
     k: &kernel::Kernel,
+    modules: &[(String, PathBuf)],
     list: &[(&str, bool)],
     init: &str,
     kind: &str,
@@ -282,7 +313,7 @@ fn assemble(
         }
     }
     let mut load = String::from("# load order from .modinfo depends= (cargo xtask guest)\n");
-    for (file, path) in &k.modules {
+    for (file, path) in modules {
         img.file(&format!("lib/modules/{file}"), path, 0o644)?;
         load.push_str(file);
         load.push('\n');
@@ -297,35 +328,114 @@ fn assemble(
     img.to_bytes()
 }
 
-/// Build the demo image with `nx image build`; `Ok(None)` (stub/placeholder) while the verb
-/// does not work yet.
-fn demo_image(build: &Path, version: &str) -> anyhow::Result<Option<PathBuf>> {
-    let rootfs = build.join("demo-rootfs");
-    let os_release = format!(
+/// The images `cargo xtask guest` builds (`None`: stub/placeholder, `nx image build` failed).
+#[derive(Debug, Clone, Default)]
+pub struct Images {
+    pub demo: Option<PathBuf>,
+    pub v2: Option<PathBuf>,
+    pub broken: Option<PathBuf>,
+}
+
+fn os_release(version: &str) -> String {
+    format!(
         "NAME=\"nexus\"\nID=nexus\nPRETTY_NAME=\"nexus {version}\"\nVERSION=\"{version}\"\nVERSION_ID={version}\n"
+    )
+}
+
+/// Deterministic junk (xorshift64), `len` bytes: not a file system of any kind.
+pub fn junk(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x = seed | 1;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(b.get(..chunk.len()).unwrap_or_default());
+    }
+    data
+}
+
+/// Build the three images with `nx image build` (one `cargo build` of `nx`, then the binary).
+/// Each is built into `build/images.tmp/` and copied over its final path only when its bytes
+/// changed, so an unchanged image keeps its mtime.
+pub fn build_images(build: &Path, demo_version: &str) -> anyhow::Result<Images> {
+    let nx = match run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"])) {
+        Ok(()) => util::root().join("target/debug/nx"),
+        Err(e) => {
+            eprintln!("xtask: images: stub/placeholder — `nx` does not build ({e:#}); no images");
+            return Ok(Images::default());
+        }
+    };
+    let tmp = build.join("images.tmp");
+    std::fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+
+    let demo_root = build.join("demo-rootfs");
+    util::write_if_changed(
+        &demo_root.join("etc/os-release"),
+        os_release(demo_version).as_bytes(),
+    )?;
+    util::write_if_changed(&demo_root.join("etc/hostname"), b"nexus\n")?;
+    let demo = image(&nx, &tmp, &build.join("nexus-os.img"), demo_version, |c| {
+        c.arg("--rootfs").arg(&demo_root);
+    });
+
+    let v2_root = build.join("v2-rootfs");
+    util::write_if_changed(
+        &v2_root.join("etc/os-release"),
+        os_release(V2_VERSION).as_bytes(),
+    )?;
+    util::write_if_changed(&v2_root.join("etc/hostname"), b"nexus\n")?;
+    let v2 = image(&nx, &tmp, &build.join("nexus-os-v2.img"), V2_VERSION, |c| {
+        c.arg("--rootfs").arg(&v2_root);
+    });
+
+    let junk_file = tmp.join("broken-rootfs.bin");
+    util::write_if_changed(&junk_file, &junk(BROKEN_ROOTFS_BYTES, 0x6272_6f6b_656e))?;
+    let mut seg = std::ffi::OsString::from("rootfs=");
+    seg.push(junk_file.as_os_str());
+    let broken = image(
+        &nx,
+        &tmp,
+        &build.join("nexus-os-broken.img"),
+        BROKEN_VERSION,
+        |c| {
+            c.arg("--segment").arg(&seg);
+        },
     );
-    util::write_if_changed(&rootfs.join("etc/os-release"), os_release.as_bytes())?;
-    util::write_if_changed(&rootfs.join("etc/hostname"), b"nexus\n")?;
-    let out = build.join("nexus-os.img");
-    let mut cmd = cargo();
-    cmd.args([
-        "run", "-q", "-p", "nx-cli", "--bin", "nx", "--", "image", "build", "--rootfs",
-    ])
-    .arg(&rootfs)
-    .args(["--version", version, "--out"])
-    .arg(&out);
-    match run_cmd(&mut cmd) {
-        Ok(()) if out.exists() => Ok(Some(out)),
-        Ok(()) => {
+    Ok(Images { demo, v2, broken })
+}
+
+/// One `nx image build`; `None` (with a stub/placeholder line) when it fails.
+fn image(
+    nx: &Path,
+    tmp: &Path,
+    out: &Path,
+    version: &str,
+    inputs: impl FnOnce(&mut std::process::Command),
+) -> Option<PathBuf> {
+    let name = out.file_name().unwrap_or_default();
+    let staged = tmp.join(name);
+    let mut cmd = std::process::Command::new(nx);
+    cmd.args(["image", "build", "--version", version, "--out"])
+        .arg(&staged)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdout(std::process::Stdio::null());
+    inputs(&mut cmd);
+    let built = run_cmd(&mut cmd).and_then(|()| {
+        let bytes = std::fs::read(&staged).with_context(|| format!("read {}", staged.display()))?;
+        let written = util::write_if_changed(out, &bytes)?;
+        report(out, written, bytes.len());
+        Ok(())
+    });
+    match built {
+        Ok(()) => Some(out.to_path_buf()),
+        Err(e) => {
             eprintln!(
-                "xtask: demo image: stub/placeholder — `nx image build` succeeded but wrote no {}",
+                "xtask: {}: stub/placeholder — `nx image build` is not usable ({e:#})",
                 out.display()
             );
-            Ok(None)
-        }
-        Err(e) => {
-            eprintln!("xtask: demo image: stub/placeholder — `nx image build` is not usable yet ({e:#}); skipping build/nexus-os.img");
-            Ok(None)
+            None
         }
     }
 }

@@ -13,6 +13,15 @@ use std::process::Command;
 
 /// The modules whose closure we load (virtio PCI transport, virtio-serial, virtio-blk).
 pub const ROOT_MODULES: [&str; 3] = ["virtio_pci", "virtio_console", "virtio_blk"];
+/// The normal initramfs also mounts the booted slot's rootfs: a squashfs segment of the
+/// image in the slot partition, on a loop device (zstd decompression is built in).
+pub const NORMAL_ROOT_MODULES: [&str; 5] = [
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "loop",
+    "squashfs",
+];
 
 /// A kernel ready to boot.
 #[derive(Debug)]
@@ -21,8 +30,10 @@ pub struct Kernel {
     pub package: String,
     /// `build/kernel/vmlinuz` (a stable copy of `boot/vmlinuz-*`).
     pub vmlinuz: PathBuf,
-    /// Modules in load order: `(file name, path)`.
+    /// Modules in load order: `(file name, path)` (the recovery ramdisk).
     pub modules: Vec<(String, PathBuf)>,
+    /// Modules of the normal initramfs, in load order (adds loop and squashfs).
+    pub normal_modules: Vec<(String, PathBuf)>,
 }
 
 /// Fetch (when needed) and prepare the kernel under `build/kernel`.
@@ -49,10 +60,12 @@ pub fn ensure(build: &Path, fresh: bool) -> anyhow::Result<Kernel> {
     util::write_if_changed(&vmlinuz, &bytes)?;
     let moddir = module_root(&unpacked)?;
     let modules = load_order(&moddir, &ROOT_MODULES)?;
+    let normal_modules = load_order(&moddir, &NORMAL_ROOT_MODULES)?;
     Ok(Kernel {
         package,
         vmlinuz,
         modules,
+        normal_modules,
     })
 }
 

@@ -1,11 +1,20 @@
 //! init — PID 1 of the normal initramfs.
 //!
 //! Boot: the same mechanics as recovery-init (`nx_guest::pid1`), then the normal service graph
-//! (rebootd and bootctld when the initramfs has them, selftest-client with `nexus.selftest=1`).
+//! (rebootd and bootctld, each on its virtio-serial port and on its guest-local socket
+//! `/run/rebootd.sock` / `/run/bootctld.sock`; selftest-client with `nexus.selftest=1`), then
+//! the A/B slot boot of [`boot`]: bootctld picks the slot (trial tries, rollback), its
+//! `rootfs` segment is mounted read-only on `/sysroot`, the health check confirms it.
 //! It consumes a `normal` next-boot record; a `recovery` record is left for the boot firmware
-//! (only recovery-init runs recovery). Markers: `init: start` … `init: ready`.
-//! Slot selection and the rootfs mount arrive with bootctld (issue 5).
+//! (only recovery-init runs recovery).
+//!
+//! Markers, in order: `init: start`, `init: services ready`,
+//! `init: booted slot=<a|b> version=<v> trial=<true|false>` (or `init: rootfs unusable …` and a
+//! reboot), `init: confirmed slot=<s>`, `init: ready`.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod boot;
+pub mod system;
 
 use nx_guest::cmdline::Cmdline;
 use nx_guest::port;
@@ -18,6 +27,13 @@ pub const M_SERVICES: &str = "init: services ready";
 /// Marker: the normal system is up.
 pub const M_READY: &str = "init: ready";
 
+/// Boot options from the kernel command line (`nexus.confirm=manual`).
+pub fn options(cmdline: &Cmdline) -> boot::Options {
+    boot::Options {
+        manual_confirm: cmdline.get("nexus.confirm") == Some("manual"),
+    }
+}
+
 /// The normal service graph; `present(path)` tells whether a binary is in the initramfs.
 pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Service> {
     let mut out = Vec::new();
@@ -25,14 +41,28 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
         out.push(Service::daemon(
             "rebootd",
             "/bin/rebootd",
-            &["--port-name", port::REBOOT_PORT, "--state", "/state"],
+            &[
+                "--port-name",
+                port::REBOOT_PORT,
+                "--state",
+                "/state",
+                "--listen",
+                system::REBOOTD_SOCK,
+            ],
         ));
     }
     if present("/bin/bootctld") {
         out.push(Service::daemon(
             "bootctld",
             "/bin/bootctld",
-            &["--port-name", port::BOOTCTL_PORT, "--state", "/state"],
+            &[
+                "--port-name",
+                port::BOOTCTL_PORT,
+                "--state",
+                "/state",
+                "--listen",
+                system::BOOTCTLD_SOCK,
+            ],
         ));
     }
     if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
@@ -62,5 +92,28 @@ mod tests {
         assert_eq!(names, ["rebootd", "bootctld"]);
         let sel = Cmdline::parse("nexus.selftest=1");
         assert_eq!(services(&sel, &|_| true).len(), 3);
+        let all = services(&c, &|_| true);
+        assert_eq!(
+            all[0].args,
+            [
+                "--port-name",
+                "com.nexus.reboot",
+                "--state",
+                "/state",
+                "--listen",
+                "/run/rebootd.sock"
+            ]
+        );
+        assert_eq!(
+            all[1].args,
+            [
+                "--port-name",
+                "com.nexus.bootctl",
+                "--state",
+                "/state",
+                "--listen",
+                "/run/bootctld.sock"
+            ]
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! init (normal PID 1): see the library docs.
 
-use init::{services, M_READY, M_SERVICES, M_START};
+use init::boot::{self, Outcome};
+use init::system::{RpcDaemons, SysMounter, BOOTCTLD_SOCK, REBOOTD_SOCK};
+use init::{options, services, M_READY, M_SERVICES, M_START};
 use nx_guest::marker::emit;
 use nx_guest::pid1;
 use nx_guest::state::{self, BootMode};
@@ -42,10 +44,35 @@ fn main() {
     let names = sup.names();
     emit(&format!("{P}: started [{}]", names.join(", ")));
     emit(M_SERVICES);
-    if let Some(up) = pid1::uptime() {
-        emit(&format!("{P}: uptime {up:.2} s at ready"));
+
+    let outcome = match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK)) {
+        Ok(mut daemons) => boot::run(
+            &mut daemons,
+            &mut SysMounter::default(),
+            options(&early.cmdline),
+            &mut |line| emit(line),
+        ),
+        Err(e) => {
+            emit(&format!(
+                "{P}: error: {e}; cannot talk to bootctld, no slot booted"
+            ));
+            Outcome::Degraded { why: e }
+        }
+    };
+    match &outcome {
+        Outcome::Rebooting { target } => {
+            emit(&format!("{P}: waiting for rebootd's reboot into {target}"));
+        }
+        Outcome::Up { .. } | Outcome::Degraded { .. } => {
+            if let Outcome::Degraded { why } = &outcome {
+                emit(&format!("{P}: degraded: {why}"));
+            }
+            if let Some(up) = pid1::uptime() {
+                emit(&format!("{P}: uptime {up:.2} s at ready"));
+            }
+            emit(M_READY);
+        }
     }
-    emit(M_READY);
     let action = sup.run();
     pid1::finish(P, action)
 }

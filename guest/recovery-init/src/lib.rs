@@ -23,6 +23,10 @@ pub const M_START: &str = "recovery: init start";
 pub const M_SERVICES: &str = "recovery: services ready";
 /// The flashd command line contract.
 pub const FLASHD: &str = "/bin/flashd";
+/// rebootd's guest-local socket (flashd's automatic reboot, bootctld's `reboot()`, shells).
+pub const REBOOTD_SOCK: &str = "/run/rebootd.sock";
+/// bootctld's guest-local socket (flashd's slot-aware install, shells).
+pub const BOOTCTLD_SOCK: &str = "/run/bootctld.sock";
 /// The shell.
 pub const SHELL: &str = "/bin/recovery-sh";
 /// The console the shell runs on.
@@ -95,14 +99,28 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
         out.push(Service::daemon(
             "rebootd",
             "/bin/rebootd",
-            &["--port-name", port::REBOOT_PORT, "--state", "/state"],
+            &[
+                "--port-name",
+                port::REBOOT_PORT,
+                "--state",
+                "/state",
+                "--listen",
+                REBOOTD_SOCK,
+            ],
         ));
     }
     if present("/bin/bootctld") {
         out.push(Service::daemon(
             "bootctld",
             "/bin/bootctld",
-            &["--port-name", port::BOOTCTL_PORT, "--state", "/state"],
+            &[
+                "--port-name",
+                port::BOOTCTL_PORT,
+                "--state",
+                "/state",
+                "--listen",
+                BOOTCTLD_SOCK,
+            ],
         ));
     }
     if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
@@ -178,6 +196,29 @@ mod tests {
         );
         let names: Vec<_> = services(&c, &all).into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["flashd", "rebootd", "bootctld"]);
+        let graph = services(&c, &all);
+        assert_eq!(
+            graph[1].args,
+            [
+                "--port-name",
+                "com.nexus.reboot",
+                "--state",
+                "/state",
+                "--listen",
+                "/run/rebootd.sock"
+            ]
+        );
+        assert_eq!(
+            graph[2].args,
+            [
+                "--port-name",
+                "com.nexus.bootctl",
+                "--state",
+                "/state",
+                "--listen",
+                "/run/bootctld.sock"
+            ]
+        );
         let names: Vec<_> = services(&Cmdline::parse("nexus.selftest=1"), &all)
             .into_iter()
             .map(|s| s.name)

@@ -1,0 +1,444 @@
+//! The normal boot of an A/B slot (docs/updates/bootctl.md, "The normal init's boot flow").
+//!
+//! 1. `bootAttempt()` to bootctld: which slot this boot uses. A trial slot spends one try (at
+//!    zero tries bootctld marks it bad and rolls back to the other slot if that one is good).
+//!    An RPC failure or `bootable = false` → `rebootd.mode("recovery")`: never guess a slot.
+//! 2. Mount that slot's `rootfs` segment read-only ([`nx_guest::slotfs`]) and print
+//!    `init: booted slot=<a|b> version=<v> trial=<true|false>`.
+//! 3. Health check: the rootfs mounted and its os-release names a version → `confirm()`
+//!    (unless `nexus.confirm=manual`: then the selftest client or `nx boot confirm` does it).
+//! 4. Unusable rootfs: never confirm. In trial → `rebootd.mode("normal")`, the next boot
+//!    spends the next try and eventually rolls back. Not in trial → `markBad(slot)`, then
+//!    `rebootd.mode("normal")` (bootctld rolls back to the other slot when it is good, else
+//!    the next boot finds no bootable slot and goes to recovery).
+//!
+//! A problem of the environment (no slot disk, no loop or squashfs driver) is not the slot's
+//! fault: the slot is neither confirmed nor marked bad, and the guest stays up.
+//!
+//! The flow is written against two small traits so every branch is tested on the host.
+
+use bootctld::machine::{BootDecision, Slot};
+use nx_guest::slotfs::{Mounted, SlotFsError};
+
+/// The calls the boot flow makes to bootctld and rebootd.
+pub trait Daemons {
+    /// `bootctld.bootAttempt()`.
+    fn boot_attempt(&mut self) -> Result<BootDecision, String>;
+    /// `bootctld.confirm()`.
+    fn confirm(&mut self) -> Result<(), String>;
+    /// `bootctld.markBad(slot)`.
+    fn mark_bad(&mut self, slot: Slot) -> Result<(), String>;
+    /// `rebootd.mode(target)`: `Ok(true)` = a real reboot is under way.
+    fn reboot(&mut self, target: &str) -> Result<bool, String>;
+}
+
+/// Why mounting a slot failed.
+#[derive(Debug)]
+pub enum MountError {
+    /// The partition `system_<slot>` does not exist (no slot disk attached).
+    NoPartition(String),
+    /// The slot's content or the environment failed (see [`SlotFsError::is_slot_fault`]).
+    Slot(SlotFsError),
+}
+
+/// Mounts a slot's rootfs.
+pub trait Mounter {
+    /// Mount the rootfs of `slot` read-only.
+    fn mount(&mut self, slot: Slot) -> Result<Mounted, MountError>;
+}
+
+/// What PID 1 does after the boot flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The slot booted (confirmed unless `confirmed == false`); print `init: ready`.
+    Up { slot: Slot, confirmed: bool },
+    /// Running without a usable rootfs and without rebooting (environment fault, or the
+    /// reboot could not be carried out); print `init: ready` with what is missing.
+    Degraded { why: String },
+    /// A reboot was requested and is under way: go straight to the PID 1 loop, which
+    /// receives rebootd's SIGTERM.
+    Rebooting { target: &'static str },
+}
+
+/// Options from the kernel command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    /// `nexus.confirm=manual`: do not confirm; leave it to the selftest client / operator.
+    pub manual_confirm: bool,
+}
+
+/// `init: booted slot=<s> version=<v> trial=<t>`.
+pub fn booted_marker(slot: Slot, version: &str, trial: bool) -> String {
+    format!("init: booted slot={slot} version={version} trial={trial}")
+}
+
+/// Run the boot flow; `emit` prints console lines.
+pub fn run(
+    daemons: &mut dyn Daemons,
+    mounter: &mut dyn Mounter,
+    opts: Options,
+    emit: &mut dyn FnMut(&str),
+) -> Outcome {
+    let d = match daemons.boot_attempt() {
+        Ok(d) => d,
+        Err(e) => {
+            emit(&format!(
+                "init: error: bootAttempt failed ({e}); cannot choose a slot, rebooting to recovery"
+            ));
+            return reboot(daemons, "recovery", emit);
+        }
+    };
+    if !d.bootable {
+        emit("init: no bootable slot (both bad or empty); rebooting to recovery");
+        return reboot(daemons, "recovery", emit);
+    }
+    let slot = d.slot;
+    emit(&format!(
+        "init: bootAttempt slot={slot} trial={} tries_left={}{}",
+        d.trial,
+        d.tries_left,
+        if d.rolled_back { " (rolled back)" } else { "" }
+    ));
+    let mounted = match mounter.mount(slot) {
+        Ok(m) => m,
+        Err(MountError::NoPartition(why)) => {
+            let why = format!(
+                "stub/placeholder: {why}; no slot disk attached? running without a rootfs, slot {slot} neither confirmed nor marked bad"
+            );
+            emit(&format!("init: {why}"));
+            return Outcome::Degraded { why };
+        }
+        Err(MountError::Slot(e)) if !e.is_slot_fault() => {
+            let why = format!(
+                "cannot check slot={slot} ({e}); not the slot's fault: not confirming, not marking it bad"
+            );
+            emit(&format!("init: error: {why}"));
+            return Outcome::Degraded { why };
+        }
+        Err(MountError::Slot(e)) => {
+            emit(&format!(
+                "init: rootfs unusable slot={slot} trial={}: {e}",
+                d.trial
+            ));
+            return unusable(daemons, &d, emit);
+        }
+    };
+    emit(&booted_marker(slot, &mounted.version, d.trial));
+    if !d.version.is_empty() && d.version != mounted.image_version {
+        emit(&format!(
+            "init: note: bootctld records version {} for slot {slot}, the image says {}",
+            d.version, mounted.image_version
+        ));
+    }
+    emit(&format!(
+        "init: health ok slot={slot} (rootfs {} bytes on {} at {}, os-release VERSION={})",
+        mounted.rootfs_bytes,
+        mounted.loop_dev.display(),
+        mounted.mountpoint.display(),
+        mounted.version
+    ));
+    if opts.manual_confirm {
+        emit(&format!(
+            "init: slot={slot} not confirmed: nexus.confirm=manual (the selftest client or `nx boot confirm` confirms it)"
+        ));
+        return Outcome::Up {
+            slot,
+            confirmed: false,
+        };
+    }
+    match daemons.confirm() {
+        Ok(()) => {
+            emit(&format!("init: confirmed slot={slot}"));
+            Outcome::Up {
+                slot,
+                confirmed: true,
+            }
+        }
+        Err(e) => {
+            emit(&format!(
+                "init: error: confirm of slot={slot} failed ({e}); it stays unconfirmed"
+            ));
+            Outcome::Up {
+                slot,
+                confirmed: false,
+            }
+        }
+    }
+}
+
+fn unusable(daemons: &mut dyn Daemons, d: &BootDecision, emit: &mut dyn FnMut(&str)) -> Outcome {
+    let slot = d.slot;
+    if d.trial {
+        emit(&format!(
+            "init: not confirming slot={slot}; rebooting into the next trial boot ({} tries left, then rollback)",
+            d.tries_left
+        ));
+        return reboot(daemons, "normal", emit);
+    }
+    emit(&format!(
+        "init: slot={slot} is not in trial and its rootfs is unusable: marking it bad"
+    ));
+    if let Err(e) = daemons.mark_bad(slot) {
+        emit(&format!("init: error: markBad slot={slot} failed ({e})"));
+    }
+    emit("init: rebooting (rollback to the other slot if it is good, else recovery)");
+    reboot(daemons, "normal", emit)
+}
+
+fn reboot(daemons: &mut dyn Daemons, target: &'static str, emit: &mut dyn FnMut(&str)) -> Outcome {
+    match daemons.reboot(target) {
+        Ok(true) => {
+            emit(&format!("init: reboot to {target} requested"));
+            Outcome::Rebooting { target }
+        }
+        Ok(false) => {
+            let why = format!(
+                "rebootd recorded next boot = {target} but cannot reboot here (stub); staying up"
+            );
+            emit(&format!("init: error: {why}"));
+            Outcome::Degraded { why }
+        }
+        Err(e) => {
+            let why = format!("reboot to {target} failed ({e}); staying up");
+            emit(&format!("init: error: {why}"));
+            Outcome::Degraded { why }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[derive(Default)]
+    struct Fake {
+        decision: Option<BootDecision>,
+        confirm_fails: bool,
+        reboot_ok: Option<bool>,
+        calls: Vec<String>,
+    }
+
+    impl Daemons for Fake {
+        fn boot_attempt(&mut self) -> Result<BootDecision, String> {
+            self.calls.push("bootAttempt".into());
+            self.decision.clone().ok_or_else(|| "no bootctld".into())
+        }
+        fn confirm(&mut self) -> Result<(), String> {
+            self.calls.push("confirm".into());
+            if self.confirm_fails {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn mark_bad(&mut self, slot: Slot) -> Result<(), String> {
+            self.calls.push(format!("markBad {slot}"));
+            Ok(())
+        }
+        fn reboot(&mut self, target: &str) -> Result<bool, String> {
+            self.calls.push(format!("reboot {target}"));
+            self.reboot_ok.ok_or_else(|| "no rebootd".into())
+        }
+    }
+
+    enum M {
+        Ok,
+        NoPart,
+        SlotFault,
+        EnvFault,
+    }
+
+    struct Mnt(M, Vec<Slot>);
+
+    impl Mounter for Mnt {
+        fn mount(&mut self, slot: Slot) -> Result<Mounted, MountError> {
+            self.1.push(slot);
+            match self.0 {
+                M::Ok => Ok(Mounted {
+                    loop_dev: PathBuf::from("/dev/loop0"),
+                    mountpoint: PathBuf::from("/sysroot"),
+                    version: "2".into(),
+                    image_version: "2".into(),
+                    rootfs_bytes: 4096,
+                }),
+                M::NoPart => Err(MountError::NoPartition("no partition system_b".into())),
+                M::SlotFault => Err(MountError::Slot(SlotFsError::NoImage {
+                    path: "/dev/vdb2".into(),
+                    reason: "blank".into(),
+                })),
+                M::EnvFault => Err(MountError::Slot(SlotFsError::Mount {
+                    path: "/dev/vdb2".into(),
+                    loop_dev: "/dev/loop0".into(),
+                    source: std::io::Error::from_raw_os_error(ENODEV),
+                })),
+            }
+        }
+    }
+
+    /// `ENODEV` on Linux: the file system type is unknown to the kernel (no driver).
+    const ENODEV: i32 = 19;
+
+    fn decision(slot: Slot, trial: bool, tries_left: u8) -> BootDecision {
+        BootDecision {
+            bootable: true,
+            slot,
+            trial,
+            tries_left,
+            rolled_back: false,
+            version: "2".into(),
+            marked_bad: None,
+        }
+    }
+
+    fn go(f: &mut Fake, m: M, opts: Options) -> (Outcome, Vec<String>, Vec<Slot>) {
+        let mut lines = Vec::new();
+        let mut mnt = Mnt(m, Vec::new());
+        let out = run(f, &mut mnt, opts, &mut |l| lines.push(l.to_string()));
+        (out, lines, mnt.1)
+    }
+
+    #[test]
+    fn healthy_trial_boot_is_confirmed() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 2)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let (out, lines, mounted) = go(&mut f, M::Ok, Options::default());
+        assert_eq!(
+            out,
+            Outcome::Up {
+                slot: Slot::B,
+                confirmed: true
+            }
+        );
+        assert_eq!(mounted, [Slot::B]);
+        assert_eq!(f.calls, ["bootAttempt", "confirm"]);
+        assert!(lines.contains(&"init: booted slot=b version=2 trial=true".to_string()));
+        assert!(lines.contains(&"init: confirmed slot=b".to_string()));
+    }
+
+    #[test]
+    fn manual_confirm_leaves_the_trial_running() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 2)),
+            ..Fake::default()
+        };
+        let (out, _, _) = go(
+            &mut f,
+            M::Ok,
+            Options {
+                manual_confirm: true,
+            },
+        );
+        assert_eq!(
+            out,
+            Outcome::Up {
+                slot: Slot::B,
+                confirmed: false
+            }
+        );
+        assert_eq!(f.calls, ["bootAttempt"]);
+    }
+
+    #[test]
+    fn unusable_trial_slot_reboots_without_confirm() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 1)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let (out, lines, _) = go(&mut f, M::SlotFault, Options::default());
+        assert_eq!(out, Outcome::Rebooting { target: "normal" });
+        assert_eq!(f.calls, ["bootAttempt", "reboot normal"]);
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("init: rootfs unusable slot=b trial=true: ")));
+        assert!(!lines.iter().any(|l| l.starts_with("init: booted")));
+    }
+
+    #[test]
+    fn unusable_confirmed_slot_is_marked_bad_then_reboots() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::A, false, 0)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
+        assert_eq!(out, Outcome::Rebooting { target: "normal" });
+        assert_eq!(f.calls, ["bootAttempt", "markBad a", "reboot normal"]);
+    }
+
+    #[test]
+    fn no_bootable_slot_or_no_bootctld_goes_to_recovery() {
+        let mut d = decision(Slot::A, false, 0);
+        d.bootable = false;
+        let mut f = Fake {
+            decision: Some(d),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let (out, _, mounted) = go(&mut f, M::Ok, Options::default());
+        assert_eq!(out, Outcome::Rebooting { target: "recovery" });
+        assert!(mounted.is_empty());
+
+        let mut f = Fake {
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let (out, lines, _) = go(&mut f, M::Ok, Options::default());
+        assert_eq!(out, Outcome::Rebooting { target: "recovery" });
+        assert!(lines[0].contains("bootAttempt failed (no bootctld)"));
+    }
+
+    #[test]
+    fn environment_faults_neither_confirm_nor_mark_bad() {
+        for m in [M::NoPart, M::EnvFault] {
+            let mut f = Fake {
+                decision: Some(decision(Slot::A, false, 0)),
+                reboot_ok: Some(true),
+                ..Fake::default()
+            };
+            let (out, _, _) = go(&mut f, m, Options::default());
+            assert!(matches!(out, Outcome::Degraded { .. }), "{out:?}");
+            assert_eq!(f.calls, ["bootAttempt"]);
+        }
+    }
+
+    #[test]
+    fn a_failed_reboot_keeps_the_guest_up() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 0)),
+            reboot_ok: None,
+            ..Fake::default()
+        };
+        let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
+        assert!(matches!(out, Outcome::Degraded { .. }));
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 0)),
+            reboot_ok: Some(false),
+            ..Fake::default()
+        };
+        let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
+        assert!(matches!(out, Outcome::Degraded { .. }));
+    }
+
+    #[test]
+    fn a_failed_confirm_is_reported() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::A, false, 0)),
+            confirm_fails: true,
+            ..Fake::default()
+        };
+        let (out, lines, _) = go(&mut f, M::Ok, Options::default());
+        assert_eq!(
+            out,
+            Outcome::Up {
+                slot: Slot::A,
+                confirmed: false
+            }
+        );
+        assert!(lines.iter().any(|l| l.contains("confirm of slot=a failed")));
+    }
+}

@@ -1,0 +1,125 @@
+//! The real [`Daemons`] (bootctld and rebootd over their guest-local unix sockets) and the
+//! real [`Mounter`] (slot partition by GPT name → [`nx_guest::slotfs::mount_rootfs`]).
+
+use crate::boot::{Daemons, MountError, Mounter};
+use bootctld::machine::{BootDecision, Slot};
+use nx_guest::blockdev;
+use nx_guest::slotfs::{self, Mounted};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// bootctld's guest-local socket.
+pub const BOOTCTLD_SOCK: &str = bootctld::DEFAULT_SOCKET;
+/// rebootd's guest-local socket.
+pub const REBOOTD_SOCK: &str = rebootd::DEFAULT_SOCKET;
+/// How long to wait for a daemon's socket after starting it.
+pub const SOCKET_WAIT: Duration = Duration::from_secs(15);
+/// How long one rebootd call may take.
+const REBOOTD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Wait (bounded) until `path` is a unix socket.
+pub fn wait_socket(path: &Path, timeout: Duration) -> Result<Duration, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let start = Instant::now();
+    loop {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "{} did not appear within {} s (is the daemon running? see its lines above)",
+                path.display(),
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// bootctld and rebootd over their unix sockets, from a current-thread tokio runtime.
+pub struct RpcDaemons {
+    rt: tokio::runtime::Runtime,
+    bootctld: PathBuf,
+    rebootd: PathBuf,
+}
+
+impl RpcDaemons {
+    /// Clients of the daemons at `bootctld` / `rebootd`.
+    pub fn new(bootctld: &Path, rebootd: &Path) -> Result<Self, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+        Ok(RpcDaemons {
+            rt,
+            bootctld: bootctld.to_path_buf(),
+            rebootd: rebootd.to_path_buf(),
+        })
+    }
+
+    fn ready(&self, sock: &Path) -> Result<(), String> {
+        wait_socket(sock, SOCKET_WAIT).map(|_| ())
+    }
+}
+
+impl Daemons for RpcDaemons {
+    fn boot_attempt(&mut self) -> Result<BootDecision, String> {
+        self.ready(&self.bootctld)?;
+        self.rt
+            .block_on(bootctld::client::boot_attempt(&self.bootctld))
+            .map_err(|e| format!("bootctld: {e}"))
+    }
+
+    fn confirm(&mut self) -> Result<(), String> {
+        self.rt
+            .block_on(bootctld::client::confirm(&self.bootctld))
+            .map_err(|e| format!("bootctld: {e}"))
+    }
+
+    fn mark_bad(&mut self, slot: Slot) -> Result<(), String> {
+        self.rt
+            .block_on(bootctld::client::mark_bad(&self.bootctld, slot))
+            .map_err(|e| format!("bootctld: {e}"))
+    }
+
+    fn reboot(&mut self, target: &str) -> Result<bool, String> {
+        let t = rebootd::record::Target::parse(target).map_err(|e| e.to_string())?;
+        self.ready(&self.rebootd)?;
+        self.rt
+            .block_on(rebootd::request_mode(&self.rebootd, t, REBOOTD_TIMEOUT))
+            .map_err(|e| format!("rebootd: {e}"))
+    }
+}
+
+/// Slot partitions found by GPT name (`system_a` / `system_b`) under sysfs, mounted on
+/// [`slotfs::SYSROOT`].
+pub struct SysMounter {
+    pub sys_dir: PathBuf,
+    pub dev_dir: PathBuf,
+    pub mountpoint: PathBuf,
+}
+
+impl Default for SysMounter {
+    fn default() -> Self {
+        SysMounter {
+            sys_dir: PathBuf::from(blockdev::SYS_CLASS_BLOCK),
+            dev_dir: PathBuf::from("/dev"),
+            mountpoint: PathBuf::from(slotfs::SYSROOT),
+        }
+    }
+}
+
+/// The GPT partition name of a slot.
+pub fn partition_name(slot: Slot) -> String {
+    format!("system_{slot}")
+}
+
+impl Mounter for SysMounter {
+    fn mount(&mut self, slot: Slot) -> Result<Mounted, MountError> {
+        let name = partition_name(slot);
+        let part = blockdev::find_partition(&self.sys_dir, &self.dev_dir, &name)
+            .map_err(|e| MountError::NoPartition(format!("looking up partition {name}: {e}")))?
+            .ok_or_else(|| MountError::NoPartition(format!("no partition {name}")))?;
+        slotfs::mount_rootfs(&part, &self.mountpoint, &self.dev_dir).map_err(MountError::Slot)
+    }
+}
