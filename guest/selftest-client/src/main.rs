@@ -1,0 +1,88 @@
+//! `selftest-client --mode recovery|normal [--confirm] [--force] [paths…]`
+//!
+//! Does nothing (exit 0) unless `nexus.selftest=1` is on the kernel command line (or
+//! `--force`). Prints the SELFTEST markers (see the library docs); exit 1 when a check failed.
+
+use clap::Parser;
+use selftest_client::{confirm_slot, run_all, Ctx, Mode};
+use std::path::PathBuf;
+
+/// In-guest selftest: prints a SELFTEST marker after each real check.
+#[derive(Parser)]
+#[command(name = "selftest-client")]
+struct Args {
+    /// Which boot this is (recovery-init passes recovery, init passes normal).
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Run even without nexus.selftest=1 on the kernel command line.
+    #[arg(long)]
+    force: bool,
+    /// Normal boot: after every check passed, confirm() the booted slot (the health check).
+    #[arg(long)]
+    confirm: bool,
+    /// The state dir.
+    #[arg(long, default_value = "/state")]
+    state: PathBuf,
+    /// Accept a state dir that is not a mount point (host runs).
+    #[arg(long)]
+    allow_unmounted_state: bool,
+    /// rebootd's socket.
+    #[arg(long, default_value = rebootd::DEFAULT_SOCKET)]
+    rebootd: PathBuf,
+    /// bootctld's socket.
+    #[arg(long, default_value = bootctld::DEFAULT_SOCKET)]
+    bootctld: PathBuf,
+    /// A console log file for the diag bundle.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Seconds to wait for the daemons (they start together with the selftest).
+    #[arg(long, default_value_t = 30)]
+    wait: u64,
+}
+
+fn emit(line: &str) {
+    nx_guest::marker::emit(line);
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if !args.force {
+        let on = nx_guest::cmdline::Cmdline::read(std::path::Path::new("/proc/cmdline"))
+            .map(|c| c.flag("nexus.selftest"))
+            .unwrap_or(false);
+        if !on {
+            emit("selftest-client: nexus.selftest=1 is not on the kernel command line; nothing to do");
+            return std::process::ExitCode::SUCCESS;
+        }
+    }
+    let mut ctx = Ctx::guest(args.mode);
+    ctx.state_root = args.state;
+    ctx.require_mountpoint = !args.allow_unmounted_state;
+    ctx.rebootd = args.rebootd;
+    ctx.bootctld = args.bootctld;
+    ctx.console_log = args.console_log;
+    ctx.wait = std::time::Duration::from_secs(args.wait);
+    emit(&format!(
+        "selftest-client: start (mode={})",
+        match args.mode {
+            Mode::Recovery => "recovery",
+            Mode::Normal => "normal",
+        }
+    ));
+    let summary = run_all(&ctx, &mut |l| emit(l));
+    if args.confirm && args.mode == Mode::Normal {
+        if summary.failed == 0 {
+            match confirm_slot(&ctx) {
+                Ok(()) => emit("selftest-client: healthy: confirm() sent to bootctld"),
+                Err(e) => emit(&format!("selftest-client: error: {e}")),
+            }
+        } else {
+            emit("selftest-client: not confirming the slot: a check failed");
+        }
+    }
+    if summary.failed == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
