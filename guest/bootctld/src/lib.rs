@@ -5,6 +5,8 @@
 //! * [`json`]: the JSON debug/export view;
 //! * [`store`]: atomic persistence, or RAM-only (explicit stub) without /state;
 //! * [`client`]: guest-local clients (init, flashd, selftest) over the unix socket;
+//! * [`update`]: the slot side of an update for flashd (install target, then
+//!   slotImaged + setActive(trial) + the automatic reboot);
 //! * [`service`]: the daemon core with the console markers and the `BootCtl`
 //!   capability of `proto/schema/bootctl.capnp`.
 //!
@@ -19,6 +21,7 @@ pub mod machine;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod update;
 
 pub use rebootd::transport::{Endpoint, TransportError};
 use std::future::Future;
@@ -26,6 +29,8 @@ use std::path::{Path, PathBuf};
 
 /// Default guest-local socket.
 pub const DEFAULT_SOCKET: &str = "/run/bootctld.sock";
+/// rebootd's guest-local socket (bootctld's `reboot()` and the update's automatic reboot).
+pub const REBOOTD_SOCKET: &str = rebootd::DEFAULT_SOCKET;
 /// The virtio-serial port name.
 pub const PORT_NAME: &str = "com.nexus.bootctl";
 /// Where the boot id comes from.

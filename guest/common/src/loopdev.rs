@@ -93,7 +93,7 @@ impl Range {
             what: "loop device range",
             value: why,
         };
-        if self.len == 0 || self.offset % 512 != 0 || self.len % 512 != 0 {
+        if self.len == 0 || !self.offset.is_multiple_of(512) || !self.len.is_multiple_of(512) {
             return Err(bad(format!(
                 "offset {} / length {} must be non-zero multiples of 512",
                 self.offset, self.len

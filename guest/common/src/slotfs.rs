@@ -50,7 +50,9 @@ pub enum SlotFsError {
         capacity: u64,
     },
     /// The image has no `rootfs` segment.
-    #[error("the image in {path} (version {version}) has no `rootfs` segment (segments: {segments})")]
+    #[error(
+        "the image in {path} (version {version}) has no `rootfs` segment (segments: {segments})"
+    )]
     NoRootfs {
         path: PathBuf,
         version: String,
@@ -300,12 +302,11 @@ pub fn mount_rootfs(
         source,
     })?;
     let range = segment_range(&seg);
-    let dev = loopdev::attach_read_only(&f, &range, dev_dir).map_err(|source| {
-        SlotFsError::Loop {
+    let dev =
+        loopdev::attach_read_only(&f, &range, dev_dir).map_err(|source| SlotFsError::Loop {
             path: partition.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     use rustix::mount::MountFlags;
     rustix::mount::mount(
         dev.path(),
@@ -378,7 +379,10 @@ mod tests {
 
     #[test]
     fn finds_and_verifies_rootfs() {
-        let img = image("2", &[("rootfs", vec![7u8; 5000]), ("extra", vec![1u8; 10])]);
+        let img = image(
+            "2",
+            &[("rootfs", vec![7u8; 5000]), ("extra", vec![1u8; 10])],
+        );
         let (_d, p) = part(&img, 1 << 20);
         let (_f, head, seg) = check_slot(&p).unwrap();
         assert_eq!(head.manifest.version, "2");
@@ -428,7 +432,9 @@ mod tests {
         let img = image("1", &[("kernel", vec![3u8; 10])]);
         let (_d, p) = part(&img, 1 << 20);
         let e = check_slot(&p).unwrap_err();
-        assert!(e.to_string().contains("no `rootfs` segment (segments: kernel)"));
+        assert!(e
+            .to_string()
+            .contains("no `rootfs` segment (segments: kernel)"));
     }
 
     #[test]
@@ -467,14 +473,16 @@ mod tests {
         std::fs::create_dir_all(d.path().join("usr/lib")).unwrap();
         std::fs::write(d.path().join("usr/lib/os-release"), "VERSION=9\n").unwrap();
         // An absolute symlink resolves inside the tree, not on the host.
-        std::os::unix::fs::symlink("/usr/lib/os-release", d.path().join("etc/os-release"))
-            .unwrap();
+        std::os::unix::fs::symlink("/usr/lib/os-release", d.path().join("etc/os-release")).unwrap();
         let t = read_os_release(d.path());
         assert_eq!(os_release_version(&t.unwrap()).unwrap(), "9");
         // A symlink escaping with .. stays inside too.
         std::fs::remove_file(d.path().join("etc/os-release")).unwrap();
-        std::os::unix::fs::symlink("../../../../../etc/hostname", d.path().join("etc/os-release"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            "../../../../../etc/hostname",
+            d.path().join("etc/os-release"),
+        )
+        .unwrap();
         std::fs::write(d.path().join("etc/hostname"), "VERSION=inside\n").unwrap();
         assert_eq!(
             os_release_version(&read_os_release(d.path()).unwrap()).unwrap(),

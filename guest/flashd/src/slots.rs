@@ -1,0 +1,167 @@
+//! Slot-aware install (issue 5): flashd installs into the *inactive* A/B slot and, once the
+//! install is verified, makes it the active slot on trial and reboots into it.
+//!
+//! bootctld is the only authority on slot state and rebootd the only one on reboots; this
+//! module only asks them (over their guest-local sockets, `/run/bootctld.sock` and
+//! `/run/rebootd.sock`, raw Cap'n Proto RPC). The policy lives in `bootctld::update`:
+//!
+//! * [`resolve_inactive_slot`]: which slot to install into — the one that is not active —
+//!   and its partition (`system_<slot>`, by GPT name), e.g. `/dev/vdb2`. Refused when that
+//!   slot is the last known-good one and the active slot is still unconfirmed.
+//! * [`after_install`]: `slotImaged(slot, version)`, `setActive(slot, trial=true, tries=3)`,
+//!   `rebootd.mode("normal")` — the automatic reboot into the new slot's trial boot.
+//!
+//! flashd is synchronous; each call runs on a short-lived current-thread tokio runtime.
+//! The module depends only on `bootctld`, `nx-guest` and `tokio` (it is also compiled by the
+//! `bootctld_host` tests, which run it against real in-process daemons).
+
+use bootctld::machine::Slot;
+use bootctld::update::{self, UpdateError};
+use std::path::{Path, PathBuf};
+
+pub use bootctld::update::{Activated, TRIAL_TRIES};
+
+/// bootctld's guest-local socket.
+pub const BOOTCTLD_SOCK: &str = bootctld::DEFAULT_SOCKET;
+/// rebootd's guest-local socket.
+pub const REBOOTD_SOCK: &str = bootctld::REBOOTD_SOCKET;
+
+/// Errors of the slot-aware install. Messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// bootctld / rebootd refused or could not be reached.
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+    /// The slot's partition does not exist.
+    #[error("install slot {slot}: no GPT partition {partition} (is the slot disk attached?)")]
+    NoPartition { slot: Slot, partition: String },
+    /// Looking the partition up failed.
+    #[error("install slot {slot}: looking up partition {partition}: {reason}")]
+    Lookup {
+        slot: Slot,
+        partition: String,
+        reason: String,
+    },
+    /// No runtime for the RPC calls.
+    #[error("cannot start the tokio runtime for the bootctld/rebootd calls: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Where the daemons and the block devices are (the guest defaults, or test directories).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotEnv {
+    /// bootctld's unix socket.
+    pub bootctld: PathBuf,
+    /// rebootd's unix socket.
+    pub rebootd: PathBuf,
+    /// `/sys/class/block`.
+    pub sys_dir: PathBuf,
+    /// `/dev`.
+    pub dev_dir: PathBuf,
+    /// Trial tries of the new slot.
+    pub tries: u8,
+}
+
+impl Default for SlotEnv {
+    fn default() -> Self {
+        SlotEnv {
+            bootctld: PathBuf::from(BOOTCTLD_SOCK),
+            rebootd: PathBuf::from(REBOOTD_SOCK),
+            sys_dir: PathBuf::from(nx_guest::blockdev::SYS_CLASS_BLOCK),
+            dev_dir: PathBuf::from("/dev"),
+            tries: TRIAL_TRIES,
+        }
+    }
+}
+
+/// The GPT partition name of a slot (`system_a`, `system_b`).
+pub fn partition_name(slot: Slot) -> String {
+    format!("system_{slot}")
+}
+
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, SlotError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(SlotError::Runtime)?;
+    Ok(rt.block_on(f))
+}
+
+/// The install target: the slot that is not active (bootctld decides, see
+/// `bootctld::update::choose_target`) and its partition device, e.g. `(B, /dev/vdb2)`.
+pub fn resolve_inactive_slot_in(env: &SlotEnv) -> Result<(Slot, PathBuf), SlotError> {
+    let slot = block_on(update::install_target(&env.bootctld))??;
+    let partition = partition_name(slot);
+    match nx_guest::blockdev::find_partition(&env.sys_dir, &env.dev_dir, &partition) {
+        Ok(Some(dev)) => Ok((slot, dev)),
+        Ok(None) => Err(SlotError::NoPartition { slot, partition }),
+        Err(e) => Err(SlotError::Lookup {
+            slot,
+            partition,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// [`resolve_inactive_slot_in`] with bootctld at `bootctld_sock` and the guest's sysfs/dev.
+pub fn resolve_inactive_slot(bootctld_sock: &Path) -> Result<(Slot, PathBuf), SlotError> {
+    resolve_inactive_slot_in(&SlotEnv {
+        bootctld: bootctld_sock.to_path_buf(),
+        ..SlotEnv::default()
+    })
+}
+
+/// After a verified install of image `version` into `slot`: `slotImaged`, `setActive(slot,
+/// trial=true, tries)` and `rebootd.mode("normal")`. On error the previously active slot
+/// stays active (see [`UpdateError`]).
+pub fn after_install_in(env: &SlotEnv, slot: Slot, version: &str) -> Result<Activated, SlotError> {
+    Ok(block_on(update::after_install(
+        &env.bootctld,
+        &env.rebootd,
+        slot,
+        version,
+        env.tries,
+    ))??)
+}
+
+/// [`after_install_in`] with the given sockets and 3 trial tries.
+pub fn after_install(
+    bootctld_sock: &Path,
+    rebootd_sock: &Path,
+    slot: Slot,
+    version: &str,
+) -> Result<Activated, SlotError> {
+    after_install_in(
+        &SlotEnv {
+            bootctld: bootctld_sock.to_path_buf(),
+            rebootd: rebootd_sock.to_path_buf(),
+            ..SlotEnv::default()
+        },
+        slot,
+        version,
+    )
+}
+
+/// The console lines flashd prints around a slot install (suggested wording).
+pub fn target_marker(slot: Slot, dev: &Path) -> String {
+    format!(
+        "flashd: install slot={slot} ({} on {})",
+        partition_name(slot),
+        dev.display()
+    )
+}
+
+/// `flashd: slot=<s> active on trial (tries=<n>); rebooting` (or the stub variant).
+pub fn activated_marker(a: &Activated) -> String {
+    if a.rebooting {
+        format!(
+            "flashd: slot={} active on trial (tries={}); rebooting into it",
+            a.slot, a.tries
+        )
+    } else {
+        format!(
+            "flashd: slot={} active on trial (tries={}); reboot (stub) — rebootd cannot reboot here",
+            a.slot, a.tries
+        )
+    }
+}
