@@ -23,6 +23,71 @@ pub struct Contract {
     /// What flashd prints during one successful transfer (checked by the flash e2e tests).
     #[serde(default)]
     pub flash: FlashMarkers,
+    /// The A/B update e2e scenarios (`cargo xtask e2e --only <name>`): the whole console of
+    /// the scenario's run (every boot) must show these markers in order, and never a
+    /// forbidden one.
+    #[serde(default)]
+    pub e2e: BTreeMap<String, Scenario>,
+}
+
+/// The console contract of one e2e scenario.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// What it proves.
+    pub description: String,
+    /// Markers in order over the whole run.
+    pub markers: Vec<String>,
+    /// Markers that must never appear.
+    #[serde(default)]
+    pub forbidden: Vec<String>,
+}
+
+/// Check `markers` in order (each after the line of the previous one) and the absence of
+/// `forbidden` in a finished console (`lines`). Returns the line index of every marker.
+pub fn check_lines(
+    lines: &[String],
+    markers: &[String],
+    forbidden: &[String],
+) -> Result<Vec<usize>, CheckError> {
+    let tail = || {
+        let start = lines.len().saturating_sub(TAIL_LINES);
+        lines.get(start..).unwrap_or_default().to_vec()
+    };
+    let mut at = Vec::with_capacity(markers.len());
+    let mut cursor = 0usize;
+    for m in markers {
+        let found = lines
+            .get(cursor..)
+            .and_then(|ls| ls.iter().position(|l| l.contains(m.as_str())));
+        match found {
+            Some(off) => {
+                at.push(cursor + off);
+                cursor += off + 1;
+            }
+            None => {
+                let reason = if lines.iter().any(|l| l.contains(m.as_str())) {
+                    "present, but not after the previous marker: out of order".to_string()
+                } else {
+                    "not in the console log".to_string()
+                };
+                return Err(CheckError::Missing {
+                    marker: m.clone(),
+                    reason,
+                    tail: tail(),
+                });
+            }
+        }
+    }
+    for f in forbidden {
+        if lines.iter().any(|l| l.contains(f.as_str())) {
+            return Err(CheckError::Forbidden {
+                marker: f.clone(),
+                tail: tail(),
+            });
+        }
+    }
+    Ok(at)
 }
 
 /// flashd's markers for one successful transfer, in order.
@@ -280,6 +345,28 @@ mod tests {
             c.flash.markers.last().map(String::as_str),
             Some("flashd: installed")
         );
+        for name in ["update", "rollback", "update-powercut"] {
+            let sc = c.e2e.get(name).unwrap();
+            assert!(!sc.markers.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn ordered_check_of_a_finished_console() {
+        let lines: Vec<String> = ["a 1", "b 2", "a 3", "c"].map(String::from).to_vec();
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            check_lines(&lines, &m(&["a", "b", "a"]), &[]).unwrap(),
+            [0, 1, 2]
+        );
+        let e = check_lines(&lines, &m(&["c", "b"]), &[]).unwrap_err();
+        assert!(e.to_string().contains("out of order"), "{e}");
+        let e = check_lines(&lines, &m(&["zzz"]), &[]).unwrap_err();
+        assert!(e.to_string().contains("not in the console log"), "{e}");
+        let e = check_lines(&lines, &m(&["a"]), &m(&["b 2"])).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("[error] Forbidden marker seen: b 2"));
     }
 
     #[test]

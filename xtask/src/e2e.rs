@@ -9,6 +9,8 @@
 //!   second `nx flash send` resumes (a `resumed` event), bytes verified.
 //! - `flash-powercut-resume`: QEMU is killed mid-transfer (guest power cut), the guest boots
 //!   recovery again, `nx flash send` resumes, bytes verified.
+//!
+//! The A/B update scenarios (`update`, `rollback`, `update-powercut`) are in `e2e_slots.rs`.
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, ensure, Context};
@@ -20,11 +22,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 3] = ["flash", "flash-cut-resume", "flash-powercut-resume"];
+pub const SCENARIOS: [&str; 6] = [
+    "flash",
+    "flash-cut-resume",
+    "flash-powercut-resume",
+    "update",
+    "rollback",
+    "update-powercut",
+];
 /// Size of the incompressible payload of the big test image.
 const BIG_PAYLOAD_MIB: usize = 24;
 /// Per-scenario time budget for a boot or a transfer.
-const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Arguments of `cargo xtask e2e`.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -76,17 +85,21 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "flash" => flash_basic(&ctx)?,
         "flash-cut-resume" => flash_cut_resume(&ctx)?,
         "flash-powercut-resume" => flash_powercut_resume(&ctx)?,
+        "update" => crate::e2e_slots::update(&ctx)?,
+        "rollback" => crate::e2e_slots::rollback(&ctx)?,
+        "update-powercut" => crate::e2e_slots::update_powercut(&ctx)?,
         other => bail!("unknown scenario {other}"),
     }
     eprintln!("[ok] e2e {name} ({:.1} s)", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-struct Ctx {
-    dir: PathBuf,
-    nx: PathBuf,
-    contract: Contract,
-    echo: bool,
+pub struct Ctx {
+    pub name: String,
+    pub dir: PathBuf,
+    pub nx: PathBuf,
+    pub contract: Contract,
+    pub echo: bool,
 }
 
 impl Ctx {
@@ -99,6 +112,7 @@ impl Ctx {
         let nx = util::root().join("target/debug/nx");
         let contract = Contract::load(&util::root().join("qemu/markers.toml"))?;
         Ok(Ctx {
+            name: name.to_string(),
             dir,
             nx,
             contract,
@@ -106,7 +120,15 @@ impl Ctx {
         })
     }
 
-    fn boot_recovery(&self) -> anyhow::Result<Runner> {
+    pub fn boot_recovery(&self) -> anyhow::Result<Runner> {
+        let runner = self.boot(true)?;
+        self.wait_ready(&runner)?;
+        Ok(runner)
+    }
+
+    /// Start the firmware loop on this scenario's disks; the first boot is recovery
+    /// (`RECOVERY=1`) or whatever the next-boot record says (normal on fresh disks).
+    pub fn boot(&self, recovery: bool) -> anyhow::Result<Runner> {
         let build = util::build_dir();
         let mut cfg = Config::new(&build);
         cfg.qemu = util::tool("qemu-system-x86_64")?;
@@ -122,14 +144,12 @@ impl Ctx {
                 p
             })
             .collect();
-        cfg.recovery = true;
+        cfg.recovery = recovery;
         cfg.echo = self.echo;
-        let runner = Runner::start(cfg)?;
-        self.wait_ready(&runner)?;
-        Ok(runner)
+        Ok(Runner::start(cfg)?)
     }
 
-    fn wait_ready(&self, runner: &Runner) -> anyhow::Result<()> {
+    pub fn wait_ready(&self, runner: &Runner) -> anyhow::Result<()> {
         runner
             .wait_for("recovery: ready (serial=@/dev/vport0p1)", STEP_TIMEOUT)
             .map_err(|e| fail(runner, &format!("recovery did not become ready: {e}")))?;
@@ -137,15 +157,20 @@ impl Ctx {
     }
 
     fn sock(&self, runner: &Runner) -> anyhow::Result<String> {
+        self.port(runner, nx_qemu::FLASH_PORT.0)
+    }
+
+    /// `unix:<host socket>` of a port of this run.
+    pub fn port(&self, runner: &Runner, name: &str) -> anyhow::Result<String> {
         let s = runner
             .config()
-            .port_socket(nx_qemu::FLASH_PORT.0)
-            .context("no flash port")?;
+            .port_socket(name)
+            .with_context(|| format!("no port {name}"))?;
         Ok(format!("unix:{}", s.display()))
     }
 
     /// `nx flash send --json`; returns its stdout lines.
-    fn send(&self, runner: &Runner, image: &Path) -> anyhow::Result<Vec<String>> {
+    pub fn send(&self, runner: &Runner, image: &Path) -> anyhow::Result<Vec<String>> {
         let out = Command::new(&self.nx)
             .args(["flash", "send", "--json", "--port", &self.sock(runner)?])
             .arg(image)
@@ -171,7 +196,7 @@ impl Ctx {
 
     /// Start `nx flash send --json` and kill it once `fraction` of the data went out; `then`
     /// runs right before the kill (e.g. a power cut). Fails when the transfer ended first.
-    fn send_and_cut(
+    pub fn send_and_cut(
         &self,
         runner: &Runner,
         image: &Path,
@@ -226,7 +251,7 @@ impl Ctx {
         Ok(at)
     }
 
-    fn check_flash_markers(&self, runner: &Runner, markers: &[String]) -> anyhow::Result<()> {
+    pub fn check_flash_markers(&self, runner: &Runner, markers: &[String]) -> anyhow::Result<()> {
         for m in markers {
             runner
                 .wait_for(m, Duration::from_secs(30))
@@ -237,13 +262,13 @@ impl Ctx {
 }
 
 /// An error carrying the last 40 console lines.
-fn fail(runner: &Runner, what: &str) -> anyhow::Error {
+pub fn fail(runner: &Runner, what: &str) -> anyhow::Error {
     let tail = runner.tail(nx_qemu::markers::TAIL_LINES).join("\n");
     anyhow::anyhow!("{what}\n--- last console lines ---\n{tail}\n--- end of console ---")
 }
 
 /// A top-level unsigned integer field of a one-line JSON object (`"key":123`).
-fn json_u64(line: &str, key: &str) -> Option<u64> {
+pub fn json_u64(line: &str, key: &str) -> Option<u64> {
     let pat = format!("\"{key}\":");
     let rest = &line[line.find(&pat)? + pat.len()..];
     let digits: String = rest
@@ -255,7 +280,7 @@ fn json_u64(line: &str, key: &str) -> Option<u64> {
 }
 
 /// The small demo image (`cargo xtask guest` builds it).
-fn demo_image() -> anyhow::Result<PathBuf> {
+pub fn demo_image() -> anyhow::Result<PathBuf> {
     let p = util::build_dir().join("nexus-os.img");
     ensure!(
         p.exists(),
@@ -266,7 +291,7 @@ fn demo_image() -> anyhow::Result<PathBuf> {
 }
 
 /// A deterministic image big enough to cut mid-transfer (incompressible payload).
-fn big_image() -> anyhow::Result<PathBuf> {
+pub fn big_image() -> anyhow::Result<PathBuf> {
     let dir = util::build_dir().join("e2e");
     let out = dir.join("big.img");
     if out.exists() {
@@ -300,7 +325,7 @@ fn big_image() -> anyhow::Result<PathBuf> {
 }
 
 /// Byte offset of the GPT partition `name` in `disk` (from `sfdisk --dump`).
-fn partition_offset(disk: &Path, name: &str) -> anyhow::Result<u64> {
+pub fn partition_offset(disk: &Path, name: &str) -> anyhow::Result<u64> {
     let dump = util::capture(Command::new(util::tool("sfdisk")?).arg("--dump").arg(disk))?;
     let line = dump
         .lines()
@@ -338,7 +363,7 @@ fn verify_installed(disk: &Path, image: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn receipt_installed(lines: &[String]) -> bool {
+pub fn receipt_installed(lines: &[String]) -> bool {
     lines
         .last()
         .is_some_and(|l| l.contains("\"state\":\"installed\""))

@@ -11,6 +11,7 @@ mod codegen;
 mod demo;
 mod disks;
 mod e2e;
+mod e2e_slots;
 mod guest;
 mod initramfs;
 mod kernel;
@@ -35,7 +36,8 @@ enum Cmd {
     Guest(guest::Args),
     /// Boot a profile in QEMU and check its marker contract (qemu/markers.toml).
     QemuTest(qemu_test::Args),
-    /// Flash end-to-end scenarios in QEMU (flash, cut + resume, power cut + resume).
+    /// End-to-end scenarios in QEMU: flash, cut + resume, power cut + resume, and the A/B
+    /// update flow (update, rollback, update-powercut); `--only NAME` runs one.
     E2e(e2e::Args),
     /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
     Recovery(recovery::Args),

@@ -1,0 +1,434 @@
+//! The A/B update scenarios of issue 5 on a real QEMU guest: one runner session each, with
+//! real reboots through the firmware loop (the runner reads the next-boot record rebootd
+//! wrote), fresh disks under `build/e2e/<name>/` (system_a seeded with the v1 demo image).
+//!
+//! - `update`: slot a boots → `nx flash reboot recovery` → `nx flash send build/nexus-os-v2.img`
+//!   → flashd installs into slot b, `slotImaged`, `setActive(b, trial, 3)`, automatic reboot →
+//!   `init: booted slot=b version=2 trial=true` → confirm → `nx boot reboot` → slot b boots
+//!   again, not on trial; `nx boot status --json` shows b active and good at each step, and the
+//!   snapshot read offline from state.img after the run says the same.
+//! - `rollback`: recovery → `nx flash send build/nexus-os-broken.img` (its rootfs is junk) →
+//!   three trial boots of b that never mount, never confirm → b marked bad, rollback → slot a
+//!   boots; status shows a active/good, b bad.
+//! - `update-powercut`: recovery → `nx flash send` of the big image → QEMU killed right after
+//!   `flashd: verify ok`, i.e. while flashd writes slot b → the next normal boot boots slot a.
+//!   How much of system_b was written when the power went is reported.
+//!
+//! After each scenario the whole console log is checked against `[e2e.<name>]` of
+//! `qemu/markers.toml` (order and forbidden markers).
+//!
+//! These need flashd's slot hook (`--install-slot auto`, see `guest/flashd/src/slots.rs`):
+//! with flashd still installing into the fixed partition `system_b` they stop at
+//! `bootctl: slotImaged slot=b …` with a message saying so.
+
+use crate::e2e::{big_image, fail, partition_offset, receipt_installed, Ctx, STEP_TIMEOUT};
+use crate::util;
+use anyhow::{bail, ensure, Context};
+use nx_qemu::{BootTarget, Runner};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long flashd may take from `verify ok` to activating the slot.
+const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn built_image(file: &str) -> anyhow::Result<PathBuf> {
+    let p = util::build_dir().join(file);
+    ensure!(
+        p.exists(),
+        "{} is missing: `cargo xtask guest` builds it (nx image build failed?)",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// Wait for each marker in order (after the previous hit).
+fn wait(runner: &Runner, markers: &[&str]) -> anyhow::Result<()> {
+    for m in markers {
+        runner
+            .wait_for(m, STEP_TIMEOUT)
+            .map_err(|e| fail(runner, &format!("[error] Missing marker: {m} ({e})")))?;
+    }
+    Ok(())
+}
+
+/// Wait for flashd's activation of the new slot; say clearly when flashd has no slot hook.
+fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
+    let imaged = format!("bootctl: slotImaged slot=b version={version}");
+    if let Err(e) = runner.wait_for(&imaged, ACTIVATE_TIMEOUT) {
+        let hint = if runner.console_contains("flashd: installed") {
+            "flashd installed the image but never told bootctld (no `bootctl: slotImaged`): \
+             flashd has no slot-aware install yet — it needs the slot hook \
+             (guest/flashd/src/slots.rs) and recovery-init must start it with --install-slot auto"
+        } else {
+            "flashd did not finish the install"
+        };
+        return Err(fail(
+            runner,
+            &format!("[error] Missing marker: {imaged} ({e}); {hint}"),
+        ));
+    }
+    wait(
+        runner,
+        &[
+            "bootctl: setActive slot=b trial=true tries=3",
+            "rebootd: next-boot=normal",
+        ],
+    )
+}
+
+/// Run `nx` with `args`; its stdout, or an error with its stderr.
+fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(&ctx.nx)
+        .args(args)
+        .output()
+        .context("could not run nx")?;
+    if !out.status.success() {
+        return Err(fail(
+            runner,
+            &format!(
+                "nx {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// JSON without whitespace (the view is deterministic; this makes substring checks easy).
+fn compact(json: &str) -> String {
+    json.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// `nx boot status --json` of the running guest must contain every `want` (compact JSON).
+fn expect_status(ctx: &Ctx, runner: &Runner, want: &[&str]) -> anyhow::Result<()> {
+    let port = ctx.port(runner, nx_qemu::BOOTCTL_PORT.0)?;
+    let json = nx(ctx, runner, &["boot", "status", "--json", "--port", &port])?;
+    let c = compact(&json);
+    for w in want {
+        if !c.contains(w) {
+            return Err(fail(
+                runner,
+                &format!("nx boot status --json lacks {w}:\n{json}"),
+            ));
+        }
+    }
+    eprintln!("xtask: e2e: nx boot status --json ok ({})", want.join(" "));
+    Ok(())
+}
+
+/// The snapshot `/bootctl/state.nxs` read offline from the scenario's state.img (QEMU
+/// stopped) through the host build of bootctld's JSON export; must contain every `want`.
+fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir_all(tmp.path().join("bootctl"))?;
+    let nxs = tmp.path().join("bootctl/state.nxs");
+    util::run_cmd(
+        Command::new(util::tool("debugfs")?)
+            .arg("-R")
+            .arg(format!("dump /bootctl/state.nxs {}", nxs.display()))
+            .arg(ctx.dir.join("state.img"))
+            .stderr(Stdio::null()),
+    )?;
+    let len = std::fs::metadata(&nxs).map(|m| m.len()).unwrap_or(0);
+    ensure!(
+        len > 0,
+        "/bootctl/state.nxs is missing from {} after the run",
+        ctx.dir.join("state.img").display()
+    );
+    util::run_cmd(util::cargo().args(["build", "-q", "-p", "bootctld", "--bin", "bootctld"]))?;
+    let out = util::capture(
+        Command::new(util::root().join("target/debug/bootctld"))
+            .arg("--state")
+            .arg(tmp.path())
+            .args(["--allow-unmounted-state", "--export-json"]),
+    )?;
+    let c = compact(&out);
+    for w in want {
+        ensure!(
+            c.contains(w),
+            "state.nxs ({len} bytes) read offline lacks {w}:\n{out}"
+        );
+    }
+    eprintln!(
+        "xtask: e2e: /state/bootctl/state.nxs ({len} bytes) survived the run: {}",
+        want.join(" ")
+    );
+    Ok(())
+}
+
+/// The whole console of the run against `[e2e.<name>]` of qemu/markers.toml.
+fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
+    let sc = ctx
+        .contract
+        .e2e
+        .get(&ctx.name)
+        .with_context(|| format!("qemu/markers.toml has no [e2e.{}]", ctx.name))?;
+    let log = runner.config().console_log();
+    let text = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let forbidden: Vec<String> = ctx
+        .contract
+        .defaults
+        .forbidden
+        .iter()
+        .chain(&sc.forbidden)
+        .cloned()
+        .collect();
+    nx_qemu::markers::check_lines(&lines, &sc.markers, &forbidden)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "xtask: e2e: {} markers of [e2e.{}] in order in {} ({} boots)",
+        sc.markers.len(),
+        ctx.name,
+        log.display(),
+        runner.boots()
+    );
+    Ok(())
+}
+
+/// Scenario `update`.
+pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
+    let v2 = built_image("nexus-os-v2.img")?;
+    let mut runner = ctx.boot(false)?;
+    wait(
+        &runner,
+        &[
+            "init: booted slot=a version=1 trial=false",
+            "init: confirmed slot=a",
+            "init: ready",
+        ],
+    )?;
+    expect_status(
+        ctx,
+        &runner,
+        &[r#""active":"a""#, r#""a":{"health":"good""#],
+    )?;
+
+    let reboot_port = ctx.port(&runner, nx_qemu::REBOOT_PORT.0)?;
+    nx(
+        ctx,
+        &runner,
+        &["flash", "reboot", "recovery", "--port", &reboot_port],
+    )?;
+    wait(&runner, &["rebootd: next-boot=recovery"])?;
+    ctx.wait_ready(&runner)?;
+
+    let lines = ctx.send(&runner, &v2)?;
+    ensure!(
+        receipt_installed(&lines),
+        "no installed receipt from nx: {lines:?}"
+    );
+    wait_activation(&runner, "2")?;
+    wait(
+        &runner,
+        &[
+            "init: booted slot=b version=2 trial=true",
+            "bootctl: confirm",
+            "init: confirmed slot=b",
+            "init: ready",
+        ],
+    )?;
+    expect_status(
+        ctx,
+        &runner,
+        &[
+            r#""active":"b""#,
+            r#""b":{"health":"good","trial":false,"tries_left":0,"version":"2"}"#,
+            r#""a":{"health":"good""#,
+        ],
+    )?;
+
+    let bootctl_port = ctx.port(&runner, nx_qemu::BOOTCTL_PORT.0)?;
+    nx(ctx, &runner, &["boot", "reboot", "--port", &bootctl_port])?;
+    wait(
+        &runner,
+        &[
+            "bootctl: reboot",
+            "init: booted slot=b version=2 trial=false",
+            "init: ready",
+        ],
+    )?;
+    expect_status(
+        ctx,
+        &runner,
+        &[
+            r#""active":"b""#,
+            r#""b":{"health":"good","trial":false,"tries_left":0,"version":"2"}"#,
+        ],
+    )?;
+    runner.stop();
+    check_console(ctx, &runner)?;
+    expect_snapshot(
+        ctx,
+        &[
+            r#""storage":"persistent""#,
+            r#""active":"b""#,
+            r#""b":{"health":"good","trial":false,"tries_left":0,"version":"2"}"#,
+        ],
+    )
+}
+
+/// Scenario `rollback`.
+pub fn rollback(ctx: &Ctx) -> anyhow::Result<()> {
+    let broken = built_image("nexus-os-broken.img")?;
+    let version = crate::guest::BROKEN_VERSION;
+    let mut runner = ctx.boot_recovery()?;
+    let lines = ctx.send(&runner, &broken)?;
+    ensure!(
+        receipt_installed(&lines),
+        "no installed receipt from nx: {lines:?}"
+    );
+    wait_activation(&runner, version)?;
+    for tries in [2, 1, 0] {
+        wait(
+            &runner,
+            &[
+                &format!("bootctl: bootAttempt slot=b trial=true tries={tries}"),
+                "init: rootfs unusable slot=b trial=true",
+                "rebootd: next-boot=normal",
+            ],
+        )?;
+    }
+    wait(
+        &runner,
+        &[
+            "bootctl: markBad slot=b",
+            "bootctl: rollback to slot=a",
+            "init: booted slot=a version=1 trial=false",
+            "init: confirmed slot=a",
+            "init: ready",
+        ],
+    )?;
+    expect_status(
+        ctx,
+        &runner,
+        &[
+            r#""active":"a""#,
+            r#""a":{"health":"good""#,
+            &format!(
+                r#""b":{{"health":"bad","trial":false,"tries_left":0,"version":"{version}"}}"#
+            ),
+        ],
+    )?;
+    runner.stop();
+    check_console(ctx, &runner)?;
+    expect_snapshot(ctx, &[r#""active":"a""#, r#""b":{"health":"bad""#])
+}
+
+/// How much of `image` is at the start of system_b in `disk`: `(matching prefix, total)`.
+fn written_prefix(disk: &Path, image: &Path) -> anyhow::Result<(u64, u64)> {
+    let off = partition_offset(disk, "system_b")?;
+    let d = std::fs::File::open(disk)?;
+    let mut img = std::fs::File::open(image)?;
+    let total = img.metadata()?.len();
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < total {
+        let n = usize::try_from((total - done).min(1 << 20))?;
+        img.read_exact(&mut a[..n])?;
+        d.read_exact_at(&mut b[..n], off + done)?;
+        if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
+            return Ok((done + i as u64, total));
+        }
+        done += n as u64;
+    }
+    Ok((total, total))
+}
+
+/// Scenario `update-powercut`.
+pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
+    let image = big_image()?;
+    let mut runner = ctx.boot_recovery()?;
+    let mut child = Command::new(&ctx.nx)
+        .args([
+            "flash",
+            "send",
+            "--json",
+            "--port",
+            &ctx.port(&runner, nx_qemu::FLASH_PORT.0)?,
+        ])
+        .arg(&image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("could not run nx")?;
+    let verified = runner.wait_for("flashd: verify ok", STEP_TIMEOUT);
+    if verified.is_ok() {
+        // The power cut: flashd is now writing the verified image into system_b.
+        runner.power_cycle(Some(BootTarget::Normal));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    verified.map_err(|e| {
+        fail(
+            &runner,
+            &format!("[error] Missing marker: flashd: verify ok ({e})"),
+        )
+    })?;
+    wait(&runner, &["[nx-qemu] power cut"])?;
+    if runner.console_contains("bootctl: setActive slot=b") {
+        bail!(
+            "the power cut came too late: slot b was already activated (`bootctl: setActive slot=b` \
+             before the cut), so this run did not test a cut during the slot write"
+        );
+    }
+    wait(
+        &runner,
+        &[
+            "init: booted slot=a version=1 trial=false",
+            "init: confirmed slot=a",
+            "init: ready",
+        ],
+    )?;
+    expect_status(
+        ctx,
+        &runner,
+        &[r#""active":"a""#, r#""a":{"health":"good""#],
+    )?;
+    runner.stop();
+    let (written, total) = written_prefix(&ctx.dir.join("disk.img"), &image)?;
+    let when = if written == total {
+        "the write had completed (cut before activation)".to_string()
+    } else if written == 0 {
+        "the write had not reached system_b yet".to_string()
+    } else {
+        format!("during the write: {written} of {total} bytes of system_b were the image")
+    };
+    eprintln!("xtask: e2e: power cut {when}; slot a booted");
+    check_console(ctx, &runner)?;
+    expect_snapshot(ctx, &[r#""active":"a""#, r#""a":{"health":"good""#])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_json() {
+        assert_eq!(
+            compact("{\n  \"active\": \"b\",\n  \"x\": { \"a\": 1 }\n}\n"),
+            r#"{"active":"b","x":{"a":1}}"#
+        );
+    }
+
+    #[test]
+    fn prefix_of_a_partial_write() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk.img");
+        crate::disks::ensure_disk(&disk, true, None).unwrap();
+        let img = d.path().join("img");
+        std::fs::write(&img, vec![7u8; 10_000]).unwrap();
+        assert_eq!(written_prefix(&disk, &img).unwrap(), (0, 10_000));
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let off = crate::disks::slot_offset('b');
+        assert_eq!(partition_offset(&disk, "system_b").unwrap(), off);
+        f.write_all_at(&[7u8; 4096], off).unwrap();
+        assert_eq!(written_prefix(&disk, &img).unwrap(), (4096, 10_000));
+    }
+}
