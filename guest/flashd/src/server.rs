@@ -452,10 +452,36 @@ impl Active {
                 }
                 self.last_host = h.host.clone();
                 self.hello_manifest = ImageHead::parse(&h.head).ok().map(|p| p.manifest);
+                self.forget_vanished_install(cfg, out);
             }
         }
         self.rx.handle(ReceiverEvent::Frame(f));
         self.run_actions(conn, cfg, out);
+    }
+
+    /// If the install record describes a file target that is gone or has another size, the
+    /// record is stale: forget it, so the host sends the image instead of being told it is
+    /// already installed.
+    fn forget_vanished_install(&mut self, cfg: &Config, out: &dyn Output) {
+        let Some(inst) = self.rx.installed().cloned() else {
+            return;
+        };
+        let Ok(InstallTarget::File(path)) = resolve_target(&cfg.install) else {
+            return;
+        };
+        let len = std::fs::metadata(&path).map(|m| m.len()).ok();
+        if len == Some(inst.total_size) {
+            return;
+        }
+        out.log(&format!(
+            "flashd: install record is stale ({} is {}): forgetting it",
+            path.display(),
+            len.map_or("missing".to_string(), |l| format!("{l} bytes"))
+        ));
+        self.rx.set_installed(None);
+        self.durable.send(DurableJob::Run(Box::new(|st| {
+            store::remove_if_exists(&st.installed_path()).map_err(|e| e.to_string())
+        })));
     }
 
     /// Checks the receiver cannot make: is there a target to install into, and is it big

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Jobs queued to the hasher before the receiving thread waits.
-pub const HASH_QUEUE: usize = 8;
+pub const HASH_QUEUE: usize = 4;
 /// Jobs queued to the durability thread before the receiving thread waits.
 pub const DURABLE_QUEUE: usize = 16;
 

@@ -170,4 +170,15 @@ fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
         serde_json::from_slice(&std::fs::read(state.join("flash/last-install.json")).unwrap())
             .unwrap();
     assert_eq!(receipt["state"], "unchanged");
+
+    // The install vanished behind flashd's back: the record is stale, the image is sent again.
+    std::fs::remove_file(&out).unwrap();
+    let cap = Capture::new();
+    let srv = RunningServer::start_simple(&state, &out, &sock, cap.clone()).unwrap();
+    let mut c = Client::connect(&sock);
+    send_image(&mut c, &img, 4, 4096, None).unwrap();
+    assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
+    srv.kill();
+    assert!(cap.markers().iter().any(|m| m.starts_with("flashd: wrote seg=a")));
+    assert_eq!(std::fs::read(&out).unwrap(), img);
 }

@@ -9,7 +9,7 @@ use crate::flash::image_file::{CheckState, ImageFile, LocalCheck};
 use crate::flash::receipt::{Receipt, ReceiptBuilder};
 use crate::flash::render::{Renderer, Skips, Ui};
 use crate::transport::{self, Link, PortSpec};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use proto::frame::codec::{FrameCodec, Incoming};
 use proto::frame::Frame;
@@ -350,12 +350,16 @@ async fn run_session(
     let (rd, mut wr) = tokio::io::split(link);
     let mut frames = FramedRead::new(rd, FrameCodec::new());
     let backlog = Arc::new(AtomicU64::new(0));
-    let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITER_QUEUE);
+    let (wtx, mut wrx) = mpsc::channel::<Frame>(WRITER_QUEUE);
     let wbacklog = backlog.clone();
     let mut writer = tokio::spawn(async move {
-        while let Some(b) = wrx.recv().await {
-            let n = b.len() as u64;
-            let r = wr.write_all(&b).await;
+        while let Some(f) = wrx.recv().await {
+            let n = f.encoded_len() as u64;
+            // Header, payload and trailer in one vectored write: the payload is not copied.
+            let mut b = Bytes::copy_from_slice(&f.header())
+                .chain(f.payload().clone())
+                .chain(Bytes::copy_from_slice(&f.trailer()));
+            let r = wr.write_all_buf(&mut b).await;
             wbacklog.fetch_sub(n, Ordering::Relaxed);
             r?;
         }
@@ -618,13 +622,13 @@ fn hold_segment(sender: &Sender, ctx: &Ctx, seq: u32) -> Option<usize> {
 }
 
 async fn queue_frame(
-    wtx: &mpsc::Sender<Bytes>,
+    wtx: &mpsc::Sender<Frame>,
     backlog: &AtomicU64,
     f: &Frame,
 ) -> Result<(), ()> {
-    let b = f.to_bytes();
-    backlog.fetch_add(b.len() as u64, Ordering::Relaxed);
-    wtx.send(b).await.map_err(|_| ())
+    backlog.fetch_add(f.encoded_len() as u64, Ordering::Relaxed);
+    // Cloning a frame shares its payload.
+    wtx.send(f.clone()).await.map_err(|_| ())
 }
 
 fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
