@@ -16,9 +16,7 @@ use proto::frame::Frame;
 use proto::image::ImageHead;
 use proto::manifest::Manifest;
 use proto::msg::{self, ErrorCode, ErrorMsg, Message, MsgType, WriteBody};
-use proto::session::{
-    InstalledImage, Plan, Receiver, ReceiverAction, ReceiverConfig, ReceiverEvent, SkipIndex,
-};
+use proto::session::{Plan, Receiver, ReceiverAction, ReceiverConfig, ReceiverEvent, SkipIndex};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -206,7 +204,12 @@ impl Server {
                 return Ok(());
             };
             let end = self.serve_conn(conn);
-            self.out.log(&format!("flashd: connection ended: {end:?}"));
+            if let ConnEnd::Closed(why) = &end {
+                self.out.log(&format!(
+                    "flashd: connection closed{}",
+                    why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default()
+                ));
+            }
             if once {
                 self.drain();
                 return Ok(());
@@ -974,14 +977,4 @@ enum Kind {
     Zstd { wire: u64 },
     Zero,
     Copy,
-}
-
-/// What an install record says, for `InstalledImage` users outside this module.
-pub fn installed_summary(i: &InstalledImage) -> String {
-    format!(
-        "version {} ({} bytes, image sha256 {})",
-        i.version,
-        i.total_size,
-        hex::encode(i.image_sha256)
-    )
 }

@@ -79,7 +79,10 @@ pub enum SendError {
     /// The target refused the image or failed to verify/install it.
     #[error("the target refused: error {code}: {text}")]
     Refused { code: ErrorCode, text: String },
-    /// The link could not be (re-)established or kept timing out.
+    /// The target could not be reached at all.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The link could not be re-established or kept timing out.
     #[error("{0}")]
     LinkLost(String),
     /// Ctrl-C.
@@ -175,8 +178,13 @@ pub async fn send_image(
             Ok(l) => l,
             Err(e) => {
                 failures += 1;
-                if attempt == 1 || failures >= opts.attempts {
-                    return Err(SendError::LinkLost(format!("{e:#}")));
+                if attempt == 1 {
+                    return Err(SendError::Unreachable(format!("{e:#}")));
+                }
+                if failures >= opts.attempts {
+                    return Err(SendError::LinkLost(format!(
+                        "{e:#} (gave up after {failures} attempts)"
+                    )));
                 }
                 backoff(r, &format!("{e:#}"), failures, opts, &mut interrupt).await?;
                 continue;
@@ -229,8 +237,7 @@ pub async fn send_image(
                 if failures >= opts.attempts {
                     r.finish();
                     return Err(SendError::LinkLost(format!(
-                        "{why}; gave up after {failures} attempts without progress. The transfer \
-                         is resumable: run the same command again"
+                        "{why} (gave up after {failures} attempts without progress)"
                     )));
                 }
                 backoff(r, &why, failures, opts, &mut interrupt).await?;
