@@ -78,8 +78,10 @@ enum FlashCommand {
 
 /// `nx flash send`.
 #[derive(clap::Args)]
-#[command(after_help = "Ctrl-C leaves the transfer resumable: run the same command again to \
-    continue where it stopped. The last line on stdout is the JSON install receipt.")]
+#[command(
+    after_help = "Ctrl-C leaves the transfer resumable: run the same command again to \
+    continue where it stopped. The last line on stdout is the JSON install receipt."
+)]
 pub struct SendArgs {
     /// The image file (`nx image build` writes one).
     pub image: PathBuf,
@@ -254,11 +256,7 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     opts.skip = !a.no_skip;
     opts.attempts = a.retries.max(1);
     opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
-    let again = format!(
-        "nx flash send {} --port {}",
-        a.image.display(),
-        a.port
-    );
+    let again = format!("nx flash send {} --port {}", a.image.display(), a.port);
     let rt = runtime()?;
     let mut port = a.port.clone();
     let result = rt.block_on(async {
@@ -294,7 +292,10 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
                 rep.elapsed.as_secs_f64(),
                 human_bytes(img.len()),
                 rate_mb_s(img.len(), rep.elapsed),
-                human_bytes(st.data_bytes.saturating_sub(st.resumed_bytes + st.identical_bytes)),
+                human_bytes(
+                    st.data_bytes
+                        .saturating_sub(st.resumed_bytes + st.identical_bytes)
+                ),
                 human_bytes(rep.receipt.wire_bytes),
                 st.retransmitted_frames
             ));
@@ -319,6 +320,7 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
                     exit::TARGET_REFUSED,
                     Some("nothing was installed; the previous install is untouched".to_string()),
                 ),
+                SendError::Unreachable(_) => (exit::LINK_LOST, None),
                 SendError::LinkLost(_) => (
                     exit::LINK_LOST,
                     Some(format!("the transfer is resumable: run `{again}` again")),

@@ -94,11 +94,17 @@ fn send_installs_the_exact_bytes_with_all_markers_in_order() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
     srv.kill();
-    assert_eq!(sha256_hex(&std::fs::read(&rig.out).unwrap()), sha256_hex(&rig.img));
+    assert_eq!(
+        sha256_hex(&std::fs::read(&rig.out).unwrap()),
+        sha256_hex(&rig.img)
+    );
 
     let m = cap.markers();
     assert_eq!(m[0], "flashd: ready");
-    assert!(m[1].starts_with("flashd: hello host=") && m[1].ends_with(" proto=1"), "{m:?}");
+    assert!(
+        m[1].starts_with("flashd: hello host=") && m[1].ends_with(" proto=1"),
+        "{m:?}"
+    );
     assert_eq!(
         &m[2..],
         &[
@@ -120,15 +126,17 @@ fn send_installs_the_exact_bytes_with_all_markers_in_order() {
         serde_json::from_slice(&std::fs::read(&receipt_path).unwrap()).unwrap();
     assert_eq!(file, receipt);
     // flashd keeps the same record.
-    let kept: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(rig.state.join("flash/last-install.json")).unwrap(),
-    )
-    .unwrap();
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rig.state.join("flash/last-install.json")).unwrap())
+            .unwrap();
     assert_eq!(kept["writer"], "flashd");
     assert_eq!(kept["image_id"], receipt["image_id"]);
     assert_eq!(kept["segments"], receipt["segments"]);
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("nx: skipped 584.0 KiB of zeros"), "{stderr}");
+    assert!(
+        stderr.contains("nx: skipped 584.0 KiB of zeros"),
+        "{stderr}"
+    );
     assert!(stderr.contains("MB/s effective"), "{stderr}");
 }
 
@@ -208,8 +216,18 @@ fn json_mode_prints_ndjson_events_ending_with_the_receipt() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
-    for k in ["connecting", "start", "progress", "segment_verified", "done", "receipt"] {
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for k in [
+        "connecting",
+        "start",
+        "progress",
+        "segment_verified",
+        "done",
+        "receipt",
+    ] {
         assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
     assert_eq!(*kinds.last().unwrap(), "receipt");
@@ -241,7 +259,10 @@ fn ctrl_c_leaves_the_transfer_resumable_and_says_how_to_continue() {
     cap.clear_hook();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("continue with the same command"), "{stderr}");
+    assert!(
+        stderr.contains("continue with the same command"),
+        "{stderr}"
+    );
     assert!(stderr.contains("nx flash send"), "{stderr}");
     let again = rig.nx_send(&rig.img_path, &["--chunk", "16K"]);
     assert!(again.status.success(), "{}", text(&again.stderr));
@@ -315,7 +336,11 @@ fn a_truncated_or_foreign_file_is_refused_before_connecting() {
     std::fs::write(&p, &rig.img[..rig.img.len() - 5000]).unwrap();
     let out = rig.nx_send(&p, &[]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&out.stderr).contains("truncated"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("truncated"),
+        "{}",
+        text(&out.stderr)
+    );
     std::fs::write(&p, b"not an image at all").unwrap();
     let out = rig.nx_send(&p, &[]);
     assert_eq!(out.status.code(), Some(3));

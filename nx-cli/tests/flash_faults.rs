@@ -54,7 +54,11 @@ impl Rig {
     fn assert_installed(&self) {
         let got = std::fs::read(&self.out).unwrap();
         assert_eq!(got.len(), self.img.len());
-        assert_eq!(sha256_hex(&got), sha256_hex(&self.img), "installed bytes differ");
+        assert_eq!(
+            sha256_hex(&got),
+            sha256_hex(&self.img),
+            "installed bytes differ"
+        );
     }
 }
 
@@ -147,7 +151,11 @@ async fn cut_the_connection_at_100_random_points() {
     assert_eq!(p.stats.cuts.load(Ordering::Relaxed), 100);
     assert!(rep.receipt.tries > 100, "tries {}", rep.receipt.tries);
     assert_eq!(rep.receipt.state, "installed");
-    assert!(rep.receipt.resume_count > 50, "resumes {}", rep.receipt.resume_count);
+    assert!(
+        rep.receipt.resume_count > 50,
+        "resumes {}",
+        rep.receipt.resume_count
+    );
     assert!(cap.wait_for("flashd: installed", Duration::from_secs(5)));
     rig.assert_installed();
 }
@@ -173,7 +181,9 @@ async fn flashd_killed_and_restarted_mid_segment() {
         .await
         .unwrap();
     // Kill (drop) it mid-transfer and start a new one on the same state dir, twice.
-    tokio::task::spawn_blocking(move || srv.kill()).await.unwrap();
+    tokio::task::spawn_blocking(move || srv.kill())
+        .await
+        .unwrap();
     let second = Capture::new();
     let srv2 = rig.flashd(second.clone());
     let (tx2, rx2) = std::sync::mpsc::channel::<()>();
@@ -188,12 +198,18 @@ async fn flashd_killed_and_restarted_mid_segment() {
     tokio::task::spawn_blocking(move || rx2.recv_timeout(Duration::from_secs(30)).unwrap())
         .await
         .unwrap();
-    tokio::task::spawn_blocking(move || srv2.kill()).await.unwrap();
+    tokio::task::spawn_blocking(move || srv2.kill())
+        .await
+        .unwrap();
     assert!(!second.markers().iter().any(|m| m == "flashd: installed"));
     let third = Capture::new();
     let _srv3 = rig.flashd(third.clone());
     let rep = sender.await.unwrap();
-    assert!(rep.resumed_at.is_some_and(|a| a > 0), "{:?}", rep.resumed_at);
+    assert!(
+        rep.resumed_at.is_some_and(|a| a > 0),
+        "{:?}",
+        rep.resumed_at
+    );
     assert!(rep.receipt.tries >= 3);
     assert!(third.wait_for("flashd: installed", Duration::from_secs(10)));
     rig.assert_installed();

@@ -107,7 +107,10 @@ fn flash(a: FlashArgs) -> anyhow::Result<()> {
 fn flash_in(a: &FlashArgs, bins: &Bins, dir: &Path) -> anyhow::Result<()> {
     let size = a.size_mib * MIB;
     let repeat = a.repeat.max(1);
-    eprintln!("xtask: bench: making a {} MiB dense and a {} MiB 10%-data image", a.size_mib, a.size_mib);
+    eprintln!(
+        "xtask: bench: making a {} MiB dense and a {} MiB 10%-data image",
+        a.size_mib, a.size_mib
+    );
     let dense = make_image(bins, dir, "dense", size, 1.0, 1)?;
     let sparse = make_image(bins, dir, "sparse", size, 0.1, 2)?;
 
@@ -116,7 +119,13 @@ fn flash_in(a: &FlashArgs, bins: &Bins, dir: &Path) -> anyhow::Result<()> {
     let mut flash_times = Vec::new();
     for (name, img) in [("dense", &dense), ("10% data", &sparse)] {
         let raw = best(repeat, || raw_copy(img, dir))?;
-        rows.push(Row::new(format!("raw copy, {name}"), file_len(img), raw, file_len(img), None));
+        rows.push(Row::new(
+            format!("raw copy, {name}"),
+            file_len(img),
+            raw,
+            file_len(img),
+            None,
+        ));
         let (t, wire, _) = best_flash(repeat, || flash_once(bins, dir, img, false))?;
         rows.push(Row::new(
             format!("nx flash send, {name}"),
@@ -156,8 +165,16 @@ fn flash_in(a: &FlashArgs, bins: &Bins, dir: &Path) -> anyhow::Result<()> {
     let dense_ratio = raw_times[0].as_secs_f64() / flash_times[0].as_secs_f64();
     let sparse_ratio = raw_times[1].as_secs_f64() / flash_times[1].as_secs_f64();
     let refl_ratio = refl.as_secs_f64() / full.as_secs_f64();
-    verdict("dense ≥ 80% of raw", dense_ratio >= 0.8, format!("{:.0}% of raw", dense_ratio * 100.0));
-    verdict("10% data ≥ 5× raw", sparse_ratio >= 5.0, format!("{sparse_ratio:.2}× raw"));
+    verdict(
+        "dense ≥ 80% of raw",
+        dense_ratio >= 0.8,
+        format!("{:.0}% of raw", dense_ratio * 100.0),
+    );
+    verdict(
+        "10% data ≥ 5× raw",
+        sparse_ratio >= 5.0,
+        format!("{sparse_ratio:.2}× raw"),
+    );
     verdict(
         "identical re-flash ≤ 10% of a full flash",
         refl_ratio <= 0.10,
@@ -170,7 +187,10 @@ fn flash_in(a: &FlashArgs, bins: &Bins, dir: &Path) -> anyhow::Result<()> {
     );
 
     if a.rss_mib > 0 {
-        eprintln!("xtask: bench: peak RSS with a {} MiB dense image", a.rss_mib);
+        eprintln!(
+            "xtask: bench: peak RSS with a {} MiB dense image",
+            a.rss_mib
+        );
         let big = make_image(bins, dir, "big", a.rss_mib * MIB, 1.0, 3)?;
         let (t, _, rss) = flash_once(bins, dir, &big, true)?;
         let _ = std::fs::remove_file(&big);
@@ -182,12 +202,22 @@ fn flash_in(a: &FlashArgs, bins: &Bins, dir: &Path) -> anyhow::Result<()> {
             fd_kib as f64 / 1024.0,
             nx_kib as f64 / 1024.0
         );
-        verdict("flashd ≤ 16 MiB", fd_kib <= 16 * 1024, format!("{:.1} MiB", fd_kib as f64 / 1024.0));
-        verdict("nx ≤ 32 MiB", nx_kib <= 32 * 1024, format!("{:.1} MiB", nx_kib as f64 / 1024.0));
+        verdict(
+            "flashd ≤ 16 MiB",
+            fd_kib <= 16 * 1024,
+            format!("{:.1} MiB", fd_kib as f64 / 1024.0),
+        );
+        verdict(
+            "nx ≤ 32 MiB",
+            nx_kib <= 32 * 1024,
+            format!("{:.1} MiB", nx_kib as f64 / 1024.0),
+        );
     }
     println!(
         "(host: {} CPUs, load {}; best of {repeat} runs each)",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -199,7 +229,10 @@ fn flash_in(a: &FlashArgs, bins: &Bins, dir: &Path) -> anyhow::Result<()> {
 }
 
 fn verdict(what: &str, ok: bool, got: String) {
-    println!("target {what}: {} — {got}", if ok { "met" } else { "MISSED" });
+    println!(
+        "target {what}: {} — {got}",
+        if ok { "met" } else { "MISSED" }
+    );
 }
 
 struct Row {
@@ -269,7 +302,14 @@ impl Noise {
 
 /// A segment file of `size` bytes where `data` of every 10 MiB is random (1.0 = dense), built
 /// into an image with `nx image build`.
-fn make_image(bins: &Bins, dir: &Path, name: &str, size: u64, data: f64, seed: u64) -> anyhow::Result<PathBuf> {
+fn make_image(
+    bins: &Bins,
+    dir: &Path,
+    name: &str,
+    size: u64,
+    data: f64,
+    seed: u64,
+) -> anyhow::Result<PathBuf> {
     let seg = dir.join(format!("{name}.bin"));
     {
         let mut f = std::io::BufWriter::with_capacity(
@@ -464,13 +504,20 @@ fn flash_once(bins: &Bins, dir: &Path, img: &Path, sample_rss: bool) -> anyhow::
 
 /// A full flash, then an immediate re-flash of the identical image (best of `n` pairs).
 /// Returns (full time, re-flash time, re-flash wire bytes).
-fn reflash(bins: &Bins, dir: &Path, img: &Path, n: u32) -> anyhow::Result<(Duration, Duration, u64)> {
+fn reflash(
+    bins: &Bins,
+    dir: &Path,
+    img: &Path,
+    n: u32,
+) -> anyhow::Result<(Duration, Duration, u64)> {
     let mut best: Option<(Duration, Duration, u64)> = None;
     for _ in 0..n {
         let fd = Flashd::start(bins, dir, true)?;
         let (full, _, _) = nx_send(bins, &fd, img, false)?;
         let (again, wire, _) = nx_send(bins, &fd, img, false)?;
-        if best.as_ref().is_none_or(|b| again.as_secs_f64() / full.as_secs_f64() < b.1.as_secs_f64() / b.0.as_secs_f64()) {
+        if best.as_ref().is_none_or(|b| {
+            again.as_secs_f64() / full.as_secs_f64() < b.1.as_secs_f64() / b.0.as_secs_f64()
+        }) {
             best = Some((full, again, wire));
         }
     }

@@ -16,7 +16,12 @@ use std::time::Duration;
 )]
 pub struct Args {
     /// Serve a unix socket at SOCK (host use and tests).
-    #[arg(long, value_name = "SOCK", conflicts_with = "port_name", required_unless_present = "port_name")]
+    #[arg(
+        long,
+        value_name = "SOCK",
+        conflicts_with = "port_name",
+        required_unless_present = "port_name"
+    )]
     pub listen: Option<PathBuf>,
     /// Serve the virtio-serial port with this name (found under /sys/class/virtio-ports/*/name).
     #[arg(long, value_name = "NAME")]
@@ -25,7 +30,12 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
     /// Install into this file or block device.
-    #[arg(long, value_name = "PATH", conflicts_with = "install_partition", required_unless_present = "install_partition")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "install_partition",
+        required_unless_present = "install_partition"
+    )]
     pub install: Option<PathBuf>,
     /// Install into the GPT partition with this name (PARTNAME in /sys/class/block/*/uevent).
     #[arg(long, value_name = "NAME")]
@@ -120,7 +130,11 @@ impl Args {
         let source = match (&self.listen, &self.port_name) {
             (Some(p), None) => Source::Listen(p.clone()),
             (None, Some(n)) => Source::Port(n.clone()),
-            _ => return Err(FlashdError::Usage("give exactly one of --listen SOCK or --port-name NAME".into())),
+            _ => {
+                return Err(FlashdError::Usage(
+                    "give exactly one of --listen SOCK or --port-name NAME".into(),
+                ))
+            }
         };
         let install = match (&self.install, &self.install_partition) {
             (Some(p), None) => InstallSpec::Path(p.clone()),

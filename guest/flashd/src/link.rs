@@ -42,7 +42,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Errors of the link layer.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot listen on {path}: {source} (is another flashd running? remove the stale socket)")]
+    #[error(
+        "cannot listen on {path}: {source} (is another flashd running? remove the stale socket)"
+    )]
     Listen {
         path: PathBuf,
         #[source]
@@ -106,10 +108,12 @@ pub struct Conn {
 impl Conn {
     /// A connection over a connected unix stream (also used by tests with `UnixStream::pair`).
     pub fn from_unix(stream: UnixStream, peer: impl Into<String>) -> Result<Conn, LinkError> {
-        stream.set_nonblocking(true).map_err(|source| LinkError::Io {
-            what: "set non-blocking",
-            source,
-        })?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|source| LinkError::Io {
+                what: "set non-blocking",
+                source,
+            })?;
         let fd: OwnedFd = stream.into();
         let file = File::from(fd);
         let read_half = file.try_clone().map_err(|source| LinkError::Io {
@@ -197,7 +201,10 @@ impl Drop for Conn {
             // Drop our end of the queue first: a reader blocked on a full queue then fails
             // its send and exits instead of waiting for us forever.
             let (_, dummy) = mpsc::sync_channel(1);
-            drop(std::mem::replace(&mut self.events, Arc::new(Mutex::new(dummy))));
+            drop(std::mem::replace(
+                &mut self.events,
+                Arc::new(Mutex::new(dummy)),
+            ));
             if let Some(h) = self.reader.take() {
                 let _ = h.join();
             }
@@ -429,6 +436,11 @@ impl PortAcceptor {
                 path: path.to_path_buf(),
                 source,
             })?;
+        PortAcceptor::from_file(file, path)
+    }
+
+    /// Serve an already open, non-blocking port descriptor (`path` is for messages).
+    pub fn from_file(file: File, path: &Path) -> Result<PortAcceptor, LinkError> {
         // dup(2), not a second open(2): the port allows only one open at a time.
         let read_half = file.try_clone().map_err(|source| LinkError::Io {
             what: "dup port descriptor",
@@ -483,6 +495,61 @@ impl Drop for PortAcceptor {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.reader.take() {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::msg::Message;
+
+    fn next_event(c: &mut Conn) -> LinkEvent {
+        match c.recv(Duration::from_secs(5)) {
+            Recv::Event(e) => e,
+            Recv::Timeout => panic!("no event"),
+        }
+    }
+
+    #[test]
+    fn port_reader_survives_host_gone_and_reports_it_once() {
+        // A socket stands in for the port: same descriptor semantics for one host.
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let file = File::from(OwnedFd::from(ours));
+        let mut acc = PortAcceptor::from_file(file, Path::new("test-port")).unwrap();
+        let mut c = acc.accept().unwrap().unwrap();
+        // Nothing connected yet is not an event.
+        assert!(matches!(c.recv(Duration::from_millis(100)), Recv::Timeout));
+        host.write_all(&Message::Info.to_frame().unwrap().to_bytes())
+            .unwrap();
+        assert!(matches!(next_event(&mut c), LinkEvent::Frame(_)));
+        // Garbage is reported, not fatal.
+        host.write_all(b"zzzz").unwrap();
+        assert!(matches!(next_event(&mut c), LinkEvent::Skipped { .. }));
+        // The answer goes out on the same descriptor.
+        c.send(&Message::Info.to_frame().unwrap()).unwrap();
+        let mut buf = [0u8; 64];
+        let n = host.read(&mut buf).unwrap();
+        assert!(n > 0);
+        drop(host);
+        assert!(matches!(next_event(&mut c), LinkEvent::Closed(_)));
+        drop(c);
+        // The daemon goes on: a new connection waits, with no second "gone" report.
+        let mut c2 = acc.accept().unwrap().unwrap();
+        assert!(matches!(c2.recv(Duration::from_millis(200)), Recv::Timeout));
+    }
+
+    #[test]
+    fn unix_conn_reports_a_truncated_frame_at_eof() {
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        let mut c = Conn::from_unix(ours, "t").unwrap();
+        let f = Message::Info.to_frame().unwrap().to_bytes();
+        host.write_all(&f[..f.len() - 1]).unwrap();
+        drop(host);
+        match next_event(&mut c) {
+            LinkEvent::Closed(Some(why)) => assert!(why.contains("truncated"), "{why}"),
+            other => panic!("{other:?}"),
         }
     }
 }

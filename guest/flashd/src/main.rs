@@ -29,7 +29,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         Source::Port(name) => {
             let dev = wait_for_port(name);
             Box::new(PortAcceptor::open(&dev).with_context(|| {
-                format!("cannot open the virtio-serial port {name} at {}", dev.display())
+                format!(
+                    "cannot open the virtio-serial port {name} at {}",
+                    dev.display()
+                )
             })?)
         }
     };

@@ -110,13 +110,7 @@ impl Counters {
     }
 
     /// The receipt for these counters.
-    pub fn receipt(
-        &self,
-        manifest: &Manifest,
-        device: &str,
-        target: &str,
-        state: &str,
-    ) -> Receipt {
+    pub fn receipt(&self, manifest: &Manifest, device: &str, target: &str, state: &str) -> Receipt {
         Receipt {
             receipt_version: RECEIPT_VERSION,
             writer: "flashd".to_string(),
@@ -171,7 +165,9 @@ pub fn clear_journal(state: &StateDir) -> Result<(), StoreError> {
 }
 
 pub fn load_counters(state: &StateDir) -> Option<Counters> {
-    store::read_json::<Counters>(&counters_path(state)).ok().flatten()
+    store::read_json::<Counters>(&counters_path(state))
+        .ok()
+        .flatten()
 }
 
 pub fn save_counters(state: &StateDir, c: &Counters) -> Result<(), StoreError> {
@@ -223,5 +219,7 @@ pub fn save_receipt(state: &StateDir, r: &Receipt) -> Result<(), StoreError> {
 }
 
 pub fn load_receipt(state: &StateDir) -> Option<Receipt> {
-    store::read_json::<Receipt>(&state.receipt_path()).ok().flatten()
+    store::read_json::<Receipt>(&state.receipt_path())
+        .ok()
+        .flatten()
 }

@@ -8,8 +8,8 @@
 use crate::config::{Config, InstallSpec};
 use crate::link::{Acceptor, Conn, LinkError, LinkEvent, Recv};
 use crate::records::{self, Counters};
-use crate::store::{self, InstallTarget, StateDir, Staging};
-use crate::workers::{DurableJob, Durable, HashJob, Hasher, WorkResult};
+use crate::store::{self, InstallTarget, Staging, StateDir};
+use crate::workers::{Durable, DurableJob, HashJob, Hasher, WorkResult};
 use crate::FlashdError;
 use bytes::Bytes;
 use proto::frame::Frame;
@@ -65,7 +65,9 @@ pub struct Server {
 
 enum Mode {
     /// No usable state dir: refuse to flash.
-    Stub { reason: String },
+    Stub {
+        reason: String,
+    },
     Active(Box<Active>),
 }
 
@@ -246,7 +248,11 @@ impl Server {
                 }
                 Mode::Stub { .. } => false,
             };
-            let wait = if busy { BUSY_POLL } else { idle.min(Duration::from_millis(500)) };
+            let wait = if busy {
+                BUSY_POLL
+            } else {
+                idle.min(Duration::from_millis(500))
+            };
             match conn.recv(wait) {
                 Recv::Timeout => {
                     if !busy && last.elapsed() >= idle {
@@ -310,8 +316,11 @@ impl Server {
                  (attach the /state disk and restart)"
             );
             let e = ErrorMsg::new(ErrorCode::NoState, &text);
-            self.out
-                .marker(&format!("flashd: error {} {}", ErrorCode::NoState.code(), e.text));
+            self.out.marker(&format!(
+                "flashd: error {} {}",
+                ErrorCode::NoState.code(),
+                e.text
+            ));
             if let Ok(frame) = Message::Error(e).to_frame() {
                 let _ = conn.send(&frame);
             }
@@ -383,15 +392,26 @@ impl Active {
         }
     }
 
-    fn on_result(&mut self, r: WorkResult, conn: Option<&mut Conn>, cfg: &Config, out: &dyn Output) {
+    fn on_result(
+        &mut self,
+        r: WorkResult,
+        conn: Option<&mut Conn>,
+        cfg: &Config,
+        out: &dyn Output,
+    ) {
         match r {
-            WorkResult::Verified { ticket, ok, streamed } => {
+            WorkResult::Verified {
+                ticket,
+                ok,
+                streamed,
+            } => {
                 out.log(&format!(
                     "flashd: verification #{ticket}: {} ({})",
                     if ok { "ok" } else { "MISMATCH" },
                     if streamed { "streamed" } else { "read back" }
                 ));
-                self.rx.handle(ReceiverEvent::SegmentVerified { ticket, ok });
+                self.rx
+                    .handle(ReceiverEvent::SegmentVerified { ticket, ok });
             }
             WorkResult::Synced { upto_seq } => {
                 self.rx.handle(ReceiverEvent::StagingSynced { upto_seq });
@@ -617,7 +637,8 @@ impl Active {
                     return Ok(());
                 }
                 let counters = self.counters.clone().map(Box::new);
-                self.durable.send(DurableJob::Journal(Box::new(j), counters));
+                self.durable
+                    .send(DurableJob::Journal(Box::new(j), counters));
             }
             ReceiverAction::ClearJournal => self.durable.send(DurableJob::ClearJournal),
             ReceiverAction::VerifySegment {
@@ -729,10 +750,10 @@ impl Active {
     ) -> Result<(), (ErrorCode, String)> {
         let storage = |e: store::StoreError| (ErrorCode::Storage, e.to_string());
         let (seg_index, seg_offset, first_data) = {
-            let m = self
-                .manifest
-                .as_ref()
-                .ok_or((ErrorCode::Storage, "WRITE before the image head".to_string()))?;
+            let m = self.manifest.as_ref().ok_or((
+                ErrorCode::Storage,
+                "WRITE before the image head".to_string(),
+            ))?;
             let i = m
                 .segments
                 .iter()
@@ -763,7 +784,11 @@ impl Active {
             None => s.write_zeros(offset, u64::from(len)).map_err(storage)?,
         }
         // Receipt counters.
-        if let Some(c) = self.counters.as_mut().and_then(|c| c.segment_mut(seg_index)) {
+        if let Some(c) = self
+            .counters
+            .as_mut()
+            .and_then(|c| c.segment_mut(seg_index))
+        {
             let n = u64::from(len);
             match kind {
                 Kind::Raw => c.sent_bytes += n,
@@ -908,7 +933,11 @@ impl Active {
         };
         let receipt = counters.receipt(&m, &cfg.device, &self.install_target, state_word);
         let target = self.install_target.clone();
-        let installed = if ok { self.rx.installed().cloned() } else { None };
+        let installed = if ok {
+            self.rx.installed().cloned()
+        } else {
+            None
+        };
         let need_index = installed.as_ref().is_some_and(|i| i.index.is_none());
         self.durable.send(DurableJob::Run(Box::new(move |st| {
             if let Some(i) = &installed {
@@ -928,7 +957,9 @@ impl Active {
 
     fn build_index_in_background(&mut self, m: &Manifest, cfg: &Config, out: &dyn Output) {
         let chunk = self.plan_chunk.unwrap_or(256 * 1024);
-        let Ok(plan) = Plan::new(m, chunk) else { return };
+        let Ok(plan) = Plan::new(m, chunk) else {
+            return;
+        };
         let Ok(target) = resolve_target(&cfg.install) else {
             return;
         };
@@ -939,10 +970,7 @@ impl Active {
             .name("flashd-index".into())
             .spawn(move || {
                 // Low priority: the index only speeds up the next transfer.
-                let _ = rustix::process::setpriority_process(
-                    Some(rustix::thread::gettid()),
-                    10,
-                );
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
                 let ix = build_index(&m, &plan, &path).map(Box::new);
                 let _ = tx.send(WorkResult::Index(ix));
             });

@@ -134,15 +134,18 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Start serving `cfg` on `socket` (replacing a stale socket file).
-    pub fn start(cfg: Config, socket: &Path, out: Arc<dyn Output>) -> std::io::Result<RunningServer> {
+    pub fn start(
+        cfg: Config,
+        socket: &Path,
+        out: Arc<dyn Output>,
+    ) -> std::io::Result<RunningServer> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let current: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let (stop2, current2) = (stop.clone(), current.clone());
-        let mut server = Server::new(cfg, out)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut server = Server::new(cfg, out).map_err(|e| std::io::Error::other(e.to_string()))?;
         server.announce();
         let handle = std::thread::Builder::new()
             .name("test-flashd".into())

@@ -11,7 +11,7 @@
 //! image size.
 
 use crate::records::{self, Counters};
-use crate::store::{self, StateDir, Staging};
+use crate::store::{self, Staging, StateDir};
 use bytes::Bytes;
 use proto::session::Journal;
 use sha2::{Digest, Sha256};
@@ -32,13 +32,25 @@ static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 /// Results reported back to the server loop.
 #[derive(Debug)]
 pub enum WorkResult {
-    Verified { ticket: u64, ok: bool, streamed: bool },
-    Synced { upto_seq: u32 },
-    Installed { ok: bool, detail: String },
+    Verified {
+        ticket: u64,
+        ok: bool,
+        streamed: bool,
+    },
+    Synced {
+        upto_seq: u32,
+    },
+    Installed {
+        ok: bool,
+        detail: String,
+    },
     /// The skip index of the image just installed.
     Index(Option<Box<proto::session::SkipIndex>>),
     /// A background step failed (sync, journal): the session must not claim progress.
-    Failed { what: String, text: String },
+    Failed {
+        what: String,
+        text: String,
+    },
 }
 
 /// Jobs of the hasher thread.

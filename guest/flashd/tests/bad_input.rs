@@ -60,7 +60,11 @@ impl Env {
         if let Some(s) = self.srv.take() {
             s.kill();
         }
-        assert_eq!(std::fs::read(&self.out).unwrap(), OLD, "install target changed");
+        assert_eq!(
+            std::fs::read(&self.out).unwrap(),
+            OLD,
+            "install target changed"
+        );
         let markers = self.cap.markers();
         assert!(
             !markers.iter().any(|m| m == "flashd: installed"),
@@ -128,7 +132,8 @@ fn garbage_and_wrong_magic_are_skipped_and_logged() {
     c.expect("INFO_REPLY", |m| matches!(m, Message::InfoReply(_)));
     let logs = env.cap.logs();
     assert!(
-        logs.iter().any(|l| l.contains("garbage before the next frame magic")),
+        logs.iter()
+            .any(|l| l.contains("garbage before the next frame magic")),
         "{logs:?}"
     );
     env.assert_untouched();
@@ -329,7 +334,9 @@ fn without_a_state_dir_it_is_an_explicit_stub_and_installs_nothing() {
         "{markers:?}"
     );
     assert!(markers[0].ends_with("): refusing to flash"), "{markers:?}");
-    assert!(!markers.iter().any(|m| m == "flashd: installed" || m == "flashd: ready"));
+    assert!(!markers
+        .iter()
+        .any(|m| m == "flashd: installed" || m == "flashd: ready"));
     assert_eq!(std::fs::read(&out).unwrap(), OLD);
 }
 
@@ -341,7 +348,10 @@ fn a_state_dir_that_is_not_a_mount_is_refused_when_a_mount_is_required() {
     let mut cfg = Config::new(&state, InstallSpec::Path(dir.path().join("o")));
     cfg.require_mountpoint = true;
     let s = flashd::server::Server::new(cfg, Capture::new()).unwrap();
-    assert!(s.stub_reason().unwrap().contains("not a mounted filesystem"));
+    assert!(s
+        .stub_reason()
+        .unwrap()
+        .contains("not a mounted filesystem"));
 }
 
 #[test]

@@ -71,7 +71,9 @@ fn binary_prints_the_five_markers_in_order_and_installs_the_exact_bytes() {
     send_image(&mut c, &img, 8, 4096, None).unwrap();
     wait_marker(&d, "flashd: installed");
     c.send(proto::msg::Message::Info);
-    match c.expect("INFO_REPLY", |m| matches!(m, proto::msg::Message::InfoReply(_))) {
+    match c.expect("INFO_REPLY", |m| {
+        matches!(m, proto::msg::Message::InfoReply(_))
+    }) {
         proto::msg::Message::InfoReply(r) => {
             assert_eq!(r.installed.map(|i| i.version), Some("3".to_string()))
         }
@@ -115,7 +117,11 @@ fn sigkill_mid_segment_then_restart_resumes_and_installs_the_exact_image() {
     std::thread::sleep(Duration::from_millis(100));
     d.child.kill().unwrap();
     let _ = d.child.wait();
-    assert_eq!(std::fs::read(&out).unwrap(), b"previous", "nothing installed yet");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        b"previous",
+        "nothing installed yet"
+    );
     assert!(state.join("flash/journal.json").exists());
 
     let mut d = spawn(&sock, &state, &out);
@@ -139,8 +145,12 @@ fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
         dir.path().join("out.img"),
     );
     std::fs::create_dir(&state).unwrap();
-    let img = build_image("8", &[("a", noise(8, 50 * 4096)), ("b", noise(9, 30 * 4096))], None)
-        .unwrap();
+    let img = build_image(
+        "8",
+        &[("a", noise(8, 50 * 4096)), ("b", noise(9, 30 * 4096))],
+        None,
+    )
+    .unwrap();
     for stop in [10u32, 35, 60] {
         let cap = Capture::new();
         let srv = RunningServer::start_simple(&state, &out, &sock, cap).unwrap();
@@ -179,6 +189,9 @@ fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
     send_image(&mut c, &img, 4, 4096, None).unwrap();
     assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
     srv.kill();
-    assert!(cap.markers().iter().any(|m| m.starts_with("flashd: wrote seg=a")));
+    assert!(cap
+        .markers()
+        .iter()
+        .any(|m| m.starts_with("flashd: wrote seg=a")));
     assert_eq!(std::fs::read(&out).unwrap(), img);
 }

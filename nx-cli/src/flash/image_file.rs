@@ -83,7 +83,11 @@ impl ImageFile {
         let parsed = ImageHead::parse(&head).map_err(|e| invalid(e.to_string()))?;
         let total = parsed.manifest.total_size;
         if len != total {
-            let what = if len < total { "truncated" } else { "has trailing bytes" };
+            let what = if len < total {
+                "truncated"
+            } else {
+                "has trailing bytes"
+            };
             return Err(invalid(format!(
                 "it is {len} bytes but its manifest says {total}: the file {what}"
             )));

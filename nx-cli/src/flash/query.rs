@@ -96,7 +96,11 @@ pub async fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         "limits:    window {}, chunk {} KiB, zstd {}",
         r.max_window,
         r.max_chunk / 1024,
-        if r.compression & proto::msg::COMPRESS_ZSTD != 0 { "yes" } else { "no" }
+        if r.compression & proto::msg::COMPRESS_ZSTD != 0 {
+            "yes"
+        } else {
+            "no"
+        }
     );
     match &r.installed {
         Some(i) => println!(
@@ -182,7 +186,13 @@ pub async fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         let what = r
             .installed
             .as_ref()
-            .map(|i| format!("version {} (image sha256 {})", i.version, hex::encode(i.image_sha256)))
+            .map(|i| {
+                format!(
+                    "version {} (image sha256 {})",
+                    i.version,
+                    hex::encode(i.image_sha256)
+                )
+            })
             .unwrap_or_else(|| "nothing".to_string());
         eprintln!(
             "nx: {} has {what} installed, not {} (version {}, image sha256 {})",
@@ -192,5 +202,9 @@ pub async fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             hex::encode(m.image_sha256)
         );
     }
-    Ok(ExitCode::from(if matches { exit::OK } else { exit::TARGET_REFUSED }))
+    Ok(ExitCode::from(if matches {
+        exit::OK
+    } else {
+        exit::TARGET_REFUSED
+    }))
 }

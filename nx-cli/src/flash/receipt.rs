@@ -108,7 +108,10 @@ impl ReceiptBuilder {
         }
         // Chunks held from earlier sessions that this process did not send.
         if resume_seq > self.counted {
-            for c in plan.chunks_from(self.counted + 1).take_while(|c| c.seq <= resume_seq) {
+            for c in plan
+                .chunks_from(self.counted + 1)
+                .take_while(|c| c.seq <= resume_seq)
+            {
                 if let Some(s) = self.r.segments.get_mut(c.segment) {
                     s.resumed_bytes += u64::from(c.len);
                 }

@@ -245,40 +245,38 @@ impl Renderer {
                 done_bytes,
                 total_bytes,
                 ..
-            } => {
-                match self.mode {
-                    OutputMode::Bars => {
-                        if let Some(o) = &self.overall {
-                            o.set_position(*done_bytes);
-                        }
-                        if let Some((_, b)) = self.segs.iter().find(|(n, _)| n == segment) {
-                            b.set_position(*segment_done);
-                        }
+            } => match self.mode {
+                OutputMode::Bars => {
+                    if let Some(o) = &self.overall {
+                        o.set_position(*done_bytes);
                     }
-                    OutputMode::Plain => {
-                        let due = self
-                            .last_line
-                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-                        if due || done_bytes == total_bytes {
-                            self.last_line = Some(Instant::now());
-                            eprintln!("{}", self.plain_line(segment, *done_bytes, *total_bytes));
-                        }
+                    if let Some((_, b)) = self.segs.iter().find(|(n, _)| n == segment) {
+                        b.set_position(*segment_done);
                     }
-                    OutputMode::Json => {
-                        let due = self
-                            .last_json_progress
-                            .is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
-                        if due {
-                            self.last_json_progress = Some(Instant::now());
-                            self.pending_json_progress = None;
-                            self.json(&serde_json::to_value(ev).unwrap_or_default());
-                        } else {
-                            self.pending_json_progress = Some(ev.clone());
-                        }
-                    }
-                    OutputMode::Quiet => {}
                 }
-            }
+                OutputMode::Plain => {
+                    let due = self
+                        .last_line
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                    if due || done_bytes == total_bytes {
+                        self.last_line = Some(Instant::now());
+                        eprintln!("{}", self.plain_line(segment, *done_bytes, *total_bytes));
+                    }
+                }
+                OutputMode::Json => {
+                    let due = self
+                        .last_json_progress
+                        .is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
+                    if due {
+                        self.last_json_progress = Some(Instant::now());
+                        self.pending_json_progress = None;
+                        self.json(&serde_json::to_value(ev).unwrap_or_default());
+                    } else {
+                        self.pending_json_progress = Some(ev.clone());
+                    }
+                }
+                OutputMode::Quiet => {}
+            },
             ProgressEvent::Retransmit { from_seq, reason } => {
                 self.retransmits += 1;
                 self.json(&serde_json::to_value(ev).unwrap_or_default());
@@ -312,7 +310,11 @@ impl Renderer {
     }
 
     fn plain_line(&self, segment: &str, done: u64, total: u64) -> String {
-        let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
         let (rate, eta) = match self.session_start {
             Some((t, base)) => {
                 let r = rate_mb_s(done.saturating_sub(base), t.elapsed());

@@ -200,10 +200,9 @@ pub async fn send_image(
         cfg.rto = opts.rto;
         cfg.max_retries = opts.max_timeouts;
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {
-            SessionError::BadImage(e) => SendError::ImageInvalid(format!(
-                "image {} is invalid: {e}",
-                img.path().display()
-            )),
+            SessionError::BadImage(e) => {
+                SendError::ImageInvalid(format!("image {} is invalid: {e}", img.path().display()))
+            }
             other => SendError::Local(anyhow::anyhow!("{other}")),
         })?;
         let done_before = ctx.done_sent;
@@ -437,11 +436,7 @@ async fn run_session(
                         let res = match img.read_at(offset, len) {
                             Ok(data) => {
                                 let h = hash.then(|| proto::msg::chunk_hash(&data));
-                                JobResult::Read {
-                                    seq,
-                                    data,
-                                    hash: h,
-                                }
+                                JobResult::Read { seq, data, hash: h }
                             }
                             Err(e) => JobResult::ReadFailed {
                                 seq,
@@ -456,11 +451,14 @@ async fn run_session(
                         .plan()
                         .and_then(|p| p.chunk(seq))
                         .map_or(0, |c| c.segment);
-                    let chunk = u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
+                    let chunk =
+                        u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
                     if gate.should_try(seq, segment, backlog.load(Ordering::Relaxed), chunk) {
                         let tx = jtx.clone();
                         tokio::task::spawn_blocking(move || {
-                            let out = zstd::bulk::compress(&data, ZSTD_LEVEL).ok().map(Bytes::from);
+                            let out = zstd::bulk::compress(&data, ZSTD_LEVEL)
+                                .ok()
+                                .map(Bytes::from);
                             let _ = tx.send(JobResult::Compressed { seq, data: out });
                         });
                     } else {
@@ -628,11 +626,7 @@ fn hold_segment(sender: &Sender, ctx: &Ctx, seq: u32) -> Option<usize> {
     }
 }
 
-async fn queue_frame(
-    wtx: &mpsc::Sender<Frame>,
-    backlog: &AtomicU64,
-    f: &Frame,
-) -> Result<(), ()> {
+async fn queue_frame(wtx: &mpsc::Sender<Frame>, backlog: &AtomicU64, f: &Frame) -> Result<(), ()> {
     backlog.fetch_add(f.encoded_len() as u64, Ordering::Relaxed);
     // Cloning a frame shares its payload.
     wtx.send(f.clone()).await.map_err(|_| ())
@@ -654,7 +648,9 @@ fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
                 ctx.receipt.resumed(plan, seq.saturating_sub(1));
             }
         }
-        ProgressEvent::Done { unchanged: true, .. } => {
+        ProgressEvent::Done {
+            unchanged: true, ..
+        } => {
             ctx.receipt.unchanged(sender.manifest());
         }
         _ => {}

@@ -95,7 +95,13 @@ pub async fn start_proxy(listen: &Path, upstream: &Path, faults: Faults) -> Prox
             } else {
                 None
             };
-            tokio::spawn(pump_pair(client, server, shared.clone(), st.clone(), cut_at));
+            tokio::spawn(pump_pair(
+                client,
+                server,
+                shared.clone(),
+                st.clone(),
+                cut_at,
+            ));
         }
     });
     Proxy {
@@ -157,7 +163,11 @@ async fn pump(
             loop {
                 match dec.decode(&mut pending) {
                     Ok(Some(f)) => {
-                        let c = if upward { &sh.frames_up } else { &sh.frames_down };
+                        let c = if upward {
+                            &sh.frames_up
+                        } else {
+                            &sh.frames_down
+                        };
                         let k = c.fetch_add(1, Ordering::Relaxed) + 1;
                         if k % every == 0 {
                             st.dropped.fetch_add(1, Ordering::Relaxed);
@@ -184,4 +194,3 @@ async fn pump(
         }
     }
 }
-
