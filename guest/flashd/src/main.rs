@@ -37,7 +37,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     };
     server.announce();
-    eprintln!("flashd: serving on {}", acceptor.describe());
+    eprintln!("flashd (log): serving on {}", acceptor.describe());
     server.serve(acceptor.as_mut(), args.once)?;
     Ok(())
 }

@@ -40,7 +40,9 @@ impl Output for StdOutput {
         nx_guest::marker::emit(line);
     }
     fn log(&self, line: &str) {
-        eprintln!("{line}");
+        // Logs share the console with the markers: keep them visibly apart.
+        let rest = line.strip_prefix("flashd: ").unwrap_or(line);
+        eprintln!("flashd (log): {rest}");
     }
 }
 
@@ -95,6 +97,10 @@ struct Active {
     installing_unchanged: Option<bool>,
     /// The staging file became the install (until the next `OpenStaging`).
     staging_consumed: bool,
+    /// Image id of the open staging file.
+    staging_image: Option<[u8; 32]>,
+    /// The receiver's configuration (to start over with a fresh receiver).
+    rcfg: ReceiverConfig,
     install_target: String,
 }
 
@@ -148,7 +154,7 @@ impl Server {
         rcfg.max_window = cfg.max_window;
         rcfg.max_chunk = cfg.max_chunk;
         rcfg.require_signed = cfg.require_signed;
-        let rx = Receiver::new(rcfg, journal, installed);
+        let rx = Receiver::new(rcfg.clone(), journal, installed);
         let (results_tx, results) = mpsc::channel();
         let hasher = Hasher::spawn(results_tx.clone()).map_err(FlashdError::Thread)?;
         let durable =
@@ -176,6 +182,8 @@ impl Server {
                 hello_manifest: None,
                 installing_unchanged: None,
                 staging_consumed: false,
+                staging_image: None,
+                rcfg,
                 install_target,
             })),
         })
@@ -569,13 +577,21 @@ impl Active {
             ReceiverAction::Marker(line) => out.marker(&line),
             ReceiverAction::Log(line) => out.log(&line),
             ReceiverAction::OpenStaging {
-                image_id: _,
+                image_id,
                 total_size,
                 fresh,
             } => {
+                self.staging_consumed = false;
+                if !fresh
+                    && self.staging_image == Some(image_id)
+                    && self.staging.as_ref().is_some_and(|s| s.is_at_path())
+                {
+                    // The same transfer continues on a new connection: keep the open file
+                    // and the segment hash in progress.
+                    return Ok(());
+                }
                 self.close_staging();
                 self.stream = None;
-                self.staging_consumed = false;
                 let path = self.state.staging_path();
                 let s = if fresh {
                     // Nothing may claim the old content once it is gone.
@@ -586,13 +602,16 @@ impl Active {
                     match Staging::open_existing(&path, total_size).map_err(storage)? {
                         Some(s) => s,
                         None => {
+                            // Someone removed it under us: forget the transfer entirely (its
+                            // verified flags describe bytes that are gone) and start over.
+                            self.forget_transfer();
                             return Err((
                                 ErrorCode::Storage,
                                 format!(
-                                    "staging file {} vanished; the transfer starts over on the next attempt",
+                                    "staging file {} vanished; the transfer starts over: run the same command again",
                                     path.display()
                                 ),
-                            ))
+                            ));
                         }
                     }
                 };
@@ -600,6 +619,7 @@ impl Active {
                 self.hasher.send(HashJob::SetFile(Some(fh.clone())));
                 self.staging_file = Some(fh);
                 self.staging = Some(s);
+                self.staging_image = Some(image_id);
             }
             ReceiverAction::WriteHead(head) => {
                 let s = self.staging_ref()?;
@@ -714,7 +734,19 @@ impl Active {
             .ok_or((ErrorCode::Storage, "no staging file is open".to_string()))
     }
 
+    /// Drop every trace of the transfer in staging: a new receiver (same install record), no
+    /// journal.
+    fn forget_transfer(&mut self) {
+        let installed = self.rx.installed().cloned();
+        self.rx = Receiver::new(self.rcfg.clone(), None, installed);
+        self.durable.send(DurableJob::ClearJournal);
+        self.counters = None;
+        self.manifest = None;
+        self.stream = None;
+    }
+
     fn close_staging(&mut self) {
+        self.staging_image = None;
         self.staging = None;
         self.staging_file = None;
         self.hasher.send(HashJob::SetFile(None));

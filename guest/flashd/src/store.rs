@@ -316,6 +316,14 @@ impl Staging {
         sha256_file_range(&self.file, &self.path, offset, len)
     }
 
+    /// Whether the path still names this open file (it was not removed or replaced).
+    pub fn is_at_path(&self) -> bool {
+        match (fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(p), Ok(f)) => p.dev() == f.dev() && p.ino() == f.ino(),
+            _ => false,
+        }
+    }
+
     /// A second handle on the same open file (for background fsync and read-back).
     pub fn file_handle(&self) -> Result<File, StoreError> {
         self.file.try_clone().map_err(io_err("dup", &self.path))

@@ -164,7 +164,8 @@ fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
     let srv = RunningServer::start_simple(&state, &out, &sock, cap.clone()).unwrap();
     let mut c = Client::connect(&sock);
     let resumed = send_image(&mut c, &img, 4, 4096, None).unwrap();
-    assert!(resumed >= 50, "resumed at {resumed}");
+    // Progress survives the kills (how much depends on which fsyncs completed).
+    assert!(resumed > 0 && resumed <= 60, "resumed at {resumed}");
     assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
     srv.kill();
     assert_eq!(std::fs::read(&out).unwrap(), img);
@@ -194,4 +195,60 @@ fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
         .iter()
         .any(|m| m.starts_with("flashd: wrote seg=a")));
     assert_eq!(std::fs::read(&out).unwrap(), img);
+}
+
+#[test]
+fn a_staging_file_removed_mid_transfer_starts_over_instead_of_trusting_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state, out) = (
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("out.img"),
+    );
+    std::fs::create_dir(&state).unwrap();
+    let img = build_image(
+        "9",
+        &[("a", noise(10, 40 * 4096)), ("b", noise(11, 8 * 4096))],
+        None,
+    )
+    .unwrap();
+    let cap = Capture::new();
+    let srv = RunningServer::start_simple(&state, &out, &sock, cap.clone()).unwrap();
+    let mut c = Client::connect(&sock);
+    // Segment a (40 chunks) completes and verifies, then the staging file disappears.
+    send_image(&mut c, &img, 4, 4096, Some(44)).unwrap();
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::remove_file(state.join("flash/staging.img")).unwrap();
+    let mut c = Client::connect(&sock);
+    let (code, text) = send_image(&mut c, &img, 4, 4096, None).unwrap_err();
+    assert_eq!(code, proto::msg::ErrorCode::Storage.code(), "{text}");
+    assert!(text.contains("vanished"), "{text}");
+    drop(c);
+    let mut c = Client::connect(&sock);
+    assert_eq!(send_image(&mut c, &img, 4, 4096, None).unwrap(), 0);
+    assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
+    srv.kill();
+    assert_eq!(std::fs::read(&out).unwrap(), img);
+
+    // Across a restart the journal is checked against the staging file.
+    let img2 = build_image("10", &[("a", noise(12, 40 * 4096))], None).unwrap();
+    let cap = Capture::new();
+    let srv = RunningServer::start_simple(&state, &out, &sock, cap).unwrap();
+    let mut c = Client::connect(&sock);
+    send_image(&mut c, &img2, 4, 4096, Some(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    srv.kill();
+    std::fs::remove_file(state.join("flash/staging.img")).unwrap();
+    let cap = Capture::new();
+    let srv = RunningServer::start_simple(&state, &out, &sock, cap.clone()).unwrap();
+    let mut c = Client::connect(&sock);
+    assert_eq!(
+        send_image(&mut c, &img2, 4, 4096, None).unwrap(),
+        0,
+        "resumed without data"
+    );
+    assert!(cap.wait_for("flashd: installed", Duration::from_secs(10)));
+    srv.kill();
+    assert_eq!(std::fs::read(&out).unwrap(), img2);
 }
