@@ -170,8 +170,10 @@ pub fn load_counters(state: &StateDir) -> Option<Counters> {
         .flatten()
 }
 
+/// Counters only feed the receipt: written without fsync (a power cut may lose the last
+/// update, never the transfer).
 pub fn save_counters(state: &StateDir, c: &Counters) -> Result<(), StoreError> {
-    store::write_json_atomic(&counters_path(state), c)
+    store::write_json_quick(&counters_path(state), c)
 }
 
 /// Load what is installed, with its skip index when that is present and consistent.

@@ -155,6 +155,18 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
     write_atomic(path, &bytes)
 }
 
+/// Like [`write_json_atomic`] without the fsyncs: the record is replaced atomically (temp
+/// file + rename) but may be lost on a power cut. For informational records only.
+pub fn write_json_quick<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::RecordInvalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let tmp = tmp_path(path);
+    fs::write(&tmp, &bytes).map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("rename", path))
+}
+
 /// Read a file of at most `max` bytes; `Ok(None)` when it does not exist.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
     let f = match File::open(path) {
