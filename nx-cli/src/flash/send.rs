@@ -456,9 +456,7 @@ async fn run_session(
                     if gate.should_try(seq, segment, backlog.load(Ordering::Relaxed), chunk) {
                         let tx = jtx.clone();
                         tokio::task::spawn_blocking(move || {
-                            let out = zstd::bulk::compress(&data, ZSTD_LEVEL)
-                                .ok()
-                                .map(Bytes::from);
+                            let out = compress(&data).map(Bytes::from);
                             let _ = tx.send(JobResult::Compressed { seq, data: out });
                         });
                     } else {
@@ -600,6 +598,23 @@ async fn run_session(
             }
         }
     }
+}
+
+thread_local! {
+    /// One zstd context per blocking thread, reused across chunks.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compress one chunk (one zstd frame), or `None` if zstd fails.
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    ZSTD.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        slot.as_mut()?.compress(data).ok()
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
