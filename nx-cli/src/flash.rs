@@ -206,7 +206,7 @@ pub fn host_name() -> String {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .max_blocking_threads(8)
+        .max_blocking_threads(4)
         .enable_all()
         .build()
         .context("cannot start the async runtime")
