@@ -123,15 +123,38 @@ fn expect_status(ctx: &Ctx, runner: &Runner, want: &[&str]) -> anyhow::Result<()
 
 /// The snapshot `/bootctl/state.nxs` read offline from the scenario's state.img (QEMU
 /// stopped) through the host build of bootctld's JSON export; must contain every `want`.
+///
+/// The run ends with QEMU killed, so the last boot's ext4 journal was not checkpointed (the
+/// snapshot's fsync + rename are committed in the journal only): like the next boot would, a
+/// copy of state.img gets its journal replayed (`e2fsck -E journal_only`) before reading.
 fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     std::fs::create_dir_all(tmp.path().join("bootctl"))?;
     let nxs = tmp.path().join("bootctl/state.nxs");
+    let img = tmp.path().join("state.img");
+    util::run_cmd(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(ctx.dir.join("state.img"))
+            .arg(&img),
+    )?;
+    let st = Command::new(util::tool("e2fsck")?)
+        .args(["-E", "journal_only", "-y"])
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("could not run e2fsck")?;
+    // 0: clean, 1: errors corrected (the journal was replayed).
+    ensure!(
+        matches!(st.code(), Some(0 | 1)),
+        "e2fsck -E journal_only on a copy of state.img failed ({st})"
+    );
     util::run_cmd(
         Command::new(util::tool("debugfs")?)
             .arg("-R")
             .arg(format!("dump /bootctl/state.nxs {}", nxs.display()))
-            .arg(ctx.dir.join("state.img"))
+            .arg(&img)
             .stderr(Stdio::null()),
     )?;
     let len = std::fs::metadata(&nxs).map(|m| m.len()).unwrap_or(0);

@@ -23,13 +23,45 @@ use std::time::Duration;
 
 /// How long a call waits for bootctld.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call keeps retrying to *connect* while the daemon is starting (the socket is
+/// not there yet, or bound but not listening yet: `ECONNREFUSED`). A failed connect never
+/// reached the daemon, so retrying it is safe even for calls that are not idempotent.
+pub const CONNECT_GRACE: Duration = Duration::from_secs(3);
+/// Pause between connect attempts.
+const CONNECT_RETRY: Duration = Duration::from_millis(50);
+
+/// Run `attempt` again while it fails to connect (socket missing or refused), for up to
+/// `grace`; any other result (success, an RPC error, a timeout) is returned at once.
+pub async fn retry_connect<T, F, Fut>(grace: Duration, mut attempt: F) -> Result<T, TransportError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TransportError>>,
+{
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        match attempt().await {
+            Err(TransportError::Connect { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(CONNECT_RETRY).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 async fn call<F, Fut, T>(sock: &Path, f: F) -> Result<T, TransportError>
 where
-    F: FnOnce(boot_ctl::Client) -> Fut,
+    F: Fn(boot_ctl::Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, capnp::Error>>,
 {
-    rebootd::transport::call_unix(sock, TIMEOUT, f).await
+    retry_connect(CONNECT_GRACE, || {
+        rebootd::transport::call_unix(sock, TIMEOUT, &f)
+    })
+    .await
 }
 
 /// `bootAttempt()`: which slot this boot uses (a trial try is spent and
@@ -91,13 +123,15 @@ pub async fn set_active(
 
 /// `slotImaged(slot, version)`: flashd finished installing into `slot`.
 pub async fn slot_imaged(sock: &Path, slot: Slot, version: &str) -> Result<(), TransportError> {
-    let version = version.to_string();
-    call(sock, move |c| async move {
-        let mut req = c.slot_imaged_request();
-        req.get().set_slot(snapshot::slot_to_schema(slot));
-        req.get().set_version(version.as_str());
-        req.send().promise.await?;
-        Ok(())
+    call(sock, move |c| {
+        let version = version.to_string();
+        async move {
+            let mut req = c.slot_imaged_request();
+            req.get().set_slot(snapshot::slot_to_schema(slot));
+            req.get().set_version(version.as_str());
+            req.send().promise.await?;
+            Ok(())
+        }
     })
     .await
 }

@@ -127,11 +127,13 @@ pub async fn after_install(
             step: "setActive",
             source,
         })?;
-    let rebooting = rebootd::request_mode(
-        rebootd_sock,
-        rebootd::record::Target::Normal,
-        REBOOT_TIMEOUT,
-    )
+    let rebooting = crate::client::retry_connect(crate::client::CONNECT_GRACE, || {
+        rebootd::request_mode(
+            rebootd_sock,
+            rebootd::record::Target::Normal,
+            REBOOT_TIMEOUT,
+        )
+    })
     .await
     .map_err(|source| UpdateError::Reboot {
         slot,

@@ -17,7 +17,8 @@ pub const SOCKET_WAIT: Duration = Duration::from_secs(15);
 /// How long one rebootd call may take.
 const REBOOTD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Wait (bounded) until `path` is a unix socket.
+/// Wait (bounded) until `path` is a unix socket. (It may be bound but not listening yet:
+/// the calls then retry their connect, see `bootctld::client::retry_connect`.)
 pub fn wait_socket(path: &Path, timeout: Duration) -> Result<Duration, String> {
     use std::os::unix::fs::FileTypeExt;
     let start = Instant::now();
@@ -85,8 +86,12 @@ impl Daemons for RpcDaemons {
     fn reboot(&mut self, target: &str) -> Result<bool, String> {
         let t = rebootd::record::Target::parse(target).map_err(|e| e.to_string())?;
         self.ready(&self.rebootd)?;
+        let sock = self.rebootd.as_path();
         self.rt
-            .block_on(rebootd::request_mode(&self.rebootd, t, REBOOTD_TIMEOUT))
+            .block_on(bootctld::client::retry_connect(
+                bootctld::client::CONNECT_GRACE,
+                || rebootd::request_mode(sock, t, REBOOTD_TIMEOUT),
+            ))
             .map_err(|e| format!("rebootd: {e}"))
     }
 }
