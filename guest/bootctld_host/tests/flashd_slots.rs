@@ -1,15 +1,13 @@
-//! flashd's slot-aware install (`guest/flashd/src/slots.rs`, compiled here as is) against a
+//! flashd's slot-aware install (`flashd::slots` and the sticky slot target of the server) against a
 //! real bootctld and rebootd served in-process on unix sockets: install target, slotImaged +
 //! setActive(trial) + the reboot request, the last-good-slot refusal, missing partitions and
 //! an unreachable bootctld.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../flashd/src/slots.rs"]
-mod slots;
-
 use bootctld::machine::{Health, Slot};
 use bootctld::service::RebootVia;
 use bootctld_host::{bootctld_config, Daemon, TestServer};
+use flashd::slots;
 use slots::{SlotEnv, SlotError};
 use std::path::{Path, PathBuf};
 
@@ -195,4 +193,26 @@ fn a_refused_activation_leaves_the_old_slot_active() {
     let st = state(&g);
     assert_eq!(st.active, Slot::A);
     assert_eq!(st.b.health, Health::Empty);
+}
+
+#[test]
+fn flashd_keeps_its_slot_target_for_the_whole_transfer_and_rechooses_after_activation() {
+    use flashd::config::InstallSpec;
+    use flashd::server::resolve_target;
+    use flashd::store::InstallTarget;
+    let g = guest();
+    let spec = InstallSpec::slot(g.env.clone());
+    let first = resolve_target(&spec).unwrap();
+    assert_eq!(first, InstallTarget::Block(PathBuf::from("/dev/vdb2")));
+    // bootctld changes its mind behind flashd's back (another update activated b):
+    // the transfer in progress still writes the slot it started with.
+    slots::after_install_in(&g.env, Slot::B, "2").unwrap();
+    assert_eq!(resolve_target(&spec).unwrap(), first);
+    // Once flashd itself clears the choice (after its own activation), it asks again and
+    // bootctld refuses: slot a is the last good one while b is on trial.
+    if let InstallSpec::Slot { chosen, .. } = &spec {
+        *chosen.lock().unwrap() = None;
+    }
+    let err = resolve_target(&spec).unwrap_err();
+    assert!(!err.is_empty());
 }

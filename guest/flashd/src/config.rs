@@ -12,7 +12,8 @@ use std::time::Duration;
     about = "The flashing authority on the target: receive, verify, install atomically",
     after_help = "Examples:\n  \
         flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
-        flashd --port-name com.nexus.flash --state /state --install-partition system_b"
+        flashd --port-name com.nexus.flash --state /state --install-partition system_b\n  \
+        flashd --port-name com.nexus.flash --state /state --install-slot auto"
 )]
 pub struct Args {
     /// Serve a unix socket at SOCK (host use and tests).
@@ -33,13 +34,17 @@ pub struct Args {
     #[arg(
         long,
         value_name = "PATH",
-        conflicts_with = "install_partition",
-        required_unless_present = "install_partition"
+        conflicts_with_all = ["install_partition", "install_slot"],
+        required_unless_present_any = ["install_partition", "install_slot"]
     )]
     pub install: Option<PathBuf>,
     /// Install into the GPT partition with this name (PARTNAME in /sys/class/block/*/uevent).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "install_slot")]
     pub install_partition: Option<String>,
+    /// `auto`: install into the inactive A/B slot (asked from bootctld), then make it active on
+    /// trial and reboot into it (bootctld `slotImaged` + `setActive`, rebootd `mode normal`).
+    #[arg(long, value_name = "auto", value_parser = ["auto"])]
+    pub install_slot: Option<String>,
     /// Refuse images not signed by this Ed25519 public key (`nx image keygen` writes KEY.pub).
     #[arg(long, value_name = "PUB")]
     pub require_signed: Option<PathBuf>,
@@ -72,7 +77,7 @@ pub enum Source {
 }
 
 /// Where a verified image goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum InstallSpec {
     /// A file or block device path.
     Path(PathBuf),
@@ -83,6 +88,22 @@ pub enum InstallSpec {
         sys_dir: PathBuf,
         dev_dir: PathBuf,
     },
+    /// The inactive A/B slot, chosen by bootctld when first needed and kept until an install
+    /// activates a slot (so every step of one transfer sees the same target).
+    Slot {
+        env: crate::slots::SlotEnv,
+        chosen: std::sync::Arc<std::sync::Mutex<Option<(bootctld::machine::Slot, PathBuf)>>>,
+    },
+}
+
+impl InstallSpec {
+    /// The slot mode with the guest's sockets and devices.
+    pub fn slot(env: crate::slots::SlotEnv) -> InstallSpec {
+        InstallSpec::Slot {
+            env,
+            chosen: Default::default(),
+        }
+    }
 }
 
 impl InstallSpec {
@@ -91,6 +112,7 @@ impl InstallSpec {
         match self {
             InstallSpec::Path(p) => p.display().to_string(),
             InstallSpec::Partition { name, .. } => format!("partition {name}"),
+            InstallSpec::Slot { .. } => "the inactive slot".to_string(),
         }
     }
 }
@@ -137,6 +159,9 @@ impl Args {
             }
         };
         let install = match (&self.install, &self.install_partition) {
+            (None, None) if self.install_slot.is_some() => {
+                InstallSpec::slot(crate::slots::SlotEnv::default())
+            }
             (Some(p), None) => InstallSpec::Path(p.clone()),
             (None, Some(n)) => {
                 proto::msg::validate_peer_name(n)
@@ -149,7 +174,8 @@ impl Args {
             }
             _ => {
                 return Err(FlashdError::Usage(
-                    "give exactly one of --install PATH or --install-partition NAME".into(),
+                    "give exactly one of --install PATH, --install-partition NAME or --install-slot auto"
+                        .into(),
                 ))
             }
         };
@@ -197,4 +223,34 @@ pub fn load_public_key(path: &Path) -> Result<[u8; 32], FlashdError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from([&["flashd", "--port-name", "p", "--state", "/s"], args].concat())
+    }
+
+    #[test]
+    fn exactly_one_install_target() {
+        let a = parse(&["--install-slot", "auto"]).unwrap();
+        let (_, cfg) = a.resolve().unwrap();
+        assert!(matches!(cfg.install, InstallSpec::Slot { .. }));
+        assert!(matches!(
+            parse(&["--install", "/x"])
+                .unwrap()
+                .resolve()
+                .unwrap()
+                .1
+                .install,
+            InstallSpec::Path(_)
+        ));
+        assert!(parse(&["--install-slot", "b"]).is_err());
+        assert!(parse(&["--install-slot", "auto", "--install", "/x"]).is_err());
+        assert!(parse(&["--install-slot", "auto", "--install-partition", "system_b"]).is_err());
+        assert!(parse(&[]).is_err());
+    }
 }

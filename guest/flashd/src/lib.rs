@@ -5,7 +5,8 @@
 //! [`records`]), verifies each segment's SHA-256 as soon as it is complete, and on `DONE`
 //! installs atomically. The protocol decisions are made by the sans-IO
 //! [`proto::session::Receiver`]; [`server`] executes its actions, with hashing and fsync on
-//! background threads ([`workers`]).
+//! background threads ([`workers`]). With `--install-slot auto` the target is the inactive
+//! A/B slot and a verified install makes it active on trial ([`slots`]).
 //!
 //! Architecture invariant: nothing from the host (names, lengths, offsets) is trusted; the
 //! receiver validates every message and the storage layer bounds every range.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod link;
 pub mod records;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod testkit;
 pub mod workers;

@@ -194,6 +194,14 @@ pub fn load_installed(state: &StateDir) -> (Option<InstalledImage>, Option<Strin
     (Some(image), None)
 }
 
+/// Where the recorded install went (`describe_target` wording), if there is a record.
+pub fn installed_target(state: &StateDir) -> Option<String> {
+    store::read_json::<InstalledRecord>(&state.installed_path())
+        .ok()
+        .flatten()
+        .map(|r| r.target)
+}
+
 /// Persist the install record (the index goes to its own file, if any).
 pub fn save_installed(
     state: &StateDir,

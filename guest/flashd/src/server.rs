@@ -384,6 +384,18 @@ pub fn resolve_target(spec: &InstallSpec) -> Result<InstallTarget, String> {
             )),
             Err(e) => Err(format!("install partition {name}: {e}")),
         },
+        InstallSpec::Slot { env, chosen } => {
+            let mut chosen = chosen
+                .lock()
+                .map_err(|_| "slot choice lock poisoned".to_string())?;
+            if let Some((_, dev)) = chosen.as_ref() {
+                return Ok(InstallTarget::Block(dev.clone()));
+            }
+            let (slot, dev) =
+                crate::slots::resolve_inactive_slot_in(env).map_err(|e| e.to_string())?;
+            *chosen = Some((slot, dev.clone()));
+            Ok(InstallTarget::Block(dev))
+        }
     }
 }
 
@@ -497,6 +509,23 @@ impl Active {
         let Some(inst) = self.rx.installed().cloned() else {
             return;
         };
+        if let InstallSpec::Slot { .. } = &cfg.install {
+            // The record describes one slot; COPY and "unchanged" are only true for that slot.
+            let current = resolve_target(&cfg.install).map(|t| describe_target(&cfg.install, &t));
+            let recorded = records::installed_target(&self.state);
+            if current.as_ref().ok() != recorded.as_ref() {
+                out.log(&format!(
+                    "flashd: install record is for {} but the target is {}: forgetting it",
+                    recorded.as_deref().unwrap_or("?"),
+                    current.as_deref().unwrap_or("?")
+                ));
+                self.rx.set_installed(None);
+                self.durable.send(DurableJob::Run(Box::new(|st| {
+                    store::remove_if_exists(&st.installed_path()).map_err(|e| e.to_string())
+                })));
+            }
+            return;
+        }
         let Ok(InstallTarget::File(path)) = resolve_target(&cfg.install) else {
             return;
         };
@@ -710,6 +739,11 @@ impl Active {
                 let (target, target_error) = match resolve_target(&cfg.install) {
                     Ok(t) => {
                         self.install_target = describe_target(&cfg.install, &t);
+                        if let InstallSpec::Slot { chosen, .. } = &cfg.install {
+                            if let Some((slot, dev)) = chosen.lock().ok().and_then(|c| c.clone()) {
+                                out.marker(&crate::slots::target_marker(slot, &dev));
+                            }
+                        }
                         (Some(t), None)
                     }
                     Err(e) => (None, Some(e)),
@@ -946,6 +980,11 @@ impl Active {
             self.manifest.clone()
         };
         let Some(m) = m else { return };
+        if ok {
+            activate_slot(&cfg.install, m.version.clone(), |l| {
+                nx_guest::marker::emit(l)
+            });
+        }
         let state_word = match (ok, unchanged) {
             (false, _) => "failed",
             (true, true) => "unchanged",
@@ -1028,6 +1067,43 @@ fn describe_target(spec: &InstallSpec, t: &InstallTarget) -> String {
         InstallSpec::Partition { name, .. } => {
             format!("partition {name} ({})", t.path().display())
         }
+        InstallSpec::Slot { chosen, .. } => {
+            match chosen.lock().ok().and_then(|c| c.as_ref().map(|(s, _)| *s)) {
+                Some(slot) => format!("slot {slot} ({})", t.path().display()),
+                None => t.path().display().to_string(),
+            }
+        }
+    }
+}
+
+/// Slot mode, after a verified install: `slotImaged` + `setActive(trial)` + rebootd
+/// `mode normal`, on a thread of its own so the DONE reply reaches the host before rebootd
+/// reboots the guest. The slot choice is cleared once a slot was activated.
+fn activate_slot(spec: &InstallSpec, version: String, out_marker: impl Fn(&str) + Send + 'static) {
+    let InstallSpec::Slot { env, chosen } = spec else {
+        return;
+    };
+    let Some((slot, _)) = chosen.lock().ok().and_then(|c| c.clone()) else {
+        out_marker("flashd: error 0 slot install: no slot was chosen; nothing activated");
+        return;
+    };
+    let env = env.clone();
+    let chosen = std::sync::Arc::clone(chosen);
+    let spawned = std::thread::Builder::new()
+        .name("flashd-activate".into())
+        .spawn(move || match crate::slots::after_install_in(&env, slot, &version) {
+            Ok(a) => {
+                if let Ok(mut c) = chosen.lock() {
+                    *c = None;
+                }
+                out_marker(&crate::slots::activated_marker(&a));
+            }
+            Err(e) => out_marker(&format!(
+                "flashd: error 0 slot {slot} installed but not activated: {e} (the previous slot stays active)"
+            )),
+        });
+    if let Err(e) = spawned {
+        eprintln!("flashd (log): cannot start the slot activation thread: {e}");
     }
 }
 
