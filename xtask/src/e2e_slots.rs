@@ -31,6 +31,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// Longest wait between `flashd: install slot=b` and the power cut (`NX_E2E_CUT_DELAY_MS`).
+const CUT_DELAY: Duration = Duration::from_secs(10);
+
+fn cut_delay() -> Duration {
+    std::env::var("NX_E2E_CUT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(CUT_DELAY)
+}
+
 /// How long flashd may take from `verify ok` to activating the slot.
 const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -364,6 +375,33 @@ fn written_prefix(disk: &Path, image: &Path) -> anyhow::Result<(u64, u64)> {
     Ok((total, total))
 }
 
+/// Poll (every millisecond, up to `max`) until the first 4 KiB of `image` are at the start of
+/// system_b in `disk`: the slot write has started reaching the disk.
+fn wait_for_write_start(disk: &Path, image: &Path, max: Duration) {
+    let Ok(off) = partition_offset(disk, "system_b") else {
+        return;
+    };
+    let mut want = vec![0u8; 4096];
+    let Ok(()) = std::fs::File::open(image).and_then(|mut f| f.read_exact(&mut want)) else {
+        return;
+    };
+    let Ok(d) = std::fs::File::open(disk) else {
+        return;
+    };
+    let t0 = std::time::Instant::now();
+    let mut got = vec![0u8; 4096];
+    while t0.elapsed() < max {
+        if d.read_exact_at(&mut got, off).is_ok() && got == want {
+            eprintln!(
+                "xtask: e2e: the slot write reached disk.img {} ms after `flashd: install slot=b`; cutting the power",
+                t0.elapsed().as_millis()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Scenario `update-powercut`.
 pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     let image = big_image()?;
@@ -381,17 +419,25 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("could not run nx")?;
-    let verified = runner.wait_for("flashd: verify ok", STEP_TIMEOUT);
-    if verified.is_ok() {
-        // The power cut: flashd is now writing the verified image into system_b.
+    // Cut while flashd writes system_b: it prints `flashd: install slot=b (…)` right before
+    // the write starts (after `flashd: verify ok`). The guest's writes reach disk.img when its
+    // page cache is flushed (the install's fsync), so the cut comes as soon as the image's
+    // first block shows up in system_b on the host — mid-write — or `cut_delay()` at most.
+    let started = runner
+        .wait_for("flashd: verify ok", STEP_TIMEOUT)
+        .and_then(|_| runner.wait_for("flashd: install slot=b", Duration::from_secs(10)));
+    if started.is_ok() {
+        wait_for_write_start(&ctx.dir.join("disk.img"), &image, cut_delay());
         runner.power_cycle(Some(BootTarget::Normal));
     }
     let _ = child.kill();
     let _ = child.wait();
-    verified.map_err(|e| {
+    started.map_err(|e| {
         fail(
             &runner,
-            &format!("[error] Missing marker: flashd: verify ok ({e})"),
+            &format!(
+                "[error] Missing marker: flashd: install slot=b ({e}); flashd has no slot-aware install yet?"
+            ),
         )
     })?;
     wait(&runner, &["[nx-qemu] power cut"])?;

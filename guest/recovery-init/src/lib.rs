@@ -79,8 +79,10 @@ pub fn select_target(cmdline: &Cmdline, record: Option<BootMode>) -> (BootMode, 
 }
 
 /// The minimal service graph. `present(path)` tells whether a binary is in the ramdisk.
-/// flashd is always part of it (without /state it refuses with its own stub/placeholder
-/// marker); rebootd and bootctld only when present; selftest-client only with
+/// flashd is always part of it, installing into the inactive A/B slot (`--install-slot auto`:
+/// bootctld at /run/bootctld.sock picks the slot; after a verified install flashd activates it
+/// on trial and rebootd reboots into it); without /state it refuses with its own
+/// stub/placeholder marker; rebootd and bootctld only when present; selftest-client only with
 /// `nexus.selftest=1`.
 pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Service> {
     let mut out = vec![Service::daemon(
@@ -91,8 +93,8 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
             port::FLASH_PORT,
             "--state",
             "/state",
-            "--install-partition",
-            "system_b",
+            "--install-slot",
+            "auto",
         ],
     )];
     if present("/bin/rebootd") {
@@ -190,8 +192,8 @@ mod tests {
                 "com.nexus.flash",
                 "--state",
                 "/state",
-                "--install-partition",
-                "system_b"
+                "--install-slot",
+                "auto"
             ]
         );
         let names: Vec<_> = services(&c, &all).into_iter().map(|s| s.name).collect();
