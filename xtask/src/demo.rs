@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the whole story from a fresh machine, with stage headings:
-//! host packages → guest build (kernel, ramdisks, disks, demo image) → boot recovery →
-//! flash over virtio-serial → flashd markers → the guest is stopped (use `cargo xtask recovery`
-//! / `just recovery` to keep it up).
+//! host packages → guest build (kernel, ramdisks, disks, images) → boot recovery →
+//! flash over virtio-serial into the inactive slot → flashd markers → automatic reboot, the
+//! new slot boots on trial and confirms → the guest is stopped (use `cargo xtask recovery` /
+//! `just recovery` to keep it up).
 
 use crate::util;
 

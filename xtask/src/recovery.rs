@@ -1,7 +1,9 @@
 //! `cargo xtask recovery` (`just recovery`): boot the recovery ramdisk (`RECOVERY=1`), wait for
 //! `recovery: ready`, flash `build/nexus-os.img` with `nx flash send` over the virtio-serial
-//! port, print flashd's markers and leave the guest up (the console is attached to this
-//! terminal when there is one: Ctrl-A x quits QEMU; `poweroff` in recovery-sh powers off).
+//! port, print flashd's markers, follow the automatic reboot into the freshly installed slot
+//! (flashd installs into the inactive slot, activates it on trial and reboots; the normal init
+//! boots it) and leave the guest up (the console is attached to this terminal when there is
+//! one: Ctrl-A x quits QEMU; `poweroff` in recovery-sh powers off).
 
 use crate::util;
 use anyhow::{bail, Context};
@@ -109,12 +111,16 @@ pub fn flash(runner: &Runner, image: &std::path::Path) -> anyhow::Result<()> {
     .arg("--port")
     .arg(format!("unix:{}", sock.display()));
     let result = util::run_cmd(&mut cmd);
-    // flashd prints its last markers right after the host sees the receipt.
-    let _ = runner.wait_for("flashd: install", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
+    // After the receipt flashd activates the new slot (`flashd: slot=b active on trial …`).
+    let activated = runner.wait_for("flashd: slot=", Duration::from_secs(15));
     util::stage("flashd markers (guest console)");
     for l in runner.grep("flashd:") {
         println!("  {l}");
+    }
+    if let Ok(hit) = activated {
+        if hit.line.contains("rebooting into it") {
+            follow_reboot(runner);
+        }
     }
     if let Err(e) = result {
         if !nx_has_flash_send()? {
@@ -124,6 +130,32 @@ pub fn flash(runner: &Runner, image: &std::path::Path) -> anyhow::Result<()> {
         bail!("flashing failed: {e:#}");
     }
     Ok(())
+}
+
+/// The automatic reboot after an install: the normal init boots the new slot on trial.
+fn follow_reboot(runner: &Runner) {
+    util::stage("automatic reboot into the new slot (trial boot)");
+    match runner.wait_for("init: booted slot=", Duration::from_secs(120)) {
+        Ok(hit) => {
+            let _ = runner.wait_for("init: ready", Duration::from_secs(30));
+            for l in runner
+                .grep("bootctl: ")
+                .into_iter()
+                .chain(runner.grep("init: booted slot="))
+                .chain(runner.grep("init: confirmed slot="))
+            {
+                println!("  {l}");
+            }
+            eprintln!(
+                "xtask: the guest rebooted into the new slot: `{}`",
+                hit.line.trim()
+            );
+        }
+        Err(e) => eprintln!(
+            "xtask: the new slot did not report `init: booted` ({e}); see {} (a slot whose rootfs does not mount rolls back after its trial tries)",
+            runner.config().console_log().display()
+        ),
+    }
 }
 
 fn nx_has_flash_send() -> anyhow::Result<bool> {
