@@ -6,12 +6,14 @@
 
 use crate::transport::PortSpec;
 use anyhow::Context as _;
+use clap::builder::TypedValueParser as _;
 use proto::session::CompressMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod fanout;
 pub mod image_file;
 pub mod query;
 pub mod receipt;
@@ -20,7 +22,7 @@ pub mod send;
 
 use image_file::ImageFile;
 use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
-use send::{SendError, SendOptions};
+use send::{SendError, SendOptions, SendReport};
 
 /// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
 pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
@@ -54,6 +56,7 @@ pub mod exit {
     after_help = "Examples:\n  \
         nx flash send build/nexus-os.img\n  \
         nx flash send build/nexus-os.img --port unix:/tmp/flash.sock --json\n  \
+        nx flash send build/nexus-os.img --port unix:/tmp/a.sock --port unix:/tmp/b.sock\n  \
         nx flash info\n  \
         nx flash verify build/nexus-os.img\n\n\
         Exit codes: 0 ok, 1 error, 2 usage, 3 image invalid, 4 target refused or verify failed, \
@@ -80,14 +83,25 @@ enum FlashCommand {
 #[derive(clap::Args)]
 #[command(
     after_help = "Ctrl-C leaves the transfer resumable: run the same command again to \
-    continue where it stopped. The last line on stdout is the JSON install receipt."
+    continue where it stopped. The last line on stdout is the JSON install receipt.\n\n\
+    Several --port: the targets are flashed concurrently; a failure on one never stops the \
+    others. Lines are prefixed with [TARGET], NDJSON events carry \"target\", stdout ends with \
+    one receipt per target (--port order), --receipt FILE gets a JSON array of them, and a \
+    per-target summary ends the output. Exit code: 0 if every target succeeded, else the most \
+    specific failure: 130 > 3 > 4 > 5 > 1."
 )]
 pub struct SendArgs {
     /// The image file (`nx image build` writes one).
     pub image: PathBuf,
     /// Where flashd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
-    pub port: PortSpec,
+    /// Repeat to flash several targets concurrently.
+    #[arg(
+        long = "port",
+        default_value = DEFAULT_PORT,
+        value_name = "SPEC",
+        action = clap::ArgAction::Append
+    )]
+    pub ports: Vec<PortSpec>,
     /// WRITE frames in flight (1..=256).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub window: u16,
@@ -96,7 +110,12 @@ pub struct SendArgs {
     pub chunk: u32,
     /// Compression of chunks: auto (zstd where it pays and the link is the bottleneck),
     /// zstd (whenever it shrinks a chunk), none.
-    #[arg(long, default_value = "auto", value_parser = parse_compress)]
+    #[arg(
+        long,
+        default_value = "auto",
+        value_parser = clap::builder::PossibleValuesParser::new(["auto", "zstd", "none"])
+            .try_map(|s| parse_compress(&s))
+    )]
     pub compress: CompressMode,
     /// Send every data chunk, even those the target already holds.
     #[arg(long)]
@@ -108,7 +127,8 @@ pub struct SendArgs {
     /// No progress output: errors and the final receipt line only.
     #[arg(long)]
     pub quiet: bool,
-    /// Also write the install receipt (JSON) to FILE.
+    /// Also write the install receipt (JSON) to FILE; with several targets a JSON array of
+    /// their receipts, in --port order.
     #[arg(long, value_name = "FILE")]
     pub receipt: Option<PathBuf>,
     /// Connections tried in a row without progress before giving up.
@@ -236,29 +256,24 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
 
 /// `nx flash send`; returns the exit code.
 pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
+    let port = match a.ports.as_slice() {
+        [] => DEFAULT_PORT.parse::<PortSpec>()?,
+        [one] => one.clone(),
+        _ => return fanout::run(a),
+    };
     let mode = OutputMode::choose(a.json, a.quiet);
     let mut r = Renderer::new(mode);
-    let img = match ImageFile::open(&a.image) {
-        Ok(i) => Arc::new(i),
-        Err(e) => {
-            let code = match e {
-                image_file::ImageFileError::Invalid { .. } => exit::IMAGE_INVALID,
-                _ => exit::ERROR,
-            };
-            report_error(&r, code, &e.to_string(), None);
+    let img = match open_image(&a.image) {
+        Ok(i) => i,
+        Err((code, text)) => {
+            report_error(&r, code, &text, None);
             return Ok(code);
         }
     };
-    let mut opts = SendOptions::new(host_name());
-    opts.window = a.window;
-    opts.chunk_size = a.chunk;
-    opts.compress = a.compress;
-    opts.skip = !a.no_skip;
-    opts.attempts = a.retries.max(1);
-    opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
-    let again = format!("nx flash send {} --port {}", a.image.display(), a.port);
+    let opts = send_options(&a);
+    let again = again_command(&a.image, std::slice::from_ref(&port));
     let rt = runtime()?;
-    let mut port = a.port.clone();
+    let mut port = port;
     let result = rt.block_on(async {
         let interrupt = send::interrupt_flag();
         send::send_image(img.clone(), &mut port, &opts, &mut r, interrupt).await
@@ -271,71 +286,125 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
             if let Some(path) = &a.receipt {
                 write_receipt(path, &receipt_json)?;
             }
-            let st = rep.outcome.stats;
-            let skips = rep.skips;
-            r.say(&format!(
-                "nx: skipped {} of zeros, {} identical, {} saved by compression",
-                human_bytes(skips.zero),
-                human_bytes(skips.identical),
-                human_bytes(skips.compressed)
-            ));
-            let verb = if rep.receipt.state == "unchanged" {
-                "already installed"
-            } else {
-                "installed"
-            };
-            r.say(&format!(
-                "nx: {verb}: version {} on {} in {:.2} s — {} image at {:.1} MB/s effective, \
-                 {} of data sent, {} on the wire, {} resent",
-                rep.receipt.image_version,
-                rep.device,
-                rep.elapsed.as_secs_f64(),
-                human_bytes(img.len()),
-                rate_mb_s(img.len(), rep.elapsed),
-                human_bytes(
-                    st.data_bytes
-                        .saturating_sub(st.resumed_bytes + st.identical_bytes)
-                ),
-                human_bytes(rep.receipt.wire_bytes),
-                st.retransmitted_frames
-            ));
+            say_installed(&r, &rep, img.len());
             if mode == OutputMode::Json {
-                let mut v = serde_json::to_value(&rep.receipt).context("receipt")?;
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("event".into(), "receipt".into());
-                }
-                r.json(&v);
+                r.json(&receipt_event(&rep.receipt)?);
             } else {
                 println!("{receipt_json}");
             }
             Ok(exit::OK)
         }
         Err(e) => {
-            let (code, hint) = match &e {
-                SendError::ImageInvalid(_) => (
-                    exit::IMAGE_INVALID,
-                    Some("nothing was installed; rebuild the image (`nx image verify` names the bad part)".to_string()),
-                ),
-                SendError::Refused { .. } => (
-                    exit::TARGET_REFUSED,
-                    Some("nothing was installed; the previous install is untouched".to_string()),
-                ),
-                SendError::Unreachable(_) => (exit::LINK_LOST, None),
-                SendError::LinkLost(_) => (
-                    exit::LINK_LOST,
-                    Some(format!("the transfer is resumable: run `{again}` again")),
-                ),
-                SendError::Interrupted => (
-                    exit::INTERRUPTED,
-                    Some(format!(
-                        "the target keeps what it received; continue with the same command: {again}"
-                    )),
-                ),
-                SendError::Local(_) => (exit::ERROR, None),
-            };
+            let (code, hint) = failure(&e, &again);
             report_error(&r, code, &e.to_string(), hint.as_deref());
             Ok(code)
         }
+    }
+}
+
+/// Open and check the image file's head; on failure the exit code and the message.
+fn open_image(path: &std::path::Path) -> Result<Arc<ImageFile>, (u8, String)> {
+    ImageFile::open(path).map(Arc::new).map_err(|e| {
+        let code = match e {
+            image_file::ImageFileError::Invalid { .. } => exit::IMAGE_INVALID,
+            _ => exit::ERROR,
+        };
+        (code, e.to_string())
+    })
+}
+
+fn send_options(a: &SendArgs) -> SendOptions {
+    let mut opts = SendOptions::new(host_name());
+    opts.window = a.window;
+    opts.chunk_size = a.chunk;
+    opts.compress = a.compress;
+    opts.skip = !a.no_skip;
+    opts.attempts = a.retries.max(1);
+    opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
+    opts
+}
+
+/// The command that continues a transfer to `ports`.
+fn again_command(image: &std::path::Path, ports: &[PortSpec]) -> String {
+    let mut cmd = format!("nx flash send {}", image.display());
+    for p in ports {
+        cmd.push_str(&format!(" --port {p}"));
+    }
+    cmd
+}
+
+/// The summary lines of a successful transfer (stderr, not in JSON/quiet mode).
+fn say_installed(r: &Renderer, rep: &SendReport, image_len: u64) {
+    let st = rep.outcome.stats;
+    let skips = rep.skips;
+    r.say(&format!(
+        "nx: skipped {} of zeros, {} identical, {} saved by compression",
+        human_bytes(skips.zero),
+        human_bytes(skips.identical),
+        human_bytes(skips.compressed)
+    ));
+    r.say(&format!(
+        "nx: {}: version {} on {} in {:.2} s — {} image at {:.1} MB/s effective, \
+         {} of data sent, {} on the wire, {} resent",
+        installed_verb(&rep.receipt.state),
+        rep.receipt.image_version,
+        rep.device,
+        rep.elapsed.as_secs_f64(),
+        human_bytes(image_len),
+        rate_mb_s(image_len, rep.elapsed),
+        human_bytes(
+            st.data_bytes
+                .saturating_sub(st.resumed_bytes + st.identical_bytes)
+        ),
+        human_bytes(rep.receipt.wire_bytes),
+        st.retransmitted_frames
+    ));
+}
+
+/// `installed`, or `already installed` for a receipt in state `unchanged`.
+fn installed_verb(state: &str) -> &'static str {
+    if state == "unchanged" {
+        "already installed"
+    } else {
+        "installed"
+    }
+}
+
+/// The `receipt` NDJSON event.
+fn receipt_event(receipt: &receipt::Receipt) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(receipt).context("receipt")?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("event".into(), "receipt".into());
+    }
+    Ok(v)
+}
+
+/// The exit code of a failed transfer and a hint; `again` continues it.
+fn failure(e: &SendError, again: &str) -> (u8, Option<String>) {
+    match e {
+        SendError::ImageInvalid(_) => (
+            exit::IMAGE_INVALID,
+            Some(
+                "nothing was installed; rebuild the image (`nx image verify` names the bad part)"
+                    .to_string(),
+            ),
+        ),
+        SendError::Refused { .. } => (
+            exit::TARGET_REFUSED,
+            Some("nothing was installed; the previous install is untouched".to_string()),
+        ),
+        SendError::Unreachable(_) => (exit::LINK_LOST, None),
+        SendError::LinkLost(_) => (
+            exit::LINK_LOST,
+            Some(format!("the transfer is resumable: run `{again}` again")),
+        ),
+        SendError::Interrupted => (
+            exit::INTERRUPTED,
+            Some(format!(
+                "the target keeps what it received; continue with the same command: {again}"
+            )),
+        ),
+        SendError::Local(_) => (exit::ERROR, None),
     }
 }
 
@@ -345,9 +414,9 @@ fn report_error(r: &Renderer, code: u8, text: &str, hint: Option<&str>) {
             "event": "error", "exit_code": code, "message": text, "hint": hint
         }));
     } else {
-        eprintln!("nx: error: {text}");
+        r.error_line(&format!("nx: error: {text}"));
         if let Some(h) = hint {
-            eprintln!("nx: {h}");
+            r.error_line(&format!("nx: {h}"));
         }
     }
 }

@@ -3,6 +3,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod boot;
+pub mod completions;
 pub mod flash;
 pub mod image;
 pub mod recovery;

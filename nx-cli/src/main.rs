@@ -3,7 +3,7 @@
 //! Thin binary: argument parsing and dispatch. Each verb group lives in its own
 //! module of the `nx_cli` library and owns its clap `Args`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -34,6 +34,8 @@ enum Command {
     Reset(nx_cli::reset::ResetArgs),
     /// Recovery tools: fetch the newest diagnostics bundle from the guest (talks to rebootd).
     Recovery(nx_cli::recovery::RecoveryArgs),
+    /// Print the shell completion script (bash, zsh or fish) on stdout.
+    Completions(nx_cli::completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Flash(args) => nx_cli::flash::run(args),
         Command::Reset(args) => nx_cli::reset::run(args),
         Command::Recovery(args) => nx_cli::recovery::run(args),
+        Command::Completions(args) => nx_cli::completions::run(args, Cli::command()),
     };
     match result {
         Ok(code) => code,

@@ -9,7 +9,7 @@ use proto::manifest::Manifest;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// Block size of the local check's sequential read.
@@ -140,8 +140,9 @@ pub struct CheckState {
 }
 
 /// The local check: a thread reads the image sequentially from the first segment to the end
-/// and feeds [`ImageVerifier`]; its state is published on a watch channel.
-#[derive(Debug)]
+/// and feeds [`ImageVerifier`]; its state is published on a watch channel. Clones watch the
+/// same check.
+#[derive(Debug, Clone)]
 pub struct LocalCheck {
     rx: watch::Receiver<CheckState>,
 }
@@ -165,6 +166,32 @@ impl LocalCheck {
     /// A receiver that wakes on every change.
     pub fn subscribe(&self) -> watch::Receiver<CheckState> {
         self.rx.clone()
+    }
+}
+
+/// One local check shared by every transfer of the same image (`nx flash send` to several
+/// targets): the first transfer that needs it starts it, the others watch the same thread, so
+/// the file is hashed once whatever the number of targets.
+#[derive(Debug, Clone, Default)]
+pub struct SharedCheck(Arc<Mutex<Option<LocalCheck>>>);
+
+impl SharedCheck {
+    /// A slot with no check started yet.
+    pub fn new() -> SharedCheck {
+        SharedCheck::default()
+    }
+
+    /// The check of `img`, started now if no transfer started it yet.
+    pub fn get_or_start(&self, img: &Arc<ImageFile>) -> anyhow::Result<LocalCheck> {
+        let mut slot = self.0.lock().map_err(|_| {
+            anyhow::anyhow!("the shared image check is unusable (a thread panicked)")
+        })?;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = LocalCheck::start(img.clone())?;
+        *slot = Some(c.clone());
+        Ok(c)
     }
 }
 

@@ -3,6 +3,12 @@
 //!
 //! Architecture invariant: only nx-cli writes to a terminal; the session reports progress as
 //! [`ProgressEvent`] values and this module renders them.
+//!
+//! With several targets (`--port A --port B`) every target has its own renderer tagged with a
+//! [`TargetTag`]: plain lines are prefixed with `[<target>] `, every NDJSON event carries
+//! `target` and `target_index`, and on a terminal the renderers share one [`SharedBars`]
+//! (one bar per target under an aggregate bar). Without a tag the output is the single-target
+//! output, unchanged.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use proto::session::{ProgressEvent, SkipKind};
@@ -54,6 +60,73 @@ pub enum Ui<'a> {
     },
 }
 
+/// Which target a renderer speaks for when `nx flash send` flashes several.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTag {
+    /// The `--port` spec as given (normalised: `unix:PATH`, `tcp:HOST:PORT`, `serial:DEV@BAUD`).
+    pub id: String,
+    /// Position among the `--port` arguments, from 0.
+    pub index: usize,
+}
+
+/// One `MultiProgress` for every target on a terminal: an aggregate bar over all targets and
+/// one bar per target (added in `--port` order).
+#[derive(Clone)]
+pub struct SharedBars {
+    mp: MultiProgress,
+    all: ProgressBar,
+    style: ProgressStyle,
+}
+
+impl SharedBars {
+    /// Bars for `targets` targets whose ids are at most `id_width` characters wide.
+    pub fn new(targets: usize, id_width: usize) -> SharedBars {
+        let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let w = id_width.clamp(5, 48);
+        let style = ProgressStyle::with_template(&format!(
+            "{{prefix:>{w}}} [{{bar:32.cyan/blue}}] {{bytes:>10}}/{{total_bytes:<10}} {{binary_bytes_per_sec:>12}} eta {{eta:>4}} {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let all = mp.add(ProgressBar::new(0));
+        all.set_style(style.clone());
+        all.set_prefix("all");
+        all.set_message(format!("{targets} targets"));
+        SharedBars { mp, all, style }
+    }
+
+    /// A line above the bars.
+    pub fn println(&self, text: &str) {
+        let _ = self.mp.println(text);
+    }
+
+    /// Every target is done: stop the aggregate bar.
+    pub fn finish(&self, message: String) {
+        self.all.finish_with_message(message);
+    }
+}
+
+/// A target's own bar in [`SharedBars`].
+struct FanBar {
+    shared: SharedBars,
+    bar: ProgressBar,
+    /// What this target added to the aggregate bar's position and length.
+    counted: u64,
+    length_added: bool,
+}
+
+impl FanBar {
+    fn set_position(&mut self, pos: u64) {
+        self.bar.set_position(pos);
+        if pos > self.counted {
+            self.shared.all.inc(pos - self.counted);
+        } else if pos < self.counted {
+            self.shared.all.dec(self.counted - pos);
+        }
+        self.counted = pos;
+    }
+}
+
 /// Accumulated skip figures of the current run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Skips {
@@ -65,6 +138,8 @@ pub struct Skips {
 /// The renderer.
 pub struct Renderer {
     mode: OutputMode,
+    target: Option<TargetTag>,
+    fan: Option<FanBar>,
     mp: Option<MultiProgress>,
     overall: Option<ProgressBar>,
     segs: Vec<(String, ProgressBar)>,
@@ -105,6 +180,8 @@ impl Renderer {
     pub fn new(mode: OutputMode) -> Renderer {
         Renderer {
             mode,
+            target: None,
+            fan: None,
             mp: None,
             overall: None,
             segs: Vec::new(),
@@ -117,8 +194,74 @@ impl Renderer {
         }
     }
 
+    /// The renderer of one of several targets: lines prefixed with `[<target>] `, NDJSON events
+    /// with `target`/`target_index`, and (in [`OutputMode::Bars`]) a bar of its own in `bars`.
+    pub fn for_target(mode: OutputMode, tag: TargetTag, bars: Option<&SharedBars>) -> Renderer {
+        let mut r = Renderer::new(mode);
+        if mode == OutputMode::Bars {
+            if let Some(shared) = bars {
+                let bar = shared.mp.add(ProgressBar::new(0));
+                bar.set_style(shared.style.clone());
+                bar.set_prefix(tag.id.clone());
+                bar.set_message("connecting");
+                r.fan = Some(FanBar {
+                    shared: shared.clone(),
+                    bar,
+                    counted: 0,
+                    length_added: false,
+                });
+            }
+        }
+        r.target = Some(tag);
+        r
+    }
+
     pub fn mode(&self) -> OutputMode {
         self.mode
+    }
+
+    /// The target this renderer speaks for (several targets only).
+    pub fn target(&self) -> Option<&TargetTag> {
+        self.target.as_ref()
+    }
+
+    /// `text` with the target prefix (`[<target>] `) when there are several targets.
+    fn tagged(&self, text: &str) -> String {
+        match &self.target {
+            Some(t) => format!("[{}] {text}", t.id),
+            None => text.to_string(),
+        }
+    }
+
+    /// A line on stderr, above the bars if there are any.
+    fn line(&self, text: &str) {
+        let text = self.tagged(text);
+        if let Some(f) = &self.fan {
+            f.shared.println(&text);
+        } else if let Some(mp) = &self.mp {
+            let _ = mp.println(&text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    /// An error line for a human (stderr) in every mode but JSON (errors are shown even with
+    /// `--quiet`).
+    pub fn error_line(&self, text: &str) {
+        if self.mode != OutputMode::Json {
+            self.line(text);
+        }
+    }
+
+    /// The target's bar shows its final state (several targets on a terminal only).
+    pub fn conclude(&mut self, ok: bool, message: String) {
+        if let Some(f) = self.fan.take() {
+            if ok {
+                f.bar.finish_with_message(message);
+            } else {
+                f.bar.abandon_with_message(message);
+            }
+        }
     }
 
     /// Skip figures seen so far.
@@ -134,24 +277,30 @@ impl Renderer {
     /// A line for a human (stderr), shown above the bars. Nothing in JSON/quiet mode.
     pub fn say(&self, text: &str) {
         match self.mode {
-            OutputMode::Bars => match &self.mp {
-                Some(mp) => {
-                    let _ = mp.println(text);
-                }
-                None => eprintln!("{text}"),
-            },
-            OutputMode::Plain => eprintln!("{text}"),
+            OutputMode::Bars | OutputMode::Plain => self.line(text),
             OutputMode::Json | OutputMode::Quiet => {}
         }
     }
 
-    /// One NDJSON line on stdout (JSON mode only).
+    /// One NDJSON line on stdout (JSON mode only); with several targets it carries `target`
+    /// and `target_index`.
     pub fn json(&self, v: &serde_json::Value) {
-        if self.mode == OutputMode::Json {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{v}");
-            let _ = out.flush();
+        if self.mode != OutputMode::Json {
+            return;
         }
+        let line = match (&self.target, v.as_object()) {
+            (Some(t), Some(o)) => {
+                let mut o = o.clone();
+                o.insert("target".into(), t.id.clone().into());
+                o.insert("target_index".into(), t.index.into());
+                serde_json::Value::Object(o).to_string()
+            }
+            _ => v.to_string(),
+        };
+        // One locked write per event: lines of concurrent targets never interleave.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
     }
 
     /// Render one event.
@@ -209,7 +358,16 @@ impl Renderer {
                     segments.len(),
                     chunk_size / 1024
                 ));
-                if self.mode == OutputMode::Bars {
+                if let Some(f) = &mut self.fan {
+                    f.bar.set_length(*data_bytes);
+                    f.bar.set_message(format!("version {version}"));
+                    f.bar.reset_eta();
+                    if !f.length_added {
+                        f.length_added = true;
+                        f.shared.all.inc_length(*data_bytes);
+                    }
+                    f.set_position(0);
+                } else if self.mode == OutputMode::Bars {
                     self.setup_bars(*data_bytes, segments);
                 }
             }
@@ -230,6 +388,10 @@ impl Renderer {
                     o.set_position(*done_bytes);
                     o.reset_eta();
                 }
+                if let Some(f) = &mut self.fan {
+                    f.set_position(*done_bytes);
+                    f.bar.reset_eta();
+                }
             }
             ProgressEvent::Skipped { kind, bytes } => {
                 match kind {
@@ -247,6 +409,10 @@ impl Renderer {
                 ..
             } => match self.mode {
                 OutputMode::Bars => {
+                    if let Some(f) = &mut self.fan {
+                        f.set_position(*done_bytes);
+                        f.bar.set_message(format!("segment {segment}"));
+                    }
                     if let Some(o) = &self.overall {
                         o.set_position(*done_bytes);
                     }
@@ -260,7 +426,7 @@ impl Renderer {
                         .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
                     if due || done_bytes == total_bytes {
                         self.last_line = Some(Instant::now());
-                        eprintln!("{}", self.plain_line(segment, *done_bytes, *total_bytes));
+                        self.line(&self.plain_line(segment, *done_bytes, *total_bytes));
                     }
                 }
                 OutputMode::Json => {
@@ -281,18 +447,23 @@ impl Renderer {
                 self.retransmits += 1;
                 self.json(&serde_json::to_value(ev).unwrap_or_default());
                 if self.mode == OutputMode::Plain && self.retransmits <= 3 {
-                    eprintln!("nx: resending from chunk {from_seq} ({reason})");
+                    self.line(&format!("nx: resending from chunk {from_seq} ({reason})"));
                 }
             }
             ProgressEvent::SegmentVerified { segment } => {
                 self.json(&serde_json::to_value(ev).unwrap_or_default());
                 match self.mode {
                     OutputMode::Bars => {
+                        if let Some(f) = &self.fan {
+                            f.bar.set_message(format!("{segment} verified"));
+                        }
                         if let Some((_, b)) = self.segs.iter().find(|(n, _)| n == segment) {
                             b.finish_with_message(format!("{segment} verified"));
                         }
                     }
-                    OutputMode::Plain => eprintln!("nx: segment {segment} verified by the target"),
+                    OutputMode::Plain => {
+                        self.line(&format!("nx: segment {segment} verified by the target"))
+                    }
                     _ => {}
                 }
             }

@@ -5,7 +5,7 @@
 //! Memory is bounded by the sender's window: at most `(window + read_ahead)` chunks are
 //! buffered, plus the frames queued to the writer; the image is never read whole.
 
-use crate::flash::image_file::{CheckState, ImageFile, LocalCheck};
+use crate::flash::image_file::{CheckState, ImageFile, LocalCheck, SharedCheck};
 use crate::flash::receipt::{Receipt, ReceiptBuilder};
 use crate::flash::render::{Renderer, Skips, Ui};
 use crate::transport::{self, Link, PortSpec};
@@ -141,6 +141,14 @@ async fn interrupted(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// A failed transfer: why, and the receipt of what was done (`state: failed`).
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: SendError,
+    pub receipt: Box<Receipt>,
+    pub elapsed: Duration,
+}
+
 /// Send `img` to the target behind `connector`, reconnecting and resuming until it is
 /// installed, the target refuses, the image is found invalid, `attempts` connections in a
 /// row make no progress, or `interrupt` turns true.
@@ -149,18 +157,54 @@ pub async fn send_image(
     connector: &mut dyn Connector,
     opts: &SendOptions,
     r: &mut Renderer,
-    mut interrupt: watch::Receiver<bool>,
+    interrupt: watch::Receiver<bool>,
 ) -> Result<SendReport, SendError> {
+    send_image_with(img, &SharedCheck::new(), connector, opts, r, interrupt)
+        .await
+        .map_err(|f| f.error)
+}
+
+/// [`send_image`] with a local check shared with other transfers of the same image (the file
+/// is hashed once for all targets); a failure keeps the receipt of what was done.
+pub async fn send_image_with(
+    img: Arc<ImageFile>,
+    check: &SharedCheck,
+    connector: &mut dyn Connector,
+    opts: &SendOptions,
+    r: &mut Renderer,
+    interrupt: watch::Receiver<bool>,
+) -> Result<SendReport, SendFailure> {
     let started = Instant::now();
     let port = connector.describe();
     let mut ctx = Ctx {
         img: img.clone(),
+        shared_check: check.clone(),
         check: None,
         receipt: ReceiptBuilder::new(img.manifest(), &opts.host, &port),
         resumed_at: None,
         device: String::new(),
         done_sent: false,
     };
+    match send_loop(&mut ctx, connector, opts, r, interrupt, started).await {
+        Ok(rep) => Ok(rep),
+        Err(error) => Err(SendFailure {
+            error,
+            receipt: Box::new(ctx.receipt.finish("failed")),
+            elapsed: started.elapsed(),
+        }),
+    }
+}
+
+async fn send_loop(
+    ctx: &mut Ctx,
+    connector: &mut dyn Connector,
+    opts: &SendOptions,
+    r: &mut Renderer,
+    mut interrupt: watch::Receiver<bool>,
+    started: Instant,
+) -> Result<SendReport, SendError> {
+    let img = ctx.img.clone();
+    let port = connector.describe();
     let mut failures = 0u32;
     let mut attempt = 0u32;
     loop {
@@ -206,7 +250,7 @@ pub async fn send_image(
             other => SendError::Local(anyhow::anyhow!("{other}")),
         })?;
         let done_before = ctx.done_sent;
-        match run_session(link, sender, &mut ctx, opts, r, &mut interrupt).await {
+        match run_session(link, sender, ctx, opts, r, &mut interrupt).await {
             Ok(outcome) => {
                 // "Unchanged" after our own DONE of an earlier session (its reply was lost):
                 // this run installed it.
@@ -282,6 +326,8 @@ fn random_nonce() -> u64 {
 /// State that lives across connections.
 struct Ctx {
     img: Arc<ImageFile>,
+    /// Where the local check is started (or found, when another target started it).
+    shared_check: SharedCheck,
     check: Option<LocalCheck>,
     receipt: ReceiptBuilder,
     resumed_at: Option<u64>,
@@ -419,7 +465,7 @@ async fn run_session(
                     hash,
                 } => {
                     if ctx.check.is_none() {
-                        match LocalCheck::start(ctx.img.clone()) {
+                        match ctx.shared_check.get_or_start(&ctx.img) {
                             Ok(c) => {
                                 check_rx = Some(c.subscribe());
                                 ctx.check = Some(c);
