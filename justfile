@@ -21,7 +21,7 @@ demo *ARGS:
 qemu-test *ARGS:
     cargo xtask qemu-test {{ARGS}}
 
-# Flash e2e scenarios in QEMU (flash, cut + resume, power cut + resume).
+# e2e scenarios in QEMU: flash, cut + resume, power cut + resume, A/B update, rollback, update power cut (`--only NAME`).
 e2e *ARGS:
     cargo xtask e2e {{ARGS}}
 
