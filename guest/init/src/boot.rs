@@ -43,6 +43,9 @@ pub enum MountError {
 
 /// Mounts a slot's rootfs.
 pub trait Mounter {
+    /// Is there a slot disk at all (both slot partitions present)? Checked before
+    /// `bootAttempt`, so a boot without the disk never spends a trial try. `Err`: why not.
+    fn slot_disk(&mut self) -> Result<(), String>;
     /// Mount the rootfs of `slot` read-only.
     fn mount(&mut self, slot: Slot) -> Result<Mounted, MountError>;
 }
@@ -79,6 +82,13 @@ pub fn run(
     opts: Options,
     emit: &mut dyn FnMut(&str),
 ) -> Outcome {
+    if let Err(why) = mounter.slot_disk() {
+        let why = format!(
+            "stub/placeholder: {why}; no slot disk attached? running without a rootfs; no bootAttempt (no trial try spent), nothing confirmed or marked bad"
+        );
+        emit(&format!("init: {why}"));
+        return Outcome::Degraded { why };
+    }
     let d = match daemons.boot_attempt() {
         Ok(d) => d,
         Err(e) => {
@@ -244,6 +254,7 @@ mod tests {
 
     enum M {
         Ok,
+        NoDisk,
         NoPart,
         SlotFault,
         EnvFault,
@@ -252,6 +263,12 @@ mod tests {
     struct Mnt(M, Vec<Slot>);
 
     impl Mounter for Mnt {
+        fn slot_disk(&mut self) -> Result<(), String> {
+            match self.0 {
+                M::NoDisk => Err("no partition system_a".into()),
+                _ => Ok(()),
+            }
+        }
         fn mount(&mut self, slot: Slot) -> Result<Mounted, MountError> {
             self.1.push(slot);
             match self.0 {
@@ -262,7 +279,9 @@ mod tests {
                     image_version: "2".into(),
                     rootfs_bytes: 4096,
                 }),
-                M::NoPart => Err(MountError::NoPartition("no partition system_b".into())),
+                M::NoPart | M::NoDisk => {
+                    Err(MountError::NoPartition("no partition system_b".into()))
+                }
                 M::SlotFault => Err(MountError::Slot(SlotFsError::NoImage {
                     path: "/dev/vdb2".into(),
                     reason: "blank".into(),
@@ -404,6 +423,20 @@ mod tests {
             assert!(matches!(out, Outcome::Degraded { .. }), "{out:?}");
             assert_eq!(f.calls, ["bootAttempt"]);
         }
+    }
+
+    #[test]
+    fn without_a_slot_disk_no_trial_try_is_spent() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 2)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let (out, lines, mounted) = go(&mut f, M::NoDisk, Options::default());
+        assert!(matches!(out, Outcome::Degraded { .. }), "{out:?}");
+        assert!(f.calls.is_empty(), "{:?}", f.calls);
+        assert!(mounted.is_empty());
+        assert!(lines[0].starts_with("init: stub/placeholder: no partition system_a"));
     }
 
     #[test]

@@ -120,6 +120,18 @@ pub fn partition_name(slot: Slot) -> String {
 }
 
 impl Mounter for SysMounter {
+    fn slot_disk(&mut self) -> Result<(), String> {
+        for slot in Slot::ALL {
+            let name = partition_name(slot);
+            match blockdev::find_partition(&self.sys_dir, &self.dev_dir, &name) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(format!("no partition {name}")),
+                Err(e) => return Err(format!("looking up partition {name}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
     fn mount(&mut self, slot: Slot) -> Result<Mounted, MountError> {
         let name = partition_name(slot);
         let part = blockdev::find_partition(&self.sys_dir, &self.dev_dir, &name)
