@@ -8,6 +8,7 @@
 //!   streaming decoder.
 //! * [`msg`]: the messages of the flashing conversation carried in frames.
 //! * [`manifest`] and [`image`]: the image file format and its canonical manifest.
+//! * [`receipt`]: the install receipt both sides write.
 //! * [`session`]: the sender and receiver state machines (events in, actions out).
 //! * [`rpc`]: generated Cap'n Proto code for the `rebootd`/`bootctld` schemas in `proto/schema/`.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -16,5 +17,6 @@ pub mod frame;
 pub mod image;
 pub mod manifest;
 pub mod msg;
+pub mod receipt;
 pub mod rpc;
 pub mod session;

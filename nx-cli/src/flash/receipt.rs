@@ -6,47 +6,8 @@
 use proto::manifest::Manifest;
 use proto::msg::{Message, WriteBody};
 use proto::session::Plan;
-use serde::{Deserialize, Serialize};
 
-/// Version of the receipt layout.
-pub const RECEIPT_VERSION: u32 = 1;
-
-/// Per segment: how its bytes reached the target.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SegmentReceipt {
-    pub name: String,
-    pub size: u64,
-    /// Data bytes carried over the link (raw or compressed), once per chunk.
-    pub sent_bytes: u64,
-    /// Bytes the target already held (COPY, or the whole image when unchanged).
-    pub skipped_bytes: u64,
-    /// Zero bytes never sent.
-    pub zero_bytes: u64,
-    /// Bytes saved by compression.
-    pub compressed_bytes: u64,
-    /// Data bytes the target held from an earlier session.
-    pub resumed_bytes: u64,
-}
-
-/// The install receipt.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Receipt {
-    pub receipt_version: u32,
-    pub writer: String,
-    pub image_version: String,
-    pub image_id: String,
-    pub image_sha256: String,
-    pub image_size: u64,
-    pub device: String,
-    pub host: String,
-    pub target: String,
-    /// `installed`, `unchanged` or `failed`.
-    pub state: String,
-    pub resume_count: u32,
-    pub tries: u32,
-    pub wire_bytes: u64,
-    pub segments: Vec<SegmentReceipt>,
-}
+pub use proto::receipt::{Receipt, SegmentReceipt, RECEIPT_VERSION};
 
 /// Builds the receipt from what the sender did, across reconnects.
 #[derive(Debug, Clone)]
