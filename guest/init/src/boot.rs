@@ -75,6 +75,40 @@ pub fn booted_marker(slot: Slot, version: &str, trial: bool) -> String {
     format!("init: booted slot={slot} version={version} trial={trial}")
 }
 
+/// Whether a factory wipe is pending on `/state` (`STATE/boot/factory_wipe`, see
+/// `nx_reset::pending`): `Some(why)` when the normal boot must not happen. A valid request,
+/// an invalid one (recovery-init removes it) and an unreadable one all count: only
+/// recovery-init decides about a request, and a half-wiped `/state` never boots normal.
+pub fn wipe_pending(state_root: &std::path::Path) -> Option<String> {
+    match nx_reset::pending(state_root) {
+        Ok(nx_reset::Pending::None) => None,
+        Ok(nx_reset::Pending::Requested { attempts: 0 }) => {
+            Some("a factory wipe was requested".into())
+        }
+        Ok(nx_reset::Pending::Requested { attempts }) => Some(format!(
+            "a factory wipe was started {attempts} time(s) and never completed"
+        )),
+        Ok(nx_reset::Pending::Invalid { content }) => Some(format!(
+            "an invalid factory-wipe request ({content:?}) is on /state; recovery-init removes it"
+        )),
+        Err(e) => Some(format!("the factory-wipe request cannot be read ({e})")),
+    }
+}
+
+/// A factory wipe is pending: never mount or confirm a slot, ask rebootd for recovery, where
+/// recovery-init performs the wipe (defence in depth: the boot firmware already boots
+/// recovery while the request exists).
+pub fn refuse_for_wipe(
+    daemons: &mut dyn Daemons,
+    why: &str,
+    emit: &mut dyn FnMut(&str),
+) -> Outcome {
+    emit(&format!(
+        "init: factory wipe pending ({why}); not booting a slot, rebooting to recovery (recovery-init performs the wipe)"
+    ));
+    reboot(daemons, "recovery", emit)
+}
+
 /// Run the boot flow; `emit` prints console lines.
 pub fn run(
     daemons: &mut dyn Daemons,
@@ -455,6 +489,40 @@ mod tests {
         };
         let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
         assert!(matches!(out, Outcome::Degraded { .. }));
+    }
+
+    #[test]
+    fn a_pending_wipe_never_boots_a_slot() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        assert_eq!(wipe_pending(root), None);
+        std::fs::write(root.join(nx_reset::REQUEST), nx_reset::REQUEST_CONTENT).unwrap();
+        let why = wipe_pending(root).unwrap();
+        assert!(why.contains("requested"), "{why}");
+        std::fs::write(root.join(nx_reset::REQUEST), b"junk").unwrap();
+        assert!(wipe_pending(root).unwrap().contains("invalid"));
+
+        let mut f = Fake {
+            decision: Some(decision(Slot::A, false, 0)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let mut lines = Vec::new();
+        let out = refuse_for_wipe(&mut f, "a factory wipe was requested", &mut |l| {
+            lines.push(l.to_string())
+        });
+        assert_eq!(out, Outcome::Rebooting { target: "recovery" });
+        assert_eq!(f.calls, ["reboot recovery"]);
+        assert!(lines[0].starts_with("init: factory wipe pending (a factory wipe was requested)"));
+        // rebootd cannot reboot: the guest stays up without a slot, never boots one.
+        let mut f = Fake {
+            reboot_ok: None,
+            ..Fake::default()
+        };
+        let out = refuse_for_wipe(&mut f, "x", &mut |_| {});
+        assert!(matches!(out, Outcome::Degraded { .. }), "{out:?}");
+        assert_eq!(f.calls, ["reboot recovery"]);
     }
 
     #[test]

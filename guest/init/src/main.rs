@@ -45,13 +45,21 @@ fn main() {
     emit(&format!("{P}: started [{}]", names.join(", ")));
     emit(M_SERVICES);
 
+    // Defence in depth: with a factory wipe pending, no slot is mounted (recovery wipes).
+    let wipe = early
+        .state_dev
+        .as_ref()
+        .and_then(|_| boot::wipe_pending(state_root));
     let outcome = match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK)) {
-        Ok(mut daemons) => boot::run(
-            &mut daemons,
-            &mut SysMounter::default(),
-            options(&early.cmdline),
-            &mut |line| emit(line),
-        ),
+        Ok(mut daemons) => match &wipe {
+            Some(why) => boot::refuse_for_wipe(&mut daemons, why, &mut |line| emit(line)),
+            None => boot::run(
+                &mut daemons,
+                &mut SysMounter::default(),
+                options(&early.cmdline),
+                &mut |line| emit(line),
+            ),
+        },
         Err(e) => {
             emit(&format!(
                 "{P}: error: {e}; cannot talk to bootctld, no slot booted"

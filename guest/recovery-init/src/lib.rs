@@ -1,19 +1,27 @@
 //! recovery-init — PID 1 of the recovery ramdisk, the one recovery authority.
 //!
 //! Boot: mount proc/sys/devtmpfs/tmpfs, load the modules baked into the ramdisk, mount
-//! `/state` by label, select the target, start the minimal service graph (flashd, and rebootd /
-//! bootctld when the ramdisk has them), wait for the flash port, start `recovery-sh` on ttyS0,
-//! then reap and supervise until a shutdown signal (see `nx_guest::sys` for the PID 1 signal
-//! contract). Markers, exact and in order:
+//! `/state` by label, perform a pending factory wipe ([`wipe_at_boot`], before any service
+//! runs), select the target, start the minimal service graph (flashd, and rebootd / bootctld
+//! when the ramdisk has them), wait for the flash port, start `recovery-sh` on ttyS0, then reap
+//! and supervise until a shutdown signal (see `nx_guest::sys` for the PID 1 signal contract).
+//! Markers, exact and in order:
 //! `recovery: boot target selected`, `recovery: init start`, `recovery: services ready`,
 //! `recovery: ready (serial=@/dev/vport0p1)`, `recovery: shell ready` (printed by recovery-sh).
+//!
+//! After a completed factory wipe (`nx: reset factory wipe start` … `nx: reset factory wipe
+//! done`) recovery-init does not start the shell: it asks rebootd — the one reboot authority —
+//! for a normal boot ([`reboot_normal_after_wipe`]). A failed wipe keeps the guest in recovery
+//! (the request stays, so neither the boot firmware nor the normal init boots normal).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 use nx_guest::cmdline::Cmdline;
 use nx_guest::port;
 use nx_guest::state::BootMode;
 use nx_guest::supervisor::Service;
-use std::path::PathBuf;
+use nx_reset::{WipeOutcome, WipeReport};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Marker: the boot target was chosen.
 pub const M_TARGET: &str = "recovery: boot target selected";
@@ -137,6 +145,91 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
     out
 }
 
+/// What the boot did about a factory-wipe request (`STATE/boot/factory_wipe`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WipeAtBoot {
+    /// No usable `/state`: nothing to wipe (and no request can exist).
+    NoState,
+    /// No request.
+    NotRequested,
+    /// The request was invalid; it was removed and nothing was wiped.
+    InvalidRemoved,
+    /// The wipe completed, was synced, and the request is cleared: boot normal next.
+    Wiped(WipeReport),
+    /// The wipe failed (why). The request stays: stay in recovery, never boot normal.
+    Failed(String),
+}
+
+/// Run [`nx_reset::wipe`] on `state_root` (a no-op without a request), printing its markers
+/// (`nx: reset factory wipe start`, `nx: reset factory wipe done`, …) through `emit`.
+/// `state_mounted = false`: there is no persistent `/state`, nothing is touched.
+pub fn wipe_at_boot(
+    state_root: &Path,
+    state_mounted: bool,
+    emit: &mut dyn FnMut(&str),
+) -> WipeAtBoot {
+    if !state_mounted {
+        return WipeAtBoot::NoState;
+    }
+    match nx_reset::wipe(state_root, emit) {
+        Ok(WipeOutcome::NotRequested) => WipeAtBoot::NotRequested,
+        Ok(WipeOutcome::InvalidRequestRemoved { .. }) => WipeAtBoot::InvalidRemoved,
+        Ok(WipeOutcome::Wiped(report)) => WipeAtBoot::Wiped(report),
+        Err(e) => {
+            let why = e.to_string();
+            emit(&format!(
+                "recovery: error: factory wipe failed ({why}); staying in recovery — the request stays, so the wipe runs again at the next boot and the device never boots normal half-wiped"
+            ));
+            WipeAtBoot::Failed(why)
+        }
+    }
+}
+
+/// How long rebootd gets to accept connections after it was started.
+pub const REBOOTD_WAIT: Duration = Duration::from_secs(15);
+/// How long the `mode(normal)` call may take.
+pub const REBOOTD_CALL: Duration = Duration::from_secs(10);
+
+/// Wait (bounded by `wait`) until the unix socket `sock` accepts a connection.
+pub fn wait_accepting(sock: &Path, wait: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() >= wait {
+            return Err(format!(
+                "{} did not accept a connection within {} s (is rebootd running? see its lines above)",
+                sock.display(),
+                wait.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// After a completed wipe: ask the rebootd at `sock` to persist `next_mode=normal` and
+/// reboot (`rebootd::request_mode`, from a current-thread tokio runtime). `Ok(true)`: rebootd
+/// is rebooting (SIGTERM to PID 1 follows); `Ok(false)`: it recorded the next boot but cannot
+/// reboot here (stub).
+pub fn reboot_normal_after_wipe(
+    sock: &Path,
+    wait: Duration,
+    call: Duration,
+) -> Result<bool, String> {
+    wait_accepting(sock, wait)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+    rt.block_on(rebootd::request_mode(
+        sock,
+        rebootd::record::Target::Normal,
+        call,
+    ))
+    .map_err(|e| format!("rebootd mode(normal) on {}: {e}", sock.display()))
+}
+
 /// The recovery shell on ttyS0, restarted when it exits.
 pub fn shell_service() -> Service {
     Service {
@@ -230,5 +323,145 @@ mod tests {
             ready_marker("/dev/vport0p1"),
             "recovery: ready (serial=@/dev/vport0p1)"
         );
+    }
+
+    fn seed(root: &Path) {
+        for d in nx_guest::state::STATE_DIRS {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(root.join("apps/com.example/db")).unwrap();
+        std::fs::write(root.join("apps/com.example/db/notes.db"), b"notes").unwrap();
+        std::fs::write(root.join("content/a.jpg"), vec![7u8; 1234]).unwrap();
+        std::fs::write(root.join("settings/locale"), b"en_US\n").unwrap();
+        std::fs::write(root.join("trust/root.pub"), b"trust me").unwrap();
+        std::os::unix::fs::symlink("../trust/root.pub", root.join("settings/key-link")).unwrap();
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wipe_at_boot_runs_the_requested_wipe_only() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        seed(root);
+        let mut lines = Vec::new();
+        // Without a mounted /state nothing is touched, even with a request.
+        std::fs::write(root.join(nx_reset::REQUEST), nx_reset::REQUEST_CONTENT).unwrap();
+        assert_eq!(
+            wipe_at_boot(root, false, &mut |l| lines.push(l.to_string())),
+            WipeAtBoot::NoState
+        );
+        assert!(lines.is_empty());
+        assert_eq!(listing(&root.join("content")), ["a.jpg"]);
+        // With the request: wiped, markers in order, trust untouched, request gone.
+        let out = wipe_at_boot(root, true, &mut |l| lines.push(l.to_string()));
+        let WipeAtBoot::Wiped(report) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(report.attempt, 1);
+        assert_eq!(
+            lines.first().map(String::as_str),
+            Some(nx_reset::M_WIPE_START)
+        );
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(nx_reset::M_WIPE_DONE)
+        );
+        for t in nx_reset::WIPED {
+            assert!(listing(&root.join(t)).is_empty(), "{t}");
+        }
+        assert_eq!(
+            std::fs::read(root.join("trust/root.pub")).unwrap(),
+            b"trust me"
+        );
+        assert!(!root.join(nx_reset::REQUEST).exists());
+        // No request: nothing happens.
+        lines.clear();
+        assert_eq!(
+            wipe_at_boot(root, true, &mut |l| lines.push(l.to_string())),
+            WipeAtBoot::NotRequested
+        );
+        assert!(lines.is_empty());
+        // An invalid request is removed, nothing is wiped.
+        std::fs::write(root.join("content/b"), b"b").unwrap();
+        std::fs::write(root.join(nx_reset::REQUEST), b"please\n").unwrap();
+        assert_eq!(
+            wipe_at_boot(root, true, &mut |l| lines.push(l.to_string())),
+            WipeAtBoot::InvalidRemoved
+        );
+        assert_eq!(listing(&root.join("content")), ["b"]);
+        assert!(!root.join(nx_reset::REQUEST).exists());
+    }
+
+    #[test]
+    fn a_failed_wipe_keeps_the_request() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        seed(root);
+        std::fs::write(root.join(nx_reset::REQUEST), nx_reset::REQUEST_CONTENT).unwrap();
+        // A non-empty directory where the wipe journal goes: writing the journal (rename
+        // over it) fails even for root, before anything is removed.
+        std::fs::create_dir_all(root.join(nx_reset::JOURNAL).join("x")).unwrap();
+        let mut lines = Vec::new();
+        let out = wipe_at_boot(root, true, &mut |l| lines.push(l.to_string()));
+        assert!(matches!(out, WipeAtBoot::Failed(_)), "{out:?}");
+        assert!(root.join(nx_reset::REQUEST).exists());
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("recovery: error: factory wipe failed")));
+        assert!(!lines.iter().any(|l| l == nx_reset::M_WIPE_DONE));
+        assert_eq!(listing(&root.join("content")), ["a.jpg"]);
+    }
+
+    #[test]
+    fn after_the_wipe_rebootd_records_a_normal_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        seed(&state);
+        let sock = d.path().join("rebootd.sock");
+        let config = rebootd::Config {
+            state: Some(state.clone()),
+            require_mountpoint: false,
+            endpoints: vec![rebootd::transport::Endpoint::Unix(sock.clone())],
+            reboot_method: rebootd::pid1::MethodArg::Stub,
+        };
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let run = std::pin::pin!(rebootd::run(config));
+                let _ = futures::future::select(run, rx).await;
+            });
+        });
+        // The socket appears later than we start waiting (rebootd starts with us).
+        let rebooting =
+            reboot_normal_after_wipe(&sock, Duration::from_secs(10), Duration::from_secs(10));
+        let _ = tx.send(());
+        server.join().unwrap();
+        // Stub reboot method: recorded, not rebooting.
+        assert_eq!(rebooting, Ok(false));
+        assert_eq!(
+            std::fs::read(state.join("boot/next_mode")).unwrap(),
+            b"normal\n"
+        );
+        // Nobody listening: a clear error within the bound.
+        let e = reboot_normal_after_wipe(
+            &d.path().join("none.sock"),
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(e.contains("did not accept a connection"), "{e}");
     }
 }

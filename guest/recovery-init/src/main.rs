@@ -5,7 +5,8 @@ use nx_guest::state::{self, BootMode};
 use nx_guest::supervisor::Supervisor;
 use nx_guest::{pid1, port};
 use recovery_init::{
-    ready_marker, select_target, services, shell_service, M_SERVICES, M_START, M_TARGET,
+    ready_marker, reboot_normal_after_wipe, select_target, services, shell_service, wipe_at_boot,
+    WipeAtBoot, M_SERVICES, M_START, M_TARGET, REBOOTD_CALL, REBOOTD_SOCK, REBOOTD_WAIT,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -41,6 +42,8 @@ fn main() {
             None
         }
     };
+    // A pending factory wipe runs now: /state is mounted and no service has started yet.
+    let wipe = wipe_at_boot(state_root, early.state_dev.is_some(), &mut |l| emit(l));
     let (target, reason) = select_target(&early.cmdline, record);
     emit(M_TARGET);
     emit(&format!(
@@ -79,7 +82,36 @@ fn main() {
     if let Some(up) = pid1::uptime() {
         emit(&format!("{P}: uptime {up:.2} s at ready"));
     }
-    sup.add(shell_service());
+    match &wipe {
+        WipeAtBoot::Wiped(report) => {
+            emit(&format!(
+                "{P}: factory wipe complete (attempt {}); asking rebootd for a normal boot",
+                report.attempt
+            ));
+            match reboot_normal_after_wipe(Path::new(REBOOTD_SOCK), REBOOTD_WAIT, REBOOTD_CALL) {
+                Ok(true) => emit(&format!(
+                    "{P}: rebooting into normal after the factory wipe (no shell this boot)"
+                )),
+                Ok(false) => {
+                    emit(&format!("{P}: error: rebootd recorded next boot = normal but cannot reboot here (stub); staying in recovery, type 'reboot'"));
+                    sup.add(shell_service());
+                }
+                Err(e) => {
+                    emit(&format!("{P}: error: cannot ask for the normal boot after the factory wipe ({e}); staying in recovery, type 'reboot normal'"));
+                    sup.add(shell_service());
+                }
+            }
+        }
+        WipeAtBoot::Failed(_) => {
+            emit(&format!(
+                "{P}: factory wipe pending and failed: this boot stays in recovery (see the error above; 'diag' collects the logs)"
+            ));
+            sup.add(shell_service());
+        }
+        WipeAtBoot::NoState | WipeAtBoot::NotRequested | WipeAtBoot::InvalidRemoved => {
+            sup.add(shell_service());
+        }
+    }
     let action = sup.run();
     pid1::finish(P, action)
 }
