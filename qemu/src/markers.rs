@@ -135,6 +135,11 @@ pub struct Profile {
     pub cmdline: Vec<String>,
     /// Markers that must appear, in this order.
     pub markers: Vec<String>,
+    /// Markers that must appear at some point of the run, in any order (lines of processes
+    /// that run concurrently with the ordered ones). Checked after `markers`, waiting for
+    /// each up to the overall timeout.
+    #[serde(default)]
+    pub present: Vec<String>,
     /// The marker whose time since boot is reported as the boot time.
     #[serde(default)]
     pub ready: Option<String>,
@@ -297,6 +302,34 @@ pub fn check(
         }
         hits.push((m.clone(), hit));
     }
+    for m in &profile.present {
+        loop {
+            if runner.console_contains(m) {
+                break;
+            }
+            if let Some(outcome) = runner.outcome() {
+                return Err(check_forbidden().err().unwrap_or_else(|| {
+                    missing(
+                        m,
+                        Error::Stopped {
+                            marker: m.clone(),
+                            outcome,
+                        },
+                    )
+                }));
+            }
+            if left().is_zero() {
+                return Err(missing(
+                    m,
+                    Error::Timeout {
+                        marker: m.clone(),
+                        timeout,
+                    },
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     for step in &profile.script {
         if let Some(text) = &step.send {
             runner.send(text.as_bytes()).map_err(CheckError::Runner)?;
@@ -345,7 +378,17 @@ mod tests {
             c.flash.markers.last().map(String::as_str),
             Some("flashd: installed")
         );
-        for name in ["update", "rollback", "update-powercut"] {
+        let st = c.get("normal-selftest").unwrap();
+        assert!(st.cmdline.iter().any(|a| a == "nexus.selftest=1"));
+        assert!(st.present.iter().any(|m| m == "init: ready"));
+        for name in [
+            "update",
+            "rollback",
+            "update-powercut",
+            "reset",
+            "reset-powercut",
+            "recovery-console",
+        ] {
             let sc = c.e2e.get(name).unwrap();
             assert!(!sc.markers.is_empty(), "{name}");
         }

@@ -367,6 +367,33 @@ impl Runner {
             .collect()
     }
 
+    /// The console lines with index `from..to` so far (clamped to what exists); indices as in
+    /// [`Hit::index`].
+    pub fn lines(&self, from: usize, to: usize) -> Vec<String> {
+        let inner = lock(&self.shared.inner);
+        let to = to.min(inner.lines.len());
+        inner
+            .lines
+            .get(from.min(to)..to)
+            .unwrap_or_default()
+            .iter()
+            .map(|l| l.text.clone())
+            .collect()
+    }
+
+    /// The console's unterminated last line so far (e.g. a shell prompt waiting for input;
+    /// empty when the console ends with a newline).
+    pub fn partial_line(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.shared.inner).partial)
+            .trim_end_matches('\r')
+            .to_string()
+    }
+
+    /// Number of complete console lines so far (the next line gets this index).
+    pub fn line_count(&self) -> usize {
+        lock(&self.shared.inner).lines.len()
+    }
+
     /// The last `n` console lines.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let inner = lock(&self.shared.inner);

@@ -43,11 +43,22 @@ pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mkfs = tool("mkfs.ext4")?;
     let tree = tempfile::tempdir().context("temporary directory for the /state tree")?;
     for d in STATE_DIRS {
         std::fs::create_dir_all(tree.path().join(d))?;
     }
+    mkfs_state(path, tree.path())?;
+    eprintln!(
+        "xtask: created {} (ext4, label state, {STATE_MIB} MiB sparse)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// (Re)create `state.img` at `path` holding exactly the tree `tree` (ext4, label `state`,
+/// root-owned, [`STATE_MIB`] MiB sparse), atomically (a `.img.tmp` renamed over `path`).
+pub fn mkfs_state(path: &Path, tree: &Path) -> anyhow::Result<()> {
+    let mkfs = tool("mkfs.ext4")?;
     let tmp = path.with_extension("img.tmp");
     let _ = std::fs::remove_file(&tmp);
     {
@@ -57,14 +68,10 @@ pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
     run_cmd(
         Command::new(mkfs)
             .args(["-q", "-F", "-L", "state", "-E", "root_owner=0:0", "-d"])
-            .arg(tree.path())
+            .arg(tree)
             .arg(&tmp),
     )?;
     std::fs::rename(&tmp, path)?;
-    eprintln!(
-        "xtask: created {} (ext4, label state, {STATE_MIB} MiB sparse)",
-        path.display()
-    );
     Ok(())
 }
 

@@ -10,7 +10,9 @@
 //! - `flash-powercut-resume`: QEMU is killed mid-transfer (guest power cut), the guest boots
 //!   recovery again, `nx flash send` resumes, bytes verified.
 //!
-//! The A/B update scenarios (`update`, `rollback`, `update-powercut`) are in `e2e_slots.rs`.
+//! The A/B update scenarios (`update`, `rollback`, `update-powercut`) are in `e2e_slots.rs`;
+//! the factory-reset and recovery-console scenarios of issue 6 (`reset`, `reset-powercut`,
+//! `recovery-console`) in `e2e_reset.rs`.
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, ensure, Context};
@@ -22,13 +24,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 6] = [
+pub const SCENARIOS: [&str; 9] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
     "update",
     "rollback",
     "update-powercut",
+    "reset",
+    "reset-powercut",
+    "recovery-console",
 ];
 /// Size of the incompressible payload of the big test image.
 const BIG_PAYLOAD_MIB: usize = 24;
@@ -88,6 +93,9 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "update" => crate::e2e_slots::update(&ctx)?,
         "rollback" => crate::e2e_slots::rollback(&ctx)?,
         "update-powercut" => crate::e2e_slots::update_powercut(&ctx)?,
+        "reset" => crate::e2e_reset::reset(&ctx)?,
+        "reset-powercut" => crate::e2e_reset::reset_powercut(&ctx)?,
+        "recovery-console" => crate::e2e_reset::recovery_console(&ctx)?,
         other => bail!("unknown scenario {other}"),
     }
     eprintln!("[ok] e2e {name} ({:.1} s)", started.elapsed().as_secs_f64());

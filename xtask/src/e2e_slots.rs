@@ -56,7 +56,7 @@ fn built_image(file: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Wait for each marker in order (after the previous hit).
-fn wait(runner: &Runner, markers: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn wait(runner: &Runner, markers: &[&str]) -> anyhow::Result<()> {
     for m in markers {
         runner
             .wait_for(m, STEP_TIMEOUT)
@@ -91,7 +91,7 @@ fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
 }
 
 /// Run `nx` with `args`; its stdout, or an error with its stderr.
-fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(&ctx.nx)
         .args(args)
         .output()
@@ -111,7 +111,7 @@ fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// JSON without whitespace (the view is deterministic; this makes substring checks easy).
-fn compact(json: &str) -> String {
+pub(crate) fn compact(json: &str) -> String {
     json.chars().filter(|c| !c.is_whitespace()).collect()
 }
 
@@ -139,28 +139,9 @@ fn expect_status(ctx: &Ctx, runner: &Runner, want: &[&str]) -> anyhow::Result<()
 /// snapshot's fsync + rename are committed in the journal only): like the next boot would, a
 /// copy of state.img gets its journal replayed (`e2fsck -E journal_only`) before reading.
 fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let (tmp, img) = replayed_state_copy(ctx)?;
     std::fs::create_dir_all(tmp.path().join("bootctl"))?;
     let nxs = tmp.path().join("bootctl/state.nxs");
-    let img = tmp.path().join("state.img");
-    util::run_cmd(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(ctx.dir.join("state.img"))
-            .arg(&img),
-    )?;
-    let st = Command::new(util::tool("e2fsck")?)
-        .args(["-E", "journal_only", "-y"])
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("could not run e2fsck")?;
-    // 0: clean, 1: errors corrected (the journal was replayed).
-    ensure!(
-        matches!(st.code(), Some(0 | 1)),
-        "e2fsck -E journal_only on a copy of state.img failed ({st})"
-    );
     util::run_cmd(
         Command::new(util::tool("debugfs")?)
             .arg("-R")
@@ -195,8 +176,34 @@ fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A copy of the scenario's state.img (in a temp dir, QEMU stopped) with its ext4 journal
+/// replayed (`e2fsck -E journal_only`), as the next boot's mount would: `(dir, copy)`.
+pub(crate) fn replayed_state_copy(ctx: &Ctx) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let img = tmp.path().join("state.img");
+    util::run_cmd(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(ctx.dir.join("state.img"))
+            .arg(&img),
+    )?;
+    let st = Command::new(util::tool("e2fsck")?)
+        .args(["-E", "journal_only", "-y"])
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("could not run e2fsck")?;
+    // 0: clean, 1: errors corrected (the journal was replayed).
+    ensure!(
+        matches!(st.code(), Some(0 | 1)),
+        "e2fsck -E journal_only on a copy of state.img failed ({st})"
+    );
+    Ok((tmp, img))
+}
+
 /// The whole console of the run against `[e2e.<name>]` of qemu/markers.toml.
-fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
+pub(crate) fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
     let sc = ctx
         .contract
         .e2e

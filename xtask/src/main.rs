@@ -11,6 +11,7 @@ mod codegen;
 mod demo;
 mod disks;
 mod e2e;
+mod e2e_reset;
 mod e2e_slots;
 mod guest;
 mod initramfs;
@@ -36,8 +37,9 @@ enum Cmd {
     Guest(guest::Args),
     /// Boot a profile in QEMU and check its marker contract (qemu/markers.toml).
     QemuTest(qemu_test::Args),
-    /// End-to-end scenarios in QEMU: flash, cut + resume, power cut + resume, and the A/B
-    /// update flow (update, rollback, update-powercut); `--only NAME` runs one.
+    /// End-to-end scenarios in QEMU: flash, cut + resume, power cut + resume, the A/B
+    /// update flow (update, rollback, update-powercut), factory reset (reset,
+    /// reset-powercut) and the recovery console (recovery-console); `--only NAME` runs one.
     E2e(e2e::Args),
     /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
     Recovery(recovery::Args),
