@@ -1,4 +1,5 @@
-# nexus provisioning & recovery — every recipe only wraps `cargo xtask` (see xtask/).
+# nexus provisioning & recovery — every recipe only wraps `cargo xtask` (see xtask/) or a
+# script that does (tools/).
 # `just` is not in Debian bookworm: `cargo install just`, or call `cargo xtask …` directly.
 
 # List the recipes.
@@ -21,13 +22,17 @@ demo *ARGS:
 qemu-test *ARGS:
     cargo xtask qemu-test {{ARGS}}
 
-# e2e scenarios in QEMU: flash, cut + resume, power cut + resume, A/B update, rollback, update power cut (`--only NAME`).
+# e2e scenarios in QEMU: flash, cut + resume, power cut + resume, A/B update, rollback, update power cut, factory reset (+ power cut), recovery console (`--only NAME`).
 e2e *ARGS:
     cargo xtask e2e {{ARGS}}
 
 # Everything CI runs.
 ci:
     cargo xtask ci
+
+# Postflight: the full marker contract in QEMU (every profile and e2e scenario; exit 0 = all seen).
+postflight:
+    tools/postflight-provisioning-recovery-v1_0.sh
 
 # Benchmarks.
 bench *ARGS:
