@@ -17,11 +17,13 @@
 //!   again (the request is still on disk) → `nx: reset factory wipe resumed (attempt=2)` →
 //!   `done` → normal. No normal boot between the first `wipe start` and `wipe done`; the
 //!   same offline checks.
-//! - `recovery-console`: recovery-sh on the serial console: `sh`, `/bin/sh`, `exec /bin/sh`
-//!   and a 10 KiB line each get their one-line error and the prompt again, nothing else is
-//!   printed and the shell never exits; `help`, `slot status` (the slot table) and `diag`
-//!   (`recovery: diag written (bytes=<n>)`, n > 0) work; `nx recovery diag --out FILE`
-//!   fetches exactly that bundle; `poweroff` powers the guest off.
+//! - `recovery-console` (seeded state.img, first boot recovery): recovery-sh on the serial
+//!   console: `sh`, `/bin/sh`, `exec /bin/sh` and a 10 KiB line each get their one-line error
+//!   and the prompt again, nothing else is printed and the shell never exits; `help`, `slot
+//!   status` (the slot table) and `diag` (`recovery: diag written (bytes=<n>)`, n > 0) work;
+//!   `nx recovery diag --out FILE` fetches exactly that bundle; `reset factory` shows the plan
+//!   and asks twice — `no` cancels, `yes` + the device name records the request → reboot →
+//!   recovery wipes → normal; the same offline checks as `reset`.
 //!
 //! The whole console of each run is checked against `[e2e.<name>]` of qemu/markers.toml.
 
@@ -692,6 +694,7 @@ fn prompt_back(runner: &Runner) -> anyhow::Result<()> {
 
 /// Scenario `recovery-console`.
 pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
+    seed_state(ctx, false)?;
     let mut runner = ctx.boot_recovery()?;
     wait(&runner, &["recovery: shell ready"])?;
     // The daemons share the console: let their start-up lines pass first.
@@ -786,13 +789,59 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
         out_file.display()
     );
 
-    runner.send(b"poweroff\r")?;
+    // reset factory on the console: asked twice. A wrong first answer cancels.
+    runner.send(b"reset factory\r")?;
+    wait(&runner, &["WIPED", "PRESERVED"])?;
+    wait_partial(&runner, "Type yes to continue: ")?;
+    runner.send(b"no\r")?;
     wait(
         &runner,
-        &["recovery: poweroff", "[nx-qemu] guest powered off"],
+        &["recovery-sh: factory reset cancelled: the answer was \"no\", not \"yes\"; nothing was changed"],
+    )?;
+    at_prompt(&runner, Duration::from_secs(30))?;
+    // yes + the device name: rebootd records the request and reboots; recovery wipes before
+    // any service, then boots normal.
+    runner.send(b"reset factory\r")?;
+    wait_partial(&runner, "Type yes to continue: ")?;
+    runner.send(b"yes\r")?;
+    wait_partial(&runner, "Type the device name (nexus) to confirm: ")?;
+    runner.send(b"nexus\r")?;
+    wait(
+        &runner,
+        &[
+            "recovery-sh: factory reset confirmed",
+            "rebootd: factory-wipe requested",
+            "[nx-qemu] guest rebooted; firmware: factory wipe pending",
+            "nx: reset factory wipe start",
+            "nx: reset factory wipe removed 8 paths (5459 bytes) from apps, content, settings",
+            "nx: reset factory wipe done",
+            "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
+            "init: booted slot=a version=1 trial=false",
+            "init: ready",
+        ],
     )?;
     runner.stop();
-    check_console(ctx, &runner)
+    check_console(ctx, &runner)?;
+    check_state_offline(ctx)
+}
+
+/// Wait until the console's unterminated last line ends with `text` (a question waiting for
+/// its answer).
+fn wait_partial(runner: &Runner, text: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !runner.partial_line().ends_with(text) {
+        if Instant::now() >= deadline {
+            return Err(fail(
+                runner,
+                &format!(
+                    "the console does not ask {text:?} (last partial line {:?})",
+                    runner.partial_line()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
