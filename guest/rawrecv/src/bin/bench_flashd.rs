@@ -70,8 +70,22 @@ mod tests {
     fn slot_mode_becomes_the_partition() {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            rewrite(v(&["--port-name", "p", "--install-slot", "auto", "--state", "/s"])),
-            v(&["--port-name", "p", "--install-partition", "system_b", "--state", "/s"])
+            rewrite(v(&[
+                "--port-name",
+                "p",
+                "--install-slot",
+                "auto",
+                "--state",
+                "/s"
+            ])),
+            v(&[
+                "--port-name",
+                "p",
+                "--install-partition",
+                "system_b",
+                "--state",
+                "/s"
+            ])
         );
         assert_eq!(
             rewrite(v(&["--install-slot=auto"])),
