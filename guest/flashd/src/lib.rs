@@ -12,7 +12,9 @@
 //! receiver validates every message and the storage layer bounds every range.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod blockio;
 pub mod config;
+pub mod cpustat;
 pub mod link;
 pub mod records;
 pub mod server;

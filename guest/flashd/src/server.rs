@@ -102,6 +102,8 @@ struct Active {
     /// The receiver's configuration (to start over with a fresh receiver).
     rcfg: ReceiverConfig,
     install_target: String,
+    /// CPU snapshot at the last HELLO (the install logs where the time went since).
+    cpu_mark: crate::cpustat::Snapshot,
 }
 
 /// The segment the hasher is streaming, and where the next write must land to continue it.
@@ -185,6 +187,7 @@ impl Server {
                 staging_image: None,
                 rcfg,
                 install_target,
+                cpu_mark: crate::cpustat::Snapshot::default(),
             })),
         })
     }
@@ -399,6 +402,16 @@ pub fn resolve_target(spec: &InstallSpec) -> Result<InstallTarget, String> {
     }
 }
 
+/// Peak resident set size of this process (`VmHWM` of `/proc/self/status`), KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = store::read_bounded(Path::new("/proc/self/status"), 64 * 1024).ok()??;
+    String::from_utf8_lossy(&status)
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 fn block_capacity(path: &Path) -> Option<u64> {
     let mut f = File::open(path).ok()?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).ok()
@@ -438,6 +451,15 @@ impl Active {
             }
             WorkResult::Installed { ok, detail } => {
                 out.log(&format!("flashd: install: {detail}"));
+                // Read by `cargo xtask bench guest` (docs/benchmarks.md): the peak so far.
+                if let Some(kib) = peak_rss_kib() {
+                    out.log(&format!("flashd: rss peak_kib={kib}"));
+                }
+                let now = crate::cpustat::Snapshot::take();
+                out.log(&format!(
+                    "flashd: since HELLO: {}",
+                    now.since(&self.cpu_mark)
+                ));
                 self.rx.handle(ReceiverEvent::Installed {
                     ok,
                     detail: detail.clone(),
@@ -493,6 +515,7 @@ impl Active {
                     }
                     return;
                 }
+                self.cpu_mark = crate::cpustat::Snapshot::take();
                 self.last_host = h.host.clone();
                 self.hello_manifest = ImageHead::parse(&h.head).ok().map(|p| p.manifest);
                 self.forget_vanished_install(cfg, out);
@@ -727,7 +750,7 @@ impl Active {
                 });
             }
             ReceiverAction::Install {
-                image_id: _,
+                image_id,
                 image_sha256: _,
                 total_size,
                 unchanged,
@@ -752,6 +775,7 @@ impl Active {
                 self.outstanding += 1;
                 self.durable.send(DurableJob::Install {
                     staging: self.state.staging_path(),
+                    image_id,
                     total_size,
                     target,
                     target_error,

@@ -215,6 +215,8 @@ pub enum DurableJob {
     /// Install the staging file into the target, then report `Installed`.
     Install {
         staging: PathBuf,
+        /// The verified image: the read-back of a block device is checked against it.
+        image_id: [u8; 32],
         total_size: u64,
         target: Option<store::InstallTarget>,
         target_error: Option<String>,
@@ -294,12 +296,20 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
             }
             DurableJob::Install {
                 staging,
+                image_id,
                 total_size,
                 target,
                 target_error,
                 unchanged,
             } => {
-                let r = run_install(&staging, total_size, target, target_error, unchanged);
+                let r = run_install(
+                    &staging,
+                    &image_id,
+                    total_size,
+                    target,
+                    target_error,
+                    unchanged,
+                );
                 let (ok, detail) = match r {
                     Ok(d) => (true, d),
                     Err(d) => (false, d),
@@ -320,6 +330,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
 
 fn run_install(
     staging: &std::path::Path,
+    image_id: &[u8; 32],
     total_size: u64,
     target: Option<store::InstallTarget>,
     target_error: Option<String>,
@@ -349,6 +360,9 @@ fn run_install(
                 staging.display()
             )
         })?;
-    store::install(s, &target).map_err(|e| e.to_string())?;
-    Ok(format!("installed into {}", target.path().display()))
+    let times = store::install_image(s, &target, image_id).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "installed into {} ({times})",
+        target.path().display()
+    ))
 }
