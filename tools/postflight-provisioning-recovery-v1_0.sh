@@ -25,7 +25,7 @@ rm -f "$out"/*.log
 
 all_profiles=$(sed -n 's/^\[profile\.\([A-Za-z0-9_-]*\)\]$/\1/p' qemu/markers.toml)
 PROFILES=${PROFILES-$all_profiles}
-SCENARIOS=${SCENARIOS-"flash flash-cut-resume flash-powercut-resume update rollback update-powercut reset reset-powercut recovery-console"}
+SCENARIOS=${SCENARIOS-"flash flash-cut-resume flash-powercut-resume update rollback update-powercut reset reset-powercut reset-normal-guard recovery-console"}
 
 failed=()
 results=()

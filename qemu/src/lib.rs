@@ -121,6 +121,10 @@ pub struct Config {
     pub ports: Vec<Port>,
     /// First boot into recovery (`RECOVERY=1`: adds `recovery=1 nexus.target=recovery`).
     pub recovery: bool,
+    /// Force the first boot's target without reading the records (tests that play a boot
+    /// firmware ignoring them, e.g. the normal init's guard against a pending factory wipe).
+    /// `recovery` wins. Later boots always follow the records.
+    pub first_boot: Option<BootTarget>,
     /// Extra kernel arguments (e.g. `nexus.selftest=1`), on every boot.
     pub extra_cmdline: Vec<String>,
     /// Keep kernel messages off the console (`quiet`).
@@ -165,6 +169,7 @@ impl Config {
             run_dir,
             ports,
             recovery: false,
+            first_boot: None,
             extra_cmdline: Vec::new(),
             quiet: true,
             memory_mib: 1024,

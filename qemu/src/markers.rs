@@ -387,6 +387,7 @@ mod tests {
             "update-powercut",
             "reset",
             "reset-powercut",
+            "reset-normal-guard",
             "recovery-console",
         ] {
             let sc = c.e2e.get(name).unwrap();

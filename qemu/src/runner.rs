@@ -256,6 +256,11 @@ impl Runner {
         });
         let first = if config.recovery {
             (BootTarget::Recovery, "RECOVERY=1".to_string())
+        } else if let Some(t) = config.first_boot {
+            (
+                t,
+                "first boot forced by the caller; records not read".to_string(),
+            )
         } else {
             firmware::decide(&config.debugfs, config.state_img.as_deref())
         };

@@ -12,7 +12,7 @@
 //!
 //! The A/B update scenarios (`update`, `rollback`, `update-powercut`) are in `e2e_slots.rs`;
 //! the factory-reset and recovery-console scenarios of issue 6 (`reset`, `reset-powercut`,
-//! `recovery-console`) in `e2e_reset.rs`.
+//! `reset-normal-guard`, `recovery-console`) in `e2e_reset.rs`.
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, ensure, Context};
@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
@@ -33,6 +33,7 @@ pub const SCENARIOS: [&str; 9] = [
     "update-powercut",
     "reset",
     "reset-powercut",
+    "reset-normal-guard",
     "recovery-console",
 ];
 /// Size of the incompressible payload of the big test image.
@@ -95,6 +96,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "update-powercut" => crate::e2e_slots::update_powercut(&ctx)?,
         "reset" => crate::e2e_reset::reset(&ctx)?,
         "reset-powercut" => crate::e2e_reset::reset_powercut(&ctx)?,
+        "reset-normal-guard" => crate::e2e_reset::reset_normal_guard(&ctx)?,
         "recovery-console" => crate::e2e_reset::recovery_console(&ctx)?,
         other => bail!("unknown scenario {other}"),
     }
@@ -137,6 +139,11 @@ impl Ctx {
     /// Start the firmware loop on this scenario's disks; the first boot is recovery
     /// (`RECOVERY=1`) or whatever the next-boot record says (normal on fresh disks).
     pub fn boot(&self, recovery: bool) -> anyhow::Result<Runner> {
+        Ok(Runner::start(self.config(recovery)?)?)
+    }
+
+    /// The runner configuration of this scenario's disks and run directory.
+    pub fn config(&self, recovery: bool) -> anyhow::Result<Config> {
         let build = util::build_dir();
         let mut cfg = Config::new(&build);
         cfg.qemu = util::tool("qemu-system-x86_64")?;
@@ -154,7 +161,7 @@ impl Ctx {
             .collect();
         cfg.recovery = recovery;
         cfg.echo = self.echo;
-        Ok(Runner::start(cfg)?)
+        Ok(cfg)
     }
 
     pub fn wait_ready(&self, runner: &Runner) -> anyhow::Result<()> {

@@ -17,6 +17,9 @@
 //!   again (the request is still on disk) → `nx: reset factory wipe resumed (attempt=2)` →
 //!   `done` → normal. No normal boot between the first `wipe start` and `wipe done`; the
 //!   same offline checks.
+//! - `reset-normal-guard`: the request is already on the seeded state.img and the first boot
+//!   is forced to normal (a firmware that ignores the request): the normal init boots no slot
+//!   (`init: factory wipe pending …`), rebootd reboots to recovery, which wipes; then normal.
 //! - `recovery-console` (seeded state.img, first boot recovery): recovery-sh on the serial
 //!   console: `sh`, `/bin/sh`, `exec /bin/sh` and a 10 KiB line each get their one-line error
 //!   and the prompt again, nothing else is printed and the shell never exits; `help`, `slot
@@ -31,7 +34,7 @@ use crate::e2e::{fail, Ctx, STEP_TIMEOUT};
 use crate::e2e_slots::{check_console, nx, replayed_state_copy, wait};
 use crate::{disks, util};
 use anyhow::{bail, ensure, Context};
-use nx_qemu::Runner;
+use nx_qemu::{BootTarget, Runner};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -560,6 +563,53 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         wipe_cut_delay().as_millis(),
         removed.map_or("?".to_string(), |n| n.to_string()),
     );
+    runner.stop();
+    check_console(ctx, &runner)?;
+    check_state_offline(ctx)
+}
+
+/// Scenario `reset-normal-guard`: a wipe request is on /state (written offline, as after a
+/// power cut right after rebootd's `factoryWipe()`), and the first boot is forced to normal —
+/// a boot firmware that ignores the request. The normal init must not boot a slot: it asks
+/// rebootd for recovery, which wipes, then slot a boots.
+pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
+    let tree = tempfile::tempdir()?;
+    write_tree(tree.path(), &seed(), false)?;
+    std::fs::write(tree.path().join("boot/factory_wipe"), b"wipe\n")?;
+    disks::mkfs_state(&ctx.dir.join("state.img"), tree.path())?;
+    let mut cfg = ctx.config(false)?;
+    cfg.first_boot = Some(BootTarget::Normal);
+    let mut runner = Runner::start(cfg)?;
+    let done = wait_hit(
+        &runner,
+        &[
+            "[nx-qemu] boot 1: normal (first boot forced by the caller",
+            "init: factory wipe pending (a factory wipe was requested); not booting a slot, rebooting to recovery",
+            "rebootd: next-boot=recovery",
+            "[nx-qemu] guest rebooted; firmware: factory wipe pending",
+            "nx: reset factory wipe start",
+            "nx: reset factory wipe done",
+        ],
+    )?;
+    let before = runner.lines(0, done.index);
+    if let Some(l) = before
+        .iter()
+        .find(|l| l.contains("init: booted slot=") || l.contains("bootctl: bootAttempt"))
+    {
+        return Err(fail(
+            &runner,
+            &format!("the normal init touched a slot while the wipe was pending: {l:?}"),
+        ));
+    }
+    wait(
+        &runner,
+        &[
+            "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
+            "init: booted slot=a version=1 trial=false",
+            "init: ready",
+        ],
+    )?;
+    eprintln!("xtask: e2e: with a wipe request on /state the normal init booted no slot and rebooted to recovery, which wiped; then slot a booted");
     runner.stop();
     check_console(ctx, &runner)?;
     check_state_offline(ctx)
