@@ -691,7 +691,11 @@ fn refused(runner: &Runner, input: &str, error: &str) -> anyhow::Result<()> {
 
 fn trunc(s: &str) -> String {
     if s.len() > 40 {
-        format!("{}… ({} bytes)", &s[..20], s.len())
+        format!(
+            "{}… ({} bytes)",
+            s.chars().take(20).collect::<String>(),
+            s.len()
+        )
     } else {
         s.to_string()
     }
