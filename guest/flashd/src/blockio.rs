@@ -53,6 +53,13 @@ impl AlignedBuf {
         let start = if off < ALIGN { off } else { 0 };
         AlignedBuf { raw, start, len }
     }
+    /// Usable bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
     pub fn as_slice(&self) -> &[u8] {
         self.raw
             .get(self.start..self.start + self.len)

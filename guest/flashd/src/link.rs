@@ -31,13 +31,18 @@ use std::time::{Duration, Instant};
 /// Frames the reader may queue ahead of the server. With frames of at most
 /// [`proto::frame::MAX_FRAME_LEN`] bytes this bounds queued memory.
 pub const QUEUE_FRAMES: usize = 4;
-/// Bytes requested per `read(2)`.
+/// Initial capacity of the frame buffer.
 const READ_BLOCK: usize = 256 * 1024;
+/// Bytes requested per `read(2)` (a virtio-serial port returns at most 4 KiB anyway).
+const SCRATCH: usize = 64 * 1024;
 /// How long a write may wait for the peer to drain before the link counts as lost.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a reader re-checks its stop flag while idle, and how long the port reader
 /// sleeps between polls while no host is connected.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// A port silent this long while part of a frame is buffered: the frame was cut (the host
+/// went away and came back without an EOF in between), see `reader_loop`.
+const STALE_PARTIAL: Duration = Duration::from_millis(500);
 
 /// Errors of the link layer.
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +273,9 @@ fn wait_fd(fd: &impl AsFd, flags: PollFlags, timeout: Duration) -> bool {
 fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, persistent: bool) {
     let mut dec = FrameDecoder::new();
     let mut buf = BytesMut::with_capacity(READ_BLOCK);
-    let mut scratch = vec![0u8; READ_BLOCK];
+    let mut scratch = vec![0u8; SCRATCH];
+    // How long a port has been silent while `buf` holds part of a frame.
+    let mut stalled = Duration::ZERO;
     // For a port: whether a host is (believed to be) connected; `Closed` is sent on the
     // transition to "gone" only.
     let mut connected = !persistent;
@@ -304,10 +311,33 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
             }
             Ok(_) => {
                 connected = true;
+                stalled = Duration::ZERO;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_fd(&src, PollFlags::IN, POLL_INTERVAL);
-                continue;
+                if wait_fd(&src, PollFlags::IN, POLL_INTERVAL) {
+                    continue;
+                }
+                stalled += POLL_INTERVAL;
+                if !(persistent && !buf.is_empty() && stalled >= STALE_PARTIAL) {
+                    continue;
+                }
+                // Nothing for a while, and an incomplete frame is held: when the host
+                // disconnects and reconnects faster than the port reports EOF, the head of a
+                // cut frame sits in front of the new host's first frame and would swallow it.
+                // Drop up to the next frame magic and decode what follows (a frame of a
+                // merely slow host is then lost like any corrupt one: NAK, retransmit).
+                stalled = Duration::ZERO;
+                let n = find_next_magic(&buf).unwrap_or(buf.len());
+                bytes::Buf::advance(&mut buf, n);
+                if tx
+                    .send(LinkEvent::Skipped {
+                        bytes: n,
+                        reason: SkipReason::Garbage,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -342,10 +372,19 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
     }
 }
 
+/// Offset of the next frame magic after the first byte of `buf`.
+fn find_next_magic(buf: &[u8]) -> Option<usize> {
+    let m = proto::frame::MAGIC;
+    buf.windows(m.len())
+        .skip(1)
+        .position(|w| w == m)
+        .map(|p| p + 1)
+}
+
 /// One `read(2)` into `scratch` (zeroed once, reused), appended to `buf`.
 ///
 /// A virtio-serial port returns at most one 4 KiB buffer per `read(2)`: growing (and
-/// zero-filling) `buf` by [`READ_BLOCK`] for every read cost a 256 KiB memset per 4 KiB
+/// zero-filling) `buf` by 256 KiB for every read cost a 256 KiB memset per 4 KiB
 /// received — 64× the data, most of flashd's receive time in the guest. Copying the bytes
 /// that did arrive is cheap.
 fn read_some(src: &mut File, scratch: &mut [u8], buf: &mut BytesMut) -> io::Result<usize> {
@@ -541,6 +580,32 @@ mod tests {
         // The daemon goes on: a new connection waits, with no second "gone" report.
         let mut c2 = acc.accept().unwrap().unwrap();
         assert!(matches!(c2.recv(Duration::from_millis(200)), Recv::Timeout));
+    }
+
+    #[test]
+    fn port_reader_drops_a_cut_frame_in_front_of_the_next_hosts_hello() {
+        // The host was cut mid-frame and a new host connected before the port read EOF:
+        // the head of the cut frame is followed directly by the new host's first frame.
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let file = File::from(OwnedFd::from(ours));
+        let mut acc = PortAcceptor::from_file(file, Path::new("test-port")).unwrap();
+        let mut c = acc.accept().unwrap().unwrap();
+        let big = Frame::new(7, 0, 1, bytes::Bytes::from(vec![0x5a; 100_000]))
+            .unwrap()
+            .to_bytes();
+        host.write_all(&big[..30_000]).unwrap();
+        host.write_all(&Message::Info.to_frame().unwrap().to_bytes())
+            .unwrap();
+        // Nothing more arrives: after the stall the cut frame is dropped, INFO comes through.
+        match next_event(&mut c) {
+            LinkEvent::Skipped { bytes, .. } => assert_eq!(bytes, 30_000),
+            other => panic!("{other:?}"),
+        }
+        match next_event(&mut c) {
+            LinkEvent::Frame(f) => assert_eq!(Message::from_frame(&f).unwrap(), Message::Info),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

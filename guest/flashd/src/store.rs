@@ -289,9 +289,16 @@ impl DirectIo {
             return Ok(false);
         }
         let mut slot = self.buf.borrow_mut();
-        let buf = slot.get_or_insert_with(|| crate::blockio::AlignedBuf::new(COPY_BLOCK));
+        // As large as the writes (a chunk, 256 KiB by default), at most COPY_BLOCK.
+        let want = data.len().clamp(ALIGN, COPY_BLOCK);
+        if slot.as_ref().is_none_or(|b| b.len() < want) {
+            *slot = Some(crate::blockio::AlignedBuf::new(want));
+        }
+        let Some(buf) = slot.as_mut() else {
+            return Ok(false);
+        };
         let mut done = 0usize;
-        for piece in data.chunks(COPY_BLOCK) {
+        for piece in data.chunks(buf.len()) {
             let b = buf
                 .as_mut_slice()
                 .get_mut(..piece.len())
