@@ -232,10 +232,18 @@ impl Ctx {
             ])
             .arg(image)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("could not run nx")?;
         let stdout = child.stdout.take().context("nx stdout")?;
+        // nx's stderr (progress bars are off with --json) is kept for the error message.
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = e.read_to_string(&mut text);
+                text
+            })
+        });
         let mut cut_at = None;
         for line in BufReader::new(stdout).lines() {
             let line = line?;
@@ -255,11 +263,18 @@ impl Ctx {
         }
         then();
         let _ = child.kill();
-        let _ = child.wait();
+        let status = child.wait();
         let Some(at) = cut_at else {
+            let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+            let tail: Vec<&str> = err.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
             return Err(fail(
                 runner,
-                "the transfer finished (or failed) before it could be cut",
+                &format!(
+                    "the transfer finished (or failed) before it could be cut (nx: {}; stderr: {})",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    tail.join(" | ")
+                ),
             ));
         };
         eprintln!("xtask: e2e: cut the transfer at {at} bytes");
