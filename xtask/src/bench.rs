@@ -1,10 +1,19 @@
-//! `cargo xtask bench flash`: host-run flashd over a unix socket, measured against a raw copy
-//! of the same file through the same kind of socket into the same install path, in one run.
+//! `cargo xtask bench [guest|flash|fanout]` — benchmarks, not tests: they never fail on a
+//! missed target, they say by how much it was missed. Figures are measured every run.
 //!
-//! Cases: a dense image, an image with 10% data, and an immediate re-flash of an identical
-//! image; then the peak RSS of `nx` and `flashd` for a 1 GiB image. Figures are measured every
-//! time (best of `--repeat` runs, the machine is shared), never pasted. This is a benchmark,
-//! not a test: it never fails on a missed target, it says by how much it was missed.
+//! * `guest` (the default, issue 7): one QEMU run, the same virtio-serial link into the same
+//!   slot partition — raw copy by `rawrecv` (the physical limit) vs `nx flash send` (dense,
+//!   10% data, identical re-flash, resume after a cut), boot time, peak RSS; writes
+//!   `docs/benchmarks.md` and `docs/benchmarks.svg`. See [`guest`].
+//! * `flash` (issue 3): host-run flashd over a unix socket, measured against a raw copy of the
+//!   same file through the same kind of socket into the same install path, in one run:
+//!   a dense image, an image with 10% data, an immediate re-flash of an identical image, and
+//!   the peak RSS of `nx` and `flashd` for a 1 GiB image (best of `--repeat` runs, the machine
+//!   is shared).
+//! * `fanout`: stub/placeholder (several guests at once).
+
+mod guest;
+mod report;
 
 use crate::util::{cargo, root, run_cmd};
 use anyhow::{bail, Context};
@@ -24,6 +33,9 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Which {
+    /// In a real QEMU guest (the default): raw copy vs nx flash send (dense, 10% data,
+    /// identical re-flash, resume after a cut), boot time, peak RSS; writes docs/benchmarks.md.
+    Guest(guest::GuestArgs),
     /// Host-run flashd over a unix socket vs a raw copy (dense, 10% data, identical re-flash,
     /// peak RSS for a 1 GiB image).
     Flash(FlashArgs),
@@ -53,22 +65,17 @@ pub struct FlashArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
+        Some(Which::Guest(a)) => guest::run(a),
         Some(Which::Flash(a)) => flash(a),
         Some(Which::Fanout) => bail!(
             "cargo xtask bench fanout: stub/placeholder — needs several QEMU guests (issue 7)"
         ),
         None => {
             eprintln!(
-                "xtask: `cargo xtask bench` = `cargo xtask bench flash` (host); the in-guest \
-                 QEMU benchmark is a stub/placeholder until the guest bench lands"
+                "xtask: `cargo xtask bench` = `cargo xtask bench guest` (in QEMU); the host-only \
+                 benchmark of issue 3 is `cargo xtask bench flash`"
             );
-            flash(FlashArgs {
-                size_mib: 256,
-                rss_mib: 1024,
-                repeat: 3,
-                no_build: false,
-                keep: false,
-            })
+            guest::run(guest::GuestArgs::default())
         }
     }
 }
