@@ -19,8 +19,6 @@
 use crate::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
 use anyhow::{bail, Context};
 use proto::rpc::reboot_capnp::reboot;
-use serde::Deserialize;
-use std::fmt::Write as _;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -71,68 +69,11 @@ enum ResetCmd {
     },
 }
 
-/// The plan JSON of the guest (`nx-reset`, format 1).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Plan {
-    pub format: u32,
-    pub state: String,
-    pub wiped: Vec<Tree>,
-    pub preserved: Vec<Tree>,
-    pub totals: Totals,
-}
-
-/// One top-level tree of the plan.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Tree {
-    pub path: String,
-    pub kind: String,
-    pub files: u64,
-    pub dirs: u64,
-    pub symlinks: u64,
-    pub other: u64,
-    pub bytes: u64,
-    pub listed: bool,
-    pub truncated: bool,
-    pub entries: Vec<Entry>,
-}
-
-/// One path of a tree.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Entry {
-    pub path: String,
-    pub kind: String,
-    pub size: u64,
-    #[serde(default)]
-    pub target: Option<String>,
-}
-
-/// Totals of the plan.
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct Totals {
-    pub wiped_paths: u64,
-    pub wiped_bytes: u64,
-    pub preserved_paths: u64,
-    pub preserved_bytes: u64,
-}
-
-impl Tree {
-    fn paths(&self) -> u64 {
-        let below = self.files + self.dirs + self.symlinks + self.other;
-        if self.kind == "dir" || self.kind == "missing" {
-            below
-        } else {
-            below + 1
-        }
-    }
-}
+/// The guest's plan (`nx-reset`, format 1): one type on both sides of the link.
+pub use nx_reset::{Plan, PlanEntry as Entry, Totals, TreePlan as Tree};
 
 /// Printable text from the guest: control characters become `?`, at most `max` characters.
-pub fn clean(s: &str, max: usize) -> String {
-    s.chars()
-        .take(max)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
+pub use nx_reset::printable as clean;
 
 /// Parse and check the guest's plan: format 1, the wiped trees are exactly
 /// [`WIPED`], nothing wiped is also preserved, every wiped entry lies below its tree.
@@ -181,91 +122,9 @@ pub fn parse_plan(json: &str) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
-fn summary(t: &Tree) -> String {
-    if t.kind == "missing" {
-        return "missing (nothing there)".into();
-    }
-    let mut s = format!(
-        "{}, {}",
-        plural(t.files, "file", "files"),
-        plural(t.dirs, "dir", "dirs")
-    );
-    if t.symlinks > 0 {
-        let _ = write!(s, ", {}", plural(t.symlinks, "symlink", "symlinks"));
-    }
-    if t.other > 0 {
-        let _ = write!(s, ", {} other", t.other);
-    }
-    let _ = write!(s, ", {}", plural(t.bytes, "byte", "bytes"));
-    if t.kind != "dir" {
-        let _ = write!(
-            s,
-            " (the root is a {}, not a directory)",
-            clean(&t.kind, 16)
-        );
-    }
-    s
-}
-
-fn entry_line(e: &Entry) -> String {
-    let path = clean(&e.path, 4096);
-    match (e.kind.as_str(), &e.target) {
-        ("dir", _) => format!("    {:>12}  {path}/", "-"),
-        ("symlink", Some(t)) => format!(
-            "    {:>12}  {path} -> {} (the link only)",
-            e.size,
-            clean(t, 4096)
-        ),
-        ("other", _) => format!("    {:>12}  {path} (special file)", e.size),
-        _ => format!("    {:>12}  {path}", e.size),
-    }
-}
-
-fn tree_lines(out: &mut String, t: &Tree, with_entries: bool) {
-    let _ = writeln!(out, "  {}/  {}", clean(&t.path, 256), summary(t));
-    if !with_entries {
-        return;
-    }
-    for e in &t.entries {
-        let _ = writeln!(out, "{}", entry_line(e));
-    }
-    if t.truncated {
-        let _ = writeln!(
-            out,
-            "    … {} more paths not listed (the counts above are exact)",
-            t.paths().saturating_sub(t.entries.len() as u64)
-        );
-    }
-}
-
 /// The human view of a plan (the same text the recovery console shows).
 pub fn render_plan(p: &Plan, with_entries: bool) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "factory reset plan for {}", clean(&p.state, 64));
-    let _ = writeln!(
-        out,
-        "WIPED — everything below these directories is removed (the directories stay):"
-    );
-    for t in &p.wiped {
-        tree_lines(&mut out, t, with_entries);
-    }
-    let _ = writeln!(out, "PRESERVED — never touched:");
-    for t in &p.preserved {
-        tree_lines(&mut out, t, with_entries);
-    }
-    let _ = writeln!(
-        out,
-        "total: wipe {} ({}); preserve {} ({})",
-        plural(p.totals.wiped_paths, "path", "paths"),
-        plural(p.totals.wiped_bytes, "byte", "bytes"),
-        plural(p.totals.preserved_paths, "path", "paths"),
-        plural(p.totals.preserved_bytes, "byte", "bytes"),
-    );
-    out
+    nx_reset::render(p, with_entries)
 }
 
 /// Why a confirmation did not go through.

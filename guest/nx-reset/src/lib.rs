@@ -32,7 +32,7 @@ pub mod plan;
 pub mod walk;
 pub mod wipe;
 
-pub use plan::{plan, plan_with, Limits, Plan, PlanEntry, Totals, TreePlan};
+pub use plan::{plan, plan_with, printable, render, Limits, Plan, PlanEntry, Totals, TreePlan};
 pub use wipe::{pending, wipe, wipe_with, Pending, WipeOptions, WipeOutcome, WipeReport};
 
 use std::path::PathBuf;

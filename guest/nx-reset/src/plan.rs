@@ -373,56 +373,70 @@ fn summary(t: &TreePlan) -> String {
     }
     let _ = write!(s, ", {}", plural(t.bytes, "byte", "bytes"));
     if t.kind != "dir" {
-        let _ = write!(s, " (the root is a {}, not a directory)", t.kind);
+        let _ = write!(
+            s,
+            " (the root is a {}, not a directory)",
+            printable(&t.kind, 16)
+        );
     }
     s
 }
 
+/// Text safe to show on a terminal: control characters become `?`, at most `max` characters.
+/// The plan may come from another machine (`nx reset` reads it from the guest), so every
+/// string of it is shown through this.
+pub fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 fn entry_line(e: &PlanEntry) -> String {
+    let path = printable(&e.path, 4096);
     match (&e.kind, &e.target) {
-        (Kind::Dir, _) => format!("    {:>12}  {}/", "-", e.path),
-        (Kind::Symlink, Some(t)) => {
-            format!("    {:>12}  {} -> {} (the link only)", e.size, e.path, t)
-        }
-        (Kind::Other, _) => format!("    {:>12}  {} (special file)", e.size, e.path),
-        _ => format!("    {:>12}  {}", e.size, e.path),
+        (Kind::Dir, _) => format!("    {:>12}  {path}/", "-"),
+        (Kind::Symlink, Some(t)) => format!(
+            "    {:>12}  {path} -> {} (the link only)",
+            e.size,
+            printable(t, 4096)
+        ),
+        (Kind::Other, _) => format!("    {:>12}  {path} (special file)", e.size),
+        _ => format!("    {:>12}  {path}", e.size),
     }
 }
 
-/// See [`Plan::render_text`]. Every shown string is already escaped.
-pub fn render_text(p: &Plan) -> String {
+fn tree_lines(out: &mut String, t: &TreePlan, with_entries: bool) {
+    let _ = writeln!(out, "  {}/  {}", printable(&t.path, 256), summary(t));
+    if !with_entries {
+        return;
+    }
+    for e in &t.entries {
+        let _ = writeln!(out, "{}", entry_line(e));
+    }
+    if t.truncated {
+        let _ = writeln!(
+            out,
+            "    … {} more paths not listed (the counts above are exact)",
+            t.paths().saturating_sub(t.entries.len() as u64)
+        );
+    }
+}
+
+/// See [`Plan::render_text`] (`with_entries`: list every path, or only the per-tree summary).
+pub fn render(p: &Plan, with_entries: bool) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "factory reset plan for {}", p.state);
+    let _ = writeln!(out, "factory reset plan for {}", printable(&p.state, 64));
     let _ = writeln!(
         out,
         "WIPED — everything below these directories is removed (the directories stay):"
     );
     for t in &p.wiped {
-        let _ = writeln!(out, "  {}/  {}", t.path, summary(t));
-        for e in &t.entries {
-            let _ = writeln!(out, "{}", entry_line(e));
-        }
-        if t.truncated {
-            let _ = writeln!(
-                out,
-                "    … {} more paths not listed (the counts above are exact)",
-                t.paths().saturating_sub(t.entries.len() as u64)
-            );
-        }
+        tree_lines(&mut out, t, with_entries);
     }
     let _ = writeln!(out, "PRESERVED — never touched:");
     for t in &p.preserved {
-        let _ = writeln!(out, "  {}/  {}", t.path, summary(t));
-        for e in &t.entries {
-            let _ = writeln!(out, "{}", entry_line(e));
-        }
-        if t.truncated {
-            let _ = writeln!(
-                out,
-                "    … {} more paths not listed (the counts above are exact)",
-                t.paths().saturating_sub(t.entries.len() as u64)
-            );
-        }
+        tree_lines(&mut out, t, with_entries);
     }
     let _ = writeln!(
         out,
@@ -433,4 +447,9 @@ pub fn render_text(p: &Plan) -> String {
         plural(p.totals.preserved_bytes, "byte", "bytes"),
     );
     out
+}
+
+/// See [`Plan::render_text`].
+pub fn render_text(p: &Plan) -> String {
+    render(p, true)
 }
