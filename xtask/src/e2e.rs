@@ -12,7 +12,8 @@
 //!
 //! The A/B update scenarios (`update`, `rollback`, `update-powercut`) are in `e2e_slots.rs`;
 //! the factory-reset and recovery-console scenarios of issue 6 (`reset`, `reset-powercut`,
-//! `reset-normal-guard`, `recovery-console`) in `e2e_reset.rs`.
+//! `reset-normal-guard`, `recovery-console`) in `e2e_reset.rs`; the fan-out scenario of issue 7
+//! (`fanout`: two guests flashed by one `nx flash send --port A --port B`) in `e2e_fanout.rs`.
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, ensure, Context};
@@ -24,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 10] = [
+pub const SCENARIOS: [&str; 11] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
@@ -35,7 +36,10 @@ pub const SCENARIOS: [&str; 10] = [
     "reset-powercut",
     "reset-normal-guard",
     "recovery-console",
+    "fanout",
 ];
+/// Scenarios that run several guests, each with its own disks under `build/e2e/<name>/<guest>/`.
+const MULTI_GUEST: [&str; 1] = ["fanout"];
 /// Size of the incompressible payload of the big test image.
 const BIG_PAYLOAD_MIB: usize = 24;
 /// Per-scenario time budget for a boot or a transfer.
@@ -98,6 +102,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "reset-powercut" => crate::e2e_reset::reset_powercut(&ctx)?,
         "reset-normal-guard" => crate::e2e_reset::reset_normal_guard(&ctx)?,
         "recovery-console" => crate::e2e_reset::recovery_console(&ctx)?,
+        "fanout" => crate::e2e_fanout::fanout(&ctx)?,
         other => bail!("unknown scenario {other}"),
     }
     eprintln!("[ok] e2e {name} ({:.1} s)", started.elapsed().as_secs_f64());
@@ -115,9 +120,23 @@ pub struct Ctx {
 impl Ctx {
     fn new(name: &str, echo: bool) -> anyhow::Result<Ctx> {
         let dir = util::build_dir().join("e2e").join(name);
+        // The fan-out scenario's guests have their own disks in sub-directories.
+        Ctx::open(name, &dir, echo, !MULTI_GUEST.contains(&name))
+    }
+
+    /// A guest of scenario `name` with fresh disks (state.img, disk.img) and its run
+    /// directory (console, sockets) in `dir`.
+    pub fn at(name: &str, dir: &Path, echo: bool) -> anyhow::Result<Ctx> {
+        Ctx::open(name, dir, echo, true)
+    }
+
+    fn open(name: &str, dir: &Path, echo: bool, disks: bool) -> anyhow::Result<Ctx> {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)?;
-        crate::disks::ensure_state(&dir.join("state.img"), true)?;
-        crate::disks::ensure_disk(&dir.join("disk.img"), true, Some(&demo_image()?))?;
+        if disks {
+            crate::disks::ensure_state(&dir.join("state.img"), true)?;
+            crate::disks::ensure_disk(&dir.join("disk.img"), true, Some(&demo_image()?))?;
+        }
         run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;
         let nx = util::root().join("target/debug/nx");
         let contract = Contract::load(&util::root().join("qemu/markers.toml"))?;

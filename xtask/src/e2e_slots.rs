@@ -45,7 +45,7 @@ fn cut_delay() -> Duration {
 /// How long flashd may take from `verify ok` to activating the slot.
 const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn built_image(file: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn built_image(file: &str) -> anyhow::Result<PathBuf> {
     let p = util::build_dir().join(file);
     ensure!(
         p.exists(),

@@ -11,6 +11,7 @@ mod codegen;
 mod demo;
 mod disks;
 mod e2e;
+mod e2e_fanout;
 mod e2e_reset;
 mod e2e_slots;
 mod guest;
