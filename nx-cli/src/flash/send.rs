@@ -33,8 +33,9 @@ pub const ZSTD_LEVEL: i32 = 1;
 /// After a chunk that did not compress, this many chunks of the same segment are sent raw
 /// before compression is tried again (`--compress auto`).
 const COMPRESS_BACKOFF: u32 = 32;
-/// Frames queued to the writer task.
-const WRITER_QUEUE: usize = 8;
+/// Frames queued to the writer task (a bounded channel: when the link is slower than the
+/// session, the session loop waits here instead of queueing more).
+pub const WRITER_QUEUE: usize = 8;
 
 /// Settings of `nx flash send`.
 #[derive(Debug, Clone)]
@@ -103,6 +104,20 @@ pub struct SendReport {
     pub resumed_at: Option<u64>,
     pub skips: Skips,
     pub device: String,
+    /// What the session loop held at most, counted (any session of this run).
+    pub peaks: BufferPeaks,
+}
+
+/// The most the session loop held at once: the memory bound of `nx flash send`, counted
+/// (tests check it against window, read-ahead and [`WRITER_QUEUE`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BufferPeaks {
+    /// Chunks being read or compressed on blocking threads, plus chunks held back for the
+    /// local check: at most the sender's window + read-ahead.
+    pub chunks: usize,
+    /// Encoded bytes of frames handed to the writer task and not written yet: at most
+    /// `WRITER_QUEUE + 2` frames (the channel, the one being written, the one being queued).
+    pub writer_bytes: u64,
 }
 
 /// A pending connection attempt.
@@ -184,6 +199,7 @@ pub async fn send_image_with(
         resumed_at: None,
         device: String::new(),
         done_sent: false,
+        peaks: BufferPeaks::default(),
     };
     match send_loop(&mut ctx, connector, opts, r, interrupt, started).await {
         Ok(rep) => Ok(rep),
@@ -266,6 +282,7 @@ async fn send_loop(
                     resumed_at: ctx.resumed_at,
                     skips: r.skips(),
                     device: ctx.device.clone(),
+                    peaks: ctx.peaks,
                 });
             }
             Err(End::Fatal(e)) => {
@@ -334,6 +351,7 @@ struct Ctx {
     device: String,
     /// A DONE went out in some session of this run.
     done_sent: bool,
+    peaks: BufferPeaks,
 }
 
 enum End {
@@ -418,7 +436,10 @@ async fn run_session(
         wr.flush().await?;
         wr.shutdown().await
     });
+    // Unbounded, but never holds more than the jobs in flight: one per chunk the sender asked
+    // for (at most window + read-ahead of them; counted in `jobs`).
     let (jtx, mut jrx) = mpsc::unbounded_channel::<JobResult>();
+    let mut jobs = 0usize;
     let mut gate = CompressGate {
         mode: opts.compress,
         segment: None,
@@ -450,7 +471,10 @@ async fn run_session(
                     if f.msg_type() == MsgType::Done as u8 {
                         ctx.done_sent = true;
                     }
-                    if queue_frame(&wtx, &backlog, &f).await.is_err() {
+                    if queue_frame(&wtx, &backlog, &f, &mut ctx.peaks)
+                        .await
+                        .is_err()
+                    {
                         result = Some(Err(End::Retry {
                             why: "the link closed while sending".into(),
                             progressed: max_acked > acked_at_start,
@@ -478,6 +502,8 @@ async fn run_session(
                     }
                     let img = ctx.img.clone();
                     let tx = jtx.clone();
+                    jobs += 1;
+                    note_chunks(ctx, jobs, held_reads.len());
                     tokio::task::spawn_blocking(move || {
                         let res = match img.read_at(offset, len) {
                             Ok(data) => {
@@ -501,6 +527,8 @@ async fn run_session(
                         u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
                     if gate.should_try(seq, segment, backlog.load(Ordering::Relaxed), chunk) {
                         let tx = jtx.clone();
+                        jobs += 1;
+                        note_chunks(ctx, jobs, held_reads.len());
                         tokio::task::spawn_blocking(move || {
                             let out = compress(&data).map(Bytes::from);
                             let _ = tx.send(JobResult::Compressed { seq, data: out });
@@ -541,7 +569,7 @@ async fn run_session(
                 sender.abort("the image file is invalid");
                 while let Some(a) = sender.poll_action() {
                     if let SenderAction::Send(f) = a {
-                        let _ = queue_frame(&wtx, &backlog, &f).await;
+                        let _ = queue_frame(&wtx, &backlog, &f, &mut ctx.peaks).await;
                     }
                 }
                 result = Some(Err(End::Fatal(SendError::ImageInvalid(format!(
@@ -563,7 +591,10 @@ async fn run_session(
             if st.done {
                 if let Some(f) = held_done.take() {
                     ctx.done_sent = true;
-                    if queue_frame(&wtx, &backlog, &f).await.is_err() {
+                    if queue_frame(&wtx, &backlog, &f, &mut ctx.peaks)
+                        .await
+                        .is_err()
+                    {
                         result = Some(Err(End::Retry {
                             why: "the link closed while sending".into(),
                             progressed: max_acked > acked_at_start,
@@ -588,7 +619,7 @@ async fn run_session(
                 sender.abort("interrupted on the host (Ctrl-C)");
                 while let Some(a) = sender.poll_action() {
                     if let SenderAction::Send(f) = a {
-                        let _ = queue_frame(&wtx, &backlog, &f).await;
+                        let _ = queue_frame(&wtx, &backlog, &f, &mut ctx.peaks).await;
                     }
                 }
                 result = Some(Err(End::Fatal(SendError::Interrupted)));
@@ -615,25 +646,31 @@ async fn run_session(
                     }));
                 }
             },
-            Some(job) = jrx.recv() => match job {
-                JobResult::Read { seq, data, hash } => {
-                    match hold_segment(&sender, ctx, seq) {
-                        Some(seg) => held_reads.push_back((seq, seg, data, hash)),
-                        None => sender.handle(now(t0), SenderEvent::ChunkRead { seq, data, hash }),
+            Some(job) = jrx.recv() => {
+                jobs = jobs.saturating_sub(1);
+                match job {
+                    JobResult::Read { seq, data, hash } => {
+                        match hold_segment(&sender, ctx, seq) {
+                            Some(seg) => {
+                                held_reads.push_back((seq, seg, data, hash));
+                                note_chunks(ctx, jobs, held_reads.len());
+                            }
+                            None => sender.handle(now(t0), SenderEvent::ChunkRead { seq, data, hash }),
+                        }
+                    }
+                    JobResult::ReadFailed { seq, detail } => {
+                        sender.handle(now(t0), SenderEvent::ReadFailed { seq, detail });
+                    }
+                    JobResult::Compressed { seq, data } => {
+                        let raw = sender
+                            .plan()
+                            .and_then(|p| p.chunk(seq))
+                            .map_or(0, |c| c.len as usize);
+                        gate.result(seq, raw, data.as_ref().map(Bytes::len));
+                        sender.handle(now(t0), SenderEvent::Compressed { seq, data });
                     }
                 }
-                JobResult::ReadFailed { seq, detail } => {
-                    sender.handle(now(t0), SenderEvent::ReadFailed { seq, detail });
-                }
-                JobResult::Compressed { seq, data } => {
-                    let raw = sender
-                        .plan()
-                        .and_then(|p| p.chunk(seq))
-                        .map_or(0, |c| c.len as usize);
-                    gate.result(seq, raw, data.as_ref().map(Bytes::len));
-                    sender.handle(now(t0), SenderEvent::Compressed { seq, data });
-                }
-            },
+            }
             _ = async {
                 if let Some(rx) = check_rx.as_mut() {
                     let _ = rx.changed().await;
@@ -687,10 +724,21 @@ fn hold_segment(sender: &Sender, ctx: &Ctx, seq: u32) -> Option<usize> {
     }
 }
 
-async fn queue_frame(wtx: &mpsc::Sender<Frame>, backlog: &AtomicU64, f: &Frame) -> Result<(), ()> {
-    backlog.fetch_add(f.encoded_len() as u64, Ordering::Relaxed);
+async fn queue_frame(
+    wtx: &mpsc::Sender<Frame>,
+    backlog: &AtomicU64,
+    f: &Frame,
+    peaks: &mut BufferPeaks,
+) -> Result<(), ()> {
+    let n = f.encoded_len() as u64;
+    let queued = backlog.fetch_add(n, Ordering::Relaxed) + n;
+    peaks.writer_bytes = peaks.writer_bytes.max(queued);
     // Cloning a frame shares its payload.
     wtx.send(f.clone()).await.map_err(|_| ())
+}
+
+fn note_chunks(ctx: &mut Ctx, jobs: usize, held: usize) {
+    ctx.peaks.chunks = ctx.peaks.chunks.max(jobs + held);
 }
 
 fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
