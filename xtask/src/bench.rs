@@ -10,8 +10,10 @@
 //!   a dense image, an image with 10% data, an immediate re-flash of an identical image, and
 //!   the peak RSS of `nx` and `flashd` for a 1 GiB image (best of `--repeat` runs, the machine
 //!   is shared).
-//! * `fanout`: stub/placeholder (several guests at once).
+//! * `fanout` (issue 7): several recovery guests at once (default 4): one guest alone, then one
+//!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
 
+mod fanout;
 mod guest;
 mod report;
 
@@ -39,8 +41,9 @@ enum Which {
     /// Host-run flashd over a unix socket vs a raw copy (dense, 10% data, identical re-flash,
     /// peak RSS for a 1 GiB image).
     Flash(FlashArgs),
-    /// Flash several guests at once (not implemented yet).
-    Fanout,
+    /// Several QEMU guests at once (default 4): one alone, then all with one nx flash send;
+    /// aggregate MB/s vs n × single; writes its block of docs/benchmarks.md.
+    Fanout(fanout::FanoutArgs),
 }
 
 /// `cargo xtask bench flash`.
@@ -67,9 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         Some(Which::Guest(a)) => guest::run(a),
         Some(Which::Flash(a)) => flash(a),
-        Some(Which::Fanout) => bail!(
-            "cargo xtask bench fanout: stub/placeholder — needs several QEMU guests (issue 7)"
-        ),
+        Some(Which::Fanout(a)) => fanout::run(a),
         None => {
             eprintln!(
                 "xtask: `cargo xtask bench` = `cargo xtask bench guest` (in QEMU); the host-only \

@@ -40,7 +40,8 @@ enum Cmd {
     QemuTest(qemu_test::Args),
     /// End-to-end scenarios in QEMU: flash, cut + resume, power cut + resume, the A/B
     /// update flow (update, rollback, update-powercut), factory reset (reset,
-    /// reset-powercut) and the recovery console (recovery-console); `--only NAME` runs one.
+    /// reset-powercut), the recovery console (recovery-console) and two guests flashed by one
+    /// `nx flash send --port A --port B` (fanout); `--only NAME` runs one.
     E2e(e2e::Args),
     /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
     Recovery(recovery::Args),

@@ -215,7 +215,7 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fresh_enough(img: &Path, nx: &Path) -> bool {
+pub(super) fn fresh_enough(img: &Path, nx: &Path) -> bool {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     match (mtime(img), mtime(nx)) {
         (Some(i), Some(n)) => i >= n,
@@ -229,7 +229,11 @@ fn fresh_enough(img: &Path, nx: &Path) -> bool {
 /// `/bin/flashd.real`) with `--install-partition system_b` instead of `--install-slot auto` —
 /// the same receive/verify/install into the same partition, without the slot activation and
 /// reboot after each install.
-fn write_bench_ramdisk(recovery: &Path, guest_bin: &Path, out: &Path) -> anyhow::Result<()> {
+pub(super) fn write_bench_ramdisk(
+    recovery: &Path,
+    guest_bin: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
     let mut bytes = std::fs::read(recovery)
         .with_context(|| format!("read {} (run cargo xtask guest)", recovery.display()))?;
     while bytes.len() % 512 != 0 {
@@ -243,7 +247,7 @@ fn write_bench_ramdisk(recovery: &Path, guest_bin: &Path, out: &Path) -> anyhow:
     std::fs::write(out, &bytes).with_context(|| format!("write {}", out.display()))
 }
 
-fn loadavg() -> String {
+pub(super) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
