@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: the whole story from a fresh machine, with stage headings:
-//! host packages → guest build (kernel, ramdisks, disks, images) → boot recovery →
+//! host packages → guest build (kernel, ramdisks, disks, images) → boot recovery on fresh
+//! disks of its own (`build/demo/`: slot a holds the v1 demo image) →
 //! `nx flash send` of the version-2 image over virtio-serial into the inactive slot → flashd
 //! markers → automatic reboot, the new slot boots on trial and confirms → the guest is
 //! stopped → the install receipt (nx's last JSON line, also kept in `build/demo/receipt.json`)
@@ -38,8 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fresh: args.fresh,
         ..Default::default()
     })?;
-    // 3/4 prints its own heading.
-    let mut runner = crate::recovery::boot_recovery(false)?;
+    let mut runner = boot_recovery(&out)?;
     let flashed = match out.v2_image.as_ref().or(out.demo_image.as_ref()) {
         Some(img) => Some(flash(&runner, img)?),
         None => {
@@ -60,6 +60,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "xtask: `cargo xtask recovery` (or `just recovery`) does the same and leaves the guest up"
     );
     Ok(())
+}
+
+/// Fresh disks of its own under `build/demo/` (system_a seeded with the v1 demo image, so
+/// the v2 flash goes to slot b), so the demo never changes `build/disk.img` / `build/state.img`
+/// (which the marker profiles of `cargo xtask ci` boot), then the recovery boot.
+fn boot_recovery(out: &crate::guest::Outputs) -> anyhow::Result<Runner> {
+    util::stage("3/4 boot recovery (RECOVERY=1) on fresh disks in build/demo/");
+    let build = util::build_dir();
+    let dir = build.join("demo");
+    std::fs::create_dir_all(&dir)?;
+    crate::disks::ensure_state(&dir.join("state.img"), true)?;
+    crate::disks::ensure_disk(&dir.join("disk.img"), true, out.demo_image.as_deref())?;
+    let mut cfg = nx_qemu::Config::new(&build).apply_env();
+    cfg.qemu = util::tool("qemu-system-x86_64")?;
+    cfg.debugfs = util::tool("debugfs")?;
+    cfg.state_img = Some(dir.join("state.img"));
+    cfg.disk_img = Some(dir.join("disk.img"));
+    cfg.run_dir = dir.join("qemu");
+    let run_dir = cfg.run_dir.clone();
+    for p in &mut cfg.ports {
+        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
+    }
+    cfg.recovery = true;
+    cfg.echo = true;
+    let runner = Runner::start(cfg).context("could not start QEMU")?;
+    let hit = runner
+        .wait_for("recovery: ready (serial=@", Duration::from_secs(120))
+        .with_context(|| {
+            format!(
+                "the recovery guest did not become ready (see {})",
+                runner.config().console_log().display()
+            )
+        })?;
+    eprintln!(
+        "xtask: `{}` after {:.2} s",
+        hit.line.trim(),
+        hit.since_boot.as_secs_f64()
+    );
+    Ok(runner)
 }
 
 /// `nx flash send IMAGE --receipt build/demo/receipt.json` over the flash port, flashd's
