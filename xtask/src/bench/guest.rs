@@ -10,7 +10,8 @@
 //! - plus profile rows by rawrecv that split the raw path (the link alone, the link + SHA-256,
 //!   the staging pattern of flashd: a buffered file on /state + fdatasync).
 //!
-//! Peak RSS: nx from `wait4(2)` (`ru_maxrss`), flashd from its log line
+//! Peak RSS: nx from its own `VmHWM` (sampled from `/proc/<pid>/status` while it runs; `wait4`'s
+//! `ru_maxrss` would report xtask's peak, which a spawned child inherits), flashd from its log line
 //! `flashd (log): rss peak_kib=<n>` (VmHWM, printed after every install; flashd lives for the
 //! whole run, so each figure is the peak so far).
 //!
@@ -686,6 +687,25 @@ fn nx_send(ctx: &Ctx, img: &Path, cut: Option<Cut>) -> anyhow::Result<NxRun> {
         .spawn()
         .context("start nx")?;
     let pid = i32::try_from(child.id()).context("pid")?;
+    // nx's own peak: VmHWM of its address space (monotonic), sampled until it exits. Not
+    // `ru_maxrss`: a child started with posix_spawn inherits the parent's peak in it.
+    let hwm = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (hwm, sampling) = (hwm.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            let path = format!("/proc/{pid}/status");
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kib) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| vm_hwm_kib(&t))
+                {
+                    hwm.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
     let mut out_pipe = child.stdout.take().context("nx stdout")?;
     let mut err_pipe = child.stderr.take().context("nx stderr")?;
     let out_t = std::thread::spawn(move || {
@@ -710,12 +730,16 @@ fn nx_send(ctx: &Ctx, img: &Path, cut: Option<Cut>) -> anyhow::Result<NxRun> {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+    // Until the child is reaped its /proc entry stays (a zombie has no VmHWM line).
+    let _ = out_t_wait(&out_t);
     let mut status = 0i32;
     // SAFETY: rusage is plain old data; wait4 fills it for our own child.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointers to locals; the child is ours and reaped exactly once (here).
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let wall = t.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
     if rc != pid {
         bail!("wait4 nx: {}", std::io::Error::last_os_error());
     }
@@ -730,10 +754,26 @@ fn nx_send(ctx: &Ctx, img: &Path, cut: Option<Cut>) -> anyhow::Result<NxRun> {
         started: t,
         wall,
         code,
-        maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
+        maxrss_kib: hwm.load(std::sync::atomic::Ordering::Relaxed),
         stdout,
         stderr,
     })
+}
+
+/// `VmHWM:   12345 kB` → 12345.
+fn vm_hwm_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Wait until nx closed its stdout (it is exiting), so the last VmHWM samples are taken.
+fn out_t_wait(out_t: &std::thread::JoinHandle<String>) -> bool {
+    while !out_t.is_finished() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
 }
 
 /// What nx's `done` event says.
