@@ -6,7 +6,8 @@
 #     the recovery shell, power-off, and both selftest profiles with nexus.selftest=1);
 #   * the e2e scenarios: the flash flows (flash, cut + resume, power cut + resume), the A/B
 #     update flows (update, rollback, update-powercut), the factory reset (reset,
-#     reset-powercut) and the recovery console (recovery-console).
+#     reset-powercut), the recovery console (recovery-console) and two guests flashed at once
+#     (fanout).
 # Each run's console is kept under build/postflight/. Afterwards the consoles are checked
 # again for the issue-6 contract: every SELFTEST marker (recovery and normal), the wipe
 # markers, and no `SELFTEST: … FAILED`.
@@ -25,7 +26,7 @@ rm -f "$out"/*.log
 
 all_profiles=$(sed -n 's/^\[profile\.\([A-Za-z0-9_-]*\)\]$/\1/p' qemu/markers.toml)
 PROFILES=${PROFILES-$all_profiles}
-SCENARIOS=${SCENARIOS-"flash flash-cut-resume flash-powercut-resume update rollback update-powercut reset reset-powercut reset-normal-guard recovery-console"}
+SCENARIOS=${SCENARIOS-"flash flash-cut-resume flash-powercut-resume update rollback update-powercut reset reset-powercut reset-normal-guard recovery-console fanout"}
 
 failed=()
 results=()
