@@ -11,7 +11,7 @@
 //!      8     4  seq        u32 LE
 //!     12     4  len        u32 LE, payload length, <= MAX_PAYLOAD
 //!     16   len  payload
-//!  16+len    4  crc32      u32 LE, CRC-32 (IEEE, crc32fast) over bytes [4, 16+len)
+//!  16+len    4  crc32      u32 LE, CRC-32 (IEEE) over bytes [4, 16+len)
 //! ```
 //!
 //! The CRC covers the header (version .. len) and the payload; the magic is the
@@ -227,11 +227,63 @@ fn header_bytes(msg_type: u8, flags: u16, seq: u32, len: u32) -> [u8; HEADER_LEN
     h
 }
 
+/// Which implementation computes the frame CRC. Both give the same CRC-32 (IEEE); they
+/// differ only in speed, and which one is faster depends on the CPU: `crc32fast` uses
+/// PCLMULQDQ where the CPU has it (10+ GB/s natively), but an emulated CPU (QEMU TCG)
+/// runs that instruction several times slower than a plain slice-by-16 table lookup. A
+/// program picks the engine once at startup (flashd measures both; see
+/// [`set_crc_engine`]); the default is [`CrcEngine::Simd`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrcEngine {
+    /// `crc32fast`: SIMD (PCLMULQDQ) when the CPU has it, else its own table code.
+    Simd,
+    /// `crc`'s slice-by-16 tables: no special instructions.
+    Table,
+}
+
+static TABLE_CRC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const CRC_TABLE16: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISO_HDLC);
+
+/// Select the frame CRC implementation for this process (see [`CrcEngine`]).
+pub fn set_crc_engine(engine: CrcEngine) {
+    TABLE_CRC.store(
+        engine == CrcEngine::Table,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The frame CRC implementation in use.
+pub fn crc_engine() -> CrcEngine {
+    if TABLE_CRC.load(std::sync::atomic::Ordering::Relaxed) {
+        CrcEngine::Table
+    } else {
+        CrcEngine::Simd
+    }
+}
+
+/// CRC-32 (IEEE) of the concatenation of `parts` with the given engine.
+pub fn crc32_with(engine: CrcEngine, parts: &[&[u8]]) -> u32 {
+    match engine {
+        CrcEngine::Simd => {
+            let mut h = crc32fast::Hasher::new();
+            for p in parts {
+                h.update(p);
+            }
+            h.finalize()
+        }
+        CrcEngine::Table => {
+            let mut d = CRC_TABLE16.digest();
+            for p in parts {
+                d.update(p);
+            }
+            d.finalize()
+        }
+    }
+}
+
 fn crc_of(header_after_magic: &[u8], payload: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(header_after_magic);
-    h.update(payload);
-    h.finalize()
+    crc32_with(crc_engine(), &[header_after_magic, payload])
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -506,5 +558,18 @@ mod tests {
             d.decode_eof(&mut b),
             Err(FrameError::TrailingBytes { bytes: 2 })
         );
+    }
+
+    #[test]
+    fn both_crc_engines_agree() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for cut in [0usize, 1, 15, 16, 17, 4096, 99_999, 100_000] {
+            let (a, b) = data.split_at(cut);
+            let simd = crc32_with(CrcEngine::Simd, &[a, b]);
+            assert_eq!(simd, crc32fast::hash(&data));
+            assert_eq!(crc32_with(CrcEngine::Table, &[a, b]), simd, "cut {cut}");
+        }
+        // The check value of CRC-32/ISO-HDLC.
+        assert_eq!(crc32_with(CrcEngine::Table, &[b"123456789"]), 0xcbf4_3926);
     }
 }

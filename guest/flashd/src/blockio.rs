@@ -278,7 +278,7 @@ impl Iterator for Extents<'_> {
 
 /// Make `[off, off + len)` of the device read as zeros: `fallocate(ZERO_RANGE)` (the device
 /// zeroes it without the data crossing the bus), else plain writes of zeros.
-fn zero_range(dev: &File, device: &Path, off: u64, len: u64) -> Result<(), StoreError> {
+pub(crate) fn zero_range(dev: &File, device: &Path, off: u64, len: u64) -> Result<(), StoreError> {
     if len == 0 {
         return Ok(());
     }
@@ -322,6 +322,56 @@ fn read_at_least(file: &File, buf: &mut [u8], off: u64, need: usize) -> io::Resu
 
 /// Open `path` with `O_DIRECT` (for reading and writing), or `None` where the file system
 /// refuses it (tmpfs in tests): then the plain descriptor is used.
+/// Open `path` read-only with `O_DIRECT` (reads come from the disk, not the page cache), or
+/// `None` where that is refused.
+pub fn open_direct_read(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// Read `buf.len()` bytes at the block-aligned `off` into an aligned buffer (works with an
+/// `O_DIRECT` descriptor), then hand the first `want` bytes to `f`.
+fn read_aligned<T>(
+    file: &File,
+    path: &Path,
+    off: u64,
+    want: usize,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<T, StoreError> {
+    let mut buf = AlignedBuf::new(want.next_multiple_of(ALIGN).max(ALIGN));
+    read_at_least(file, buf.as_mut_slice(), off, want).map_err(io_err("read", path))?;
+    Ok(f(buf.as_slice().get(..want).unwrap_or_default()))
+}
+
+/// Read the image head back from `file` (offset 0) and check that its manifest is the image
+/// `image_id`.
+pub fn check_head(file: &File, path: &Path, image_id: &[u8; 32]) -> Result<(), StoreError> {
+    let invalid = |reason: String| StoreError::ReadBackMismatch {
+        path: path.to_path_buf(),
+        expected: format!("the head of image {}", hex::encode(image_id)),
+        actual: reason,
+    };
+    let header = read_aligned(file, path, 0, proto::image::HEADER_LEN, |b| {
+        proto::image::Header::parse(b).map(|h| h.data_offset)
+    })?
+    .map_err(|e| invalid(format!("head: {e}")))?;
+    let len = usize::try_from(header)
+        .ok()
+        .filter(|n| *n <= proto::image::MAX_HEAD_LEN)
+        .ok_or_else(|| invalid("head too long".into()))?;
+    let id = read_aligned(file, path, 0, len, |b| {
+        proto::image::ImageHead::parse(b).map(|p| p.manifest.id())
+    })?
+    .map_err(|e| invalid(format!("head: {e}")))?;
+    if &id != image_id {
+        return Err(invalid(format!("image {}", hex::encode(id))));
+    }
+    Ok(())
+}
+
 fn open_direct(path: &Path) -> Option<File> {
     OpenOptions::new()
         .read(true)

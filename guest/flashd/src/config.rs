@@ -45,6 +45,13 @@ pub struct Args {
     /// trial and reboot into it (bootctld `slotImaged` + `setActive`, rebootd `mode normal`).
     #[arg(long, value_name = "auto", value_parser = ["auto"])]
     pub install_slot: Option<String>,
+    /// Stream the transfer straight into the install target when it is a block device,
+    /// instead of into a staging file on the state dir that is copied over at install: no
+    /// second write, no copy, one read-back. Only for a target that is not live (the inactive
+    /// slot): it holds a partial image until the install. Default: on with
+    /// --install-slot, off otherwise.
+    #[arg(long, value_name = "BOOL")]
+    pub direct: Option<bool>,
     /// Refuse images not signed by this Ed25519 public key (`nx image keygen` writes KEY.pub).
     #[arg(long, value_name = "PUB")]
     pub require_signed: Option<PathBuf>,
@@ -128,6 +135,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_window: u16,
     pub max_chunk: u32,
+    /// Stream into the install target itself when it is a block device (`--direct`).
+    pub direct: bool,
 }
 
 impl Config {
@@ -142,6 +151,7 @@ impl Config {
             idle_timeout: Duration::from_secs(60),
             max_window: 64,
             max_chunk: 1 << 20,
+            direct: false,
         }
     }
 }
@@ -185,6 +195,9 @@ impl Args {
             Some(p) => Some(load_public_key(p)?),
             None => None,
         };
+        let direct = self
+            .direct
+            .unwrap_or(matches!(install, InstallSpec::Slot { .. }));
         let require_mountpoint = self
             .require_mount
             .unwrap_or(matches!(source, Source::Port(_)));
@@ -199,6 +212,7 @@ impl Args {
                 idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
                 max_window: self.max_window,
                 max_chunk: self.max_chunk,
+                direct,
             },
         ))
     }

@@ -25,6 +25,31 @@ pub mod workers;
 
 use std::path::PathBuf;
 
+/// Measure both frame CRC implementations on this CPU and keep the faster one for the
+/// process (see [`proto::frame::CrcEngine`]: under QEMU TCG the table code is about 4x the
+/// emulated PCLMULQDQ code; on real hardware the SIMD code wins). Returns a log line.
+pub fn choose_crc_engine() -> String {
+    use proto::frame::{crc32_with, set_crc_engine, CrcEngine};
+    let buf: Vec<u8> = (0..256 * 1024u32).map(|i| (i ^ (i >> 9)) as u8).collect();
+    let rate = |e: CrcEngine| {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            std::hint::black_box(crc32_with(e, &[std::hint::black_box(&buf)]));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        buf.len() as f64 / best.max(1e-9) / 1e6
+    };
+    let (simd, table) = (rate(CrcEngine::Simd), rate(CrcEngine::Table));
+    let pick = if table > simd {
+        CrcEngine::Table
+    } else {
+        CrcEngine::Simd
+    };
+    set_crc_engine(pick);
+    format!("frame crc engine {pick:?} (simd {simd:.0} MB/s, table {table:.0} MB/s)")
+}
+
 /// Errors that stop flashd from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum FlashdError {

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let (source, cfg) = args.resolve().context("invalid arguments")?;
+    eprintln!("flashd (log): {}", flashd::choose_crc_engine());
     let mut server = Server::new(cfg, Arc::new(StdOutput)).context("cannot start flashd")?;
     let mut acceptor: Box<dyn Acceptor> = match &source {
         Source::Listen(path) => Box::new(UnixAcceptor::bind(path)?),

@@ -139,7 +139,7 @@ impl Server {
         }
         // A journal is only as good as the staging file it describes.
         if let Some(j) = &journal {
-            if let Err(why) = staging_matches(&state.staging_path(), j) {
+            if let Err(why) = staging_matches(&state.staging_location(), j) {
                 out.log(&format!(
                     "flashd: discarding journal ({why}); the next transfer starts over"
                 ));
@@ -519,10 +519,30 @@ impl Active {
                 self.last_host = h.host.clone();
                 self.hello_manifest = ImageHead::parse(&h.head).ok().map(|p| p.manifest);
                 self.forget_vanished_install(cfg, out);
+                self.forget_overwritten_install(cfg, out);
             }
         }
         self.rx.handle(ReceiverEvent::Frame(f));
         self.run_actions(conn, cfg, out);
+    }
+
+    /// A direct transfer of another image overwrites the installed one in place (the record
+    /// always describes the target device — see [`Self::forget_vanished_install`]): from its
+    /// first write on, neither "unchanged" nor COPY from that image would be true. Forget the
+    /// record before the receiver answers the HELLO.
+    fn forget_overwritten_install(&mut self, cfg: &Config, out: &dyn Output) {
+        let (Some(inst), Some(m)) = (self.rx.installed().cloned(), self.hello_manifest.as_ref())
+        else {
+            return;
+        };
+        if inst.image_id == m.id() || self.direct_device(cfg).is_none() {
+            return;
+        }
+        out.log("flashd: streaming another image into the installed target: forgetting its install record (no COPY from it)");
+        self.rx.set_installed(None);
+        self.durable.send(DurableJob::Run(Box::new(|st| {
+            store::remove_if_exists(&st.installed_path()).map_err(|e| e.to_string())
+        })));
     }
 
     /// If the install record describes a file target that is gone or has another size, the
@@ -644,12 +664,32 @@ impl Active {
                 }
                 self.close_staging();
                 self.stream = None;
-                let path = self.state.staging_path();
+                let direct = self.direct_device(cfg);
+                let path = direct.clone().unwrap_or_else(|| self.state.staging_path());
                 let s = if fresh {
                     // Nothing may claim the old content once it is gone.
                     self.durable_barrier();
                     self.counters = None;
+                    // Say where the transfer lives before anything is written there.
+                    self.state
+                        .set_staging_location(direct.as_deref())
+                        .map_err(storage)?;
+                    if direct.is_some() {
+                        // The file of an earlier transfer is of no use any more.
+                        let _ = store::remove_if_exists(&self.state.staging_path());
+                    }
                     Staging::create(&path, total_size).map_err(storage)?
+                } else if self.state.staging_location() != path {
+                    // The transfer lives elsewhere (flashd restarted with another --direct
+                    // or another target): start over.
+                    self.forget_transfer();
+                    return Err((
+                        ErrorCode::Storage,
+                        format!(
+                            "the interrupted transfer is not in {}; it starts over: run the same command again",
+                            path.display()
+                        ),
+                    ));
                 } else {
                     match Staging::open_existing(&path, total_size).map_err(storage)? {
                         Some(s) => s,
@@ -668,7 +708,19 @@ impl Active {
                     }
                 };
                 let fh = Arc::new(s.file_handle().map_err(storage)?);
-                self.hasher.send(HashJob::SetFile(Some(fh.clone())));
+                // Direct: the hasher reads back from the disk right behind the writes.
+                let readback = s.is_device();
+                let hash_file = if readback {
+                    crate::blockio::open_direct_read(&path)
+                        .map(Arc::new)
+                        .unwrap_or_else(|| fh.clone())
+                } else {
+                    fh.clone()
+                };
+                self.hasher.send(HashJob::SetFile {
+                    file: Some(hash_file),
+                    readback,
+                });
                 self.staging_file = Some(fh);
                 self.staging = Some(s);
                 self.staging_image = Some(image_id);
@@ -734,7 +786,7 @@ impl Active {
                             .and_then(|m| m.segments.get(segment))
                             .is_some_and(|s| s.data_ranges.is_empty());
                         if no_data {
-                            self.hasher.send(HashJob::Begin { segment });
+                            self.hasher.send(HashJob::Begin { segment, offset });
                         }
                         no_data
                     }
@@ -774,7 +826,7 @@ impl Active {
                 self.installing_unchanged = Some(unchanged);
                 self.outstanding += 1;
                 self.durable.send(DurableJob::Install {
-                    staging: self.state.staging_path(),
+                    staging: self.state.staging_location(),
                     image_id,
                     total_size,
                     target,
@@ -784,6 +836,18 @@ impl Active {
             }
         }
         Ok(())
+    }
+
+    /// The block device a new transfer streams into (`--direct` and a block-device target),
+    /// or `None` for the staging file.
+    fn direct_device(&self, cfg: &Config) -> Option<PathBuf> {
+        if !cfg.direct {
+            return None;
+        }
+        match resolve_target(&cfg.install) {
+            Ok(InstallTarget::Block(dev)) => Some(dev),
+            _ => None,
+        }
     }
 
     fn staging_ref(&self) -> Result<&Staging, (ErrorCode, String)> {
@@ -807,7 +871,10 @@ impl Active {
         self.staging_image = None;
         self.staging = None;
         self.staging_file = None;
-        self.hasher.send(HashJob::SetFile(None));
+        self.hasher.send(HashJob::SetFile {
+            file: None,
+            readback: false,
+        });
     }
 
     /// Wait until every queued durability job ran.
@@ -897,7 +964,10 @@ impl Active {
         let from = if cont {
             self.stream.map(|t| t.next)
         } else if starts {
-            self.hasher.send(HashJob::Begin { segment: seg_index });
+            self.hasher.send(HashJob::Begin {
+                segment: seg_index,
+                offset: seg_offset,
+            });
             Some(seg_offset)
         } else {
             None
@@ -907,7 +977,10 @@ impl Active {
                 if offset > from {
                     self.hasher.send(HashJob::Zeros(offset - from));
                 }
+                let readback = self.staging.as_ref().is_some_and(|s| s.is_device());
                 match data {
+                    // Direct: the bytes are on the device now; the hasher reads them back.
+                    Some(d) if readback => self.hasher.send(HashJob::Written(d.len() as u64)),
                     Some(d) => self.hasher.send(HashJob::Data(d)),
                     None => self.hasher.send(HashJob::Zeros(u64::from(len))),
                 }

@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! flash/staging.img        the image being received (sparse, final size from the manifest)
-//! flash/journal.json       durable progress of the transfer in `staging.img`
+//! flash/staging.where      present while the transfer streams straight into a block device
+//!                          (the inactive slot) instead: that device's path
+//! flash/journal.json       durable progress of the transfer (in `staging.img` or that device)
 //! flash/installed.json     what is installed right now (manifest bytes, id), for skip/short-circuit
 //! flash/last-install.json  the receipt of the last install
 //! ```
@@ -117,6 +119,35 @@ impl StateDir {
     }
     pub fn staging_path(&self) -> PathBuf {
         self.flash.join("staging.img")
+    }
+    /// The sidecar naming the block device a direct transfer streams into.
+    pub fn staging_where_path(&self) -> PathBuf {
+        self.flash_dir().join("staging.where")
+    }
+    /// Where the transfer in progress lives: the device named by `staging.where`, else the
+    /// staging file.
+    pub fn staging_location(&self) -> PathBuf {
+        match read_bounded(&self.staging_where_path(), 4096) {
+            Ok(Some(b)) => {
+                let text = String::from_utf8_lossy(&b).trim().to_string();
+                if text.starts_with('/') && !text.contains('\n') {
+                    PathBuf::from(text)
+                } else {
+                    self.staging_path()
+                }
+            }
+            _ => self.staging_path(),
+        }
+    }
+    /// Record that the transfer now lives on `device` (`None`: in the staging file).
+    pub fn set_staging_location(&self, device: Option<&Path>) -> Result<(), StoreError> {
+        match device {
+            Some(d) => write_atomic(
+                &self.staging_where_path(),
+                format!("{}\n", d.display()).as_bytes(),
+            ),
+            None => remove_if_exists(&self.staging_where_path()),
+        }
     }
     pub fn journal_path(&self) -> PathBuf {
         self.flash.join("journal.json")
@@ -322,6 +353,9 @@ impl Staging {
     /// Create (or truncate) the staging file with its final size. Unwritten ranges read
     /// as zeros (the file is sparse), so zero runs never need to be sent.
     pub fn create(path: &Path, size: u64) -> Result<Staging, StoreError> {
+        if is_block_device(path) {
+            return Staging::create_on_device(path, size);
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -347,8 +381,13 @@ impl Staging {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("open", path)(e)),
         };
-        let len = file.metadata().map_err(io_err("stat", path))?.len();
-        if len != size {
+        let meta = file.metadata().map_err(io_err("stat", path))?;
+        let fits = if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            device_capacity(&file).is_some_and(|cap| cap >= size)
+        } else {
+            meta.len() == size
+        };
+        if !fits {
             return Ok(None);
         }
         Ok(Some(Staging {
@@ -357,6 +396,38 @@ impl Staging {
             size,
             direct: DirectIo::open(path),
         }))
+    }
+
+    /// Stream straight into a block device (the inactive slot): no staging file, no copy at
+    /// install. `[0, size)` is zeroed first (`fallocate(ZERO_RANGE)`: the device does it
+    /// without data crossing the bus), so — as with a fresh sparse file — every byte not
+    /// written later reads as zero.
+    fn create_on_device(path: &Path, size: u64) -> Result<Staging, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err("open", path))?;
+        let capacity = device_capacity(&file).unwrap_or(0);
+        if capacity < size {
+            return Err(StoreError::TargetTooSmall {
+                path: path.to_path_buf(),
+                capacity,
+                needed: size,
+            });
+        }
+        crate::blockio::zero_range(&file, path, 0, size)?;
+        Ok(Staging {
+            file,
+            path: path.to_path_buf(),
+            size,
+            direct: DirectIo::open(path),
+        })
+    }
+
+    /// Whether this transfer streams into a block device (see [`Staging::create`]).
+    pub fn is_device(&self) -> bool {
+        is_block_device(&self.path)
     }
 
     pub fn path(&self) -> &Path {
@@ -382,6 +453,9 @@ impl Staging {
     /// Make `len` bytes at `offset` read as zeros (punches a hole where supported).
     pub fn write_zeros(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
+        if self.is_device() {
+            return crate::blockio::zero_range(&self.file, &self.path, offset, len);
+        }
         let zeros = vec![0u8; COPY_BLOCK.min(len as usize)];
         let mut done = 0u64;
         while done < len {
@@ -461,6 +535,42 @@ fn sha256_file_range(
         done += n as u64;
     }
     Ok(hasher.finalize().into())
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Size of an open block device (or file), by seeking to its end.
+pub fn device_capacity(file: &File) -> Option<u64> {
+    let mut f = file;
+    io::Seek::seek(&mut f, io::SeekFrom::End(0)).ok()
+}
+
+/// Finish a transfer that streamed straight into the block device `device` (the staging was
+/// the device itself): fsync it, then read the image head back from the disk (`O_DIRECT`
+/// where possible) and check it is the verified image `image_id`. The segments were already
+/// read back from the device and checked against the manifest as they completed (flashd's
+/// hasher reads them back in direct mode), and every other byte was zeroed before the
+/// transfer started.
+pub fn finish_direct(device: &Path, image_id: &[u8; 32]) -> Result<InstallTimes, StoreError> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+        .map_err(io_err("open", device))?;
+    let t = Instant::now();
+    dev.sync_all().map_err(io_err("fsync", device))?;
+    let sync = t.elapsed();
+    let t = Instant::now();
+    let reader = crate::blockio::open_direct_read(device).unwrap_or(dev);
+    crate::blockio::check_head(&reader, device, image_id)?;
+    Ok(InstallTimes {
+        copy: Duration::ZERO,
+        sync,
+        verify: t.elapsed(),
+    })
 }
 
 /// Where a verified image goes.

@@ -3,7 +3,11 @@
 //! * the **hasher** thread hashes each segment while it streams in (the data of every WRITE,
 //!   zero runs filled in), so a segment is verified the moment its last chunk lands; it falls
 //!   back to reading the staging file back when it did not see the whole segment (resume,
-//!   rewind, segments without data);
+//!   rewind, segments without data). When the transfer streams straight into a block device
+//!   (the inactive slot, see [`crate::store::Staging::create`]) it hashes what it reads back
+//!   from that device right behind the writes instead (`O_DIRECT`, so from the disk): one
+//!   SHA-256 pass then checks both the link and the storage, and the install needs no second
+//!   read-back;
 //! * the **durability** thread runs fsyncs, journal writes and the install, strictly in the
 //!   order they were queued (a journal never claims data that was not synced first).
 //!
@@ -55,10 +59,13 @@ pub enum WorkResult {
 
 /// Jobs of the hasher thread.
 pub enum HashJob {
-    /// Start hashing the content of a segment from its first byte.
-    Begin { segment: usize },
+    /// Start hashing the content of a segment (at absolute `offset`) from its first byte.
+    Begin { segment: usize, offset: u64 },
     /// The next bytes of the current segment, in order.
     Data(Bytes),
+    /// The next `len` bytes of the current segment were written to the file set with
+    /// `readback`: read them back from it and hash them.
+    Written(u64),
     /// The next `len` bytes of the current segment are zero.
     Zeros(u64),
     /// Finish: `streamed` = the current hash covers the segment from its start up to
@@ -71,8 +78,12 @@ pub enum HashJob {
         sha256: [u8; 32],
         streamed: bool,
     },
-    /// The staging file to read back from (or none).
-    SetFile(Option<Arc<File>>),
+    /// The staging file to read back from (or none). `readback`: the transfer streams into a
+    /// block device and [`HashJob::Written`]/[`HashJob::Zeros`] are read back from `file`.
+    SetFile {
+        file: Option<Arc<File>>,
+        readback: bool,
+    },
 }
 
 /// Handle of the hasher thread.
@@ -112,6 +123,8 @@ impl Drop for Hasher {
 
 struct Current {
     segment: usize,
+    /// Absolute offset of the segment.
+    base: u64,
     pos: u64,
     sha: Sha256,
 }
@@ -119,11 +132,17 @@ struct Current {
 fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
     let mut cur: Option<Current> = None;
     let mut file: Option<Arc<File>> = None;
+    let mut readback = false;
+    let mut buf: Option<crate::blockio::AlignedBuf> = None;
+    // A read-back that failed poisons the segment's hash (it then never matches).
+    let mut failed = false;
     while let Ok(job) = rx.recv() {
         match job {
-            HashJob::Begin { segment } => {
+            HashJob::Begin { segment, offset } => {
+                failed = false;
                 cur = Some(Current {
                     segment,
+                    base: offset,
                     pos: 0,
                     sha: Sha256::new(),
                 })
@@ -134,13 +153,28 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                     c.pos += b.len() as u64;
                 }
             }
-            HashJob::Zeros(n) => {
+            HashJob::Written(n) | HashJob::Zeros(n) if readback => {
+                if let (Some(c), Some(f)) = (&mut cur, &file) {
+                    let b = buf.get_or_insert_with(|| {
+                        crate::blockio::AlignedBuf::new(crate::store::COPY_BLOCK)
+                    });
+                    failed |= hash_range(f, c.base + c.pos, n, &mut c.sha, b).is_none();
+                    c.pos += n;
+                }
+            }
+            HashJob::Written(n) | HashJob::Zeros(n) => {
                 if let Some(c) = &mut cur {
                     hash_zeros(&mut c.sha, n);
                     c.pos += n;
                 }
             }
-            HashJob::SetFile(f) => file = f,
+            HashJob::SetFile {
+                file: f,
+                readback: r,
+            } => {
+                file = f;
+                readback = r;
+            }
             HashJob::Verify {
                 ticket,
                 segment,
@@ -150,10 +184,20 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                 streamed,
             } => {
                 let taken = cur.take();
+                let b = buf.get_or_insert_with(|| {
+                    crate::blockio::AlignedBuf::new(crate::store::COPY_BLOCK)
+                });
                 let digest: Option<[u8; 32]> = match taken {
                     Some(mut c) if streamed && c.segment == segment && c.pos <= size => {
-                        hash_zeros(&mut c.sha, size - c.pos);
-                        Some(c.sha.finalize().into())
+                        let tail = size - c.pos;
+                        match (&file, readback) {
+                            (Some(f), true) => {
+                                failed |=
+                                    hash_range(f, c.base + c.pos, tail, &mut c.sha, b).is_none();
+                            }
+                            _ => hash_zeros(&mut c.sha, tail),
+                        }
+                        (!failed).then(|| c.sha.finalize().into())
                     }
                     other => {
                         // Keep a stream of another segment (should not happen, but harmless).
@@ -162,7 +206,11 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                                 cur = Some(c);
                             }
                         }
-                        file.as_ref().and_then(|f| read_back(f, offset, size))
+                        file.as_ref().and_then(|f| {
+                            let mut sha = Sha256::new();
+                            hash_range(f, offset, size, &mut sha, b)?;
+                            Some(sha.finalize().into())
+                        })
                     }
                 };
                 let ok = digest == Some(sha256);
@@ -184,17 +232,38 @@ fn hash_zeros(sha: &mut Sha256, mut n: u64) {
     }
 }
 
-fn read_back(f: &File, offset: u64, size: u64) -> Option<[u8; 32]> {
-    let mut sha = Sha256::new();
-    let mut buf = vec![0u8; (1usize << 20).min(size.max(1) as usize)];
-    let mut done = 0u64;
-    while done < size {
-        let n = (size - done).min(buf.len() as u64) as usize;
-        f.read_exact_at(&mut buf[..n], offset + done).ok()?;
-        sha.update(&buf[..n]);
-        done += n as u64;
+/// Hash `len` bytes of `f` at `offset`, read in block-aligned pieces into the aligned `buf`
+/// (so an `O_DIRECT` descriptor works; a plain one does too). `None` on a read error or an
+/// early end of file.
+fn hash_range(
+    f: &File,
+    offset: u64,
+    len: u64,
+    sha: &mut Sha256,
+    buf: &mut crate::blockio::AlignedBuf,
+) -> Option<()> {
+    let align = crate::blockio::ALIGN as u64;
+    let end = offset.checked_add(len)?;
+    let mut pos = offset;
+    while pos < end {
+        let start = pos - pos % align;
+        let skip = (pos - start) as usize;
+        let want = ((end - start) as usize).min(buf.len());
+        let read_len = want.next_multiple_of(crate::blockio::ALIGN).min(buf.len());
+        let slot = buf.as_mut_slice().get_mut(..read_len)?;
+        let mut got = 0usize;
+        while got < want {
+            match f.read_at(slot.get_mut(got..)?, start + got as u64) {
+                Ok(0) => return None,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        sha.update(slot.get(skip..want)?);
+        pos = start + want as u64;
     }
-    Some(sha.finalize().into())
+    Some(())
 }
 
 /// A small write on the state dir, run in order with the other durability jobs.
@@ -351,6 +420,23 @@ fn run_install(
             ));
         }
         return Ok(format!("{} unchanged", target.path().display()));
+    }
+    if std::fs::metadata(staging)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+    {
+        // The transfer streamed straight into this device: it must be the target.
+        if staging != target.path() {
+            return Err(format!(
+                "the transfer streamed into {} but the install target is {}: flash again",
+                staging.display(),
+                target.path().display()
+            ));
+        }
+        let times = store::finish_direct(staging, image_id).map_err(|e| e.to_string())?;
+        return Ok(format!(
+            "installed into {} (streamed directly, segments read back as they completed; {times})",
+            target.path().display()
+        ));
     }
     let s = Staging::open_existing(staging, total_size)
         .map_err(|e| e.to_string())?

@@ -2,8 +2,9 @@
 //! `/bin/flashd.real`). It execs the real flashd with `--install-slot auto` replaced by
 //! `--install-partition system_b`: the same receive, verify and block install into the same
 //! partition, without the slot activation and the reboot into the trial slot that follow every
-//! install in slot mode — so one QEMU run can flash several times in a row. Every other
-//! argument is passed through unchanged.
+//! install in slot mode — so one QEMU run can flash several times in a row. Like the slot mode
+//! it streams straight into the partition (`--direct true`, flashd's default for
+//! `--install-slot`). Every other argument is passed through unchanged.
 
 use std::ffi::CString;
 
@@ -20,10 +21,14 @@ fn rewrite(args: Vec<String>) -> Vec<String> {
                 let _ = it.next();
                 out.push("--install-partition".to_string());
                 out.push(rawrecv::DEFAULT_PARTITION.to_string());
+                out.push("--direct".to_string());
+                out.push("true".to_string());
             }
             s if s.starts_with("--install-slot=") => {
                 out.push("--install-partition".to_string());
                 out.push(rawrecv::DEFAULT_PARTITION.to_string());
+                out.push("--direct".to_string());
+                out.push("true".to_string());
             }
             _ => out.push(a),
         }
@@ -83,13 +88,15 @@ mod tests {
                 "p",
                 "--install-partition",
                 "system_b",
+                "--direct",
+                "true",
                 "--state",
                 "/s"
             ])
         );
         assert_eq!(
             rewrite(v(&["--install-slot=auto"])),
-            v(&["--install-partition", "system_b"])
+            v(&["--install-partition", "system_b", "--direct", "true"])
         );
         assert_eq!(rewrite(v(&["--install", "/x"])), v(&["--install", "/x"]));
     }
