@@ -34,7 +34,8 @@ pub mod exit {
     pub const ERROR: u8 = 1;
     /// Command-line usage error (reported by the argument parser).
     pub const USAGE: u8 = 2;
-    /// The image is malformed, truncated or a hash/padding/data-range check failed.
+    /// The image is malformed (or of an older format), truncated, or a hash (sha256 or
+    /// data_sha256), padding or data-range check failed.
     pub const VERIFY_FAILED: u8 = 3;
     /// A signature was required (`--pub`) and is missing, invalid or made with another key.
     pub const SIGNATURE_FAILED: u8 = 4;

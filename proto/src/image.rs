@@ -12,9 +12,9 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::manifest::{
-    align_up, first_data_range_difference, image_sha256, is_aligned, is_all_zero, validate_version,
-    Manifest, ManifestError, Segment, SegmentDigest, SegmentHasher, ALIGN, FORMAT_VERSION,
-    MAX_IMAGE_SIZE, MAX_MANIFEST_LEN, MAX_SEGMENTS,
+    align_up, first_data_range_difference, image_sha256, is_aligned, is_all_zero, rebuild_hint,
+    validate_version, Manifest, ManifestError, Segment, SegmentDigest, SegmentHasher, ALIGN,
+    FORMAT_VERSION, MAX_IMAGE_SIZE, MAX_MANIFEST_LEN, MAX_SEGMENTS,
 };
 
 /// Length of the fixed header at offset 0.
@@ -53,8 +53,11 @@ pub enum ImageError {
     /// Wrong magic.
     #[error("not a nexus image (magic is not \"NXOSIMG\\0\")")]
     BadMagic,
-    /// Unknown format.
-    #[error("unsupported image format {found} (this build understands format {FORMAT_VERSION})")]
+    /// Unknown format (the header's format number; e.g. a format-1 image).
+    #[error(
+        "unsupported image format {found} (this build understands format {FORMAT_VERSION}); {}",
+        rebuild_hint(*.found)
+    )]
     UnsupportedFormat {
         /// Format found.
         found: u32,
@@ -161,6 +164,16 @@ pub enum ImageError {
         /// Computed hash (hex).
         found: String,
     },
+    /// The hash of the segment's data ranges differs from `data_sha256` in the manifest.
+    #[error("segment {segment:?}: data_sha256 mismatch (expected {expected}, got {found})")]
+    SegmentDataHash {
+        /// Segment name.
+        segment: String,
+        /// Manifest data hash (hex).
+        expected: String,
+        /// Computed data hash (hex).
+        found: String,
+    },
     /// Data ranges do not describe the content.
     #[error("segment {segment:?}: data ranges do not match the content: {detail}")]
     DataRanges {
@@ -204,6 +217,7 @@ impl ImageError {
         match self {
             ImageError::SegmentSize { segment, .. }
             | ImageError::SegmentHash { segment, .. }
+            | ImageError::SegmentDataHash { segment, .. }
             | ImageError::DataRanges { segment, .. }
             | ImageError::SegmentPadding { segment, .. }
             | ImageError::Truncated { segment, .. } => Some(segment),
@@ -225,7 +239,7 @@ impl ImageError {
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 8 | magic `NXOSIMG\0` |
-/// | 8 | 4 | format (1) |
+/// | 8 | 4 | format ([`FORMAT_VERSION`], 2) |
 /// | 12 | 4 | header_len (4096) |
 /// | 16 | 8 | manifest_offset (4096) |
 /// | 24 | 4 | manifest_len |
@@ -539,6 +553,7 @@ pub fn layout(version: &str, parts: &[(String, SegmentDigest)]) -> Result<Manife
                 offset,
                 size: d.size,
                 sha256: d.sha256,
+                data_sha256: d.data_sha256,
                 data_ranges: d.data_ranges.clone(),
             });
             offset = offset
@@ -578,7 +593,8 @@ pub fn layout(version: &str, parts: &[(String, SegmentDigest)]) -> Result<Manife
 }
 
 impl Segment {
-    /// Compare a digest of this segment's content with the manifest entry.
+    /// Compare a digest of this segment's content with the manifest entry: size, sha256, data
+    /// ranges, then data_sha256 (every error names the segment).
     pub fn check(&self, d: &SegmentDigest) -> Result<(), ImageError> {
         if d.size != self.size {
             return Err(ImageError::SegmentSize {
@@ -606,13 +622,23 @@ impl Segment {
                 detail,
             });
         }
+        // With the content and the data ranges right, this fails only when the manifest's
+        // data_sha256 itself is wrong; a target that checks data_sha256 alone must not accept
+        // such an image either.
+        if d.data_sha256 != self.data_sha256 {
+            return Err(ImageError::SegmentDataHash {
+                segment: self.name.clone(),
+                expected: hex::encode(self.data_sha256),
+                found: hex::encode(d.data_sha256),
+            });
+        }
         Ok(())
     }
 }
 
 /// Streaming check of the image bytes from `data_offset` to the end: feed them in order, in
-/// pieces of any size, then call [`finish`](Self::finish). Checks each segment's size, SHA-256
-/// and data ranges as soon as it is complete, the zero padding after it, and the total size.
+/// pieces of any size, then call [`finish`](Self::finish). Checks each segment's size, SHA-256,
+/// data ranges and data SHA-256 as soon as it is complete, the zero padding after it, and the total size.
 /// Together with a parsed [`ImageHead`] this verifies every byte of the file (the whole-image
 /// hash follows from the per-segment hashes, see [`image_sha256`]). Stop at the first error.
 #[derive(Clone, Debug)]

@@ -1,7 +1,8 @@
 //! The image manifest: what an image holds and the hashes that pin every byte of it.
 //!
-//! A [`Manifest`] lists the segments of an image file (name, offset, size, SHA-256 and the
-//! parts that are not all-zero) and the whole-image hash [`image_sha256`]. It is serialized
+//! A [`Manifest`] lists the segments of an image file (name, offset, size, SHA-256 of the
+//! content, SHA-256 of its data ranges only, and the data ranges: the parts that are not
+//! all-zero) and the whole-image hash [`image_sha256`]. It is serialized
 //! canonically ([`Manifest::to_canonical_bytes`]): compact JSON with a fixed field order,
 //! lowercase hex hashes and plain integers, so the same manifest always gives the same bytes
 //! and [`Manifest::id`] identifies it. [`Manifest::from_bytes`] bounds the input, parses,
@@ -11,7 +12,7 @@
 //!
 //! Streaming helpers shared by the builder (`nx image build`) and the receiver (`flashd`):
 //! [`DataRangeBuilder`] (which 4 KiB blocks are not all-zero) and [`SegmentHasher`]
-//! (SHA-256 + data ranges + size of a segment fed in pieces of any size).
+//! (SHA-256, data SHA-256, data ranges and size of a segment fed in pieces of any size).
 
 use std::fmt::Write as _;
 use std::marker::PhantomData;
@@ -20,8 +21,10 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// Manifest (and image) format version written by this crate; the only one it accepts.
-pub const FORMAT_VERSION: u32 = 1;
+/// Manifest (and image header) format version written by this crate; the only one it accepts.
+///
+/// Format 2 added the per-segment `data_sha256`; format-1 images must be rebuilt.
+pub const FORMAT_VERSION: u32 = 2;
 /// Segment alignment in the image file and granularity of data ranges.
 pub const ALIGN: u64 = 4096;
 /// Most segments an image may have.
@@ -53,7 +56,7 @@ pub enum ManifestError {
         max: usize,
     },
     /// Not JSON of the expected shape (includes "too many segments/data ranges").
-    #[error("manifest is not a valid format-1 manifest: {detail}")]
+    #[error("manifest is not a valid format-{FORMAT_VERSION} manifest: {detail}")]
     Json {
         /// What the JSON parser reported.
         detail: String,
@@ -67,9 +70,11 @@ pub enum ManifestError {
         /// First byte offset where input and canonical form differ.
         at: usize,
     },
-    /// A format this crate does not understand.
+    /// A format this crate does not understand (e.g. a format-1 manifest, which has no
+    /// `data_sha256`).
     #[error(
-        "unsupported manifest format {found} (this build understands format {FORMAT_VERSION})"
+        "unsupported manifest format {found} (this build understands format {FORMAT_VERSION}); {}",
+        rebuild_hint(*.found)
     )]
     UnsupportedFormat {
         /// Format found.
@@ -220,8 +225,16 @@ pub struct Segment {
     pub offset: u64,
     /// Bytes of content (the zero padding after it is not counted). Never 0.
     pub size: u64,
-    /// SHA-256 of the `size` content bytes.
+    /// SHA-256 of the `size` content bytes (zeros included).
     pub sha256: [u8; 32],
+    /// SHA-256 of the bytes of the data ranges, concatenated in order: every non-zero 4 KiB
+    /// block of the content (the last, possibly short, block included), nothing else. For a
+    /// segment without data ranges, the SHA-256 of the empty string.
+    ///
+    /// Lets a target verify a sparse segment without hashing its zero runs: since the data
+    /// ranges are part of the (signed) manifest, `data_sha256` plus "every byte outside the
+    /// data ranges is zero" pins the whole content just as `sha256` does.
+    pub data_sha256: [u8; 32],
     /// The parts that are not all-zero, exactly the maximal runs of non-zero 4 KiB blocks.
     pub data_ranges: Vec<DataRange>,
 }
@@ -293,6 +306,16 @@ pub fn image_sha256(segments: &[Segment]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The advice appended to an unsupported-format error.
+pub(crate) fn rebuild_hint(found: u32) -> &'static str {
+    if found < FORMAT_VERSION {
+        "rebuild the image with `nx image build`"
+    } else {
+        "the image was made by a newer build: update nx, or rebuild the image with this \
+         build's `nx image build`"
+    }
+}
+
 /// Check a segment name: `[a-z0-9_-]{1,32}`. Used by the manifest parser and the wire decoder.
 pub fn validate_segment_name(name: &str) -> Result<(), ManifestError> {
     let bad = |reason| ManifestError::BadName {
@@ -344,10 +367,10 @@ impl Manifest {
     /// lowercase hex, data ranges as `[offset,len]` pairs. Same manifest → same bytes.
     ///
     /// Example (one segment, wrapped here for reading):
-    /// `{"format":1,"version":"1","total_size":12288,"segments":[{"name":"rootfs","offset":8192,
-    /// "size":5,"sha256":"…","data_ranges":[[0,5]]}],"image_sha256":"…"}`
+    /// `{"format":2,"version":"1","total_size":12288,"segments":[{"name":"rootfs","offset":8192,
+    /// "size":5,"sha256":"…","data_sha256":"…","data_ranges":[[0,5]]}],"image_sha256":"…"}`
     pub fn to_canonical_bytes(&self) -> Vec<u8> {
-        let mut s = String::with_capacity(160 + self.segments.len() * 200);
+        let mut s = String::with_capacity(160 + self.segments.len() * 280);
         s.push_str("{\"format\":");
         let _ = write!(s, "{}", self.format);
         s.push_str(",\"version\":");
@@ -365,6 +388,8 @@ impl Manifest {
                 seg.offset, seg.size
             );
             s.push_str(&hex::encode(seg.sha256));
+            s.push_str("\",\"data_sha256\":\"");
+            s.push_str(&hex::encode(seg.data_sha256));
             s.push_str("\",\"data_ranges\":[");
             for (j, r) in seg.data_ranges.iter().enumerate() {
                 if j > 0 {
@@ -392,12 +417,28 @@ impl Manifest {
                 max: MAX_MANIFEST_LEN,
             });
         }
-        let raw: RawManifest = serde_json::from_slice(b).map_err(|e| ManifestError::Json {
-            detail: e.to_string(),
-        })?;
+        let raw: RawManifest = match serde_json::from_slice(b) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Another format has other fields: say "unsupported format" (with the advice to
+                // rebuild) rather than "missing field data_sha256".
+                if let Ok(probe) = serde_json::from_slice::<FormatProbe>(b) {
+                    if probe.format != FORMAT_VERSION {
+                        return Err(ManifestError::UnsupportedFormat {
+                            found: probe.format,
+                        });
+                    }
+                }
+                return Err(ManifestError::Json {
+                    detail: e.to_string(),
+                });
+            }
+        };
         let mut segments = Vec::with_capacity(raw.segments.0.len());
         for (i, rs) in raw.segments.0.into_iter().enumerate() {
             let sha256 = parse_hash(&rs.sha256, || format!("sha256 of segment #{i}"))?;
+            let data_sha256 =
+                parse_hash(&rs.data_sha256, || format!("data_sha256 of segment #{i}"))?;
             let data_ranges = rs
                 .data_ranges
                 .0
@@ -409,6 +450,7 @@ impl Manifest {
                 offset: rs.offset,
                 size: rs.size,
                 sha256,
+                data_sha256,
                 data_ranges,
             });
         }
@@ -662,7 +704,15 @@ struct RawSegment {
     offset: u64,
     size: u64,
     sha256: String,
+    data_sha256: String,
     data_ranges: Bounded<(u64, u64)>,
+}
+
+/// Only the format number, whatever else the object holds (used to name an unsupported format
+/// when the full parse fails).
+#[derive(Deserialize)]
+struct FormatProbe {
+    format: u32,
 }
 
 /// How many elements of a JSON array of `Self` may be read, and what to call them.
@@ -742,14 +792,19 @@ impl DataRangeBuilder {
             let in_block = (self.pos % ALIGN) as usize;
             let n = (ALIGN as usize - in_block).min(data.len());
             let (now, rest) = data.split_at(n);
-            if !self.block_nonzero && !is_all_zero(now) {
-                self.block_nonzero = true;
-            }
-            self.pos += n as u64;
+            let nonzero = !self.block_nonzero && !is_all_zero(now);
+            self.advance(n as u64, nonzero);
             data = rest;
-            if is_aligned(self.pos) {
-                self.commit(self.pos - ALIGN, ALIGN);
-            }
+        }
+    }
+
+    /// Account for the next `n` bytes, which do not cross a 4 KiB boundary and contain a
+    /// non-zero byte iff `nonzero`.
+    fn advance(&mut self, n: u64, nonzero: bool) {
+        self.block_nonzero |= nonzero;
+        self.pos += n;
+        if is_aligned(self.pos) {
+            self.commit(self.pos - ALIGN, ALIGN);
         }
     }
 
@@ -785,13 +840,16 @@ pub fn data_ranges_of(bytes: &[u8]) -> Vec<DataRange> {
     b.finish()
 }
 
-/// What a segment's content hashes to: size, SHA-256 and data ranges.
+/// What a segment's content hashes to: size, SHA-256, data SHA-256 and data ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentDigest {
     /// Content length.
     pub size: u64,
     /// SHA-256 of the content.
     pub sha256: [u8; 32],
+    /// SHA-256 of the non-zero 4 KiB blocks of the content, in order (the bytes of the data
+    /// ranges concatenated; see [`Segment::data_sha256`]).
+    pub data_sha256: [u8; 32],
     /// Maximal runs of non-zero 4 KiB blocks.
     pub data_ranges: Vec<DataRange>,
 }
@@ -800,7 +858,13 @@ pub struct SegmentDigest {
 #[derive(Clone, Debug, Default)]
 pub struct SegmentHasher {
     sha: Sha256,
+    data_sha: Sha256,
     ranges: DataRangeBuilder,
+    /// The bytes fed so far of the current 4 KiB block, when it arrived in several pieces
+    /// (empty at a block boundary; whole blocks fed in one piece are never copied).
+    pending: Vec<u8>,
+    /// Whether `pending` holds a non-zero byte.
+    pending_nonzero: bool,
 }
 
 impl SegmentHasher {
@@ -810,9 +874,40 @@ impl SegmentHasher {
     }
 
     /// Feed the next bytes.
-    pub fn update(&mut self, data: &[u8]) {
+    pub fn update(&mut self, mut data: &[u8]) {
         self.sha.update(data);
-        self.ranges.update(data);
+        while !data.is_empty() {
+            let block = ALIGN as usize;
+            let n = (block - self.pending.len()).min(data.len());
+            let (now, rest) = data.split_at(n);
+            data = rest;
+            let nonzero = !is_all_zero(now);
+            self.ranges.advance(n as u64, nonzero);
+            if self.pending.is_empty() && n == block {
+                // A whole block in one piece: hash it in place.
+                if nonzero {
+                    self.data_sha.update(now);
+                }
+                continue;
+            }
+            if self.pending.capacity() < block {
+                self.pending.reserve_exact(block - self.pending.len());
+            }
+            self.pending.extend_from_slice(now);
+            self.pending_nonzero |= nonzero;
+            if self.pending.len() == block {
+                self.flush_pending();
+            }
+        }
+    }
+
+    /// Hash the pending (complete, or final short) block if it is not all-zero; start a new one.
+    fn flush_pending(&mut self) {
+        if self.pending_nonzero {
+            self.data_sha.update(&self.pending);
+        }
+        self.pending.clear();
+        self.pending_nonzero = false;
     }
 
     /// Bytes fed so far.
@@ -826,11 +921,14 @@ impl SegmentHasher {
     }
 
     /// The digest of everything fed.
-    pub fn finish(self) -> SegmentDigest {
+    pub fn finish(mut self) -> SegmentDigest {
+        // The final short block counts like any other.
+        self.flush_pending();
         let size = self.ranges.position();
         SegmentDigest {
             size,
             sha256: self.sha.finalize().into(),
+            data_sha256: self.data_sha.finalize().into(),
             data_ranges: self.ranges.finish(),
         }
     }
@@ -870,6 +968,34 @@ mod tests {
             b.update(x);
         }
         assert_eq!(b.finish(), data_ranges_of(&v));
+    }
+
+    #[test]
+    fn data_sha256_hashes_only_non_zero_blocks() {
+        let mut v = vec![0u8; 5 * 4096 + 10];
+        v[1] = 1; // block 0
+        v[3 * 4096 + 4095] = 2; // block 3
+        v[5 * 4096 + 9] = 3; // short tail block
+        let mut want = Sha256::new();
+        want.update(&v[..4096]);
+        want.update(&v[3 * 4096..4 * 4096]);
+        want.update(&v[5 * 4096..]);
+        let want: [u8; 32] = want.finalize().into();
+        for piece in [1, 7, 4095, 4096, 4097, 1 << 20] {
+            let mut h = SegmentHasher::new();
+            for c in v.chunks(piece) {
+                h.update(c);
+            }
+            let d = h.finish();
+            assert_eq!(d.data_sha256, want, "piece {piece}");
+            assert_eq!(d.sha256, <[u8; 32]>::from(Sha256::digest(&v)));
+        }
+        // no data at all: the hash of the empty string
+        let empty: [u8; 32] = Sha256::digest([]).into();
+        let mut h = SegmentHasher::new();
+        h.update(&[0u8; 9000]);
+        assert_eq!(h.finish().data_sha256, empty);
+        assert_eq!(SegmentHasher::new().finish().data_sha256, empty);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use proto::image::{
     layout, public_key_of, sign_manifest, Header, ImageError, ImageHead, HEADER_LEN, MAGIC,
     MAX_HEAD_LEN, SIGNATURE_LEN,
 };
-use proto::manifest::{Manifest, SegmentHasher, MAX_MANIFEST_LEN};
+use proto::manifest::{Manifest, SegmentHasher, FORMAT_VERSION, MAX_MANIFEST_LEN};
 
 fn manifest() -> Manifest {
     let mut h = SegmentHasher::new();
@@ -27,7 +27,8 @@ fn header_layout_is_byte_exact() {
     let h = ImageHead::build(&manifest(), None).unwrap().header;
     let b = h.to_bytes();
     assert_eq!(&b[..8], &MAGIC);
-    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 2);
+    assert_eq!(FORMAT_VERSION, 2);
     assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 4096);
     assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 4096);
     assert_eq!(
@@ -155,11 +156,22 @@ fn header_corruption_is_rejected() {
     assert_eq!(Header::parse(&b), Err(ImageError::BadMagic));
 
     let mut b = good.clone();
-    b[8] = 2;
+    b[8] = 3;
     assert!(matches!(
         Header::parse(&b),
-        Err(ImageError::UnsupportedFormat { found: 2 })
+        Err(ImageError::UnsupportedFormat { found: 3 })
     ));
+
+    // A format-1 image (valid crc) is refused with the advice to rebuild it.
+    let mut b = good.clone();
+    b[8] = 1;
+    let e = Header::parse(&with_crc(b)).unwrap_err();
+    assert_eq!(e, ImageError::UnsupportedFormat { found: 1 });
+    assert!(
+        e.to_string()
+            .contains("understands format 2); rebuild the image with `nx image build`"),
+        "{e}"
+    );
 
     let mut b = good.clone();
     b[100] = 1; // reserved byte, crc not fixed

@@ -3,6 +3,7 @@
 
 use proto::image::{layout, ImageError, ImageHead, ImageVerifier};
 use proto::manifest::{align_up, SegmentHasher};
+use sha2::{Digest, Sha256};
 
 struct Built {
     file: Vec<u8>,
@@ -140,6 +141,64 @@ fn lying_data_ranges_are_caught() {
         e.to_string().contains("outside the listed data ranges"),
         "{e}"
     );
+}
+
+#[test]
+fn wrong_data_sha256_is_caught_and_named() {
+    // Content, sha256 and data ranges right, data_sha256 wrong (a manifest made by hand and
+    // signed): a target checking only the data ranges would accept the content, so the host
+    // verifier must reject the image, naming the segment like a sha256 mismatch.
+    let b = sample();
+    for (i, name) in ["rootfs", "kernel", "initrd"].into_iter().enumerate() {
+        let mut m = b.head.manifest.clone();
+        let good = m.segments[i].data_sha256;
+        m.segments[i].data_sha256[31] ^= 0x80;
+        let head = ImageHead::build(&m, None).unwrap();
+        let mut f = head.to_bytes();
+        f.extend_from_slice(&b.file[b.head.header.data_offset as usize..]);
+        let b2 = Built {
+            file: f.clone(),
+            head,
+        };
+        for chunk in [1, 4096, 1 << 20] {
+            let e = verify(&b2, &f, chunk).unwrap_err();
+            assert_eq!(e.segment(), Some(name), "{e}");
+            assert_eq!(
+                e,
+                ImageError::SegmentDataHash {
+                    segment: name.into(),
+                    expected: hex::encode(m.segments[i].data_sha256),
+                    found: hex::encode(good),
+                }
+            );
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("segment \"{name}\": data_sha256 mismatch")),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn data_sha256_in_the_manifest_is_the_hash_of_the_data_ranges() {
+    let b = sample();
+    for seg in &b.head.manifest.segments {
+        let content = &b.file[seg.offset as usize..seg.end() as usize];
+        let mut h = Sha256::new();
+        for r in &seg.data_ranges {
+            h.update(&content[r.offset as usize..r.end() as usize]);
+        }
+        assert_eq!(
+            <[u8; 32]>::from(h.finalize()),
+            seg.data_sha256,
+            "{}",
+            seg.name
+        );
+    }
+    // the rootfs is sparse: its data hash differs from its content hash
+    let rootfs = &b.head.manifest.segments[0];
+    assert_ne!(rootfs.data_sha256, rootfs.sha256);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use proto::manifest::{
     data_ranges_of, DataRange, Manifest, ManifestError, SegmentDigest, SegmentHasher, ALIGN,
     FORMAT_VERSION, MAX_MANIFEST_LEN,
 };
+use sha2::{Digest, Sha256};
 
 fn digest(bytes: &[u8]) -> SegmentDigest {
     let mut h = SegmentHasher::new();
@@ -95,8 +96,8 @@ fn whitespace_reordering_and_uppercase_hex_are_rejected() {
     expect_non_canonical(&canon.replacen(",\"version\"", ", \"version\"", 1));
     // fields in another order
     let reordered = canon.replacen(
-        "{\"format\":1,\"version\":\"2.0.1\",",
-        "{\"version\":\"2.0.1\",\"format\":1,",
+        "{\"format\":2,\"version\":\"2.0.1\",",
+        "{\"version\":\"2.0.1\",\"format\":2,",
         1,
     );
     assert_ne!(reordered, canon);
@@ -113,14 +114,96 @@ fn whitespace_reordering_and_uppercase_hex_are_rejected() {
 }
 
 #[test]
+fn data_sha256_field_is_checked() {
+    let m = sample();
+    let canon = String::from_utf8(m.to_canonical_bytes()).unwrap();
+    let seg = &m.segments[0];
+    let sha = hex::encode(seg.sha256);
+    let data_sha = hex::encode(seg.data_sha256);
+    // field order: sha256, then data_sha256, then data_ranges
+    assert!(
+        canon.contains(&format!(
+            "\"sha256\":\"{sha}\",\"data_sha256\":\"{data_sha}\",\"data_ranges\":[[0,4096],[8192,4196]]"
+        )),
+        "{canon}"
+    );
+    // data_sha256 before sha256: not canonical
+    let swapped = canon.replacen(
+        &format!("\"sha256\":\"{sha}\",\"data_sha256\":\"{data_sha}\""),
+        &format!("\"data_sha256\":\"{data_sha}\",\"sha256\":\"{sha}\""),
+        1,
+    );
+    assert_ne!(swapped, canon);
+    expect_non_canonical(&swapped);
+    // uppercase or short hex
+    let upper = canon.replacen(&data_sha, &data_sha.to_uppercase(), 1);
+    match Manifest::from_bytes(upper.as_bytes()) {
+        Err(ManifestError::BadHex { field }) => assert_eq!(field, "data_sha256 of segment #0"),
+        other => panic!("expected BadHex, got {other:?}"),
+    }
+    let short = canon.replacen(&data_sha, &data_sha[..62], 1);
+    assert!(matches!(
+        Manifest::from_bytes(short.as_bytes()),
+        Err(ManifestError::BadHex { .. })
+    ));
+    // missing in a format-2 manifest
+    let missing = canon.replacen(&format!(",\"data_sha256\":\"{data_sha}\""), "", 1);
+    match Manifest::from_bytes(missing.as_bytes()) {
+        Err(ManifestError::Json { detail }) => assert!(detail.contains("data_sha256"), "{detail}"),
+        other => panic!("expected Json, got {other:?}"),
+    }
+    // A wrong data_sha256 still parses (only the content can tell); the verifier catches it.
+    let mut wrong = m.clone();
+    wrong.segments[0].data_sha256[0] ^= 1;
+    let back = Manifest::from_bytes(&wrong.to_canonical_bytes()).unwrap();
+    assert_eq!(back, wrong);
+}
+
+#[test]
+fn format_1_manifest_is_unsupported_with_rebuild_advice() {
+    // What format 1 looked like: no data_sha256 field.
+    let mut canon = String::from_utf8(sample().to_canonical_bytes()).unwrap();
+    for seg in &sample().segments {
+        canon = canon.replacen(
+            &format!(",\"data_sha256\":\"{}\"", hex::encode(seg.data_sha256)),
+            "",
+            1,
+        );
+    }
+    assert!(!canon.contains("data_sha256"));
+    let v1 = canon.replacen("{\"format\":2,", "{\"format\":1,", 1);
+    let e = Manifest::from_bytes(v1.as_bytes()).unwrap_err();
+    assert_eq!(e, ManifestError::UnsupportedFormat { found: 1 });
+    assert_eq!(
+        e.to_string(),
+        "unsupported manifest format 1 (this build understands format 2); rebuild the image \
+         with `nx image build`"
+    );
+    // A future format is named too, whatever its fields.
+    let v3 = canon.replacen("{\"format\":2,", "{\"format\":3,\"new_field\":[],", 1);
+    assert_eq!(
+        Manifest::from_bytes(v3.as_bytes()),
+        Err(ManifestError::UnsupportedFormat { found: 3 })
+    );
+    // Format 1 with the current fields: rejected by validation, same error.
+    let v1_fields = String::from_utf8(sample().to_canonical_bytes())
+        .unwrap()
+        .replacen("{\"format\":2,", "{\"format\":1,", 1);
+    assert_eq!(
+        Manifest::from_bytes(v1_fields.as_bytes()),
+        Err(ManifestError::UnsupportedFormat { found: 1 })
+    );
+}
+
+#[test]
 fn non_integer_numbers_and_unknown_fields_are_rejected() {
     let canon = String::from_utf8(sample().to_canonical_bytes()).unwrap();
     for bad in [
-        canon.replacen("\"format\":1", "\"format\":1.0", 1),
-        canon.replacen("\"format\":1", "\"format\":1e0", 1),
+        canon.replacen("\"format\":2", "\"format\":2.0", 1),
+        canon.replacen("\"format\":2", "\"format\":2e0", 1),
         canon.replacen("\"offset\":8192", "\"offset\":-8192", 1),
-        canon.replacen("{\"format\":1,", "{\"format\":1,\"extra\":0,", 1),
-        canon.replacen("{\"format\":1,", "{\"format\":1,\"format\":1,", 1),
+        canon.replacen("{\"format\":2,", "{\"format\":2,\"extra\":0,", 1),
+        canon.replacen("{\"format\":2,", "{\"format\":2,\"format\":2,", 1),
         canon[..canon.len() - 1].to_string(),
     ] {
         assert!(
@@ -145,8 +228,8 @@ fn oversized_manifest_is_rejected_before_parsing() {
 #[test]
 fn huge_segment_count_is_rejected_while_parsing() {
     // 50 000 tiny segment objects (~1 MiB); the parser must stop at 65.
-    let seg = r#"{"name":"a","offset":0,"size":1,"sha256":"","data_ranges":[]}"#;
-    let mut s = String::from(r#"{"format":1,"version":"1","total_size":0,"segments":["#);
+    let seg = r#"{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":[]}"#;
+    let mut s = String::from(r#"{"format":2,"version":"1","total_size":0,"segments":["#);
     while s.len() + seg.len() + 100 < MAX_MANIFEST_LEN {
         s.push_str(seg);
         s.push(',');
@@ -164,7 +247,7 @@ fn huge_segment_count_is_rejected_while_parsing() {
 #[test]
 fn huge_data_range_count_is_rejected_while_parsing() {
     let mut s = String::from(
-        r#"{"format":1,"version":"1","total_size":0,"segments":[{"name":"a","offset":0,"size":1,"sha256":"","data_ranges":["#,
+        r#"{"format":2,"version":"1","total_size":0,"segments":[{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":["#,
     );
     for i in 0..70_000u32 {
         if i > 0 {
@@ -180,6 +263,26 @@ fn huge_data_range_count_is_rejected_while_parsing() {
         }
         other => panic!("expected too many data ranges, got {other:?}"),
     }
+}
+
+/// Sparse content: zero runs, dense runs and lone non-zero bytes in zero runs, of lengths that
+/// rarely fall on 4 KiB boundaries.
+fn arb_sparse() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec((0u8..3, 1usize..10_000, any::<u8>()), 0..8).prop_map(|runs| {
+        let mut v = Vec::new();
+        for (kind, len, x) in runs {
+            match kind {
+                0 => v.resize(v.len() + len, 0),
+                1 => v.extend((0..len).map(|i| (i as u8) ^ x | 1)),
+                _ => {
+                    let start = v.len();
+                    v.resize(start + len, 0);
+                    v[start + (x as usize * 37) % len] = x | 1;
+                }
+            }
+        }
+        v
+    })
 }
 
 fn arb_content() -> impl Strategy<Value = Vec<u8>> {
@@ -210,6 +313,47 @@ proptest! {
             prop_assert_eq!(seg.offset % ALIGN, 0);
             prop_assert_eq!(&seg.data_ranges, &data_ranges_of(c));
             prop_assert_eq!(seg.data_bytes(), seg.data_ranges.iter().map(|r| r.len).sum::<u64>());
+        }
+    }
+
+    #[test]
+    fn data_sha256_is_the_hash_of_the_data_ranges(
+        content in arb_sparse(),
+        pieces in prop::collection::vec(1usize..9000, 1..16),
+    ) {
+        // feed in pieces of random sizes (cycling through `pieces`)
+        let mut h = SegmentHasher::new();
+        let mut at = 0;
+        for p in pieces.iter().cycle() {
+            if at >= content.len() {
+                break;
+            }
+            let end = (at + p).min(content.len());
+            h.update(&content[at..end]);
+            at = end;
+        }
+        let d = h.finish();
+        prop_assert_eq!(d.size, content.len() as u64);
+        prop_assert_eq!(&d.data_ranges, &data_ranges_of(&content));
+        // the bytes of the data ranges, concatenated
+        let mut by_ranges = Sha256::new();
+        for r in &d.data_ranges {
+            by_ranges.update(&content[r.offset as usize..r.end() as usize]);
+        }
+        let by_ranges: [u8; 32] = by_ranges.finalize().into();
+        prop_assert_eq!(d.data_sha256, by_ranges);
+        // the same as the non-zero 4 KiB blocks, the short last one included
+        let mut by_blocks = Sha256::new();
+        for b in content.chunks(ALIGN as usize).filter(|b| b.iter().any(|x| *x != 0)) {
+            by_blocks.update(b);
+        }
+        let by_blocks: [u8; 32] = by_blocks.finalize().into();
+        prop_assert_eq!(d.data_sha256, by_blocks);
+        prop_assert_eq!(d.sha256, <[u8; 32]>::from(Sha256::digest(&content)));
+        // and a manifest built from it carries it over
+        if !content.is_empty() {
+            let m = layout("1", &[("s".to_string(), d.clone())]).unwrap();
+            prop_assert_eq!(m.segments[0].data_sha256, d.data_sha256);
         }
     }
 

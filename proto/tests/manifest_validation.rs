@@ -81,8 +81,16 @@ fn bad_versions_are_rejected() {
 
 #[test]
 fn wrong_format_is_rejected() {
-    let e = broken(&[10], |m| m.format = 2);
-    assert_eq!(e, ManifestError::UnsupportedFormat { found: 2 });
+    for format in [0, 1, 3] {
+        let e = broken(&[10], |m| m.format = format);
+        assert_eq!(e, ManifestError::UnsupportedFormat { found: format });
+    }
+    let e = broken(&[10], |m| m.format = 1);
+    assert!(
+        e.to_string()
+            .contains("rebuild the image with `nx image build`"),
+        "{e}"
+    );
 }
 
 #[test]

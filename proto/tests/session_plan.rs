@@ -38,6 +38,7 @@ fn manifest(segs: Vec<(u64, Vec<(u64, u64)>)>) -> Manifest {
             offset,
             size,
             sha256: [i as u8; 32],
+            data_sha256: [!(i as u8); 32],
             data_ranges,
         });
         offset += blocks * ALIGN;

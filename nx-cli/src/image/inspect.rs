@@ -14,13 +14,15 @@ use super::{exit, human_bytes, percent, read_full};
 #[derive(clap::Args, Debug)]
 #[command(
     long_about = "Show what an image holds: version, size, signed or not, and each segment's \
-        offset, size, sha256 and data ratio (the share of non-zero 4 KiB blocks; zero runs are \
-        never sent when flashing). Reads and strictly checks only the head (header + manifest); \
+        offset, size, sha256, data_sha256 (the SHA-256 of its data ranges only, which a target \
+        checks without hashing the zero runs) and data ratio (the share of non-zero 4 KiB \
+        blocks; zero runs are never sent when flashing). Reads and strictly checks only the head (header + manifest); \
         use `nx image verify` to check the data.\n\n\
         --json prints one JSON object: {\"path\", \"format\", \"version\", \"total_size\", \
         \"file_size\", \"data_offset\", \"signed\", \"manifest_id\", \"image_sha256\", \
         \"data_bytes\", \"segments\": [{\"name\", \"offset\", \"size\", \"sha256\", \
-        \"data_bytes\", \"data_ranges\"}]} where data_ranges is the number of ranges.\n\n\
+        \"data_sha256\", \"data_bytes\", \"data_ranges\"}]} where data_ranges is the number of \
+        ranges.\n\n\
         Exit codes: 0 ok; 1 I/O error; 2 usage; 3 the head is malformed.",
     after_help = "Examples:\n  \
         nx image inspect build/nexus-os.img\n  \
@@ -86,6 +88,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
                     "offset": s.offset,
                     "size": s.size,
                     "sha256": hex::encode(s.sha256),
+                    "data_sha256": hex::encode(s.data_sha256),
                     "data_bytes": s.data_bytes(),
                     "data_ranges": s.data_ranges.len(),
                 })
@@ -154,6 +157,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             s.data_ranges.len(),
             hex::encode(s.sha256)
         );
+    }
+    say!("data sha256  (SHA-256 of the data ranges only, zero runs skipped)");
+    for s in &m.segments {
+        say!("  {:<12} {}", s.name, hex::encode(s.data_sha256));
     }
     Ok(ExitCode::from(exit::OK))
 }

@@ -1,5 +1,5 @@
 //! `nx image verify`: parse the head strictly, check the signature, recompute every segment
-//! hash, data ranges and padding while streaming the file once.
+//! hash (sha256 and data_sha256), data ranges and padding while streaming the file once.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -16,12 +16,13 @@ use super::{exit, human_bytes, read_full, read_small_text, CHUNK};
 #[derive(clap::Args, Debug)]
 #[command(
     long_about = "Verify an image file: strict header and manifest checks, every segment's \
-        SHA-256, its data ranges (no non-zero byte outside them) and zero padding, the \
-        whole-image hash, the file size, and the Ed25519 signature when --pub is given.\n\n\
+        SHA-256, its data ranges (no non-zero byte outside them), its data_sha256 (the SHA-256 \
+        of the data ranges only, what a target checks) and zero padding, the whole-image hash, the file size, and the Ed25519 signature when --pub is given.\n\n\
         On a mismatch the message names the segment, e.g.\n  \
         nx: verify failed: segment \"rootfs\": sha256 mismatch (expected …, got …)\n\n\
         Exit codes: 0 ok; 1 I/O error or unreadable key; 2 usage; 3 verification failed \
-        (malformed, truncated, hash/padding/data-range mismatch); 4 signature check failed \
+        (malformed, truncated, sha256/data_sha256/padding/data-range mismatch, or an image of \
+        an older format: rebuild it with `nx image build`); 4 signature check failed \
         (--pub given and the image is unsigned, signed by another key, or altered).",
     after_help = "Examples:\n  \
         nx image verify build/nexus-os.img\n  \
