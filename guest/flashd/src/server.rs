@@ -360,6 +360,28 @@ fn staging_matches(path: &Path, j: &proto::session::Journal) -> Result<(), Strin
     Ok(())
 }
 
+/// The first offset (relative to the segment) of a non-zero byte of `data` — written at
+/// `rel` in the segment — that lies outside `ranges` (sorted, relative), if any.
+fn nonzero_outside(ranges: &[proto::manifest::DataRange], rel: u64, data: &[u8]) -> Option<u64> {
+    let end = rel + data.len() as u64;
+    let mut pos = rel;
+    let mut i = ranges.partition_point(|r| r.end() <= rel);
+    while pos < end {
+        // The gap before the next range (or up to the end).
+        let next = ranges.get(i).map_or(end, |r| r.offset.clamp(pos, end));
+        if next > pos {
+            let gap = data.get((pos - rel) as usize..(next - rel) as usize)?;
+            if let Some(k) = gap.iter().position(|b| *b != 0) {
+                return Some(pos + k as u64);
+            }
+        }
+        // Skip the range itself.
+        pos = ranges.get(i).map_or(end, |r| r.end().max(next));
+        i += 1;
+    }
+    None
+}
+
 /// Resolve the install target now (a partition is looked up by name each time).
 pub fn resolve_target(spec: &InstallSpec) -> Result<InstallTarget, String> {
     match spec {
@@ -786,10 +808,22 @@ impl Active {
                             .and_then(|m| m.segments.get(segment))
                             .is_some_and(|s| s.data_ranges.is_empty());
                         if no_data {
-                            self.hasher.send(HashJob::Begin { segment, offset });
+                            let data = self.data_ranges(segment);
+                            self.hasher.send(HashJob::Begin {
+                                segment,
+                                offset,
+                                data,
+                            });
                         }
                         no_data
                     }
+                };
+                // Read-back mode: only the data ranges are hashed, against `data_sha256`
+                // (every other byte was zeroed by flashd and checked zero when written).
+                let data = self.data_ranges(segment);
+                let sha256 = match (&data, &self.manifest) {
+                    (Some(_), Some(m)) => m.segments.get(segment).map_or(sha256, |s| s.data_sha256),
+                    _ => sha256,
                 };
                 self.outstanding += 1;
                 self.hasher.send(HashJob::Verify {
@@ -799,6 +833,7 @@ impl Active {
                     size,
                     sha256,
                     streamed,
+                    data,
                 });
             }
             ReceiverAction::Install {
@@ -848,6 +883,16 @@ impl Active {
             Ok(InstallTarget::Block(dev)) => Some(dev),
             _ => None,
         }
+    }
+
+    /// In read-back mode (direct transfer into a device), the data ranges of `segment`: the
+    /// hasher then hashes only those, against the manifest's `data_sha256`.
+    fn data_ranges(&self, segment: usize) -> Option<Arc<[proto::manifest::DataRange]>> {
+        if !self.staging.as_ref().is_some_and(|s| s.is_device()) {
+            return None;
+        }
+        let seg = self.manifest.as_ref()?.segments.get(segment)?;
+        Some(Arc::from(seg.data_ranges.as_slice()))
     }
 
     fn staging_ref(&self) -> Result<&Staging, (ErrorCode, String)> {
@@ -936,6 +981,26 @@ impl Active {
             }
         };
         let s = self.staging_ref()?;
+        if let (Some(d), true) = (&data, s.is_device()) {
+            // Read-back mode verifies only the data ranges: every byte written outside them
+            // must be zero, as the manifest says.
+            let seg = self
+                .manifest
+                .as_ref()
+                .and_then(|m| m.segments.get(seg_index));
+            if let Some(seg) = seg {
+                if let Some(at) = nonzero_outside(&seg.data_ranges, offset - seg_offset, d) {
+                    return Err((
+                        ErrorCode::BadWrite,
+                        format!(
+                            "WRITE at {offset} has data at {} where segment {:?} is all zeros",
+                            seg_offset + at,
+                            seg.name
+                        ),
+                    ));
+                }
+            }
+        }
         match &data {
             Some(d) => s.write_at(offset, d).map_err(storage)?,
             None => s.write_zeros(offset, u64::from(len)).map_err(storage)?,
@@ -964,9 +1029,11 @@ impl Active {
         let from = if cont {
             self.stream.map(|t| t.next)
         } else if starts {
+            let data = self.data_ranges(seg_index);
             self.hasher.send(HashJob::Begin {
                 segment: seg_index,
                 offset: seg_offset,
+                data,
             });
             Some(seg_offset)
         } else {
@@ -1210,4 +1277,37 @@ enum Kind {
     Zstd { wire: u64 },
     Zero,
     Copy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nonzero_outside;
+    use proto::manifest::DataRange;
+
+    #[test]
+    fn nonzero_bytes_outside_the_data_ranges_are_found() {
+        let r = |offset, len| DataRange { offset, len };
+        let ranges = [r(4096, 4096), r(16384, 100)];
+        let mut d = vec![0u8; 20000];
+        // Data inside the ranges is fine.
+        d[4096] = 1;
+        d[8191] = 1;
+        d[16384 + 99] = 1;
+        assert_eq!(nonzero_outside(&ranges, 0, &d), None);
+        // Just before, just after, and past the last range.
+        for at in [4095usize, 8192, 16484, 19999, 0] {
+            let mut e = d.clone();
+            e[at] = 7;
+            assert_eq!(nonzero_outside(&ranges, 0, &e), Some(at as u64), "at {at}");
+        }
+        // A write that starts inside a range and at an offset.
+        let part = &d[6000..9000];
+        assert_eq!(nonzero_outside(&ranges, 6000, part), None);
+        let mut e = part.to_vec();
+        e[2500] = 1; // absolute 8500: outside
+        assert_eq!(nonzero_outside(&ranges, 6000, &e), Some(8500));
+        // No ranges: everything must be zero.
+        assert_eq!(nonzero_outside(&[], 0, &[0, 0, 1]), Some(2));
+        assert_eq!(nonzero_outside(&[], 10, &[]), None);
+    }
 }

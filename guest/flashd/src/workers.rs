@@ -17,6 +17,7 @@
 use crate::records::{self, Counters};
 use crate::store::{self, Staging, StateDir};
 use bytes::Bytes;
+use proto::manifest::DataRange;
 use proto::session::Journal;
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -60,7 +61,13 @@ pub enum WorkResult {
 /// Jobs of the hasher thread.
 pub enum HashJob {
     /// Start hashing the content of a segment (at absolute `offset`) from its first byte.
-    Begin { segment: usize, offset: u64 },
+    /// `data`: hash only the bytes inside these ranges (relative to the segment; the digest
+    /// is then the manifest's `data_sha256`). Read-back mode only.
+    Begin {
+        segment: usize,
+        offset: u64,
+        data: Option<Arc<[DataRange]>>,
+    },
     /// The next bytes of the current segment, in order.
     Data(Bytes),
     /// The next `len` bytes of the current segment were written to the file set with
@@ -77,6 +84,8 @@ pub enum HashJob {
         size: u64,
         sha256: [u8; 32],
         streamed: bool,
+        /// As in [`HashJob::Begin`]: `sha256` is then the `data_sha256` of these ranges.
+        data: Option<Arc<[DataRange]>>,
     },
     /// The staging file to read back from (or none). `readback`: the transfer streams into a
     /// block device and [`HashJob::Written`]/[`HashJob::Zeros`] are read back from `file`.
@@ -127,6 +136,7 @@ struct Current {
     base: u64,
     pos: u64,
     sha: Sha256,
+    data: Option<Arc<[DataRange]>>,
 }
 
 fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
@@ -138,13 +148,18 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
     let mut failed = false;
     while let Ok(job) = rx.recv() {
         match job {
-            HashJob::Begin { segment, offset } => {
+            HashJob::Begin {
+                segment,
+                offset,
+                data,
+            } => {
                 failed = false;
                 cur = Some(Current {
                     segment,
                     base: offset,
                     pos: 0,
                     sha: Sha256::new(),
+                    data,
                 })
             }
             HashJob::Data(b) => {
@@ -158,7 +173,8 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                     let b = buf.get_or_insert_with(|| {
                         crate::blockio::AlignedBuf::new(crate::store::COPY_BLOCK)
                     });
-                    failed |= hash_range(f, c.base + c.pos, n, &mut c.sha, b).is_none();
+                    failed |=
+                        hash_part(f, c.base, c.pos, n, c.data.as_deref(), &mut c.sha, b).is_none();
                     c.pos += n;
                 }
             }
@@ -182,6 +198,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                 size,
                 sha256,
                 streamed,
+                data,
             } => {
                 let taken = cur.take();
                 let b = buf.get_or_insert_with(|| {
@@ -192,8 +209,16 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                         let tail = size - c.pos;
                         match (&file, readback) {
                             (Some(f), true) => {
-                                failed |=
-                                    hash_range(f, c.base + c.pos, tail, &mut c.sha, b).is_none();
+                                failed |= hash_part(
+                                    f,
+                                    c.base,
+                                    c.pos,
+                                    tail,
+                                    c.data.as_deref(),
+                                    &mut c.sha,
+                                    b,
+                                )
+                                .is_none();
                             }
                             _ => hash_zeros(&mut c.sha, tail),
                         }
@@ -208,7 +233,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                         }
                         file.as_ref().and_then(|f| {
                             let mut sha = Sha256::new();
-                            hash_range(f, offset, size, &mut sha, b)?;
+                            hash_part(f, offset, 0, size, data.as_deref(), &mut sha, b)?;
                             Some(sha.finalize().into())
                         })
                     }
@@ -230,6 +255,34 @@ fn hash_zeros(sha: &mut Sha256, mut n: u64) {
         sha.update(&ZEROS[..k]);
         n -= k as u64;
     }
+}
+
+/// Hash bytes `[from, from + len)` of the segment at absolute `base` in `f`: all of them, or
+/// with `data` only those inside these ranges (relative to the segment, sorted).
+fn hash_part(
+    f: &File,
+    base: u64,
+    from: u64,
+    len: u64,
+    data: Option<&[DataRange]>,
+    sha: &mut Sha256,
+    buf: &mut crate::blockio::AlignedBuf,
+) -> Option<()> {
+    let to = from.checked_add(len)?;
+    let Some(ranges) = data else {
+        return hash_range(f, base.checked_add(from)?, len, sha, buf);
+    };
+    let first = ranges.partition_point(|r| r.end() <= from);
+    for r in ranges.get(first..)? {
+        if r.offset >= to {
+            break;
+        }
+        let (a, b) = (r.offset.max(from), r.end().min(to));
+        if a < b {
+            hash_range(f, base.checked_add(a)?, b - a, sha, buf)?;
+        }
+    }
+    Some(())
 }
 
 /// Hash `len` bytes of `f` at `offset`, read in block-aligned pieces into the aligned `buf`
