@@ -35,11 +35,21 @@ pub const QUEUE_FRAMES: usize = 4;
 const READ_BLOCK: usize = 256 * 1024;
 /// Bytes requested per `read(2)` (a virtio-serial port returns at most 4 KiB anyway).
 const SCRATCH: usize = 64 * 1024;
+/// The size of one virtio-serial buffer (a page): one `readv` piece.
+const PORT_PIECE: usize = 4096;
 /// How long a write may wait for the peer to drain before the link counts as lost.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a reader re-checks its stop flag while idle, and how long the port reader
 /// sleeps between polls while no host is connected.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a port reader looks for a host while none is connected. A port cannot be waited
+/// on for that (`poll(2)` reports it readable and hung up at once), so this is a sleep: its
+/// length is the latency a new host sees before its first frame is read (a re-flash of the
+/// installed image is one round trip, so it shows), at the cost of a wake-up per interval
+/// while idle.
+const HOST_POLL: Duration = Duration::from_millis(5);
+/// How long a port must keep reading EOF before the host counts as gone (see `reader_loop`).
+const EOF_GRACE: Duration = Duration::from_millis(100);
 /// A port silent this long while part of a frame is buffered: the frame was cut (the host
 /// went away and came back without an EOF in between), see `reader_loop`.
 const STALE_PARTIAL: Duration = Duration::from_millis(500);
@@ -279,6 +289,8 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
     // For a port: whether a host is (believed to be) connected; `Closed` is sent on the
     // transition to "gone" only.
     let mut connected = !persistent;
+    // For a port: when the current run of EOFs began (see EOF_GRACE).
+    let mut eof_since: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -298,7 +310,12 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                     let _ = tx.send(LinkEvent::Closed(why));
                     return;
                 }
-                if connected {
+                // A port reads EOF whenever it holds no data and the host is not marked
+                // connected — also right after a new host connected and its first bytes were
+                // read, before the guest processed the host's "port open" message. Only an EOF
+                // that lasts is the host going away.
+                let since = *eof_since.get_or_insert_with(Instant::now);
+                if connected && since.elapsed() >= EOF_GRACE {
                     connected = false;
                     buf.clear();
                     dec = FrameDecoder::new();
@@ -306,11 +323,12 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                         return;
                     }
                 }
-                std::thread::sleep(POLL_INTERVAL);
+                std::thread::sleep(HOST_POLL);
                 continue;
             }
             Ok(_) => {
                 connected = true;
+                eof_since = None;
                 stalled = Duration::ZERO;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -351,7 +369,7 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                             return;
                         }
                     }
-                    std::thread::sleep(POLL_INTERVAL);
+                    std::thread::sleep(HOST_POLL);
                     continue;
                 }
                 let _ = tx.send(LinkEvent::Closed(Some(e.to_string())));
@@ -387,8 +405,15 @@ fn find_next_magic(buf: &[u8]) -> Option<usize> {
 /// zero-filling) `buf` by 256 KiB for every read cost a 256 KiB memset per 4 KiB
 /// received — 64× the data, most of flashd's receive time in the guest. Copying the bytes
 /// that did arrive is cheap.
+///
+/// The read is a `readv(2)` of [`SCRATCH`] / 4 KiB pieces: for a port the kernel then takes one
+/// virtio buffer per piece in a single system call (it stops at the first short or empty one —
+/// the port is non-blocking), instead of one system call per 4 KiB; a socket just fills them.
 fn read_some(src: &mut File, scratch: &mut [u8], buf: &mut BytesMut) -> io::Result<usize> {
-    let n = src.read(scratch)?;
+    let mut pieces = scratch.chunks_mut(PORT_PIECE);
+    let mut iov: [io::IoSliceMut<'_>; SCRATCH / PORT_PIECE] =
+        std::array::from_fn(|_| io::IoSliceMut::new(pieces.next().unwrap_or_default()));
+    let n = src.read_vectored(&mut iov)?;
     buf.extend_from_slice(scratch.get(..n).unwrap_or_default());
     Ok(n)
 }
