@@ -102,11 +102,13 @@ pub struct SendArgs {
         action = clap::ArgAction::Append
     )]
     pub ports: Vec<PortSpec>,
-    /// WRITE frames in flight (1..=256).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// WRITE frames in flight (1..=256). The default keeps 4 MiB in flight with the default
+    /// chunk: enough to keep the link busy, and what a resume may have to send again.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub window: u16,
-    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536).
-    #[arg(long, default_value = "256K", value_parser = parse_chunk)]
+    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536). Large chunks cost the
+    /// target less per byte (fewer frames, writes, ACKs and journal syncs).
+    #[arg(long, default_value = "1M", value_parser = parse_chunk)]
     pub chunk: u32,
     /// Compression of chunks: auto (zstd where it pays and the link is the bottleneck),
     /// zstd (whenever it shrinks a chunk), none.

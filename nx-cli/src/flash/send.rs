@@ -59,8 +59,8 @@ impl SendOptions {
     pub fn new(host: impl Into<String>) -> SendOptions {
         SendOptions {
             host: host.into(),
-            window: 16,
-            chunk_size: 256 * 1024,
+            window: 4,
+            chunk_size: 1024 * 1024,
             compress: CompressMode::Auto,
             skip: true,
             rto: Duration::from_secs(2),
