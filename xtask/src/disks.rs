@@ -88,10 +88,23 @@ pub fn seed_slot_a(disk: &Path, image: &Path) -> anyhow::Result<bool> {
     let mut first = vec![0u8; 4096];
     f.read_exact_at(&mut first, off)
         .with_context(|| format!("read system_a of {}", disk.display()))?;
+    let bytes = std::fs::read(image).with_context(|| format!("read {}", image.display()))?;
     if first.iter().any(|&b| b != 0) {
+        // An image of another format (magic `NXOSIMG\0`, format u32 LE at 8) no longer boots
+        // with this build: say how to start over instead of failing later in the guest.
+        let format = |b: &[u8]| b.get(8..12).map(|f| f.to_vec());
+        if first.starts_with(b"NXOSIMG\0")
+            && bytes.starts_with(b"NXOSIMG\0")
+            && format(&first) != format(&bytes)
+        {
+            eprintln!(
+                "xtask: warning: system_a of {} holds an image of another format than this build \
+                 writes: the guest will refuse it; recreate the disks with `cargo xtask guest --fresh`",
+                disk.display()
+            );
+        }
         return Ok(false);
     }
-    let bytes = std::fs::read(image).with_context(|| format!("read {}", image.display()))?;
     anyhow::ensure!(
         bytes.len() as u64 <= SLOT_MIB << 20,
         "{} ({} bytes) does not fit into system_a ({SLOT_MIB} MiB)",

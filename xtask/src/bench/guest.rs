@@ -168,6 +168,11 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     // A reboot would boot without rdinit's target: end the run instead.
     cfg.follow_reboots = false;
     cfg.extra_cmdline.push("rdinit=/bin/rawrecv".into());
+    // As for every runner boot: NX_QEMU_APPEND adds kernel command-line words.
+    if let Ok(extra) = std::env::var("NX_QEMU_APPEND") {
+        cfg.extra_cmdline
+            .extend(extra.split_whitespace().map(str::to_string));
+    }
     cfg.smp = a.smp.max(1);
     cfg.echo = a.echo;
     let flash_sock = cfg
