@@ -1185,7 +1185,10 @@ impl Active {
             self.manifest = None;
             self.staging_consumed = true;
         }
-        if need_index {
+        // A direct transfer of another image overwrites this one in place, so nothing is ever
+        // copied from it (see `forget_overwritten_install`): its index would be hashed for
+        // nothing, on the vCPU the next transfer needs.
+        if need_index && self.direct_device(cfg).is_none() {
             self.build_index_in_background(&m, cfg, out);
         }
     }
