@@ -131,7 +131,9 @@ pub struct Config {
     pub quiet: bool,
     /// Guest memory.
     pub memory_mib: u32,
-    /// vCPUs.
+    /// vCPUs (`-smp`, default 2: flashd verifies a segment on its hasher thread while the
+    /// receiving thread goes on, and the boot starts its services in parallel; each vCPU is a
+    /// host thread under MTTCG). `NX_QEMU_SMP` overrides it.
     pub smp: u32,
     /// Use KVM (opt-in; TCG is the default and the only thing verified here).
     pub kvm: bool,
@@ -173,7 +175,7 @@ impl Config {
             extra_cmdline: Vec::new(),
             quiet: true,
             memory_mib: 1024,
-            smp: 1,
+            smp: 2,
             kvm: false,
             echo: false,
             interactive: false,

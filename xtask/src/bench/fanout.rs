@@ -131,6 +131,8 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<()> {
         cfg.qemu = util::tool("qemu-system-x86_64")?;
         cfg.debugfs = util::tool("debugfs")?;
         cfg.recovery_initrd = ramdisk.clone();
+        // n guests share the host's cores: one vCPU each (the block below says so).
+        cfg.smp = 1;
         cfg.state_img = Some(gdir.join("state.img"));
         cfg.disk_img = Some(gdir.join("disk.img"));
         cfg.run_dir = gdir.join("qemu");

@@ -49,8 +49,8 @@ pub struct GuestArgs {
     /// Size of the images, MiB (the slot partition holds 512).
     #[arg(long, default_value_t = 256)]
     pub size_mib: u64,
-    /// Guest vCPUs (`-smp`).
-    #[arg(long, default_value_t = 1)]
+    /// Guest vCPUs (`-smp`; 2 like every runner boot).
+    #[arg(long, default_value_t = 2)]
     pub smp: u32,
     /// Skip the rawrecv profile rows (link only, link + SHA-256, /state staging pattern).
     #[arg(long)]
@@ -76,7 +76,7 @@ impl Default for GuestArgs {
     fn default() -> Self {
         GuestArgs {
             size_mib: 256,
-            smp: 1,
+            smp: 2,
             no_profile: false,
             no_docs: false,
             no_build: false,
