@@ -118,6 +118,14 @@ fn truncated_and_trailing_are_caught() {
     ));
 }
 
+/// `b`'s segment bytes behind a head built from the doctored manifest `m` (unsigned).
+fn with_manifest(b: &Built, m: &proto::manifest::Manifest) -> Built {
+    let head = ImageHead::build(m, None).unwrap();
+    let mut file = head.to_bytes();
+    file.extend_from_slice(&b.file[b.head.header.data_offset as usize..]);
+    Built { file, head }
+}
+
 #[test]
 fn lying_data_ranges_are_caught() {
     // Build a manifest whose data ranges claim the rootfs is all zero after its first page,
@@ -125,14 +133,8 @@ fn lying_data_ranges_are_caught() {
     let b = sample();
     let mut m = b.head.manifest.clone();
     m.segments[0].data_ranges.truncate(1);
-    let head = ImageHead::build(&m, None).unwrap();
-    let mut f = head.to_bytes();
-    f.extend_from_slice(&b.file[b.head.header.data_offset as usize..]);
-    let b2 = Built {
-        file: f.clone(),
-        head,
-    };
-    let e = verify(&b2, &f, 4096).unwrap_err();
+    let b2 = with_manifest(&b, &m);
+    let e = verify(&b2, &b2.file, 4096).unwrap_err();
     assert!(
         matches!(e, ImageError::DataRanges { ref segment, .. } if segment == "rootfs"),
         "{e}"
@@ -153,13 +155,8 @@ fn wrong_data_sha256_is_caught_and_named() {
         let mut m = b.head.manifest.clone();
         let good = m.segments[i].data_sha256;
         m.segments[i].data_sha256[31] ^= 0x80;
-        let head = ImageHead::build(&m, None).unwrap();
-        let mut f = head.to_bytes();
-        f.extend_from_slice(&b.file[b.head.header.data_offset as usize..]);
-        let b2 = Built {
-            file: f.clone(),
-            head,
-        };
+        let b2 = with_manifest(&b, &m);
+        let f = b2.file.clone();
         for chunk in [1, 4096, 1 << 20] {
             let e = verify(&b2, &f, chunk).unwrap_err();
             assert_eq!(e.segment(), Some(name), "{e}");

@@ -700,7 +700,17 @@ impl Active {
                         // The file of an earlier transfer is of no use any more.
                         let _ = store::remove_if_exists(&self.state.staging_path());
                     }
-                    Staging::create(&path, total_size).map_err(storage)?
+                    let t = Instant::now();
+                    let s = Staging::create(&path, total_size).map_err(storage)?;
+                    if s.is_device() {
+                        out.log(&format!(
+                            "flashd: streaming straight into {} ({} bytes zeroed in {} ms)",
+                            path.display(),
+                            total_size,
+                            t.elapsed().as_millis()
+                        ));
+                    }
+                    s
                 } else if self.state.staging_location() != path {
                     // The transfer lives elsewhere (flashd restarted with another --direct
                     // or another target): start over.
