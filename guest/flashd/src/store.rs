@@ -277,6 +277,8 @@ pub struct Staging {
     path: PathBuf,
     size: u64,
     direct: Option<DirectIo>,
+    /// A block device (a direct transfer into the inactive slot), not a file.
+    device: bool,
 }
 
 /// The `O_DIRECT` side of the staging file: whole, aligned 4 KiB blocks are copied into an
@@ -370,6 +372,7 @@ impl Staging {
             path: path.to_path_buf(),
             size,
             direct: DirectIo::open(path),
+            device: false,
         })
     }
 
@@ -382,7 +385,8 @@ impl Staging {
             Err(e) => return Err(io_err("open", path)(e)),
         };
         let meta = file.metadata().map_err(io_err("stat", path))?;
-        let fits = if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        let device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        let fits = if device {
             device_capacity(&file).is_some_and(|cap| cap >= size)
         } else {
             meta.len() == size
@@ -395,6 +399,7 @@ impl Staging {
             path: path.to_path_buf(),
             size,
             direct: DirectIo::open(path),
+            device,
         }))
     }
 
@@ -422,12 +427,13 @@ impl Staging {
             path: path.to_path_buf(),
             size,
             direct: DirectIo::open(path),
+            device: true,
         })
     }
 
     /// Whether this transfer streams into a block device (see [`Staging::create`]).
     pub fn is_device(&self) -> bool {
-        is_block_device(&self.path)
+        self.device
     }
 
     pub fn path(&self) -> &Path {
