@@ -332,6 +332,8 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                 stalled = Duration::ZERO;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // No data, but a host is connected (a port without one reads EOF).
+                eof_since = None;
                 if wait_fd(&src, PollFlags::IN, POLL_INTERVAL) {
                     continue;
                 }
