@@ -7,7 +7,7 @@ mod common;
 use common::{send_image, Client};
 use flashd::testkit::{build_image, noise, Capture, RunningServer};
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +15,18 @@ use std::time::Duration;
 struct Daemon {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// A temp dir with the socket path, an empty state dir and the install path of one test.
+fn workdir() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state, out) = (
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("out.img"),
+    );
+    std::fs::create_dir(&state).unwrap();
+    (dir, sock, state, out)
 }
 
 fn spawn(sock: &Path, state: &Path, out: &Path) -> Daemon {
@@ -55,13 +67,7 @@ fn wait_marker(d: &Daemon, m: &str) {
 
 #[test]
 fn binary_prints_the_five_markers_in_order_and_installs_the_exact_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, state, out) = (
-        dir.path().join("s.sock"),
-        dir.path().join("state"),
-        dir.path().join("out.img"),
-    );
-    std::fs::create_dir(&state).unwrap();
+    let (_dir, sock, state, out) = workdir();
     let mut d = spawn(&sock, &state, &out);
     wait_marker(&d, "flashd: ready");
     let mut z = vec![0u8; 40_000];
@@ -98,13 +104,7 @@ fn binary_prints_the_five_markers_in_order_and_installs_the_exact_bytes() {
 
 #[test]
 fn sigkill_mid_segment_then_restart_resumes_and_installs_the_exact_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, state, out) = (
-        dir.path().join("s.sock"),
-        dir.path().join("state"),
-        dir.path().join("out.img"),
-    );
-    std::fs::create_dir(&state).unwrap();
+    let (_dir, sock, state, out) = workdir();
     std::fs::write(&out, b"previous").unwrap();
     // One segment of 64 chunks of 4 KiB: a kill after 40 lands mid-segment.
     let img = build_image("7", &[("rootfs", noise(7, 64 * 4096))], None).unwrap();
@@ -138,13 +138,7 @@ fn sigkill_mid_segment_then_restart_resumes_and_installs_the_exact_image() {
 
 #[test]
 fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, state, out) = (
-        dir.path().join("s.sock"),
-        dir.path().join("state"),
-        dir.path().join("out.img"),
-    );
-    std::fs::create_dir(&state).unwrap();
+    let (_dir, sock, state, out) = workdir();
     let img = build_image(
         "8",
         &[("a", noise(8, 50 * 4096)), ("b", noise(9, 30 * 4096))],
@@ -199,13 +193,7 @@ fn in_process_server_dropped_mid_segment_and_restarted_resumes() {
 
 #[test]
 fn a_staging_file_removed_mid_transfer_starts_over_instead_of_trusting_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, state, out) = (
-        dir.path().join("s.sock"),
-        dir.path().join("state"),
-        dir.path().join("out.img"),
-    );
-    std::fs::create_dir(&state).unwrap();
+    let (_dir, sock, state, out) = workdir();
     let img = build_image(
         "9",
         &[("a", noise(10, 40 * 4096)), ("b", noise(11, 8 * 4096))],
