@@ -22,3 +22,9 @@ macro_rules! marker {
         $crate::marker::emit(&format!($($arg)*))
     };
 }
+
+/// Print a contract marker (`nx_contract::markers::…`): the one way guest code prints a
+/// console marker.
+pub fn show(marker: &nx_contract::Marker) {
+    emit(marker.as_str());
+}

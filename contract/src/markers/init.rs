@@ -1,0 +1,1 @@
+//! Markers of init (constructors are added with the code that prints them).

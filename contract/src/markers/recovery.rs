@@ -1,0 +1,1 @@
+//! Markers of recovery (constructors are added with the code that prints them).
