@@ -148,15 +148,16 @@ mod tests {
         assert!(!listing_has("factory_wipe\n", "factory_wipe"));
     }
 
-    /// The real decision on real ext4 images (skipped without mkfs.ext4/debugfs).
+    /// The real decision on real ext4 images (needs mkfs.ext4/debugfs: `cargo xtask` installs them).
     #[test]
     fn wipe_request_wins_over_the_next_boot_record() {
         let debugfs = crate::find_tool("debugfs");
         let mkfs = crate::find_tool("mkfs.ext4");
-        if !debugfs.is_file() || !mkfs.is_file() {
-            eprintln!("skipped: no debugfs/mkfs.ext4 (apt-get install -y e2fsprogs)");
-            return;
-        }
+        assert!(
+            debugfs.is_file() && mkfs.is_file(),
+            "this test needs debugfs and mkfs.ext4: `apt-get install -y e2fsprogs` \
+             (every `cargo xtask` recipe installs it)"
+        );
         let d = tempfile::tempdir().unwrap();
         let img_with = |name: &str, files: &[(&str, &str)]| {
             let tree = d.path().join(format!("{name}.tree"));

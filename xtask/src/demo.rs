@@ -30,7 +30,10 @@ struct Flashed {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    util::stage("1/4 host packages (apt: qemu-system-x86, e2fsprogs, fdisk)");
+    util::stage(&format!(
+        "1/4 host packages (apt: {})",
+        crate::host_tools::packages().join(", ")
+    ));
     util::ensure_tools(util::HOST_TOOLS)?;
     util::stage(
         "2/4 guest: kernel, static binaries, recovery ramdisk, normal initramfs, disks, demo image",

@@ -15,6 +15,7 @@ mod e2e_fanout;
 mod e2e_reset;
 mod e2e_slots;
 mod guest;
+mod host_tools;
 mod initramfs;
 mod kernel;
 mod qemu_test;
@@ -53,6 +54,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every recipe spawns host programs: install what is missing first (`ci` does it in its
+    // own "host packages" stage).
+    if !matches!(cli.cmd, Cmd::Ci(_)) {
+        if let Err(err) = util::ensure_tools(util::HOST_TOOLS) {
+            eprintln!("xtask: error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.cmd {
         Cmd::Ci(a) => ci::run(a),
         Cmd::Demo(a) => demo::run(a),

@@ -66,40 +66,7 @@ pub fn describe(cmd: &Command) -> String {
     s
 }
 
-/// A host tool and the Debian package that ships it.
-#[derive(Debug, Clone, Copy)]
-pub struct Tool {
-    pub bin: &'static str,
-    pub package: &'static str,
-}
-
-/// Everything the guest build and the QEMU runs need on the host.
-pub const HOST_TOOLS: &[Tool] = &[
-    Tool {
-        bin: "qemu-system-x86_64",
-        package: "qemu-system-x86",
-    },
-    Tool {
-        bin: "mkfs.ext4",
-        package: "e2fsprogs",
-    },
-    Tool {
-        bin: "debugfs",
-        package: "e2fsprogs",
-    },
-    Tool {
-        bin: "sfdisk",
-        package: "fdisk",
-    },
-    Tool {
-        bin: "dpkg-deb",
-        package: "dpkg",
-    },
-    Tool {
-        bin: "apt-get",
-        package: "apt",
-    },
-];
+pub use crate::host_tools::{Tool, HOST_TOOLS};
 
 /// Find an executable in `$PATH` plus the sbin directories (a non-root `$PATH` often lacks them).
 pub fn which(bin: &str) -> Option<PathBuf> {
@@ -123,12 +90,8 @@ fn is_executable(p: &Path) -> bool {
 /// [`which`] or a clear error naming the package.
 pub fn tool(bin: &str) -> anyhow::Result<PathBuf> {
     which(bin).with_context(|| {
-        let pkg = HOST_TOOLS
-            .iter()
-            .find(|t| t.bin == bin)
-            .map(|t| t.package)
-            .unwrap_or(bin);
-        format!("`{bin}` not found; install it with `apt-get install -y {pkg}` (cargo xtask guest does this when run as root)")
+        let pkg = crate::host_tools::package_of(bin).unwrap_or(bin);
+        format!("`{bin}` not found; install it with `apt-get install -y {pkg}` (every `cargo xtask` recipe does this when run as root)")
     })
 }
 
@@ -158,21 +121,23 @@ pub fn apt_update() -> anyhow::Result<()> {
 /// Install the Debian packages of every missing tool in `tools` (root only; otherwise say
 /// exactly what to run).
 pub fn ensure_tools(tools: &[Tool]) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = tools
-        .iter()
-        .filter(|t| which(t.bin).is_none())
-        .map(|t| t.package)
-        .collect();
+    let absent: Vec<&Tool> = tools.iter().filter(|t| which(t.bin).is_none()).collect();
+    let mut missing: Vec<&str> = absent.iter().map(|t| t.package).collect();
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     let list = missing.join(" ");
+    let bins = absent
+        .iter()
+        .map(|t| format!("{}: {}", t.bin, t.used_by))
+        .collect::<Vec<_>>()
+        .join("; ");
     if !is_root() {
-        bail!("missing host packages: {list}; install them with `sudo apt-get install -y --no-install-recommends {list}`");
+        bail!("missing host programs ({bins}); install their packages with `sudo apt-get install -y --no-install-recommends {list}`");
     }
-    eprintln!("xtask: installing missing host packages: {list}");
+    eprintln!("xtask: installing missing host packages: {list} (for {bins})");
     let install = || {
         run_cmd(
             Command::new("apt-get")
@@ -185,6 +150,18 @@ pub fn ensure_tools(tools: &[Tool]) -> anyhow::Result<()> {
         apt_update()?;
         install().with_context(|| format!("apt-get install {list} failed"))?;
     }
+    let still: Vec<&str> = absent
+        .iter()
+        .filter(|t| which(t.bin).is_none())
+        .map(|t| t.bin)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "installed {list} but still cannot find {}; check the host-tools table (xtask/src/host_tools.rs)",
+            still.join(", ")
+        );
+    }
+    eprintln!("xtask: installed host packages: {list}");
     Ok(())
 }
 
