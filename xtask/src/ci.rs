@@ -23,7 +23,7 @@ const PROFILE_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     util::stage("host packages");
-    util::ensure_tools(util::HOST_TOOLS)?;
+    util::ensure_host_tools()?;
     if !args.qemu_only {
         host_checks()?;
     }

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "1/4 host packages (apt: {})",
         crate::host_tools::packages().join(", ")
     ));
-    util::ensure_tools(util::HOST_TOOLS)?;
+    util::ensure_host_tools()?;
     util::stage(
         "2/4 guest: kernel, static binaries, recovery ramdisk, normal initramfs, disks, demo image",
     );

@@ -1,5 +1,6 @@
 //! The persistent disks: `build/state.img` (ext4 labelled `state` with the /state layout) and
-//! `build/disk.img` (GPT with `system_a`, `system_b`). Created once and kept across runs —
+//! `build/disk.img` (GPT with `system_a`, `system_b` and the EFI system partition `esp`, which
+//! holds systemd-boot, the boot entries, the kernel and the initramfs images: `esp.rs`). Created once and kept across runs —
 //! persistence across boots is the point — and recreated by `cargo xtask guest --fresh`.
 //!
 //! The slot disk is seeded like a factory-fresh device: the demo image (version 1) is written
@@ -7,6 +8,7 @@
 //! (a active and good, b empty). A kept disk whose `system_a` was never written (its first
 //! 4 KiB are zero) is seeded too; one that holds anything else is left alone.
 
+use crate::esp::ESP_MIB;
 use crate::util::{run_cmd, tool};
 use anyhow::Context;
 use std::io::Write;
@@ -23,6 +25,11 @@ pub const STATE_MIB: u64 = 1024;
 pub const SLOT_MIB: u64 = 512;
 /// First sector of `system_a` (1 MiB: the GPT head before it).
 pub const SYSTEM_A_START_SECTOR: u64 = 2048;
+
+/// Byte offset of the ESP in disk.img (after both slots, so the slots keep their offsets).
+pub fn esp_offset() -> u64 {
+    slot_offset('b') + (SLOT_MIB << 20)
+}
 
 /// Byte offset of a slot partition in disk.img (`a` or `b`), from the fixed layout.
 pub fn slot_offset(slot: char) -> u64 {
@@ -152,19 +159,21 @@ fn create_disk(path: &Path, fresh: bool) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&tmp);
     {
         let f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        // 1 MiB head, two slots, 1 MiB for the backup GPT.
-        f.set_len((2 * SLOT_MIB + 2) << 20)?;
+        // 1 MiB head, two slots, the ESP, 1 MiB for the backup GPT.
+        f.set_len((2 * SLOT_MIB + ESP_MIB + 2) << 20)?;
     }
     // Fixed GUIDs: same inputs, same disk.
     let script = format!(
         "label: gpt\nlabel-id: 6E657875-732D-4469-736B-000000000001\n\
          start={a}, size={s}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=6E657875-732D-536C-6F74-00000000000A, name=system_a\n\
-         size={s}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=6E657875-732D-536C-6F74-00000000000B, name=system_b\n",
+         size={s}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=6E657875-732D-536C-6F74-00000000000B, name=system_b\n\
+         size={e}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=6E657875-732D-4553-5000-000000000001, name=esp\n",
         s = SLOT_MIB,
+        e = ESP_MIB,
         a = SYSTEM_A_START_SECTOR
     );
     eprintln!(
-        "$ sfdisk {} <<< (GPT: system_a, system_b, {SLOT_MIB} MiB each)",
+        "$ sfdisk {} <<< (GPT: system_a, system_b, {SLOT_MIB} MiB each; esp, {ESP_MIB} MiB)",
         tmp.display()
     );
     let mut child = Command::new(sfdisk)
@@ -186,8 +195,46 @@ fn create_disk(path: &Path, fresh: bool) -> anyhow::Result<()> {
     );
     std::fs::rename(&tmp, path)?;
     eprintln!(
-        "xtask: created {} (GPT: system_a, system_b)",
+        "xtask: created {} (GPT: system_a, system_b, esp)",
         path.display()
     );
     Ok(())
+}
+
+/// Write the ESP image `esp` into the `esp` partition of `disk` when its bytes differ. A disk
+/// made before the ESP existed is left alone with a hint. Returns whether it wrote.
+pub fn write_esp(disk: &Path, esp: &Path) -> anyhow::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let bytes = std::fs::read(esp).with_context(|| format!("read {}", esp.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 == ESP_MIB << 20,
+        "{} is {} bytes, not the {ESP_MIB} MiB of the esp partition",
+        esp.display(),
+        bytes.len()
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("open {}", disk.display()))?;
+    let len = f.metadata()?.len();
+    let off = esp_offset();
+    if len < off + (ESP_MIB << 20) + (1 << 20) {
+        eprintln!(
+            "xtask: warning: {} has no esp partition (made before the boot chain); it boots only \
+             through the runner. `cargo xtask guest --fresh` recreates it",
+            disk.display()
+        );
+        return Ok(false);
+    }
+    let mut old = vec![0u8; bytes.len()];
+    f.read_exact_at(&mut old, off)
+        .with_context(|| format!("read the esp of {}", disk.display()))?;
+    if old == bytes {
+        return Ok(false);
+    }
+    f.write_all_at(&bytes, off)
+        .with_context(|| format!("write the esp of {}", disk.display()))?;
+    f.sync_all()?;
+    Ok(true)
 }

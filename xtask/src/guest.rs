@@ -16,7 +16,7 @@
 
 use crate::initramfs::Initramfs;
 use crate::util::{self, cargo, run_cmd};
-use crate::{disks, kernel};
+use crate::{disks, esp, kernel};
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 pub fn build(args: &Args) -> anyhow::Result<Outputs> {
     let build = util::build_dir();
     std::fs::create_dir_all(&build).with_context(|| format!("create {}", build.display()))?;
-    util::ensure_tools(util::HOST_TOOLS)?;
+    util::ensure_host_tools()?;
 
     let k = kernel::ensure(&build, args.fresh)?;
     eprintln!(
@@ -157,6 +157,14 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
     disks::ensure_state(&state_img, args.fresh)?;
     let disk_img = build.join("disk.img");
     disks::ensure_disk(&disk_img, args.fresh, images.demo.as_deref())?;
+    let esp_img = build_esp(&build, &k.vmlinuz, &normal, &recovery)?;
+    ensure_vars(&build.join("ovmf-vars.fd"), args.fresh)?;
+    if disks::write_esp(&disk_img, &esp_img)? {
+        eprintln!(
+            "xtask: wrote the esp of {} (systemd-boot, entries nexus + recovery)",
+            disk_img.display()
+        );
+    }
 
     Ok(Outputs {
         kernel: k.vmlinuz,
@@ -168,6 +176,73 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
         v2_image: images.v2,
         broken_image: images.broken,
     })
+}
+
+/// The device's EFI variable store (its NVRAM: boot counting's one-shot and default entry live
+/// there), a copy of OVMF's empty template; kept across runs like the disks.
+fn ensure_vars(path: &Path, fresh: bool) -> anyhow::Result<()> {
+    if path.exists() && !fresh {
+        return Ok(());
+    }
+    let tmp = path.with_extension("fd.tmp");
+    std::fs::copy(crate::host_tools::OVMF_VARS, &tmp)
+        .with_context(|| format!("copy {}", crate::host_tools::OVMF_VARS))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("create {}", path.display()))?;
+    eprintln!(
+        "xtask: created {} (the device's EFI variables)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `build/esp.img`: systemd-boot, `nexus.conf` (the normal initramfs, default) and
+/// `recovery.conf` (the recovery ramdisk), with the runner's kernel command lines.
+fn build_esp(
+    build: &Path,
+    kernel: &Path,
+    normal: &Path,
+    recovery: &Path,
+) -> anyhow::Result<PathBuf> {
+    use nx_qemu::BootTarget;
+    let mut cfg = nx_qemu::Config::new(build);
+    let normal_cmdline = cfg.cmdline(BootTarget::Normal, false);
+    cfg.recovery = true;
+    let recovery_cmdline = cfg.cmdline(BootTarget::Recovery, true);
+    let spec = esp::Esp {
+        files: vec![
+            (
+                "EFI/BOOT/BOOTX64.EFI".into(),
+                PathBuf::from(crate::host_tools::SYSTEMD_BOOT_EFI),
+            ),
+            ("nexus/vmlinuz".into(), kernel.to_path_buf()),
+            ("nexus/initrd.cpio".into(), normal.to_path_buf()),
+            ("nexus/recovery.cpio".into(), recovery.to_path_buf()),
+        ],
+        texts: vec![
+            ("loader/loader.conf".into(), esp::loader_conf("nexus.conf")),
+            (
+                "loader/entries/nexus.conf".into(),
+                esp::entry(
+                    "nexus",
+                    "nexus/vmlinuz",
+                    "nexus/initrd.cpio",
+                    &normal_cmdline,
+                ),
+            ),
+            (
+                "loader/entries/recovery.conf".into(),
+                esp::entry(
+                    "nexus recovery",
+                    "nexus/vmlinuz",
+                    "nexus/recovery.cpio",
+                    &recovery_cmdline,
+                ),
+            ),
+        ],
+    };
+    let out = build.join("esp.img");
+    esp::build(&spec, &out)?;
+    Ok(out)
 }
 
 fn report(path: &Path, written: bool, len: usize) {

@@ -66,16 +66,57 @@ pub const HOST_TOOLS: &[Tool] = &[
         "bash",
         "nx-cli tests: `bash -n` on the completion script",
     ),
+    t(
+        "mkfs.vfat",
+        "dosfstools",
+        "xtask guest: the EFI system partition",
+    ),
+    t("mmd", "mtools", "xtask guest: directories on the ESP"),
+    t("mcopy", "mtools", "xtask guest: files on the ESP"),
 ];
 
-/// The Debian package of `bin`, if it is in the table.
+/// Debian's systemd-boot (package `systemd-boot-efi`).
+pub const SYSTEMD_BOOT_EFI: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// OVMF's code (package `ovmf`), 4 MiB flash layout.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF's empty variable store: the template of a device's NVRAM.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// Files (not programs) the recipes read from Debian packages, by absolute path.
+pub const HOST_FILES: &[Tool] = &[
+    t(
+        SYSTEMD_BOOT_EFI,
+        "systemd-boot-efi",
+        "xtask guest: the boot loader on the ESP",
+    ),
+    t(
+        OVMF_CODE,
+        "ovmf",
+        "booting build/disk.img with UEFI firmware (docs/runner/boot.md)",
+    ),
+    t(
+        OVMF_VARS,
+        "ovmf",
+        "the template of a device's EFI variable store",
+    ),
+];
+
+/// The Debian package of `bin` (a program or one of the files), if it is in the tables.
 pub fn package_of(bin: &str) -> Option<&'static str> {
-    HOST_TOOLS.iter().find(|t| t.bin == bin).map(|t| t.package)
+    HOST_TOOLS
+        .iter()
+        .chain(HOST_FILES)
+        .find(|t| t.bin == bin)
+        .map(|t| t.package)
 }
 
-/// The distinct Debian packages of the table, sorted.
+/// The distinct Debian packages of both tables, sorted.
 pub fn packages() -> Vec<&'static str> {
-    let mut p: Vec<&str> = HOST_TOOLS.iter().map(|t| t.package).collect();
+    let mut p: Vec<&str> = HOST_TOOLS
+        .iter()
+        .chain(HOST_FILES)
+        .map(|t| t.package)
+        .collect();
     p.sort_unstable();
     p.dedup();
     p
@@ -276,7 +317,7 @@ mod tests {
     #[test]
     fn no_duplicate_binaries() {
         let mut seen = BTreeSet::new();
-        for t in HOST_TOOLS {
+        for t in HOST_TOOLS.iter().chain(HOST_FILES) {
             assert!(seen.insert(t.bin), "{} listed twice", t.bin);
         }
     }

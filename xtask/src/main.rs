@@ -14,6 +14,7 @@ mod e2e;
 mod e2e_fanout;
 mod e2e_reset;
 mod e2e_slots;
+mod esp;
 mod guest;
 mod host_tools;
 mod initramfs;
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     // Every recipe spawns host programs: install what is missing first (`ci` does it in its
     // own "host packages" stage).
     if !matches!(cli.cmd, Cmd::Ci(_)) {
-        if let Err(err) = util::ensure_tools(util::HOST_TOOLS) {
+        if let Err(err) = util::ensure_host_tools() {
             eprintln!("xtask: error: {err:#}");
             return ExitCode::FAILURE;
         }

@@ -66,7 +66,7 @@ pub fn describe(cmd: &Command) -> String {
     s
 }
 
-pub use crate::host_tools::{Tool, HOST_TOOLS};
+pub use crate::host_tools::{Tool, HOST_FILES, HOST_TOOLS};
 
 /// Find an executable in `$PATH` plus the sbin directories (a non-root `$PATH` often lacks them).
 pub fn which(bin: &str) -> Option<PathBuf> {
@@ -121,7 +121,7 @@ pub fn apt_update() -> anyhow::Result<()> {
 /// Install the Debian packages of every missing tool in `tools` (root only; otherwise say
 /// exactly what to run).
 pub fn ensure_tools(tools: &[Tool]) -> anyhow::Result<()> {
-    let absent: Vec<&Tool> = tools.iter().filter(|t| which(t.bin).is_none()).collect();
+    let absent: Vec<&Tool> = tools.iter().filter(|t| !present(t)).collect();
     let mut missing: Vec<&str> = absent.iter().map(|t| t.package).collect();
     missing.sort_unstable();
     missing.dedup();
@@ -152,7 +152,7 @@ pub fn ensure_tools(tools: &[Tool]) -> anyhow::Result<()> {
     }
     let still: Vec<&str> = absent
         .iter()
-        .filter(|t| which(t.bin).is_none())
+        .filter(|t| !present(t))
         .map(|t| t.bin)
         .collect();
     if !still.is_empty() {
@@ -163,6 +163,21 @@ pub fn ensure_tools(tools: &[Tool]) -> anyhow::Result<()> {
     }
     eprintln!("xtask: installed host packages: {list}");
     Ok(())
+}
+
+/// A program on `$PATH` (or the sbin directories), or a file given by its absolute path.
+fn present(t: &Tool) -> bool {
+    if t.bin.starts_with('/') {
+        Path::new(t.bin).is_file()
+    } else {
+        which(t.bin).is_some()
+    }
+}
+
+/// Every host program and file the recipes need ([`HOST_TOOLS`] and [`HOST_FILES`]).
+pub fn ensure_host_tools() -> anyhow::Result<()> {
+    let all: Vec<Tool> = HOST_TOOLS.iter().chain(HOST_FILES).copied().collect();
+    ensure_tools(&all)
 }
 
 /// Write `bytes` to `path` only when the content differs (keeps mtimes stable for caching).
