@@ -15,6 +15,7 @@ mod e2e_fanout;
 mod e2e_reset;
 mod e2e_slots;
 mod esp;
+mod fuzz;
 mod guest;
 mod host_tools;
 mod initramfs;
@@ -51,6 +52,9 @@ enum Cmd {
     Bench(bench::Args),
     /// Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
     Codegen(codegen::Args),
+    /// A coverage-guided fuzz campaign (libFuzzer, stable toolchain): `cargo xtask fuzz
+    /// [TARGET] [--time S] [--keep]`; CI replays the checked-in corpus as tests.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::E2e(a) => e2e::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Codegen(a) => codegen::run(a),
+        Cmd::Fuzz(a) => fuzz::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
