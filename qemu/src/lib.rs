@@ -146,6 +146,10 @@ pub struct Config {
     pub follow_reboots: bool,
     /// Upper bound on boots in one run (a reboot loop is a failure, not a hang).
     pub max_boots: u32,
+    /// Disks served over NBD instead of opened as files: `("state" | "disk", unix socket)`
+    /// (the crash simulator records every write and flush this way). The file of the same
+    /// disk must still be set: the firmware loop reads the next-boot record from it.
+    pub nbd: Vec<(String, PathBuf)>,
 }
 
 impl Config {
@@ -181,6 +185,7 @@ impl Config {
             interactive: false,
             follow_reboots: true,
             max_boots: 16,
+            nbd: Vec::new(),
         }
     }
 
@@ -336,9 +341,25 @@ impl Config {
                 // cache=unsafe: guest flushes are not forwarded to the host disk. Killing QEMU
                 // (a power cut) still keeps every write the guest saw complete, because QEMU
                 // hands each write to the host kernel before completing it.
-                let mut drive =
-                    OsString::from(format!("if=none,id={id},format=raw,cache=unsafe,file="));
-                drive.push(img.as_os_str());
+                let drive = match self.nbd.iter().find(|(d, _)| d == id) {
+                    // Writeback caching in the guest's view: flushes reach the NBD server,
+                    // which is the point.
+                    Some((_, sock)) => {
+                        let mut d = OsString::from(format!(
+                            "if=none,id={id},driver=raw,cache=writeback,file.driver=nbd,\
+                             file.server.type=unix,file.server.path="
+                        ));
+                        d.push(sock.as_os_str());
+                        d
+                    }
+                    None => {
+                        let mut d = OsString::from(format!(
+                            "if=none,id={id},format=raw,cache=unsafe,file="
+                        ));
+                        d.push(img.as_os_str());
+                        d
+                    }
+                };
                 a.push("-drive".into());
                 a.push(drive);
                 a.push("-device".into());
@@ -422,6 +443,21 @@ mod tests {
         assert!(!args(&c, BootTarget::Normal, true)
             .join(" ")
             .contains("state.img"));
+    }
+
+    #[test]
+    fn a_disk_over_nbd() {
+        let mut c = Config::new(Path::new("/b"));
+        c.nbd.push(("disk".into(), PathBuf::from("/r/disk.nbd")));
+        let a = args(&c, BootTarget::Normal, true).join(" ");
+        assert!(
+            a.contains("id=disk,driver=raw,cache=writeback,file.driver=nbd,file.server.type=unix,file.server.path=/r/disk.nbd"),
+            "{a}"
+        );
+        assert!(
+            a.contains("id=state,format=raw,cache=unsafe,file=/b/state.img"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 mod bench;
 mod ci;
 mod codegen;
+mod crash;
+mod crashsim;
 mod demo;
 mod disks;
 mod e2e;
@@ -55,6 +57,9 @@ enum Cmd {
     /// A coverage-guided fuzz campaign (libFuzzer, stable toolchain): `cargo xtask fuzz
     /// [TARGET] [--time S] [--keep]`; CI replays the checked-in corpus as tests.
     Fuzz(fuzz::Args),
+    /// Power cuts that lose what real disks lose: record a path's writes and flushes over NBD,
+    /// then boot random crash states (`--states N`); the old or the new slot must come up.
+    Crash(crash::Args),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Codegen(a) => codegen::run(a),
         Cmd::Fuzz(a) => fuzz::run(a),
+        Cmd::Crash(a) => crash::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
