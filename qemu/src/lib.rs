@@ -98,6 +98,29 @@ pub const REBOOT_PORT: (&str, &str) = ("com.nexus.reboot", "reboot.sock");
 /// The bootctl port.
 pub const BOOTCTL_PORT: (&str, &str) = ("com.nexus.bootctl", "bootctl.sock");
 
+/// Debian's OVMF firmware code (package `ovmf`, 4 MiB flash layout).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF's empty variable store: the template of a device's NVRAM.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// UEFI firmware for a run: the read-only code and the device's variable store (written by
+/// the firmware and the bootloader: boot counting's one-shot and default entry live there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uefi {
+    pub code: PathBuf,
+    pub vars: PathBuf,
+}
+
+impl Uefi {
+    /// Debian's OVMF with the variable store `vars` (created from [`OVMF_VARS`] when missing).
+    pub fn ovmf(vars: PathBuf) -> Uefi {
+        Uefi {
+            code: PathBuf::from(OVMF_CODE),
+            vars,
+        }
+    }
+}
+
 /// Everything a run needs. Build it with [`Config::new`] and adjust the public fields.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -146,6 +169,10 @@ pub struct Config {
     pub follow_reboots: bool,
     /// Upper bound on boots in one run (a reboot loop is a failure, not a hang).
     pub max_boots: u32,
+    /// Boot through UEFI firmware (OVMF) and the disk's own bootloader instead of loading the
+    /// kernel and an initramfs directly: the ESP of `disk_img` decides what boots (its default
+    /// entry; `recovery`, `first_boot` and `extra_cmdline` do not apply).
+    pub uefi: Option<Uefi>,
     /// Disks served over NBD instead of opened as files: `("state" | "disk", unix socket)`
     /// (the crash simulator records every write and flush this way). The file of the same
     /// disk must still be set: the firmware loop reads the next-boot record from it.
@@ -186,6 +213,7 @@ impl Config {
             follow_reboots: true,
             max_boots: 16,
             nbd: Vec::new(),
+            uefi: None,
         }
     }
 
@@ -306,16 +334,27 @@ impl Config {
                 push(s);
             }
         }
-        push("-kernel");
-        a.push(self.kernel.clone().into_os_string());
-        a.push("-initrd".into());
-        let initrd = match target {
-            BootTarget::Recovery => &self.recovery_initrd,
-            BootTarget::Normal => &self.normal_initrd,
-        };
-        a.push(initrd.clone().into_os_string());
-        a.push("-append".into());
-        a.push(self.cmdline(target, first_boot).into());
+        if let Some(u) = &self.uefi {
+            let mut code = OsString::from("if=pflash,format=raw,readonly=on,file=");
+            code.push(u.code.as_os_str());
+            let mut vars = OsString::from("if=pflash,format=raw,file=");
+            vars.push(u.vars.as_os_str());
+            for d in [code, vars] {
+                a.push("-drive".into());
+                a.push(d);
+            }
+        } else {
+            push("-kernel");
+            a.push(self.kernel.clone().into_os_string());
+            a.push("-initrd".into());
+            let initrd = match target {
+                BootTarget::Recovery => &self.recovery_initrd,
+                BootTarget::Normal => &self.normal_initrd,
+            };
+            a.push(initrd.clone().into_os_string());
+            a.push("-append".into());
+            a.push(self.cmdline(target, first_boot).into());
+        }
         if !self.ports.is_empty() {
             a.push("-device".into());
             a.push("virtio-serial-pci,id=vser0".into());
@@ -371,6 +410,14 @@ impl Config {
 
     /// Check the files a run needs.
     pub fn check(&self) -> Result<(), Error> {
+        if let Some(u) = &self.uefi {
+            if !u.code.exists() {
+                return Err(Error::Missing {
+                    what: "UEFI firmware (apt-get install -y ovmf)",
+                    path: u.code.clone(),
+                });
+            }
+        }
         let need = [
             ("kernel", Some(&self.kernel)),
             ("recovery ramdisk", Some(&self.recovery_initrd)),
@@ -443,6 +490,15 @@ mod tests {
         assert!(!args(&c, BootTarget::Normal, true)
             .join(" ")
             .contains("state.img"));
+    }
+
+    #[test]
+    fn uefi_boots_from_the_disk() {
+        let mut c = Config::new(Path::new("/b"));
+        c.uefi = Some(Uefi::ovmf(PathBuf::from("/r/vars.fd")));
+        let a = args(&c, BootTarget::Normal, true).join(" ");
+        assert!(a.contains("-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd -drive if=pflash,format=raw,file=/r/vars.fd"), "{a}");
+        assert!(!a.contains("-kernel") && !a.contains("-append"), "{a}");
     }
 
     #[test]

@@ -236,6 +236,15 @@ impl Runner {
             path: config.run_dir.clone(),
             source: e,
         })?;
+        if let Some(u) = &config.uefi {
+            if !u.vars.exists() {
+                std::fs::copy(crate::OVMF_VARS, &u.vars).map_err(|e| Error::Io {
+                    what: "create the EFI variable store",
+                    path: u.vars.clone(),
+                    source: e,
+                })?;
+            }
+        }
         for p in &config.ports {
             let _ = std::fs::remove_file(&p.socket);
         }

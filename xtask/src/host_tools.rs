@@ -77,10 +77,7 @@ pub const HOST_TOOLS: &[Tool] = &[
 
 /// Debian's systemd-boot (package `systemd-boot-efi`).
 pub const SYSTEMD_BOOT_EFI: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
-/// OVMF's code (package `ovmf`), 4 MiB flash layout.
-pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-/// OVMF's empty variable store: the template of a device's NVRAM.
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub use nx_qemu::{OVMF_CODE, OVMF_VARS};
 
 /// Files (not programs) the recipes read from Debian packages, by absolute path.
 pub const HOST_FILES: &[Tool] = &[
