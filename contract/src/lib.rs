@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod defaults;
+pub mod loader;
 pub mod markers;
 pub mod ports;
 pub mod state;

@@ -1,0 +1,255 @@
+//! The bootloader's side of the boot contract (systemd-boot, the Boot Loader Specification and
+//! the Boot Loader Interface): entry file names with boot counters, the entries of the device,
+//! and the EFI variables the bootloader and userspace exchange. Sans-IO: names and bytes only.
+//!
+//! Boot counting (BLS "Boot counting"): an entry file `ID+LEFT[-DONE].conf` is tried while
+//! `LEFT > 0`; on each try the bootloader renames it to `ID+(LEFT-1)-(DONE+1).conf`. Userspace
+//! blesses a good boot by renaming it to `ID.conf`; an entry with `LEFT == 0` is sorted last,
+//! so the bootloader falls back to the other slot by itself.
+
+/// The vendor GUID of systemd's Boot Loader Interface variables.
+pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+/// Attributes of a variable userspace writes: non-volatile, boot service, runtime access.
+pub const EFI_VARIABLE_NV_BS_RT: u32 = 0x07;
+
+/// Variables the bootloader sets for userspace (read-only for us).
+pub const LOADER_ENTRY_SELECTED: &str = "LoaderEntrySelected";
+/// The ESP path of the entry file that was booted with a counter (absent when it had none).
+pub const LOADER_BOOT_COUNT_PATH: &str = "LoaderBootCountPath";
+/// Every entry id the bootloader knew.
+pub const LOADER_ENTRIES: &str = "LoaderEntries";
+/// Variables userspace sets for the bootloader.
+pub const LOADER_ENTRY_ONESHOT: &str = "LoaderEntryOneShot";
+/// The default entry (overrides `loader.conf`'s `default`).
+pub const LOADER_ENTRY_DEFAULT: &str = "LoaderEntryDefault";
+
+/// The file name of variable `name` in efivarfs (`NAME-GUID`).
+pub fn efivarfs_name(name: &str) -> String {
+    format!("{name}-{LOADER_GUID}")
+}
+
+/// Entry id of slot `slot` (`a` / `b`): `nexus-a`.
+pub fn slot_entry_id(slot: char) -> String {
+    format!("nexus-{slot}")
+}
+
+/// Entry id of the recovery entry.
+pub const RECOVERY_ENTRY_ID: &str = "recovery";
+
+/// An entry file name, parsed: `ID[+LEFT[-DONE]].conf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryName {
+    /// The entry id (what `LoaderEntrySelected` and the one-shot variable name).
+    pub id: String,
+    /// Tries left and done; `None`: no counter (a blessed or counter-less entry).
+    pub counter: Option<Counter>,
+}
+
+/// A boot counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    pub left: u32,
+    pub done: u32,
+}
+
+/// Longest entry id we accept (ids come from file names on the ESP).
+pub const MAX_ENTRY_ID: usize = 64;
+
+impl EntryName {
+    /// Parse a file name (`nexus-b+2-1.conf`); `None` for anything that is not a `.conf`
+    /// entry with a plain id (`[A-Za-z0-9._-]`, at most [`MAX_ENTRY_ID`]).
+    pub fn parse(file: &str) -> Option<EntryName> {
+        let stem = file.strip_suffix(".conf")?;
+        let (id, counter) = match stem.rsplit_once('+') {
+            None => (stem, None),
+            Some((id, c)) => {
+                let (left, done) = match c.split_once('-') {
+                    Some((l, d)) => (l, Some(d)),
+                    None => (c, None),
+                };
+                let num = |s: &str| -> Option<u32> {
+                    if s.is_empty() || s.len() > 6 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                        return None;
+                    }
+                    s.parse().ok()
+                };
+                let left = num(left)?;
+                let done = match done {
+                    Some(d) => num(d)?,
+                    None => 0,
+                };
+                (id, Some(Counter { left, done }))
+            }
+        };
+        let valid = !id.is_empty()
+            && id.len() <= MAX_ENTRY_ID
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        valid.then(|| EntryName {
+            id: id.to_string(),
+            counter,
+        })
+    }
+
+    /// The file name (`ID.conf`, `ID+LEFT.conf` when nothing was tried yet, else
+    /// `ID+LEFT-DONE.conf`).
+    pub fn file_name(&self) -> String {
+        match self.counter {
+            None => format!("{}.conf", self.id),
+            Some(Counter { left, done: 0 }) => format!("{}+{left}.conf", self.id),
+            Some(Counter { left, done }) => format!("{}+{left}-{done}.conf", self.id),
+        }
+    }
+
+    /// A fresh entry with `tries` tries (`ID+TRIES.conf`).
+    pub fn with_tries(id: &str, tries: u32) -> EntryName {
+        EntryName {
+            id: id.to_string(),
+            counter: Some(Counter {
+                left: tries,
+                done: 0,
+            }),
+        }
+    }
+
+    /// The blessed entry (`ID.conf`): a boot that was confirmed good.
+    pub fn blessed(&self) -> EntryName {
+        EntryName {
+            id: self.id.clone(),
+            counter: None,
+        }
+    }
+
+    /// No tries left: the bootloader sorts it last and never picks it while another entry
+    /// can boot.
+    pub fn is_bad(&self) -> bool {
+        matches!(self.counter, Some(Counter { left: 0, .. }))
+    }
+
+    /// The id systemd-boot uses in `LoaderEntrySelected`, `LoaderEntries`, the one-shot and
+    /// the default variable: the file name without its counter (`nexus-a.conf` for
+    /// `nexus-a+2-1.conf`).
+    pub fn loader_id(&self) -> String {
+        format!("{}.conf", self.id)
+    }
+
+    /// The bootloader's rename on a try (what systemd-boot does before booting it).
+    pub fn tried(&self) -> EntryName {
+        EntryName {
+            id: self.id.clone(),
+            counter: self.counter.map(|c| Counter {
+                left: c.left.saturating_sub(1),
+                done: c.done.saturating_add(1),
+            }),
+        }
+    }
+}
+
+/// The payload of a Boot Loader Interface string variable: NUL-terminated UTF-16LE.
+pub fn encode_utf16_var(s: &str) -> Vec<u8> {
+    s.encode_utf16()
+        .chain(std::iter::once(0))
+        .flat_map(u16::to_le_bytes)
+        .collect()
+}
+
+/// Decode a string variable's payload (trailing NULs dropped); `None` when not UTF-16LE.
+pub fn decode_utf16_var(b: &[u8]) -> Option<String> {
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
+    String::from_utf16(&units[..end]).ok()
+}
+
+/// Decode `LoaderEntries`: NUL-separated UTF-16LE ids.
+pub fn decode_utf16_list(b: &[u8]) -> Option<Vec<String>> {
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    units
+        .split(|&u| u == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf16(s).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_follow_systemd_boot() {
+        // What the platform notes saw: +3 → +2-1 → +1-2.
+        let e = EntryName::with_tries("nexus-a", 3);
+        assert_eq!(e.file_name(), "nexus-a+3.conf");
+        assert_eq!(e.tried().file_name(), "nexus-a+2-1.conf");
+        assert_eq!(e.tried().tried().file_name(), "nexus-a+1-2.conf");
+        let bad = e.tried().tried().tried();
+        assert_eq!(bad.file_name(), "nexus-a+0-3.conf");
+        assert!(bad.is_bad());
+        assert_eq!(bad.blessed().file_name(), "nexus-a.conf");
+        for f in [
+            "nexus-a+3.conf",
+            "nexus-a+2-1.conf",
+            "nexus-b.conf",
+            "recovery.conf",
+        ] {
+            assert_eq!(EntryName::parse(f).unwrap().file_name(), f);
+        }
+        assert_eq!(EntryName::parse("nexus-b+0-3.conf").unwrap().id, "nexus-b");
+        assert_eq!(
+            EntryName::parse("nexus-b+1-2.conf").unwrap().loader_id(),
+            "nexus-b.conf"
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        for f in [
+            "nexus-a",
+            ".conf",
+            "+3.conf",
+            "a/b.conf",
+            "nexus-a+x.conf",
+            "nexus-a+3-.conf",
+            "nexus-a+99999999.conf",
+            "ä.conf",
+        ] {
+            assert_eq!(EntryName::parse(f), None, "{f}");
+        }
+        assert_eq!(EntryName::parse(&format!("{}.conf", "a".repeat(65))), None);
+    }
+
+    #[test]
+    fn utf16_variables() {
+        // The one-shot of the platform notes: "recovery.conf" as UTF-16LE with a NUL.
+        let b = encode_utf16_var("recovery.conf");
+        assert_eq!(&b[..4], &[b'r', 0, b'e', 0]);
+        assert_eq!(&b[b.len() - 2..], &[0, 0]);
+        assert_eq!(decode_utf16_var(&b).as_deref(), Some("recovery.conf"));
+        assert_eq!(decode_utf16_var(&[1]), None);
+        let list = [
+            encode_utf16_var("nexus-a.conf"),
+            encode_utf16_var("recovery.conf"),
+        ]
+        .concat();
+        assert_eq!(
+            decode_utf16_list(&list).unwrap(),
+            vec!["nexus-a.conf", "recovery.conf"]
+        );
+        assert_eq!(
+            efivarfs_name(LOADER_ENTRY_ONESHOT),
+            "LoaderEntryOneShot-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+        );
+    }
+}
