@@ -11,6 +11,7 @@
 pub mod blockdev;
 pub mod bounded;
 pub mod cmdline;
+pub mod fsx;
 pub mod loopdev;
 pub mod marker;
 pub mod modules;
