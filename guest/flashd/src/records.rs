@@ -83,11 +83,11 @@ impl Counters {
 }
 
 fn counters_path(state: &StateDir) -> PathBuf {
-    state.flash_dir().join("counters.json")
+    state.root().join(nx_contract::state::FLASH_COUNTERS)
 }
 
 fn index_path(state: &StateDir) -> PathBuf {
-    state.flash_dir().join("index.json")
+    state.root().join(nx_contract::state::FLASH_INDEX)
 }
 
 /// `installed.json` without the (large) index.
