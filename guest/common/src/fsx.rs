@@ -208,12 +208,14 @@ fn read_with(path: &Path, max: usize, extra: OFlags) -> io::Result<Option<Vec<u8
             },
         )
     };
+    // The bound is checked before anything is allocated or read: a regular file on a real
+    // filesystem says its size (sysfs/procfs files say 4096 or 0 whatever they hold: for
+    // them the bounded read below decides).
+    let real_size = size_is_meaningful(&fd);
     let f = File::from(fd);
-    // The bound is checked before anything is allocated: a regular file says its size
-    // (sysfs/procfs files say 0 or 4096; the read below stays bounded for them).
-    let len = f.metadata()?.len();
-    let reported = usize::try_from(len).unwrap_or(usize::MAX);
-    if f.metadata()?.is_file() && reported > max {
+    let meta = f.metadata()?;
+    let reported = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    if real_size && meta.is_file() && reported > max {
         return Err(too_large());
     }
     let mut buf = Vec::with_capacity(reported.min(max));
@@ -223,6 +225,27 @@ fn read_with(path: &Path, max: usize, extra: OFlags) -> io::Result<Option<Vec<u8
         return Err(too_large());
     }
     Ok(Some(buf))
+}
+
+/// False on pseudo filesystems (sysfs, procfs, …) whose files report a size unrelated to
+/// their content.
+fn size_is_meaningful(fd: &OwnedFd) -> bool {
+    const PSEUDO: [u32; 8] = [
+        0x6265_6572, // sysfs
+        0x9fa0,      // proc
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x6265_6570, // configfs
+        0x6367_7270, // cgroup2
+        0xde5e_81e4, // efivarfs
+    ];
+    match rustix::fs::fstatfs(fd) {
+        // The magic numbers are 32-bit; `f_type`'s width differs between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st) => !PSEUDO.contains(&(st.f_type as u32)),
+        Err(_) => false,
+    }
 }
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT`.
@@ -339,6 +362,27 @@ mod tests {
         assert!(read_bounded_nofollow(&d.path().join("none"), 4)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn pseudo_files_are_read_by_content_not_reported_size() {
+        // /proc files report size 0, sysfs files 4096: both read by content.
+        let stat = read_bounded(Path::new("/proc/self/stat"), 4096)
+            .unwrap()
+            .unwrap();
+        assert!(!stat.is_empty());
+        let sys = Path::new("/sys/kernel/mm/transparent_hugepage/enabled");
+        if sys.exists() {
+            assert!(read_bounded_nofollow(sys, 200).unwrap().is_some());
+        }
+        // A sparse regular file over the bound is refused without reading it.
+        let d = tempfile::tempdir().unwrap();
+        let big = d.path().join("big");
+        File::create(&big).unwrap().set_len(1 << 40).unwrap();
+        assert_eq!(
+            read_bounded(&big, 16).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
     }
 
     #[test]
