@@ -619,3 +619,63 @@ fn staging_matches(path: &std::path::Path, j: &Journal) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receiving(dir: &std::path::Path) -> Box<Receiving> {
+        let staging = Staging::create(&dir.join("staging.img"), 8192).unwrap();
+        let file = Arc::new(staging.file_handle().unwrap());
+        Box::new(Receiving {
+            image_id: [3; 32],
+            staging,
+            file,
+            manifest: None,
+            stream: None,
+        })
+    }
+
+    #[test]
+    fn an_unchanged_install_keeps_the_phase_it_started_in() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Phase::Installing {
+            unchanged: true,
+            manifest: None,
+            before: Box::new(Phase::Receiving(receiving(d.path()))),
+        };
+        assert_eq!(p.open().map(|r| r.image_id), Some([3; 32]));
+        assert!(p.open_mut().is_some());
+        assert!(!p.consumed());
+        // Closing takes the staged transfer out of the install's `before`.
+        assert!(p.take_open().is_some());
+        assert!(p.open().is_none());
+        assert!(matches!(p, Phase::Installing { .. }));
+    }
+
+    #[test]
+    fn consumed_until_a_new_transfer_starts() {
+        let mut p = Phase::Installing {
+            unchanged: true,
+            manifest: None,
+            before: Box::new(Phase::Consumed),
+        };
+        assert!(p.consumed());
+        p.clear_consumed();
+        assert!(!p.consumed());
+        assert!(matches!(p, Phase::Installing { .. }));
+        let mut p = Phase::Consumed;
+        assert!(p.take_open().is_none());
+        p.clear_consumed();
+        assert!(matches!(p, Phase::Idle));
+    }
+
+    #[test]
+    fn closing_a_receiving_phase_leaves_idle() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Phase::Receiving(receiving(d.path()));
+        assert!(p.take_open().is_some());
+        assert!(matches!(p, Phase::Idle));
+        assert!(p.open().is_none());
+    }
+}
