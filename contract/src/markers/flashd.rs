@@ -5,7 +5,7 @@ use super::Marker;
 use std::fmt::Display;
 
 /// Prefixes of the markers with variable parts, as the runner matches them.
-pub const PATTERNS: [&str; 8] = [
+pub const PATTERNS: [&str; 7] = [
     "flashd: hello host=",
     "flashd: error ",
     "flashd: wrote seg=",
@@ -13,7 +13,6 @@ pub const PATTERNS: [&str; 8] = [
     "flashd: install slot=",
     "flashd: slot=",
     "flashd: stub/placeholder no usable state dir (",
-    "flashd: ready",
 ];
 
 /// `flashd: ready`: the server holds its state dir and serves the link.

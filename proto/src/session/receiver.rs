@@ -458,7 +458,7 @@ impl Receiver {
         }
     }
 
-    /// Sends ERROR, prints the error marker, ends the session.
+    /// Sends ERROR, reports it ([`ReceiverReport::Error`]), ends the session.
     fn fail(&mut self, code: ErrorCode, text: &str) {
         let e = ErrorMsg::new(code, text);
         self.push(ReceiverAction::Report(ReceiverReport::Error {
