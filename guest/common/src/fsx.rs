@@ -30,6 +30,8 @@ pub struct TooLarge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AtomicWrite {
     mode: u32,
+    /// `mode` was asked for: set exactly, not reduced by the umask.
+    exact: bool,
     durable: bool,
     replace: bool,
 }
@@ -41,18 +43,22 @@ impl Default for AtomicWrite {
 }
 
 impl AtomicWrite {
-    /// Mode 0644, durable (fsync of the file and the directory), replacing an existing file.
+    /// Mode 0644 (less the umask), durable (fsync of the file and the directory), replacing
+    /// an existing file.
     pub const fn new() -> AtomicWrite {
         AtomicWrite {
             mode: 0o644,
+            exact: false,
             durable: true,
             replace: true,
         }
     }
 
-    /// The permission bits of the new file (before the umask).
+    /// The permission bits of the new file, exactly (not reduced by the umask; the temp file
+    /// is created with them, so it is never more open than asked).
     pub const fn mode(mut self, mode: u32) -> AtomicWrite {
         self.mode = mode;
+        self.exact = true;
         self
     }
 
@@ -94,8 +100,9 @@ impl AtomicWrite {
         )?;
         let mut f = File::from(fd);
         let written = f.write_all(bytes).and_then(|()| {
-            // The mode is exact (not reduced by the umask) when asked to be private.
-            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(self.mode))?;
+            if self.exact {
+                f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(self.mode))?;
+            }
             if self.durable {
                 f.sync_all()?;
             }
