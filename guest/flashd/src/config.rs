@@ -10,10 +10,7 @@ use std::time::Duration;
     name = "flashd",
     version,
     about = "The flashing authority on the target: receive, verify, install atomically",
-    after_help = "Examples:\n  \
-        flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
-        flashd --port-name com.nexus.flash --state /state --install-partition system_b\n  \
-        flashd --port-name com.nexus.flash --state /state --install-slot auto"
+    after_help = examples()
 )]
 pub struct Args {
     /// Serve a unix socket at SOCK (host use and tests).
@@ -74,6 +71,18 @@ pub struct Args {
     /// Largest chunk accepted (bytes, power of two, 4096..=1048576).
     #[arg(long, default_value_t = nx_contract::defaults::CHUNK)]
     pub max_chunk: u32,
+}
+
+/// The examples of `--help`, with the guest's port name and state mount.
+fn examples() -> String {
+    let port = nx_contract::ports::FLASH.name;
+    let state = nx_contract::state::STATE_MOUNT;
+    format!(
+        "Examples:\n  \
+        flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
+        flashd --port-name {port} --state {state} --install-partition system_b\n  \
+        flashd --port-name {port} --state {state} --install-slot auto"
+    )
 }
 
 /// Where flashd receives.
