@@ -14,7 +14,7 @@
 //! | [`config`] | command line → [`config::Config`] (configuration only, no runtime state) |
 //! | [`link`] | the transport: a unix socket flashd serves, or the virtio-serial port; frames in, frames out |
 //! | [`server`] | the server loop: connections one at a time, the stub without a usable state dir |
-//! | [`runtime`] | one receiver and the transfer's explicit phase (`Idle` → `Receiving` → `Installing` → `Consumed`), worker results; `runtime::actions` executes each receiver action in a function of its own |
+//! | [`runtime`] | one receiver and the transfer's explicit phase (`Idle` → `Receiving` → `Installing` → `Consumed`), worker results; `runtime::actions` executes each receiver action in a function of its own; `runtime::installed` keeps the install record, receipt and skip index after an install |
 //! | [`console`] | the injected [`console::Output`] every console line goes through; receiver reports → `nx_contract::markers::flashd` markers |
 //! | [`install`] | where a verified image goes ([`install::Destination`]: the spec plus the slot chosen at runtime), slot activation and skip-index threads |
 //! | [`workers`] | the hasher and durability threads (fsync, journal, the install itself) |
