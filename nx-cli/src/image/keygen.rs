@@ -84,3 +84,28 @@ pub fn run(args: KeygenArgs) -> anyhow::Result<ExitCode> {
     say!("public key {}", hex::encode(public));
     Ok(ExitCode::from(exit::OK))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keys_are_written_with_their_mode_never_through_a_planted_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let key = d.path().join("k");
+        std::os::unix::fs::symlink(&victim, d.path().join(".k.tmp")).unwrap();
+        write_atomic(&key, "secret\n", 0o600, false).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Without force an existing key stays; with force it is replaced.
+        let e = write_atomic(&key, "other\n", 0o600, false).unwrap_err();
+        assert!(e.to_string().contains("pass --force"), "{e}");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret\n");
+        write_atomic(&key, "other\n", 0o644, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "other\n");
+    }
+}
