@@ -26,8 +26,14 @@ pub const FLASH_DIR: &str = "flash";
 pub const FLASH_STAGING: &str = "flash/staging.img";
 /// Names the slot device while a direct transfer streams into it.
 pub const FLASH_STAGING_WHERE: &str = "flash/staging.where";
-/// flashd's resume journal.
-pub const FLASH_JOURNAL: &str = "flash/journal";
+/// flashd's resume journal (durable progress of the transfer).
+pub const FLASH_JOURNAL: &str = "flash/journal.json";
+/// What is installed right now (flashd's install record, for skip / short-circuit).
+pub const FLASH_INSTALLED: &str = "flash/installed.json";
+/// The skip index of the installed image (kept beside the install record).
+pub const FLASH_INDEX: &str = "flash/index.json";
+/// The receipt counters of the transfer in progress (informational).
+pub const FLASH_COUNTERS: &str = "flash/counters.json";
 /// The receipt of the last install.
 pub const FLASH_LAST_INSTALL: &str = "flash/last-install.json";
 /// Trusted keys (kept by a factory reset).

@@ -140,7 +140,7 @@ impl Target {
                     self.out.push_back(f);
                 }
             }
-            ReceiverAction::Marker(_) | ReceiverAction::Log(_) => {}
+            ReceiverAction::Report(_) => {}
             ReceiverAction::OpenStaging {
                 total_size, fresh, ..
             } => {

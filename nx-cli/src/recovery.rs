@@ -158,18 +158,10 @@ pub fn check_bundle(data: &[u8]) -> anyhow::Result<Checked> {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    // Mode 0600 as before (the bundle may hold logs of the target).
+    let how = nx_guest::fsx::AtomicWrite::new().mode(0o600);
+    nx_guest::fsx::write_atomic_path(path, how, data)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Run `nx recovery …`.

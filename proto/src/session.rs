@@ -71,7 +71,9 @@ mod receiver;
 mod sender;
 
 pub use plan::{Chunk, Plan, PlanError, SkipEntry, SkipIndex};
-pub use receiver::{InstalledImage, Receiver, ReceiverAction, ReceiverConfig, ReceiverEvent};
+pub use receiver::{
+    InstalledImage, Receiver, ReceiverAction, ReceiverConfig, ReceiverEvent, ReceiverReport,
+};
 pub use sender::{Outcome, Sender, SenderAction, SenderConfig, SenderEvent, Stats};
 
 /// Version of the [`Journal`] layout.

@@ -73,6 +73,11 @@ pub const HOST_TOOLS: &[Tool] = &[
     ),
     t("mmd", "mtools", "xtask guest: directories on the ESP"),
     t("mcopy", "mtools", "xtask guest: files on the ESP"),
+    t(
+        "qemu-io",
+        "qemu-utils",
+        "crash simulator test: QEMU's NBD client",
+    ),
 ];
 
 /// Debian's systemd-boot (package `systemd-boot-efi`).

@@ -1,1 +1,118 @@
-//! Markers of flashd (constructors are added with the code that prints them).
+//! Markers of flashd: every line flashd prints on the console as part of the test contract.
+//! The QEMU scenarios match them byte for byte (or by the prefixes in [`PATTERNS`]).
+
+use super::Marker;
+use std::fmt::Display;
+
+/// Prefixes of the markers with variable parts, as the runner matches them.
+pub const PATTERNS: [&str; 7] = [
+    "flashd: hello host=",
+    "flashd: error ",
+    "flashd: wrote seg=",
+    "flashd: verify failed seg=",
+    "flashd: install slot=",
+    "flashd: slot=",
+    "flashd: stub/placeholder no usable state dir (",
+];
+
+/// `flashd: ready`: the server holds its state dir and serves the link.
+pub fn ready() -> Marker {
+    Marker::new("flashd: ready")
+}
+
+/// The explicit stub: no usable state dir, every request is refused.
+pub fn stub(reason: impl Display) -> Marker {
+    Marker::new(format!(
+        "flashd: stub/placeholder no usable state dir ({reason}): refusing to flash"
+    ))
+}
+
+/// `flashd: hello host=<name> proto=<n>`: a host said HELLO.
+pub fn hello(host: impl Display, proto: impl Display) -> Marker {
+    Marker::new(format!("flashd: hello host={host} proto={proto}"))
+}
+
+/// `flashd: error <code> <text>`: what the host is told in its ERROR (code 0: a local error
+/// no host hears about, e.g. at startup or after the install).
+pub fn error(code: impl Display, text: impl Display) -> Marker {
+    Marker::new(format!("flashd: error {code} {text}"))
+}
+
+/// `flashd: wrote seg=<name> bytes=<size>`: every chunk of a segment is written.
+pub fn wrote(segment: impl Display, bytes: u64) -> Marker {
+    Marker::new(format!("flashd: wrote seg={segment} bytes={bytes}"))
+}
+
+/// `flashd: verify ok`: every segment matched its SHA-256; the install starts.
+pub fn verify_ok() -> Marker {
+    Marker::new("flashd: verify ok")
+}
+
+/// `flashd: verify failed seg=<name>`.
+pub fn verify_failed(segment: impl Display) -> Marker {
+    Marker::new(format!("flashd: verify failed seg={segment}"))
+}
+
+/// `flashd: installed`: the image is in the install target and read back.
+pub fn installed() -> Marker {
+    Marker::new("flashd: installed")
+}
+
+/// `flashd: install slot=b (system_b on /dev/vdb2)`: the slot an install goes to.
+pub fn install_slot(slot: impl Display, partition: impl Display, device: impl Display) -> Marker {
+    Marker::new(format!(
+        "flashd: install slot={slot} ({partition} on {device})"
+    ))
+}
+
+/// `flashd: slot=<s> active on trial (tries=<n>); …`: the installed slot was activated;
+/// `rebooting`: rebootd reboots into it (else its stub cannot reboot).
+pub fn slot_activated(slot: impl Display, tries: impl Display, rebooting: bool) -> Marker {
+    if rebooting {
+        Marker::new(format!(
+            "flashd: slot={slot} active on trial (tries={tries}); rebooting into it"
+        ))
+    } else {
+        Marker::new(format!(
+            "flashd: slot={slot} active on trial (tries={tries}); reboot (stub) — rebootd cannot reboot here"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_lines() {
+        assert_eq!(ready().as_str(), "flashd: ready");
+        assert_eq!(hello("vm", 1).as_str(), "flashd: hello host=vm proto=1");
+        assert_eq!(
+            wrote("rootfs", 4096).as_str(),
+            "flashd: wrote seg=rootfs bytes=4096"
+        );
+        assert_eq!(verify_ok().as_str(), "flashd: verify ok");
+        assert_eq!(
+            install_slot("b", "system_b", "/dev/vdb2").as_str(),
+            "flashd: install slot=b (system_b on /dev/vdb2)"
+        );
+        assert_eq!(installed().as_str(), "flashd: installed");
+        assert_eq!(error(7, "x y").as_str(), "flashd: error 7 x y");
+        assert_eq!(
+            verify_failed("kernel").as_str(),
+            "flashd: verify failed seg=kernel"
+        );
+        assert!(stub("r").as_str().starts_with(PATTERNS[6]));
+        assert!(slot_activated("b", 3, false)
+            .as_str()
+            .contains("reboot (stub)"));
+        for m in [
+            hello("h", 1),
+            error(1, "e"),
+            wrote("s", 1),
+            slot_activated("a", 3, true),
+        ] {
+            assert!(PATTERNS.iter().any(|p| m.as_str().starts_with(p)), "{m}");
+        }
+    }
+}

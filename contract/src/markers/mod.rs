@@ -17,7 +17,6 @@ pub struct Marker(String);
 
 impl Marker {
     /// Only constructors in this module build markers.
-    #[allow(dead_code)] // until the program modules are filled (#12)
     pub(crate) fn new(line: impl Into<String>) -> Marker {
         Marker(line.into())
     }

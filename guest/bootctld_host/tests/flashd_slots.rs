@@ -198,21 +198,20 @@ fn a_refused_activation_leaves_the_old_slot_active() {
 #[test]
 fn flashd_keeps_its_slot_target_for_the_whole_transfer_and_rechooses_after_activation() {
     use flashd::config::InstallSpec;
-    use flashd::server::resolve_target;
+    use flashd::install::Destination;
     use flashd::store::InstallTarget;
     let g = guest();
-    let spec = InstallSpec::slot(g.env.clone());
-    let first = resolve_target(&spec).unwrap();
+    // The slot choice is runtime state of the server's destination, not configuration.
+    let dest = Destination::new(InstallSpec::slot(g.env.clone()));
+    let first = dest.resolve().unwrap();
     assert_eq!(first, InstallTarget::Block(PathBuf::from("/dev/vdb2")));
     // bootctld changes its mind behind flashd's back (another update activated b):
     // the transfer in progress still writes the slot it started with.
     slots::after_install_in(&g.env, Slot::B, "2").unwrap();
-    assert_eq!(resolve_target(&spec).unwrap(), first);
+    assert_eq!(dest.resolve().unwrap(), first);
     // Once flashd itself clears the choice (after its own activation), it asks again and
     // bootctld refuses: slot a is the last good one while b is on trial.
-    if let InstallSpec::Slot { chosen, .. } = &spec {
-        *chosen.lock().unwrap() = None;
-    }
-    let err = resolve_target(&spec).unwrap_err();
+    dest.forget_slot();
+    let err = dest.resolve().unwrap_err();
     assert!(!err.is_empty());
 }

@@ -15,7 +15,8 @@
 //! Reads run on a helper thread with a few 1 MiB buffers in flight, so disk I/O (done by the
 //! host) overlaps hashing (done by the guest CPU).
 
-use crate::store::{StoreError, COPY_BLOCK};
+use crate::error::{io_err, StoreError};
+pub use nx_guest::fsx::{AlignedBuf, ALIGN};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,52 +25,10 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
-/// Alignment of buffers, offsets and lengths for `O_DIRECT`.
-pub const ALIGN: usize = 4096;
+/// Block size for copies during install and read-back.
+pub const COPY_BLOCK: usize = 1 << 20;
 /// Buffers in flight between the reading thread and the consumer.
 const DEPTH: usize = 3;
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// A buffer whose bytes start on an [`ALIGN`] boundary.
-pub struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> AlignedBuf {
-        let raw = vec![0u8; len + ALIGN];
-        let off = raw.as_ptr().align_offset(ALIGN);
-        // `align_offset` may decline (never for u8 in practice): then writes fall back to the
-        // page cache, which needs no alignment.
-        let start = if off < ALIGN { off } else { 0 };
-        AlignedBuf { raw, start, len }
-    }
-    /// Usable bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn as_slice(&self) -> &[u8] {
-        self.raw
-            .get(self.start..self.start + self.len)
-            .unwrap_or_default()
-    }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        let (s, l) = (self.start, self.len);
-        self.raw.get_mut(s..s + l).unwrap_or_default()
-    }
-}
 
 /// The image the device must hold after the install.
 #[derive(Debug, Clone, PartialEq, Eq)]

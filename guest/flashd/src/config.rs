@@ -10,10 +10,7 @@ use std::time::Duration;
     name = "flashd",
     version,
     about = "The flashing authority on the target: receive, verify, install atomically",
-    after_help = "Examples:\n  \
-        flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
-        flashd --port-name com.nexus.flash --state /state --install-partition system_b\n  \
-        flashd --port-name com.nexus.flash --state /state --install-slot auto"
+    after_help = examples()
 )]
 pub struct Args {
     /// Serve a unix socket at SOCK (host use and tests).
@@ -72,8 +69,20 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub max_window: u16,
     /// Largest chunk accepted (bytes, power of two, 4096..=1048576).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = nx_contract::defaults::CHUNK)]
     pub max_chunk: u32,
+}
+
+/// The examples of `--help`, with the guest's port name and state mount.
+fn examples() -> String {
+    let port = nx_contract::ports::FLASH.name;
+    let state = nx_contract::state::STATE_MOUNT;
+    format!(
+        "Examples:\n  \
+        flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
+        flashd --port-name {port} --state {state} --install-partition system_b\n  \
+        flashd --port-name {port} --state {state} --install-slot auto"
+    )
 }
 
 /// Where flashd receives.
@@ -95,21 +104,15 @@ pub enum InstallSpec {
         sys_dir: PathBuf,
         dev_dir: PathBuf,
     },
-    /// The inactive A/B slot, chosen by bootctld when first needed and kept until an install
-    /// activates a slot (so every step of one transfer sees the same target).
-    Slot {
-        env: crate::slots::SlotEnv,
-        chosen: std::sync::Arc<std::sync::Mutex<Option<(bootctld::machine::Slot, PathBuf)>>>,
-    },
+    /// The inactive A/B slot, chosen by bootctld when first needed (the choice is runtime
+    /// state: see [`crate::install::Destination`]).
+    Slot { env: crate::slots::SlotEnv },
 }
 
 impl InstallSpec {
     /// The slot mode with the guest's sockets and devices.
     pub fn slot(env: crate::slots::SlotEnv) -> InstallSpec {
-        InstallSpec::Slot {
-            env,
-            chosen: Default::default(),
-        }
+        InstallSpec::Slot { env }
     }
 }
 
@@ -150,7 +153,7 @@ impl Config {
             device: "nexus".to_string(),
             idle_timeout: Duration::from_secs(60),
             max_window: 64,
-            max_chunk: 1 << 20,
+            max_chunk: nx_contract::defaults::CHUNK,
             direct: false,
         }
     }
@@ -220,7 +223,7 @@ impl Args {
 
 /// Read an Ed25519 public key file (`nexus-ed25519-public-v1 <hex>`), bounded.
 pub fn load_public_key(path: &Path) -> Result<[u8; 32], FlashdError> {
-    let bytes = crate::store::read_bounded(path, 4096)
+    let bytes = nx_guest::fsx::read_bounded(path, 4096)
         .map_err(|e| FlashdError::Key {
             path: path.to_path_buf(),
             reason: e.to_string(),

@@ -21,7 +21,7 @@ pub struct Snapshot {
 }
 
 fn read(path: &Path) -> Option<String> {
-    crate::store::read_bounded(path, 64 * 1024)
+    nx_guest::fsx::read_bounded(path, 64 * 1024)
         .ok()
         .flatten()
         .map(|b| String::from_utf8_lossy(&b).into_owned())

@@ -1,12 +1,34 @@
 //! flashd — the only flashing authority on the target.
 //!
-//! It receives an image over a link ([`link`]: a unix socket it serves itself, or the guest's
-//! virtio-serial port), streams it into a staging file with a journal beside it ([`store`],
-//! [`records`]), verifies each segment's SHA-256 as soon as it is complete, and on `DONE`
-//! installs atomically. The protocol decisions are made by the sans-IO
-//! [`proto::session::Receiver`]; [`server`] executes its actions, with hashing and fsync on
-//! background threads ([`workers`]). With `--install-slot auto` the target is the inactive
-//! A/B slot and a verified install makes it active on trial ([`slots`]).
+//! It receives an image over a link, streams it into a staging file with a journal beside it,
+//! verifies each segment's SHA-256 as soon as it is complete, and on `DONE` installs
+//! atomically. The protocol decisions are made by the sans-IO [`proto::session::Receiver`];
+//! flashd executes its actions, with hashing and fsync on background threads. With
+//! `--install-slot auto` the target is the inactive A/B slot and a verified install makes it
+//! active on trial.
+//!
+//! # Code map
+//!
+//! | module | job |
+//! |---|---|
+//! | [`config`] | command line → [`config::Config`] (configuration only, no runtime state) |
+//! | [`link`] | the transport: a unix socket flashd serves, or the virtio-serial port; frames in, frames out |
+//! | [`server`] | the server loop: connections one at a time, the stub without a usable state dir |
+//! | [`runtime`] | one receiver and the transfer's explicit phase (`Idle` → `Receiving` → `Installing` → `Consumed`), worker results; `runtime::actions` executes each receiver action in a function of its own; `runtime::installed` keeps the install record, receipt and skip index after an install |
+//! | [`console`] | the injected [`console::Output`] every console line goes through; receiver reports → `nx_contract::markers::flashd` markers |
+//! | [`install`] | where a verified image goes ([`install::Destination`]: the spec plus the slot chosen at runtime), slot activation and skip-index threads |
+//! | [`workers`] | the hasher and durability threads (fsync, journal, the install itself) |
+//! | [`store`] | the state dir, the staging file, JSON records (via `nx_guest::fsx`), the install into a file |
+//! | [`blockio`] | `O_DIRECT` block-device install and read-back (`nx_guest::fsx::AlignedBuf`) |
+//! | [`error`] | [`error::StoreError`], shared by `store` and `blockio` (no import loop between them) |
+//! | [`records`] | journal, install record, receipt and counters on `/state/flash` |
+//! | [`slots`] | bootctld/rebootd calls of the slot-aware install |
+//! | [`cpustat`] | per-thread CPU time for the install log line |
+//! | [`testkit`] | in-process servers and images for tests |
+//!
+//! Dependencies point one way: `server` → `runtime` → (`install`, `workers`, `records`,
+//! `store`) → `blockio` → `error`. Console text exists only in `nx_contract::markers::flashd`
+//! (markers) and in log lines; the receiver emits typed `ReceiverReport`s.
 //!
 //! Architecture invariant: nothing from the host (names, lengths, offsets) is trusted; the
 //! receiver validates every message and the storage layer bounds every range.
@@ -14,9 +36,13 @@
 
 pub mod blockio;
 pub mod config;
+pub mod console;
 pub mod cpustat;
+pub mod error;
+pub mod install;
 pub mod link;
 pub mod records;
+pub mod runtime;
 pub mod server;
 pub mod slots;
 pub mod store;

@@ -3,8 +3,10 @@
 use anyhow::Context;
 use clap::Parser;
 use flashd::config::{Args, Source};
+use flashd::console::{Output, StdOutput};
 use flashd::link::{Acceptor, PortAcceptor, UnixAcceptor};
-use flashd::server::{Server, StdOutput};
+use flashd::server::Server;
+use nx_contract::markers;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let text = format!("{e:#}");
-            nx_guest::marker::emit(&format!("flashd: error 0 {}", text.replace('\n', " ")));
+            StdOutput.show(&markers::flashd::error(0, text.replace('\n', " ")));
             ExitCode::FAILURE
         }
     }
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let (source, cfg) = args.resolve().context("invalid arguments")?;
-    eprintln!("flashd (log): {}", flashd::choose_crc_engine());
+    StdOutput.log(&flashd::choose_crc_engine());
     let mut server = Server::new(cfg, Arc::new(StdOutput)).context("cannot start flashd")?;
     let mut acceptor: Box<dyn Acceptor> = match &source {
         Source::Listen(path) => Box::new(UnixAcceptor::bind(path)?),
@@ -39,7 +41,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     };
     server.announce();
-    eprintln!("flashd (log): serving on {}", acceptor.describe());
+    StdOutput.log(&format!("serving on {}", acceptor.describe()));
     server.serve(acceptor.as_mut(), args.once)?;
     Ok(())
 }

@@ -83,11 +83,11 @@ impl Counters {
 }
 
 fn counters_path(state: &StateDir) -> PathBuf {
-    state.flash_dir().join("counters.json")
+    state.root().join(nx_contract::state::FLASH_COUNTERS)
 }
 
 fn index_path(state: &StateDir) -> PathBuf {
-    state.flash_dir().join("index.json")
+    state.root().join(nx_contract::state::FLASH_INDEX)
 }
 
 /// `installed.json` without the (large) index.
@@ -184,4 +184,61 @@ pub fn load_receipt(state: &StateDir) -> Option<Receipt> {
     store::read_json::<Receipt>(&state.receipt_path())
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+mod symlink_tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A symlink planted at the temp path of any record leaves its target untouched: the
+    /// records are written through `nx_guest::fsx` (temp file `O_NOFOLLOW | O_EXCL`).
+    #[test]
+    fn planted_temp_symlinks_leave_their_targets_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let st = StateDir::open(dir.path(), false).unwrap();
+        for name in [
+            ".journal.json.tmp",
+            ".installed.json.tmp",
+            ".last-install.json.tmp",
+            ".counters.json.tmp",
+        ] {
+            symlink(&victim, st.flash_dir().join(name)).unwrap();
+        }
+        let j = Journal {
+            version: proto::session::JOURNAL_VERSION,
+            image_id: [1; 32],
+            image_sha256: [2; 32],
+            total_size: 4096,
+            chunk_size: 4096,
+            plan_chunks: 1,
+            durable_seq: 0,
+            durable_offset: 0,
+            verified: vec![false],
+        };
+        save_journal(&st, &j).unwrap();
+        let img = InstalledImage {
+            image_id: [1; 32],
+            image_sha256: [2; 32],
+            total_size: 4096,
+            version: "1".into(),
+            index: None,
+        };
+        save_installed(&st, &img, "/dev/vdb2").unwrap();
+        let image = crate::testkit::build_image("1", &[("rootfs", vec![7u8; 4096])], None).unwrap();
+        let h = proto::image::Header::parse(&image[..proto::image::HEADER_LEN]).unwrap();
+        let head = &image[..h.data_offset as usize];
+        let m = proto::image::ImageHead::parse(head).unwrap().manifest;
+        let c = Counters::new(&m);
+        save_counters(&st, &c).unwrap();
+        save_receipt(&st, &c.receipt(&m, "nexus", "/dev/vdb2", "installed")).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(load_journal(&st).0, Some(j));
+        assert_eq!(load_installed(&st).0, Some(img));
+        assert!(load_counters(&st).is_some());
+        assert!(load_receipt(&st).is_some());
+    }
 }

@@ -142,26 +142,14 @@ pub fn after_install(
     )
 }
 
-/// The console lines flashd prints around a slot install (suggested wording).
+/// `flashd: install slot=b (system_b on /dev/vdb2)`: the marker of the slot an install
+/// goes to (`nx_contract::markers::flashd::install_slot`).
 pub fn target_marker(slot: Slot, dev: &Path) -> String {
-    format!(
-        "flashd: install slot={slot} ({} on {})",
-        partition_name(slot),
-        dev.display()
-    )
+    nx_contract::markers::flashd::install_slot(slot, partition_name(slot), dev.display())
+        .into_string()
 }
 
 /// `flashd: slot=<s> active on trial (tries=<n>); rebooting` (or the stub variant).
 pub fn activated_marker(a: &Activated) -> String {
-    if a.rebooting {
-        format!(
-            "flashd: slot={} active on trial (tries={}); rebooting into it",
-            a.slot, a.tries
-        )
-    } else {
-        format!(
-            "flashd: slot={} active on trial (tries={}); reboot (stub) — rebootd cannot reboot here",
-            a.slot, a.tries
-        )
-    }
+    nx_contract::markers::flashd::slot_activated(a.slot, a.tries, a.rebooting).into_string()
 }

@@ -14,57 +14,19 @@
 //!
 //! Every record is written atomically: temp file, fsync, rename, fsync of the directory.
 
-use crate::blockio::{Expect, ExpectedImage};
+use crate::blockio::{Expect, ExpectedImage, COPY_BLOCK};
+use crate::error::io_err;
+pub use crate::error::StoreError;
+use nx_contract::state;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Largest JSON record flashd will read back (journal, install record).
 pub const MAX_RECORD_LEN: u64 = 4 << 20;
-
-/// Block size for copies during install and read-back.
-pub(crate) const COPY_BLOCK: usize = 1 << 20;
-
-/// Errors of the storage layer. Each names the path it concerns.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("state dir {path}: {reason}")]
-    StateDirUnusable { path: PathBuf, reason: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("record {path} is {len} bytes, more than the bound of {max}")]
-    RecordTooLarge { path: PathBuf, len: u64, max: u64 },
-    #[error("record {path} is not valid: {reason}")]
-    RecordInvalid { path: PathBuf, reason: String },
-    #[error("install target {path} holds {capacity} bytes, the image needs {needed}")]
-    TargetTooSmall {
-        path: PathBuf,
-        capacity: u64,
-        needed: u64,
-    },
-    #[error("read-back of {path} does not match what was written (expected sha256 {expected}, read {actual})")]
-    ReadBackMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// A usable state directory with its `flash/` subdirectory.
 #[derive(Debug, Clone)]
@@ -97,7 +59,7 @@ impl StateDir {
                 ));
             }
         }
-        let flash = root.join("flash");
+        let flash = root.join(state::FLASH_DIR);
         if !flash.is_dir() {
             fs::create_dir_all(&flash)
                 .map_err(|e| unusable(format!("cannot create flash/: {e}")))?;
@@ -118,11 +80,11 @@ impl StateDir {
         &self.flash
     }
     pub fn staging_path(&self) -> PathBuf {
-        self.flash.join("staging.img")
+        self.root.join(state::FLASH_STAGING)
     }
     /// The sidecar naming the block device a direct transfer streams into.
     pub fn staging_where_path(&self) -> PathBuf {
-        self.flash_dir().join("staging.where")
+        self.root.join(state::FLASH_STAGING_WHERE)
     }
     /// Where the transfer in progress lives: the device named by `staging.where`, else the
     /// staging file.
@@ -150,32 +112,22 @@ impl StateDir {
         }
     }
     pub fn journal_path(&self) -> PathBuf {
-        self.flash.join("journal.json")
+        self.root.join(state::FLASH_JOURNAL)
     }
     pub fn installed_path(&self) -> PathBuf {
-        self.flash.join("installed.json")
+        self.root.join(state::FLASH_INSTALLED)
     }
     pub fn receipt_path(&self) -> PathBuf {
-        self.flash.join("last-install.json")
+        self.root.join(state::FLASH_LAST_INSTALL)
     }
 }
 
-/// Write `bytes` to `path` atomically: `path.tmp`, fsync, rename, fsync the directory.
+/// Write `bytes` to `path` atomically and durably, mode 0600: the shared hardened writer
+/// ([`nx_guest::fsx`]: temp file `.<name>.tmp` opened `O_NOFOLLOW | O_EXCL` through the
+/// directory fd, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = tmp_path(path);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    sync_parent(path)
+    let how = nx_guest::fsx::AtomicWrite::new().mode(0o600);
+    nx_guest::fsx::write_atomic_path(path, how, bytes).map_err(io_err("write", path))
 }
 
 /// Serialize `value` as JSON and write it atomically.
@@ -195,38 +147,28 @@ pub fn write_json_quick<T: serde::Serialize>(path: &Path, value: &T) -> Result<(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let tmp = tmp_path(path);
-    fs::write(&tmp, &bytes).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename", path))
+    let how = nx_guest::fsx::AtomicWrite::new().mode(0o600).durable(false);
+    nx_guest::fsx::write_atomic_path(path, how, &bytes).map_err(io_err("write", path))
 }
 
-/// Read a file of at most `max` bytes; `Ok(None)` when it does not exist.
+/// Read a state file of at most `max` bytes (never through a symlink); `Ok(None)` when it
+/// does not exist. A larger file is refused before anything is read.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", path)(e)),
-    };
-    let len = f.metadata().map_err(io_err("stat", path))?.len();
-    if len > max {
-        return Err(StoreError::RecordTooLarge {
-            path: path.to_path_buf(),
-            len,
-            max,
-        });
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(max + 1)
-        .read_to_end(&mut buf)
-        .map_err(io_err("read", path))?;
-    if buf.len() as u64 > max {
-        return Err(StoreError::RecordTooLarge {
-            path: path.to_path_buf(),
-            len: buf.len() as u64,
-            max,
-        });
-    }
-    Ok(Some(buf))
+    let bound = usize::try_from(max).unwrap_or(usize::MAX);
+    nx_guest::fsx::read_bounded_nofollow(path, bound).map_err(|e| {
+        if e.get_ref()
+            .is_some_and(|r| r.is::<nx_guest::fsx::TooLarge>())
+        {
+            let len = fs::symlink_metadata(path).map_or(max.saturating_add(1), |m| m.len());
+            StoreError::RecordTooLarge {
+                path: path.to_path_buf(),
+                len,
+                max,
+            }
+        } else {
+            io_err("read", path)(e)
+        }
+    })
 }
 
 /// Read a JSON record written by [`write_json_atomic`]; `Ok(None)` when absent.
@@ -777,6 +719,31 @@ mod tests {
         write_json_atomic(&p, &r).unwrap();
         assert_eq!(read_json::<Rec>(&p).unwrap(), Some(r));
         assert!(!tmp_path(&p).exists());
+        assert!(!dir.path().join(".r.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_record_temp_path_leaves_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let st = StateDir::open(dir.path(), false).unwrap();
+        std::os::unix::fs::symlink(&victim, st.flash_dir().join(".journal.json.tmp")).unwrap();
+        std::os::unix::fs::symlink(&victim, st.flash_dir().join(".staging.where.tmp")).unwrap();
+        let r = Rec {
+            a: 1,
+            b: "y".into(),
+        };
+        write_json_atomic(&st.journal_path(), &r).unwrap();
+        st.set_staging_location(Some(Path::new("/dev/vdb2")))
+            .unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(read_json::<Rec>(&st.journal_path()).unwrap(), Some(r));
+        assert_eq!(st.staging_location(), PathBuf::from("/dev/vdb2"));
+        // A record replaced by a symlink is not read through it.
+        fs::remove_file(st.journal_path()).unwrap();
+        std::os::unix::fs::symlink(&victim, st.journal_path()).unwrap();
+        assert!(read_json::<Rec>(&st.journal_path()).is_err());
     }
 
     #[test]

@@ -171,7 +171,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
             HashJob::Written(n) | HashJob::Zeros(n) if readback => {
                 if let (Some(c), Some(f)) = (&mut cur, &file) {
                     let b = buf.get_or_insert_with(|| {
-                        crate::blockio::AlignedBuf::new(crate::store::COPY_BLOCK)
+                        crate::blockio::AlignedBuf::new(crate::blockio::COPY_BLOCK)
                     });
                     failed |=
                         hash_part(f, c.base, c.pos, n, c.data.as_deref(), &mut c.sha, b).is_none();
@@ -202,7 +202,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
             } => {
                 let taken = cur.take();
                 let b = buf.get_or_insert_with(|| {
-                    crate::blockio::AlignedBuf::new(crate::store::COPY_BLOCK)
+                    crate::blockio::AlignedBuf::new(crate::blockio::COPY_BLOCK)
                 });
                 let digest: Option<[u8; 32]> = match taken {
                     Some(mut c) if streamed && c.segment == segment && c.pos <= size => {

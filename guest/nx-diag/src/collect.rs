@@ -10,6 +10,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::path::Path;
 
+/// State files are read bounded and never through a symlink planted in `/state`.
+use nx_guest::fsx::read_bounded_nofollow as read_bounded;
+
 /// Format of the bundle (in `MANIFEST.txt`).
 pub const FORMAT: u32 = 1;
 
@@ -227,23 +230,6 @@ fn cut_text(mut text: String, cap: usize) -> Vec<u8> {
         );
     }
     text.into_bytes()
-}
-
-fn read_bounded(path: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut buf = Vec::new();
-    f.take(max as u64 + 1).read_to_end(&mut buf)?;
-    if buf.len() > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {max} bytes"),
-        ));
-    }
-    Ok(Some(buf))
 }
 
 fn read_tail(path: &Path, cap: usize) -> std::io::Result<(Vec<u8>, u64)> {

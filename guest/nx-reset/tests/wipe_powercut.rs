@@ -215,3 +215,19 @@ fn stale_journal_without_a_request_is_cleaned() {
     assert!(!d.path().join("boot/factory_wipe.journal").exists());
     assert!(d.path().join("apps/com.example.game/save-1").exists());
 }
+
+#[test]
+fn a_symlink_planted_at_the_journal_temp_path_leaves_its_target_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    common::seed(d.path());
+    request(d.path());
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, d.path().join("boot/.factory_wipe.journal.tmp")).unwrap();
+    let out = wipe(d.path(), &mut |_| {}).unwrap();
+    assert!(matches!(out, WipeOutcome::Wiped(_)));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!d.path().join("boot/.factory_wipe.journal.tmp").exists());
+    wiped_end_state(d.path());
+}

@@ -28,6 +28,7 @@
 //! validated; a length larger than the sink is refused before anything is written.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub use nx_guest::fsx::AlignedBuf;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -43,7 +44,7 @@ pub const DEFAULT_PARTITION: &str = "system_b";
 /// Block size of reads and writes.
 pub const BLOCK: usize = 1 << 20;
 /// Alignment of the buffers (O_DIRECT).
-pub const ALIGN: usize = 4096;
+pub const ALIGN: usize = nx_guest::fsx::ALIGN;
 /// Longest header line accepted.
 pub const MAX_HEADER: usize = 256;
 /// Buffers in flight in `mode=pipe`.
@@ -201,35 +202,6 @@ impl Stats {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
-    }
-}
-
-/// A 4 KiB-aligned buffer of `len` bytes (for O_DIRECT).
-pub struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> AlignedBuf {
-        let raw = vec![0u8; len + ALIGN];
-        let off = raw.as_ptr().align_offset(ALIGN);
-        // align_offset may refuse (never for u8 in practice): then the buffer is unaligned
-        // and the direct sink falls back to the page cache.
-        let start = if off < ALIGN { off } else { 0 };
-        AlignedBuf { raw, start, len }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        let (s, l) = (self.start, self.len);
-        self.raw.get_mut(s..s + l).unwrap_or_default()
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        self.raw
-            .get(self.start..self.start + self.len)
-            .unwrap_or_default()
     }
 }
 

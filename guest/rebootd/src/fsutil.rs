@@ -2,63 +2,28 @@
 //! (temp file + fsync + rename + fsync of the directory), bounded reads, and the
 //! decision whether a state directory is really persistent.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Replace `dir/name` with `bytes` atomically: a reader (or a power cut) sees
-/// either the old or the new content, never a mix.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let dst = dir.join(name);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, &dst)?;
-    sync_dir(dir)
-}
+/// either the old or the new content, never a mix. The shared hardened writer
+/// ([`nx_guest::fsx::write_atomic`]): a symlink planted at the temp path is
+/// removed, never followed.
+pub use nx_guest::fsx::write_atomic;
 
 /// Remove `dir/name` (if present) and make the removal durable.
-pub fn remove_durable(dir: &Path, name: &str) -> io::Result<()> {
-    match fs::remove_file(dir.join(name)) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
+pub use nx_guest::fsx::remove_durable;
 
 /// fsync a directory so a rename/unlink in it survives a power cut.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use nx_guest::fsx::sync_dir;
 
 /// Read a whole file of at most `max` bytes. `Ok(None)` when it does not exist;
-/// an `InvalidData` error (and no allocation beyond `max + 1`) when it is larger.
-pub fn read_bounded(path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut buf = Vec::new();
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    f.take(limit).read_to_end(&mut buf)?;
-    if buf.len() > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is larger than {max} bytes", path.display()),
-        ));
-    }
-    Ok(Some(buf))
-}
+/// an `InvalidData` error (and no allocation beyond the bound) when it is larger.
+/// A symlink as the last path component is refused (`O_NOFOLLOW`): the records under
+/// `/state` are never read through a planted link (the procfs/sysfs files read with it
+/// are regular files).
+pub use nx_guest::fsx::read_bounded_nofollow as read_bounded;
 
 /// Why a daemon runs RAM-only instead of persisting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,19 +83,22 @@ pub fn is_mountpoint(dir: &Path) -> bool {
 mod tests {
     use super::*;
 
+    // write_atomic / read_bounded / remove_durable themselves are tested in nx_guest::fsx;
+    // here: the call site (the next-boot record) against a planted symlink.
     #[test]
-    fn atomic_write_then_bounded_read() {
+    fn next_mode_record_ignores_a_symlink_planted_at_its_temp_path() {
         let d = tempfile::tempdir().unwrap();
-        write_atomic(d.path(), "x", b"hello\n").unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let boot = state_subdir(d.path(), "boot", false).unwrap();
+        std::os::unix::fs::symlink(&victim, boot.join(".next_mode.tmp")).unwrap();
+        let mut rec = crate::record::Store::open(Some(d.path()), false);
+        rec.set_next(crate::record::Target::Recovery).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert_eq!(
-            read_bounded(&d.path().join("x"), 6).unwrap().unwrap(),
-            b"hello\n"
+            std::fs::read(boot.join("next_mode")).unwrap(),
+            b"recovery\n"
         );
-        assert!(read_bounded(&d.path().join("x"), 5).is_err());
-        assert!(read_bounded(&d.path().join("nope"), 5).unwrap().is_none());
-        assert!(!d.path().join(".x.tmp").exists());
-        remove_durable(d.path(), "x").unwrap();
-        remove_durable(d.path(), "x").unwrap();
     }
 
     #[test]

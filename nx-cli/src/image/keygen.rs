@@ -1,12 +1,10 @@
 //! `nx image keygen`: make an Ed25519 key pair for signing images.
 
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
+use nx_guest::fsx::AtomicWrite;
 use proto::image::{encode_public_key, encode_secret_key, public_key_of};
 
 use super::exit;
@@ -41,38 +39,19 @@ pub fn public_path(secret: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Write `text` to `path` atomically (temp file beside it + rename) with `mode`.
+/// Write `text` to `path` atomically with `mode` (the shared hardened writer: a temp file
+/// beside it created `O_EXCL | O_NOFOLLOW` with that mode, fsync, rename — without `force`
+/// a rename that never replaces an existing file).
 fn write_atomic(path: &Path, text: &str, mode: u32, force: bool) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // NamedTempFile is created with mode 0600, so the secret is never readable by others.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".nx-key.")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    let persisted = if force {
-        tmp.persist(path).map(|_| ())
-    } else {
-        tmp.persist_noclobber(path).map(|_| ())
-    };
-    persisted.map_err(|e| e.error).with_context(|| {
-        if path.exists() && !force {
-            format!(
+    let how = AtomicWrite::new().mode(mode).replace(force);
+    nx_guest::fsx::write_atomic_path(path, how, text.as_bytes()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists && !force {
+            anyhow::anyhow!(
                 "{} already exists; pass --force to overwrite it",
                 path.display()
             )
         } else {
-            format!("cannot write {}", path.display())
+            anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
         }
     })
 }
@@ -104,4 +83,29 @@ pub fn run(args: KeygenArgs) -> anyhow::Result<ExitCode> {
     say!("wrote public key {}", pub_path.display());
     say!("public key {}", hex::encode(public));
     Ok(ExitCode::from(exit::OK))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keys_are_written_with_their_mode_never_through_a_planted_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let key = d.path().join("k");
+        std::os::unix::fs::symlink(&victim, d.path().join(".k.tmp")).unwrap();
+        write_atomic(&key, "secret\n", 0o600, false).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Without force an existing key stays; with force it is replaced.
+        let e = write_atomic(&key, "other\n", 0o600, false).unwrap_err();
+        assert!(e.to_string().contains("pass --force"), "{e}");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret\n");
+        write_atomic(&key, "other\n", 0o644, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "other\n");
+    }
 }

@@ -103,16 +103,44 @@ pub enum ReceiverEvent {
     StagingLost,
 }
 
+/// What a [`Receiver`] reports to its shell, as data (the target-side counterpart of the
+/// sender's [`super::ProgressEvent`]). flashd turns the first six into its console markers
+/// (`nx_contract::markers::flashd`) and the rest into log lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverReport {
+    /// A host said HELLO (`host` is a validated peer name).
+    Hello { host: String, proto: u8 },
+    /// The session failed: the ERROR sent to the host (`text` as sent, sanitized).
+    Error { code: ErrorCode, text: String },
+    /// Every chunk of segment `segment` (`bytes` long) is written.
+    SegmentWritten { segment: String, bytes: u64 },
+    /// Every segment verified; the install starts.
+    VerifyOk,
+    /// Segment `segment` did not match its SHA-256.
+    VerifyFailed { segment: String },
+    /// The install completed.
+    Installed,
+    /// The staging file was lost: the transfer restarts from scratch.
+    StagingLost,
+    /// The host sent ABORT.
+    HostAborted { code: ErrorCode, reason: String },
+    /// A copied chunk did not verify: the skip index of the installed image was dropped.
+    SkipIndexDropped,
+    /// Internal: a message could not be encoded (it was not sent).
+    EncodeFailed {
+        message: &'static str,
+        error: String,
+    },
+}
+
 /// What the shell must do for a [`Receiver`], in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiverAction {
     /// Write this frame to the link.
     Send(Frame),
-    /// Print this exact line (the console marker contract, e.g.
-    /// `flashd: hello host=<name> proto=1`).
-    Marker(String),
-    /// Informational log line (not part of the marker contract).
-    Log(String),
+    /// Something happened that the shell reports (flashd prints a console marker or a log
+    /// line for it); the receiver formats no text itself.
+    Report(ReceiverReport),
     /// Open the staging file for this image, `total_size` bytes long. `fresh`:
     /// truncate it to 0 first (it held another image) so that every byte not
     /// written later is zero. Not fresh: keep its content (resume), set the length.
@@ -381,9 +409,7 @@ impl Receiver {
                 self.actions.clear();
                 self.xfer = None;
                 self.journal = None;
-                self.push(ReceiverAction::Log(
-                    "flashd: staging file lost: restarting the transfer from scratch".to_string(),
-                ));
+                self.push(ReceiverAction::Report(ReceiverReport::StagingLost));
                 match self.last_hello.take() {
                     Some(h) if self.phase == Phase::Transfer => {
                         if let Err(Fatal::Err(code, text)) = self.start_session(h, false) {
@@ -425,21 +451,20 @@ impl Receiver {
     fn send(&mut self, m: Message) {
         match m.to_frame() {
             Ok(f) => self.push(ReceiverAction::Send(f)),
-            Err(e) => self.push(ReceiverAction::Log(format!(
-                "flashd: internal: cannot encode {}: {e}",
-                m.msg_type().name()
-            ))),
+            Err(e) => self.push(ReceiverAction::Report(ReceiverReport::EncodeFailed {
+                message: m.msg_type().name(),
+                error: e.to_string(),
+            })),
         }
     }
 
-    /// Sends ERROR, prints the error marker, ends the session.
+    /// Sends ERROR, reports it ([`ReceiverReport::Error`]), ends the session.
     fn fail(&mut self, code: ErrorCode, text: &str) {
         let e = ErrorMsg::new(code, text);
-        self.push(ReceiverAction::Marker(format!(
-            "flashd: error {} {}",
-            code.code(),
-            e.text
-        )));
+        self.push(ReceiverAction::Report(ReceiverReport::Error {
+            code,
+            text: e.text.clone(),
+        }));
         self.send(Message::Error(e));
         if !matches!(self.phase, Phase::Installing { .. }) {
             self.phase = Phase::Failed;
@@ -472,10 +497,10 @@ impl Receiver {
             Message::Write(w) => self.on_write(w),
             Message::Done(d) => self.on_done(d.image_sha256),
             Message::Abort(a) => {
-                self.push(ReceiverAction::Log(format!(
-                    "flashd: host aborted ({}): {}",
-                    a.code, a.reason
-                )));
+                self.push(ReceiverAction::Report(ReceiverReport::HostAborted {
+                    code: a.code,
+                    reason: a.reason,
+                }));
                 if !matches!(self.phase, Phase::Installing { .. }) {
                     self.phase = Phase::Idle;
                 }
@@ -560,10 +585,10 @@ impl Receiver {
             ));
         }
         if announce {
-            self.push(ReceiverAction::Marker(format!(
-                "flashd: hello host={} proto={}",
-                h.host, h.proto
-            )));
+            self.push(ReceiverAction::Report(ReceiverReport::Hello {
+                host: h.host.clone(),
+                proto: h.proto,
+            }));
         }
         if let Some(reason) = &self.cfg.refuse {
             return Err(Fatal::Err(ErrorCode::NoState, reason.clone()));
@@ -883,10 +908,10 @@ impl Receiver {
             }
             if !x.announced[i] {
                 x.announced[i] = true;
-                out.push(ReceiverAction::Marker(format!(
-                    "flashd: wrote seg={} bytes={}",
-                    seg.name, seg.size
-                )));
+                out.push(ReceiverAction::Report(ReceiverReport::SegmentWritten {
+                    segment: seg.name.clone(),
+                    bytes: seg.size,
+                }));
             }
             let ticket = self.next_ticket;
             self.next_ticket += 1;
@@ -980,13 +1005,11 @@ impl Receiver {
             if let Some(inst) = &mut self.installed {
                 inst.index = None;
             }
-            self.push(ReceiverAction::Log(
-                "flashd: skip index dropped (a copied chunk did not verify)".to_string(),
-            ));
+            self.push(ReceiverAction::Report(ReceiverReport::SkipIndexDropped));
         }
-        self.push(ReceiverAction::Marker(format!(
-            "flashd: verify failed seg={name}"
-        )));
+        self.push(ReceiverAction::Report(ReceiverReport::VerifyFailed {
+            segment: name.clone(),
+        }));
         let was = self.phase;
         self.fail(
             ErrorCode::VerifyFailed,
@@ -1019,7 +1042,7 @@ impl Receiver {
                     return;
                 }
                 let (image_id, total_size) = (x.image_id, x.manifest.total_size);
-                self.push(ReceiverAction::Marker("flashd: verify ok".to_string()));
+                self.push(ReceiverAction::Report(ReceiverReport::VerifyOk));
                 self.push(ReceiverAction::Install {
                     image_id,
                     image_sha256: hash,
@@ -1084,7 +1107,7 @@ impl Receiver {
         }
         let (image_id, image_sha256, total_size) =
             (x.image_id, x.manifest.image_sha256, x.manifest.total_size);
-        self.push(ReceiverAction::Marker("flashd: verify ok".to_string()));
+        self.push(ReceiverAction::Report(ReceiverReport::VerifyOk));
         self.push(ReceiverAction::Install {
             image_id,
             image_sha256,
@@ -1107,7 +1130,7 @@ impl Receiver {
             self.after_install();
             return;
         }
-        self.push(ReceiverAction::Marker("flashd: installed".to_string()));
+        self.push(ReceiverAction::Report(ReceiverReport::Installed));
         if let Some(x) = &self.xfer {
             let keep_index = self
                 .installed

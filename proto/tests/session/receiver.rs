@@ -1206,7 +1206,10 @@ fn lost_staging_file_restarts_the_transfer_from_scratch() {
     let mut rx = Receiver::new(rcfg(), Some(j), None);
     rx.handle(ReceiverEvent::Frame(hello(&img, 4, true)));
     // the shell executes the marker, then fails to open the staging file
-    assert!(matches!(rx.poll_action(), Some(ReceiverAction::Marker(_))));
+    assert!(matches!(
+        rx.poll_action(),
+        Some(ReceiverAction::Report(ReceiverReport::Hello { .. }))
+    ));
     assert!(matches!(
         rx.poll_action(),
         Some(ReceiverAction::OpenStaging { fresh: false, .. })

@@ -128,11 +128,26 @@ pub fn frames_of(actions: &[ReceiverAction]) -> Vec<Message> {
         .collect()
 }
 
+/// The console line flashd prints for a report (`None`: a log line, not a marker).
+pub fn marker_of(r: &ReceiverReport) -> Option<String> {
+    use nx_contract::markers::flashd as m;
+    let line = match r {
+        ReceiverReport::Hello { host, proto } => m::hello(host, proto),
+        ReceiverReport::Error { code, text } => m::error(code.code(), text),
+        ReceiverReport::SegmentWritten { segment, bytes } => m::wrote(segment, *bytes),
+        ReceiverReport::VerifyOk => m::verify_ok(),
+        ReceiverReport::VerifyFailed { segment } => m::verify_failed(segment),
+        ReceiverReport::Installed => m::installed(),
+        _ => return None,
+    };
+    Some(line.into_string())
+}
+
 pub fn markers_of(actions: &[ReceiverAction]) -> Vec<String> {
     actions
         .iter()
         .filter_map(|a| match a {
-            ReceiverAction::Marker(m) => Some(m.clone()),
+            ReceiverAction::Report(r) => marker_of(r),
             _ => None,
         })
         .collect()
@@ -223,8 +238,7 @@ impl Target {
         while let Some(a) = self.rx.poll_action() {
             match a {
                 ReceiverAction::Send(f) => self.out.push(f),
-                ReceiverAction::Marker(m) => self.markers.push(m),
-                ReceiverAction::Log(_) => {}
+                ReceiverAction::Report(r) => self.markers.extend(marker_of(&r)),
                 ReceiverAction::OpenStaging {
                     total_size, fresh, ..
                 } => {

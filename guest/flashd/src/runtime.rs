@@ -1,0 +1,525 @@
+//! The runtime of an active server: one [`proto::session::Receiver`], the transfer's
+//! `Phase`, the background workers and their results. The receiver's actions are executed
+//! one function each in `actions`; what follows an install (records, activation, skip index)
+//! is in `installed`; where the image goes is [`crate::install`].
+
+mod actions;
+mod installed;
+
+use crate::config::Config;
+use crate::console::{self, Output};
+use crate::install::Destination;
+use crate::link::Conn;
+use crate::records::{self, Counters};
+use crate::store::{InstallTarget, Staging, StateDir};
+use crate::workers::{Durable, DurableJob, HashJob, Hasher, WorkResult};
+use crate::FlashdError;
+use nx_contract::markers::flashd as m;
+use proto::frame::Frame;
+use proto::image::ImageHead;
+use proto::manifest::Manifest;
+use proto::msg::{self, ErrorCode, ErrorMsg, Message, MsgType};
+use proto::session::{Journal, Receiver, ReceiverConfig, ReceiverEvent};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the transfer stands, as flashd sees it (the receiver keeps the protocol's own
+/// phase). Replaces the implicit phase of a dozen `Option`s and flags.
+enum Phase {
+    /// Nothing is open: nothing received in this process yet, the transfer was forgotten, or
+    /// a failed install closed it.
+    Idle,
+    /// A staging file (or, direct, the slot device) is open for one image.
+    Receiving(Box<Receiving>),
+    /// An install runs. A changed image's staging was closed and handed to the install
+    /// (`manifest` is that image's); an unchanged install leaves the phase it started in
+    /// (`before`: e.g. a staged transfer of another image) as it was, to return to.
+    Installing {
+        unchanged: bool,
+        manifest: Option<Manifest>,
+        before: Box<Phase>,
+    },
+    /// The staging file became the install (until the next `OpenStaging`): a late journal
+    /// would describe nothing.
+    Consumed,
+}
+
+impl Phase {
+    fn open(&self) -> Option<&Receiving> {
+        match self {
+            Phase::Receiving(r) => Some(r),
+            Phase::Installing { before, .. } => before.open(),
+            Phase::Idle | Phase::Consumed => None,
+        }
+    }
+
+    fn open_mut(&mut self) -> Option<&mut Receiving> {
+        match self {
+            Phase::Receiving(r) => Some(r),
+            Phase::Installing { before, .. } => before.open_mut(),
+            Phase::Idle | Phase::Consumed => None,
+        }
+    }
+
+    /// Take the open staging out (the phase becomes `Idle`, or an install's `before` does).
+    fn take_open(&mut self) -> Option<Box<Receiving>> {
+        match self {
+            Phase::Receiving(_) => match std::mem::replace(self, Phase::Idle) {
+                Phase::Receiving(r) => Some(r),
+                _ => None,
+            },
+            Phase::Installing { before, .. } => before.take_open(),
+            Phase::Idle | Phase::Consumed => None,
+        }
+    }
+
+    /// A new transfer starts: the staging is no longer the install's.
+    fn clear_consumed(&mut self) {
+        match self {
+            Phase::Consumed => *self = Phase::Idle,
+            Phase::Installing { before, .. } => before.clear_consumed(),
+            Phase::Idle | Phase::Receiving(_) => {}
+        }
+    }
+
+    /// The staging file became the install (also while an unchanged install runs after it).
+    fn consumed(&self) -> bool {
+        match self {
+            Phase::Consumed => true,
+            Phase::Installing { before, .. } => before.consumed(),
+            Phase::Idle | Phase::Receiving(_) => false,
+        }
+    }
+}
+
+/// An open staging file and what is known about the image streaming into it.
+struct Receiving {
+    image_id: [u8; 32],
+    staging: Staging,
+    file: Arc<File>,
+    /// The image (parsed from the head written to staging); `None` until `WriteHead`.
+    manifest: Option<Manifest>,
+    /// The segment the hasher is streaming.
+    stream: Option<StreamTrack>,
+}
+
+/// The segment the hasher is streaming, and where the next write must land to continue it.
+#[derive(Debug, Clone, Copy)]
+struct StreamTrack {
+    segment: usize,
+    next: u64,
+}
+
+/// What the last accepted HELLO told us.
+struct HelloSeen {
+    host: String,
+    /// Manifest of the HELLO's image (the image of an unchanged install).
+    manifest: Option<Manifest>,
+    /// CPU snapshot at the HELLO (the install logs where the time went since).
+    cpu_mark: crate::cpustat::Snapshot,
+}
+
+/// The state of an active server (see the module docs).
+pub(crate) struct Runtime {
+    cfg: Config,
+    out: Arc<dyn Output>,
+    dest: Destination,
+    state: StateDir,
+    rx: Receiver,
+    /// The receiver's configuration (to start over with a fresh receiver).
+    rcfg: ReceiverConfig,
+    phase: Phase,
+    results: mpsc::Receiver<WorkResult>,
+    results_tx: mpsc::Sender<WorkResult>,
+    hasher: Hasher,
+    durable: Durable,
+    /// Results still expected from background threads.
+    outstanding: usize,
+    /// Receipt counters of the image in staging.
+    counters: Option<Counters>,
+    /// Chunk size of the last journal (the skip index is built with it).
+    plan_chunk: Option<u32>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    hello: HelloSeen,
+    /// What the install target is called in receipts (resolved at each install).
+    install_target: String,
+}
+
+/// An action's failure, reported to the receiver.
+type ActionError = (ErrorCode, String);
+
+impl Runtime {
+    /// Load the journal and install record from `state` and start the workers.
+    pub(crate) fn start(
+        cfg: Config,
+        out: Arc<dyn Output>,
+        state: StateDir,
+    ) -> Result<Runtime, FlashdError> {
+        let (mut journal, jwarn) = records::load_journal(&state);
+        if let Some(w) = jwarn {
+            out.log(&format!("flashd: {w}"));
+        }
+        // A journal is only as good as the staging file it describes.
+        if let Some(j) = &journal {
+            if let Err(why) = staging_matches(&state.staging_location(), j) {
+                out.log(&format!(
+                    "flashd: discarding journal ({why}); the next transfer starts over"
+                ));
+                journal = None;
+                let _ = records::clear_journal(&state);
+            }
+        }
+        let (installed, iwarn) = records::load_installed(&state);
+        if let Some(w) = iwarn {
+            out.log(&format!("flashd: {w}"));
+        }
+        let counters = records::load_counters(&state);
+        let mut rcfg = ReceiverConfig::new(cfg.device.clone());
+        rcfg.max_window = cfg.max_window;
+        rcfg.max_chunk = cfg.max_chunk;
+        rcfg.require_signed = cfg.require_signed;
+        let rx = Receiver::new(rcfg.clone(), journal, installed);
+        let (results_tx, results) = mpsc::channel();
+        let hasher = Hasher::spawn(results_tx.clone()).map_err(FlashdError::Thread)?;
+        let durable =
+            Durable::spawn(state.clone(), results_tx.clone()).map_err(FlashdError::Thread)?;
+        let dest = Destination::new(cfg.install.clone());
+        let install_target = dest.describe_spec();
+        Ok(Runtime {
+            cfg,
+            out,
+            dest,
+            state,
+            rx,
+            rcfg,
+            phase: Phase::Idle,
+            results,
+            results_tx,
+            hasher,
+            durable,
+            outstanding: 0,
+            counters,
+            plan_chunk: None,
+            zstd: None,
+            hello: HelloSeen {
+                host: String::new(),
+                manifest: None,
+                cpu_mark: crate::cpustat::Snapshot::default(),
+            },
+            install_target,
+        })
+    }
+
+    /// Background work is outstanding.
+    pub(crate) fn busy(&self) -> bool {
+        self.outstanding > 0
+    }
+
+    /// Handle every result that arrived, answering on `conn`.
+    pub(crate) fn pump_results(&mut self, conn: &mut Conn) {
+        while let Ok(r) = self.results.try_recv() {
+            self.outstanding = self.outstanding.saturating_sub(1);
+            self.on_result(r, Some(conn));
+        }
+    }
+
+    /// Wait until no background work is outstanding (install, syncs, verifications).
+    pub(crate) fn drain(&mut self) {
+        while self.outstanding > 0 {
+            match self.results.recv_timeout(Duration::from_secs(1)) {
+                Ok(r) => {
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                    self.on_result(r, None);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// The link went down (closed, broken or idle).
+    pub(crate) fn link_down(&mut self, conn: &mut Conn) {
+        self.rx.handle(ReceiverEvent::LinkDown);
+        self.run_actions(Some(conn));
+    }
+
+    /// The link decoder skipped `bytes` of garbage.
+    pub(crate) fn corrupt(&mut self, bytes: usize, reason: &str, conn: &mut Conn) {
+        self.out
+            .log(&format!("flashd: link: skipped {bytes} bytes ({reason})"));
+        self.rx.handle(ReceiverEvent::Corrupt { bytes });
+        self.run_actions(Some(conn));
+    }
+
+    fn on_result(&mut self, r: WorkResult, conn: Option<&mut Conn>) {
+        match r {
+            WorkResult::Verified {
+                ticket,
+                ok,
+                streamed,
+            } => {
+                self.out.log(&format!(
+                    "flashd: verification #{ticket}: {} ({})",
+                    if ok { "ok" } else { "MISMATCH" },
+                    if streamed { "streamed" } else { "read back" }
+                ));
+                self.rx
+                    .handle(ReceiverEvent::SegmentVerified { ticket, ok });
+            }
+            WorkResult::Synced { upto_seq } => {
+                self.rx.handle(ReceiverEvent::StagingSynced { upto_seq });
+            }
+            WorkResult::Installed { ok, detail } => {
+                self.out.log(&format!("flashd: install: {detail}"));
+                // Read by `cargo xtask bench guest` (docs/benchmarks.md): the peak so far.
+                if let Some(kib) = crate::install::peak_rss_kib() {
+                    self.out.log(&format!("flashd: rss peak_kib={kib}"));
+                }
+                let now = crate::cpustat::Snapshot::take();
+                self.out.log(&format!(
+                    "flashd: since HELLO: {}",
+                    now.since(&self.hello.cpu_mark)
+                ));
+                self.rx.handle(ReceiverEvent::Installed {
+                    ok,
+                    detail: detail.clone(),
+                });
+                self.after_install(ok);
+            }
+            WorkResult::Index(None) => self
+                .out
+                .log("flashd: skip index not built (target unreadable)"),
+            WorkResult::Index(Some(ix)) => {
+                if let Some(mut inst) = self.rx.installed().cloned() {
+                    if inst.image_id == ix.image_id {
+                        self.out.log(&format!(
+                            "flashd: skip index ready ({} chunks)",
+                            ix.entries.len()
+                        ));
+                        inst.index = Some(*ix);
+                        self.set_installed_record(inst);
+                    }
+                }
+            }
+            WorkResult::Failed { what, text } => {
+                self.out.log(&format!("flashd: {what} failed: {text}"));
+                self.rx.handle(ReceiverEvent::ActionFailed {
+                    code: ErrorCode::Storage,
+                    text,
+                });
+            }
+        }
+        self.run_actions(conn);
+    }
+
+    /// A frame from the host.
+    pub(crate) fn on_frame(&mut self, f: Frame, conn: &mut Conn) {
+        let t = MsgType::from_u8(f.msg_type());
+        if let Some(c) = &mut self.counters {
+            c.wire_bytes += f.encoded_len() as u64;
+        }
+        if t == Some(MsgType::Hello) {
+            if let Ok(Message::Hello(h)) = Message::from_frame(&f) {
+                if let Err((code, text)) = self.precheck_hello(&h) {
+                    if msg::validate_peer_name(&h.host).is_ok() {
+                        self.out.show(&m::hello(&h.host, h.proto));
+                    }
+                    let e = ErrorMsg::new(code, &text);
+                    self.out.show(&m::error(code.code(), &e.text));
+                    if let Ok(frame) = Message::Error(e).to_frame() {
+                        let _ = conn.send(&frame);
+                    }
+                    return;
+                }
+                self.hello = HelloSeen {
+                    host: h.host.clone(),
+                    manifest: ImageHead::parse(&h.head).ok().map(|p| p.manifest),
+                    cpu_mark: crate::cpustat::Snapshot::take(),
+                };
+                self.forget_vanished_install();
+                self.forget_overwritten_install();
+            }
+        }
+        self.rx.handle(ReceiverEvent::Frame(f));
+        self.run_actions(Some(conn));
+    }
+
+    /// Checks the receiver cannot make: is there a target to install into, and is it big
+    /// enough?
+    fn precheck_hello(&self, h: &msg::Hello) -> Result<(), ActionError> {
+        let target = self
+            .dest
+            .resolve()
+            .map_err(|e| (ErrorCode::InstallFailed, e))?;
+        if let InstallTarget::Block(dev) = &target {
+            if let (Some(cap), Ok(head)) = (
+                crate::install::block_capacity(dev),
+                ImageHead::parse(&h.head),
+            ) {
+                if head.manifest.total_size > cap {
+                    return Err((
+                        ErrorCode::TooLarge,
+                        format!(
+                            "image is {} bytes, install target {} holds {cap}",
+                            head.manifest.total_size,
+                            dev.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Execute every queued receiver action, in order. A failed action discards the actions
+    /// queued behind it (they assumed it worked) and is reported to the receiver.
+    fn run_actions(&mut self, mut conn: Option<&mut Conn>) {
+        while let Some(a) = self.rx.poll_action() {
+            if let Err((code, text)) = self.execute(a, conn.as_deref_mut()) {
+                while self.rx.poll_action().is_some() {}
+                self.out.log(&format!("flashd: action failed: {text}"));
+                self.rx.handle(ReceiverEvent::ActionFailed { code, text });
+            }
+        }
+    }
+
+    /// Print a receiver report (marker or log line).
+    fn report(&self, r: &proto::session::ReceiverReport) {
+        console::report(&*self.out, r);
+    }
+
+    /// The block device a new transfer streams into (`--direct` and a block-device target),
+    /// or `None` for the staging file.
+    fn direct_device(&self) -> Option<PathBuf> {
+        if !self.cfg.direct {
+            return None;
+        }
+        match self.dest.resolve() {
+            Ok(InstallTarget::Block(dev)) => Some(dev),
+            _ => None,
+        }
+    }
+
+    /// The open staging, whether receiving or kept open under an unchanged install.
+    fn open(&self) -> Option<&Receiving> {
+        self.phase.open()
+    }
+
+    fn open_mut(&mut self) -> Option<&mut Receiving> {
+        self.phase.open_mut()
+    }
+
+    /// Drop every trace of the transfer in staging: a new receiver (same install record), no
+    /// journal.
+    fn forget_transfer(&mut self) {
+        let installed = self.rx.installed().cloned();
+        self.rx = Receiver::new(self.rcfg.clone(), None, installed);
+        self.durable.send(DurableJob::ClearJournal);
+        self.counters = None;
+        self.phase = Phase::Idle;
+    }
+
+    /// Close the staging file (the hasher lets go of it too); returns what was open.
+    fn close_staging(&mut self) -> Option<Box<Receiving>> {
+        let was = self.phase.take_open();
+        self.hasher.send(HashJob::SetFile {
+            file: None,
+            readback: false,
+        });
+        was
+    }
+
+    /// Wait until every queued durability job ran.
+    fn durable_barrier(&mut self) {
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        self.durable.send(DurableJob::Run(Box::new(move |_| {
+            let _ = tx.send(());
+            Ok(())
+        })));
+        let _ = rx.recv();
+    }
+}
+
+/// Check that the staging file holds the image the journal describes (size and head).
+fn staging_matches(path: &std::path::Path, j: &Journal) -> Result<(), String> {
+    let s = Staging::open_existing(path, j.total_size)
+        .map_err(|e| e.to_string())?
+        .ok_or("staging file missing or of another size")?;
+    let mut header = vec![0u8; proto::image::HEADER_LEN];
+    s.read_at(0, &mut header).map_err(|e| e.to_string())?;
+    let h = proto::image::Header::parse(&header).map_err(|e| format!("staging head: {e}"))?;
+    let head_len = usize::try_from(h.data_offset)
+        .ok()
+        .filter(|n| *n <= proto::image::MAX_HEAD_LEN)
+        .ok_or("staging head too long")?;
+    let mut head = vec![0u8; head_len];
+    s.read_at(0, &mut head).map_err(|e| e.to_string())?;
+    let parsed = ImageHead::parse(&head).map_err(|e| format!("staging head: {e}"))?;
+    if parsed.manifest.id() != j.image_id {
+        return Err("staging holds another image".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receiving(dir: &std::path::Path) -> Box<Receiving> {
+        let staging = Staging::create(&dir.join("staging.img"), 8192).unwrap();
+        let file = Arc::new(staging.file_handle().unwrap());
+        Box::new(Receiving {
+            image_id: [3; 32],
+            staging,
+            file,
+            manifest: None,
+            stream: None,
+        })
+    }
+
+    #[test]
+    fn an_unchanged_install_keeps_the_phase_it_started_in() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Phase::Installing {
+            unchanged: true,
+            manifest: None,
+            before: Box::new(Phase::Receiving(receiving(d.path()))),
+        };
+        assert_eq!(p.open().map(|r| r.image_id), Some([3; 32]));
+        assert!(p.open_mut().is_some());
+        assert!(!p.consumed());
+        // Closing takes the staged transfer out of the install's `before`.
+        assert!(p.take_open().is_some());
+        assert!(p.open().is_none());
+        assert!(matches!(p, Phase::Installing { .. }));
+    }
+
+    #[test]
+    fn consumed_until_a_new_transfer_starts() {
+        let mut p = Phase::Installing {
+            unchanged: true,
+            manifest: None,
+            before: Box::new(Phase::Consumed),
+        };
+        assert!(p.consumed());
+        p.clear_consumed();
+        assert!(!p.consumed());
+        assert!(matches!(p, Phase::Installing { .. }));
+        let mut p = Phase::Consumed;
+        assert!(p.take_open().is_none());
+        p.clear_consumed();
+        assert!(matches!(p, Phase::Idle));
+    }
+
+    #[test]
+    fn closing_a_receiving_phase_leaves_idle() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Phase::Receiving(receiving(d.path()));
+        assert!(p.take_open().is_some());
+        assert!(matches!(p, Phase::Idle));
+        assert!(p.open().is_none());
+    }
+}
