@@ -6,6 +6,7 @@
 pub mod bootctld;
 pub mod flashd;
 pub mod init;
+pub mod pid1;
 pub mod rebootd;
 pub mod recovery;
 pub mod reset;
