@@ -110,6 +110,7 @@ pub fn samples() -> Vec<Marker> {
             state_mounted(p, "/dev/vdb"),
             uptime_at_ready(p, 1.0),
             shutting_down(p, "reboot"),
+            shutting_down(p, "poweroff"),
             halting(p, "e"),
             service_start_failed(p, "flashd", "e", 100),
             service_restarting(p, "flashd", "exit 1", 100),

@@ -157,6 +157,7 @@ pub fn samples() -> Vec<Marker> {
         started(&["flashd", "rebootd"]),
         flash_port_missing("e", "com.nexus.flash"),
         wipe_complete(1),
+        wipe_complete(2),
         rebooting_after_wipe(),
         reboot_after_wipe_stub(),
         reboot_after_wipe_failed("e"),

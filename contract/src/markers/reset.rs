@@ -49,7 +49,7 @@ pub fn samples() -> Vec<Marker> {
         wipe_done(),
         invalid_request_removed("/state/boot/factory_wipe", "junk"),
         wipe_resumed(2),
-        wipe_removed(3, 10, &["apps", "content", "settings"]),
+        wipe_removed(8, 5459, &["apps", "content", "settings"]),
         wipe_failed("e"),
     ]
 }

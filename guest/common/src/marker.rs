@@ -15,14 +15,6 @@ pub fn emit(line: &str) {
     let _ = out.flush();
 }
 
-/// `emit(format!(..))` shorthand.
-#[macro_export]
-macro_rules! marker {
-    ($($arg:tt)*) => {
-        $crate::marker::emit(&format!($($arg)*))
-    };
-}
-
 /// Print a contract marker (`nx_contract::markers::…`): the one way guest code prints a
 /// console marker.
 pub fn show(marker: &nx_contract::Marker) {

@@ -50,6 +50,10 @@ impl GuestConfig {
     }
 }
 
+/// The flash-mode answer when flashd is not running.
+const FLASHD_NOT_RUNNING: &str =
+    "flashd: NOT running — flashing is not possible right now (see the console log)\n"; // hygiene: not a marker (menu text)
+
 fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,7 +80,7 @@ pub fn diag(cfg: &GuestConfig) -> (Vec<String>, Result<nx_diag::Outcome, String>
     let r =
         nx_diag::run(&dcfg, &view, &mut |l| lines.push(l.to_string())).map_err(|e| e.to_string());
     if let Err(e) = &r {
-        lines.push(format!("nx-diag: error: {e}"));
+        lines.push(nx_contract::markers::diag::error(e).into_string());
     }
     (lines, r)
 }
@@ -219,13 +223,14 @@ pub fn flash_status(cfg: &GuestConfig) -> String {
     );
     match (&p.pid, &p.port, p.serving) {
         (Some(pid), Some(port), true) => s.push_str(&format!(
-            "flashd: running (pid {pid}), serving {} — waiting for the host\n",
+            "flashd: running (pid {pid}), serving {} — waiting for the host\n", // hygiene: not a marker (menu text)
             port.display()
         )),
         (Some(pid), _, _) => s.push_str(&format!(
-            "flashd: running (pid {pid}) but not holding the flash port open (no port, or it is waiting for one)\n"
+            "flashd: running (pid {pid}) but not holding the flash port open (no port, or it is waiting for one)\n" // hygiene: not a marker (menu text)
         )),
-        (None, _, _) => s.push_str("flashd: NOT running — flashing is not possible right now (see the console log)\n"),
+        // hygiene: not a marker (menu text)
+        (None, _, _) => s.push_str(FLASHD_NOT_RUNNING),
     }
     s.push_str(&nx_diag::collect::flash_summary(&cfg.state_root));
     s

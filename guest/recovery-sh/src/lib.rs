@@ -36,8 +36,6 @@ pub const MAX_LINE: usize = 256;
 pub const MAX_HISTORY: usize = 32;
 /// The prompt.
 pub const PROMPT: &str = "recovery> ";
-/// Marker printed once the shell is ready for input.
-pub const READY_MARKER: &str = "recovery: shell ready";
 /// Longest error message shown (characters).
 const MAX_MESSAGE: usize = 240;
 /// Longest command name echoed back in "unknown command" (characters).
@@ -248,8 +246,11 @@ impl Shell {
     pub fn start(&self, out: &mut dyn Write) {
         put(
             out,
-            format!("{READY_MARKER}\nrecovery-sh: type 'help' for the commands\n{PROMPT}")
-                .as_bytes(),
+            format!(
+                "{}\nrecovery-sh: type 'help' for the commands\n{PROMPT}",
+                nx_contract::markers::recovery::shell_ready()
+            )
+            .as_bytes(),
         );
         let _ = out.flush();
     }
