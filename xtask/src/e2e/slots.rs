@@ -21,13 +21,16 @@
 //! with flashd still installing into the fixed partition `system_b` they stop at
 //! `bootctl: slotImaged slot=b …` with a message saying so.
 
-use crate::e2e::{big_image, fail, partition_offset, receipt_installed, Ctx, STEP_TIMEOUT};
+use super::support::{
+    big_image, built_image, check_console, compact, fail, nx, partition_offset, receipt_installed,
+    replayed_state_copy, wait, Ctx, STEP_TIMEOUT,
+};
 use crate::util;
 use anyhow::{bail, ensure, Context};
 use nx_qemu::{BootTarget, Runner};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -44,26 +47,6 @@ fn cut_delay() -> Duration {
 
 /// How long flashd may take from `verify ok` to activating the slot.
 const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(20);
-
-pub(crate) fn built_image(file: &str) -> anyhow::Result<PathBuf> {
-    let p = util::build_dir().join(file);
-    ensure!(
-        p.exists(),
-        "{} is missing: `cargo xtask guest` builds it (nx image build failed?)",
-        p.display()
-    );
-    Ok(p)
-}
-
-/// Wait for each marker in order (after the previous hit).
-pub(crate) fn wait(runner: &Runner, markers: &[&str]) -> anyhow::Result<()> {
-    for m in markers {
-        runner
-            .wait_for(m, STEP_TIMEOUT)
-            .map_err(|e| fail(runner, &format!("[error] Missing marker: {m} ({e})")))?;
-    }
-    Ok(())
-}
 
 /// Wait for flashd's activation of the new slot; say clearly when flashd has no slot hook.
 fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
@@ -88,31 +71,6 @@ fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
             "rebootd: next-boot=normal",
         ],
     )
-}
-
-/// Run `nx` with `args`; its stdout, or an error with its stderr.
-pub(crate) fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(&ctx.nx)
-        .args(args)
-        .output()
-        .context("could not run nx")?;
-    if !out.status.success() {
-        return Err(fail(
-            runner,
-            &format!(
-                "nx {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// JSON without whitespace (the view is deterministic; this makes substring checks easy).
-pub(crate) fn compact(json: &str) -> String {
-    json.chars().filter(|c| !c.is_whitespace()).collect()
 }
 
 /// `nx boot status --json` of the running guest must contain every `want` (compact JSON).
@@ -172,62 +130,6 @@ fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
     eprintln!(
         "xtask: e2e: /state/bootctl/state.nxs ({len} bytes) survived the run: {}",
         want.join(" ")
-    );
-    Ok(())
-}
-
-/// A copy of the scenario's state.img (in a temp dir, QEMU stopped) with its ext4 journal
-/// replayed (`e2fsck -E journal_only`), as the next boot's mount would: `(dir, copy)`.
-pub(crate) fn replayed_state_copy(ctx: &Ctx) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
-    let tmp = tempfile::tempdir()?;
-    let img = tmp.path().join("state.img");
-    util::run_cmd(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(ctx.dir.join("state.img"))
-            .arg(&img),
-    )?;
-    let st = Command::new(util::tool("e2fsck")?)
-        .args(["-E", "journal_only", "-y"])
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("could not run e2fsck")?;
-    // 0: clean, 1: errors corrected (the journal was replayed).
-    ensure!(
-        matches!(st.code(), Some(0 | 1)),
-        "e2fsck -E journal_only on a copy of state.img failed ({st})"
-    );
-    Ok((tmp, img))
-}
-
-/// The whole console of the run against `[e2e.<name>]` of qemu/markers.toml.
-pub(crate) fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
-    let sc = ctx
-        .contract
-        .e2e
-        .get(&ctx.name)
-        .with_context(|| format!("qemu/markers.toml has no [e2e.{}]", ctx.name))?;
-    let log = runner.config().console_log();
-    let text = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let forbidden: Vec<String> = ctx
-        .contract
-        .defaults
-        .forbidden
-        .iter()
-        .chain(&sc.forbidden)
-        .cloned()
-        .collect();
-    nx_qemu::markers::check_lines(&lines, &sc.markers, &forbidden)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    eprintln!(
-        "xtask: e2e: {} markers of [e2e.{}] in order in {} ({} boots)",
-        sc.markers.len(),
-        ctx.name,
-        log.display(),
-        runner.boots()
     );
     Ok(())
 }
@@ -484,14 +386,6 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compact_json() {
-        assert_eq!(
-            compact("{\n  \"active\": \"b\",\n  \"x\": { \"a\": 1 }\n}\n"),
-            r#"{"active":"b","x":{"a":1}}"#
-        );
-    }
 
     #[test]
     fn prefix_of_a_partial_write() {

@@ -30,8 +30,7 @@
 //!
 //! The whole console of each run is checked against `[e2e.<name>]` of qemu/markers.toml.
 
-use crate::e2e::{fail, Ctx, STEP_TIMEOUT};
-use crate::e2e_slots::{check_console, nx, replayed_state_copy, wait};
+use super::support::{check_console, fail, nx, replayed_state_copy, wait, Ctx, STEP_TIMEOUT};
 use crate::{disks, util};
 use anyhow::{bail, ensure, Context};
 use nx_qemu::{BootTarget, Runner};

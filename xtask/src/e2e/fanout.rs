@@ -18,8 +18,7 @@
 //! Both QEMUs are always killed (the runners stop on drop); a failure carries the console
 //! tails of both guests.
 
-use crate::e2e::{Ctx, STEP_TIMEOUT};
-use crate::e2e_slots::{built_image, check_console, replayed_state_copy};
+use super::support::{built_image, check_console, replayed_state_copy, Ctx, STEP_TIMEOUT};
 use crate::util;
 use anyhow::{ensure, Context};
 use nx_qemu::Runner;
