@@ -107,7 +107,7 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
     util::stage(&format!("4/4 flash {} (nx flash send)", image.display()));
     let sock = runner
         .config()
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(nx_contract::ports::FLASH.name)
         .context("the runner has no flash port")?
         .to_path_buf();
     run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;

@@ -100,7 +100,7 @@ pub fn flash(runner: &Runner, image: &std::path::Path) -> anyhow::Result<()> {
     util::stage(&format!("4/4 flash {} (nx flash send)", image.display()));
     let sock = runner
         .config()
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(nx_contract::ports::FLASH.name)
         .context("the runner has no flash port")?
         .to_path_buf();
     let mut cmd = util::cargo();

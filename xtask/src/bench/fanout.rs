@@ -140,14 +140,14 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<()> {
         for p in &mut cfg.ports {
             p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
         }
-        cfg = cfg.with_port(BENCH_PORT.0, BENCH_PORT.1);
+        cfg = cfg.with_port(BENCH_PORT.name, BENCH_PORT.socket);
         cfg.recovery = true;
         cfg.follow_reboots = false;
         cfg.extra_cmdline.push("rdinit=/bin/rawrecv".into());
         cfg.echo = a.echo;
         socks.push(format!(
             "unix:{}",
-            cfg.port_socket(nx_qemu::FLASH_PORT.0)
+            cfg.port_socket(nx_contract::ports::FLASH.name)
                 .context("no flash port")?
                 .display()
         ));

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The benchmark's virtio-serial port and its host socket (under the run dir).
-pub const BENCH_PORT: (&str, &str) = ("com.nexus.bench", "bench.sock");
+pub const BENCH_PORT: nx_contract::PortSpec = nx_contract::ports::BENCH;
 /// Boot / transfer time budget.
 const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -163,7 +163,7 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     for p in &mut cfg.ports {
         p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
     }
-    cfg = cfg.with_port(BENCH_PORT.0, BENCH_PORT.1);
+    cfg = cfg.with_port(BENCH_PORT.name, BENCH_PORT.socket);
     cfg.recovery = true;
     // A reboot would boot without rdinit's target: end the run instead.
     cfg.follow_reboots = false;
@@ -176,11 +176,11 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     cfg.smp = a.smp.max(1);
     cfg.echo = a.echo;
     let flash_sock = cfg
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(nx_contract::ports::FLASH.name)
         .context("no flash port")?
         .to_path_buf();
     let bench_sock = cfg
-        .port_socket(BENCH_PORT.0)
+        .port_socket(BENCH_PORT.name)
         .context("no bench port")?
         .to_path_buf();
 

@@ -90,7 +90,7 @@ fn run(ctx: &Ctx, guests: &[Ctx], runners: &[Runner], image: &Path) -> anyhow::R
     let ports = guests
         .iter()
         .zip(runners)
-        .map(|(g, r)| g.port(r, nx_qemu::FLASH_PORT.0))
+        .map(|(g, r)| g.port(r, nx_contract::ports::FLASH.name))
         .collect::<anyhow::Result<Vec<String>>>()?;
     let receipt_file = ctx.dir.join("receipts.json");
     let _ = std::fs::remove_file(&receipt_file);

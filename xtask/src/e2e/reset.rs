@@ -182,7 +182,7 @@ fn plan_entries(plan: &Value, section: &str, path: &str) -> anyhow::Result<(Valu
 
 /// `nx reset factory --dry-run --json` of the running guest: (raw JSON, parsed).
 fn dry_run(ctx: &Ctx, runner: &Runner) -> anyhow::Result<(String, Value)> {
-    let port = ctx.port(runner, nx_qemu::REBOOT_PORT.0)?;
+    let port = ctx.port(runner, nx_contract::ports::REBOOT.name)?;
     let json = nx(
         ctx,
         runner,
@@ -427,7 +427,7 @@ fn boot_and_dry_run(ctx: &Ctx, bulk: bool) -> anyhow::Result<(Runner, Entries)> 
 
 /// `nx reset factory --yes --json`: the request is recorded and the guest reboots.
 fn reset_yes(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
-    let port = ctx.port(runner, nx_qemu::REBOOT_PORT.0)?;
+    let port = ctx.port(runner, nx_contract::ports::REBOOT.name)?;
     let out = nx(
         ctx,
         runner,
@@ -811,7 +811,7 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     // The host fetches the newest bundle: exactly the one the shell just wrote.
     let out_file: PathBuf = ctx.dir.join("fetched-diag.tar.zst");
     let _ = std::fs::remove_file(&out_file);
-    let port = ctx.port(&runner, nx_qemu::REBOOT_PORT.0)?;
+    let port = ctx.port(&runner, nx_contract::ports::REBOOT.name)?;
     let out = nx(
         ctx,
         &runner,

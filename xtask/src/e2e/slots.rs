@@ -75,7 +75,7 @@ fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
 
 /// `nx boot status --json` of the running guest must contain every `want` (compact JSON).
 fn expect_status(ctx: &Ctx, runner: &Runner, want: &[&str]) -> anyhow::Result<()> {
-    let port = ctx.port(runner, nx_qemu::BOOTCTL_PORT.0)?;
+    let port = ctx.port(runner, nx_contract::ports::BOOTCTL.name)?;
     let json = nx(ctx, runner, &["boot", "status", "--json", "--port", &port])?;
     let c = compact(&json);
     for w in want {
@@ -152,7 +152,7 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         &[r#""active":"a""#, r#""a":{"health":"good""#],
     )?;
 
-    let reboot_port = ctx.port(&runner, nx_qemu::REBOOT_PORT.0)?;
+    let reboot_port = ctx.port(&runner, nx_contract::ports::REBOOT.name)?;
     nx(
         ctx,
         &runner,
@@ -186,7 +186,7 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         ],
     )?;
 
-    let bootctl_port = ctx.port(&runner, nx_qemu::BOOTCTL_PORT.0)?;
+    let bootctl_port = ctx.port(&runner, nx_contract::ports::BOOTCTL.name)?;
     nx(ctx, &runner, &["boot", "reboot", "--port", &bootctl_port])?;
     wait(
         &runner,
@@ -321,7 +321,7 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
             "send",
             "--json",
             "--port",
-            &ctx.port(&runner, nx_qemu::FLASH_PORT.0)?,
+            &ctx.port(&runner, nx_contract::ports::FLASH.name)?,
         ])
         .arg(&image)
         .stdout(Stdio::null())

@@ -102,7 +102,7 @@ impl Ctx {
     }
 
     fn sock(&self, runner: &Runner) -> anyhow::Result<String> {
-        self.port(runner, nx_qemu::FLASH_PORT.0)
+        self.port(runner, nx_contract::ports::FLASH.name)
     }
 
     /// `unix:<host socket>` of a port of this run.
