@@ -9,6 +9,7 @@
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::Context;
+use nx_contract::markers;
 use nx_qemu::Runner;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -86,7 +87,7 @@ fn boot_recovery(out: &crate::guest::Outputs) -> anyhow::Result<Runner> {
     cfg.echo = true;
     let runner = Runner::start(cfg).context("could not start QEMU")?;
     let hit = runner
-        .wait_for("recovery: ready (serial=@", Duration::from_secs(120))
+        .wait_for(markers::recovery::READY_PREFIX, Duration::from_secs(120))
         .with_context(|| {
             format!(
                 "the recovery guest did not become ready (see {})",
@@ -136,14 +137,14 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
     }
     if activated.is_ok_and(|hit| hit.line.contains("rebooting into it")) {
         util::stage("automatic reboot into the new slot (trial boot, confirm)");
-        match runner.wait_for("init: confirmed slot=", Duration::from_secs(120)) {
+        match runner.wait_for(markers::init::CONFIRMED_PREFIX, Duration::from_secs(120)) {
             Ok(hit) => {
-                let _ = runner.wait_for("init: ready", Duration::from_secs(30));
+                let _ = runner.wait_for(markers::init::ready().as_str(), Duration::from_secs(30));
                 for l in runner
                     .grep("bootctl: ")
                     .into_iter()
-                    .chain(runner.grep("init: booted slot="))
-                    .chain(runner.grep("init: confirmed slot="))
+                    .chain(runner.grep(markers::init::BOOTED_PREFIX))
+                    .chain(runner.grep(markers::init::CONFIRMED_PREFIX))
                 {
                     println!("  {l}");
                 }

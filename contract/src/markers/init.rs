@@ -147,9 +147,12 @@ pub fn check_failed_why(slot: impl Display, e: impl Display) -> String {
 
 /// `init: rootfs unusable slot=<s> trial=<t>: <e>`.
 pub fn rootfs_unusable(slot: impl Display, trial: bool, e: impl Display) -> Marker {
-    Marker::new(format!(
-        "init: rootfs unusable slot={slot} trial={trial}: {e}"
-    ))
+    Marker::new(format!("{}: {e}", rootfs_unusable_of(slot, trial)))
+}
+
+/// The fixed part of [`rootfs_unusable`] for one slot: `init: rootfs unusable slot=<s> trial=<t>`.
+pub fn rootfs_unusable_of(slot: impl Display, trial: bool) -> Marker {
+    Marker::new(format!("init: rootfs unusable slot={slot} trial={trial}"))
 }
 
 /// Fixed prefix of [`rootfs_unusable`].
@@ -276,6 +279,7 @@ pub fn samples() -> Vec<Marker> {
         booted("b", "2", false),
         confirmed("b"),
         rootfs_unusable("b", true, "e"),
+        rootfs_unusable_of("b", true),
         reboot_requested("recovery"),
         refuse_for_wipe("a factory wipe was requested"),
         version_note("1", "a", "2"),

@@ -41,6 +41,7 @@ pub const PREFIXES: &[&str] = &[
     init::CONFIRMED_PREFIX,
     init::REBOOT_PREFIX,
     recovery::DIAG_WRITTEN_PREFIX,
+    recovery::READY_PREFIX,
     recovery::STATE_STUB_PREFIX,
     rawrecv::READY_PREFIX,
     rawrecv::DONE_PREFIX,

@@ -48,7 +48,12 @@ pub fn state_mounted(program: &str, dev: impl Display) -> Marker {
 
 /// `<program>: uptime <s> s at ready` (two decimals).
 pub fn uptime_at_ready(program: &str, seconds: f64) -> Marker {
-    Marker::new(format!("{program}: uptime {seconds:.2} s at ready"))
+    Marker::new(format!("{}{seconds:.2} s at ready", uptime_prefix(program)))
+}
+
+/// The fixed part of [`uptime_at_ready`]: `<program>: uptime `.
+pub fn uptime_prefix(program: &str) -> Marker {
+    Marker::new(format!("{program}: uptime "))
 }
 
 /// `<program>: <action> (stopping services, sync, unmount /state)`.
@@ -109,6 +114,7 @@ pub fn samples() -> Vec<Marker> {
             modules_loaded(p, 3),
             state_mounted(p, "/dev/vdb"),
             uptime_at_ready(p, 1.0),
+            uptime_prefix(p),
             shutting_down(p, "reboot"),
             shutting_down(p, "poweroff"),
             halting(p, "e"),

@@ -24,6 +24,9 @@ pub fn ready(port_dev: impl Display) -> Marker {
     Marker::new(format!("recovery: ready (serial=@{port_dev})"))
 }
 
+/// Fixed prefix of [`ready`] (any port device).
+pub const READY_PREFIX: &str = "recovery: ready (serial=@";
+
 /// `recovery: shell ready` (recovery-sh).
 pub fn shell_ready() -> Marker {
     Marker::new("recovery: shell ready")

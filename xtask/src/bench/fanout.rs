@@ -17,6 +17,7 @@ use super::guest::{fresh_enough, loadavg, write_bench_ramdisk, BENCH_PORT};
 use super::{make_image, report, Bins, MIB};
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, ensure, Context};
+use nx_contract::markers;
 use nx_qemu::{Config, Runner};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -237,7 +238,7 @@ fn measure(
     t_boot: Instant,
 ) -> anyhow::Result<(f64, Run, Run)> {
     for (i, r) in runners.iter().enumerate() {
-        r.wait_for("recovery: ready (serial=@", STEP_TIMEOUT)
+        r.wait_for(markers::recovery::READY_PREFIX, STEP_TIMEOUT)
             .with_context(|| format!("guest g{i} did not become ready"))?;
     }
     let boot = t_boot.elapsed().as_secs_f64();

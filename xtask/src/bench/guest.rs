@@ -29,6 +29,7 @@ use super::report::{self, Case};
 use super::{make_image, Bins, MIB};
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, Context};
+use nx_contract::markers;
 use nx_qemu::{Config, Runner};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -284,7 +285,7 @@ fn measure(
 ) -> anyhow::Result<report::Measured> {
     let r = ctx.runner;
     let ready = r
-        .wait_for("recovery: ready (serial=@", STEP_TIMEOUT)
+        .wait_for(markers::recovery::READY_PREFIX, STEP_TIMEOUT)
         .context("recovery did not become ready")?;
     // The host instant of the boot's start (the marker was awaited live: accurate to ms), to
     // place console lines on the host clock.
@@ -292,12 +293,16 @@ fn measure(
         .checked_sub(ready.since_boot)
         .unwrap_or_else(Instant::now);
     // recovery-init prints its uptime right after the ready marker.
-    wait_console(r, "recovery: uptime ", Duration::from_secs(10))?;
+    wait_console(
+        r,
+        markers::pid1::uptime_prefix("recovery").as_str(),
+        Duration::from_secs(10),
+    )?;
     let guest_uptime = r
-        .grep("recovery: uptime ")
+        .grep(markers::pid1::uptime_prefix("recovery").as_str())
         .last()
         .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()));
-    wait_console(r, "rawrecv: ready", Duration::from_secs(60))?;
+    wait_console(r, markers::rawrecv::READY_PREFIX, Duration::from_secs(60))?;
     wait_console(r, "flashd: ready", Duration::from_secs(60))?;
     let want = |k: &str| a.cases.iter().any(|c| c == k);
     let mut m = report::Measured {
@@ -635,7 +640,7 @@ fn raw_copy(ctx: &Ctx, img: &Path, mode: &str, hash: &str, sink: &str) -> anyhow
         .context("no reply from rawrecv")?;
     let time = t.elapsed();
     let reply = reply.trim().to_string();
-    let Some(fields) = reply.strip_prefix("rawrecv: done ") else {
+    let Some(fields) = reply.strip_prefix(markers::rawrecv::DONE_PREFIX) else {
         bail!("rawrecv: {reply:?}");
     };
     let get = |k: &str| {

@@ -33,6 +33,7 @@
 use super::support::{check_console, fail, nx, replayed_state_copy, wait, Ctx, STEP_TIMEOUT};
 use crate::{disks, util};
 use anyhow::{bail, ensure, Context};
+use nx_contract::markers;
 use nx_qemu::{BootTarget, Runner};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -402,9 +403,9 @@ fn boot_and_dry_run(ctx: &Ctx, bulk: bool) -> anyhow::Result<(Runner, Entries)> 
     wait(
         &runner,
         &[
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     let (json1, plan) = dry_run(ctx, &runner)?;
@@ -456,8 +457,8 @@ pub fn reset(ctx: &Ctx) -> anyhow::Result<()> {
             "nx: reset factory wipe done",
             "rebootd: next-boot=normal",
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     let (_, plan) = dry_run(ctx, &runner)?;
@@ -519,7 +520,10 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         .as_secs_f64();
     // Never a normal boot while the wipe was incomplete.
     let between = runner.lines(start.index, done.index);
-    if let Some(l) = between.iter().find(|l| l.contains("init: start")) {
+    if let Some(l) = between
+        .iter()
+        .find(|l| l.contains(markers::init::start().as_str()))
+    {
         return Err(fail(
             &runner,
             &format!("a normal boot happened before the wipe was done: {l:?}"),
@@ -529,8 +533,8 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     let seeded = (BULK_DIRS * BULK_FILES_PER_DIR + BULK_DIRS + 1) as u64
@@ -583,7 +587,7 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] boot 1: normal (first boot forced by the caller",
-            "init: factory wipe pending (a factory wipe was requested); not booting a slot, rebooting to recovery",
+            markers::init::refuse_for_wipe("a factory wipe was requested").as_str(),
             "rebootd: next-boot=recovery",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
             "nx: reset factory wipe start",
@@ -593,7 +597,7 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
     let before = runner.lines(0, done.index);
     if let Some(l) = before
         .iter()
-        .find(|l| l.contains("init: booted slot=") || l.contains("bootctl: bootAttempt"))
+        .find(|l| l.contains(markers::init::BOOTED_PREFIX) || l.contains("bootctl: bootAttempt"))
     {
         return Err(fail(
             &runner,
@@ -604,8 +608,8 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     eprintln!("xtask: e2e: with a wipe request on /state the normal init booted no slot and rebooted to recovery, which wiped; then slot a booted");
@@ -749,7 +753,7 @@ fn prompt_back(runner: &Runner) -> anyhow::Result<()> {
 pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     seed_state(ctx, false)?;
     let mut runner = ctx.boot_recovery()?;
-    wait(&runner, &["recovery: shell ready"])?;
+    wait(&runner, &[markers::recovery::shell_ready().as_str()])?;
     // The daemons share the console: let their start-up lines pass first.
     wait_present(
         &runner,
@@ -792,7 +796,7 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
 
     runner.send(b"diag\r")?;
     let hit = runner
-        .wait_for("recovery: diag written (bytes=", STEP_TIMEOUT)
+        .wait_for(markers::recovery::DIAG_WRITTEN_PREFIX, STEP_TIMEOUT)
         .map_err(|e| {
             fail(
                 &runner,
@@ -869,8 +873,8 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
             "nx: reset factory wipe removed 8 paths (5459 bytes) from apps, content, settings",
             "nx: reset factory wipe done",
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     runner.stop();

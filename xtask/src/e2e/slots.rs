@@ -27,6 +27,7 @@ use super::support::{
 };
 use crate::util;
 use anyhow::{bail, ensure, Context};
+use nx_contract::markers;
 use nx_qemu::{BootTarget, Runner};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -141,9 +142,9 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -170,10 +171,10 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "init: booted slot=b version=2 trial=true",
+            markers::init::booted("b", "2", true).as_str(),
             "bootctl: confirm",
-            "init: confirmed slot=b",
-            "init: ready",
+            markers::init::confirmed("b").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -192,8 +193,8 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "bootctl: reboot",
-            "init: booted slot=b version=2 trial=false",
-            "init: ready",
+            markers::init::booted("b", "2", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -232,7 +233,7 @@ pub fn rollback(ctx: &Ctx) -> anyhow::Result<()> {
             &runner,
             &[
                 &format!("bootctl: bootAttempt slot=b trial=true tries={tries}"),
-                "init: rootfs unusable slot=b trial=true",
+                markers::init::rootfs_unusable_of("b", true).as_str(),
                 "rebootd: next-boot=normal",
             ],
         )?;
@@ -242,9 +243,9 @@ pub fn rollback(ctx: &Ctx) -> anyhow::Result<()> {
         &[
             "bootctl: markBad slot=b",
             "bootctl: rollback to slot=a",
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -359,9 +360,9 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(

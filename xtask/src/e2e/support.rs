@@ -4,6 +4,7 @@
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{ensure, Context};
+use nx_contract::markers;
 use nx_qemu::markers::Contract;
 use nx_qemu::{Config, Runner};
 use std::io::{BufRead, BufReader, Read};
@@ -96,7 +97,10 @@ impl Ctx {
 
     pub fn wait_ready(&self, runner: &Runner) -> anyhow::Result<()> {
         runner
-            .wait_for("recovery: ready (serial=@/dev/vport0p1)", STEP_TIMEOUT)
+            .wait_for(
+                markers::recovery::ready("/dev/vport0p1").as_str(),
+                STEP_TIMEOUT,
+            )
             .map_err(|e| fail(runner, &format!("recovery did not become ready: {e}")))?;
         Ok(())
     }
