@@ -44,6 +44,7 @@ pub const PREFIXES: &[&str] = &[
     recovery::READY_PREFIX,
     recovery::STATE_STUB_PREFIX,
     rawrecv::READY_PREFIX,
+    reset::WIPE_REMOVED_PREFIX,
     rawrecv::DONE_PREFIX,
 ];
 

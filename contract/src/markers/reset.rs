@@ -30,10 +30,13 @@ pub fn wipe_resumed(attempt: impl Display) -> Marker {
 /// `nx: reset factory wipe removed <n> paths (<b> bytes) from <trees>`.
 pub fn wipe_removed(removed: impl Display, bytes: impl Display, trees: &[&str]) -> Marker {
     Marker::new(format!(
-        "nx: reset factory wipe removed {removed} paths ({bytes} bytes) from {}",
+        "{WIPE_REMOVED_PREFIX} {removed} paths ({bytes} bytes) from {}",
         trees.join(", ")
     ))
 }
+
+/// Fixed prefix of [`wipe_removed`].
+pub const WIPE_REMOVED_PREFIX: &str = "nx: reset factory wipe removed";
 
 /// `nx: reset factory wipe failed: <e>; …`.
 pub fn wipe_failed(e: impl Display) -> Marker {

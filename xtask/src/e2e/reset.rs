@@ -453,8 +453,8 @@ pub fn reset(ctx: &Ctx) -> anyhow::Result<()> {
         &[
             "rebootd: factory-wipe requested",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe done",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_done().as_str(),
             "rebootd: next-boot=normal",
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
             markers::init::booted("a", "1", false).as_str(),
@@ -484,11 +484,14 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     let (mut runner, _) = boot_and_dry_run(ctx, true)?;
     reset_yes(ctx, &runner)?;
     let start = runner
-        .wait_for("nx: reset factory wipe start", STEP_TIMEOUT)
+        .wait_for(markers::reset::wipe_start().as_str(), STEP_TIMEOUT)
         .map_err(|e| {
             fail(
                 &runner,
-                &format!("[error] Missing marker: nx: reset factory wipe start ({e})"),
+                &format!(
+                    "[error] Missing marker: {} ({e})",
+                    markers::reset::wipe_start()
+                ),
             )
         })?;
     std::thread::sleep(wipe_cut_delay());
@@ -498,7 +501,7 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     let cut_lines = runner.lines(start.index, usize::MAX);
     if cut_lines
         .iter()
-        .any(|l| l.contains("nx: reset factory wipe done"))
+        .any(|l| l.contains(markers::reset::wipe_done().as_str()))
     {
         bail!(
             "the power cut came too late: the wipe was already done (NX_E2E_WIPE_CUT_MS={} ms after `wipe start`); this run did not cut a wipe",
@@ -509,11 +512,11 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] boot 3: recovery (power cycle; factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe resumed (attempt=2)",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_resumed(2).as_str(),
         ],
     )?;
-    let done = wait_hit(&runner, &["nx: reset factory wipe done"])?;
+    let done = wait_hit(&runner, &[markers::reset::wipe_done().as_str()])?;
     let wipe_secs = done
         .since_boot
         .saturating_sub(resumed.since_boot)
@@ -542,7 +545,7 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         + expected_entries("content").len() as u64
         + expected_entries("settings").len() as u64;
     let line = runner
-        .grep("nx: reset factory wipe removed")
+        .grep(markers::reset::WIPE_REMOVED_PREFIX)
         .pop()
         .unwrap_or_default();
     let removed: Option<u64> = line
@@ -590,8 +593,8 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
             markers::init::refuse_for_wipe("a factory wipe was requested").as_str(),
             "rebootd: next-boot=recovery",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe done",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_done().as_str(),
         ],
     )?;
     let before = runner.lines(0, done.index);
@@ -869,9 +872,9 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
             "recovery-sh: factory reset confirmed",
             "rebootd: factory-wipe requested",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe removed 8 paths (5459 bytes) from apps, content, settings",
-            "nx: reset factory wipe done",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_removed(8, 5459, &["apps", "content", "settings"]).as_str(),
+            markers::reset::wipe_done().as_str(),
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
             markers::init::booted("a", "1", false).as_str(),
             markers::init::ready().as_str(),
