@@ -327,3 +327,37 @@ fn catalogue_lines_are_single_lines() {
         assert!(!m.as_str().is_empty());
     }
 }
+
+#[test]
+fn constructors_spell_the_historic_lines() {
+    use nx_contract::markers::{init, pid1, recovery, reset};
+    // A few lines byte for byte as the guest printed them before the contract existed.
+    assert_eq!(
+        init::started(&["rebootd", "bootctld"]).as_str(),
+        "init: started [rebootd, bootctld]"
+    );
+    assert_eq!(
+        recovery::started(&["flashd".to_string(), "rebootd".to_string()]).as_str(),
+        "recovery: started flashd, rebootd"
+    );
+    assert_eq!(
+        pid1::shutdown_killing(3000, &["a", "b"]).as_str(),
+        "shutdown: still running after 3000 ms, killing: a, b"
+    );
+    assert_eq!(
+        reset::wipe_removed(8, 5459, &["apps", "content", "settings"]).as_str(),
+        "nx: reset factory wipe removed 8 paths (5459 bytes) from apps, content, settings"
+    );
+    assert_eq!(
+        init::boot_attempt("b", true, 2, true).as_str(),
+        "init: bootAttempt slot=b trial=true tries_left=2 (rolled back)"
+    );
+    assert_eq!(
+        pid1::uptime_at_ready("recovery", 1.234).as_str(),
+        "recovery: uptime 1.23 s at ready"
+    );
+    assert_eq!(
+        init::rootfs_unusable("b", true, "bad").as_str(),
+        "init: rootfs unusable slot=b trial=true: bad"
+    );
+}

@@ -20,8 +20,7 @@ pub fn ready() -> Marker {
 
 /// `init: started [a, b]`.
 pub fn started<S: AsRef<str>>(names: &[S]) -> Marker {
-    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
-    Marker::new(format!("init: started [{}]", names.join(", ")))
+    Marker::new(format!("init: started [{}]", super::list(names)))
 }
 
 /// `init: error: cannot consume the next-boot record (<e>)`.

@@ -48,6 +48,12 @@ pub const PREFIXES: &[&str] = &[
     rawrecv::DONE_PREFIX,
 ];
 
+/// Names joined with `", "` (how every marker lists names).
+fn list<S: AsRef<str>>(names: &[S]) -> String {
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+    names.join(", ")
+}
+
 /// One console line (without the newline).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Marker(String);

@@ -94,10 +94,9 @@ pub fn signal_wait_failed(program: &str, e: impl Display) -> Marker {
 
 /// `shutdown: still running after <ms> ms, killing: <names>`.
 pub fn shutdown_killing<S: AsRef<str>>(grace_ms: u128, survivors: &[S]) -> Marker {
-    let names: Vec<&str> = survivors.iter().map(AsRef::as_ref).collect();
     Marker::new(format!(
         "shutdown: still running after {grace_ms} ms, killing: {}",
-        names.join(", ")
+        super::list(survivors)
     ))
 }
 

@@ -90,8 +90,7 @@ pub fn next_boot_consume_failed(e: impl Display) -> Marker {
 
 /// `recovery: started <a, b>`.
 pub fn started<S: AsRef<str>>(names: &[S]) -> Marker {
-    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
-    Marker::new(format!("recovery: started {}", names.join(", ")))
+    Marker::new(format!("recovery: started {}", super::list(names)))
 }
 
 /// The flash port is missing.

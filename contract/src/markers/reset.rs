@@ -31,7 +31,7 @@ pub fn wipe_resumed(attempt: impl Display) -> Marker {
 pub fn wipe_removed(removed: impl Display, bytes: impl Display, trees: &[&str]) -> Marker {
     Marker::new(format!(
         "{WIPE_REMOVED_PREFIX} {removed} paths ({bytes} bytes) from {}",
-        trees.join(", ")
+        super::list(trees)
     ))
 }
 
