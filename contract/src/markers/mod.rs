@@ -11,6 +11,7 @@ pub mod pid1;
 pub mod rawrecv;
 pub mod rebootd;
 pub mod recovery;
+pub mod recovery_sh;
 pub mod reset;
 pub mod selftest;
 
@@ -22,6 +23,7 @@ pub fn catalogue() -> Vec<Marker> {
     out.extend(init::samples());
     out.extend(pid1::samples());
     out.extend(recovery::samples());
+    out.extend(recovery_sh::samples());
     out.extend(reset::samples());
     out.extend(selftest::samples());
     out.extend(diag::samples());
@@ -42,6 +44,7 @@ pub const PREFIXES: &[&str] = &[
     init::REBOOT_PREFIX,
     recovery::DIAG_WRITTEN_PREFIX,
     recovery::READY_PREFIX,
+    recovery_sh::BUILTINS_PREFIX,
     recovery::STATE_STUB_PREFIX,
     rawrecv::READY_PREFIX,
     reset::WIPE_REMOVED_PREFIX,

@@ -49,7 +49,7 @@ const BULK_FILES_PER_DIR: usize = 100;
 /// How long after `nx: reset factory wipe start` the power is cut (`NX_E2E_WIPE_CUT_MS`).
 const WIPE_CUT_DELAY: Duration = Duration::from_millis(300);
 /// The recovery shell's prompt and line bound (guest/recovery-sh).
-const PROMPT: &str = "recovery> ";
+const PROMPT: &str = markers::recovery_sh::PROMPT;
 const MAX_LINE: usize = 256;
 
 /// One seeded path below `/state` (relative).
@@ -670,13 +670,16 @@ fn refused(runner: &Runner, input: &str, error: &str) -> anyhow::Result<()> {
         })?;
     let err = runner
         .wait_for(
-            &format!("recovery-sh: error: {error}"),
+            markers::recovery_sh::error(error).as_str(),
             Duration::from_secs(30),
         )
         .map_err(|e| {
             fail(
                 runner,
-                &format!("[error] Missing marker: recovery-sh: error: {error} ({e})"),
+                &format!(
+                    "[error] Missing marker: {} ({e})",
+                    markers::recovery_sh::error(error)
+                ),
             )
         })?;
     at_prompt(runner, Duration::from_secs(30))?;
@@ -786,7 +789,11 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     runner.send(b"help\r")?;
     wait(
         &runner,
-        &["recovery-sh: built-ins", "  slot status", "  poweroff"],
+        &[
+            markers::recovery_sh::BUILTINS_PREFIX,
+            "  slot status",
+            "  poweroff",
+        ],
     )?;
 
     runner.send(b"slot status\r")?;
@@ -869,7 +876,7 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "recovery-sh: factory reset confirmed",
+            markers::recovery_sh::say(markers::recovery_sh::RESET_CONFIRMED_WHY).as_str(),
             "rebootd: factory-wipe requested",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
             markers::reset::wipe_start().as_str(),
