@@ -14,7 +14,7 @@ use std::time::Duration;
 #[command(name = "nx-diag")]
 struct Args {
     /// The state dir (the guest's /state).
-    #[arg(long, default_value = "/state")]
+    #[arg(long, default_value = nx_contract::state::STATE_MOUNT)]
     state: PathBuf,
     /// Accept a state dir that is not a mount point (host runs).
     #[arg(long)]

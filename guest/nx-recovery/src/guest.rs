@@ -36,7 +36,7 @@ impl GuestConfig {
     /// The guest's paths.
     pub fn guest() -> Self {
         GuestConfig {
-            state_root: PathBuf::from("/state"),
+            state_root: PathBuf::from(nx_contract::state::STATE_MOUNT),
             require_mountpoint: true,
             rebootd: PathBuf::from(rebootd::DEFAULT_SOCKET),
             bootctld: PathBuf::from(bootctld::DEFAULT_SOCKET),
@@ -174,7 +174,11 @@ pub fn find_port(ports_root: &Path, dev_root: &Path, name: &str) -> Option<PathB
 /// Find flashd (`/proc/<pid>/comm` = `flashd`) and whether it holds the flash port
 /// (`com.nexus.flash`) open among its descriptors.
 pub fn probe_flashd(cfg: &GuestConfig) -> FlashdProbe {
-    let port = find_port(&cfg.ports_root, &cfg.dev_root, "com.nexus.flash");
+    let port = find_port(
+        &cfg.ports_root,
+        &cfg.dev_root,
+        nx_contract::ports::FLASH.name,
+    );
     let mut pids: Vec<u32> = std::fs::read_dir(&cfg.proc_root)
         .map(|rd| {
             rd.filter_map(Result::ok)

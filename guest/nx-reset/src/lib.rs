@@ -45,7 +45,7 @@ pub const PRESERVED: [&str; 5] = ["trust", "boot", "bootctl", "flash", "recovery
 /// The preserved tree whose every path the plan lists.
 pub const LISTED_PRESERVED: &str = "trust";
 /// How paths are shown in plans: as the guest sees them.
-pub const SHOWN_ROOT: &str = "/state";
+pub const SHOWN_ROOT: &str = nx_contract::state::STATE_MOUNT;
 
 /// The factory-wipe request written by rebootd (`factoryWipe()`), relative to the state root.
 pub const REQUEST: &str = nx_contract::state::FACTORY_WIPE;
