@@ -1,7 +1,9 @@
 //! Console markers: every line a guest program prints on the console as part of the test
 //! contract (`qemu/markers.toml`) is built by a constructor in this module, one submodule per
 //! program. Code never formats a marker by hand; xtask and the runner match against the same
-//! constructors (or the `PATTERNS` each submodule lists for markers with variable parts).
+//! constructors (or the fixed prefixes a submodule declares for markers with variable parts,
+//! all listed in [`PREFIXES`]). [`catalogue`] calls every constructor; the contract's tests
+//! check `qemu/markers.toml` against it and that guest crates never format a marker by hand.
 
 pub mod bootctld;
 pub mod diag;

@@ -102,14 +102,15 @@ pub enum Outcome {
 /// A check: it may print console lines (e.g. nx-diag's markers) through the callback.
 pub type CheckFn = fn(&Ctx, &mut dyn FnMut(&Marker)) -> Outcome;
 
-/// The checks, in marker order: (name in the marker, function).
+/// The checks, in marker order: (name in the marker, function); the names are the contract's
+/// [`m::CHECKS`].
 pub const CHECKS: [(&str, CheckFn); 6] = [
-    ("recovery boot", check_recovery_boot),
-    ("recovery diag", check_recovery_diag),
-    ("reset dry-run", check_reset_dry_run),
-    ("flash receive", check_flash_receive),
-    ("flash reboot flag", check_flash_reboot_flag),
-    ("bootctl api", check_bootctl_api),
+    (m::CHECKS[0], check_recovery_boot),
+    (m::CHECKS[1], check_recovery_diag),
+    (m::CHECKS[2], check_reset_dry_run),
+    (m::CHECKS[3], check_flash_receive),
+    (m::CHECKS[4], check_flash_reboot_flag),
+    (m::CHECKS[5], check_bootctl_api),
 ];
 
 /// The console lines for an outcome: the marker first, a detail line after it.
