@@ -8,8 +8,8 @@ use crate::{blockdev, bounded, Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use nx_contract::state::NEXT_MODE;
 use nx_contract::state::MAX_NEXT_MODE;
+pub use nx_contract::state::NEXT_MODE;
 pub use nx_contract::state::{STATE_DIRS, STATE_LABEL, STATE_MOUNT};
 pub use nx_contract::NextBoot;
 
