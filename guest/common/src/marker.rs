@@ -6,8 +6,8 @@ use std::io::Write;
 
 /// Print one marker line to stdout (the console for PID 1 and its children).
 ///
-/// Guest code prints markers with [`show`]; this stays public only while flashd, rebootd and
-/// bootctld (migrated on other branches of issue #12) still call it — make it private then.
+/// Guest code prints markers with [`show`]; this stays public only while flashd (migrated on
+/// another branch of issue #12) still calls it — make it private then.
 pub fn emit(line: &str) {
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
