@@ -52,6 +52,30 @@ const HAND_MADE_CALLS: &[&str] = &[
     "marker::emit(",
 ];
 
+/// Programs whose console lines are markers: `println!("<program>: …")` (or `eprintln!`) is a
+/// marker printed by hand.
+const PROGRAMS: &[&str] = &[
+    "init",
+    "recovery",
+    "recovery-sh",
+    "SELFTEST",
+    "selftest-client",
+    "nx",
+    "rawrecv",
+    "nx-diag",
+    "flashd",
+    "rebootd",
+    "bootctl",
+    "bootctld",
+    "shutdown",
+];
+
+fn printed_by_hand(line: &str) -> bool {
+    PROGRAMS.iter().any(|p| {
+        line.contains(&format!("println!(\"{p}: ")) || line.contains(&format!("print!(\"{p}: "))
+    })
+}
+
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -146,7 +170,8 @@ fn offences() -> Vec<(String, PathBuf, usize, String)> {
                 let compact: String = line.split_whitespace().collect::<Vec<_>>().join(" ");
                 let hand_made_call = HAND_MADE_CALLS.iter().any(|c| compact.contains(c))
                     && !compact.contains("fn emit(");
-                let hand_made_text = MARKER_PREFIXES.iter().any(|p| compact.contains(p));
+                let hand_made_text = MARKER_PREFIXES.iter().any(|p| compact.contains(p))
+                    || printed_by_hand(&compact);
                 if hand_made_call || hand_made_text {
                     found.push((name.clone(), f.clone(), i + 1, line.trim().to_string()));
                 }
