@@ -5,11 +5,12 @@
 //! boots for them consumes them (recovery-init removes the wipe request once the wipe is done).
 
 use crate::BootTarget;
+use nx_contract::state;
 use std::path::Path;
 use std::process::Command;
 
 /// Largest record we accept.
-const MAX_RECORD: usize = 64;
+const MAX_RECORD: usize = state::MAX_NEXT_MODE;
 
 /// Parse the record's content: `normal` / `recovery` (surrounding whitespace ignored).
 pub fn parse_record(text: &[u8]) -> Result<Option<BootTarget>, String> {
@@ -19,9 +20,9 @@ pub fn parse_record(text: &[u8]) -> Result<Option<BootTarget>, String> {
     let s = String::from_utf8_lossy(text);
     match s.trim() {
         "" => Ok(None),
-        "normal" => Ok(Some(BootTarget::Normal)),
-        "recovery" => Ok(Some(BootTarget::Recovery)),
-        other => Err(format!("unknown mode {other:?}")),
+        other => BootTarget::parse(other)
+            .map(Some)
+            .ok_or_else(|| format!("unknown mode {other:?}")),
     }
 }
 
@@ -29,7 +30,7 @@ pub fn parse_record(text: &[u8]) -> Result<Option<BootTarget>, String> {
 pub fn read_next_mode(debugfs: &Path, state_img: &Path) -> Result<Option<BootTarget>, String> {
     let out = Command::new(debugfs)
         .arg("-R")
-        .arg("cat /boot/next_mode")
+        .arg(format!("cat /{}", state::NEXT_MODE))
         .arg(state_img)
         .output()
         .map_err(|e| {
@@ -49,7 +50,8 @@ pub fn read_next_mode(debugfs: &Path, state_img: &Path) -> Result<Option<BootTar
     parse_record(&out.stdout)
 }
 
-/// The factory-wipe request rebootd writes (`factoryWipe()`), as a path in state.img.
+/// The factory-wipe request rebootd writes (`factoryWipe()`), as a path in state.img
+/// (`/` + `nx_contract::state::FACTORY_WIPE`; a test checks they agree).
 pub const FACTORY_WIPE: &str = "/boot/factory_wipe";
 
 /// Whether `debugfs -R "ls -p /boot"` output lists an entry called `name`. Each line is
@@ -66,7 +68,7 @@ pub fn listing_has(listing: &str, name: &str) -> bool {
 pub fn wipe_pending(debugfs: &Path, state_img: &Path) -> Result<bool, String> {
     let out = Command::new(debugfs)
         .arg("-R")
-        .arg("ls -p /boot")
+        .arg(format!("ls -p /{}", boot_dir()))
         .arg(state_img)
         .output()
         .map_err(|e| {
@@ -84,8 +86,22 @@ pub fn wipe_pending(debugfs: &Path, state_img: &Path) -> Result<bool, String> {
     }
     Ok(listing_has(
         &String::from_utf8_lossy(&out.stdout),
-        "factory_wipe",
+        wipe_file_name(),
     ))
+}
+
+/// The directory of the boot records in state.img (`boot`).
+fn boot_dir() -> &'static str {
+    state::FACTORY_WIPE
+        .rsplit_once('/')
+        .map_or("", |(dir, _)| dir)
+}
+
+/// The file name of the factory-wipe request in [`boot_dir`] (`factory_wipe`).
+fn wipe_file_name() -> &'static str {
+    state::FACTORY_WIPE
+        .rsplit_once('/')
+        .map_or(state::FACTORY_WIPE, |(_, name)| name)
 }
 
 /// The firmware's choice for the next boot and a human reason: a pending factory wipe →
@@ -126,6 +142,13 @@ fn decide_record(debugfs: &Path, img: &Path) -> (BootTarget, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wipe_request_path_is_the_contract_one() {
+        assert_eq!(FACTORY_WIPE, format!("/{}", state::FACTORY_WIPE));
+        assert_eq!(boot_dir(), "boot");
+        assert_eq!(wipe_file_name(), "factory_wipe");
+    }
 
     #[test]
     fn records() {

@@ -59,28 +59,9 @@ pub enum Error {
     Markers { path: PathBuf, reason: String },
 }
 
-/// Which initramfs the firmware boots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootTarget {
-    Normal,
-    Recovery,
-}
-
-impl BootTarget {
-    /// `"normal"` / `"recovery"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BootTarget::Normal => "normal",
-            BootTarget::Recovery => "recovery",
-        }
-    }
-}
-
-impl std::fmt::Display for BootTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Which initramfs the firmware boots: the contract's next-boot grammar
+/// ([`nx_contract::NextBoot`]), named for what the runner does with it.
+pub use nx_contract::NextBoot as BootTarget;
 
 /// A named virtio-serial port on a host unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,13 +71,6 @@ pub struct Port {
     /// Host socket (QEMU listens; clients such as `nx` connect).
     pub socket: PathBuf,
 }
-
-/// The flash port: name and socket file name under the run directory.
-pub const FLASH_PORT: (&str, &str) = ("com.nexus.flash", "flash.sock");
-/// The reboot port.
-pub const REBOOT_PORT: (&str, &str) = ("com.nexus.reboot", "reboot.sock");
-/// The bootctl port.
-pub const BOOTCTL_PORT: (&str, &str) = ("com.nexus.bootctl", "bootctl.sock");
 
 /// Debian's OVMF firmware code (package `ovmf`, 4 MiB flash layout).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -184,11 +158,11 @@ impl Config {
     /// (flash first, so it is `/dev/vport0p1`), both disks, TCG, 1 GiB, quiet console off.
     pub fn new(build_dir: &Path) -> Self {
         let run_dir = build_dir.join("qemu");
-        let ports = [FLASH_PORT, REBOOT_PORT, BOOTCTL_PORT]
+        let ports = nx_contract::ports::STANDARD
             .iter()
-            .map(|(name, file)| Port {
-                name: name.to_string(),
-                socket: run_dir.join(file),
+            .map(|p| Port {
+                name: p.name.to_string(),
+                socket: run_dir.join(p.socket),
             })
             .collect();
         Config {

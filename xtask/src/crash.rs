@@ -13,6 +13,8 @@
 use crate::crashsim::{crash_state, surviving, Op, Recorder};
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, Context};
+use nx_contract::markers::{init, recovery};
+use nx_contract::ports;
 use nx_qemu::{Config, Runner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -197,7 +199,7 @@ fn record_install(
     };
     cfg.nbd = vec![("state".into(), sock(0)?), ("disk".into(), sock(1)?)];
     let flash = cfg
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(ports::FLASH.name)
         .context("no flash port")?
         .to_path_buf();
     let mut runner = Runner::start(cfg)?;
@@ -209,7 +211,7 @@ fn record_install(
             )
         })
     };
-    step(&runner, "recovery: ready (serial=@/dev/vport0p1)")?;
+    step(&runner, recovery::ready("/dev/vport0p1").as_str())?;
     run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;
     let st = Command::new(util::root().join("target/debug/nx"))
         .args(["flash", "send", "--port"])
@@ -223,8 +225,8 @@ fn record_install(
             runner.tail(40).join("\n")
         );
     }
-    step(&runner, "init: confirmed slot=b")?;
-    step(&runner, "init: ready")?;
+    step(&runner, init::confirmed('b').as_str())?;
+    step(&runner, init::ready().as_str())?;
     runner.stop();
     if let Some(e) = rec.error() {
         bail!("the NBD recorder failed: {e}");
@@ -248,13 +250,20 @@ fn boot_state(
 ) -> anyhow::Result<Outcome> {
     let cfg = config(run_dir, state, disk, args.echo)?;
     let mut runner = Runner::start(cfg)?;
-    let result = runner.wait_for("init: ready", STEP).map(|_| ());
-    let booted = runner.grep("init: booted slot=");
+    let result = runner.wait_for(init::ready().as_str(), STEP).map(|_| ());
+    let booted = runner.grep(init::BOOTED_PREFIX);
     let tail = runner.tail(60);
     runner.stop();
     let outcome = match (result, booted.last()) {
-        (Ok(()), Some(l)) if l.contains("slot=a version=1") => Ok(Outcome::Old),
-        (Ok(()), Some(l)) if l.contains("slot=b version=2") => Ok(Outcome::New),
+        (Ok(()), Some(l)) if l.starts_with(init::booted('a', 1, false).as_str()) => {
+            Ok(Outcome::Old)
+        }
+        (Ok(()), Some(l))
+            if l.starts_with(init::booted('b', 2, true).as_str())
+                || l.starts_with(init::booted('b', 2, false).as_str()) =>
+        {
+            Ok(Outcome::New)
+        }
         (Ok(()), Some(l)) => Err(anyhow::anyhow!("booted something else: {l}")),
         (Ok(()), None) => Err(anyhow::anyhow!("init: ready without a booted slot")),
         (Err(e), _) => Err(anyhow::anyhow!("no slot came up: {e}")),

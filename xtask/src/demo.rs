@@ -9,6 +9,7 @@
 
 use crate::util::{self, cargo, run_cmd};
 use anyhow::Context;
+use nx_contract::markers;
 use nx_qemu::Runner;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -89,7 +90,7 @@ fn boot_recovery(out: &crate::guest::Outputs) -> anyhow::Result<Runner> {
     cfg.echo = true;
     let runner = Runner::start(cfg).context("could not start QEMU")?;
     let hit = runner
-        .wait_for("recovery: ready (serial=@", Duration::from_secs(120))
+        .wait_for(markers::recovery::READY_PREFIX, Duration::from_secs(120))
         .with_context(|| {
             format!(
                 "the recovery guest did not become ready (see {})",
@@ -110,7 +111,7 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
     util::stage(&format!("4/4 flash {} (nx flash send)", image.display()));
     let sock = runner
         .config()
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(nx_contract::ports::FLASH.name)
         .context("the runner has no flash port")?
         .to_path_buf();
     run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;
@@ -139,14 +140,14 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
     }
     if activated.is_ok_and(|hit| hit.line.contains("rebooting into it")) {
         util::stage("automatic reboot into the new slot (trial boot, confirm)");
-        match runner.wait_for("init: confirmed slot=", Duration::from_secs(120)) {
+        match runner.wait_for(markers::init::CONFIRMED_PREFIX, Duration::from_secs(120)) {
             Ok(hit) => {
-                let _ = runner.wait_for("init: ready", Duration::from_secs(30));
+                let _ = runner.wait_for(markers::init::ready().as_str(), Duration::from_secs(30));
                 for l in runner
                     .grep("bootctl: ")
                     .into_iter()
-                    .chain(runner.grep("init: booted slot="))
-                    .chain(runner.grep("init: confirmed slot="))
+                    .chain(runner.grep(markers::init::BOOTED_PREFIX))
+                    .chain(runner.grep(markers::init::CONFIRMED_PREFIX))
                 {
                     println!("  {l}");
                 }

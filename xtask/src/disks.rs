@@ -15,10 +15,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Top-level directories of /state (ARCHITECTURE.md).
-pub const STATE_DIRS: [&str; 8] = [
-    "apps", "content", "settings", "trust", "boot", "flash", "recovery", "bootctl",
-];
+/// Top-level directories of /state (ARCHITECTURE.md): the contract's layout.
+pub use nx_contract::state::STATE_DIRS;
 /// Size of state.img (sparse).
 pub const STATE_MIB: u64 = 1024;
 /// Size of each slot partition.

@@ -7,6 +7,7 @@
 
 use crate::util;
 use anyhow::{bail, Context};
+use nx_contract::markers;
 use nx_qemu::{Config, Runner};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -85,7 +86,7 @@ pub fn boot_recovery(interactive: bool) -> anyhow::Result<Runner> {
     cfg.interactive = interactive;
     let runner = Runner::start(cfg).context("could not start QEMU")?;
     let hit = runner
-        .wait_for("recovery: ready (serial=@", Duration::from_secs(120))
+        .wait_for(markers::recovery::READY_PREFIX, Duration::from_secs(120))
         .context("the recovery guest did not become ready (see build/qemu/console.log)")?;
     eprintln!(
         "xtask: `{}` after {:.2} s",
@@ -100,7 +101,7 @@ pub fn flash(runner: &Runner, image: &std::path::Path) -> anyhow::Result<()> {
     util::stage(&format!("4/4 flash {} (nx flash send)", image.display()));
     let sock = runner
         .config()
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(nx_contract::ports::FLASH.name)
         .context("the runner has no flash port")?
         .to_path_buf();
     let mut cmd = util::cargo();
@@ -135,14 +136,14 @@ pub fn flash(runner: &Runner, image: &std::path::Path) -> anyhow::Result<()> {
 /// The automatic reboot after an install: the normal init boots the new slot on trial.
 fn follow_reboot(runner: &Runner) {
     util::stage("automatic reboot into the new slot (trial boot)");
-    match runner.wait_for("init: booted slot=", Duration::from_secs(120)) {
+    match runner.wait_for(markers::init::BOOTED_PREFIX, Duration::from_secs(120)) {
         Ok(hit) => {
-            let _ = runner.wait_for("init: ready", Duration::from_secs(30));
+            let _ = runner.wait_for(markers::init::ready().as_str(), Duration::from_secs(30));
             for l in runner
                 .grep("bootctl: ")
                 .into_iter()
-                .chain(runner.grep("init: booted slot="))
-                .chain(runner.grep("init: confirmed slot="))
+                .chain(runner.grep(markers::init::BOOTED_PREFIX))
+                .chain(runner.grep(markers::init::CONFIRMED_PREFIX))
             {
                 println!("  {l}");
             }

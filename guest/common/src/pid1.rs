@@ -5,6 +5,7 @@
 use crate::cmdline::Cmdline;
 use crate::sys::{self, Shutdown};
 use crate::{marker, modules, state};
+use nx_contract::markers;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,29 +24,23 @@ pub struct Early {
 /// Failures are reported on the console with `prefix` and boot continues with what works.
 pub fn early(prefix: &str) -> Early {
     if let Err(e) = sys::block_signals(&sys::PID1_SIGNALS) {
-        marker::emit(&format!(
-            "{prefix}: error: signal set-up failed ({e}); shutdown requests may be lost"
-        ));
+        marker::show(&markers::pid1::signal_setup_failed(prefix, e));
     }
     if let Err(e) = sys::mount_early() {
-        marker::emit(&format!("{prefix}: error: early mounts failed ({e})"));
+        marker::show(&markers::pid1::early_mounts_failed(prefix, e));
     }
     let cmdline = Cmdline::read(Path::new("/proc/cmdline")).unwrap_or_else(|e| {
-        marker::emit(&format!(
-            "{prefix}: error: cannot read /proc/cmdline ({e}); using defaults"
-        ));
+        marker::show(&markers::pid1::cmdline_unreadable(prefix, e));
         Cmdline::default()
     });
     let modules = modules::load_all(Path::new(modules::MODULE_DIR)).unwrap_or_else(|e| {
-        marker::emit(&format!(
-            "{prefix}: error: module loading failed ({e}); virtio devices may be missing"
-        ));
+        marker::show(&markers::pid1::modules_failed(prefix, e));
         0
     });
     let state_dev = match state::find_and_mount() {
         Ok(dev) => dev,
         Err(e) => {
-            marker::emit(&format!("{prefix}: error: /state: {e}"));
+            marker::show(&markers::pid1::state_error(prefix, e));
             None
         }
     };
@@ -65,12 +60,9 @@ pub fn uptime() -> Option<f64> {
 /// Print `<prefix>: <action>` and shut down. Never returns: if `reboot(2)` fails, PID 1 must
 /// not exit (that panics the kernel), so it reports and sleeps.
 pub fn finish(prefix: &str, action: Shutdown) -> ! {
-    marker::emit(&format!(
-        "{prefix}: {} (stopping services, sync, unmount /state)",
-        action.as_str()
-    ));
+    marker::show(&markers::pid1::shutting_down(prefix, action.as_str()));
     let err = sys::shutdown(action, Duration::from_secs(3));
-    marker::emit(&format!("{prefix}: error: {err}; halting here"));
+    marker::show(&markers::pid1::halting(prefix, err));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

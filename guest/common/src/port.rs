@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 /// Where the kernel lists virtio-serial ports.
 pub const SYS_VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
-/// The flash port (host socket `build/qemu/flash.sock`).
-pub const FLASH_PORT: &str = "com.nexus.flash";
-/// The reboot port (host socket `build/qemu/reboot.sock`).
-pub const REBOOT_PORT: &str = "com.nexus.reboot";
-/// The bootctl port (host socket `build/qemu/bootctl.sock`).
-pub const BOOTCTL_PORT: &str = "com.nexus.bootctl";
+/// The flash port (host socket `build/qemu/flash.sock`): `nx_contract::ports::FLASH`.
+pub const FLASH_PORT: &str = nx_contract::ports::FLASH.name;
+/// The reboot port (host socket `build/qemu/reboot.sock`): `nx_contract::ports::REBOOT`.
+pub const REBOOT_PORT: &str = nx_contract::ports::REBOOT.name;
+/// The bootctl port (host socket `build/qemu/bootctl.sock`): `nx_contract::ports::BOOTCTL`.
+pub const BOOTCTL_PORT: &str = nx_contract::ports::BOOTCTL.name;
 
 /// Longest port name we accept from sysfs.
 const MAX_NAME: usize = 256;

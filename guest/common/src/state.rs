@@ -8,55 +8,23 @@ use crate::{blockdev, bounded, Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Mount point of the state disk.
-pub const STATE_MOUNT: &str = "/state";
-/// ext4 label of the state disk.
-pub const STATE_LABEL: &str = "state";
-/// Top-level directories of `/state`.
-pub const STATE_DIRS: [&str; 8] = [
-    "apps", "content", "settings", "trust", "boot", "flash", "recovery", "bootctl",
-];
-/// The one-shot next-boot record, relative to `/state`.
-pub const NEXT_MODE: &str = "boot/next_mode";
-/// Largest next-boot record we read.
-const MAX_NEXT_MODE: usize = 64;
-
-/// What the next boot should be (the content of `/state/boot/next_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootMode {
-    Normal,
-    Recovery,
-}
-
-impl BootMode {
-    /// `"normal"` / `"recovery"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BootMode::Normal => "normal",
-            BootMode::Recovery => "recovery",
-        }
-    }
-
-    /// Parse a record (surrounding whitespace ignored); anything else is `None`.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text.trim() {
-            "normal" => Some(BootMode::Normal),
-            "recovery" => Some(BootMode::Recovery),
-            _ => None,
-        }
-    }
-}
+use nx_contract::state::MAX_NEXT_MODE;
+pub use nx_contract::state::NEXT_MODE;
+pub use nx_contract::state::{STATE_DIRS, STATE_LABEL, STATE_MOUNT};
+pub use nx_contract::NextBoot;
 
 /// Read the next-boot record under `state_root`. `Ok(None)`: no record. A record that is
 /// present but not `normal`/`recovery` (or too large) is an [`Error::Invalid`]/[`Error::TooLarge`].
-pub fn read_next_mode(state_root: &Path) -> Result<Option<BootMode>> {
+pub fn read_next_mode(state_root: &Path) -> Result<Option<NextBoot>> {
     let path = state_root.join(NEXT_MODE);
     match bounded::read_string_opt(&path, MAX_NEXT_MODE)? {
         None => Ok(None),
-        Some(text) => BootMode::parse(&text).map(Some).ok_or(Error::Invalid {
-            what: "next-boot record /state/boot/next_mode",
-            value: text.chars().take(MAX_NEXT_MODE).collect(),
-        }),
+        Some(text) => NextBoot::parse_record(&text)
+            .map(Some)
+            .ok_or(Error::Invalid {
+                what: "next-boot record /state/boot/next_mode",
+                value: text.chars().take(MAX_NEXT_MODE).collect(),
+            }),
     }
 }
 
@@ -129,7 +97,7 @@ mod tests {
         std::fs::write(dir.path().join(NEXT_MODE), "recovery\n").unwrap();
         assert_eq!(
             read_next_mode(dir.path()).unwrap(),
-            Some(BootMode::Recovery)
+            Some(NextBoot::Recovery)
         );
         consume_next_mode(dir.path()).unwrap();
         assert_eq!(read_next_mode(dir.path()).unwrap(), None);

@@ -3,6 +3,7 @@
 
 use crate::marker;
 use crate::sys::{self, Shutdown, PID1_SIGNALS};
+use nx_contract::markers;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -107,10 +108,11 @@ impl Supervisor {
                     Err(e) => {
                         slot.failures = slot.failures.saturating_add(1);
                         let delay = backoff(slot.failures);
-                        marker::emit(&format!(
-                            "{prefix}: cannot start {} ({e}); retry in {} ms",
-                            slot.svc.name,
-                            delay.as_millis()
+                        marker::show(&markers::pid1::service_start_failed(
+                            &prefix,
+                            &slot.svc.name,
+                            e,
+                            delay.as_millis(),
                         ));
                         if slot.svc.restart {
                             slot.next_start = Some(now + delay);
@@ -139,14 +141,19 @@ impl Supervisor {
         slot.failures = slot.failures.saturating_add(1);
         if slot.svc.restart {
             let delay = backoff(slot.failures);
-            marker::emit(&format!(
-                "{prefix}: {} exited ({what}); restart in {} ms",
-                slot.svc.name,
-                delay.as_millis()
+            marker::show(&markers::pid1::service_restarting(
+                &prefix,
+                &slot.svc.name,
+                what,
+                delay.as_millis(),
             ));
             slot.next_start = Some(now + delay);
         } else {
-            marker::emit(&format!("{prefix}: {} exited ({what})", slot.svc.name));
+            marker::show(&markers::pid1::service_exited(
+                &prefix,
+                &slot.svc.name,
+                what,
+            ));
         }
     }
 
@@ -174,7 +181,7 @@ impl Supervisor {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    marker::emit(&format!("{}: signal wait failed ({e})", self.prefix));
+                    marker::show(&markers::pid1::signal_wait_failed(&self.prefix, e));
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }

@@ -249,10 +249,9 @@ pub fn shutdown(action: Shutdown, grace: Duration) -> Error {
     }
     let left = survivors();
     if !left.is_empty() {
-        crate::marker::emit(&format!(
-            "shutdown: still running after {} ms, killing: {}",
+        crate::marker::show(&nx_contract::markers::pid1::shutdown_killing(
             grace.as_millis(),
-            left.join(", ")
+            &left,
         ));
     }
     kill_all(libc::SIGKILL);

@@ -18,6 +18,7 @@
 //! The flow is written against two small traits so every branch is tested on the host.
 
 use bootctld::machine::{BootDecision, Slot};
+use nx_contract::{markers, Marker};
 use nx_guest::slotfs::{Mounted, SlotFsError};
 
 /// The calls the boot flow makes to bootctld and rebootd.
@@ -70,11 +71,6 @@ pub struct Options {
     pub manual_confirm: bool,
 }
 
-/// `init: booted slot=<s> version=<v> trial=<t>`.
-pub fn booted_marker(slot: Slot, version: &str, trial: bool) -> String {
-    format!("init: booted slot={slot} version={version} trial={trial}")
-}
-
 /// Whether a factory wipe is pending on `/state` (`STATE/boot/factory_wipe`, see
 /// `nx_reset::pending`): `Some(why)` when the normal boot must not happen. A valid request,
 /// an invalid one (recovery-init removes it) and an unreadable one all count: only
@@ -101,11 +97,9 @@ pub fn wipe_pending(state_root: &std::path::Path) -> Option<String> {
 pub fn refuse_for_wipe(
     daemons: &mut dyn Daemons,
     why: &str,
-    emit: &mut dyn FnMut(&str),
+    emit: &mut dyn FnMut(&Marker),
 ) -> Outcome {
-    emit(&format!(
-        "init: factory wipe pending ({why}); not booting a slot, rebooting to recovery (recovery-init performs the wipe)"
-    ));
+    emit(&markers::init::refuse_for_wipe(why));
     reboot(daemons, "recovery", emit)
 }
 
@@ -114,77 +108,65 @@ pub fn run(
     daemons: &mut dyn Daemons,
     mounter: &mut dyn Mounter,
     opts: Options,
-    emit: &mut dyn FnMut(&str),
+    emit: &mut dyn FnMut(&Marker),
 ) -> Outcome {
     if let Err(why) = mounter.slot_disk() {
-        let why = format!(
-            "stub/placeholder: {why}; no slot disk attached? running without a rootfs; no bootAttempt (no trial try spent), nothing confirmed or marked bad"
-        );
-        emit(&format!("init: {why}"));
+        let why = markers::init::no_slot_disk_why(why);
+        emit(&markers::init::note(&why));
         return Outcome::Degraded { why };
     }
     let d = match daemons.boot_attempt() {
         Ok(d) => d,
         Err(e) => {
-            emit(&format!(
-                "init: error: bootAttempt failed ({e}); cannot choose a slot, rebooting to recovery"
-            ));
+            emit(&markers::init::boot_attempt_failed(e));
             return reboot(daemons, "recovery", emit);
         }
     };
     if !d.bootable {
-        emit("init: no bootable slot (both bad or empty); rebooting to recovery");
+        emit(&markers::init::no_bootable_slot());
         return reboot(daemons, "recovery", emit);
     }
     let slot = d.slot;
-    emit(&format!(
-        "init: bootAttempt slot={slot} trial={} tries_left={}{}",
+    emit(&markers::init::boot_attempt(
+        slot,
         d.trial,
         d.tries_left,
-        if d.rolled_back { " (rolled back)" } else { "" }
+        d.rolled_back,
     ));
     let mounted = match mounter.mount(slot) {
         Ok(m) => m,
         Err(MountError::NoPartition(why)) => {
-            let why = format!(
-                "stub/placeholder: {why}; no slot disk attached? running without a rootfs, slot {slot} neither confirmed nor marked bad"
-            );
-            emit(&format!("init: {why}"));
+            let why = markers::init::no_partition_why(why, slot);
+            emit(&markers::init::note(&why));
             return Outcome::Degraded { why };
         }
         Err(MountError::Slot(e)) if !e.is_slot_fault() => {
-            let why = format!(
-                "cannot check slot={slot} ({e}); not the slot's fault: not confirming, not marking it bad"
-            );
-            emit(&format!("init: error: {why}"));
+            let why = markers::init::check_failed_why(slot, e);
+            emit(&markers::init::error(&why));
             return Outcome::Degraded { why };
         }
         Err(MountError::Slot(e)) => {
-            emit(&format!(
-                "init: rootfs unusable slot={slot} trial={}: {e}",
-                d.trial
-            ));
+            emit(&markers::init::rootfs_unusable(slot, d.trial, e));
             return unusable(daemons, &d, emit);
         }
     };
-    emit(&booted_marker(slot, &mounted.version, d.trial));
+    emit(&markers::init::booted(slot, &mounted.version, d.trial));
     if !d.version.is_empty() && d.version != mounted.image_version {
-        emit(&format!(
-            "init: note: bootctld records version {} for slot {slot}, the image says {}",
-            d.version, mounted.image_version
+        emit(&markers::init::version_note(
+            &d.version,
+            slot,
+            &mounted.image_version,
         ));
     }
-    emit(&format!(
-        "init: health ok slot={slot} (rootfs {} bytes on {} at {}, os-release VERSION={})",
+    emit(&markers::init::health_ok(
+        slot,
         mounted.rootfs_bytes,
         mounted.loop_dev.display(),
         mounted.mountpoint.display(),
-        mounted.version
+        &mounted.version,
     ));
     if opts.manual_confirm {
-        emit(&format!(
-            "init: slot={slot} not confirmed: nexus.confirm=manual (the selftest client or `nx boot confirm` confirms it)"
-        ));
+        emit(&markers::init::manual_confirm(slot));
         return Outcome::Up {
             slot,
             confirmed: false,
@@ -192,16 +174,14 @@ pub fn run(
     }
     match daemons.confirm() {
         Ok(()) => {
-            emit(&format!("init: confirmed slot={slot}"));
+            emit(&markers::init::confirmed(slot));
             Outcome::Up {
                 slot,
                 confirmed: true,
             }
         }
         Err(e) => {
-            emit(&format!(
-                "init: error: confirm of slot={slot} failed ({e}); it stays unconfirmed"
-            ));
+            emit(&markers::init::confirm_failed(slot, e));
             Outcome::Up {
                 slot,
                 confirmed: false,
@@ -210,41 +190,38 @@ pub fn run(
     }
 }
 
-fn unusable(daemons: &mut dyn Daemons, d: &BootDecision, emit: &mut dyn FnMut(&str)) -> Outcome {
+fn unusable(daemons: &mut dyn Daemons, d: &BootDecision, emit: &mut dyn FnMut(&Marker)) -> Outcome {
     let slot = d.slot;
     if d.trial {
-        emit(&format!(
-            "init: not confirming slot={slot}; rebooting into the next trial boot ({} tries left, then rollback)",
-            d.tries_left
-        ));
+        emit(&markers::init::next_trial(slot, d.tries_left));
         return reboot(daemons, "normal", emit);
     }
-    emit(&format!(
-        "init: slot={slot} is not in trial and its rootfs is unusable: marking it bad"
-    ));
+    emit(&markers::init::marking_bad(slot));
     if let Err(e) = daemons.mark_bad(slot) {
-        emit(&format!("init: error: markBad slot={slot} failed ({e})"));
+        emit(&markers::init::mark_bad_failed(slot, e));
     }
-    emit("init: rebooting (rollback to the other slot if it is good, else recovery)");
+    emit(&markers::init::rebooting_rollback());
     reboot(daemons, "normal", emit)
 }
 
-fn reboot(daemons: &mut dyn Daemons, target: &'static str, emit: &mut dyn FnMut(&str)) -> Outcome {
+fn reboot(
+    daemons: &mut dyn Daemons,
+    target: &'static str,
+    emit: &mut dyn FnMut(&Marker),
+) -> Outcome {
     match daemons.reboot(target) {
         Ok(true) => {
-            emit(&format!("init: reboot to {target} requested"));
+            emit(&markers::init::reboot_requested(target));
             Outcome::Rebooting { target }
         }
         Ok(false) => {
-            let why = format!(
-                "rebootd recorded next boot = {target} but cannot reboot here (stub); staying up"
-            );
-            emit(&format!("init: error: {why}"));
+            let why = markers::init::reboot_stub_why(target);
+            emit(&markers::init::error(&why));
             Outcome::Degraded { why }
         }
         Err(e) => {
-            let why = format!("reboot to {target} failed ({e}); staying up");
-            emit(&format!("init: error: {why}"));
+            let why = markers::init::reboot_failed_why(target, e);
+            emit(&markers::init::error(&why));
             Outcome::Degraded { why }
         }
     }

@@ -16,16 +16,9 @@
 pub mod boot;
 pub mod system;
 
+use nx_contract::ports;
 use nx_guest::cmdline::Cmdline;
-use nx_guest::port;
 use nx_guest::supervisor::Service;
-
-/// Marker: init starts.
-pub const M_START: &str = "init: start";
-/// Marker: services were started.
-pub const M_SERVICES: &str = "init: services ready";
-/// Marker: the normal system is up.
-pub const M_READY: &str = "init: ready";
 
 /// Boot options from the kernel command line (`nexus.confirm=manual`).
 pub fn options(cmdline: &Cmdline) -> boot::Options {
@@ -43,9 +36,9 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
             "/bin/rebootd",
             &[
                 "--port-name",
-                port::REBOOT_PORT,
+                ports::REBOOT.name,
                 "--state",
-                "/state",
+                nx_contract::state::STATE_MOUNT,
                 "--listen",
                 system::REBOOTD_SOCK,
             ],
@@ -57,9 +50,9 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
             "/bin/bootctld",
             &[
                 "--port-name",
-                port::BOOTCTL_PORT,
+                ports::BOOTCTL.name,
                 "--state",
-                "/state",
+                nx_contract::state::STATE_MOUNT,
                 "--listen",
                 system::BOOTCTLD_SOCK,
             ],

@@ -2,39 +2,37 @@
 
 use init::boot::{self, Outcome};
 use init::system::{RpcDaemons, SysMounter, BOOTCTLD_SOCK, REBOOTD_SOCK};
-use init::{options, services, M_READY, M_SERVICES, M_START};
-use nx_guest::marker::emit;
+use init::{options, services};
+use nx_contract::markers::{self, init as m};
+use nx_contract::NextBoot;
+use nx_guest::marker::show;
 use nx_guest::pid1;
-use nx_guest::state::{self, BootMode};
+use nx_guest::state;
 use nx_guest::supervisor::Supervisor;
 use std::path::Path;
 
 const P: &str = "init";
 
 fn main() {
-    emit(M_START);
+    show(&m::start());
     let early = pid1::early(P);
-    emit(&format!("{P}: {} modules loaded", early.modules));
+    show(&markers::pid1::modules_loaded(P, early.modules));
     let state_root = Path::new(state::STATE_MOUNT);
     match &early.state_dev {
         Some(dev) => {
-            emit(&format!("{P}: /state mounted ({} on /state)", dev.display()));
+            show(&markers::pid1::state_mounted(P, dev.display()));
             match state::read_next_mode(state_root) {
-                Ok(Some(BootMode::Normal)) => {
+                Ok(Some(NextBoot::Normal)) => {
                     if let Err(e) = state::consume_next_mode(state_root) {
-                        emit(&format!("{P}: error: cannot consume the next-boot record ({e})"));
+                        show(&m::next_boot_consume_failed(e));
                     }
                 }
-                Ok(Some(BootMode::Recovery)) => emit(&format!(
-                    "{P}: next-boot record asks for recovery but the firmware booted normal; left for the next boot"
-                )),
+                Ok(Some(NextBoot::Recovery)) => show(&m::next_boot_recovery_left()),
                 Ok(None) => {}
-                Err(e) => emit(&format!("{P}: next-boot record unreadable ({e}); left in place")),
+                Err(e) => show(&m::next_boot_unreadable(e)),
             }
         }
-        None => emit(&format!(
-            "{P}: /state stub/placeholder: no ext4 disk labelled \"state\"; running without persistent state"
-        )),
+        None => show(&m::state_stub()),
     }
     let mut sup = Supervisor::new(P);
     for svc in services(&early.cmdline, &|p| Path::new(p).exists()) {
@@ -42,8 +40,8 @@ fn main() {
     }
     sup.start_due();
     let names = sup.names();
-    emit(&format!("{P}: started [{}]", names.join(", ")));
-    emit(M_SERVICES);
+    show(&m::started(&names));
+    show(&m::services_ready());
 
     // Defence in depth: with a factory wipe pending, no slot is mounted (recovery wipes).
     let wipe = early
@@ -52,33 +50,31 @@ fn main() {
         .and_then(|_| boot::wipe_pending(state_root));
     let outcome = match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK)) {
         Ok(mut daemons) => match &wipe {
-            Some(why) => boot::refuse_for_wipe(&mut daemons, why, &mut |line| emit(line)),
+            Some(why) => boot::refuse_for_wipe(&mut daemons, why, &mut |line| show(line)),
             None => boot::run(
                 &mut daemons,
                 &mut SysMounter::default(),
                 options(&early.cmdline),
-                &mut |line| emit(line),
+                &mut |line| show(line),
             ),
         },
         Err(e) => {
-            emit(&format!(
-                "{P}: error: {e}; cannot talk to bootctld, no slot booted"
-            ));
+            show(&m::no_bootctld(&e));
             Outcome::Degraded { why: e }
         }
     };
     match &outcome {
         Outcome::Rebooting { target } => {
-            emit(&format!("{P}: waiting for rebootd's reboot into {target}"));
+            show(&m::waiting_for_reboot(target));
         }
         Outcome::Up { .. } | Outcome::Degraded { .. } => {
             if let Outcome::Degraded { why } = &outcome {
-                emit(&format!("{P}: degraded: {why}"));
+                show(&m::degraded(why));
             }
             if let Some(up) = pid1::uptime() {
-                emit(&format!("{P}: uptime {up:.2} s at ready"));
+                show(&markers::pid1::uptime_at_ready(P, up));
             }
-            emit(M_READY);
+            show(&m::ready());
         }
     }
     let action = sup.run();

@@ -88,7 +88,7 @@ pub fn gather(cfg: &Config, bootctl: &View) -> Vec<Member> {
     push(&mut members, &mut notes, "bootctl.json", data, note);
 
     // The raw snapshot.
-    let snap = root.join("bootctl/state.nxs");
+    let snap = root.join(nx_contract::state::BOOTCTL_SNAPSHOT);
     let (data, note) = match read_bounded(&snap, cap::BOOTCTL_SNAPSHOT) {
         Ok(Some(b)) => (b, (snap.display().to_string(), None)),
         Ok(None) => (
@@ -245,7 +245,11 @@ fn read_tail(path: &Path, cap: usize) -> std::io::Result<(Vec<u8>, u64)> {
 fn next_boot(root: &Path) -> String {
     let mut s = String::new();
     for (label, rel, max) in [
-        ("next_mode", "boot/next_mode", 64usize),
+        (
+            "next_mode",
+            nx_contract::state::NEXT_MODE,
+            nx_contract::state::MAX_NEXT_MODE,
+        ),
         ("factory_wipe", nx_reset::REQUEST, 64),
         ("factory_wipe.journal", nx_reset::JOURNAL, 1024),
     ] {

@@ -19,7 +19,7 @@
 //! give the same bytes. The bundle is at most [`bundle::MAX_BUNDLE_BYTES`].
 //!
 //! It is written atomically to `/state/recovery/diag-<n>.tar.zst`, `n` the next free number
-//! ([`store`]; the newest [`store::KEEP`] are kept). Markers: [`written_marker`]; with no
+//! ([`store`]; the newest [`store::KEEP`] are kept). Markers: `nx_contract::markers::recovery::diag_written`; with no
 //! usable `/state`: `nx-diag: not available — <why>` and `recovery: diag written (bytes=0)`.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -29,17 +29,14 @@ pub mod collect;
 pub mod kmsg;
 pub mod store;
 
+use nx_contract::markers::{diag, recovery};
+use nx_contract::Marker;
 use std::path::{Path, PathBuf};
 
 /// Default kernel log sources, in order of preference.
 pub const KMSG_SOURCES: [&str; 2] = ["/dev/kmsg", "/proc/kmsg"];
 /// Default bootctld socket.
 pub const BOOTCTLD_SOCKET: &str = "/run/bootctld.sock";
-
-/// `recovery: diag written (bytes=<n>)` — the contract marker (0 when nothing was written).
-pub fn written_marker(bytes: u64) -> String {
-    format!("recovery: diag written (bytes={bytes})")
-}
 
 /// Errors of nx-diag.
 #[derive(Debug, thiserror::Error)]
@@ -109,21 +106,17 @@ pub enum Outcome {
 pub fn run(
     cfg: &Config,
     bootctl: &bootctl::View,
-    markers: &mut dyn FnMut(&str),
+    markers: &mut dyn FnMut(&Marker),
 ) -> Result<Outcome, DiagError> {
     if let Err(why) = store::usable(&cfg.state_root, cfg.require_mountpoint) {
-        markers(&format!("nx-diag: not available — {why}"));
-        markers(&written_marker(0));
+        markers(&diag::not_available(&why));
+        markers(&recovery::diag_written(0));
         return Ok(Outcome::NotAvailable(why));
     }
     let members = collect::gather(cfg, bootctl);
     let bytes = bundle::encode(&members)?;
     let written = store::write(&cfg.state_root, &bytes)?;
-    markers(&format!(
-        "nx-diag: wrote {} ({} members)",
-        written.path.display(),
-        members.len()
-    ));
-    markers(&written_marker(written.bytes));
+    markers(&diag::wrote(written.path.display(), members.len()));
+    markers(&recovery::diag_written(written.bytes));
     Ok(Outcome::Written(written))
 }

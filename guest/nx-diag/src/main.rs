@@ -14,7 +14,7 @@ use std::time::Duration;
 #[command(name = "nx-diag")]
 struct Args {
     /// The state dir (the guest's /state).
-    #[arg(long, default_value = "/state")]
+    #[arg(long, default_value = nx_contract::state::STATE_MOUNT)]
     state: PathBuf,
     /// Accept a state dir that is not a mount point (host runs).
     #[arg(long)]
@@ -34,7 +34,10 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nx-diag: error: {e:#}");
+            eprintln!(
+                "{}",
+                nx_contract::markers::diag::error(format_args!("{e:#}"))
+            );
             std::process::ExitCode::FAILURE
         }
     }
@@ -64,9 +67,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nx_diag_print(line: &str) {
+/// Print a contract marker as one line with a single write (nx-diag does not link nx-guest).
+fn nx_diag_print(marker: &nx_contract::Marker) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(format!("{line}\n").as_bytes());
+    let _ = out.write_all(format!("{marker}\n").as_bytes());
     let _ = out.flush();
 }

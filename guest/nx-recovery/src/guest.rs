@@ -36,7 +36,7 @@ impl GuestConfig {
     /// The guest's paths.
     pub fn guest() -> Self {
         GuestConfig {
-            state_root: PathBuf::from("/state"),
+            state_root: PathBuf::from(nx_contract::state::STATE_MOUNT),
             require_mountpoint: true,
             rebootd: PathBuf::from(rebootd::DEFAULT_SOCKET),
             bootctld: PathBuf::from(bootctld::DEFAULT_SOCKET),
@@ -49,6 +49,10 @@ impl GuestConfig {
         }
     }
 }
+
+/// The flash-mode answer when flashd is not running.
+const FLASHD_NOT_RUNNING: &str =
+    "flashd: NOT running — flashing is not possible right now (see the console log)\n"; // hygiene: not a marker (menu text)
 
 fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
     tokio::runtime::Builder::new_current_thread()
@@ -76,7 +80,7 @@ pub fn diag(cfg: &GuestConfig) -> (Vec<String>, Result<nx_diag::Outcome, String>
     let r =
         nx_diag::run(&dcfg, &view, &mut |l| lines.push(l.to_string())).map_err(|e| e.to_string());
     if let Err(e) = &r {
-        lines.push(format!("nx-diag: error: {e}"));
+        lines.push(nx_contract::markers::diag::error(e).into_string());
     }
     (lines, r)
 }
@@ -170,7 +174,11 @@ pub fn find_port(ports_root: &Path, dev_root: &Path, name: &str) -> Option<PathB
 /// Find flashd (`/proc/<pid>/comm` = `flashd`) and whether it holds the flash port
 /// (`com.nexus.flash`) open among its descriptors.
 pub fn probe_flashd(cfg: &GuestConfig) -> FlashdProbe {
-    let port = find_port(&cfg.ports_root, &cfg.dev_root, "com.nexus.flash");
+    let port = find_port(
+        &cfg.ports_root,
+        &cfg.dev_root,
+        nx_contract::ports::FLASH.name,
+    );
     let mut pids: Vec<u32> = std::fs::read_dir(&cfg.proc_root)
         .map(|rd| {
             rd.filter_map(Result::ok)
@@ -219,13 +227,14 @@ pub fn flash_status(cfg: &GuestConfig) -> String {
     );
     match (&p.pid, &p.port, p.serving) {
         (Some(pid), Some(port), true) => s.push_str(&format!(
-            "flashd: running (pid {pid}), serving {} — waiting for the host\n",
+            "flashd: running (pid {pid}), serving {} — waiting for the host\n", // hygiene: not a marker (menu text)
             port.display()
         )),
         (Some(pid), _, _) => s.push_str(&format!(
-            "flashd: running (pid {pid}) but not holding the flash port open (no port, or it is waiting for one)\n"
+            "flashd: running (pid {pid}) but not holding the flash port open (no port, or it is waiting for one)\n" // hygiene: not a marker (menu text)
         )),
-        (None, _, _) => s.push_str("flashd: NOT running — flashing is not possible right now (see the console log)\n"),
+        // hygiene: not a marker (menu text)
+        (None, _, _) => s.push_str(FLASHD_NOT_RUNNING),
     }
     s.push_str(&nx_diag::collect::flash_summary(&cfg.state_root));
     s

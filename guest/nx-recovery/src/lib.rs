@@ -27,8 +27,6 @@ pub use rebootd::record::Target;
 pub const MAX_LINE: usize = 256;
 /// The menu prompt.
 pub const PROMPT: &str = "choice> ";
-/// Marker printed when the menu is shown the first time.
-pub const READY_MARKER: &str = "recovery: menu ready";
 
 /// What the menu needs from the system. Every method returns the text to show; errors are
 /// messages for the operator.
@@ -227,7 +225,13 @@ impl Menu {
 
     /// The first screen: the ready marker, the menu and the prompt.
     pub fn start(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(format!("{READY_MARKER}\n{MENU}{PROMPT}").as_bytes());
+        out.extend_from_slice(
+            format!(
+                "{}\n{MENU}{PROMPT}",
+                nx_contract::markers::recovery::menu_ready()
+            )
+            .as_bytes(),
+        );
     }
 
     /// Feed input bytes (raw console); echo and answers go to `out`.

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 #[command(name = "nx-recovery")]
 struct Args {
     /// The state dir.
-    #[arg(long, default_value = "/state")]
+    #[arg(long, default_value = nx_contract::state::STATE_MOUNT)]
     state: PathBuf,
     /// Accept a state dir that is not a mount point (host runs).
     #[arg(long)]

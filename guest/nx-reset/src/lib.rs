@@ -21,7 +21,7 @@
 //!   recovery again and the next [`wipe()`] finishes the job; a half-wiped `/state` never
 //!   boots as normal.
 //!
-//! Markers (exact): [`M_WIPE_START`], [`M_WIPE_DONE`].
+//! Markers (exact): `nx_contract::markers::reset::{wipe_start, wipe_done}`.
 //!
 //! Architecture invariant: nothing on `/state` is trusted — every name is escaped before it
 //! is shown, every read is bounded, nothing is followed out of a tree.
@@ -45,19 +45,14 @@ pub const PRESERVED: [&str; 5] = ["trust", "boot", "bootctl", "flash", "recovery
 /// The preserved tree whose every path the plan lists.
 pub const LISTED_PRESERVED: &str = "trust";
 /// How paths are shown in plans: as the guest sees them.
-pub const SHOWN_ROOT: &str = "/state";
+pub const SHOWN_ROOT: &str = nx_contract::state::STATE_MOUNT;
 
 /// The factory-wipe request written by rebootd (`factoryWipe()`), relative to the state root.
-pub const REQUEST: &str = "boot/factory_wipe";
+pub const REQUEST: &str = nx_contract::state::FACTORY_WIPE;
 /// The exact content of a valid request.
 pub const REQUEST_CONTENT: &[u8] = b"wipe\n";
 /// The wipe journal, relative to the state root (written by [`wipe()`] only).
-pub const JOURNAL: &str = "boot/factory_wipe.journal";
-
-/// Marker: the wipe starts (printed once per attempt).
-pub const M_WIPE_START: &str = "nx: reset factory wipe start";
-/// Marker: the wipe is complete, synced, and the request is cleared.
-pub const M_WIPE_DONE: &str = "nx: reset factory wipe done";
+pub const JOURNAL: &str = nx_contract::state::FACTORY_WIPE_JOURNAL;
 
 /// Errors of planning and wiping. Each names the path it concerns and says what to do.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,9 @@
 //! most two descriptors are open at any time, so any depth works.
 
 use crate::walk::read_names;
-use crate::{fsx, ResetError, JOURNAL, M_WIPE_DONE, M_WIPE_START, REQUEST, REQUEST_CONTENT, WIPED};
+use crate::{fsx, ResetError, JOURNAL, REQUEST, REQUEST_CONTENT, WIPED};
+use nx_contract::markers::reset as m;
+use nx_contract::Marker;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::ffi::OsStr;
@@ -113,7 +115,10 @@ pub fn pending(state_root: &Path) -> Result<Pending, ResetError> {
 
 /// [`wipe_with`] without a simulated power cut: what recovery-init calls at every boot,
 /// after mounting `/state` and before starting any service.
-pub fn wipe(state_root: &Path, markers: &mut dyn FnMut(&str)) -> Result<WipeOutcome, ResetError> {
+pub fn wipe(
+    state_root: &Path,
+    markers: &mut dyn FnMut(&Marker),
+) -> Result<WipeOutcome, ResetError> {
     wipe_with(state_root, &WipeOptions::default(), markers)
 }
 
@@ -123,7 +128,7 @@ pub fn wipe(state_root: &Path, markers: &mut dyn FnMut(&str)) -> Result<WipeOutc
 pub fn wipe_with(
     state_root: &Path,
     opts: &WipeOptions,
-    markers: &mut dyn FnMut(&str),
+    markers: &mut dyn FnMut(&Marker),
 ) -> Result<WipeOutcome, ResetError> {
     let boot = boot_dir(state_root);
     match pending(state_root)? {
@@ -136,38 +141,29 @@ pub fn wipe_with(
             Ok(WipeOutcome::NotRequested)
         }
         Pending::Invalid { content } => {
-            markers(&format!(
-                "nx: reset factory wipe request {} is invalid ({content:?}, expected \"wipe\\n\"); removed it, nothing was wiped",
-                state_root.join(REQUEST).display()
+            markers(&m::invalid_request_removed(
+                state_root.join(REQUEST).display(),
+                &content,
             ));
             fsx::remove_durable(&boot, file_name(REQUEST))
                 .map_err(ResetError::io("remove", state_root.join(REQUEST)))?;
             Ok(WipeOutcome::InvalidRequestRemoved { content })
         }
         Pending::Requested { attempts } => {
-            markers(M_WIPE_START);
+            markers(&m::wipe_start());
             let attempt = attempts.saturating_add(1);
             if attempts > 0 {
-                markers(&format!(
-                    "nx: reset factory wipe resumed (attempt={attempt}): an earlier wipe was cut short"
-                ));
+                markers(&m::wipe_resumed(attempt));
             }
             match run(state_root, attempt, opts) {
                 Ok(report) => {
-                    markers(&format!(
-                        "nx: reset factory wipe removed {} paths ({} bytes) from {}",
-                        report.removed,
-                        report.bytes,
-                        WIPED.join(", ")
-                    ));
-                    markers(M_WIPE_DONE);
+                    markers(&m::wipe_removed(report.removed, report.bytes, &WIPED));
+                    markers(&m::wipe_done());
                     Ok(WipeOutcome::Wiped(report))
                 }
                 Err(e @ ResetError::Interrupted { .. }) => Err(e),
                 Err(e) => {
-                    markers(&format!(
-                        "nx: reset factory wipe failed: {e}; the request stays and the wipe runs again at the next boot"
-                    ));
+                    markers(&m::wipe_failed(&e));
                     Err(e)
                 }
             }

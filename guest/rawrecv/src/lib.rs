@@ -28,6 +28,8 @@
 //! validated; a length larger than the sink is refused before anything is written.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+use nx_contract::markers::rawrecv as m;
+use nx_contract::Marker;
 pub use nx_guest::fsx::AlignedBuf;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
@@ -38,7 +40,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The benchmark port (host socket `build/bench/qemu/bench.sock`).
-pub const BENCH_PORT: &str = "com.nexus.bench";
+pub const BENCH_PORT: &str = nx_contract::ports::BENCH.name;
 /// The partition written by default (the one flashd installs into in recovery).
 pub const DEFAULT_PARTITION: &str = "system_b";
 /// Block size of reads and writes.
@@ -175,27 +177,24 @@ pub struct Stats {
 
 impl Stats {
     /// The reply line (without the newline).
-    pub fn line(&self) -> String {
+    pub fn line(&self) -> Marker {
         let ms = |d: Duration| d.as_millis();
-        let mut s = format!(
-            "rawrecv: done bytes={} ms={} read_ms={} write_ms={} sync_ms={} hash_ms={}",
+        m::done(
             self.bytes,
-            ms(self.total),
-            ms(self.read),
-            ms(self.write),
-            ms(self.sync),
-            ms(self.hash)
-        );
-        if let Some(h) = &self.digest {
-            s.push_str(" digest=");
-            s.push_str(h);
-        }
-        s
+            [
+                ms(self.total),
+                ms(self.read),
+                ms(self.write),
+                ms(self.sync),
+                ms(self.hash),
+            ],
+            self.digest.as_deref(),
+        )
     }
 
     /// Parse a reply line back (host side): `(bytes, ms)` and every `key=value` field.
     pub fn parse_fields(line: &str) -> Option<Vec<(String, String)>> {
-        let rest = line.trim().strip_prefix("rawrecv: done ")?;
+        let rest = line.trim().strip_prefix(m::DONE_PREFIX)?;
         Some(
             rest.split_ascii_whitespace()
                 .filter_map(|w| w.split_once('='))
@@ -536,23 +535,23 @@ pub fn serve_one(port: &mut File, partition: &dyn Fn() -> Option<PathBuf>) -> io
         return Ok(false);
     };
     let reply = match Request::parse(&line) {
-        Err(e) => format!("rawrecv: error {e}"),
+        Err(e) => m::error(e),
         Ok(req) => {
             let dev = partition();
             match open_sink(&req, dev.as_deref()) {
-                Err(e) => format!("rawrecv: error cannot open the sink: {e}"),
+                Err(e) => m::sink_error(e),
                 Ok(mut sink) => {
                     let mut input = &*port;
                     match receive(&mut input, &req, sink.as_mut()) {
                         Ok(st) => st.line(),
-                        Err(e) => format!("rawrecv: error {e}"),
+                        Err(e) => m::error(e),
                     }
                 }
             }
         }
     };
-    nx_guest::marker::emit(&reply);
-    let mut out = reply.into_bytes();
+    nx_guest::marker::show(&reply);
+    let mut out = reply.into_string().into_bytes();
     out.push(b'\n');
     // The host may already be gone: the console has the line anyway.
     let _ = port.write_all(&out);
@@ -575,15 +574,12 @@ pub fn serve_forever(port_name: &str, partition_name: &str) -> ! {
         match OpenOptions::new().read(true).write(true).open(&dev) {
             Ok(f) => break f,
             Err(e) => {
-                eprintln!("rawrecv: cannot open {} ({e}); retrying", dev.display());
+                eprintln!("{}", m::open_retry(dev.display(), e));
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
     };
-    nx_guest::marker::emit(&format!(
-        "rawrecv: ready (port {port_name} at {}, sink partition {partition_name})",
-        dev.display()
-    ));
+    nx_guest::marker::show(&m::ready(port_name, dev.display(), partition_name));
     let part = partition_name.to_string();
     let find_part = move || {
         nx_guest::blockdev::find_partition(
@@ -600,7 +596,7 @@ pub fn serve_forever(port_name: &str, partition_name: &str) -> ! {
             // No host connected: the port reads EOF until one connects.
             Ok(false) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => {
-                nx_guest::marker::emit(&format!("rawrecv: error {e}"));
+                nx_guest::marker::show(&m::error(e));
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -678,7 +674,7 @@ mod tests {
             assert_eq!(st.digest.as_deref(), Some(want.as_str()));
             let got = std::fs::read(&out).unwrap();
             assert_eq!(&got[..n], &src[..]);
-            let fields = Stats::parse_fields(&st.line()).unwrap();
+            let fields = Stats::parse_fields(st.line().as_str()).unwrap();
             assert!(fields
                 .iter()
                 .any(|(k, v)| k == "bytes" && *v == n.to_string()));

@@ -38,7 +38,7 @@ fn as_pid1(port: &str, part: &str) {
         rawrecv::serve_forever(port, part);
     }
     if pid < 0 {
-        eprintln!("rawrecv: fork failed; booting without the benchmark receiver");
+        eprintln!("{}", nx_contract::markers::rawrecv::fork_failed());
     }
     let init = CString::new("/init").unwrap_or_default();
     let argv = [init.as_ptr(), std::ptr::null()];
@@ -49,8 +49,8 @@ fn as_pid1(port: &str, part: &str) {
     }
     // PID 1 must never exit (that panics the kernel): serve here instead.
     eprintln!(
-        "rawrecv: cannot exec /init ({}); serving as PID 1",
-        std::io::Error::last_os_error()
+        "{}",
+        nx_contract::markers::rawrecv::exec_failed(std::io::Error::last_os_error())
     );
     rawrecv::serve_forever(port, part)
 }

@@ -15,20 +15,13 @@
 //! (the request stays, so neither the boot firmware nor the normal init boots normal).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+use nx_contract::{markers, ports, Marker, NextBoot};
 use nx_guest::cmdline::Cmdline;
-use nx_guest::port;
-use nx_guest::state::BootMode;
 use nx_guest::supervisor::Service;
 use nx_reset::{WipeOutcome, WipeReport};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Marker: the boot target was chosen.
-pub const M_TARGET: &str = "recovery: boot target selected";
-/// Marker: recovery init proper starts.
-pub const M_START: &str = "recovery: init start";
-/// Marker: the service graph was started.
-pub const M_SERVICES: &str = "recovery: services ready";
 /// The flashd command line contract.
 pub const FLASHD: &str = "/bin/flashd";
 /// rebootd's guest-local socket (flashd's automatic reboot, bootctld's `reboot()`, shells).
@@ -39,11 +32,6 @@ pub const BOOTCTLD_SOCK: &str = "/run/bootctld.sock";
 pub const SHELL: &str = "/bin/recovery-sh";
 /// The console the shell runs on.
 pub const SHELL_TTY: &str = "/dev/ttyS0";
-
-/// `recovery: ready (serial=@<port device>)`.
-pub fn ready_marker(port_dev: &str) -> String {
-    format!("recovery: ready (serial=@{port_dev})")
-}
 
 /// Why a target was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,17 +61,17 @@ impl Reason {
 /// Choose the boot target: `nexus.target=` wins, then `recovery=1`, then the next-boot record,
 /// then recovery (the firmware booted the recovery ramdisk). An unknown `nexus.target` value is
 /// ignored.
-pub fn select_target(cmdline: &Cmdline, record: Option<BootMode>) -> (BootMode, Reason) {
-    if let Some(t) = cmdline.get("nexus.target").and_then(BootMode::parse) {
+pub fn select_target(cmdline: &Cmdline, record: Option<NextBoot>) -> (NextBoot, Reason) {
+    if let Some(t) = cmdline.get("nexus.target").and_then(NextBoot::parse_record) {
         return (t, Reason::CmdlineTarget);
     }
     if cmdline.flag("recovery") {
-        return (BootMode::Recovery, Reason::RecoveryFlag);
+        return (NextBoot::Recovery, Reason::RecoveryFlag);
     }
     if let Some(r) = record {
         return (r, Reason::NextBootRecord);
     }
-    (BootMode::Recovery, Reason::Default)
+    (NextBoot::Recovery, Reason::Default)
 }
 
 /// The minimal service graph. `present(path)` tells whether a binary is in the ramdisk.
@@ -98,9 +86,9 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
         FLASHD,
         &[
             "--port-name",
-            port::FLASH_PORT,
+            ports::FLASH.name,
             "--state",
-            "/state",
+            nx_contract::state::STATE_MOUNT,
             "--install-slot",
             "auto",
         ],
@@ -111,9 +99,9 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
             "/bin/rebootd",
             &[
                 "--port-name",
-                port::REBOOT_PORT,
+                ports::REBOOT.name,
                 "--state",
-                "/state",
+                nx_contract::state::STATE_MOUNT,
                 "--listen",
                 REBOOTD_SOCK,
             ],
@@ -125,9 +113,9 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
             "/bin/bootctld",
             &[
                 "--port-name",
-                port::BOOTCTL_PORT,
+                ports::BOOTCTL.name,
                 "--state",
-                "/state",
+                nx_contract::state::STATE_MOUNT,
                 "--listen",
                 BOOTCTLD_SOCK,
             ],
@@ -166,7 +154,7 @@ pub enum WipeAtBoot {
 pub fn wipe_at_boot(
     state_root: &Path,
     state_mounted: bool,
-    emit: &mut dyn FnMut(&str),
+    emit: &mut dyn FnMut(&Marker),
 ) -> WipeAtBoot {
     if !state_mounted {
         return WipeAtBoot::NoState;
@@ -177,9 +165,7 @@ pub fn wipe_at_boot(
         Ok(WipeOutcome::Wiped(report)) => WipeAtBoot::Wiped(report),
         Err(e) => {
             let why = e.to_string();
-            emit(&format!(
-                "recovery: error: factory wipe failed ({why}); staying in recovery — the request stays, so the wipe runs again at the next boot and the device never boots normal half-wiped"
-            ));
+            emit(&markers::recovery::wipe_failed(&why));
             WipeAtBoot::Failed(why)
         }
     }
@@ -250,23 +236,23 @@ mod tests {
         let c = |s: &str| Cmdline::parse(s);
         assert_eq!(
             select_target(&c(""), None),
-            (BootMode::Recovery, Reason::Default)
+            (NextBoot::Recovery, Reason::Default)
         );
         assert_eq!(
-            select_target(&c(""), Some(BootMode::Normal)),
-            (BootMode::Normal, Reason::NextBootRecord)
+            select_target(&c(""), Some(NextBoot::Normal)),
+            (NextBoot::Normal, Reason::NextBootRecord)
         );
         assert_eq!(
-            select_target(&c("recovery=1"), Some(BootMode::Normal)),
-            (BootMode::Recovery, Reason::RecoveryFlag)
+            select_target(&c("recovery=1"), Some(NextBoot::Normal)),
+            (NextBoot::Recovery, Reason::RecoveryFlag)
         );
         assert_eq!(
             select_target(&c("recovery=1 nexus.target=recovery"), None),
-            (BootMode::Recovery, Reason::CmdlineTarget)
+            (NextBoot::Recovery, Reason::CmdlineTarget)
         );
         assert_eq!(
-            select_target(&c("nexus.target=bogus"), Some(BootMode::Recovery)),
-            (BootMode::Recovery, Reason::NextBootRecord)
+            select_target(&c("nexus.target=bogus"), Some(NextBoot::Recovery)),
+            (NextBoot::Recovery, Reason::NextBootRecord)
         );
     }
 
@@ -320,7 +306,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["flashd", "rebootd", "bootctld", "selftest-client"]);
         assert_eq!(
-            ready_marker("/dev/vport0p1"),
+            markers::recovery::ready("/dev/vport0p1").as_str(),
             "recovery: ready (serial=@/dev/vport0p1)"
         );
     }
@@ -368,11 +354,11 @@ mod tests {
         assert_eq!(report.attempt, 1);
         assert_eq!(
             lines.first().map(String::as_str),
-            Some(nx_reset::M_WIPE_START)
+            Some(markers::reset::wipe_start().as_str())
         );
         assert_eq!(
             lines.last().map(String::as_str),
-            Some(nx_reset::M_WIPE_DONE)
+            Some(markers::reset::wipe_done().as_str())
         );
         for t in nx_reset::WIPED {
             assert!(listing(&root.join(t)).is_empty(), "{t}");
@@ -416,7 +402,9 @@ mod tests {
         assert!(lines
             .iter()
             .any(|l| l.starts_with("recovery: error: factory wipe failed")));
-        assert!(!lines.iter().any(|l| l == nx_reset::M_WIPE_DONE));
+        assert!(!lines
+            .iter()
+            .any(|l| l == markers::reset::wipe_done().as_str()));
         assert_eq!(listing(&root.join("content")), ["a.jpg"]);
     }
 

@@ -38,7 +38,7 @@ impl Backend for GuestBackend {
                 // error once, with a hint.
                 if lines
                     .last()
-                    .is_some_and(|l| *l == format!("nx-diag: error: {e}"))
+                    .is_some_and(|l| *l == nx_contract::markers::diag::error(&e).as_str())
                 {
                     lines.pop();
                 }

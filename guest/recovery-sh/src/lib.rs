@@ -23,6 +23,7 @@
 
 pub mod guest;
 
+use nx_contract::markers::recovery_sh as m;
 use nx_guest::sys::Shutdown;
 use nx_recovery::{Answer, ResetConfirm};
 use std::collections::VecDeque;
@@ -35,9 +36,7 @@ pub const MAX_LINE: usize = 256;
 /// How many command lines the history keeps.
 pub const MAX_HISTORY: usize = 32;
 /// The prompt.
-pub const PROMPT: &str = "recovery> ";
-/// Marker printed once the shell is ready for input.
-pub const READY_MARKER: &str = "recovery: shell ready";
+pub const PROMPT: &str = m::PROMPT;
 /// Longest error message shown (characters).
 const MAX_MESSAGE: usize = 240;
 /// Longest command name echoed back in "unknown command" (characters).
@@ -219,14 +218,11 @@ fn clean_text(text: &str) -> String {
 }
 
 fn error(out: &mut dyn Write, msg: &str) {
-    put(
-        out,
-        format!("recovery-sh: error: {}\n", one_line(msg)).as_bytes(),
-    );
+    put(out, format!("{}\n", m::error(one_line(msg))).as_bytes());
 }
 
 fn say(out: &mut dyn Write, msg: &str) {
-    put(out, format!("recovery-sh: {}\n", one_line(msg)).as_bytes());
+    put(out, format!("{}\n", m::say(one_line(msg))).as_bytes());
 }
 
 impl Shell {
@@ -248,8 +244,12 @@ impl Shell {
     pub fn start(&self, out: &mut dyn Write) {
         put(
             out,
-            format!("{READY_MARKER}\nrecovery-sh: type 'help' for the commands\n{PROMPT}")
-                .as_bytes(),
+            format!(
+                "{}\n{}\n{PROMPT}",
+                nx_contract::markers::recovery::shell_ready(),
+                m::type_help()
+            )
+            .as_bytes(),
         );
         let _ = out.flush();
     }
@@ -484,9 +484,7 @@ impl Shell {
         let bad = std::mem::take(&mut self.bad_byte);
         self.browse = None;
         let refused = if too_long {
-            Some(format!(
-                "line longer than {MAX_LINE} bytes, ignored; nothing was run"
-            ))
+            Some(m::line_too_long_why(MAX_LINE))
         } else if bad {
             Some("only printable ASCII is accepted, line ignored; nothing was run".to_string())
         } else {
@@ -526,10 +524,7 @@ impl Shell {
             Answer::Ask(prompt) => self.mode = Mode::Confirm { confirm, prompt },
             Answer::Cancelled(msg) => say(out, &msg),
             Answer::Confirmed => {
-                say(
-                    out,
-                    "factory reset confirmed; asking rebootd to record the wipe request",
-                );
+                say(out, m::RESET_CONFIRMED_WHY);
                 let _ = out.flush();
                 match backend.factory_wipe() {
                     Ok(RebootOutcome::Rebooting) => {
@@ -624,7 +619,7 @@ impl Shell {
             ("reboot", _) => error(out, "usage: reboot [normal|recovery]"),
             _ => {
                 let shown: String = cmd.chars().take(MAX_SHOWN).collect();
-                error(out, &format!("unknown command '{shown}' (type 'help')"));
+                error(out, &m::unknown_command_why(shown));
             }
         }
     }
@@ -669,10 +664,7 @@ fn target(word: &str) -> Option<Target> {
 }
 
 fn help(out: &mut dyn Write) {
-    put(
-        out,
-        b"recovery-sh: built-ins (nothing else can run here):\n",
-    );
+    put(out, format!("{}\n", m::builtins()).as_bytes());
     for (usage, what) in BUILTINS {
         put(out, format!("  {usage:<24} {what}\n").as_bytes());
     }

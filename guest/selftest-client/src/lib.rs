@@ -18,6 +18,8 @@
 //! daemons on a temp dir.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+use nx_contract::markers::selftest as m;
+use nx_contract::Marker;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -98,28 +100,26 @@ pub enum Outcome {
 }
 
 /// A check: it may print console lines (e.g. nx-diag's markers) through the callback.
-pub type CheckFn = fn(&Ctx, &mut dyn FnMut(&str)) -> Outcome;
+pub type CheckFn = fn(&Ctx, &mut dyn FnMut(&Marker)) -> Outcome;
 
-/// The checks, in marker order: (name in the marker, function).
+/// The checks, in marker order: (name in the marker, function); the names are the contract's
+/// [`m::CHECKS`].
 pub const CHECKS: [(&str, CheckFn); 6] = [
-    ("recovery boot", check_recovery_boot),
-    ("recovery diag", check_recovery_diag),
-    ("reset dry-run", check_reset_dry_run),
-    ("flash receive", check_flash_receive),
-    ("flash reboot flag", check_flash_reboot_flag),
-    ("bootctl api", check_bootctl_api),
+    (m::CHECKS[0], check_recovery_boot),
+    (m::CHECKS[1], check_recovery_diag),
+    (m::CHECKS[2], check_reset_dry_run),
+    (m::CHECKS[3], check_flash_receive),
+    (m::CHECKS[4], check_flash_reboot_flag),
+    (m::CHECKS[5], check_bootctl_api),
 ];
 
 /// The console lines for an outcome: the marker first, a detail line after it.
-pub fn marker_lines(name: &str, outcome: &Outcome) -> Vec<String> {
+pub fn marker_lines(name: &str, outcome: &Outcome) -> Vec<Marker> {
     match outcome {
-        Outcome::Ok => vec![format!("SELFTEST: {name} ok")],
-        Outcome::Skipped(why) => vec![format!("SELFTEST: {name} skipped ({why})")],
-        Outcome::Stub(why) => vec![
-            format!("SELFTEST: {name} stub/placeholder"),
-            format!("selftest-client: {name}: {why}"),
-        ],
-        Outcome::Failed(why) => vec![format!("SELFTEST: {name} FAILED: {why}")],
+        Outcome::Ok => vec![m::ok(name)],
+        Outcome::Skipped(why) => vec![m::skipped(name, why)],
+        Outcome::Stub(why) => vec![m::stub(name), m::detail(name, why)],
+        Outcome::Failed(why) => vec![m::failed(name, why)],
     }
 }
 
@@ -133,7 +133,7 @@ pub struct Summary {
 }
 
 /// Run every check in order, printing through `emit`.
-pub fn run_all(ctx: &Ctx, emit: &mut dyn FnMut(&str)) -> Summary {
+pub fn run_all(ctx: &Ctx, emit: &mut dyn FnMut(&Marker)) -> Summary {
     let mut s = Summary::default();
     for (name, check) in CHECKS {
         let outcome = check(ctx, emit);
@@ -147,10 +147,7 @@ pub fn run_all(ctx: &Ctx, emit: &mut dyn FnMut(&str)) -> Summary {
             Outcome::Failed(_) => s.failed += 1,
         }
     }
-    emit(&format!(
-        "selftest-client: done (ok={}, stub={}, skipped={}, failed={})",
-        s.ok, s.stub, s.skipped, s.failed
-    ));
+    emit(&m::done(s.ok, s.stub, s.skipped, s.failed));
     s
 }
 
@@ -192,7 +189,7 @@ fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
 }
 
 /// `SELFTEST: recovery boot ok`.
-pub fn check_recovery_boot(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
+pub fn check_recovery_boot(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome {
     if ctx.mode != Mode::Recovery {
         return Outcome::Skipped("normal boot".into());
     }
@@ -230,7 +227,7 @@ pub fn check_recovery_boot(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
 }
 
 /// `SELFTEST: recovery diag ok`.
-pub fn check_recovery_diag(ctx: &Ctx, emit: &mut dyn FnMut(&str)) -> Outcome {
+pub fn check_recovery_diag(ctx: &Ctx, emit: &mut dyn FnMut(&Marker)) -> Outcome {
     // bootctld's view makes the bundle complete; not having it is not a diag failure.
     let view = match wait_for_socket(&ctx.bootctld, ctx.wait) {
         Ok(()) => block_on(nx_diag::bootctl::fetch(
@@ -346,7 +343,7 @@ pub fn fingerprint(state_root: &Path) -> Result<BTreeMap<PathBuf, [i64; 8]>, Str
 }
 
 /// `SELFTEST: reset dry-run ok`.
-pub fn check_reset_dry_run(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
+pub fn check_reset_dry_run(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome {
     let before = match fingerprint(&ctx.state_root) {
         Ok(f) => f,
         Err(e) => return Outcome::Failed(e),
@@ -413,7 +410,7 @@ pub fn check_reset_dry_run(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
 }
 
 /// `SELFTEST: flash receive ok` (recovery) / `SELFTEST: flash receive stub/placeholder`.
-pub fn check_flash_receive(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
+pub fn check_flash_receive(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome {
     if ctx.mode != Mode::Recovery {
         return Outcome::Stub("flashd runs only in recovery; this is a normal boot".into());
     }
@@ -453,7 +450,7 @@ pub fn check_flash_receive(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
 }
 
 /// `SELFTEST: flash reboot flag ok`.
-pub fn check_flash_reboot_flag(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcome {
+pub fn check_flash_reboot_flag(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome {
     use rebootd::record::Target;
     if let Err(e) = wait_for_socket(&ctx.rebootd, ctx.wait) {
         return Outcome::Failed(format!("rebootd: {e}"));
@@ -512,7 +509,7 @@ pub fn check_flash_reboot_flag(ctx: &Ctx, _emit: &mut dyn FnMut(&str)) -> Outcom
 }
 
 /// `SELFTEST: bootctl api ok`.
-pub fn check_bootctl_api(ctx: &Ctx, emit: &mut dyn FnMut(&str)) -> Outcome {
+pub fn check_bootctl_api(ctx: &Ctx, emit: &mut dyn FnMut(&Marker)) -> Outcome {
     if let Err(e) = wait_for_socket(&ctx.bootctld, ctx.wait) {
         return Outcome::Failed(format!("bootctld: {e}"));
     }
@@ -539,16 +536,11 @@ pub fn check_bootctl_api(ctx: &Ctx, emit: &mut dyn FnMut(&str)) -> Outcome {
             st.active, v["active"]
         ));
     }
-    emit(&format!(
-        "selftest-client: bootctl active={} a={} b={} storage={}",
+    emit(&m::bootctl_view(
         st.active,
         st.a.health.as_str(),
         st.b.health.as_str(),
-        if persistent {
-            "persistent"
-        } else {
-            "ram-only stub/placeholder"
-        }
+        persistent,
     ));
     Outcome::Ok
 }

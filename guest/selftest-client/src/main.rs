@@ -40,9 +40,8 @@ struct Args {
     wait: u64,
 }
 
-fn emit(line: &str) {
-    nx_guest::marker::emit(line);
-}
+use nx_contract::markers::selftest as m;
+use nx_guest::marker::show;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -51,7 +50,7 @@ fn main() -> std::process::ExitCode {
             .map(|c| c.flag("nexus.selftest"))
             .unwrap_or(false);
         if !on {
-            emit("selftest-client: nexus.selftest=1 is not on the kernel command line; nothing to do");
+            show(&m::not_enabled());
             return std::process::ExitCode::SUCCESS;
         }
     }
@@ -62,22 +61,19 @@ fn main() -> std::process::ExitCode {
     ctx.bootctld = args.bootctld;
     ctx.console_log = args.console_log;
     ctx.wait = std::time::Duration::from_secs(args.wait);
-    emit(&format!(
-        "selftest-client: start (mode={})",
-        match args.mode {
-            Mode::Recovery => "recovery",
-            Mode::Normal => "normal",
-        }
-    ));
-    let summary = run_all(&ctx, &mut |l| emit(l));
+    show(&m::start(match args.mode {
+        Mode::Recovery => "recovery",
+        Mode::Normal => "normal",
+    }));
+    let summary = run_all(&ctx, &mut |l| show(l));
     if args.confirm && args.mode == Mode::Normal {
         if summary.failed == 0 {
             match confirm_slot(&ctx) {
-                Ok(()) => emit("selftest-client: healthy: confirm() sent to bootctld"),
-                Err(e) => emit(&format!("selftest-client: error: {e}")),
+                Ok(()) => show(&m::confirmed()),
+                Err(e) => show(&m::error(e)),
             }
         } else {
-            emit("selftest-client: not confirming the slot: a check failed");
+            show(&m::not_confirming());
         }
     }
     if summary.failed == 0 {

@@ -17,6 +17,7 @@ use super::guest::{fresh_enough, loadavg, write_bench_ramdisk, BENCH_PORT};
 use super::{make_image, report, Bins, MIB};
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, ensure, Context};
+use nx_contract::markers;
 use nx_qemu::{Config, Runner};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -140,14 +141,14 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<()> {
         for p in &mut cfg.ports {
             p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
         }
-        cfg = cfg.with_port(BENCH_PORT.0, BENCH_PORT.1);
+        cfg = cfg.with_port(BENCH_PORT.name, BENCH_PORT.socket);
         cfg.recovery = true;
         cfg.follow_reboots = false;
         cfg.extra_cmdline.push("rdinit=/bin/rawrecv".into());
         cfg.echo = a.echo;
         socks.push(format!(
             "unix:{}",
-            cfg.port_socket(nx_qemu::FLASH_PORT.0)
+            cfg.port_socket(nx_contract::ports::FLASH.name)
                 .context("no flash port")?
                 .display()
         ));
@@ -237,7 +238,7 @@ fn measure(
     t_boot: Instant,
 ) -> anyhow::Result<(f64, Run, Run)> {
     for (i, r) in runners.iter().enumerate() {
-        r.wait_for("recovery: ready (serial=@", STEP_TIMEOUT)
+        r.wait_for(markers::recovery::READY_PREFIX, STEP_TIMEOUT)
             .with_context(|| format!("guest g{i} did not become ready"))?;
     }
     let boot = t_boot.elapsed().as_secs_f64();

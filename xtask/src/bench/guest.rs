@@ -29,6 +29,7 @@ use super::report::{self, Case};
 use super::{make_image, Bins, MIB};
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, Context};
+use nx_contract::markers;
 use nx_qemu::{Config, Runner};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -39,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The benchmark's virtio-serial port and its host socket (under the run dir).
-pub const BENCH_PORT: (&str, &str) = ("com.nexus.bench", "bench.sock");
+pub const BENCH_PORT: nx_contract::PortSpec = nx_contract::ports::BENCH;
 /// Boot / transfer time budget.
 const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -163,7 +164,7 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     for p in &mut cfg.ports {
         p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
     }
-    cfg = cfg.with_port(BENCH_PORT.0, BENCH_PORT.1);
+    cfg = cfg.with_port(BENCH_PORT.name, BENCH_PORT.socket);
     cfg.recovery = true;
     // A reboot would boot without rdinit's target: end the run instead.
     cfg.follow_reboots = false;
@@ -176,11 +177,11 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     cfg.smp = a.smp.max(1);
     cfg.echo = a.echo;
     let flash_sock = cfg
-        .port_socket(nx_qemu::FLASH_PORT.0)
+        .port_socket(nx_contract::ports::FLASH.name)
         .context("no flash port")?
         .to_path_buf();
     let bench_sock = cfg
-        .port_socket(BENCH_PORT.0)
+        .port_socket(BENCH_PORT.name)
         .context("no bench port")?
         .to_path_buf();
 
@@ -284,7 +285,7 @@ fn measure(
 ) -> anyhow::Result<report::Measured> {
     let r = ctx.runner;
     let ready = r
-        .wait_for("recovery: ready (serial=@", STEP_TIMEOUT)
+        .wait_for(markers::recovery::READY_PREFIX, STEP_TIMEOUT)
         .context("recovery did not become ready")?;
     // The host instant of the boot's start (the marker was awaited live: accurate to ms), to
     // place console lines on the host clock.
@@ -292,12 +293,16 @@ fn measure(
         .checked_sub(ready.since_boot)
         .unwrap_or_else(Instant::now);
     // recovery-init prints its uptime right after the ready marker.
-    wait_console(r, "recovery: uptime ", Duration::from_secs(10))?;
+    wait_console(
+        r,
+        markers::pid1::uptime_prefix("recovery").as_str(),
+        Duration::from_secs(10),
+    )?;
     let guest_uptime = r
-        .grep("recovery: uptime ")
+        .grep(markers::pid1::uptime_prefix("recovery").as_str())
         .last()
         .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()));
-    wait_console(r, "rawrecv: ready", Duration::from_secs(60))?;
+    wait_console(r, markers::rawrecv::READY_PREFIX, Duration::from_secs(60))?;
     wait_console(r, "flashd: ready", Duration::from_secs(60))?;
     let want = |k: &str| a.cases.iter().any(|c| c == k);
     let mut m = report::Measured {
@@ -635,7 +640,7 @@ fn raw_copy(ctx: &Ctx, img: &Path, mode: &str, hash: &str, sink: &str) -> anyhow
         .context("no reply from rawrecv")?;
     let time = t.elapsed();
     let reply = reply.trim().to_string();
-    let Some(fields) = reply.strip_prefix("rawrecv: done ") else {
+    let Some(fields) = reply.strip_prefix(markers::rawrecv::DONE_PREFIX) else {
         bail!("rawrecv: {reply:?}");
     };
     let get = |k: &str| {

@@ -1,113 +1,25 @@
-//! Flash end-to-end scenarios on a real QEMU guest (run by `cargo xtask ci`, or alone with
-//! `cargo xtask e2e [--only NAME]`): the recovery ramdisk's flashd receives an image from
-//! `nx flash send` over the real virtio-serial port. Each scenario gets fresh disks under
-//! `build/e2e/<name>/` so runs do not depend on each other or on the user's build/state.img.
-//!
-//! - `flash`: one transfer, every flashd marker of `[flash]` in qemu/markers.toml in order,
-//!   installed bytes of `system_b` == the image file.
-//! - `flash-cut-resume`: `nx` is killed mid-transfer (the host side of the link is cut), a
-//!   second `nx flash send` resumes (a `resumed` event), bytes verified.
-//! - `flash-powercut-resume`: QEMU is killed mid-transfer (guest power cut), the guest boots
-//!   recovery again, `nx flash send` resumes, bytes verified.
-//!
-//! The A/B update scenarios (`update`, `rollback`, `update-powercut`) are in `e2e_slots.rs`;
-//! the factory-reset and recovery-console scenarios of issue 6 (`reset`, `reset-powercut`,
-//! `reset-normal-guard`, `recovery-console`) in `e2e_reset.rs`; the fan-out scenario of issue 7
-//! (`fanout`: two guests flashed by one `nx flash send --port A --port B`) in `e2e_fanout.rs`.
+//! What the e2e scenarios share: the per-scenario context [`Ctx`] (fresh disks, the runner,
+//! `nx` transfers), console checks, the test images and small helpers. Scenario modules import
+//! only from here.
 
 use crate::util::{self, cargo, run_cmd};
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
+use nx_contract::markers;
 use nx_qemu::markers::Contract;
-use nx_qemu::{BootTarget, Config, Runner};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use nx_qemu::{Config, Runner};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Scenario names, in run order.
-pub const SCENARIOS: [&str; 11] = [
-    "flash",
-    "flash-cut-resume",
-    "flash-powercut-resume",
-    "update",
-    "rollback",
-    "update-powercut",
-    "reset",
-    "reset-powercut",
-    "reset-normal-guard",
-    "recovery-console",
-    "fanout",
-];
 /// Scenarios that run several guests, each with its own disks under `build/e2e/<name>/<guest>/`.
 const MULTI_GUEST: [&str; 1] = ["fanout"];
+
 /// Size of the incompressible payload of the big test image.
 const BIG_PAYLOAD_MIB: usize = 24;
+
 /// Per-scenario time budget for a boot or a transfer.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// Arguments of `cargo xtask e2e`.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct Args {
-    /// Run only this scenario.
-    #[arg(long)]
-    pub only: Option<String>,
-    /// Do not run `cargo xtask guest` first.
-    #[arg(long)]
-    pub no_build: bool,
-    /// Echo the guest console.
-    #[arg(long)]
-    pub echo: bool,
-}
-
-pub fn run(args: Args) -> anyhow::Result<()> {
-    if !args.no_build {
-        crate::guest::build(&crate::guest::Args::default())?;
-    }
-    let names: Vec<&str> = match &args.only {
-        Some(n) => {
-            ensure!(
-                SCENARIOS.contains(&n.as_str()),
-                "unknown scenario {n}; known: {}",
-                SCENARIOS.join(", ")
-            );
-            vec![n.as_str()]
-        }
-        None => SCENARIOS.to_vec(),
-    };
-    let mut failed = 0;
-    for n in &names {
-        if let Err(e) = run_scenario(n, args.echo) {
-            eprintln!("[error] e2e {n}: {e:#}");
-            failed += 1;
-        }
-    }
-    println!("e2e: {} passed, {failed} failed", names.len() - failed);
-    ensure!(failed == 0, "{failed} e2e scenario(s) failed");
-    Ok(())
-}
-
-/// Run one scenario by name.
-pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
-    let started = Instant::now();
-    eprintln!("xtask: e2e {name}: start");
-    let ctx = Ctx::new(name, echo)?;
-    match name {
-        "flash" => flash_basic(&ctx)?,
-        "flash-cut-resume" => flash_cut_resume(&ctx)?,
-        "flash-powercut-resume" => flash_powercut_resume(&ctx)?,
-        "update" => crate::e2e_slots::update(&ctx)?,
-        "rollback" => crate::e2e_slots::rollback(&ctx)?,
-        "update-powercut" => crate::e2e_slots::update_powercut(&ctx)?,
-        "reset" => crate::e2e_reset::reset(&ctx)?,
-        "reset-powercut" => crate::e2e_reset::reset_powercut(&ctx)?,
-        "reset-normal-guard" => crate::e2e_reset::reset_normal_guard(&ctx)?,
-        "recovery-console" => crate::e2e_reset::recovery_console(&ctx)?,
-        "fanout" => crate::e2e_fanout::fanout(&ctx)?,
-        other => bail!("unknown scenario {other}"),
-    }
-    eprintln!("[ok] e2e {name} ({:.1} s)", started.elapsed().as_secs_f64());
-    Ok(())
-}
 
 pub struct Ctx {
     pub name: String,
@@ -118,7 +30,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn new(name: &str, echo: bool) -> anyhow::Result<Ctx> {
+    pub fn new(name: &str, echo: bool) -> anyhow::Result<Ctx> {
         let dir = util::build_dir().join("e2e").join(name);
         // The fan-out scenario's guests have their own disks in sub-directories.
         Ctx::open(name, &dir, echo, !MULTI_GUEST.contains(&name))
@@ -185,13 +97,16 @@ impl Ctx {
 
     pub fn wait_ready(&self, runner: &Runner) -> anyhow::Result<()> {
         runner
-            .wait_for("recovery: ready (serial=@/dev/vport0p1)", STEP_TIMEOUT)
+            .wait_for(
+                markers::recovery::ready("/dev/vport0p1").as_str(),
+                STEP_TIMEOUT,
+            )
             .map_err(|e| fail(runner, &format!("recovery did not become ready: {e}")))?;
         Ok(())
     }
 
     fn sock(&self, runner: &Runner) -> anyhow::Result<String> {
-        self.port(runner, nx_qemu::FLASH_PORT.0)
+        self.port(runner, nx_contract::ports::FLASH.name)
     }
 
     /// `unix:<host socket>` of a port of this run.
@@ -388,85 +303,111 @@ pub fn partition_offset(disk: &Path, name: &str) -> anyhow::Result<u64> {
     Ok(start * 512)
 }
 
-/// The first `len(image)` bytes of `system_b` equal the image file.
-fn verify_installed(disk: &Path, image: &Path) -> anyhow::Result<()> {
-    let want = std::fs::read(image)?;
-    let off = partition_offset(disk, "system_b")?;
-    let mut f = std::fs::File::open(disk)?;
-    f.seek(SeekFrom::Start(off))?;
-    let mut got = vec![0u8; want.len()];
-    f.read_exact(&mut got)?;
-    if got != want {
-        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-        bail!(
-            "system_b differs from {} at byte {first} (of {})",
-            image.display(),
-            want.len()
-        );
-    }
-    eprintln!(
-        "xtask: e2e: system_b holds the {} bytes of {}",
-        want.len(),
-        image.display()
-    );
-    Ok(())
-}
-
 pub fn receipt_installed(lines: &[String]) -> bool {
     lines
         .last()
         .is_some_and(|l| l.contains("\"state\":\"installed\""))
 }
 
-fn flash_basic(ctx: &Ctx) -> anyhow::Result<()> {
-    let image = demo_image()?;
-    let mut runner = ctx.boot_recovery()?;
-    let lines = ctx.send(&runner, &image)?;
+pub fn built_image(file: &str) -> anyhow::Result<PathBuf> {
+    let p = util::build_dir().join(file);
     ensure!(
-        receipt_installed(&lines),
-        "no installed receipt from nx: {lines:?}"
+        p.exists(),
+        "{} is missing: `cargo xtask guest` builds it (nx image build failed?)",
+        p.display()
     );
-    ctx.check_flash_markers(&runner, &ctx.contract.flash.markers)?;
-    runner.stop();
-    verify_installed(&ctx.dir.join("disk.img"), &image)
+    Ok(p)
 }
 
-fn flash_cut_resume(ctx: &Ctx) -> anyhow::Result<()> {
-    let image = big_image()?;
-    let mut runner = ctx.boot_recovery()?;
-    ctx.send_and_cut(&runner, &image, 0.3, &|| {})?;
-    let lines = ctx.send(&runner, &image)?;
-    ensure!(
-        lines.iter().any(|l| l.contains("\"event\":\"resumed\"")),
-        "the second transfer did not resume (no `resumed` event)"
-    );
-    ensure!(receipt_installed(&lines), "no installed receipt from nx");
-    ctx.check_flash_markers(&runner, &ctx.contract.flash.resume_markers)?;
-    runner.stop();
-    verify_installed(&ctx.dir.join("disk.img"), &image)
+/// Wait for each marker in order (after the previous hit).
+pub fn wait(runner: &Runner, markers: &[&str]) -> anyhow::Result<()> {
+    for m in markers {
+        runner
+            .wait_for(m, STEP_TIMEOUT)
+            .map_err(|e| fail(runner, &format!("[error] Missing marker: {m} ({e})")))?;
+    }
+    Ok(())
 }
 
-fn flash_powercut_resume(ctx: &Ctx) -> anyhow::Result<()> {
-    let image = big_image()?;
-    let mut runner = ctx.boot_recovery()?;
-    ctx.send_and_cut(&runner, &image, 0.5, &|| {
-        runner.power_cycle(Some(BootTarget::Recovery))
-    })?;
-    // The firmware powers the guest on again into recovery.
-    ctx.wait_ready(&runner)?;
+/// Run `nx` with `args`; its stdout, or an error with its stderr.
+pub fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(&ctx.nx)
+        .args(args)
+        .output()
+        .context("could not run nx")?;
+    if !out.status.success() {
+        return Err(fail(
+            runner,
+            &format!(
+                "nx {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// JSON without whitespace (the view is deterministic; this makes substring checks easy).
+pub fn compact(json: &str) -> String {
+    json.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// A copy of the scenario's state.img (in a temp dir, QEMU stopped) with its ext4 journal
+/// replayed (`e2fsck -E journal_only`), as the next boot's mount would: `(dir, copy)`.
+pub fn replayed_state_copy(ctx: &Ctx) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let img = tmp.path().join("state.img");
+    util::run_cmd(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(ctx.dir.join("state.img"))
+            .arg(&img),
+    )?;
+    let st = Command::new(util::tool("e2fsck")?)
+        .args(["-E", "journal_only", "-y"])
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("could not run e2fsck")?;
+    // 0: clean, 1: errors corrected (the journal was replayed).
     ensure!(
-        runner.boots() >= 2,
-        "the guest did not boot again after the power cut"
+        matches!(st.code(), Some(0 | 1)),
+        "e2fsck -E journal_only on a copy of state.img failed ({st})"
     );
-    let lines = ctx.send(&runner, &image)?;
-    ensure!(
-        lines.iter().any(|l| l.contains("\"event\":\"resumed\"")),
-        "the transfer after the power cut did not resume (no `resumed` event)"
+    Ok((tmp, img))
+}
+
+/// The whole console of the run against `[e2e.<name>]` of qemu/markers.toml.
+pub fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
+    let sc = ctx
+        .contract
+        .e2e
+        .get(&ctx.name)
+        .with_context(|| format!("qemu/markers.toml has no [e2e.{}]", ctx.name))?;
+    let log = runner.config().console_log();
+    let text = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let forbidden: Vec<String> = ctx
+        .contract
+        .defaults
+        .forbidden
+        .iter()
+        .chain(&sc.forbidden)
+        .cloned()
+        .collect();
+    nx_qemu::markers::check_lines(&lines, &sc.markers, &forbidden)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "xtask: e2e: {} markers of [e2e.{}] in order in {} ({} boots)",
+        sc.markers.len(),
+        ctx.name,
+        log.display(),
+        runner.boots()
     );
-    ensure!(receipt_installed(&lines), "no installed receipt from nx");
-    ctx.check_flash_markers(&runner, &ctx.contract.flash.resume_markers)?;
-    runner.stop();
-    verify_installed(&ctx.dir.join("disk.img"), &image)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -479,5 +420,13 @@ mod tests {
         assert_eq!(json_u64(l, "done_bytes"), Some(1234));
         assert_eq!(json_u64(l, "total_bytes"), Some(99));
         assert_eq!(json_u64(l, "nope"), None);
+    }
+
+    #[test]
+    fn compact_json() {
+        assert_eq!(
+            compact("{\n  \"active\": \"b\",\n  \"x\": { \"a\": 1 }\n}\n"),
+            r#"{"active":"b","x":{"a":1}}"#
+        );
     }
 }

@@ -18,10 +18,10 @@
 //! Both QEMUs are always killed (the runners stop on drop); a failure carries the console
 //! tails of both guests.
 
-use crate::e2e::{Ctx, STEP_TIMEOUT};
-use crate::e2e_slots::{built_image, check_console, replayed_state_copy};
+use super::support::{built_image, check_console, replayed_state_copy, Ctx, STEP_TIMEOUT};
 use crate::util;
 use anyhow::{ensure, Context};
+use nx_contract::markers;
 use nx_qemu::Runner;
 use serde_json::Value;
 use std::path::Path;
@@ -33,16 +33,21 @@ const GUESTS: [&str; 2] = ["a", "b"];
 /// The image fields a receipt shares with flashd's record and the manifest.
 const IMAGE_FIELDS: [&str; 4] = ["image_version", "image_id", "image_sha256", "image_size"];
 /// What each console must show after the transfer, in order (waited for live).
-const AFTER_SEND: [&str; 8] = [
-    "flashd: hello",
-    "flashd: wrote seg=rootfs",
-    "flashd: verify ok",
-    "flashd: installed",
-    "bootctl: slotImaged slot=b version=2",
-    "bootctl: setActive slot=b trial=true tries=3",
-    "init: booted slot=b version=2 trial=true",
-    "init: ready",
-];
+fn after_send() -> Vec<String> {
+    [
+        "flashd: hello",
+        "flashd: wrote seg=rootfs",
+        "flashd: verify ok",
+        "flashd: installed",
+        "bootctl: slotImaged slot=b version=2",
+        "bootctl: setActive slot=b trial=true tries=3",
+        markers::init::booted("b", "2", true).as_str(),
+        markers::init::ready().as_str(),
+    ]
+    .iter()
+    .map(|m| m.to_string())
+    .collect()
+}
 
 /// Scenario `fanout`.
 pub fn fanout(ctx: &Ctx) -> anyhow::Result<()> {
@@ -85,13 +90,16 @@ pub fn fanout(ctx: &Ctx) -> anyhow::Result<()> {
 /// Returns the receipts of the file, in `--port` order.
 fn run(ctx: &Ctx, guests: &[Ctx], runners: &[Runner], image: &Path) -> anyhow::Result<Vec<Value>> {
     for (i, r) in runners.iter().enumerate() {
-        r.wait_for("recovery: ready (serial=@/dev/vport0p1)", STEP_TIMEOUT)
-            .with_context(|| format!("guest {} did not become ready", GUESTS[i]))?;
+        r.wait_for(
+            markers::recovery::ready("/dev/vport0p1").as_str(),
+            STEP_TIMEOUT,
+        )
+        .with_context(|| format!("guest {} did not become ready", GUESTS[i]))?;
     }
     let ports = guests
         .iter()
         .zip(runners)
-        .map(|(g, r)| g.port(r, nx_qemu::FLASH_PORT.0))
+        .map(|(g, r)| g.port(r, nx_contract::ports::FLASH.name))
         .collect::<anyhow::Result<Vec<String>>>()?;
     let receipt_file = ctx.dir.join("receipts.json");
     let _ = std::fs::remove_file(&receipt_file);
@@ -126,8 +134,8 @@ fn run(ctx: &Ctx, guests: &[Ctx], runners: &[Runner], image: &Path) -> anyhow::R
         eprintln!("  {l}");
     }
     for (i, r) in runners.iter().enumerate() {
-        for m in AFTER_SEND {
-            r.wait_for(m, STEP_TIMEOUT)
+        for m in after_send() {
+            r.wait_for(&m, STEP_TIMEOUT)
                 .with_context(|| format!("guest {}: missing marker: {m}", GUESTS[i]))?;
         }
     }

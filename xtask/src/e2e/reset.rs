@@ -30,10 +30,10 @@
 //!
 //! The whole console of each run is checked against `[e2e.<name>]` of qemu/markers.toml.
 
-use crate::e2e::{fail, Ctx, STEP_TIMEOUT};
-use crate::e2e_slots::{check_console, nx, replayed_state_copy, wait};
+use super::support::{check_console, fail, nx, replayed_state_copy, wait, Ctx, STEP_TIMEOUT};
 use crate::{disks, util};
 use anyhow::{bail, ensure, Context};
+use nx_contract::markers;
 use nx_qemu::{BootTarget, Runner};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -49,7 +49,7 @@ const BULK_FILES_PER_DIR: usize = 100;
 /// How long after `nx: reset factory wipe start` the power is cut (`NX_E2E_WIPE_CUT_MS`).
 const WIPE_CUT_DELAY: Duration = Duration::from_millis(300);
 /// The recovery shell's prompt and line bound (guest/recovery-sh).
-const PROMPT: &str = "recovery> ";
+const PROMPT: &str = markers::recovery_sh::PROMPT;
 const MAX_LINE: usize = 256;
 
 /// One seeded path below `/state` (relative).
@@ -183,7 +183,7 @@ fn plan_entries(plan: &Value, section: &str, path: &str) -> anyhow::Result<(Valu
 
 /// `nx reset factory --dry-run --json` of the running guest: (raw JSON, parsed).
 fn dry_run(ctx: &Ctx, runner: &Runner) -> anyhow::Result<(String, Value)> {
-    let port = ctx.port(runner, nx_qemu::REBOOT_PORT.0)?;
+    let port = ctx.port(runner, nx_contract::ports::REBOOT.name)?;
     let json = nx(
         ctx,
         runner,
@@ -403,9 +403,9 @@ fn boot_and_dry_run(ctx: &Ctx, bulk: bool) -> anyhow::Result<(Runner, Entries)> 
     wait(
         &runner,
         &[
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     let (json1, plan) = dry_run(ctx, &runner)?;
@@ -428,7 +428,7 @@ fn boot_and_dry_run(ctx: &Ctx, bulk: bool) -> anyhow::Result<(Runner, Entries)> 
 
 /// `nx reset factory --yes --json`: the request is recorded and the guest reboots.
 fn reset_yes(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
-    let port = ctx.port(runner, nx_qemu::REBOOT_PORT.0)?;
+    let port = ctx.port(runner, nx_contract::ports::REBOOT.name)?;
     let out = nx(
         ctx,
         runner,
@@ -453,12 +453,12 @@ pub fn reset(ctx: &Ctx) -> anyhow::Result<()> {
         &[
             "rebootd: factory-wipe requested",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe done",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_done().as_str(),
             "rebootd: next-boot=normal",
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     let (_, plan) = dry_run(ctx, &runner)?;
@@ -484,11 +484,14 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     let (mut runner, _) = boot_and_dry_run(ctx, true)?;
     reset_yes(ctx, &runner)?;
     let start = runner
-        .wait_for("nx: reset factory wipe start", STEP_TIMEOUT)
+        .wait_for(markers::reset::wipe_start().as_str(), STEP_TIMEOUT)
         .map_err(|e| {
             fail(
                 &runner,
-                &format!("[error] Missing marker: nx: reset factory wipe start ({e})"),
+                &format!(
+                    "[error] Missing marker: {} ({e})",
+                    markers::reset::wipe_start()
+                ),
             )
         })?;
     std::thread::sleep(wipe_cut_delay());
@@ -498,7 +501,7 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     let cut_lines = runner.lines(start.index, usize::MAX);
     if cut_lines
         .iter()
-        .any(|l| l.contains("nx: reset factory wipe done"))
+        .any(|l| l.contains(markers::reset::wipe_done().as_str()))
     {
         bail!(
             "the power cut came too late: the wipe was already done (NX_E2E_WIPE_CUT_MS={} ms after `wipe start`); this run did not cut a wipe",
@@ -509,18 +512,21 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] boot 3: recovery (power cycle; factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe resumed (attempt=2)",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_resumed(2).as_str(),
         ],
     )?;
-    let done = wait_hit(&runner, &["nx: reset factory wipe done"])?;
+    let done = wait_hit(&runner, &[markers::reset::wipe_done().as_str()])?;
     let wipe_secs = done
         .since_boot
         .saturating_sub(resumed.since_boot)
         .as_secs_f64();
     // Never a normal boot while the wipe was incomplete.
     let between = runner.lines(start.index, done.index);
-    if let Some(l) = between.iter().find(|l| l.contains("init: start")) {
+    if let Some(l) = between
+        .iter()
+        .find(|l| l.contains(markers::init::start().as_str()))
+    {
         return Err(fail(
             &runner,
             &format!("a normal boot happened before the wipe was done: {l:?}"),
@@ -530,8 +536,8 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     let seeded = (BULK_DIRS * BULK_FILES_PER_DIR + BULK_DIRS + 1) as u64
@@ -539,7 +545,7 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
         + expected_entries("content").len() as u64
         + expected_entries("settings").len() as u64;
     let line = runner
-        .grep("nx: reset factory wipe removed")
+        .grep(markers::reset::WIPE_REMOVED_PREFIX)
         .pop()
         .unwrap_or_default();
     let removed: Option<u64> = line
@@ -584,17 +590,17 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] boot 1: normal (first boot forced by the caller",
-            "init: factory wipe pending (a factory wipe was requested); not booting a slot, rebooting to recovery",
+            markers::init::refuse_for_wipe("a factory wipe was requested").as_str(),
             "rebootd: next-boot=recovery",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe done",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_done().as_str(),
         ],
     )?;
     let before = runner.lines(0, done.index);
     if let Some(l) = before
         .iter()
-        .find(|l| l.contains("init: booted slot=") || l.contains("bootctl: bootAttempt"))
+        .find(|l| l.contains(markers::init::BOOTED_PREFIX) || l.contains("bootctl: bootAttempt"))
     {
         return Err(fail(
             &runner,
@@ -605,8 +611,8 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     eprintln!("xtask: e2e: with a wipe request on /state the normal init booted no slot and rebooted to recovery, which wiped; then slot a booted");
@@ -664,13 +670,16 @@ fn refused(runner: &Runner, input: &str, error: &str) -> anyhow::Result<()> {
         })?;
     let err = runner
         .wait_for(
-            &format!("recovery-sh: error: {error}"),
+            markers::recovery_sh::error(error).as_str(),
             Duration::from_secs(30),
         )
         .map_err(|e| {
             fail(
                 runner,
-                &format!("[error] Missing marker: recovery-sh: error: {error} ({e})"),
+                &format!(
+                    "[error] Missing marker: {} ({e})",
+                    markers::recovery_sh::error(error)
+                ),
             )
         })?;
     at_prompt(runner, Duration::from_secs(30))?;
@@ -750,7 +759,7 @@ fn prompt_back(runner: &Runner) -> anyhow::Result<()> {
 pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     seed_state(ctx, false)?;
     let mut runner = ctx.boot_recovery()?;
-    wait(&runner, &["recovery: shell ready"])?;
+    wait(&runner, &[markers::recovery::shell_ready().as_str()])?;
     // The daemons share the console: let their start-up lines pass first.
     wait_present(
         &runner,
@@ -780,7 +789,11 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     runner.send(b"help\r")?;
     wait(
         &runner,
-        &["recovery-sh: built-ins", "  slot status", "  poweroff"],
+        &[
+            markers::recovery_sh::BUILTINS_PREFIX,
+            "  slot status",
+            "  poweroff",
+        ],
     )?;
 
     runner.send(b"slot status\r")?;
@@ -793,7 +806,7 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
 
     runner.send(b"diag\r")?;
     let hit = runner
-        .wait_for("recovery: diag written (bytes=", STEP_TIMEOUT)
+        .wait_for(markers::recovery::DIAG_WRITTEN_PREFIX, STEP_TIMEOUT)
         .map_err(|e| {
             fail(
                 &runner,
@@ -812,7 +825,7 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     // The host fetches the newest bundle: exactly the one the shell just wrote.
     let out_file: PathBuf = ctx.dir.join("fetched-diag.tar.zst");
     let _ = std::fs::remove_file(&out_file);
-    let port = ctx.port(&runner, nx_qemu::REBOOT_PORT.0)?;
+    let port = ctx.port(&runner, nx_contract::ports::REBOOT.name)?;
     let out = nx(
         ctx,
         &runner,
@@ -863,15 +876,15 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "recovery-sh: factory reset confirmed",
+            markers::recovery_sh::say(markers::recovery_sh::RESET_CONFIRMED_WHY).as_str(),
             "rebootd: factory-wipe requested",
             "[nx-qemu] guest rebooted; firmware: factory wipe pending",
-            "nx: reset factory wipe start",
-            "nx: reset factory wipe removed 8 paths (5459 bytes) from apps, content, settings",
-            "nx: reset factory wipe done",
+            markers::reset::wipe_start().as_str(),
+            markers::reset::wipe_removed(8, 5459, &["apps", "content", "settings"]).as_str(),
+            markers::reset::wipe_done().as_str(),
             "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
-            "init: booted slot=a version=1 trial=false",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     runner.stop();

@@ -21,13 +21,17 @@
 //! with flashd still installing into the fixed partition `system_b` they stop at
 //! `bootctl: slotImaged slot=b …` with a message saying so.
 
-use crate::e2e::{big_image, fail, partition_offset, receipt_installed, Ctx, STEP_TIMEOUT};
+use super::support::{
+    big_image, built_image, check_console, compact, fail, nx, partition_offset, receipt_installed,
+    replayed_state_copy, wait, Ctx, STEP_TIMEOUT,
+};
 use crate::util;
 use anyhow::{bail, ensure, Context};
+use nx_contract::markers;
 use nx_qemu::{BootTarget, Runner};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -44,26 +48,6 @@ fn cut_delay() -> Duration {
 
 /// How long flashd may take from `verify ok` to activating the slot.
 const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(20);
-
-pub(crate) fn built_image(file: &str) -> anyhow::Result<PathBuf> {
-    let p = util::build_dir().join(file);
-    ensure!(
-        p.exists(),
-        "{} is missing: `cargo xtask guest` builds it (nx image build failed?)",
-        p.display()
-    );
-    Ok(p)
-}
-
-/// Wait for each marker in order (after the previous hit).
-pub(crate) fn wait(runner: &Runner, markers: &[&str]) -> anyhow::Result<()> {
-    for m in markers {
-        runner
-            .wait_for(m, STEP_TIMEOUT)
-            .map_err(|e| fail(runner, &format!("[error] Missing marker: {m} ({e})")))?;
-    }
-    Ok(())
-}
 
 /// Wait for flashd's activation of the new slot; say clearly when flashd has no slot hook.
 fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
@@ -90,34 +74,9 @@ fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
     )
 }
 
-/// Run `nx` with `args`; its stdout, or an error with its stderr.
-pub(crate) fn nx(ctx: &Ctx, runner: &Runner, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(&ctx.nx)
-        .args(args)
-        .output()
-        .context("could not run nx")?;
-    if !out.status.success() {
-        return Err(fail(
-            runner,
-            &format!(
-                "nx {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// JSON without whitespace (the view is deterministic; this makes substring checks easy).
-pub(crate) fn compact(json: &str) -> String {
-    json.chars().filter(|c| !c.is_whitespace()).collect()
-}
-
 /// `nx boot status --json` of the running guest must contain every `want` (compact JSON).
 fn expect_status(ctx: &Ctx, runner: &Runner, want: &[&str]) -> anyhow::Result<()> {
-    let port = ctx.port(runner, nx_qemu::BOOTCTL_PORT.0)?;
+    let port = ctx.port(runner, nx_contract::ports::BOOTCTL.name)?;
     let json = nx(ctx, runner, &["boot", "status", "--json", "--port", &port])?;
     let c = compact(&json);
     for w in want {
@@ -176,62 +135,6 @@ fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A copy of the scenario's state.img (in a temp dir, QEMU stopped) with its ext4 journal
-/// replayed (`e2fsck -E journal_only`), as the next boot's mount would: `(dir, copy)`.
-pub(crate) fn replayed_state_copy(ctx: &Ctx) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
-    let tmp = tempfile::tempdir()?;
-    let img = tmp.path().join("state.img");
-    util::run_cmd(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(ctx.dir.join("state.img"))
-            .arg(&img),
-    )?;
-    let st = Command::new(util::tool("e2fsck")?)
-        .args(["-E", "journal_only", "-y"])
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("could not run e2fsck")?;
-    // 0: clean, 1: errors corrected (the journal was replayed).
-    ensure!(
-        matches!(st.code(), Some(0 | 1)),
-        "e2fsck -E journal_only on a copy of state.img failed ({st})"
-    );
-    Ok((tmp, img))
-}
-
-/// The whole console of the run against `[e2e.<name>]` of qemu/markers.toml.
-pub(crate) fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
-    let sc = ctx
-        .contract
-        .e2e
-        .get(&ctx.name)
-        .with_context(|| format!("qemu/markers.toml has no [e2e.{}]", ctx.name))?;
-    let log = runner.config().console_log();
-    let text = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let forbidden: Vec<String> = ctx
-        .contract
-        .defaults
-        .forbidden
-        .iter()
-        .chain(&sc.forbidden)
-        .cloned()
-        .collect();
-    nx_qemu::markers::check_lines(&lines, &sc.markers, &forbidden)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    eprintln!(
-        "xtask: e2e: {} markers of [e2e.{}] in order in {} ({} boots)",
-        sc.markers.len(),
-        ctx.name,
-        log.display(),
-        runner.boots()
-    );
-    Ok(())
-}
-
 /// Scenario `update`.
 pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
     let v2 = built_image("nexus-os-v2.img")?;
@@ -239,9 +142,9 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -250,7 +153,7 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         &[r#""active":"a""#, r#""a":{"health":"good""#],
     )?;
 
-    let reboot_port = ctx.port(&runner, nx_qemu::REBOOT_PORT.0)?;
+    let reboot_port = ctx.port(&runner, nx_contract::ports::REBOOT.name)?;
     nx(
         ctx,
         &runner,
@@ -268,10 +171,10 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "init: booted slot=b version=2 trial=true",
+            markers::init::booted("b", "2", true).as_str(),
             "bootctl: confirm",
-            "init: confirmed slot=b",
-            "init: ready",
+            markers::init::confirmed("b").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -284,14 +187,14 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         ],
     )?;
 
-    let bootctl_port = ctx.port(&runner, nx_qemu::BOOTCTL_PORT.0)?;
+    let bootctl_port = ctx.port(&runner, nx_contract::ports::BOOTCTL.name)?;
     nx(ctx, &runner, &["boot", "reboot", "--port", &bootctl_port])?;
     wait(
         &runner,
         &[
             "bootctl: reboot",
-            "init: booted slot=b version=2 trial=false",
-            "init: ready",
+            markers::init::booted("b", "2", false).as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -330,7 +233,7 @@ pub fn rollback(ctx: &Ctx) -> anyhow::Result<()> {
             &runner,
             &[
                 &format!("bootctl: bootAttempt slot=b trial=true tries={tries}"),
-                "init: rootfs unusable slot=b trial=true",
+                markers::init::rootfs_unusable_of("b", true).as_str(),
                 "rebootd: next-boot=normal",
             ],
         )?;
@@ -340,9 +243,9 @@ pub fn rollback(ctx: &Ctx) -> anyhow::Result<()> {
         &[
             "bootctl: markBad slot=b",
             "bootctl: rollback to slot=a",
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -419,7 +322,7 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
             "send",
             "--json",
             "--port",
-            &ctx.port(&runner, nx_qemu::FLASH_PORT.0)?,
+            &ctx.port(&runner, nx_contract::ports::FLASH.name)?,
         ])
         .arg(&image)
         .stdout(Stdio::null())
@@ -457,9 +360,9 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "init: booted slot=a version=1 trial=false",
-            "init: confirmed slot=a",
-            "init: ready",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
         ],
     )?;
     expect_status(
@@ -484,14 +387,6 @@ pub fn update_powercut(ctx: &Ctx) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compact_json() {
-        assert_eq!(
-            compact("{\n  \"active\": \"b\",\n  \"x\": { \"a\": 1 }\n}\n"),
-            r#"{"active":"b","x":{"a":1}}"#
-        );
-    }
 
     #[test]
     fn prefix_of_a_partial_write() {
