@@ -15,6 +15,24 @@ pub const PATTERNS: [&str; 7] = [
     "flashd: stub/placeholder no usable state dir (",
 ];
 
+/// Prefix of flashd's informational lines (stderr). They are not markers, but share the
+/// console, and the benchmark reads two of them ([`RSS_TEXT`], [`CPU_TEXT`]).
+pub const LOG_PREFIX: &str = "flashd (log): ";
+/// Text of the log line with flashd's peak RSS after an install (`rss peak_kib=<n>`).
+pub const RSS_TEXT: &str = "rss peak_kib=";
+/// Text of the log line with flashd's CPU time per thread since the HELLO.
+pub const CPU_TEXT: &str = "since HELLO: ";
+
+/// An informational line: [`LOG_PREFIX`] + `text`.
+pub fn log(text: impl Display) -> Marker {
+    Marker::new(format!("{LOG_PREFIX}{text}"))
+}
+
+/// Where flashd listens (`flashd (log): serving on /dev/vport0p1`).
+pub fn serving_on(link: impl Display) -> Marker {
+    log(format!("serving on {link}"))
+}
+
 /// `flashd: ready`: the server holds its state dir and serves the link.
 pub fn ready() -> Marker {
     Marker::new("flashd: ready")
@@ -77,6 +95,25 @@ pub fn slot_activated(slot: impl Display, tries: impl Display, rebooting: bool) 
             "flashd: slot={slot} active on trial (tries={tries}); reboot (stub) — rebootd cannot reboot here"
         ))
     }
+}
+
+/// Every constructor with representative arguments (the marker catalogue).
+pub fn samples() -> Vec<Marker> {
+    vec![
+        serving_on("/dev/vport0p1"),
+        log("x"),
+        ready(),
+        stub("e"),
+        hello("vm", 1),
+        error(0, "e"),
+        wrote("rootfs", 4096),
+        verify_ok(),
+        verify_failed("rootfs"),
+        installed(),
+        install_slot("b", "system_b", "/dev/vdb2"),
+        slot_activated("b", 3, true),
+        slot_activated("b", 3, false),
+    ]
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub fn catalogue() -> Vec<Marker> {
     out.extend(selftest::samples());
     out.extend(diag::samples());
     out.extend(rawrecv::samples());
+    out.extend(flashd::samples());
     out
 }
 
@@ -51,6 +52,14 @@ pub const PREFIXES: &[&str] = &[
     rawrecv::READY_PREFIX,
     reset::WIPE_REMOVED_PREFIX,
     rawrecv::DONE_PREFIX,
+    flashd::PATTERNS[0],
+    flashd::PATTERNS[1],
+    flashd::PATTERNS[2],
+    flashd::PATTERNS[3],
+    flashd::PATTERNS[4],
+    flashd::PATTERNS[5],
+    flashd::PATTERNS[6],
+    flashd::LOG_PREFIX,
 ];
 
 /// Names joined with `", "` (how every marker lists names).

@@ -6,32 +6,25 @@ use nx_contract::markers::flashd as m;
 use nx_contract::Marker;
 use proto::session::ReceiverReport;
 
-/// Where markers and log lines go. The markers are the console contract.
+/// Where markers and log lines go. The markers are the console contract: only typed
+/// [`Marker`]s from `nx_contract::markers::flashd` can be printed as one.
 pub trait Output: Send + Sync {
-    /// One exact marker line (`flashd: …`).
-    fn marker(&self, line: &str);
-    /// An informational line (not part of the contract).
+    /// A contract marker: the one way flashd prints a marker line.
+    fn show(&self, marker: &Marker);
+    /// An informational line (not part of the contract; printed with the log prefix).
     fn log(&self, line: &str);
-    /// A contract marker (`nx_contract::markers::flashd`): the way flashd prints one.
-    fn show(&self, marker: &Marker) {
-        self.marker(marker.as_str());
-    }
 }
 
 /// Markers on stdout (one `write(2)` per line, flushed), logs on stderr.
 pub struct StdOutput;
 
 impl Output for StdOutput {
-    fn marker(&self, line: &str) {
-        nx_guest::marker::emit(line);
-    }
     fn show(&self, marker: &Marker) {
         nx_guest::marker::show(marker);
     }
     fn log(&self, line: &str) {
-        // Logs share the console with the markers: keep them visibly apart.
-        let rest = line.strip_prefix("flashd: ").unwrap_or(line);
-        eprintln!("flashd (log): {rest}");
+        // Logs share the console with the markers: keep them visibly apart (on stderr).
+        eprintln!("{}", m::log(line));
     }
 }
 
@@ -59,17 +52,17 @@ pub fn report(out: &dyn Output, r: &ReceiverReport) {
     }
     match r {
         ReceiverReport::StagingLost => {
-            out.log("flashd: staging file lost: restarting the transfer from scratch")
+            out.log("staging file lost: restarting the transfer from scratch")
         }
         ReceiverReport::HostAborted { code, reason } => {
-            out.log(&format!("flashd: host aborted ({code}): {reason}"))
+            out.log(&format!("host aborted ({code}): {reason}"))
         }
         ReceiverReport::SkipIndexDropped => {
-            out.log("flashd: skip index dropped (a copied chunk did not verify)")
+            out.log("skip index dropped (a copied chunk did not verify)")
         }
-        ReceiverReport::EncodeFailed { message, error } => out.log(&format!(
-            "flashd: internal: cannot encode {message}: {error}"
-        )),
+        ReceiverReport::EncodeFailed { message, error } => {
+            out.log(&format!("internal: cannot encode {message}: {error}"))
+        }
         _ => {}
     }
 }

@@ -149,9 +149,7 @@ impl Destination {
                 },
             );
         if let Err(e) = spawned {
-            out.log(&format!(
-                "flashd: cannot start the slot activation thread: {e}"
-            ));
+            out.log(&format!("cannot start the slot activation thread: {e}"));
         }
     }
 }

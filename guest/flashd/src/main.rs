@@ -41,7 +41,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     };
     server.announce();
-    StdOutput.log(&format!("serving on {}", acceptor.describe()));
+    eprintln!("{}", markers::flashd::serving_on(acceptor.describe()));
     server.serve(acceptor.as_mut(), args.once)?;
     Ok(())
 }
@@ -55,7 +55,7 @@ fn wait_for_port(name: &str) -> std::path::PathBuf {
             Ok(p) => return p,
             Err(e) => {
                 if !warned {
-                    eprintln!("flashd: still waiting for virtio-serial port {name}: {e}");
+                    StdOutput.log(&format!("still waiting for virtio-serial port {name}: {e}"));
                     warned = true;
                 }
             }

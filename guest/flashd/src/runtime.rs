@@ -160,13 +160,13 @@ impl Runtime {
     ) -> Result<Runtime, FlashdError> {
         let (mut journal, jwarn) = records::load_journal(&state);
         if let Some(w) = jwarn {
-            out.log(&format!("flashd: {w}"));
+            out.log(&format!("{w}"));
         }
         // A journal is only as good as the staging file it describes.
         if let Some(j) = &journal {
             if let Err(why) = staging_matches(&state.staging_location(), j) {
                 out.log(&format!(
-                    "flashd: discarding journal ({why}); the next transfer starts over"
+                    "discarding journal ({why}); the next transfer starts over"
                 ));
                 journal = None;
                 let _ = records::clear_journal(&state);
@@ -174,7 +174,7 @@ impl Runtime {
         }
         let (installed, iwarn) = records::load_installed(&state);
         if let Some(w) = iwarn {
-            out.log(&format!("flashd: {w}"));
+            out.log(&format!("{w}"));
         }
         let counters = records::load_counters(&state);
         let mut rcfg = ReceiverConfig::new(cfg.device.clone());
@@ -249,7 +249,7 @@ impl Runtime {
     /// The link decoder skipped `bytes` of garbage.
     pub(crate) fn corrupt(&mut self, bytes: usize, reason: &str, conn: &mut Conn) {
         self.out
-            .log(&format!("flashd: link: skipped {bytes} bytes ({reason})"));
+            .log(&format!("link: skipped {bytes} bytes ({reason})"));
         self.rx.handle(ReceiverEvent::Corrupt { bytes });
         self.run_actions(Some(conn));
     }
@@ -262,7 +262,7 @@ impl Runtime {
                 streamed,
             } => {
                 self.out.log(&format!(
-                    "flashd: verification #{ticket}: {} ({})",
+                    "verification #{ticket}: {} ({})",
                     if ok { "ok" } else { "MISMATCH" },
                     if streamed { "streamed" } else { "read back" }
                 ));
@@ -273,14 +273,16 @@ impl Runtime {
                 self.rx.handle(ReceiverEvent::StagingSynced { upto_seq });
             }
             WorkResult::Installed { ok, detail } => {
-                self.out.log(&format!("flashd: install: {detail}"));
+                self.out.log(&format!("install: {detail}"));
                 // Read by `cargo xtask bench guest` (docs/benchmarks.md): the peak so far.
                 if let Some(kib) = crate::install::peak_rss_kib() {
-                    self.out.log(&format!("flashd: rss peak_kib={kib}"));
+                    self.out
+                        .log(&format!("{}{kib}", nx_contract::markers::flashd::RSS_TEXT));
                 }
                 let now = crate::cpustat::Snapshot::take();
                 self.out.log(&format!(
-                    "flashd: since HELLO: {}",
+                    "{}{}",
+                    nx_contract::markers::flashd::CPU_TEXT,
                     now.since(&self.hello.cpu_mark)
                 ));
                 self.rx.handle(ReceiverEvent::Installed {
@@ -289,23 +291,19 @@ impl Runtime {
                 });
                 self.after_install(ok);
             }
-            WorkResult::Index(None) => self
-                .out
-                .log("flashd: skip index not built (target unreadable)"),
+            WorkResult::Index(None) => self.out.log("skip index not built (target unreadable)"),
             WorkResult::Index(Some(ix)) => {
                 if let Some(mut inst) = self.rx.installed().cloned() {
                     if inst.image_id == ix.image_id {
-                        self.out.log(&format!(
-                            "flashd: skip index ready ({} chunks)",
-                            ix.entries.len()
-                        ));
+                        self.out
+                            .log(&format!("skip index ready ({} chunks)", ix.entries.len()));
                         inst.index = Some(*ix);
                         self.set_installed_record(inst);
                     }
                 }
             }
             WorkResult::Failed { what, text } => {
-                self.out.log(&format!("flashd: {what} failed: {text}"));
+                self.out.log(&format!("{what} failed: {text}"));
                 self.rx.handle(ReceiverEvent::ActionFailed {
                     code: ErrorCode::Storage,
                     text,
@@ -380,7 +378,7 @@ impl Runtime {
         while let Some(a) = self.rx.poll_action() {
             if let Err((code, text)) = self.execute(a, conn.as_deref_mut()) {
                 while self.rx.poll_action().is_some() {}
-                self.out.log(&format!("flashd: action failed: {text}"));
+                self.out.log(&format!("action failed: {text}"));
                 self.rx.handle(ReceiverEvent::ActionFailed { code, text });
             }
         }

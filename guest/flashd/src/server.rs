@@ -89,7 +89,7 @@ impl Server {
             let end = self.serve_conn(conn);
             if let ConnEnd::Closed(why) = &end {
                 self.out.log(&format!(
-                    "flashd: connection closed{}",
+                    "connection closed{}",
                     why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default()
                 ));
             }

@@ -106,7 +106,8 @@ impl Capture {
 }
 
 impl Output for Capture {
-    fn marker(&self, line: &str) {
+    fn show(&self, marker: &nx_contract::Marker) {
+        let line = marker.as_str();
         if let Ok(mut m) = self.markers.lock() {
             m.push(line.to_string());
         }

@@ -30,6 +30,7 @@ use super::{make_image, Bins, MIB};
 use crate::util::{self, cargo, run_cmd};
 use anyhow::{bail, Context};
 use nx_contract::markers;
+use nx_contract::markers::flashd as fm;
 use nx_qemu::{Config, Runner};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -489,7 +490,9 @@ fn measure(
 }
 
 const M_HELLO: &str = "flashd: hello host=";
-const CPU_LINE: &str = "flashd (log): since HELLO: ";
+fn cpu_line() -> String {
+    format!("{}{}", fm::LOG_PREFIX, fm::CPU_TEXT)
+}
 
 /// When flashd's markers of one transfer showed up on the console (host clock).
 struct Timeline {
@@ -553,9 +556,9 @@ fn timeline(
     let installed = r.wait_for("flashd: installed", t)?.since_boot;
     // Newer flashd: where its CPU time went since HELLO (printed before `installed`).
     let cpu = r
-        .grep(CPU_LINE)
+        .grep(&cpu_line())
         .last()
-        .and_then(|l| l.split(CPU_LINE).nth(1).map(str::to_string));
+        .and_then(|l| l.split(&cpu_line()).nth(1).map(str::to_string));
     let install_detail = install_line
         .rsplit_once(" (")
         .map(|(_, d)| d.trim_end_matches(')').to_string())
@@ -586,10 +589,12 @@ fn wait_console(r: &Runner, text: &str, timeout: Duration) -> anyhow::Result<()>
     Ok(())
 }
 
-const RSS_LINE: &str = "flashd (log): rss peak_kib=";
+fn rss_line() -> String {
+    format!("{}{}", fm::LOG_PREFIX, fm::RSS_TEXT)
+}
 
 fn rss_lines(r: &Runner) -> usize {
-    r.grep(RSS_LINE).len()
+    r.grep(&rss_line()).len()
 }
 
 /// flashd's peak RSS line printed after the install that just finished (`None` when this
@@ -597,14 +602,19 @@ fn rss_lines(r: &Runner) -> usize {
 fn flashd_rss_after(r: &Runner, before: usize) -> anyhow::Result<Option<u64>> {
     let t = Instant::now();
     loop {
-        let lines = r.grep(RSS_LINE);
+        let lines = r.grep(&rss_line());
         if lines.len() > before {
-            return Ok(lines
-                .last()
-                .and_then(|l| l.split(RSS_LINE).nth(1).and_then(|v| v.trim().parse().ok())));
+            return Ok(lines.last().and_then(|l| {
+                l.split(&rss_line())
+                    .nth(1)
+                    .and_then(|v| v.trim().parse().ok())
+            }));
         }
         if t.elapsed() > Duration::from_secs(10) {
-            eprintln!("xtask: bench guest: flashd printed no `{RSS_LINE}` line (older flashd?)");
+            eprintln!(
+                "xtask: bench guest: flashd printed no `{}` line (older flashd?)",
+                rss_line()
+            );
             return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -126,7 +126,7 @@ impl Runtime {
             let s = Staging::create(&path, total_size).map_err(storage)?;
             if s.is_device() {
                 self.out.log(&format!(
-                    "flashd: streaming straight into {} ({} bytes zeroed in {} ms)",
+                    "streaming straight into {} ({} bytes zeroed in {} ms)",
                     path.display(),
                     total_size,
                     t.elapsed().as_millis()

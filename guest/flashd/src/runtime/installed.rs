@@ -22,7 +22,7 @@ impl Runtime {
         if inst.image_id == m.id() || self.direct_device().is_none() {
             return;
         }
-        self.out.log("flashd: streaming another image into the installed target: forgetting its install record (no COPY from it)");
+        self.out.log("streaming another image into the installed target: forgetting its install record (no COPY from it)");
         self.drop_installed_record();
     }
 
@@ -39,7 +39,7 @@ impl Runtime {
             let recorded = records::installed_target(&self.state);
             if current.as_ref().ok() != recorded.as_ref() {
                 self.out.log(&format!(
-                    "flashd: install record is for {} but the target is {}: forgetting it",
+                    "install record is for {} but the target is {}: forgetting it",
                     recorded.as_deref().unwrap_or("?"),
                     current.as_deref().unwrap_or("?")
                 ));
@@ -55,7 +55,7 @@ impl Runtime {
             return;
         }
         self.out.log(&format!(
-            "flashd: install record is stale ({} is {}): forgetting it",
+            "install record is stale ({} is {}): forgetting it",
             path.display(),
             len.map_or("missing".to_string(), |l| format!("{l} bytes"))
         ));
@@ -163,9 +163,7 @@ impl Runtime {
         let path = target.path().to_path_buf();
         match crate::install::spawn_index(m, plan, path, self.results_tx.clone()) {
             Ok(()) => self.outstanding += 1,
-            Err(e) => self
-                .out
-                .log(&format!("flashd: cannot build the skip index: {e}")),
+            Err(e) => self.out.log(&format!("cannot build the skip index: {e}")),
         }
     }
 }
