@@ -160,7 +160,7 @@ impl Runtime {
     ) -> Result<Runtime, FlashdError> {
         let (mut journal, jwarn) = records::load_journal(&state);
         if let Some(w) = jwarn {
-            out.log(&format!("{w}"));
+            out.log(&w.to_string());
         }
         // A journal is only as good as the staging file it describes.
         if let Some(j) = &journal {
@@ -174,7 +174,7 @@ impl Runtime {
         }
         let (installed, iwarn) = records::load_installed(&state);
         if let Some(w) = iwarn {
-            out.log(&format!("{w}"));
+            out.log(&w.to_string());
         }
         let counters = records::load_counters(&state);
         let mut rcfg = ReceiverConfig::new(cfg.device.clone());
