@@ -154,29 +154,28 @@ pub fn encode_utf16_var(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Decode a string variable's payload (trailing NULs dropped); `None` when not UTF-16LE.
-pub fn decode_utf16_var(b: &[u8]) -> Option<String> {
+/// UTF-16LE code units of `b` (`None` for an odd length).
+fn utf16_units(b: &[u8]) -> Option<Vec<u16>> {
     if b.len() % 2 != 0 {
         return None;
     }
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
+    Some(
+        b.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+    )
+}
+
+/// Decode a string variable's payload (trailing NULs dropped); `None` when not UTF-16LE.
+pub fn decode_utf16_var(b: &[u8]) -> Option<String> {
+    let units = utf16_units(b)?;
     let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
     String::from_utf16(&units[..end]).ok()
 }
 
 /// Decode `LoaderEntries`: NUL-separated UTF-16LE ids.
 pub fn decode_utf16_list(b: &[u8]) -> Option<Vec<String>> {
-    if b.len() % 2 != 0 {
-        return None;
-    }
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
-    units
+    utf16_units(b)?
         .split(|&u| u == 0)
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf16(s).ok())
