@@ -364,8 +364,8 @@ fn say_installed(r: &Renderer, rep: &SendReport, image_len: u64) {
 }
 
 /// `installed`, or `already installed` for a receipt in state `unchanged`.
-fn installed_verb(state: &str) -> &'static str {
-    if state == "unchanged" {
+fn installed_verb(state: &proto::receipt::InstallState) -> &'static str {
+    if *state == proto::receipt::InstallState::Unchanged {
         "already installed"
     } else {
         "installed"

@@ -65,162 +65,151 @@ const INDEX_ENTRY_LEN: usize = 8 + 4 + 16;
 /// A 128-bit chunk content hash (first 16 bytes of SHA-256), used for skipping.
 pub type ChunkHash = [u8; 16];
 
-/// Message type codes (the frame's `msg_type`).
-///
-/// `0x52` is reserved for the Cap'n Proto RPC link on the reboot/bootctl ports
-/// ([`crate::rpc::link::RPC_DATA`]); no flashing message may use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum MsgType {
-    Hello = 0x01,
-    HelloReply = 0x02,
-    Info = 0x03,
-    InfoReply = 0x04,
-    Write = 0x10,
-    Ack = 0x11,
-    Nak = 0x12,
-    Verified = 0x13,
-    Done = 0x20,
-    DoneReply = 0x21,
-    Abort = 0x30,
-    Error = 0x3f,
+/// The code ↔ variant ↔ name tables of a wire enum, written once: the enum, `ALL`, `code`,
+/// `from_code` and `name` all come from one list. The first form makes the codes the
+/// discriminants (`as u8` works); the second ends with a catch-all variant that keeps codes
+/// this version does not know.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $ty:ident: repr($repr:ty) {
+            $( $(#[$vmeta:meta])* $var:ident = $code:literal => $text:literal, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr($repr)]
+        pub enum $ty {
+            $( $(#[$vmeta])* $var = $code, )*
+        }
+        impl $ty {
+            /// Every value, in code order.
+            pub const ALL: &'static [$ty] = &[$($ty::$var),*];
+            /// The value with wire code `c`.
+            pub fn from_code(c: $repr) -> Option<$ty> {
+                match c {
+                    $($code => Some($ty::$var),)*
+                    _ => None,
+                }
+            }
+            /// The wire code.
+            pub fn code(self) -> $repr {
+                self as $repr
+            }
+            /// The name in logs and documents.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$var => $text,)*
+                }
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $ty:ident: $repr:ty {
+            $( $(#[$vmeta:meta])* $var:ident = $code:literal => $text:literal, )*
+        }
+        unknown: $unk:ident => $unk_text:literal, $unk_doc:literal
+    ) => {
+        $(#[$meta])*
+        pub enum $ty {
+            $( $(#[$vmeta])* $var, )*
+            #[doc = $unk_doc]
+            $unk($repr),
+        }
+        impl $ty {
+            /// Every known value, in code order.
+            pub const ALL: &'static [$ty] = &[$($ty::$var),*];
+            /// The value with wire code `c` (the catch-all variant for a code this version
+            /// does not know).
+            pub fn from_code(c: $repr) -> $ty {
+                match c {
+                    $($code => $ty::$var,)*
+                    c => $ty::$unk(c),
+                }
+            }
+            /// The wire code.
+            pub fn code(self) -> $repr {
+                match self {
+                    $($ty::$var => $code,)*
+                    $ty::$unk(c) => c,
+                }
+            }
+            /// Short stable name (`snake_case`), for logs and JSON.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$var => $text,)*
+                    $ty::$unk(_) => $unk_text,
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// Message type codes (the frame's `msg_type`).
+    ///
+    /// `0x52` is reserved for the Cap'n Proto RPC link on the reboot/bootctl ports
+    /// ([`crate::rpc::link::RPC_DATA`]); no flashing message may use it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum MsgType: repr(u8) {
+        Hello = 0x01 => "HELLO",
+        HelloReply = 0x02 => "HELLO_REPLY",
+        Info = 0x03 => "INFO?",
+        InfoReply = 0x04 => "INFO_REPLY",
+        Write = 0x10 => "WRITE",
+        Ack = 0x11 => "ACK",
+        Nak = 0x12 => "NAK",
+        Verified = 0x13 => "VERIFIED",
+        Done = 0x20 => "DONE",
+        DoneReply = 0x21 => "DONE_REPLY",
+        Abort = 0x30 => "ABORT",
+        Error = 0x3f => "ERROR",
+    }
 }
 
 impl MsgType {
+    /// [`MsgType::from_code`] of a frame's `msg_type`.
     pub fn from_u8(v: u8) -> Option<MsgType> {
-        Some(match v {
-            0x01 => MsgType::Hello,
-            0x02 => MsgType::HelloReply,
-            0x03 => MsgType::Info,
-            0x04 => MsgType::InfoReply,
-            0x10 => MsgType::Write,
-            0x11 => MsgType::Ack,
-            0x12 => MsgType::Nak,
-            0x13 => MsgType::Verified,
-            0x20 => MsgType::Done,
-            0x21 => MsgType::DoneReply,
-            0x30 => MsgType::Abort,
-            0x3f => MsgType::Error,
-            _ => return None,
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            MsgType::Hello => "HELLO",
-            MsgType::HelloReply => "HELLO_REPLY",
-            MsgType::Info => "INFO?",
-            MsgType::InfoReply => "INFO_REPLY",
-            MsgType::Write => "WRITE",
-            MsgType::Ack => "ACK",
-            MsgType::Nak => "NAK",
-            MsgType::Verified => "VERIFIED",
-            MsgType::Done => "DONE",
-            MsgType::DoneReply => "DONE_REPLY",
-            MsgType::Abort => "ABORT",
-            MsgType::Error => "ERROR",
-        }
+        MsgType::from_code(v)
     }
 }
 
-/// Stable numeric error codes (ERROR and ABORT). Never renumber; only append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    /// 1: malformed message, or a message that is not valid in the current state.
-    Protocol,
-    /// 2: the peer speaks another protocol version.
-    Version,
-    /// 3: the image head (header/manifest) is invalid.
-    BadImage,
-    /// 4: a signature is required but missing, or does not verify.
-    Signature,
-    /// 5: a WRITE was rejected (unknown segment, out of bounds, not the planned chunk).
-    BadWrite,
-    /// 6: a segment's SHA-256 does not match the manifest.
-    VerifyFailed,
-    /// 7: DONE carries an image hash that does not match the manifest.
-    ImageHash,
-    /// 8: DONE before every chunk was received and every segment verified.
-    Incomplete,
-    /// 9: target storage failed (staging file, journal).
-    Storage,
-    /// 10: the install step failed; the previous install is untouched.
-    InstallFailed,
-    /// 11: the target has no usable state directory and refuses to flash.
-    NoState,
-    /// 12: no common capabilities (e.g. zstd required, not supported).
-    Capability,
-    /// 13: the image is larger than the target accepts.
-    TooLarge,
-    /// 14: the host aborted the transfer (it stays resumable).
-    Aborted,
-    /// 15: the peer stopped answering.
-    Timeout,
-    /// A code this version does not know (kept verbatim).
-    Unknown(u16),
-}
-
-impl ErrorCode {
-    pub fn code(self) -> u16 {
-        match self {
-            ErrorCode::Protocol => 1,
-            ErrorCode::Version => 2,
-            ErrorCode::BadImage => 3,
-            ErrorCode::Signature => 4,
-            ErrorCode::BadWrite => 5,
-            ErrorCode::VerifyFailed => 6,
-            ErrorCode::ImageHash => 7,
-            ErrorCode::Incomplete => 8,
-            ErrorCode::Storage => 9,
-            ErrorCode::InstallFailed => 10,
-            ErrorCode::NoState => 11,
-            ErrorCode::Capability => 12,
-            ErrorCode::TooLarge => 13,
-            ErrorCode::Aborted => 14,
-            ErrorCode::Timeout => 15,
-            ErrorCode::Unknown(c) => c,
-        }
+wire_enum! {
+    /// Stable numeric error codes (ERROR and ABORT). Never renumber; only append.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum ErrorCode: u16 {
+        /// 1: malformed message, or a message that is not valid in the current state.
+        Protocol = 1 => "protocol",
+        /// 2: the peer speaks another protocol version.
+        Version = 2 => "version",
+        /// 3: the image head (header/manifest) is invalid.
+        BadImage = 3 => "bad_image",
+        /// 4: a signature is required but missing, or does not verify.
+        Signature = 4 => "signature",
+        /// 5: a WRITE was rejected (unknown segment, out of bounds, not the planned chunk).
+        BadWrite = 5 => "bad_write",
+        /// 6: a segment's SHA-256 does not match the manifest.
+        VerifyFailed = 6 => "verify_failed",
+        /// 7: DONE carries an image hash that does not match the manifest.
+        ImageHash = 7 => "image_hash",
+        /// 8: DONE before every chunk was received and every segment verified.
+        Incomplete = 8 => "incomplete",
+        /// 9: target storage failed (staging file, journal).
+        Storage = 9 => "storage",
+        /// 10: the install step failed; the previous install is untouched.
+        InstallFailed = 10 => "install_failed",
+        /// 11: the target has no usable state directory and refuses to flash.
+        NoState = 11 => "no_state",
+        /// 12: no common capabilities (e.g. zstd required, not supported).
+        Capability = 12 => "capability",
+        /// 13: the image is larger than the target accepts.
+        TooLarge = 13 => "too_large",
+        /// 14: the host aborted the transfer (it stays resumable).
+        Aborted = 14 => "aborted",
+        /// 15: the peer stopped answering.
+        Timeout = 15 => "timeout",
     }
-    pub fn from_code(c: u16) -> ErrorCode {
-        match c {
-            1 => ErrorCode::Protocol,
-            2 => ErrorCode::Version,
-            3 => ErrorCode::BadImage,
-            4 => ErrorCode::Signature,
-            5 => ErrorCode::BadWrite,
-            6 => ErrorCode::VerifyFailed,
-            7 => ErrorCode::ImageHash,
-            8 => ErrorCode::Incomplete,
-            9 => ErrorCode::Storage,
-            10 => ErrorCode::InstallFailed,
-            11 => ErrorCode::NoState,
-            12 => ErrorCode::Capability,
-            13 => ErrorCode::TooLarge,
-            14 => ErrorCode::Aborted,
-            15 => ErrorCode::Timeout,
-            c => ErrorCode::Unknown(c),
-        }
-    }
-    /// Short stable name (`snake_case`), for logs and JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorCode::Protocol => "protocol",
-            ErrorCode::Version => "version",
-            ErrorCode::BadImage => "bad_image",
-            ErrorCode::Signature => "signature",
-            ErrorCode::BadWrite => "bad_write",
-            ErrorCode::VerifyFailed => "verify_failed",
-            ErrorCode::ImageHash => "image_hash",
-            ErrorCode::Incomplete => "incomplete",
-            ErrorCode::Storage => "storage",
-            ErrorCode::InstallFailed => "install_failed",
-            ErrorCode::NoState => "no_state",
-            ErrorCode::Capability => "capability",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Aborted => "aborted",
-            ErrorCode::Timeout => "timeout",
-            ErrorCode::Unknown(_) => "unknown",
-        }
-    }
+    unknown: Unknown => "unknown", "A code this version does not know (kept verbatim)."
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -1246,6 +1235,25 @@ impl Abort {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wire_tables_round_trip() {
+        for t in MsgType::ALL {
+            assert_eq!(MsgType::from_u8(t.code()), Some(*t));
+            assert_eq!(*t as u8, t.code());
+        }
+        let names: std::collections::HashSet<_> = MsgType::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(names.len(), MsgType::ALL.len());
+        assert_eq!(MsgType::Info.name(), "INFO?");
+        for e in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_code(e.code()), *e);
+            assert_ne!(e.name(), "unknown");
+        }
+        assert_eq!(ErrorCode::ALL.len(), 15);
+        assert_eq!(ErrorCode::from_code(999), ErrorCode::Unknown(999));
+        assert_eq!(ErrorCode::Unknown(999).code(), 999);
+        assert_eq!(ErrorCode::TooLarge.to_string(), "13 (too_large)");
+    }
+
     use super::*;
 
     #[test]

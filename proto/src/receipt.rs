@@ -28,13 +28,82 @@ pub struct SegmentReceipt {
     pub resumed_bytes: u64,
 }
 
+/// Who wrote a receipt (serialised as `"flashd"` / `"nx"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Writer {
+    /// The target's record (`/state/flash/last-install.json`).
+    #[default]
+    Flashd,
+    /// The host's record (`nx flash send`).
+    Nx,
+}
+
+/// How an install ended (serialised as `"installed"` / `"unchanged"` / `"failed"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstallState {
+    /// Verified and installed.
+    Installed,
+    /// The identical image was already installed.
+    Unchanged,
+    /// The session failed (the transfer stays resumable).
+    #[default]
+    Failed,
+}
+
+impl InstallState {
+    /// The JSON word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstallState::Installed => "installed",
+            InstallState::Unchanged => "unchanged",
+            InstallState::Failed => "failed",
+        }
+    }
+}
+
+impl Writer {
+    /// The JSON word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Writer::Flashd => "flashd",
+            Writer::Nx => "nx",
+        }
+    }
+}
+
+impl std::fmt::Display for InstallState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for InstallState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<&str> for Writer {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// The install receipt: flashd writes it to `flash/last-install.json`; `nx flash send`
 /// prints the same record (from its side of the link) as its last line.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     pub receipt_version: u32,
     /// Who wrote it: `flashd` or `nx`.
-    pub writer: String,
+    pub writer: Writer,
     pub image_version: String,
     /// Manifest id (hex).
     pub image_id: String,
@@ -46,7 +115,7 @@ pub struct Receipt {
     /// Where the image went (file path or `partition NAME (/dev/…)`).
     pub target: String,
     /// `installed`, `unchanged` or `failed`.
-    pub state: String,
+    pub state: InstallState,
     /// Sessions that continued an earlier partial transfer.
     pub resume_count: u32,
     /// Sessions (HELLOs) it took.
@@ -54,4 +123,33 @@ pub struct Receipt {
     /// Encoded frame bytes received (flashd) or sent (nx), retransmissions included.
     pub wire_bytes: u64,
     pub segments: Vec<SegmentReceipt>,
+}
+
+#[cfg(test)]
+mod typed_field_tests {
+    use super::*;
+
+    #[test]
+    fn writer_and_state_keep_their_json_words() {
+        let r = Receipt {
+            writer: Writer::Nx,
+            state: InstallState::Unchanged,
+            ..Receipt::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["writer"], "nx");
+        assert_eq!(v["state"], "unchanged");
+        let back: Receipt = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        for s in [
+            InstallState::Installed,
+            InstallState::Unchanged,
+            InstallState::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert!(s == s.as_str());
+        }
+        assert_eq!(serde_json::to_value(Writer::Flashd).unwrap(), "flashd");
+        assert!(serde_json::from_str::<InstallState>("\"weird\"").is_err());
+    }
 }

@@ -10,6 +10,7 @@
 
 use crate::store::{self, StateDir, StoreError};
 use proto::manifest::Manifest;
+use proto::receipt::{InstallState, Writer};
 use proto::session::{InstalledImage, Journal, SkipIndex};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -62,10 +63,16 @@ impl Counters {
     }
 
     /// The receipt for these counters.
-    pub fn receipt(&self, manifest: &Manifest, device: &str, target: &str, state: &str) -> Receipt {
+    pub fn receipt(
+        &self,
+        manifest: &Manifest,
+        device: &str,
+        target: &str,
+        state: InstallState,
+    ) -> Receipt {
         Receipt {
             receipt_version: RECEIPT_VERSION,
-            writer: "flashd".to_string(),
+            writer: Writer::Flashd,
             image_version: manifest.version.clone(),
             image_id: hex::encode(manifest.id()),
             image_sha256: hex::encode(manifest.image_sha256),
@@ -73,7 +80,7 @@ impl Counters {
             device: device.to_string(),
             host: self.host.clone(),
             target: target.to_string(),
-            state: state.to_string(),
+            state,
             resume_count: self.resume_count,
             tries: self.tries,
             wire_bytes: self.wire_bytes,
@@ -234,7 +241,11 @@ mod symlink_tests {
         let m = proto::image::ImageHead::parse(head).unwrap().manifest;
         let c = Counters::new(&m);
         save_counters(&st, &c).unwrap();
-        save_receipt(&st, &c.receipt(&m, "nexus", "/dev/vdb2", "installed")).unwrap();
+        save_receipt(
+            &st,
+            &c.receipt(&m, "nexus", "/dev/vdb2", InstallState::Installed),
+        )
+        .unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert_eq!(load_journal(&st).0, Some(j));
         assert_eq!(load_installed(&st).0, Some(img));

@@ -44,7 +44,7 @@ impl TargetResult {
     /// `installed`, `unchanged` or `failed`.
     pub fn state(&self) -> &str {
         if self.code == exit::OK {
-            &self.receipt.state
+            self.receipt.state.as_str()
         } else {
             "failed"
         }
@@ -277,10 +277,10 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
 fn failed_receipt(port: &PortSpec) -> Receipt {
     Receipt {
         receipt_version: RECEIPT_VERSION,
-        writer: "nx".into(),
+        writer: proto::receipt::Writer::Nx,
         host: host_name(),
         target: port.to_string(),
-        state: "failed".into(),
+        state: proto::receipt::InstallState::Failed,
         ..Receipt::default()
     }
 }

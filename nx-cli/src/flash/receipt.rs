@@ -23,14 +23,14 @@ impl ReceiptBuilder {
         ReceiptBuilder {
             r: Receipt {
                 receipt_version: RECEIPT_VERSION,
-                writer: "nx".to_string(),
+                writer: proto::receipt::Writer::Nx,
                 image_version: m.version.clone(),
                 image_id: hex::encode(m.id()),
                 image_sha256: hex::encode(m.image_sha256),
                 image_size: m.total_size,
                 host: host.to_string(),
                 target: target.to_string(),
-                state: "failed".to_string(),
+                state: proto::receipt::InstallState::Failed,
                 segments: m
                     .segments
                     .iter()
@@ -117,8 +117,8 @@ impl ReceiptBuilder {
     }
 
     /// The final state.
-    pub fn finish(&mut self, state: &str) -> Receipt {
-        self.r.state = state.to_string();
+    pub fn finish(&mut self, state: proto::receipt::InstallState) -> Receipt {
+        self.r.state = state;
         self.r.clone()
     }
 

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use proto::frame::codec::{FrameCodec, Incoming};
 use proto::frame::Frame;
 use proto::msg::{ChunkHash, DoneStatus, ErrorCode, MsgType};
+use proto::receipt::InstallState;
 use proto::session::{
     CompressMode, Outcome, ProgressEvent, Sender, SenderAction, SenderConfig, SenderEvent,
     SessionError,
@@ -205,7 +206,7 @@ pub async fn send_image_with(
         Ok(rep) => Ok(rep),
         Err(error) => Err(SendFailure {
             error,
-            receipt: Box::new(ctx.receipt.finish("failed")),
+            receipt: Box::new(ctx.receipt.finish(InstallState::Failed)),
             elapsed: started.elapsed(),
         }),
     }
@@ -271,8 +272,8 @@ async fn send_loop(
                 // "Unchanged" after our own DONE of an earlier session (its reply was lost):
                 // this run installed it.
                 let state = match outcome.status {
-                    DoneStatus::Unchanged if !done_before => "unchanged",
-                    _ => "installed",
+                    DoneStatus::Unchanged if !done_before => InstallState::Unchanged,
+                    _ => InstallState::Installed,
                 };
                 r.finish();
                 return Ok(SendReport {

@@ -7,6 +7,7 @@ use crate::records::{self, Counters};
 use crate::store::{self, InstallTarget};
 use crate::workers::DurableJob;
 use proto::manifest::Manifest;
+use proto::receipt::InstallState;
 use proto::session::Plan;
 use std::sync::Arc;
 
@@ -111,9 +112,9 @@ impl Runtime {
             self.dest.activate(m.version.clone(), Arc::clone(&self.out));
         }
         let state_word = match (ok, unchanged) {
-            (false, _) => "failed",
-            (true, true) => "unchanged",
-            (true, false) => "installed",
+            (false, _) => InstallState::Failed,
+            (true, true) => InstallState::Unchanged,
+            (true, false) => InstallState::Installed,
         };
         let counters = match &self.counters {
             Some(c) if !unchanged && c.matches(&m) => c.clone(),
