@@ -354,20 +354,55 @@ impl Runtime {
             .dest
             .resolve()
             .map_err(|e| (ErrorCode::InstallFailed, e))?;
-        if let InstallTarget::Block(dev) = &target {
-            if let (Some(cap), Ok(head)) = (
-                crate::install::block_capacity(dev),
-                ImageHead::parse(&h.head),
-            ) {
-                if head.manifest.total_size > cap {
-                    return Err((
-                        ErrorCode::TooLarge,
-                        format!(
-                            "image is {} bytes, install target {} holds {cap}",
-                            head.manifest.total_size,
-                            dev.display()
-                        ),
-                    ));
+        let Ok(head) = ImageHead::parse(&h.head) else {
+            // The receiver rejects an unparsable head with its own error.
+            return Ok(());
+        };
+        let size = head.manifest.total_size;
+        match &target {
+            InstallTarget::Block(dev) => {
+                if let Some(cap) = crate::install::block_capacity(dev) {
+                    if size > cap {
+                        return Err((
+                            ErrorCode::TooLarge,
+                            format!(
+                                "image is {size} bytes, install target {} holds {cap}",
+                                dev.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            InstallTarget::File(path) => {
+                // The image is staged in the state dir, then renamed (or copied) over the
+                // target: both filesystems must have room. A staging file already there (a
+                // transfer to resume) gives its blocks back when it is replaced.
+                let staging = self.state.staging_path();
+                let reusable = crate::install::allocated_bytes(&staging);
+                let state_free = crate::install::free_space(self.state.root())
+                    .map(|f| (f.saturating_add(reusable), self.state.root().to_path_buf()));
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                let target_free = crate::install::free_space(dir).map(|f| {
+                    (
+                        f.saturating_add(crate::install::allocated_bytes(path))
+                            .saturating_add(reusable),
+                        dir.to_path_buf(),
+                    )
+                });
+                for (cap, where_) in [state_free, target_free].into_iter().flatten() {
+                    if size > cap {
+                        return Err((
+                            ErrorCode::TooLarge,
+                            format!(
+                                "image is {size} bytes, but the filesystem of {} has only {cap} \
+                                 bytes free for it (free space or choose a smaller image)",
+                                where_.display()
+                            ),
+                        ));
+                    }
                 }
             }
         }
