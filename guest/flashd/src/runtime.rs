@@ -138,6 +138,9 @@ pub(crate) struct Runtime {
     durable: Durable,
     /// Results still expected from background threads.
     outstanding: usize,
+    /// Bumped for every chunk of image data written and every background result: the server
+    /// drops a session whose count stops moving (see [`crate::config::Config::stall_timeout`]).
+    progress: u64,
     /// Receipt counters of the image in staging.
     counters: Option<Counters>,
     /// Chunk size of the last journal (the skip index is built with it).
@@ -201,6 +204,7 @@ impl Runtime {
             hasher,
             durable,
             outstanding: 0,
+            progress: 0,
             counters,
             plan_chunk: None,
             zstd: None,
@@ -218,10 +222,17 @@ impl Runtime {
         self.outstanding > 0
     }
 
+    /// A count that moves whenever the session makes progress (image data written, a
+    /// verification, sync or install finished); INFO, HELLO or repeated frames do not move it.
+    pub(crate) fn progress(&self) -> u64 {
+        self.progress
+    }
+
     /// Handle every result that arrived, answering on `conn`.
     pub(crate) fn pump_results(&mut self, conn: &mut Conn) {
         while let Ok(r) = self.results.try_recv() {
             self.outstanding = self.outstanding.saturating_sub(1);
+            self.progress = self.progress.wrapping_add(1);
             self.on_result(r, Some(conn));
         }
     }

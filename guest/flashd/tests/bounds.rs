@@ -76,3 +76,40 @@ fn a_1_tib_hello_is_answered_with_a_clear_error_at_once_and_a_second_client_is_s
     );
     srv.kill();
 }
+
+#[test]
+fn a_client_that_only_sends_info_is_dropped_after_the_stall_timeout_and_a_second_client_is_served()
+{
+    let stall = Duration::from_secs(2);
+    let (_dir, srv, sock) = server(|c| c.stall_timeout = stall);
+    let mut c1 = Client::connect(&sock);
+    assert!(info_reply(&mut c1, Duration::from_secs(2)));
+    let start = Instant::now();
+    // The first client keeps asking INFO (well inside the idle timeout) for much longer than
+    // the stall timeout.
+    let pinger = std::thread::spawn(move || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if !info_reply(&mut c1, Duration::from_millis(700)) {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        None
+    });
+    let mut c2 = Client::connect(&sock);
+    assert!(
+        info_reply(&mut c2, stall + Duration::from_secs(2)),
+        "second client not served within the stall timeout + 2 s"
+    );
+    assert!(
+        start.elapsed() < stall + Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // Dropped: INFO went unanswered, or sending it hit the closed socket (the test client
+    // panics on a broken pipe).
+    let dropped = pinger.join().map(|d| d.is_some()).unwrap_or(true);
+    assert!(dropped, "the first client was never dropped");
+    srv.kill();
+}

@@ -50,7 +50,12 @@ impl Runtime {
                 offset,
                 len,
                 body,
-            } => return self.write_chunk(offset, len, body),
+            } => {
+                self.write_chunk(offset, len, body)?;
+                // New image data: the session makes progress (see `Runtime::progress`).
+                self.progress = self.progress.wrapping_add(1);
+                return Ok(());
+            }
             ReceiverAction::SyncStaging { upto_seq } => self.sync_staging(upto_seq),
             ReceiverAction::PersistJournal(j) => self.persist_journal(j),
             ReceiverAction::ClearJournal => self.durable.send(DurableJob::ClearJournal),
