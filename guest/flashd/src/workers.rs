@@ -343,6 +343,9 @@ pub enum DurableJob {
         target: Option<store::InstallTarget>,
         target_error: Option<String>,
         unchanged: bool,
+        /// The manifest of the installed image: an unchanged install re-reads the target and
+        /// checks it before the slot is activated again.
+        installed: Option<Box<proto::manifest::Manifest>>,
     },
     /// Write a small record (install record, receipt) — ordered after the install.
     Run(RecordJob),
@@ -423,6 +426,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
                 target,
                 target_error,
                 unchanged,
+                installed,
             } => {
                 let r = run_install(
                     &staging,
@@ -430,7 +434,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
                     total_size,
                     target,
                     target_error,
-                    unchanged,
+                    unchanged.then_some(installed.as_deref()),
                 );
                 let (ok, detail) = match r {
                     Ok(d) => (true, d),
@@ -456,13 +460,15 @@ fn run_install(
     total_size: u64,
     target: Option<store::InstallTarget>,
     target_error: Option<String>,
-    unchanged: bool,
+    // `Some` for an unchanged install: the manifest of the image installed, if known.
+    unchanged: Option<Option<&proto::manifest::Manifest>>,
 ) -> Result<String, String> {
     let Some(target) = target else {
         return Err(target_error.unwrap_or_else(|| "no install target".into()));
     };
-    if unchanged {
-        // The identical image is installed: confirm the target is still there.
+    if let Some(installed) = unchanged {
+        // The identical image is installed: confirm the target is still there and still
+        // holds it.
         let len = std::fs::metadata(target.path())
             .map(|m| m.len())
             .map_err(|e| format!("install target {}: {e}", target.path().display()))?;
@@ -472,7 +478,24 @@ fn run_install(
                 target.path().display()
             ));
         }
-        return Ok(format!("{} unchanged", target.path().display()));
+        let m = installed.ok_or_else(|| {
+            format!(
+                "cannot check install target {}: the installed image's manifest is unknown; \
+                 flash again with --no-skip",
+                target.path().display()
+            )
+        })?;
+        store::verify_content(target.path(), m).map_err(|e| {
+            format!(
+                "install target {} no longer holds the installed image ({e}): flash again \
+                 with --no-skip",
+                target.path().display()
+            )
+        })?;
+        return Ok(format!(
+            "{} unchanged (content re-read and verified)",
+            target.path().display()
+        ));
     }
     if std::fs::metadata(staging)
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))

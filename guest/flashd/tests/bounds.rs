@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{hello, Client};
+use common::{hello, send_image, Client};
 use flashd::config::{Config, InstallSpec};
-use flashd::testkit::{Capture, RunningServer};
+use flashd::testkit::{build_image, noise, Capture, RunningServer};
 use proto::image::{layout, ImageHead};
 use proto::manifest::{DataRange, SegmentDigest};
 use proto::msg::{ErrorCode, Message};
@@ -74,6 +74,9 @@ fn a_1_tib_hello_is_answered_with_a_clear_error_at_once_and_a_second_client_is_s
         info_reply(&mut c2, Duration::from_secs(2)),
         "second client not served"
     );
+    // And a real image still goes through.
+    let img = build_image("1.0.1", &[("rootfs", noise(3, 20000))], None).unwrap();
+    send_image(&mut c2, &img, 4, 4096, None).unwrap();
     srv.kill();
 }
 

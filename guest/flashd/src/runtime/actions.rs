@@ -322,6 +322,11 @@ impl Runtime {
             target,
             target_error,
             unchanged,
+            installed: if unchanged {
+                self.hello.manifest.clone().map(Box::new)
+            } else {
+                None
+            },
         });
     }
 
