@@ -362,9 +362,10 @@ impl Runtime {
             }
         };
         let readback = self.staging_ref()?.staging.is_device();
-        if let (Some(d), true) = (&data, readback) {
-            // Read-back mode verifies only the data ranges: every byte written outside them
-            // must be zero, as the manifest says.
+        if let Some(d) = &data {
+            // Verification covers only the data ranges (against `data_sha256`, so that no
+            // zero run is ever hashed): every byte written outside them must be zero, as the
+            // manifest says.
             if let Some(seg) = self.manifest().and_then(|m| m.segments.get(seg_index)) {
                 if let Some(at) = nonzero_outside(&seg.data_ranges, offset - seg_offset, d) {
                     return Err((
@@ -516,7 +517,7 @@ impl Runtime {
     /// In read-back mode (direct transfer into a device), the data ranges of `segment`: the
     /// hasher then hashes only those, against the manifest's `data_sha256`.
     fn data_ranges(&self, segment: usize) -> Option<Arc<[proto::manifest::DataRange]>> {
-        let r = self.open().filter(|r| r.staging.is_device())?;
+        let r = self.open()?;
         let seg = r.manifest.as_ref()?.segments.get(segment)?;
         Some(Arc::from(seg.data_ranges.as_slice()))
     }
