@@ -104,6 +104,9 @@ struct Receiving {
     manifest: Option<Manifest>,
     /// The segment the hasher is streaming.
     stream: Option<StreamTrack>,
+    /// Opened to resume an interrupted transfer: bytes of an earlier process (or a power
+    /// cut) may sit where nothing was written since, so a direct install re-reads all of it.
+    resumed: bool,
 }
 
 /// The segment the hasher is streaming, and where the next write must land to continue it.
@@ -523,6 +526,7 @@ mod tests {
             file,
             manifest: None,
             stream: None,
+            resumed: false,
         })
     }
 

@@ -364,6 +364,10 @@ impl Staging {
             });
         }
         crate::blockio::zero_range(&file, path, 0, size)?;
+        // The zeroing must be durable before the first journal record claims anything about
+        // this device: after a power cut, a resume trusts every range the journal does not
+        // list as written to read as zero.
+        file.sync_all().map_err(io_err("fsync", path))?;
         Ok(Staging {
             file,
             path: path.to_path_buf(),
@@ -919,5 +923,34 @@ mod tests {
         let err = install(s, &InstallTarget::Block(dev)).unwrap_err();
         assert!(matches!(err, StoreError::TargetTooSmall { .. }), "{err}");
         assert!(sp.exists());
+    }
+
+    #[test]
+    fn verify_content_catches_stale_bytes_in_zero_ranges_and_wrong_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = crate::testkit::noise(1, 4096);
+        seg.extend_from_slice(&[0u8; 8192]);
+        seg.extend_from_slice(&crate::testkit::noise(2, 300));
+        let img = crate::testkit::build_image("1.0.0", &[("rootfs", seg)], None).unwrap();
+        let h = proto::image::Header::parse(&img[..4096]).unwrap();
+        let m = proto::image::ImageHead::parse(&img[..h.data_offset as usize])
+            .unwrap()
+            .manifest;
+        let at = m.segments[0].offset;
+        let p = dir.path().join("t.img");
+        fs::write(&p, &img).unwrap();
+        verify_content(&p, &m).unwrap();
+        let mut bad = img.clone();
+        bad[(at + 4096 + 5000) as usize] = 1;
+        fs::write(&p, &bad).unwrap();
+        let e = verify_content(&p, &m).unwrap_err();
+        assert!(e.contains("should be zero") && e.contains("9096"), "{e}");
+        let mut bad = img.clone();
+        bad[(at + 12288 + 7) as usize] ^= 0xff;
+        fs::write(&p, &bad).unwrap();
+        let e = verify_content(&p, &m).unwrap_err();
+        assert!(e.contains("data_sha256"), "{e}");
+        fs::write(&p, &img[..img.len() - 4000]).unwrap();
+        assert!(verify_content(&p, &m).is_err());
     }
 }

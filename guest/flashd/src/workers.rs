@@ -378,9 +378,10 @@ pub enum DurableJob {
         target: Option<store::InstallTarget>,
         target_error: Option<String>,
         unchanged: bool,
-        /// The manifest of the installed image: an unchanged install re-reads the target and
-        /// checks it before the slot is activated again.
-        installed: Option<Box<proto::manifest::Manifest>>,
+        /// Re-read the target (or the device streamed into) and check it against this
+        /// manifest ([`store::verify_content`]) before it counts: an unchanged install (the
+        /// installed image's manifest), a resumed direct transfer (its own).
+        check: Option<Box<proto::manifest::Manifest>>,
     },
     /// Write a small record (install record, receipt) — ordered after the install.
     Run(RecordJob),
@@ -461,7 +462,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
                 target,
                 target_error,
                 unchanged,
-                installed,
+                check,
             } => {
                 let r = run_install(
                     &staging,
@@ -469,7 +470,8 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
                     total_size,
                     target,
                     target_error,
-                    unchanged.then_some(installed.as_deref()),
+                    unchanged,
+                    check.as_deref(),
                 );
                 let (ok, detail) = match r {
                     Ok(d) => (true, d),
@@ -495,13 +497,13 @@ fn run_install(
     total_size: u64,
     target: Option<store::InstallTarget>,
     target_error: Option<String>,
-    // `Some` for an unchanged install: the manifest of the image installed, if known.
-    unchanged: Option<Option<&proto::manifest::Manifest>>,
+    unchanged: bool,
+    check: Option<&proto::manifest::Manifest>,
 ) -> Result<String, String> {
     let Some(target) = target else {
         return Err(target_error.unwrap_or_else(|| "no install target".into()));
     };
-    if let Some(installed) = unchanged {
+    if unchanged {
         // The identical image is installed: confirm the target is still there and still
         // holds it.
         let len = std::fs::metadata(target.path())
@@ -513,7 +515,7 @@ fn run_install(
                 target.path().display()
             ));
         }
-        let m = installed.ok_or_else(|| {
+        let m = check.ok_or_else(|| {
             format!(
                 "cannot check install target {}: the installed image's manifest is unknown; \
                  flash again with --no-skip",
@@ -542,6 +544,16 @@ fn run_install(
                 staging.display(),
                 target.path().display()
             ));
+        }
+        if let Some(m) = check {
+            // Resumed: what an earlier process (or a power cut) left outside the ranges
+            // written since must be what the manifest says, zeros included.
+            store::verify_content(staging, m).map_err(|e| {
+                format!(
+                    "after the resume, {} does not hold the image ({e}): flash again",
+                    staging.display()
+                )
+            })?;
         }
         let times = store::finish_direct(staging, image_id).map_err(|e| e.to_string())?;
         return Ok(format!(

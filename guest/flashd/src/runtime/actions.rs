@@ -186,6 +186,7 @@ impl Runtime {
             file: fh,
             manifest: None,
             stream: None,
+            resumed: !fresh,
         }));
         Ok(())
     }
@@ -286,11 +287,27 @@ impl Runtime {
     /// `Install`: resolve the target (announcing the slot), then install on the durability
     /// thread. A changed image's staging is closed first.
     fn install(&mut self, image_id: [u8; 32], total_size: u64, unchanged: bool) {
-        let manifest = if unchanged {
-            None
+        let (manifest, resumed_direct) = if unchanged {
+            (None, false)
         } else {
             // Nothing may write to the staging file once it becomes the install.
-            self.close_staging().and_then(|r| r.manifest)
+            match self.close_staging() {
+                Some(r) => {
+                    let resumed_direct = r.resumed && r.staging.is_device();
+                    (r.manifest, resumed_direct)
+                }
+                None => (None, false),
+            }
+        };
+        // An unchanged install re-reads the installed image; a resumed direct transfer
+        // re-reads the device (its zero ranges were only verified by this process where it
+        // wrote them).
+        let check = if unchanged {
+            self.hello.manifest.clone()
+        } else if resumed_direct {
+            manifest.clone()
+        } else {
+            None
         };
         let (target, target_error) = match self.dest.resolve() {
             Ok(t) => {
@@ -322,11 +339,7 @@ impl Runtime {
             target,
             target_error,
             unchanged,
-            installed: if unchanged {
-                self.hello.manifest.clone().map(Box::new)
-            } else {
-                None
-            },
+            check: check.map(Box::new),
         });
     }
 
