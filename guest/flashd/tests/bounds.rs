@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{hello, send_image, Client};
+use common::{hello, send_image, workdir, Client};
 use flashd::config::{Config, InstallSpec};
 use flashd::testkit::{build_image, noise, Capture, RunningServer};
 use proto::image::{layout, ImageHead};
@@ -31,11 +31,8 @@ fn zero_head(size: u64) -> (Vec<u8>, u64) {
 fn server(
     tweak: impl FnOnce(&mut Config),
 ) -> (tempfile::TempDir, RunningServer, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let sock = dir.path().join("flash.sock");
-    let mut cfg = Config::new(&state, InstallSpec::Path(dir.path().join("out.img")));
+    let (dir, sock, state, out) = workdir();
+    let mut cfg = Config::new(&state, InstallSpec::Path(out));
     tweak(&mut cfg);
     let srv = RunningServer::start(cfg, &sock, Capture::new()).unwrap();
     (dir, srv, sock)

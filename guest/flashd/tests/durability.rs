@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{head_of, send_image, Client};
+use common::{head_of, send_image, workdir, Client};
 use flashd::testkit::{build_image, noise, Capture, RunningServer};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
@@ -26,13 +26,7 @@ fn receipt_state(state: &std::path::Path) -> String {
 
 #[test]
 fn an_unchanged_install_with_stale_bytes_in_a_zero_range_is_caught() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, state, out) = (
-        dir.path().join("s.sock"),
-        dir.path().join("state"),
-        dir.path().join("out.img"),
-    );
-    std::fs::create_dir(&state).unwrap();
+    let (_dir, sock, state, out) = workdir();
     let img = sparse_image();
     let (head, _) = head_of(&img);
     let zero_at = head.manifest.segments[0].offset + 8192 + 100;
