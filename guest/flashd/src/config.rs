@@ -65,6 +65,11 @@ pub struct Args {
     /// Drop a connection that sends nothing for this many seconds.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub idle_timeout: u64,
+    /// Drop a connection that makes no progress (no new image data written, no
+    /// verification or install finished) for this many seconds, even if it keeps sending
+    /// INFO or HELLO: another client gets in.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub stall_timeout: u64,
     /// Largest window accepted (frames in flight).
     #[arg(long, default_value_t = 64)]
     pub max_window: u16,
@@ -136,6 +141,8 @@ pub struct Config {
     pub require_signed: Option<[u8; 32]>,
     pub device: String,
     pub idle_timeout: Duration,
+    /// Drop a connection that makes no progress for this long (`--stall-timeout`).
+    pub stall_timeout: Duration,
     pub max_window: u16,
     pub max_chunk: u32,
     /// Stream into the install target itself when it is a block device (`--direct`).
@@ -152,6 +159,7 @@ impl Config {
             require_signed: None,
             device: "nexus".to_string(),
             idle_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(30),
             max_window: 64,
             max_chunk: nx_contract::defaults::CHUNK,
             direct: false,
@@ -213,6 +221,7 @@ impl Args {
                 require_signed,
                 device: self.device.clone(),
                 idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+                stall_timeout: Duration::from_secs(self.stall_timeout.max(1)),
                 max_window: self.max_window,
                 max_chunk: self.max_chunk,
                 direct,

@@ -197,3 +197,24 @@ pub fn block_capacity(path: &Path) -> Option<u64> {
     let mut f = File::open(path).ok()?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).ok()
 }
+
+/// Bytes available to this process on the filesystem holding `path` (`statvfs`: free blocks
+/// for unprivileged users times the fragment size). `None` when it cannot be asked.
+pub fn free_space(path: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Bytes allocated to the file at `path` (0 when there is none): what replacing it gives back.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .map(|m| {
+            if m.is_file() {
+                m.blocks().saturating_mul(512)
+            } else {
+                0
+            }
+        })
+        .unwrap_or(0)
+}

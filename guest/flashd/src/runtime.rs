@@ -104,6 +104,9 @@ struct Receiving {
     manifest: Option<Manifest>,
     /// The segment the hasher is streaming.
     stream: Option<StreamTrack>,
+    /// Opened to resume an interrupted transfer: bytes of an earlier process (or a power
+    /// cut) may sit where nothing was written since, so a direct install re-reads all of it.
+    resumed: bool,
 }
 
 /// The segment the hasher is streaming, and where the next write must land to continue it.
@@ -138,6 +141,9 @@ pub(crate) struct Runtime {
     durable: Durable,
     /// Results still expected from background threads.
     outstanding: usize,
+    /// Bumped for every chunk of image data written and every background result: the server
+    /// drops a session whose count stops moving (see [`crate::config::Config::stall_timeout`]).
+    progress: u64,
     /// Receipt counters of the image in staging.
     counters: Option<Counters>,
     /// Chunk size of the last journal (the skip index is built with it).
@@ -201,6 +207,7 @@ impl Runtime {
             hasher,
             durable,
             outstanding: 0,
+            progress: 0,
             counters,
             plan_chunk: None,
             zstd: None,
@@ -218,10 +225,17 @@ impl Runtime {
         self.outstanding > 0
     }
 
+    /// A count that moves whenever the session makes progress (image data written, a
+    /// verification, sync or install finished); INFO, HELLO or repeated frames do not move it.
+    pub(crate) fn progress(&self) -> u64 {
+        self.progress
+    }
+
     /// Handle every result that arrived, answering on `conn`.
     pub(crate) fn pump_results(&mut self, conn: &mut Conn) {
         while let Ok(r) = self.results.try_recv() {
             self.outstanding = self.outstanding.saturating_sub(1);
+            self.progress = self.progress.wrapping_add(1);
             self.on_result(r, Some(conn));
         }
     }
@@ -352,20 +366,55 @@ impl Runtime {
             .dest
             .resolve()
             .map_err(|e| (ErrorCode::InstallFailed, e))?;
-        if let InstallTarget::Block(dev) = &target {
-            if let (Some(cap), Ok(head)) = (
-                crate::install::block_capacity(dev),
-                ImageHead::parse(&h.head),
-            ) {
-                if head.manifest.total_size > cap {
-                    return Err((
-                        ErrorCode::TooLarge,
-                        format!(
-                            "image is {} bytes, install target {} holds {cap}",
-                            head.manifest.total_size,
-                            dev.display()
-                        ),
-                    ));
+        let Ok(head) = ImageHead::parse(&h.head) else {
+            // The receiver rejects an unparsable head with its own error.
+            return Ok(());
+        };
+        let size = head.manifest.total_size;
+        match &target {
+            InstallTarget::Block(dev) => {
+                if let Some(cap) = crate::install::block_capacity(dev) {
+                    if size > cap {
+                        return Err((
+                            ErrorCode::TooLarge,
+                            format!(
+                                "image is {size} bytes, install target {} holds {cap}",
+                                dev.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            InstallTarget::File(path) => {
+                // The image is staged in the state dir, then renamed (or copied) over the
+                // target: both filesystems must have room. A staging file already there (a
+                // transfer to resume) gives its blocks back when it is replaced.
+                let staging = self.state.staging_path();
+                let reusable = crate::install::allocated_bytes(&staging);
+                let state_free = crate::install::free_space(self.state.root())
+                    .map(|f| (f.saturating_add(reusable), self.state.root().to_path_buf()));
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                let target_free = crate::install::free_space(dir).map(|f| {
+                    (
+                        f.saturating_add(crate::install::allocated_bytes(path))
+                            .saturating_add(reusable),
+                        dir.to_path_buf(),
+                    )
+                });
+                for (cap, where_) in [state_free, target_free].into_iter().flatten() {
+                    if size > cap {
+                        return Err((
+                            ErrorCode::TooLarge,
+                            format!(
+                                "image is {size} bytes, but the filesystem of {} has only {cap} \
+                                 bytes free for it (free space or choose a smaller image)",
+                                where_.display()
+                            ),
+                        ));
+                    }
                 }
             }
         }
@@ -475,6 +524,7 @@ mod tests {
             file,
             manifest: None,
             stream: None,
+            resumed: false,
         })
     }
 

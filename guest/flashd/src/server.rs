@@ -28,11 +28,14 @@ pub enum ConnEnd {
     Closed(Option<String>),
     /// Nothing arrived for the idle timeout.
     Idle,
+    /// Frames arrived, but the session made no progress for the stall timeout.
+    Stalled,
 }
 
 /// The server state (see the module docs).
 pub struct Server {
     idle: Duration,
+    stall: Duration,
     out: Arc<dyn Output>,
     mode: Mode,
 }
@@ -50,6 +53,7 @@ impl Server {
     /// gives a stub server (see [`Server::stub_reason`]).
     pub fn new(cfg: Config, out: Arc<dyn Output>) -> Result<Server, FlashdError> {
         let idle = cfg.idle_timeout;
+        let stall = cfg.stall_timeout;
         let mode = match StateDir::open(&cfg.state_dir, cfg.require_mountpoint) {
             Ok(state) => Mode::Active(Box::new(Runtime::start(cfg, Arc::clone(&out), state)?)),
             Err(e) => Mode::Stub {
@@ -61,7 +65,12 @@ impl Server {
                 },
             },
         };
-        Ok(Server { idle, out, mode })
+        Ok(Server {
+            idle,
+            stall,
+            out,
+            mode,
+        })
     }
 
     /// `Some(reason)` when the server refuses to flash (no usable state dir).
@@ -112,6 +121,8 @@ impl Server {
         let idle = self.idle;
         let mut last = Instant::now();
         let mut stub_answered = false;
+        // (progress count, when it last moved)
+        let mut progress: Option<(u64, Instant)> = None;
         loop {
             let busy = match &mut self.mode {
                 Mode::Active(rt) => {
@@ -120,6 +131,23 @@ impl Server {
                 }
                 Mode::Stub { .. } => false,
             };
+            if let Mode::Active(rt) = &mut self.mode {
+                let now = rt.progress();
+                match progress {
+                    Some((seen, _)) if seen == now => {}
+                    _ => progress = Some((now, Instant::now())),
+                }
+                let stalled = progress.is_some_and(|(_, since)| since.elapsed() >= self.stall);
+                if stalled && !busy {
+                    self.out.log(&format!(
+                        "flashd: dropping the connection: no progress for {} s \
+                         (--stall-timeout); the next client is served",
+                        self.stall.as_secs()
+                    ));
+                    rt.link_down(&mut conn);
+                    return ConnEnd::Stalled;
+                }
+            }
             let wait = if busy {
                 BUSY_POLL
             } else {

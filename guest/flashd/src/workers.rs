@@ -164,7 +164,15 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
             }
             HashJob::Data(b) => {
                 if let Some(c) = &mut cur {
-                    c.sha.update(&b);
+                    match c.data.as_deref() {
+                        Some(ranges) => {
+                            for (x, y) in overlaps(ranges, c.pos, b.len() as u64) {
+                                let (x, y) = ((x - c.pos) as usize, (y - c.pos) as usize);
+                                c.sha.update(b.get(x..y).unwrap_or_default());
+                            }
+                        }
+                        None => c.sha.update(&b),
+                    }
                     c.pos += b.len() as u64;
                 }
             }
@@ -180,7 +188,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
             }
             HashJob::Written(n) | HashJob::Zeros(n) => {
                 if let Some(c) = &mut cur {
-                    hash_zeros(&mut c.sha, n);
+                    hash_zeros_in(&mut c.sha, c.data.as_deref(), c.pos, n);
                     c.pos += n;
                 }
             }
@@ -220,7 +228,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                                 )
                                 .is_none();
                             }
-                            _ => hash_zeros(&mut c.sha, tail),
+                            _ => hash_zeros_in(&mut c.sha, c.data.as_deref(), c.pos, tail),
                         }
                         (!failed).then(|| c.sha.finalize().into())
                     }
@@ -246,6 +254,33 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                 });
             }
         }
+    }
+}
+
+/// The parts of `[from, from + len)` inside `ranges` (sorted, relative to the segment).
+fn overlaps(ranges: &[DataRange], from: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let to = from.saturating_add(len);
+    let first = ranges.partition_point(|r| r.end() <= from);
+    ranges
+        .get(first..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(move |r| r.offset < to)
+        .map(move |r| (r.offset.max(from), r.end().min(to)))
+        .filter(|(a, b)| a < b)
+}
+
+/// Hash `n` zeros at segment position `pos`: with `data` ranges (the digest is the
+/// manifest's `data_sha256`) only those inside them, so a zero run outside the data ranges
+/// costs nothing however long it is.
+fn hash_zeros_in(sha: &mut Sha256, data: Option<&[DataRange]>, pos: u64, n: u64) {
+    match data {
+        Some(ranges) => {
+            for (a, b) in overlaps(ranges, pos, n) {
+                hash_zeros(sha, b - a);
+            }
+        }
+        None => hash_zeros(sha, n),
     }
 }
 
@@ -343,6 +378,10 @@ pub enum DurableJob {
         target: Option<store::InstallTarget>,
         target_error: Option<String>,
         unchanged: bool,
+        /// Re-read the target (or the device streamed into) and check it against this
+        /// manifest ([`store::verify_content`]) before it counts: an unchanged install (the
+        /// installed image's manifest), a resumed direct transfer (its own).
+        check: Option<Box<proto::manifest::Manifest>>,
     },
     /// Write a small record (install record, receipt) — ordered after the install.
     Run(RecordJob),
@@ -423,6 +462,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
                 target,
                 target_error,
                 unchanged,
+                check,
             } => {
                 let r = run_install(
                     &staging,
@@ -431,6 +471,7 @@ fn durable_loop(state: StateDir, rx: Receiver<DurableJob>, results: Sender<WorkR
                     target,
                     target_error,
                     unchanged,
+                    check.as_deref(),
                 );
                 let (ok, detail) = match r {
                     Ok(d) => (true, d),
@@ -457,12 +498,14 @@ fn run_install(
     target: Option<store::InstallTarget>,
     target_error: Option<String>,
     unchanged: bool,
+    check: Option<&proto::manifest::Manifest>,
 ) -> Result<String, String> {
     let Some(target) = target else {
         return Err(target_error.unwrap_or_else(|| "no install target".into()));
     };
     if unchanged {
-        // The identical image is installed: confirm the target is still there.
+        // The identical image is installed: confirm the target is still there and still
+        // holds it.
         let len = std::fs::metadata(target.path())
             .map(|m| m.len())
             .map_err(|e| format!("install target {}: {e}", target.path().display()))?;
@@ -472,7 +515,24 @@ fn run_install(
                 target.path().display()
             ));
         }
-        return Ok(format!("{} unchanged", target.path().display()));
+        let m = check.ok_or_else(|| {
+            format!(
+                "cannot check install target {}: the installed image's manifest is unknown; \
+                 flash again with --no-skip",
+                target.path().display()
+            )
+        })?;
+        store::verify_content(target.path(), m).map_err(|e| {
+            format!(
+                "install target {} no longer holds the installed image ({e}): flash again \
+                 with --no-skip",
+                target.path().display()
+            )
+        })?;
+        return Ok(format!(
+            "{} unchanged (content re-read and verified)",
+            target.path().display()
+        ));
     }
     if std::fs::metadata(staging)
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
@@ -484,6 +544,16 @@ fn run_install(
                 staging.display(),
                 target.path().display()
             ));
+        }
+        if let Some(m) = check {
+            // Resumed: what an earlier process (or a power cut) left outside the ranges
+            // written since must be what the manifest says, zeros included.
+            store::verify_content(staging, m).map_err(|e| {
+                format!(
+                    "after the resume, {} does not hold the image ({e}): flash again",
+                    staging.display()
+                )
+            })?;
         }
         let times = store::finish_direct(staging, image_id).map_err(|e| e.to_string())?;
         return Ok(format!(
@@ -504,4 +574,35 @@ fn run_install(
         "installed into {} ({times})",
         target.path().display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hash_zeros_in, overlaps};
+    use proto::manifest::SegmentHasher;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn data_sha256_is_computed_from_data_and_zeros_without_hashing_zero_runs() {
+        // data, a long zero run, data, zero tail
+        let mut seg = vec![7u8; 4096];
+        seg.extend_from_slice(&[0u8; 3 * 4096]);
+        seg.extend_from_slice(&[9u8; 100]);
+        seg.extend_from_slice(&[0u8; 4096]);
+        let mut h = SegmentHasher::new();
+        h.update(&seg);
+        let d = h.finish();
+        let mut sha = Sha256::new();
+        // Fed as the hasher sees a stream: data chunk, zeros, data chunk (with its zero
+        // padding inside the block), zeros; plus a zero run of 1 TiB outside the ranges.
+        for (x, y) in overlaps(&d.data_ranges, 0, 4096) {
+            sha.update(&seg[x as usize..y as usize]);
+        }
+        hash_zeros_in(&mut sha, Some(&d.data_ranges), 4096, 3 * 4096);
+        for (x, y) in overlaps(&d.data_ranges, 4 * 4096, 4096) {
+            sha.update(&seg[x as usize..y as usize]);
+        }
+        hash_zeros_in(&mut sha, Some(&d.data_ranges), 5 * 4096, 1 << 40);
+        assert_eq!(<[u8; 32]>::from(sha.finalize()), d.data_sha256);
+    }
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::{BufMut, BytesMut};
-use common::{head_of, hello, send_image, Client};
+use common::{head_of, hello, send_image, workdir, Client};
 use flashd::config::{Config, InstallSpec};
 use flashd::testkit::{build_image, noise, Capture, RunningServer};
 use proto::frame::Frame;
@@ -30,12 +30,8 @@ impl Env {
     }
 
     fn with(tweak: impl FnOnce(&mut Config)) -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).unwrap();
-        let out = dir.path().join("out.img");
+        let (dir, sock, state, out) = workdir();
         std::fs::write(&out, OLD).unwrap();
-        let sock = dir.path().join("flash.sock");
         let cap = Capture::new();
         let mut cfg = Config::new(&state, InstallSpec::Path(out.clone()));
         tweak(&mut cfg);

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{send_image, Client};
+use common::{send_image, workdir, Client};
 use flashd::testkit::{build_image, noise, Capture, RunningServer};
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,18 +15,6 @@ use std::time::Duration;
 struct Daemon {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
-}
-
-/// A temp dir with the socket path, an empty state dir and the install path of one test.
-fn workdir() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, state, out) = (
-        dir.path().join("s.sock"),
-        dir.path().join("state"),
-        dir.path().join("out.img"),
-    );
-    std::fs::create_dir(&state).unwrap();
-    (dir, sock, state, out)
 }
 
 fn spawn(sock: &Path, state: &Path, out: &Path) -> Daemon {

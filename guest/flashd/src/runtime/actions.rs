@@ -50,7 +50,12 @@ impl Runtime {
                 offset,
                 len,
                 body,
-            } => return self.write_chunk(offset, len, body),
+            } => {
+                self.write_chunk(offset, len, body)?;
+                // New image data: the session makes progress (see `Runtime::progress`).
+                self.progress = self.progress.wrapping_add(1);
+                return Ok(());
+            }
             ReceiverAction::SyncStaging { upto_seq } => self.sync_staging(upto_seq),
             ReceiverAction::PersistJournal(j) => self.persist_journal(j),
             ReceiverAction::ClearJournal => self.durable.send(DurableJob::ClearJournal),
@@ -181,6 +186,7 @@ impl Runtime {
             file: fh,
             manifest: None,
             stream: None,
+            resumed: !fresh,
         }));
         Ok(())
     }
@@ -281,11 +287,27 @@ impl Runtime {
     /// `Install`: resolve the target (announcing the slot), then install on the durability
     /// thread. A changed image's staging is closed first.
     fn install(&mut self, image_id: [u8; 32], total_size: u64, unchanged: bool) {
-        let manifest = if unchanged {
-            None
+        let (manifest, resumed_direct) = if unchanged {
+            (None, false)
         } else {
             // Nothing may write to the staging file once it becomes the install.
-            self.close_staging().and_then(|r| r.manifest)
+            match self.close_staging() {
+                Some(r) => {
+                    let resumed_direct = r.resumed && r.staging.is_device();
+                    (r.manifest, resumed_direct)
+                }
+                None => (None, false),
+            }
+        };
+        // An unchanged install re-reads the installed image; a resumed direct transfer
+        // re-reads the device (its zero ranges were only verified by this process where it
+        // wrote them).
+        let check = if unchanged {
+            self.hello.manifest.clone()
+        } else if resumed_direct {
+            manifest.clone()
+        } else {
+            None
         };
         let (target, target_error) = match self.dest.resolve() {
             Ok(t) => {
@@ -317,6 +339,7 @@ impl Runtime {
             target,
             target_error,
             unchanged,
+            check: check.map(Box::new),
         });
     }
 
@@ -352,9 +375,10 @@ impl Runtime {
             }
         };
         let readback = self.staging_ref()?.staging.is_device();
-        if let (Some(d), true) = (&data, readback) {
-            // Read-back mode verifies only the data ranges: every byte written outside them
-            // must be zero, as the manifest says.
+        if let Some(d) = &data {
+            // Verification covers only the data ranges (against `data_sha256`, so that no
+            // zero run is ever hashed): every byte written outside them must be zero, as the
+            // manifest says.
             if let Some(seg) = self.manifest().and_then(|m| m.segments.get(seg_index)) {
                 if let Some(at) = nonzero_outside(&seg.data_ranges, offset - seg_offset, d) {
                     return Err((
@@ -506,7 +530,7 @@ impl Runtime {
     /// In read-back mode (direct transfer into a device), the data ranges of `segment`: the
     /// hasher then hashes only those, against the manifest's `data_sha256`.
     fn data_ranges(&self, segment: usize) -> Option<Arc<[proto::manifest::DataRange]>> {
-        let r = self.open().filter(|r| r.staging.is_device())?;
+        let r = self.open()?;
         let seg = r.manifest.as_ref()?.segments.get(segment)?;
         Some(Arc::from(seg.data_ranges.as_slice()))
     }

@@ -9,7 +9,7 @@ use proto::msg::{Done, Hello, HelloReply, Message, Write, WriteBody, PROTO_VERSI
 use proto::session::Plan;
 use std::io::{Read, Write as _};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub struct Client {
@@ -173,4 +173,16 @@ pub fn send_image(
             _ => continue,
         }
     }
+}
+
+/// A temp dir with the socket path, an empty state dir and the install path of one test.
+pub fn workdir() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state, out) = (
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("out.img"),
+    );
+    std::fs::create_dir(&state).unwrap();
+    (dir, sock, state, out)
 }
