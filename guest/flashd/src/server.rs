@@ -140,7 +140,7 @@ impl Server {
                 let stalled = progress.is_some_and(|(_, since)| since.elapsed() >= self.stall);
                 if stalled && !busy {
                     self.out.log(&format!(
-                        "flashd: dropping the connection: no progress for {} s \
+                        "dropping the connection: no progress for {} s \
                          (--stall-timeout); the next client is served",
                         self.stall.as_secs()
                     ));
