@@ -23,18 +23,19 @@
 //! usable `/state`: `nx-diag: not available — <why>` and `recovery: diag written (bytes=0)`.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-pub mod bootctl;
 pub mod bundle;
 pub mod collect;
 pub mod kmsg;
 pub mod store;
 
+/// bootctld's JSON view, fetched with the one RPC client ([`nx_rpc::bootctl::fetch_view`]).
+pub use nx_rpc::bootctl;
 use std::path::{Path, PathBuf};
 
 /// Default kernel log sources, in order of preference.
 pub const KMSG_SOURCES: [&str; 2] = ["/dev/kmsg", "/proc/kmsg"];
 /// Default bootctld socket.
-pub const BOOTCTLD_SOCKET: &str = "/run/bootctld.sock";
+pub const BOOTCTLD_SOCKET: &str = nx_rpc::bootctl::SOCKET;
 
 /// `recovery: diag written (bytes=<n>)` — the contract marker (0 when nothing was written).
 pub fn written_marker(bytes: u64) -> String {
@@ -105,7 +106,7 @@ pub enum Outcome {
 }
 
 /// Collect, encode and write a bundle; print the markers through `markers`.
-/// `bootctl` is bootctld's view (fetch it with [`bootctl::fetch`]).
+/// `bootctl` is bootctld's view (fetch it with [`bootctl::fetch_view`]).
 pub fn run(
     cfg: &Config,
     bootctl: &bootctl::View,
