@@ -31,24 +31,70 @@ where
     retry_connect(CONNECT_GRACE, || call_unix(sock, TIMEOUT, &f)).await
 }
 
-/// `confirm()`: the slot booted in this boot is healthy.
-pub async fn confirm(sock: &Path) -> Result<(), TransportError> {
-    call(sock, |c| async move {
+/// The calls on a connected client (over any connection: [`call`] here, or
+/// [`crate::call_framed`] from `nx` on the host).
+pub mod on {
+    use super::{Client, Slot};
+
+    /// `confirm()`: the slot booted in this boot is healthy.
+    pub async fn confirm(c: Client) -> Result<(), capnp::Error> {
         c.confirm_request().send().promise.await?;
         Ok(())
-    })
-    .await
-}
+    }
 
-/// `markBad(slot)`.
-pub async fn mark_bad(sock: &Path, slot: Slot) -> Result<(), TransportError> {
-    call(sock, move |c| async move {
+    /// `markBad(slot)`.
+    pub async fn mark_bad(c: Client, slot: Slot) -> Result<(), capnp::Error> {
         let mut req = c.mark_bad_request();
         req.get().set_slot(slot);
         req.send().promise.await?;
         Ok(())
-    })
-    .await
+    }
+
+    /// `setActive(slot, trial, tries)`.
+    pub async fn set_active(
+        c: Client,
+        slot: Slot,
+        trial: bool,
+        tries: u8,
+    ) -> Result<(), capnp::Error> {
+        let mut req = c.set_active_request();
+        req.get().set_slot(slot);
+        req.get().set_trial(trial);
+        req.get().set_tries_left(tries);
+        req.send().promise.await?;
+        Ok(())
+    }
+
+    /// `slotImaged(slot, version)`.
+    pub async fn slot_imaged(c: Client, slot: Slot, version: String) -> Result<(), capnp::Error> {
+        let mut req = c.slot_imaged_request();
+        req.get().set_slot(slot);
+        req.get().set_version(version.as_str());
+        req.send().promise.await?;
+        Ok(())
+    }
+
+    /// `exportJson()`: the JSON view.
+    pub async fn export_json(c: Client) -> Result<String, capnp::Error> {
+        let resp = c.export_json_request().send().promise.await?;
+        Ok(resp.get()?.get_json()?.to_string()?)
+    }
+
+    /// `reboot()`: reboot into the normal boot (via rebootd); `false` = stub.
+    pub async fn reboot(c: Client) -> Result<bool, capnp::Error> {
+        let resp = c.reboot_request().send().promise.await?;
+        Ok(resp.get()?.get_rebooting())
+    }
+}
+
+/// `confirm()`: the slot booted in this boot is healthy.
+pub async fn confirm(sock: &Path) -> Result<(), TransportError> {
+    call(sock, on::confirm).await
+}
+
+/// `markBad(slot)`.
+pub async fn mark_bad(sock: &Path, slot: Slot) -> Result<(), TransportError> {
+    call(sock, move |c| on::mark_bad(c, slot)).await
 }
 
 /// `setActive(slot, trial, tries)`.
@@ -58,48 +104,22 @@ pub async fn set_active(
     trial: bool,
     tries: u8,
 ) -> Result<(), TransportError> {
-    call(sock, move |c| async move {
-        let mut req = c.set_active_request();
-        req.get().set_slot(slot);
-        req.get().set_trial(trial);
-        req.get().set_tries_left(tries);
-        req.send().promise.await?;
-        Ok(())
-    })
-    .await
+    call(sock, move |c| on::set_active(c, slot, trial, tries)).await
 }
 
 /// `slotImaged(slot, version)`: flashd finished installing into `slot`.
 pub async fn slot_imaged(sock: &Path, slot: Slot, version: &str) -> Result<(), TransportError> {
-    call(sock, move |c| {
-        let version = version.to_string();
-        async move {
-            let mut req = c.slot_imaged_request();
-            req.get().set_slot(slot);
-            req.get().set_version(version.as_str());
-            req.send().promise.await?;
-            Ok(())
-        }
-    })
-    .await
+    call(sock, move |c| on::slot_imaged(c, slot, version.to_string())).await
 }
 
 /// `exportJson()`: the JSON view.
 pub async fn export_json(sock: &Path) -> Result<String, TransportError> {
-    call(sock, |c| async move {
-        let resp = c.export_json_request().send().promise.await?;
-        Ok(resp.get()?.get_json()?.to_string()?)
-    })
-    .await
+    call(sock, on::export_json).await
 }
 
 /// `reboot()`: reboot into the normal boot (via rebootd); `false` = stub.
 pub async fn reboot(sock: &Path) -> Result<bool, TransportError> {
-    call(sock, |c| async move {
-        let resp = c.reboot_request().send().promise.await?;
-        Ok(resp.get()?.get_rebooting())
-    })
-    .await
+    call(sock, on::reboot).await
 }
 
 /// bootctld's JSON view as a diag bundle records it.
@@ -114,10 +134,7 @@ pub enum View {
 /// Ask the bootctld at `sock` for its JSON view (bounded in time and size, one connect
 /// attempt). Never fails: an error becomes [`View::Unavailable`] with the reason.
 pub async fn fetch_view(sock: &Path, timeout: Duration) -> View {
-    let export = call_unix(sock, timeout, |c: Client| async move {
-        let resp = c.export_json_request().send().promise.await?;
-        Ok(resp.get()?.get_json()?.to_string()?)
-    });
+    let export = call_unix(sock, timeout, on::export_json);
     match tokio::time::timeout(timeout, export).await {
         Err(_) | Ok(Err(TransportError::Timeout { .. })) => View::Unavailable(format!(
             "bootctld on {} did not answer within {} s",
