@@ -4,15 +4,16 @@
 //! * [`snapshot`]: its canonical Cap'n Proto snapshot (`STATE/bootctl/state.nxs`);
 //! * [`json`]: the JSON debug/export view;
 //! * [`store`]: atomic persistence, or RAM-only (explicit stub) without /state;
-//! * [`client`]: guest-local clients (init, flashd, selftest) over the unix socket;
+//! * [`client`]: bootctld's types over the typed client [`nx_rpc::bootctl`] (init, flashd,
+//!   selftest);
 //! * [`update`]: the slot side of an update for flashd (install target, then
 //!   slotImaged + setActive(trial) + the automatic reboot);
 //! * [`service`]: the daemon core with the console markers and the `BootCtl`
 //!   capability of `proto/schema/bootctl.capnp`.
 //!
 //! Served over Cap'n Proto RPC on the virtio-serial port `com.nexus.bootctl`
-//! and on unix sockets (`/run/bootctld.sock` in the guest), with the transport
-//! shared with rebootd. See docs/updates/bootctl.md.
+//! and on unix sockets (`/run/bootctld.sock` in the guest), with the one transport
+//! of [`nx_rpc`]. See docs/updates/bootctl.md.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod client;
@@ -23,16 +24,16 @@ pub mod snapshot;
 pub mod store;
 pub mod update;
 
-pub use rebootd::transport::{Endpoint, TransportError};
+pub use nx_rpc::{Endpoint, TransportError};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
 /// Default guest-local socket.
-pub const DEFAULT_SOCKET: &str = "/run/bootctld.sock";
+pub const DEFAULT_SOCKET: &str = nx_rpc::bootctl::SOCKET;
 /// rebootd's guest-local socket (bootctld's `reboot()` and the update's automatic reboot).
-pub const REBOOTD_SOCKET: &str = rebootd::DEFAULT_SOCKET;
+pub const REBOOTD_SOCKET: &str = nx_rpc::reboot::SOCKET;
 /// The virtio-serial port name.
-pub const PORT_NAME: &str = "com.nexus.bootctl";
+pub const PORT_NAME: &str = nx_rpc::bootctl::PORT;
 /// Where the boot id comes from.
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
@@ -100,7 +101,7 @@ pub async fn run_until(
     if let service::RebootVia::Stub(why) = daemon.reboot_via() {
         markers.emit(&format!("bootctld: reboot() is a stub here ({why})"));
     }
-    let listeners = rebootd::transport::bind(&config.endpoints)?;
+    let listeners = nx_rpc::bind(&config.endpoints)?;
     let client = bootstrap(daemon);
     markers.emit("bootctld: ready");
     let serve = std::pin::pin!(listeners.serve(client, "bootctld"));

@@ -26,7 +26,7 @@ struct Args {
     #[arg(long)]
     listen: Vec<PathBuf>,
     /// rebootd's socket for reboot(), or `none` (reboot() is a stub).
-    #[arg(long, default_value = rebootd::DEFAULT_SOCKET)]
+    #[arg(long, default_value = nx_rpc::reboot::SOCKET)]
     rebootd: String,
     /// Print the JSON view of the persisted state and exit (no serving).
     #[arg(long)]

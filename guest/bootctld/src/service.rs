@@ -5,8 +5,8 @@ use crate::machine::{BootDecision, BootState, MachineError, Slot};
 use crate::snapshot;
 use crate::store::{Store, StoreError};
 use capnp::capability::Rc;
+use nx_contract::NextBoot;
 use proto::rpc::bootctl_capnp::boot_ctl;
-use rebootd::record::Target;
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     /// rebootd could not be asked.
     #[error("could not ask rebootd to reboot: {0}; is rebootd running?")]
-    Rebootd(#[from] rebootd::transport::TransportError),
+    Rebootd(#[from] nx_rpc::TransportError),
 }
 
 /// Where console markers go: stdout (the guest console) by default; tests
@@ -210,7 +210,8 @@ impl Daemon {
                 Ok(false)
             }
             RebootVia::Rebootd(sock) => {
-                let real = rebootd::request_mode(&sock, Target::Normal, REBOOTD_TIMEOUT).await?;
+                let real =
+                    nx_rpc::reboot::request_mode(&sock, NextBoot::Normal, REBOOTD_TIMEOUT).await?;
                 if real {
                     markers.emit("bootctl: reboot");
                 } else {

@@ -127,12 +127,8 @@ pub async fn after_install(
             step: "setActive",
             source,
         })?;
-    let rebooting = crate::client::retry_connect(crate::client::CONNECT_GRACE, || {
-        rebootd::request_mode(
-            rebootd_sock,
-            rebootd::record::Target::Normal,
-            REBOOT_TIMEOUT,
-        )
+    let rebooting = nx_rpc::retry_connect(nx_rpc::CONNECT_GRACE, || {
+        nx_rpc::reboot::request_mode(rebootd_sock, nx_contract::NextBoot::Normal, REBOOT_TIMEOUT)
     })
     .await
     .map_err(|source| UpdateError::Reboot {

@@ -62,7 +62,7 @@ impl TestServer {
     pub fn start(daemon: Daemon, socket: &Path) -> anyhow::Result<TestServer> {
         let markers: MarkerLog = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = futures::channel::oneshot::channel::<()>();
-        let endpoint = rebootd::transport::Endpoint::Unix(socket.to_path_buf());
+        let endpoint = nx_rpc::Endpoint::Unix(socket.to_path_buf());
         let sink = markers.clone();
         let thread = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -98,8 +98,8 @@ impl TestServer {
                         }
                     });
                     let socket = match &endpoint {
-                        rebootd::transport::Endpoint::Unix(p) => p.clone(),
-                        rebootd::transport::Endpoint::Port(_) => return,
+                        nx_rpc::Endpoint::Unix(p) => p.clone(),
+                        nx_rpc::Endpoint::Port(_) => return,
                     };
                     local.block_on(&rt, async move {
                         let run = std::pin::pin!(vport_sim(cfg, socket));
@@ -171,24 +171,20 @@ impl Drop for TestServer {
 /// bootctld served framed over one persistent pipe that every connection to
 /// `socket` is spliced into, one connection at a time (see
 /// [`Daemon::BootctldBehindVport`]).
-async fn vport_sim(
-    cfg: bootctld::Config,
-    socket: PathBuf,
-) -> Result<(), rebootd::transport::TransportError> {
+async fn vport_sim(cfg: bootctld::Config, socket: PathBuf) -> Result<(), nx_rpc::TransportError> {
     use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
     let (daemon, notes) = bootctld::open_daemon(&cfg);
     for n in &notes {
         cfg.markers.emit(n);
     }
-    let listener = tokio::net::UnixListener::bind(&socket).map_err(|source| {
-        rebootd::transport::TransportError::Bind {
+    let listener =
+        tokio::net::UnixListener::bind(&socket).map_err(|source| nx_rpc::TransportError::Bind {
             path: socket.clone(),
             source,
-        }
-    })?;
+        })?;
     let (guest_end, host_end) = tokio::io::duplex(256 * 1024);
     let (g_r, g_w) = tokio::io::split(guest_end);
-    tokio::task::spawn_local(rebootd::transport::serve_framed(
+    tokio::task::spawn_local(nx_rpc::serve_framed(
         g_r.compat(),
         g_w.compat_write(),
         Vec::new(),
@@ -227,11 +223,7 @@ where
     F: FnOnce(C) -> Fut,
     Fut: Future<Output = Result<T, capnp::Error>>,
 {
-    let r = block_on(rebootd::transport::call_unix(
-        socket,
-        Duration::from_secs(10),
-        call,
-    ))?;
+    let r = block_on(nx_rpc::call_unix(socket, Duration::from_secs(10), call))?;
     Ok(r?)
 }
 

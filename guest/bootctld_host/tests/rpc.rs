@@ -408,7 +408,7 @@ fn guest_local_clients_drive_the_update_flow() {
         client::slot_imaged(b, Slot::B, "2").await.unwrap();
         client::set_active(b, Slot::B, true, 3).await.unwrap();
         let t = std::time::Duration::from_secs(5);
-        rebootd::request_set_next(&rsock, rebootd::record::Target::Normal, t)
+        nx_rpc::reboot::request_set_next(&rsock, nx_contract::NextBoot::Normal, t)
             .await
             .unwrap();
         // Normal boot: the init asks which slot, the health check confirms.
@@ -427,7 +427,9 @@ fn guest_local_clients_drive_the_update_flow() {
             .unwrap()
             .contains("\"active\": \"b\""));
         assert!(!client::reboot(b).await.unwrap(), "stub rebootd");
-        assert!(!rebootd::request_factory_wipe(&rsock, t).await.unwrap());
+        assert!(!nx_rpc::reboot::request_factory_wipe(&rsock, t)
+            .await
+            .unwrap());
     })
     .unwrap();
     assert_eq!(

@@ -1,8 +1,9 @@
 //! virtio-serial ports, found by name (`/sys/class/virtio-ports/*/name`), never by number.
 //!
 //! The names come from the host (QEMU's `virtserialport name=`): they are read bounded and
-//! compared byte for byte; the sysfs entry name becomes a `/dev` path only when it is a plain
-//! safe name.
+//! compared byte for byte; the sysfs entry name becomes a `/dev` path only when it is a
+//! `vport<N>p<M>` name. This is the only port finder of the workspace (nx-rpc serves on the
+//! ports it finds, flashd and the recovery shell look for the flash port with it).
 
 use crate::{bounded, Error, Result};
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ pub fn find(sys_dir: &Path, dev_dir: &Path, name: &str) -> Result<Option<PathBuf
         let Some(dev) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        if !bounded::is_safe_name(&dev) {
+        if !bounded::is_safe_name(&dev) || !is_vport_name(&dev) {
             continue;
         }
         let Ok(Some(text)) = bounded::read_string_opt(&entry.path().join("name"), MAX_NAME) else {
@@ -47,6 +48,18 @@ pub fn find(sys_dir: &Path, dev_dir: &Path, name: &str) -> Result<Option<PathBuf
     // Deterministic choice if the host (wrongly) named two ports the same.
     found.sort();
     Ok(found.first().map(|d| dev_dir.join(d)))
+}
+
+/// `vport<digits>p<digits>` — the only device names we turn into a path.
+pub fn is_vport_name(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("vport") else {
+        return false;
+    };
+    let Some((a, b)) = rest.split_once('p') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|c| c.is_ascii_digit());
+    digits(a) && digits(b)
 }
 
 /// [`find`] in the real sysfs, polling until `timeout` (ports are added asynchronously after
@@ -95,6 +108,35 @@ mod tests {
             find(&sys.path().join("missing"), Path::new("/dev"), FLASH_PORT).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn vport_names() {
+        assert!(is_vport_name("vport0p1"));
+        assert!(is_vport_name("vport12p3"));
+        assert!(!is_vport_name("vport0"));
+        assert!(!is_vport_name("vportp1"));
+        assert!(!is_vport_name("../vport0p1"));
+        assert!(!is_vport_name("vport0p1x"));
+    }
+
+    #[test]
+    fn only_vport_entries_count() {
+        let sys = tempfile::tempdir().unwrap();
+        for (dir, name) in [
+            ("vport0p1", "com.nexus.flash\n"),
+            ("vport0p2", "com.nexus.bootctl\n"),
+            ("evil", "com.nexus.reboot\n"),
+        ] {
+            std::fs::create_dir_all(sys.path().join(dir)).unwrap();
+            std::fs::write(sys.path().join(dir).join("name"), name).unwrap();
+        }
+        let dev = Path::new("/dev");
+        assert_eq!(
+            find(sys.path(), dev, BOOTCTL_PORT).unwrap(),
+            Some(PathBuf::from("/dev/vport0p2"))
+        );
+        assert_eq!(find(sys.path(), dev, REBOOT_PORT).unwrap(), None);
     }
 
     #[test]

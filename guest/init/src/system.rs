@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// bootctld's guest-local socket.
-pub const BOOTCTLD_SOCK: &str = bootctld::DEFAULT_SOCKET;
+pub const BOOTCTLD_SOCK: &str = nx_rpc::bootctl::SOCKET;
 /// rebootd's guest-local socket.
-pub const REBOOTD_SOCK: &str = rebootd::DEFAULT_SOCKET;
+pub const REBOOTD_SOCK: &str = nx_rpc::reboot::SOCKET;
 /// How long to wait for a daemon's socket after starting it.
 pub const SOCKET_WAIT: Duration = Duration::from_secs(15);
 /// How long one rebootd call may take.
@@ -73,7 +73,7 @@ impl Daemons for RpcDaemons {
 
     fn confirm(&mut self) -> Result<(), String> {
         self.rt
-            .block_on(bootctld::client::confirm(&self.bootctld))
+            .block_on(nx_rpc::bootctl::confirm(&self.bootctld))
             .map_err(|e| format!("bootctld: {e}"))
     }
 
@@ -84,14 +84,18 @@ impl Daemons for RpcDaemons {
     }
 
     fn reboot(&mut self, target: &str) -> Result<bool, String> {
-        let t = rebootd::record::Target::parse(target).map_err(|e| e.to_string())?;
+        let t = nx_contract::NextBoot::parse(target).ok_or_else(|| {
+            format!(
+                "invalid next-boot target {:?}: use \"normal\" or \"recovery\"",
+                target.chars().take(32).collect::<String>()
+            )
+        })?;
         self.ready(&self.rebootd)?;
         let sock = self.rebootd.as_path();
         self.rt
-            .block_on(bootctld::client::retry_connect(
-                bootctld::client::CONNECT_GRACE,
-                || rebootd::request_mode(sock, t, REBOOTD_TIMEOUT),
-            ))
+            .block_on(nx_rpc::retry_connect(nx_rpc::CONNECT_GRACE, || {
+                nx_rpc::reboot::request_mode(sock, t, REBOOTD_TIMEOUT)
+            }))
             .map_err(|e| format!("rebootd: {e}"))
     }
 }

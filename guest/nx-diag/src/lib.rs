@@ -23,7 +23,6 @@
 //! usable `/state`: `nx-diag: not available — <why>` and `recovery: diag written (bytes=0)`.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-pub mod bootctl;
 pub mod bundle;
 pub mod collect;
 pub mod kmsg;
@@ -31,12 +30,14 @@ pub mod store;
 
 use nx_contract::markers::{diag, recovery};
 use nx_contract::Marker;
+/// bootctld's JSON view, fetched with the one RPC client ([`nx_rpc::bootctl::fetch_view`]).
+pub use nx_rpc::bootctl;
 use std::path::{Path, PathBuf};
 
 /// Default kernel log sources, in order of preference.
 pub const KMSG_SOURCES: [&str; 2] = ["/dev/kmsg", "/proc/kmsg"];
 /// Default bootctld socket.
-pub const BOOTCTLD_SOCKET: &str = "/run/bootctld.sock";
+pub const BOOTCTLD_SOCKET: &str = nx_rpc::bootctl::SOCKET;
 
 /// Errors of nx-diag.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +103,7 @@ pub enum Outcome {
 }
 
 /// Collect, encode and write a bundle; print the markers through `markers`.
-/// `bootctl` is bootctld's view (fetch it with [`bootctl::fetch`]).
+/// `bootctl` is bootctld's view (fetch it with [`bootctl::fetch_view`]).
 pub fn run(
     cfg: &Config,
     bootctl: &bootctl::View,

@@ -51,13 +51,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.kmsg_sources = args.kmsg;
     }
     let view = if args.bootctld == "none" {
-        nx_diag::bootctl::View::Unavailable("not asked (--bootctld none)".into())
+        nx_rpc::bootctl::View::Unavailable("not asked (--bootctld none)".into())
     } else {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("could not start the tokio runtime")?;
-        rt.block_on(nx_diag::bootctl::fetch(
+        rt.block_on(nx_rpc::bootctl::fetch_view(
             std::path::Path::new(&args.bootctld),
             Duration::from_secs(3),
         ))

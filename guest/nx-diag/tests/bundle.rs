@@ -2,10 +2,10 @@
 //! markers, and the "not available" path.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use nx_diag::bootctl::View;
 use nx_diag::bundle::{self, MAX_BUNDLE_BYTES};
 use nx_diag::collect::{gather, MEMBERS};
 use nx_diag::{run, Config, Outcome};
+use nx_rpc::bootctl::View;
 use std::path::Path;
 
 fn seed(root: &Path) {

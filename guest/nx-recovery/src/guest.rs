@@ -38,8 +38,8 @@ impl GuestConfig {
         GuestConfig {
             state_root: PathBuf::from(nx_contract::state::STATE_MOUNT),
             require_mountpoint: true,
-            rebootd: PathBuf::from(rebootd::DEFAULT_SOCKET),
-            bootctld: PathBuf::from(bootctld::DEFAULT_SOCKET),
+            rebootd: PathBuf::from(nx_rpc::reboot::SOCKET),
+            bootctld: PathBuf::from(nx_rpc::bootctl::SOCKET),
             console_log: None,
             kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
             timeout: Duration::from_secs(10),
@@ -65,11 +65,11 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
 /// Write a diag bundle (nx-diag): the console lines it printed (the
 /// `recovery: diag written (bytes=<n>)` marker last) and the outcome.
 pub fn diag(cfg: &GuestConfig) -> (Vec<String>, Result<nx_diag::Outcome, String>) {
-    let view = block_on(nx_diag::bootctl::fetch(
+    let view = block_on(nx_rpc::bootctl::fetch_view(
         &cfg.bootctld,
         Duration::from_secs(3),
     ))
-    .unwrap_or_else(nx_diag::bootctl::View::Unavailable);
+    .unwrap_or_else(nx_rpc::bootctl::View::Unavailable);
     let dcfg = nx_diag::Config {
         state_root: cfg.state_root.clone(),
         require_mountpoint: cfg.require_mountpoint,
@@ -98,8 +98,11 @@ pub fn slot_status(cfg: &GuestConfig) -> Result<String, String> {
 
 /// The factory-reset plan and device name from rebootd (`resetPlan()`), checked.
 pub fn reset_plan(cfg: &GuestConfig) -> Result<(nx_reset::Plan, String), String> {
-    let (json, device) = block_on(rebootd::request_reset_plan(&cfg.rebootd, cfg.timeout))?
-        .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))?;
+    let (json, device) = block_on(nx_rpc::reboot::request_reset_plan(
+        &cfg.rebootd,
+        cfg.timeout,
+    ))?
+    .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))?;
     let plan = nx_reset::Plan::from_json(&json)
         .map_err(|e| format!("rebootd sent a plan that does not parse: {e}"))?;
     if !plan.is_sane() {
@@ -115,14 +118,21 @@ pub fn reset_plan(cfg: &GuestConfig) -> Result<(nx_reset::Plan, String), String>
 
 /// rebootd `factoryWipe()` (records the request, next boot recovery, reboots).
 pub fn factory_wipe(cfg: &GuestConfig) -> Result<bool, String> {
-    block_on(rebootd::request_factory_wipe(&cfg.rebootd, cfg.timeout))?
-        .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))
+    block_on(nx_rpc::reboot::request_factory_wipe(
+        &cfg.rebootd,
+        cfg.timeout,
+    ))?
+    .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))
 }
 
 /// rebootd `mode(target)` (persist the next-boot record and reboot).
 pub fn reboot(cfg: &GuestConfig, target: Target) -> Result<bool, String> {
-    block_on(rebootd::request_mode(&cfg.rebootd, target, cfg.timeout))?
-        .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))
+    block_on(nx_rpc::reboot::request_mode(
+        &cfg.rebootd,
+        target,
+        cfg.timeout,
+    ))?
+    .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))
 }
 
 /// What `/proc` says about flashd.
@@ -148,37 +158,16 @@ fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// The `/dev` node of the virtio-serial port named `name` (sysfs `name` files, bounded;
-/// only `vport<N>p<M>` entries count).
-pub fn find_port(ports_root: &Path, dev_root: &Path, name: &str) -> Option<PathBuf> {
-    let mut found: Vec<String> = std::fs::read_dir(ports_root)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let dir = e.file_name().to_str()?.to_string();
-            let rest = dir.strip_prefix("vport")?;
-            let (a, b) = rest.split_once('p')?;
-            let digits =
-                |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|c| c.is_ascii_digit());
-            if !digits(a) || !digits(b) {
-                return None;
-            }
-            let text = read_small(&e.path().join("name"), 256)?;
-            (text.strip_suffix(b"\n").unwrap_or(&text) == name.as_bytes()).then_some(dir)
-        })
-        .collect();
-    found.sort();
-    found.first().map(|d| dev_root.join(d))
-}
-
 /// Find flashd (`/proc/<pid>/comm` = `flashd`) and whether it holds the flash port
 /// (`com.nexus.flash`) open among its descriptors.
 pub fn probe_flashd(cfg: &GuestConfig) -> FlashdProbe {
-    let port = find_port(
+    let port = nx_guest::port::find(
         &cfg.ports_root,
         &cfg.dev_root,
         nx_contract::ports::FLASH.name,
-    );
+    )
+    .ok()
+    .flatten();
     let mut pids: Vec<u32> = std::fs::read_dir(&cfg.proc_root)
         .map(|rd| {
             rd.filter_map(Result::ok)

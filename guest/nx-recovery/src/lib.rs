@@ -21,7 +21,7 @@ pub mod guest;
 use bootctld::machine::{BootState, Slot};
 use std::fmt::Write as _;
 
-pub use rebootd::record::Target;
+pub use nx_contract::NextBoot as Target;
 
 /// Longest input line, in bytes.
 pub const MAX_LINE: usize = 256;

@@ -19,10 +19,10 @@ struct Args {
     #[arg(long)]
     allow_unmounted_state: bool,
     /// rebootd's socket.
-    #[arg(long, default_value = rebootd::DEFAULT_SOCKET)]
+    #[arg(long, default_value = nx_rpc::reboot::SOCKET)]
     rebootd: PathBuf,
     /// bootctld's socket.
-    #[arg(long, default_value = bootctld::DEFAULT_SOCKET)]
+    #[arg(long, default_value = nx_rpc::bootctl::SOCKET)]
     bootctld: PathBuf,
     /// A console/marker log file for diag bundles.
     #[arg(long)]

@@ -5,10 +5,10 @@
 //! reboots the guest through PID 1 (SIGTERM, see [`pid1`]). It serves the
 //! `Reboot` capability of `proto/schema/reboot.capnp` over Cap'n Proto RPC on the
 //! virtio-serial port `com.nexus.reboot` and on unix sockets (`/run/rebootd.sock`
-//! in the guest, any `--listen` path in host tests), see [`transport`].
+//! in the guest, any `--listen` path in host tests) with the one transport of [`nx_rpc`];
+//! its typed client is [`nx_rpc::reboot`].
 //!
-//! The transport and the atomic small-file helpers ([`fsutil`]) are shared
-//! with `bootctld`, which asks rebootd to reboot.
+//! The atomic small-file helpers ([`fsutil`]) are shared with `bootctld`.
 //!
 //! Issue 6 adds the factory-reset and recovery-diagnostics methods: `resetPlan()`
 //! (the [`nx_reset`] plan of the state dir, read only), `factoryWipe()` (the one
@@ -20,18 +20,17 @@ pub mod fsutil;
 pub mod pid1;
 pub mod record;
 pub mod service;
-pub mod transport;
 
 pub use nx_diag;
 pub use nx_reset;
 
+pub use nx_rpc::{Endpoint, TransportError};
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Default guest-local socket.
-pub const DEFAULT_SOCKET: &str = "/run/rebootd.sock";
+pub const DEFAULT_SOCKET: &str = nx_rpc::reboot::SOCKET;
 /// The virtio-serial port name.
-pub const PORT_NAME: &str = "com.nexus.reboot";
+pub const PORT_NAME: &str = nx_rpc::reboot::PORT;
 
 /// Daemon configuration (the CLI flags of `rebootd`).
 #[derive(Debug, Clone)]
@@ -41,7 +40,7 @@ pub struct Config {
     /// Only persist when the state dir is a mount point.
     pub require_mountpoint: bool,
     /// Where to serve.
-    pub endpoints: Vec<transport::Endpoint>,
+    pub endpoints: Vec<Endpoint>,
     /// How to reboot.
     pub reboot_method: pid1::MethodArg,
 }
@@ -74,13 +73,13 @@ impl Default for Options {
 }
 
 /// [`run_with`] with the default [`Options`].
-pub async fn run(config: Config) -> Result<(), transport::TransportError> {
+pub async fn run(config: Config) -> Result<(), TransportError> {
     run_with(config, Options::default()).await
 }
 
 /// Open the store, print the startup markers, bind and serve forever.
 /// Must run inside a tokio `LocalSet`.
-pub async fn run_with(config: Config, options: Options) -> Result<(), transport::TransportError> {
+pub async fn run_with(config: Config, options: Options) -> Result<(), TransportError> {
     let store = record::Store::open(config.state.as_deref(), config.require_mountpoint);
     match &store {
         record::Store::Dir(dir) => println!("rebootd: next-boot record in {}", dir.display()),
@@ -91,148 +90,11 @@ pub async fn run_with(config: Config, options: Options) -> Result<(), transport:
     }
     let method = pid1::RebootMethod::resolve(config.reboot_method);
     println!("rebootd: reboot method: {}", method.describe());
-    let listeners = transport::bind(&config.endpoints)?;
+    let listeners = nx_rpc::bind(&config.endpoints)?;
     println!("rebootd: device name {}", options.device);
     let service = service::RebootService::with_options(store, method, options);
     let client: proto::rpc::reboot_capnp::reboot::Client = capnp_rpc::new_client(service);
     println!("rebootd: ready");
     listeners.serve(client.client, "rebootd").await;
     Ok(())
-}
-
-/// Ask the rebootd at `socket` to persist `target` and reboot; returns whether
-/// a real reboot was started (`false`: the stub case).
-pub async fn request_mode(
-    socket: &std::path::Path,
-    target: record::Target,
-    timeout: Duration,
-) -> Result<bool, transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            let mut req = client.mode_request();
-            req.get().set_target(target.as_str());
-            let resp = req.send().promise.await?;
-            Ok(resp.get()?.get_rebooting())
-        },
-    )
-    .await
-}
-
-/// Ask the rebootd at `socket` to persist `target` without rebooting.
-pub async fn request_set_next(
-    socket: &std::path::Path,
-    target: record::Target,
-    timeout: Duration,
-) -> Result<(), transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            let mut req = client.set_next_request();
-            req.get().set_target(target.as_str());
-            req.send().promise.await?;
-            Ok(())
-        },
-    )
-    .await
-}
-
-/// Ask the rebootd at `socket` to record a factory wipe and reboot to
-/// recovery; returns whether a real reboot was started.
-pub async fn request_factory_wipe(
-    socket: &std::path::Path,
-    timeout: Duration,
-) -> Result<bool, transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            let resp = client.factory_wipe_request().send().promise.await?;
-            Ok(resp.get()?.get_rebooting())
-        },
-    )
-    .await
-}
-
-/// Ask the rebootd at `socket` what the records say: `(target, factory_wipe, persistent)`,
-/// `target` `None` when there is no next-boot record.
-pub async fn request_pending(
-    socket: &std::path::Path,
-    timeout: Duration,
-) -> Result<(Option<record::Target>, bool, bool), transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            let resp = client.pending_request().send().promise.await?;
-            let r = resp.get()?;
-            let target = r.get_target()?.to_str().unwrap_or("");
-            let target = if target.is_empty() {
-                None
-            } else {
-                Some(
-                    record::Target::parse(target)
-                        .map_err(|e| capnp::Error::failed(e.to_string()))?,
-                )
-            };
-            Ok((target, r.get_factory_wipe(), r.get_persistent()))
-        },
-    )
-    .await
-}
-
-/// Ask the rebootd at `socket` to remove the next-boot record.
-pub async fn request_clear_next(
-    socket: &std::path::Path,
-    timeout: Duration,
-) -> Result<(), transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            client.clear_next_request().send().promise.await?;
-            Ok(())
-        },
-    )
-    .await
-}
-
-/// Ask the rebootd at `socket` for the factory-reset plan: `(plan JSON, device name)`.
-pub async fn request_reset_plan(
-    socket: &std::path::Path,
-    timeout: Duration,
-) -> Result<(String, String), transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            let resp = client.reset_plan_request().send().promise.await?;
-            let r = resp.get()?;
-            Ok((r.get_json()?.to_string()?, r.get_device()?.to_string()?))
-        },
-    )
-    .await
-}
-
-/// Ask the rebootd at `socket` for the newest diag bundle (a new one first with
-/// `create`): `(file name, bytes)`.
-pub async fn request_fetch_diag(
-    socket: &std::path::Path,
-    create: bool,
-    timeout: Duration,
-) -> Result<(String, Vec<u8>), transport::TransportError> {
-    transport::call_unix(
-        socket,
-        timeout,
-        |client: proto::rpc::reboot_capnp::reboot::Client| async move {
-            let mut req = client.fetch_diag_request();
-            req.get().set_create(create);
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            Ok((r.get_name()?.to_string()?, r.get_data()?.to_vec()))
-        },
-    )
-    .await
 }

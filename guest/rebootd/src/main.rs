@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use rebootd::transport::Endpoint;
+use rebootd::Endpoint;
 use std::path::PathBuf;
 
 /// The next-boot authority: persists STATE/boot/next_mode and reboots via PID 1.

@@ -47,57 +47,19 @@ pub enum RecordError {
     NotPersistent(NotPersistent),
 }
 
-/// Which initramfs the boot firmware starts next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// The normal initramfs (boots the active slot).
-    Normal,
-    /// The recovery ramdisk.
-    Recovery,
+/// Which initramfs the boot firmware starts next: the contract's next-boot grammar.
+pub use nx_contract::NextBoot as Target;
+
+/// Parse a target name strictly (`normal` | `recovery`).
+pub fn parse_target(s: &str) -> Result<Target, RecordError> {
+    Target::parse(s).ok_or_else(|| RecordError::BadTarget(s.chars().take(32).collect()))
 }
 
-impl Target {
-    /// Parse a target name strictly (`normal` | `recovery`).
-    pub fn parse(s: &str) -> Result<Self, RecordError> {
-        match s {
-            "normal" => Ok(Target::Normal),
-            "recovery" => Ok(Target::Recovery),
-            other => Err(RecordError::BadTarget(other.chars().take(32).collect())),
-        }
-    }
-
-    /// The wire/record name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Target::Normal => "normal",
-            Target::Recovery => "recovery",
-        }
-    }
-
-    /// The exact bytes of the record file.
-    pub fn record_bytes(self) -> &'static [u8] {
-        match self {
-            Target::Normal => b"normal\n",
-            Target::Recovery => b"recovery\n",
-        }
-    }
-
-    /// Parse the content of a record file (exactly `normal\n` / `recovery\n`;
-    /// a missing final newline is tolerated).
-    pub fn from_record(bytes: &[u8]) -> Option<Self> {
-        let s = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-        match s {
-            b"normal" => Some(Target::Normal),
-            b"recovery" => Some(Target::Recovery),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// Parse the content of a record file (exactly `normal\n` / `recovery\n`;
+/// a missing final newline is tolerated, nothing else).
+pub fn target_from_record(bytes: &[u8]) -> Option<Target> {
+    let s = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    std::str::from_utf8(s).ok().and_then(Target::parse)
 }
 
 /// What the records say now.
@@ -122,7 +84,7 @@ pub fn read_next_mode(boot_dir: &Path) -> Result<Option<Target>, RecordError> {
     else {
         return Ok(None);
     };
-    Target::from_record(&bytes)
+    target_from_record(&bytes)
         .map(Some)
         .ok_or_else(|| RecordError::BadRecord {
             path,
@@ -281,15 +243,15 @@ mod tests {
 
     #[test]
     fn targets_parse_strictly() {
-        assert_eq!(Target::parse("normal").unwrap(), Target::Normal);
-        assert_eq!(Target::parse("recovery").unwrap(), Target::Recovery);
-        assert!(Target::parse("Recovery").is_err());
-        assert!(Target::parse("normal\n").is_err());
-        assert!(Target::parse("").is_err());
-        assert_eq!(Target::from_record(b"recovery\n"), Some(Target::Recovery));
-        assert_eq!(Target::from_record(b"normal"), Some(Target::Normal));
-        assert_eq!(Target::from_record(b"normal\n\n"), None);
-        assert_eq!(Target::from_record(b"../etc"), None);
+        assert_eq!(parse_target("normal").unwrap(), Target::Normal);
+        assert_eq!(parse_target("recovery").unwrap(), Target::Recovery);
+        assert!(parse_target("Recovery").is_err());
+        assert!(parse_target("normal\n").is_err());
+        assert!(parse_target("").is_err());
+        assert_eq!(target_from_record(b"recovery\n"), Some(Target::Recovery));
+        assert_eq!(target_from_record(b"normal"), Some(Target::Normal));
+        assert_eq!(target_from_record(b"normal\n\n"), None);
+        assert_eq!(target_from_record(b"../etc"), None);
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl reboot::Server for RebootService {
         mut results: reboot::ModeResults,
     ) -> Result<(), capnp::Error> {
         let target = text_arg(params.get()?.get_target()?)?;
-        let target = Target::parse(&target).map_err(rpc_err)?;
+        let target = crate::record::parse_target(&target).map_err(rpc_err)?;
         let rebooting = RebootService::mode(&self, target).map_err(rpc_err)?;
         results.get().set_rebooting(rebooting);
         Ok(())
@@ -186,7 +186,7 @@ impl reboot::Server for RebootService {
         _results: reboot::SetNextResults,
     ) -> Result<(), capnp::Error> {
         let target = text_arg(params.get()?.get_target()?)?;
-        let target = Target::parse(&target).map_err(rpc_err)?;
+        let target = crate::record::parse_target(&target).map_err(rpc_err)?;
         RebootService::set_next(&self, target).map_err(rpc_err)
     }
 
@@ -234,8 +234,8 @@ impl reboot::Server for RebootService {
         let root = self.state_root("a diag bundle")?;
         if create {
             let view = match &self.options.bootctld_socket {
-                Some(sock) => nx_diag::bootctl::fetch(sock, Duration::from_secs(3)).await,
-                None => nx_diag::bootctl::View::Unavailable(
+                Some(sock) => nx_rpc::bootctl::fetch_view(sock, Duration::from_secs(3)).await,
+                None => nx_rpc::bootctl::View::Unavailable(
                     "rebootd has no bootctld socket configured".into(),
                 ),
             };

@@ -31,7 +31,7 @@ fn serve(state: Option<&Path>, socket: &Path, options: Options) -> Server {
     let config = Config {
         state: state.map(Path::to_path_buf),
         require_mountpoint: false,
-        endpoints: vec![rebootd::transport::Endpoint::Unix(socket.to_path_buf())],
+        endpoints: vec![nx_rpc::Endpoint::Unix(socket.to_path_buf())],
         reboot_method: MethodArg::Stub,
     };
     let (tx, rx) = futures::channel::oneshot::channel::<()>();
@@ -120,7 +120,7 @@ fn reset_plan_is_nx_resets_plan_and_changes_nothing() {
     seed(&state);
     let before = listing(&state);
     let s = serve(Some(&state), &d.path().join("reboot.sock"), options());
-    let (json, device) = block_on(rebootd::request_reset_plan(&s.socket, T)).unwrap();
+    let (json, device) = block_on(nx_rpc::reboot::request_reset_plan(&s.socket, T)).unwrap();
     assert_eq!(device, "board-7");
     assert_eq!(json, rebootd::nx_reset::plan(&state).unwrap().to_json());
     let plan = rebootd::nx_reset::Plan::from_json(&json).unwrap();
@@ -135,7 +135,7 @@ fn factory_wipe_records_the_request_nx_reset_consumes() {
     let state = d.path().join("state");
     seed(&state);
     let s = serve(Some(&state), &d.path().join("reboot.sock"), options());
-    let rebooting = block_on(rebootd::request_factory_wipe(&s.socket, T)).unwrap();
+    let rebooting = block_on(nx_rpc::reboot::request_factory_wipe(&s.socket, T)).unwrap();
     assert!(!rebooting, "stub reboot method in tests");
     assert_eq!(
         std::fs::read(state.join("boot/factory_wipe")).unwrap(),
@@ -145,7 +145,8 @@ fn factory_wipe_records_the_request_nx_reset_consumes() {
         std::fs::read(state.join("boot/next_mode")).unwrap(),
         b"recovery\n"
     );
-    let (target, wipe, persistent) = block_on(rebootd::request_pending(&s.socket, T)).unwrap();
+    let (target, wipe, persistent) =
+        block_on(nx_rpc::reboot::request_pending(&s.socket, T)).unwrap();
     assert_eq!(
         (target, wipe, persistent),
         (Some(Target::Recovery), true, true)
@@ -155,13 +156,13 @@ fn factory_wipe_records_the_request_nx_reset_consumes() {
     rebootd::nx_reset::wipe(&state, &mut |l| lines.push(l.to_string())).unwrap();
     assert_eq!(lines.first().unwrap(), "nx: reset factory wipe start");
     assert_eq!(lines.last().unwrap(), "nx: reset factory wipe done");
-    let (_, wipe, _) = block_on(rebootd::request_pending(&s.socket, T)).unwrap();
+    let (_, wipe, _) = block_on(nx_rpc::reboot::request_pending(&s.socket, T)).unwrap();
     assert!(!wipe);
     assert_eq!(
         std::fs::read(state.join("trust/root.pub")).unwrap(),
         [3u8; 32]
     );
-    let (json, _) = block_on(rebootd::request_reset_plan(&s.socket, T)).unwrap();
+    let (json, _) = block_on(nx_rpc::reboot::request_reset_plan(&s.socket, T)).unwrap();
     let plan = rebootd::nx_reset::Plan::from_json(&json).unwrap();
     assert_eq!(plan.totals.wiped_paths, 0);
 }
@@ -176,9 +177,9 @@ fn fetch_diag_new_and_latest() {
     let mut opts = options();
     opts.console_log = Some(console);
     let s = serve(Some(&state), &d.path().join("reboot.sock"), opts);
-    let err = block_on(rebootd::request_fetch_diag(&s.socket, false, T)).unwrap_err();
+    let err = block_on(nx_rpc::reboot::request_fetch_diag(&s.socket, false, T)).unwrap_err();
     assert!(err.to_string().contains("no diag bundle"), "{err}");
-    let (name, data) = block_on(rebootd::request_fetch_diag(&s.socket, true, T)).unwrap();
+    let (name, data) = block_on(nx_rpc::reboot::request_fetch_diag(&s.socket, true, T)).unwrap();
     assert_eq!(name, "diag-1.tar.zst");
     assert_eq!(
         data,
@@ -191,7 +192,7 @@ fn fetch_diag_new_and_latest() {
     assert_eq!(console.data, b"rebootd: ready\n");
     let bootctl = members.iter().find(|m| m.name == "bootctl.json").unwrap();
     assert!(String::from_utf8_lossy(&bootctl.data).contains("not_available"));
-    let (name2, data2) = block_on(rebootd::request_fetch_diag(&s.socket, false, T)).unwrap();
+    let (name2, data2) = block_on(nx_rpc::reboot::request_fetch_diag(&s.socket, false, T)).unwrap();
     assert_eq!((name2.as_str(), &data2), ("diag-1.tar.zst", &data));
 }
 
@@ -201,11 +202,16 @@ fn clear_next_removes_the_record() {
     let state = d.path().join("state");
     seed(&state);
     let s = serve(Some(&state), &d.path().join("reboot.sock"), options());
-    block_on(rebootd::request_set_next(&s.socket, Target::Recovery, T)).unwrap();
+    block_on(nx_rpc::reboot::request_set_next(
+        &s.socket,
+        Target::Recovery,
+        T,
+    ))
+    .unwrap();
     assert!(state.join("boot/next_mode").exists());
-    block_on(rebootd::request_clear_next(&s.socket, T)).unwrap();
+    block_on(nx_rpc::reboot::request_clear_next(&s.socket, T)).unwrap();
     assert!(!state.join("boot/next_mode").exists());
-    let (target, _, _) = block_on(rebootd::request_pending(&s.socket, T)).unwrap();
+    let (target, _, _) = block_on(nx_rpc::reboot::request_pending(&s.socket, T)).unwrap();
     assert_eq!(target, None);
 }
 
@@ -213,10 +219,10 @@ fn clear_next_removes_the_record() {
 fn ram_only_refuses_plan_and_diag() {
     let d = tempfile::tempdir().unwrap();
     let s = serve(None, &d.path().join("reboot.sock"), options());
-    let err = block_on(rebootd::request_reset_plan(&s.socket, T)).unwrap_err();
+    let err = block_on(nx_rpc::reboot::request_reset_plan(&s.socket, T)).unwrap_err();
     assert!(err.to_string().contains("stub/placeholder"), "{err}");
-    let err = block_on(rebootd::request_fetch_diag(&s.socket, true, T)).unwrap_err();
+    let err = block_on(nx_rpc::reboot::request_fetch_diag(&s.socket, true, T)).unwrap_err();
     assert!(err.to_string().contains("stub/placeholder"), "{err}");
-    let err = block_on(rebootd::request_factory_wipe(&s.socket, T)).unwrap_err();
+    let err = block_on(nx_rpc::reboot::request_factory_wipe(&s.socket, T)).unwrap_err();
     assert!(err.to_string().contains("stub/placeholder"), "{err}");
 }

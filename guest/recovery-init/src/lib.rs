@@ -195,7 +195,7 @@ pub fn wait_accepting(sock: &Path, wait: Duration) -> Result<(), String> {
 }
 
 /// After a completed wipe: ask the rebootd at `sock` to persist `next_mode=normal` and
-/// reboot (`rebootd::request_mode`, from a current-thread tokio runtime). `Ok(true)`: rebootd
+/// reboot (`nx_rpc::reboot::request_mode`, from a current-thread tokio runtime). `Ok(true)`: rebootd
 /// is rebooting (SIGTERM to PID 1 follows); `Ok(false)`: it recorded the next boot but cannot
 /// reboot here (stub).
 pub fn reboot_normal_after_wipe(
@@ -208,9 +208,9 @@ pub fn reboot_normal_after_wipe(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
-    rt.block_on(rebootd::request_mode(
+    rt.block_on(nx_rpc::reboot::request_mode(
         sock,
-        rebootd::record::Target::Normal,
+        nx_contract::NextBoot::Normal,
         call,
     ))
     .map_err(|e| format!("rebootd mode(normal) on {}: {e}", sock.display()))
@@ -417,7 +417,7 @@ mod tests {
         let config = rebootd::Config {
             state: Some(state.clone()),
             require_mountpoint: false,
-            endpoints: vec![rebootd::transport::Endpoint::Unix(sock.clone())],
+            endpoints: vec![rebootd::Endpoint::Unix(sock.clone())],
             reboot_method: rebootd::pid1::MethodArg::Stub,
         };
         let (tx, rx) = futures::channel::oneshot::channel::<()>();

@@ -71,8 +71,8 @@ impl Ctx {
             mode,
             state_root: PathBuf::from("/state"),
             require_mountpoint: true,
-            rebootd: PathBuf::from(rebootd::DEFAULT_SOCKET),
-            bootctld: PathBuf::from(bootctld::DEFAULT_SOCKET),
+            rebootd: PathBuf::from(nx_rpc::reboot::SOCKET),
+            bootctld: PathBuf::from(nx_rpc::bootctl::SOCKET),
             pid1_cmdline: PathBuf::from("/proc/1/cmdline"),
             recovery_marker: PathBuf::from("/bin/recovery-sh"),
             proc_root: PathBuf::from("/proc"),
@@ -211,7 +211,7 @@ pub fn check_recovery_boot(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome
     if let Err(e) = wait_for_socket(&ctx.rebootd, ctx.wait) {
         return Outcome::Failed(format!("rebootd: {e}"));
     }
-    match block_on(rebootd::request_pending(&ctx.rebootd, ctx.timeout)) {
+    match block_on(nx_rpc::reboot::request_pending(&ctx.rebootd, ctx.timeout)) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Outcome::Failed(format!("rebootd pending(): {e}")),
         Err(e) => return Outcome::Failed(e),
@@ -230,12 +230,12 @@ pub fn check_recovery_boot(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome
 pub fn check_recovery_diag(ctx: &Ctx, emit: &mut dyn FnMut(&Marker)) -> Outcome {
     // bootctld's view makes the bundle complete; not having it is not a diag failure.
     let view = match wait_for_socket(&ctx.bootctld, ctx.wait) {
-        Ok(()) => block_on(nx_diag::bootctl::fetch(
+        Ok(()) => block_on(nx_rpc::bootctl::fetch_view(
             &ctx.bootctld,
             Duration::from_secs(3),
         ))
-        .unwrap_or_else(nx_diag::bootctl::View::Unavailable),
-        Err(e) => nx_diag::bootctl::View::Unavailable(e),
+        .unwrap_or_else(nx_rpc::bootctl::View::Unavailable),
+        Err(e) => nx_rpc::bootctl::View::Unavailable(e),
     };
     let cfg = nx_diag::Config {
         state_root: ctx.state_root.clone(),
@@ -351,7 +351,10 @@ pub fn check_reset_dry_run(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome
     if let Err(e) = wait_for_socket(&ctx.rebootd, ctx.wait) {
         return Outcome::Failed(format!("rebootd: {e}"));
     }
-    let (json, device) = match block_on(rebootd::request_reset_plan(&ctx.rebootd, ctx.timeout)) {
+    let (json, device) = match block_on(nx_rpc::reboot::request_reset_plan(
+        &ctx.rebootd,
+        ctx.timeout,
+    )) {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Outcome::Failed(format!("rebootd resetPlan(): {e}")),
         Err(e) => return Outcome::Failed(e),
@@ -451,14 +454,15 @@ pub fn check_flash_receive(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome
 
 /// `SELFTEST: flash reboot flag ok`.
 pub fn check_flash_reboot_flag(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome {
-    use rebootd::record::Target;
+    use nx_contract::NextBoot as Target;
     if let Err(e) = wait_for_socket(&ctx.rebootd, ctx.wait) {
         return Outcome::Failed(format!("rebootd: {e}"));
     }
     let sock = &ctx.rebootd;
     let t = ctx.timeout;
     let pending = || -> Result<(Option<Target>, bool, bool), String> {
-        block_on(rebootd::request_pending(sock, t))?.map_err(|e| format!("rebootd pending(): {e}"))
+        block_on(nx_rpc::reboot::request_pending(sock, t))?
+            .map_err(|e| format!("rebootd pending(): {e}"))
     };
     let record = ctx.state_root.join("boot/next_mode");
     let run = || -> Result<(), String> {
@@ -470,7 +474,7 @@ pub fn check_flash_reboot_flag(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Out
         }
         let mut result = Ok(());
         for target in [Target::Recovery, Target::Normal] {
-            block_on(rebootd::request_set_next(sock, target, t))?
+            block_on(nx_rpc::reboot::request_set_next(sock, target, t))?
                 .map_err(|e| format!("rebootd setNext({target}): {e}"))?;
             let (now, _, _) = pending()?;
             let bytes = read_small(&record, 64);
@@ -485,9 +489,9 @@ pub fn check_flash_reboot_flag(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Out
         }
         // Restore what was there, even after a mismatch.
         match orig {
-            Some(target) => block_on(rebootd::request_set_next(sock, target, t))?
+            Some(target) => block_on(nx_rpc::reboot::request_set_next(sock, target, t))?
                 .map_err(|e| format!("restoring the record ({target}): {e}"))?,
-            None => block_on(rebootd::request_clear_next(sock, t))?
+            None => block_on(nx_rpc::reboot::request_clear_next(sock, t))?
                 .map_err(|e| format!("restoring \"no record\": {e}"))?,
         }
         let (back, _, _) = pending()?;
@@ -521,7 +525,7 @@ pub fn check_bootctl_api(ctx: &Ctx, emit: &mut dyn FnMut(&Marker)) -> Outcome {
     if let Err(e) = st.validate() {
         return Outcome::Failed(format!("the slot table breaks an invariant: {e}"));
     }
-    let json = match block_on(bootctld::client::export_json(&ctx.bootctld)) {
+    let json = match block_on(nx_rpc::bootctl::export_json(&ctx.bootctld)) {
         Ok(Ok(j)) => j,
         Ok(Err(e)) => return Outcome::Failed(format!("bootctld exportJson(): {e}")),
         Err(e) => return Outcome::Failed(e),
@@ -548,6 +552,6 @@ pub fn check_bootctl_api(ctx: &Ctx, emit: &mut dyn FnMut(&Marker)) -> Outcome {
 /// The health check of a normal boot: after every check passed, `confirm()` the slot this
 /// boot uses (bootctld refuses when `bootAttempt` did not run in this boot).
 pub fn confirm_slot(ctx: &Ctx) -> Result<(), String> {
-    block_on(bootctld::client::confirm(&ctx.bootctld))?
+    block_on(nx_rpc::bootctl::confirm(&ctx.bootctld))?
         .map_err(|e| format!("bootctld confirm(): {e}"))
 }

@@ -1,5 +1,5 @@
-//! Serving and calling Cap'n Proto RPC in the guest (shared by `rebootd` and
-//! `bootctld`): a virtio-serial port found by name, and unix sockets.
+//! Serving Cap'n Proto RPC (`rebootd`, `bootctld`): on a virtio-serial port found by name
+//! ([`nx_guest::port`]), and on unix sockets.
 //!
 //! Everything here runs on a tokio current-thread runtime inside a
 //! [`tokio::task::LocalSet`] (capnp-rpc objects are `!Send`).
@@ -11,11 +11,12 @@
 //!   that is "host gone" — we poll every [`HOST_POLL`] until a read returns data
 //!   or `EAGAIN` (host connected), then run one RPC session until the next EOF.
 
-use capnp::capability::{Client, FromClientHook};
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
-use futures::future::Either;
+use crate::TransportError;
+use capnp::capability::Client;
+use capnp_rpc::rpc_twoparty_capnp::Side;
 use futures::io::{AsyncRead, AsyncWrite, BufReader, Cursor};
 use futures::AsyncReadExt as _;
+use nx_guest::port;
 use proto::rpc::link;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,53 +26,13 @@ use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 /// How often a port with no host connected is polled.
 pub const HOST_POLL: Duration = Duration::from_millis(200);
 /// How often a port that does not exist (yet) is looked up again.
 pub const PORT_LOOKUP_POLL: Duration = Duration::from_millis(500);
-/// Bound for one incoming RPC message (words of 8 bytes): 512 KiB. Our
-/// messages are a few hundred bytes; the bound keeps a hostile peer from
-/// making us allocate.
-pub const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
-/// Where virtio-serial ports are listed.
-pub const SYSFS_VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
-/// Bound for reading a port's `name` file.
-const MAX_PORT_NAME: usize = 256;
-
-/// Errors of the transport.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    /// A socket could not be bound.
-    #[error("could not listen on {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// The listen path exists and is not a socket: we do not delete files.
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    /// The server at a unix socket could not be reached.
-    #[error("could not connect to {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// An RPC call failed or the peer went away.
-    #[error("rpc to {path}: {source}")]
-    Rpc {
-        path: PathBuf,
-        #[source]
-        source: capnp::Error,
-    },
-    /// No answer in time.
-    #[error("rpc to {path}: no answer within {secs} s")]
-    Timeout { path: PathBuf, secs: u64 },
-}
 
 /// Something to serve on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,14 +41,6 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A virtio-serial port by name (`com.nexus.bootctl`).
     Port(String),
-}
-
-/// The receive options for every connection: bounded messages.
-pub fn reader_options() -> capnp::message::ReaderOptions {
-    let mut o = capnp::message::ReaderOptions::new();
-    o.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS))
-        .nesting_limit(32);
-    o
 }
 
 /// Bound listeners (sockets are bound eagerly so a bad path fails at startup).
@@ -165,9 +118,7 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let network =
-        twoparty::VatNetwork::new(BufReader::new(read), write, Side::Server, reader_options());
-    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
+    let rpc = crate::connection(BufReader::new(read), write, Side::Server, Some(bootstrap));
     tokio::task::spawn_local(async move {
         if let Err(e) = rpc.await {
             eprintln!("{who}: rpc session on {peer} ended with an error: {e}");
@@ -242,13 +193,12 @@ impl FramedSession {
     ) -> Self {
         let (rpc_end, link_end) = tokio::io::duplex(2 * link::MAX_CHUNK);
         let (rpc_r, rpc_w) = tokio::io::split(rpc_end);
-        let network = twoparty::VatNetwork::new(
+        let rpc = crate::connection(
             BufReader::new(rpc_r.compat()),
             rpc_w.compat_write(),
             Side::Server,
-            reader_options(),
+            Some(bootstrap),
         );
-        let rpc = RpcSystem::new(Box::new(network), Some(bootstrap));
         let rpc_task = tokio::task::spawn_local(async move {
             if let Err(e) = rpc.await {
                 eprintln!("{who}: rpc session {id:#010x} on {peer} ended with an error: {e}");
@@ -380,60 +330,10 @@ pub async fn serve_framed<R, W>(
     writer.abort();
 }
 
-/// Find the `/dev/vportNpM` device whose sysfs `name` is `name`.
-/// `Ok(None)` when no such port exists (yet).
-pub fn find_port(name: &str) -> io::Result<Option<PathBuf>> {
-    find_port_in(Path::new(SYSFS_VIRTIO_PORTS), Path::new("/dev"), name)
-}
-
-/// [`find_port`] with explicit sysfs and /dev roots (tests).
-pub fn find_port_in(sysfs: &Path, dev: &Path, name: &str) -> io::Result<Option<PathBuf>> {
-    let entries = match std::fs::read_dir(sysfs) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let dir = entry.file_name();
-        let Some(dir) = dir.to_str().filter(|d| is_vport_name(d)) else {
-            continue;
-        };
-        let Ok(Some(bytes)) =
-            crate::fsutil::read_bounded(&entry.path().join("name"), MAX_PORT_NAME)
-        else {
-            continue;
-        };
-        let port_name = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
-        if port_name == name.as_bytes() {
-            found.push(dev.join(dir));
-        }
-    }
-    found.sort();
-    Ok(found.into_iter().next())
-}
-
-/// `vport<digits>p<digits>` — the only device names we turn into a path.
-fn is_vport_name(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix("vport") else {
-        return false;
-    };
-    let Some((a, b)) = rest.split_once('p') else {
-        return false;
-    };
-    !a.is_empty()
-        && !b.is_empty()
-        && a.len() <= 4
-        && b.len() <= 4
-        && a.bytes().all(|c| c.is_ascii_digit())
-        && b.bytes().all(|c| c.is_ascii_digit())
-}
-
 async fn port_loop(name: String, bootstrap: Client, who: &'static str) {
     let mut warned = false;
     let dev = loop {
-        match find_port(&name) {
+        match port::find(Path::new(port::SYS_VIRTIO_PORTS), Path::new("/dev"), &name) {
             Ok(Some(dev)) => break dev,
             Ok(None) => {
                 if !warned {
@@ -565,91 +465,5 @@ impl AsyncWrite for VportIo {
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-/// Connect to a unix socket, bootstrap a `C` client and run `call` with it,
-/// driving the connection until the call completes (no `LocalSet` needed).
-pub async fn call_unix<C, F, Fut, T>(
-    path: &Path,
-    timeout: Duration,
-    call: F,
-) -> Result<T, TransportError>
-where
-    C: FromClientHook,
-    F: FnOnce(C) -> Fut,
-    Fut: std::future::Future<Output = Result<T, capnp::Error>>,
-{
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| TransportError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let (r, w) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        BufReader::new(r.compat()),
-        w.compat_write(),
-        Side::Client,
-        reader_options(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let client: C = rpc.bootstrap(Side::Server);
-    let call = Box::pin(call(client));
-    let raced = futures::future::select(call, rpc);
-    let out = match tokio::time::timeout(timeout, raced).await {
-        Err(_) => {
-            return Err(TransportError::Timeout {
-                path: path.to_path_buf(),
-                secs: timeout.as_secs(),
-            })
-        }
-        Ok(Either::Left((result, _rpc))) => result,
-        Ok(Either::Right((rpc_result, _call))) => Err(rpc_result.err().unwrap_or_else(|| {
-            capnp::Error::disconnected("the server closed the connection".into())
-        })),
-    };
-    out.map_err(|source| TransportError::Rpc {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vport_names() {
-        assert!(is_vport_name("vport0p1"));
-        assert!(is_vport_name("vport12p3"));
-        assert!(!is_vport_name("vport0"));
-        assert!(!is_vport_name("vportp1"));
-        assert!(!is_vport_name("../vport0p1"));
-        assert!(!is_vport_name("vport0p1x"));
-    }
-
-    #[test]
-    fn find_port_by_name_in_fake_sysfs() {
-        let d = tempfile::tempdir().unwrap();
-        let sys = d.path().join("sys");
-        for (dir, name) in [
-            ("vport0p1", "com.nexus.flash\n"),
-            ("vport0p2", "com.nexus.bootctl\n"),
-            ("evil", "com.nexus.reboot\n"),
-        ] {
-            std::fs::create_dir_all(sys.join(dir)).unwrap();
-            std::fs::write(sys.join(dir).join("name"), name).unwrap();
-        }
-        let dev = Path::new("/dev");
-        assert_eq!(
-            find_port_in(&sys, dev, "com.nexus.bootctl").unwrap(),
-            Some(PathBuf::from("/dev/vport0p2"))
-        );
-        assert_eq!(find_port_in(&sys, dev, "com.nexus.reboot").unwrap(), None);
-        assert_eq!(
-            find_port_in(&d.path().join("none"), dev, "x").unwrap(),
-            None
-        );
     }
 }
