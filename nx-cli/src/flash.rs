@@ -24,6 +24,9 @@ use image_file::ImageFile;
 use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
 use send::{SendError, SendOptions, SendReport};
 
+/// `--chunk`'s default as the user writes it: `nx_contract::defaults::CHUNK` (a test checks).
+const DEFAULT_CHUNK_ARG: &str = "1M";
+
 /// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
 pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
 /// Default port of rebootd.
@@ -104,11 +107,11 @@ pub struct SendArgs {
     pub ports: Vec<PortSpec>,
     /// WRITE frames in flight (1..=256). The default keeps 4 MiB in flight with the default
     /// chunk: enough to keep the link busy, and what a resume may have to send again.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = nx_contract::defaults::WINDOW, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub window: u16,
     /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536). Large chunks cost the
     /// target less per byte (fewer frames, writes, ACKs and journal syncs).
-    #[arg(long, default_value = "1M", value_parser = parse_chunk)]
+    #[arg(long, default_value = DEFAULT_CHUNK_ARG, value_parser = parse_chunk)]
     pub chunk: u32,
     /// Compression of chunks: auto (zstd where it pays and the link is the bottleneck),
     /// zstd (whenever it shrinks a chunk), none.
@@ -435,4 +438,17 @@ fn write_receipt(path: &std::path::Path, json: &str) -> anyhow::Result<()> {
     tmp.persist(path)
         .with_context(|| format!("cannot write the receipt {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod default_tests {
+    use super::*;
+
+    #[test]
+    fn the_chunk_default_is_the_contract_default() {
+        assert_eq!(
+            parse_chunk(DEFAULT_CHUNK_ARG),
+            Ok(nx_contract::defaults::CHUNK)
+        );
+    }
 }

@@ -374,32 +374,16 @@ pub struct Ack {
     pub ack: u32,
 }
 
-/// Why a NAK was sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NakReason {
-    /// 1: a WRITE arrived after a missing one.
-    Gap,
-    /// 2: the decoder discarded corrupt bytes.
-    Corrupt,
-    /// Unknown value, kept verbatim.
-    Unknown(u8),
-}
-
-impl NakReason {
-    pub fn code(self) -> u8 {
-        match self {
-            NakReason::Gap => 1,
-            NakReason::Corrupt => 2,
-            NakReason::Unknown(v) => v,
-        }
+wire_enum! {
+    /// Why a NAK was sent.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum NakReason: u8 {
+        /// 1: a WRITE arrived after a missing one.
+        Gap = 1 => "gap",
+        /// 2: the decoder discarded corrupt bytes.
+        Corrupt = 2 => "corrupt",
     }
-    pub fn from_code(v: u8) -> NakReason {
-        match v {
-            1 => NakReason::Gap,
-            2 => NakReason::Corrupt,
-            v => NakReason::Unknown(v),
-        }
-    }
+    unknown: Unknown => "unknown", "Unknown value, kept verbatim."
 }
 
 /// `NAK` (target → host): resend from `seq`; implies ACK of `seq - 1`.

@@ -60,8 +60,8 @@ impl SendOptions {
     pub fn new(host: impl Into<String>) -> SendOptions {
         SendOptions {
             host: host.into(),
-            window: 4,
-            chunk_size: 1024 * 1024,
+            window: nx_contract::defaults::WINDOW,
+            chunk_size: nx_contract::defaults::CHUNK,
             compress: CompressMode::Auto,
             skip: true,
             rto: Duration::from_secs(2),
