@@ -1,1 +1,165 @@
-//! Markers of bootctld (constructors are added with the code that prints them).
+//! Markers of bootctld (`bootctld: …` about the daemon, `bootctl: …` about slot-state calls).
+
+use super::Marker;
+use std::fmt::Display;
+
+/// `bootctld: ready`: serving.
+pub fn ready() -> Marker {
+    Marker::new("bootctld: ready")
+}
+
+/// A fatal error of the daemon.
+pub fn error(e: impl Display) -> Marker {
+    Marker::new(format!("bootctld: error: {e}"))
+}
+
+/// No usable state dir: RAM-only slot state.
+pub fn stub_ram(reason: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctld: stub/placeholder — {reason}; slot state is RAM-only \
+         (factory default) and does not survive a reboot"
+    ))
+}
+
+/// The state dir could not be read: RAM-only slot state, nothing written.
+pub fn stub_unreadable(reason: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctld: stub/placeholder — {reason}; slot state is RAM-only \
+         (factory default) and nothing is written"
+    ))
+}
+
+/// Fixed prefix of the stub lines.
+pub const STUB_PREFIX: &str = "bootctld: stub/placeholder";
+
+/// No snapshot yet: the factory default.
+pub fn no_snapshot(path: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctld: no snapshot at {path}; starting from the factory default (slot a active, good)"
+    ))
+}
+
+/// The snapshot was loaded.
+pub fn state_loaded(path: impl Display) -> Marker {
+    Marker::new(format!("bootctld: state loaded from {path}"))
+}
+
+/// The snapshot decodes but is not canonical.
+pub fn not_canonical() -> Marker {
+    Marker::new("bootctld: snapshot is valid but not canonical; it is rewritten on the next change")
+}
+
+/// A corrupt snapshot, kept aside as `kept_as`.
+pub fn corrupt_kept(path: impl Display, e: impl Display, kept_as: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctld: snapshot {path} is corrupt ({e}); kept it as {kept_as}, \
+         starting from the factory default (slot a active)"
+    ))
+}
+
+/// A corrupt snapshot that could not be moved aside.
+pub fn corrupt_not_moved(path: impl Display, e: impl Display, re: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctld: snapshot {path} is corrupt ({e}) and could not be moved aside ({re}); \
+         starting from the factory default (slot a active)"
+    ))
+}
+
+/// `reboot()` cannot really reboot here.
+pub fn reboot_is_stub(why: impl Display) -> Marker {
+    Marker::new(format!("bootctld: reboot() is a stub here ({why})"))
+}
+
+/// `bootctl: setActive slot=<s> trial=<t> tries=<n>`.
+pub fn set_active(slot: impl Display, trial: bool, tries: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctl: setActive slot={slot} trial={trial} tries={tries}"
+    ))
+}
+
+/// `bootctl: confirm`.
+pub fn confirm() -> Marker {
+    Marker::new("bootctl: confirm")
+}
+
+/// `bootctl: markBad slot=<s>`.
+pub fn mark_bad(slot: impl Display) -> Marker {
+    Marker::new(format!("bootctl: markBad slot={slot}"))
+}
+
+/// `bootctl: active slot=<s>` (after a markBad switched the active slot).
+pub fn active(slot: impl Display) -> Marker {
+    Marker::new(format!("bootctl: active slot={slot}"))
+}
+
+/// `bootctl: slotImaged slot=<s> version=<v>`.
+pub fn slot_imaged(slot: impl Display, version: impl Display) -> Marker {
+    Marker::new(format!("bootctl: slotImaged slot={slot} version={version}"))
+}
+
+/// A trial slot used up its tries.
+pub fn out_of_tries(slot: impl Display) -> Marker {
+    Marker::new(format!("bootctl: slot {slot} ran out of trial tries"))
+}
+
+/// `bootctl: rollback to slot=<s>`.
+pub fn rollback(slot: impl Display) -> Marker {
+    Marker::new(format!("bootctl: rollback to slot={slot}"))
+}
+
+/// `bootctl: bootAttempt slot=<s> trial=<t> tries=<n>`.
+pub fn boot_attempt(slot: impl Display, trial: bool, tries: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctl: bootAttempt slot={slot} trial={trial} tries={tries}"
+    ))
+}
+
+/// Fixed prefix of [`boot_attempt`].
+pub const BOOT_ATTEMPT_PREFIX: &str = "bootctl: bootAttempt slot=";
+
+/// No slot can boot.
+pub fn no_bootable_slot() -> Marker {
+    Marker::new("bootctl: bootAttempt no bootable slot (boot recovery)")
+}
+
+/// `bootctl: reboot`: rebootd reboots into normal.
+pub fn reboot() -> Marker {
+    Marker::new("bootctl: reboot")
+}
+
+/// The reboot is a stub (`why`).
+pub fn reboot_stub(why: impl Display) -> Marker {
+    Marker::new(format!("bootctl: reboot (stub) — {why}"))
+}
+
+/// Every constructor with representative arguments (the marker catalogue).
+pub fn samples() -> Vec<Marker> {
+    vec![
+        ready(),
+        error("e"),
+        stub_ram("r"),
+        stub_unreadable("r"),
+        no_snapshot("/state/bootctl/state.nxs"),
+        state_loaded("/state/bootctl/state.nxs"),
+        not_canonical(),
+        corrupt_kept("p", "e", "state.nxs.corrupt"),
+        corrupt_not_moved("p", "e", "r"),
+        reboot_is_stub("w"),
+        set_active('b', true, 3),
+        confirm(),
+        mark_bad('b'),
+        active('a'),
+        slot_imaged('b', "2"),
+        slot_imaged('b', "3-broken"),
+        out_of_tries('b'),
+        rollback('a'),
+        boot_attempt('a', false, 0),
+        boot_attempt('b', true, 2),
+        boot_attempt('b', true, 1),
+        boot_attempt('b', true, 0),
+        boot_attempt('b', false, 0),
+        no_bootable_slot(),
+        reboot(),
+        reboot_stub("rebootd cannot reboot here"),
+    ]
+}

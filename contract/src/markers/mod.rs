@@ -31,6 +31,8 @@ pub fn catalogue() -> Vec<Marker> {
     out.extend(diag::samples());
     out.extend(rawrecv::samples());
     out.extend(flashd::samples());
+    out.extend(bootctld::samples());
+    out.extend(rebootd::samples());
     out
 }
 
@@ -60,6 +62,8 @@ pub const PREFIXES: &[&str] = &[
     flashd::PATTERNS[5],
     flashd::PATTERNS[6],
     flashd::LOG_PREFIX,
+    bootctld::STUB_PREFIX,
+    bootctld::BOOT_ATTEMPT_PREFIX,
 ];
 
 /// Names joined with `", "` (how every marker lists names).
@@ -92,6 +96,13 @@ impl Marker {
 impl std::fmt::Display for Marker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for Marker {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
     }
 }
 

@@ -68,7 +68,7 @@ pub fn read_boot_id() -> String {
 
 /// Open the store and build the daemon; also returns the startup notes (the
 /// console lines to print before `bootctld: ready`).
-pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<String>) {
+pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<nx_contract::Marker>) {
     let opened = store::Store::open(config.state.as_deref(), config.require_mountpoint);
     let boot_id = config.boot_id.clone().unwrap_or_else(read_boot_id);
     let daemon = service::Daemon::new(
@@ -99,11 +99,11 @@ pub async fn run_until(
         markers.emit(note);
     }
     if let service::RebootVia::Stub(why) = daemon.reboot_via() {
-        markers.emit(&format!("bootctld: reboot() is a stub here ({why})"));
+        markers.emit(&nx_contract::markers::bootctld::reboot_is_stub(why));
     }
     let listeners = nx_rpc::bind(&config.endpoints)?;
     let client = bootstrap(daemon);
-    markers.emit("bootctld: ready");
+    markers.emit(&nx_contract::markers::bootctld::ready());
     let serve = std::pin::pin!(listeners.serve(client, "bootctld"));
     let shutdown = std::pin::pin!(shutdown);
     futures::future::select(serve, shutdown).await;

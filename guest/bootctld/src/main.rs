@@ -40,7 +40,10 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("bootctld: error: {err:#}");
+            eprintln!(
+                "{}",
+                nx_contract::markers::bootctld::error(format_args!("{err:#}"))
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -43,6 +43,9 @@ pub enum DaemonError {
 #[derive(Clone)]
 pub struct Markers(Arc<dyn Fn(&str) + Send + Sync>);
 
+use nx_contract::markers::bootctld as bm;
+use nx_contract::Marker;
+
 impl Markers {
     /// Print each marker on its own stdout line.
     pub fn stdout() -> Self {
@@ -54,9 +57,9 @@ impl Markers {
         Markers(Arc::new(f))
     }
 
-    /// Emit one marker line.
-    pub fn emit(&self, line: &str) {
-        (self.0)(line)
+    /// Emit one contract marker (`nx_contract::markers::bootctld`).
+    pub fn emit(&self, marker: &Marker) {
+        (self.0)(marker.as_str())
     }
 }
 
@@ -143,9 +146,7 @@ impl Daemon {
     /// `setActive`.
     pub fn set_active(&mut self, slot: Slot, trial: bool, tries: u8) -> Result<(), DaemonError> {
         self.apply(|s| s.set_active(slot, trial, tries))?;
-        self.markers.emit(&format!(
-            "bootctl: setActive slot={slot} trial={trial} tries={tries}"
-        ));
+        self.markers.emit(&bm::set_active(slot, trial, tries));
         Ok(())
     }
 
@@ -153,16 +154,16 @@ impl Daemon {
     pub fn confirm(&mut self) -> Result<Slot, DaemonError> {
         let id = self.boot_id.clone();
         let slot = self.apply(|s| s.confirm(&id))?;
-        self.markers.emit("bootctl: confirm");
+        self.markers.emit(&bm::confirm());
         Ok(slot)
     }
 
     /// `markBad`.
     pub fn mark_bad(&mut self, slot: Slot) -> Result<(), DaemonError> {
         let switched = self.apply(|s| Ok(s.mark_bad(slot)))?;
-        self.markers.emit(&format!("bootctl: markBad slot={slot}"));
+        self.markers.emit(&bm::mark_bad(slot));
         if let Some(active) = switched {
-            self.markers.emit(&format!("bootctl: active slot={active}"));
+            self.markers.emit(&bm::active(active));
         }
         Ok(())
     }
@@ -170,9 +171,7 @@ impl Daemon {
     /// `slotImaged`.
     pub fn slot_imaged(&mut self, slot: Slot, version: &str) -> Result<(), DaemonError> {
         self.apply(|s| s.slot_imaged(slot, version))?;
-        self.markers.emit(&format!(
-            "bootctl: slotImaged slot={slot} version={version}"
-        ));
+        self.markers.emit(&bm::slot_imaged(slot, version));
         Ok(())
     }
 
@@ -181,22 +180,17 @@ impl Daemon {
         let id = self.boot_id.clone();
         let d = self.apply(|s| Ok(s.boot_attempt(&id)))?;
         if let Some(bad) = d.marked_bad {
-            self.markers.emit(&format!("bootctl: markBad slot={bad}"));
-            self.markers
-                .emit(&format!("bootctl: slot {bad} ran out of trial tries"));
+            self.markers.emit(&bm::mark_bad(bad));
+            self.markers.emit(&bm::out_of_tries(bad));
         }
         if d.rolled_back {
-            self.markers
-                .emit(&format!("bootctl: rollback to slot={}", d.slot));
+            self.markers.emit(&bm::rollback(d.slot));
         }
         if d.bootable {
-            self.markers.emit(&format!(
-                "bootctl: bootAttempt slot={} trial={} tries={}",
-                d.slot, d.trial, d.tries_left
-            ));
-        } else {
             self.markers
-                .emit("bootctl: bootAttempt no bootable slot (boot recovery)");
+                .emit(&bm::boot_attempt(d.slot, d.trial, d.tries_left));
+        } else {
+            self.markers.emit(&bm::no_bootable_slot());
         }
         Ok(d)
     }
@@ -206,16 +200,16 @@ impl Daemon {
     pub async fn reboot(via: RebootVia, markers: Markers) -> Result<bool, DaemonError> {
         match via {
             RebootVia::Stub(why) => {
-                markers.emit(&format!("bootctl: reboot (stub) — {why}"));
+                markers.emit(&bm::reboot_stub(why));
                 Ok(false)
             }
             RebootVia::Rebootd(sock) => {
                 let real =
                     nx_rpc::reboot::request_mode(&sock, NextBoot::Normal, REBOOTD_TIMEOUT).await?;
                 if real {
-                    markers.emit("bootctl: reboot");
+                    markers.emit(&bm::reboot());
                 } else {
-                    markers.emit("bootctl: reboot (stub) — rebootd cannot reboot here");
+                    markers.emit(&bm::reboot_stub("rebootd cannot reboot here"));
                 }
                 Ok(real)
             }

@@ -4,6 +4,8 @@
 use crate::json::Persistence;
 use crate::machine::BootState;
 use crate::snapshot::{self, MAX_SNAPSHOT_BYTES};
+use nx_contract::markers::bootctld as bm;
+use nx_contract::Marker;
 use rebootd::fsutil;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +46,7 @@ pub struct Opened {
     /// The state to start from.
     pub state: BootState,
     /// Log lines for the console.
-    pub notes: Vec<String>,
+    pub notes: Vec<Marker>,
 }
 
 impl Store {
@@ -63,10 +65,7 @@ impl Store {
             Err(reason) => {
                 let reason = reason.to_string();
                 return Opened {
-                    notes: vec![format!(
-                        "bootctld: stub/placeholder — {reason}; slot state is RAM-only \
-                         (factory default) and does not survive a reboot"
-                    )],
+                    notes: vec![bm::stub_ram(&reason)],
                     store: Store::Ram(reason),
                     state: BootState::factory_default(),
                 };
@@ -75,21 +74,15 @@ impl Store {
         let path = dir.join(SNAPSHOT_FILE);
         match fsutil::read_bounded(&path, MAX_SNAPSHOT_BYTES) {
             Ok(None) => Opened {
-                notes: vec![format!(
-                    "bootctld: no snapshot at {}; starting from the factory default (slot a active, good)",
-                    path.display()
-                )],
+                notes: vec![bm::no_snapshot(path.display())],
                 store: Store::Dir(dir),
                 state: BootState::factory_default(),
             },
             Ok(Some(bytes)) => match snapshot::decode(&bytes) {
                 Ok(state) => {
-                    let mut notes = vec![format!("bootctld: state loaded from {}", path.display())];
+                    let mut notes = vec![bm::state_loaded(path.display())];
                     if snapshot::encode(&state) != bytes {
-                        notes.push(
-                            "bootctld: snapshot is valid but not canonical; it is rewritten on the next change"
-                                .into(),
-                        );
+                        notes.push(bm::not_canonical());
                     }
                     Opened {
                         store: Store::Dir(dir),
@@ -101,16 +94,8 @@ impl Store {
                     let kept = std::fs::rename(&path, dir.join(CORRUPT_FILE))
                         .and_then(|()| fsutil::sync_dir(&dir));
                     let note = match kept {
-                        Ok(()) => format!(
-                            "bootctld: snapshot {} is corrupt ({e}); kept it as {CORRUPT_FILE}, \
-                             starting from the factory default (slot a active)",
-                            path.display()
-                        ),
-                        Err(re) => format!(
-                            "bootctld: snapshot {} is corrupt ({e}) and could not be moved aside ({re}); \
-                             starting from the factory default (slot a active)",
-                            path.display()
-                        ),
+                        Ok(()) => bm::corrupt_kept(path.display(), &e, CORRUPT_FILE),
+                        Err(re) => bm::corrupt_not_moved(path.display(), &e, re),
                     };
                     Opened {
                         store: Store::Dir(dir),
@@ -122,10 +107,7 @@ impl Store {
             Err(e) => {
                 let reason = format!("could not read {} ({e})", path.display());
                 Opened {
-                    notes: vec![format!(
-                        "bootctld: stub/placeholder — {reason}; slot state is RAM-only \
-                         (factory default) and nothing is written"
-                    )],
+                    notes: vec![bm::stub_unreadable(&reason)],
                     store: Store::Ram(reason),
                     state: BootState::factory_default(),
                 }

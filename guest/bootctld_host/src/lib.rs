@@ -192,7 +192,7 @@ async fn vport_sim(cfg: bootctld::Config, socket: PathBuf) -> Result<(), nx_rpc:
         "bootctld",
         "vport-sim",
     ));
-    cfg.markers.emit("bootctld: ready");
+    cfg.markers.emit(&nx_contract::markers::bootctld::ready());
     let (mut h_r, mut h_w) = tokio::io::split(host_end);
     loop {
         let Ok((conn, _)) = listener.accept().await else {

@@ -24,6 +24,8 @@ pub mod service;
 pub use nx_diag;
 pub use nx_reset;
 
+use nx_contract::markers::rebootd as rm;
+use nx_guest::marker::show;
 pub use nx_rpc::{Endpoint, TransportError};
 use std::path::PathBuf;
 
@@ -82,19 +84,16 @@ pub async fn run(config: Config) -> Result<(), TransportError> {
 pub async fn run_with(config: Config, options: Options) -> Result<(), TransportError> {
     let store = record::Store::open(config.state.as_deref(), config.require_mountpoint);
     match &store {
-        record::Store::Dir(dir) => println!("rebootd: next-boot record in {}", dir.display()),
-        record::Store::Ram { reason, .. } => println!(
-            "rebootd: stub/placeholder — {reason}; the next-boot record is RAM-only, \
-             so `mode`/`factoryWipe` are refused (nothing would survive the reboot)"
-        ),
+        record::Store::Dir(dir) => show(&rm::record_in(dir.display())),
+        record::Store::Ram { reason, .. } => show(&rm::stub_ram(reason)),
     }
     let method = pid1::RebootMethod::resolve(config.reboot_method);
-    println!("rebootd: reboot method: {}", method.describe());
+    show(&rm::reboot_method(method.describe()));
     let listeners = nx_rpc::bind(&config.endpoints)?;
-    println!("rebootd: device name {}", options.device);
+    show(&rm::device_name(&options.device));
     let service = service::RebootService::with_options(store, method, options);
     let client: proto::rpc::reboot_capnp::reboot::Client = capnp_rpc::new_client(service);
-    println!("rebootd: ready");
+    show(&rm::ready());
     listeners.serve(client.client, "rebootd").await;
     Ok(())
 }

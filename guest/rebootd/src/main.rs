@@ -43,7 +43,10 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("rebootd: error: {err:#}");
+            eprintln!(
+                "{}",
+                nx_contract::markers::rebootd::error(format_args!("{err:#}"))
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,6 +4,8 @@ use crate::pid1::{self, RebootMethod};
 use crate::record::{Pending, RecordError, Store, Target};
 use crate::Options;
 use capnp::capability::Rc;
+use nx_contract::markers::rebootd as rm;
+use nx_guest::marker::show;
 use proto::rpc::reboot_capnp::reboot;
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -75,9 +77,9 @@ impl RebootService {
     pub fn clear_next(&self) -> Result<(), RecordError> {
         let mut inner = self.inner.borrow_mut();
         if inner.store.clear_next()? {
-            println!("rebootd: next-boot record cleared");
+            show(&rm::record_cleared(true));
         } else {
-            println!("rebootd: next-boot record cleared (stub/placeholder: RAM only)");
+            show(&rm::record_cleared(false));
         }
         Ok(())
     }
@@ -97,16 +99,16 @@ impl RebootService {
     pub fn set_next(&self, target: Target) -> Result<(), RecordError> {
         let mut inner = self.inner.borrow_mut();
         if inner.store.set_next(target)? {
-            println!("rebootd: next-boot={target}");
+            show(&rm::next_boot(target));
         } else {
-            println!(
-                "rebootd: next-boot={target} (stub/placeholder: RAM only, not persisted — {})",
+            show(&rm::next_boot_ram(
+                target,
                 inner
                     .store
                     .not_persistent_reason()
                     .map(|r| r.to_string())
-                    .unwrap_or_default()
-            );
+                    .unwrap_or_default(),
+            ));
         }
         Ok(())
     }
@@ -116,7 +118,7 @@ impl RebootService {
         let mut inner = self.inner.borrow_mut();
         inner.store.require_persistent()?;
         inner.store.set_next(target)?;
-        println!("rebootd: next-boot={target}");
+        show(&rm::next_boot(target));
         Ok(inner.reboot())
     }
 
@@ -125,9 +127,9 @@ impl RebootService {
         let mut inner = self.inner.borrow_mut();
         inner.store.require_persistent()?;
         inner.store.set_factory_wipe()?;
-        println!("rebootd: factory-wipe requested");
+        show(&rm::factory_wipe_requested());
         inner.store.set_next(Target::Recovery)?;
-        println!("rebootd: next-boot=recovery");
+        show(&rm::next_boot(Target::Recovery));
         Ok(inner.reboot())
     }
 }
@@ -136,18 +138,18 @@ impl Inner {
     fn reboot(&self) -> bool {
         match &self.method {
             RebootMethod::Init => {
-                println!("rebootd: rebooting (SIGTERM to PID 1)");
+                show(&rm::rebooting());
                 let delay = self.delay;
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(delay).await;
                     if let Err(e) = pid1::signal_init() {
-                        eprintln!("rebootd: error: SIGTERM to PID 1 failed: {e}; the guest does not reboot");
+                        eprintln!("{}", rm::signal_failed(e));
                     }
                 });
                 true
             }
             RebootMethod::Stub(why) => {
-                println!("rebootd: reboot (stub) — {why}; not rebooting");
+                show(&rm::reboot_stub(why));
                 false
             }
         }
