@@ -44,7 +44,7 @@ impl GuestConfig {
             kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
             timeout: Duration::from_secs(10),
             proc_root: PathBuf::from("/proc"),
-            ports_root: PathBuf::from("/sys/class/virtio-ports"),
+            ports_root: PathBuf::from(nx_guest::port::SYS_VIRTIO_PORTS),
             dev_root: PathBuf::from("/dev"),
         }
     }

@@ -76,7 +76,7 @@ impl Ctx {
             pid1_cmdline: PathBuf::from("/proc/1/cmdline"),
             recovery_marker: PathBuf::from("/bin/recovery-sh"),
             proc_root: PathBuf::from("/proc"),
-            ports_root: PathBuf::from("/sys/class/virtio-ports"),
+            ports_root: PathBuf::from(nx_guest::port::SYS_VIRTIO_PORTS),
             dev_root: PathBuf::from("/dev"),
             kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
             console_log: None,
