@@ -22,62 +22,98 @@ pub struct Tool {
     pub used_by: &'static str,
 }
 
-const fn t(bin: &'static str, package: &'static str, used_by: &'static str) -> Tool {
-    Tool {
-        bin,
-        package,
-        used_by,
-    }
-}
-
 /// Everything the recipes and tests spawn on the host.
 pub const HOST_TOOLS: &[Tool] = &[
-    t(
-        "qemu-system-x86_64",
-        "qemu-system-x86",
-        "the runner: marker profiles, e2e, demo, bench",
-    ),
-    t("mkfs.ext4", "e2fsprogs", "xtask guest: state/slot disks"),
-    t(
-        "debugfs",
-        "e2fsprogs",
-        "reading /state offline in e2e checks",
-    ),
-    t("e2fsck", "e2fsprogs", "e2e: the state disk stays clean"),
-    t("sfdisk", "fdisk", "xtask guest: the GPT slot disk"),
-    t(
-        "capnp",
-        "capnproto",
-        "xtask codegen and bootctld_host's codegen_fresh test",
-    ),
-    t("dpkg", "dpkg", "xtask guest: unpacking the kernel .deb"),
-    t("dpkg-deb", "dpkg", "xtask guest: kernel package contents"),
-    t(
-        "apt-get",
-        "apt",
-        "installing these packages; kernel download",
-    ),
-    t("apt-cache", "apt", "finding the newest cloud kernel"),
-    t("cp", "coreutils", "e2e: copying disk images"),
-    t("date", "coreutils", "bench: the report's time stamp"),
-    t("kill", "procps", "nx-cli tests: Ctrl-C (SIGINT) to nx"),
-    t(
-        "bash",
-        "bash",
-        "nx-cli tests: `bash -n` on the completion script",
-    ),
-    t(
-        "mkfs.vfat",
-        "dosfstools",
-        "xtask guest: the EFI system partition",
-    ),
-    t("mmd", "mtools", "xtask guest: directories on the ESP"),
-    t("mcopy", "mtools", "xtask guest: files on the ESP"),
-    t(
-        "qemu-io",
-        "qemu-utils",
-        "crash simulator test: QEMU's NBD client",
-    ),
+    Tool {
+        bin: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        used_by: "the runner: marker profiles, e2e, demo, bench",
+    },
+    Tool {
+        bin: "mkfs.ext4",
+        package: "e2fsprogs",
+        used_by: "xtask guest: state/slot disks",
+    },
+    Tool {
+        bin: "debugfs",
+        package: "e2fsprogs",
+        used_by: "reading /state offline in e2e checks",
+    },
+    Tool {
+        bin: "e2fsck",
+        package: "e2fsprogs",
+        used_by: "e2e: the state disk stays clean",
+    },
+    Tool {
+        bin: "sfdisk",
+        package: "fdisk",
+        used_by: "xtask guest: the GPT slot disk",
+    },
+    Tool {
+        bin: "capnp",
+        package: "capnproto",
+        used_by: "xtask codegen and bootctld_host's codegen_fresh test",
+    },
+    Tool {
+        bin: "dpkg",
+        package: "dpkg",
+        used_by: "xtask guest: unpacking the kernel .deb",
+    },
+    Tool {
+        bin: "dpkg-deb",
+        package: "dpkg",
+        used_by: "xtask guest: kernel package contents",
+    },
+    Tool {
+        bin: "apt-get",
+        package: "apt",
+        used_by: "installing these packages; kernel download",
+    },
+    Tool {
+        bin: "apt-cache",
+        package: "apt",
+        used_by: "finding the newest cloud kernel",
+    },
+    Tool {
+        bin: "cp",
+        package: "coreutils",
+        used_by: "e2e: copying disk images",
+    },
+    Tool {
+        bin: "date",
+        package: "coreutils",
+        used_by: "bench: the report's time stamp",
+    },
+    Tool {
+        bin: "kill",
+        package: "procps",
+        used_by: "nx-cli tests: Ctrl-C (SIGINT) to nx",
+    },
+    Tool {
+        bin: "bash",
+        package: "bash",
+        used_by: "nx-cli tests: `bash -n` on the completion script",
+    },
+    Tool {
+        bin: "mkfs.vfat",
+        package: "dosfstools",
+        used_by: "xtask guest: the EFI system partition",
+    },
+    Tool {
+        bin: "mmd",
+        package: "mtools",
+        used_by: "xtask guest: directories on the ESP",
+    },
+    Tool {
+        bin: "mcopy",
+        package: "mtools",
+        used_by: "xtask guest: files on the ESP",
+    },
+    Tool {
+        bin: "qemu-io",
+        package: "qemu-utils",
+        used_by: "crash simulator test: QEMU's NBD client",
+    },
 ];
 
 /// Debian's systemd-boot (package `systemd-boot-efi`).
@@ -86,21 +122,21 @@ pub use nx_qemu::{OVMF_CODE, OVMF_VARS};
 
 /// Files (not programs) the recipes read from Debian packages, by absolute path.
 pub const HOST_FILES: &[Tool] = &[
-    t(
-        SYSTEMD_BOOT_EFI,
-        "systemd-boot-efi",
-        "xtask guest: the boot loader on the ESP",
-    ),
-    t(
-        OVMF_CODE,
-        "ovmf",
-        "booting build/disk.img with UEFI firmware (docs/runner/boot.md)",
-    ),
-    t(
-        OVMF_VARS,
-        "ovmf",
-        "the template of a device's EFI variable store",
-    ),
+    Tool {
+        bin: SYSTEMD_BOOT_EFI,
+        package: "systemd-boot-efi",
+        used_by: "xtask guest: the boot loader on the ESP",
+    },
+    Tool {
+        bin: OVMF_CODE,
+        package: "ovmf",
+        used_by: "booting build/disk.img with UEFI firmware (docs/runner/boot.md)",
+    },
+    Tool {
+        bin: OVMF_VARS,
+        package: "ovmf",
+        used_by: "the template of a device's EFI variable store",
+    },
 ];
 
 /// The Debian package of `bin` (a program or one of the files), if it is in the tables.
