@@ -41,3 +41,11 @@ bench *ARGS:
 # Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
 codegen *ARGS:
     cargo xtask codegen {{ARGS}}
+
+# A coverage-guided fuzz campaign on stable (`just fuzz receiver --time 600`); CI replays fuzz/corpus.
+fuzz *ARGS:
+    cargo xtask fuzz {{ARGS}}
+
+# Power cuts at the block layer: record a path over NBD, boot N crash states (`--states 200`).
+crash *ARGS:
+    cargo xtask crash {{ARGS}}
