@@ -5,9 +5,14 @@
 //! - static guest binaries (`+crt-static`, own target dir `target/guest`) of every guest crate
 //!   that has a binary (discovered from `guest/*/Cargo.toml`);
 //! - `build/recovery/initrd.cpio` (recovery ramdisk) and `build/initrd.cpio` (normal);
-//! - the images, via `nx image build` (deterministic; rewritten only when their bytes change):
+//! - the images, via `nx image build` (deterministic; rewritten only when their bytes change),
+//!   each the whole OS of a slot: `rootfs` (squashfs: bootctld, rebootd, selftest-client,
+//!   nx-diag, Debian's busybox-static, /etc/os-release and /etc/motd of the version), `kernel`
+//!   and `initrd` (the normal initramfs):
 //!   `build/nexus-os.img` (the demo image, version 1, the factory image of slot a),
-//!   `build/nexus-os-v2.img` (version 2, the update of the e2e scenarios) and
+//!   `build/nexus-os-v2.img` (version 2, the update of the e2e scenarios: another version and
+//!   message of the day), `build/nexus-os-v3-badkernel.img` (its initrd's `/init` cannot run:
+//!   the kernel panics before userspace — the bootloader rollback proof) and
 //!   `build/nexus-os-broken.img` (a valid image whose `rootfs` segment is junk, not a file
 //!   system: it installs and verifies, but never mounts — the rollback scenario);
 //! - `build/state.img`, `build/disk.img` (kept across runs; `--fresh` recreates); a new
@@ -87,6 +92,8 @@ pub struct Outputs {
     pub v2_image: Option<PathBuf>,
     /// The image with an unmountable rootfs (`None`: stub/placeholder, as above).
     pub broken_image: Option<PathBuf>,
+    /// The image whose initrd fails before userspace (`None`: stub/placeholder, as above).
+    pub badkernel_image: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -101,6 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("demo image", &out.demo_image),
         ("update image", &out.v2_image),
         ("broken image", &out.broken_image),
+        ("bad-kernel image", &out.badkernel_image),
     ] {
         match img {
             Some(p) => eprintln!("  {what:<17} {}", p.display()),
@@ -151,7 +159,17 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
         initramfs.len(),
     );
 
-    let images = build_images(&build, &args.demo_version)?;
+    let busybox = crate::userland::busybox(&build, args.fresh)?;
+    let images = build_images(
+        &build,
+        &args.demo_version,
+        &OsParts {
+            kernel: &k.vmlinuz,
+            initrd: &normal,
+            bins: &bins,
+            busybox: &busybox,
+        },
+    )?;
 
     let state_img = build.join("state.img");
     disks::ensure_state(&state_img, args.fresh)?;
@@ -175,6 +193,7 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
         demo_image: images.demo,
         v2_image: images.v2,
         broken_image: images.broken,
+        badkernel_image: images.badkernel,
     })
 }
 
@@ -409,12 +428,87 @@ pub struct Images {
     pub demo: Option<PathBuf>,
     pub v2: Option<PathBuf>,
     pub broken: Option<PathBuf>,
+    pub badkernel: Option<PathBuf>,
 }
+
+/// What every image is made of: the whole OS of a slot.
+#[derive(Debug, Clone, Copy)]
+pub struct OsParts<'a> {
+    /// Segment `kernel`.
+    pub kernel: &'a Path,
+    /// Segment `initrd`: the normal initramfs (our init).
+    pub initrd: &'a Path,
+    /// Static guest binaries by name (the rootfs takes [`ROOTFS_BINS`]).
+    pub bins: &'a BTreeMap<String, PathBuf>,
+    /// Debian's static busybox (the userland's shell and tools).
+    pub busybox: &'a Path,
+}
+
+/// The normal userspace in the `rootfs` segment (`/bin/<name>`).
+pub const ROOTFS_BINS: &[&str] = &["bootctld", "rebootd", "selftest-client", "nx-diag"];
+/// busybox applets linked in `/bin` of the rootfs (the rest run as `busybox <applet>`).
+const BUSYBOX_LINKS: &[&str] = &["sh", "ls", "cat", "mount", "ps", "uname"];
+/// Version of `build/nexus-os-v3-badkernel.img`.
+pub const BADKERNEL_VERSION: &str = "3-badkernel";
 
 fn os_release(version: &str) -> String {
     format!(
         "NAME=\"nexus\"\nID=nexus\nPRETTY_NAME=\"nexus {version}\"\nVERSION=\"{version}\"\nVERSION_ID={version}\n"
     )
+}
+
+/// The message of the day of a version: what a user sees change after an update.
+pub fn motd(version: &str) -> String {
+    match version {
+        V2_VERSION => format!("nexus {version}: A/B updates with automatic rollback, now with the whole OS in every slot\n"),
+        _ => format!("nexus {version}\n"),
+    }
+}
+
+/// Lay out the rootfs tree of `version` at `dir` (recreated: nothing stale survives).
+fn rootfs_tree(dir: &Path, version: &str, parts: &OsParts<'_>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    let put = |rel: &str, bytes: &[u8], mode: u32| -> anyhow::Result<()> {
+        let p = dir.join(rel);
+        util::write_if_changed(&p, bytes)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {}", p.display()))
+    };
+    put("etc/os-release", os_release(version).as_bytes(), 0o644)?;
+    put("etc/hostname", b"nexus\n", 0o644)?;
+    put("etc/motd", motd(version).as_bytes(), 0o644)?;
+    for name in ROOTFS_BINS {
+        let src = parts.bins.get(*name).with_context(|| {
+            format!("guest binary {name} is missing (its crate is under guest/)")
+        })?;
+        let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+        put(&format!("bin/{name}"), &bytes, 0o755)?;
+    }
+    let bb = std::fs::read(parts.busybox)
+        .with_context(|| format!("read {}", parts.busybox.display()))?;
+    put("bin/busybox", &bb, 0o755)?;
+    for applet in BUSYBOX_LINKS {
+        let link = dir.join("bin").join(applet);
+        std::os::unix::fs::symlink("busybox", &link)
+            .with_context(|| format!("symlink {}", link.display()))?;
+    }
+    for d in ["dev", "proc", "sys", "run", "tmp", "state"] {
+        std::fs::create_dir_all(dir.join(d))
+            .with_context(|| format!("create {d} in {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// An initramfs whose `/init` cannot run: the kernel finds no working init and panics before
+/// any userspace (the `v3-badkernel` image of the rollback proof).
+fn bad_initrd() -> anyhow::Result<Vec<u8>> {
+    let mut img = Initramfs::skeleton();
+    img.bytes("init", b"#!/nonexistent/interpreter\n".to_vec(), 0o755);
+    img.bytes("etc/nexus/ramdisk", b"badkernel\n".to_vec(), 0o644);
+    img.to_bytes()
 }
 
 /// Deterministic junk (xorshift64), `len` bytes: not a file system of any kind.
@@ -431,10 +525,22 @@ pub fn junk(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-/// Build the three images with `nx image build` (one `cargo build` of `nx`, then the binary).
-/// Each is built into `build/images.tmp/` and copied over its final path only when its bytes
-/// changed, so an unchanged image keeps its mtime.
-pub fn build_images(build: &Path, demo_version: &str) -> anyhow::Result<Images> {
+/// `--segment NAME=FILE`.
+fn segment_arg(name: &str, file: &Path) -> std::ffi::OsString {
+    let mut seg = std::ffi::OsString::from(format!("{name}="));
+    seg.push(file.as_os_str());
+    seg
+}
+
+/// Build the four images with `nx image build` (one `cargo build` of `nx`, then the binary).
+/// Each carries the whole OS — `rootfs` (squashfs of the normal userspace), `kernel`,
+/// `initrd` — and is built into `build/images.tmp/`, copied over its final path only when its
+/// bytes changed, so an unchanged image keeps its mtime.
+pub fn build_images(
+    build: &Path,
+    demo_version: &str,
+    parts: &OsParts<'_>,
+) -> anyhow::Result<Images> {
     let nx = match run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"])) {
         Ok(()) => util::root().join("target/debug/nx"),
         Err(e) => {
@@ -444,41 +550,57 @@ pub fn build_images(build: &Path, demo_version: &str) -> anyhow::Result<Images> 
     };
     let tmp = build.join("images.tmp");
     std::fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let kernel = segment_arg("kernel", parts.kernel);
+    let initrd = segment_arg("initrd", parts.initrd);
+    let whole_os = |name: &str,
+                    version: &str,
+                    initrd: &std::ffi::OsString|
+     -> anyhow::Result<Option<PathBuf>> {
+        let tree = build.join("rootfs").join(name);
+        rootfs_tree(&tree, version, parts)?;
+        Ok(image(
+            &nx,
+            &tmp,
+            &build.join(format!("{name}.img")),
+            version,
+            |c| {
+                c.arg("--rootfs").arg(&tree);
+                c.arg("--segment").arg(&kernel).arg("--segment").arg(initrd);
+            },
+        ))
+    };
+    let demo = whole_os("nexus-os", demo_version, &initrd)?;
+    let v2 = whole_os("nexus-os-v2", V2_VERSION, &initrd)?;
 
-    let demo_root = build.join("demo-rootfs");
-    util::write_if_changed(
-        &demo_root.join("etc/os-release"),
-        os_release(demo_version).as_bytes(),
+    let bad_initrd_file = tmp.join("badkernel-initrd.cpio");
+    util::write_if_changed(&bad_initrd_file, &bad_initrd()?)?;
+    let badkernel = whole_os(
+        "nexus-os-v3-badkernel",
+        BADKERNEL_VERSION,
+        &segment_arg("initrd", &bad_initrd_file),
     )?;
-    util::write_if_changed(&demo_root.join("etc/hostname"), b"nexus\n")?;
-    let demo = image(&nx, &tmp, &build.join("nexus-os.img"), demo_version, |c| {
-        c.arg("--rootfs").arg(&demo_root);
-    });
-
-    let v2_root = build.join("v2-rootfs");
-    util::write_if_changed(
-        &v2_root.join("etc/os-release"),
-        os_release(V2_VERSION).as_bytes(),
-    )?;
-    util::write_if_changed(&v2_root.join("etc/hostname"), b"nexus\n")?;
-    let v2 = image(&nx, &tmp, &build.join("nexus-os-v2.img"), V2_VERSION, |c| {
-        c.arg("--rootfs").arg(&v2_root);
-    });
 
     let junk_file = tmp.join("broken-rootfs.bin");
     util::write_if_changed(&junk_file, &junk(BROKEN_ROOTFS_BYTES, 0x6272_6f6b_656e))?;
-    let mut seg = std::ffi::OsString::from("rootfs=");
-    seg.push(junk_file.as_os_str());
     let broken = image(
         &nx,
         &tmp,
         &build.join("nexus-os-broken.img"),
         BROKEN_VERSION,
         |c| {
-            c.arg("--segment").arg(&seg);
+            c.arg("--segment").arg(segment_arg("rootfs", &junk_file));
+            c.arg("--segment")
+                .arg(&kernel)
+                .arg("--segment")
+                .arg(&initrd);
         },
     );
-    Ok(Images { demo, v2, broken })
+    Ok(Images {
+        demo,
+        v2,
+        broken,
+        badkernel,
+    })
 }
 
 /// One `nx image build`; `None` (with a stub/placeholder line) when it fails.

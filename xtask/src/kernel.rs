@@ -5,7 +5,7 @@
 //! The module load order is computed from each module's `.modinfo` `depends=` field (the .deb
 //! ships no modules.dep and the order changes between kernel builds), never hard-coded.
 
-use crate::util::{self, capture, run_cmd, tool};
+use crate::util::{self, capture};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -107,38 +107,12 @@ pub fn version_key(name: &str) -> Vec<u64> {
 }
 
 fn fetch(kdir: &Path) -> anyhow::Result<String> {
-    tool("dpkg-deb")?;
     let dl = kdir.join("dl");
-    if dl.exists() {
-        std::fs::remove_dir_all(&dl).with_context(|| format!("remove {}", dl.display()))?;
-    }
-    std::fs::create_dir_all(&dl).with_context(|| format!("create {}", dl.display()))?;
-    let mut names = candidates()?;
-    let mut tried_update = false;
+    let root = kdir.join("root");
     let mut last_err = None;
-    let mut i = 0;
-    while i < names.len() {
-        let name = names[i].clone();
-        eprintln!("xtask: kernel: apt-get download {name}");
-        match run_cmd(
-            Command::new("apt-get")
-                .args(["download", "-q", &name])
-                .current_dir(&dl),
-        ) {
-            Ok(()) => {
-                let deb = std::fs::read_dir(&dl)?
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .find(|p| p.extension().is_some_and(|x| x == "deb"))
-                    .with_context(|| {
-                        format!("apt-get download {name} left no .deb in {}", dl.display())
-                    })?;
-                let root = kdir.join("root");
-                if root.exists() {
-                    std::fs::remove_dir_all(&root)
-                        .with_context(|| format!("remove {}", root.display()))?;
-                }
-                run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
+    for name in candidates()? {
+        match util::download_deb(&name, &dl, &root) {
+            Ok(_) => {
                 std::fs::write(kdir.join("package"), format!("{name}\n"))?;
                 std::fs::remove_dir_all(&dl).ok();
                 return Ok(name);
@@ -148,17 +122,8 @@ fn fetch(kdir: &Path) -> anyhow::Result<String> {
                     "xtask: kernel: {name} could not be downloaded ({e:#}); trying the next one"
                 );
                 last_err = Some(e);
-                if !tried_update {
-                    // Stale lists name versions the mirror no longer has: refresh once.
-                    tried_update = true;
-                    util::apt_update()?;
-                    names = candidates()?;
-                    i = 0;
-                    continue;
-                }
             }
         }
-        i += 1;
     }
     match last_err {
         Some(e) => Err(e.context("no cloud kernel package could be downloaded")),

@@ -21,6 +21,7 @@ mod initramfs;
 mod kernel;
 mod qemu_test;
 mod recovery;
+mod userland;
 mod util;
 
 #[derive(Parser)]

@@ -200,3 +200,41 @@ pub fn write_if_changed(path: &Path, bytes: &[u8]) -> anyhow::Result<bool> {
 pub fn stage(title: &str) {
     eprintln!("\n==== {title} ====");
 }
+
+/// `apt-get download <package>` into the empty directory `dl` and unpack it with `dpkg -x` into
+/// `root` (replaced); nothing is installed system-wide and no maintainer scripts run. Stale
+/// package lists (the mirror dropped that version) are refreshed once. Returns the .deb path.
+pub fn download_deb(package: &str, dl: &Path, root: &Path) -> anyhow::Result<PathBuf> {
+    tool("dpkg-deb")?;
+    for dir in [dl, root] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(dl).with_context(|| format!("create {}", dl.display()))?;
+    eprintln!("xtask: apt-get download {package}");
+    let download = || {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["download", "-q", package])
+                .current_dir(dl),
+        )
+    };
+    if let Err(e) = download() {
+        eprintln!("xtask: {package} could not be downloaded ({e:#}); refreshing the lists once");
+        apt_update()?;
+        download().with_context(|| format!("apt-get download {package}"))?;
+    }
+    let deb = std::fs::read_dir(dl)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                dl.display()
+            )
+        })?;
+    run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(root))?;
+    Ok(deb)
+}
