@@ -28,13 +28,104 @@ pub fn efivarfs_name(name: &str) -> String {
     format!("{name}-{LOADER_GUID}")
 }
 
-/// Entry id of slot `slot` (`a` / `b`): `nexus-a`.
-pub fn slot_entry_id(slot: char) -> String {
-    format!("nexus-{slot}")
+/// Where the normal init and recovery-init mount the ESP (vfat) in the guest.
+pub const ESP_MOUNT: &str = "/boot/efi";
+/// The GPT partition name of the ESP on the slot disk.
+pub const ESP_PARTITION: &str = "esp";
+/// The boot entries directory on the ESP.
+pub const ENTRIES_DIR: &str = "loader/entries";
+/// `loader.conf` on the ESP.
+pub const LOADER_CONF: &str = "loader/loader.conf";
+/// systemd-boot on the ESP (the removable-media path: no NVRAM boot entry needed).
+pub const BOOTLOADER_EFI: &str = "EFI/BOOT/BOOTX64.EFI";
+/// The pattern of `loader.conf`'s `default`: the first slot entry in the bootloader's order.
+/// Entries are sorted by id, newest generation first, and entries with no tries left last,
+/// so the newest installed slot is tried first and a slot out of tries falls behind the other
+/// one — the fallback needs no userspace.
+pub const DEFAULT_PATTERN: &str = "nexus-*";
+/// The kernel file of a slot's (or recovery's) directory on the ESP.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// The initramfs file of a slot's (or recovery's) directory on the ESP.
+pub const INITRD_FILE: &str = "initrd.cpio";
+/// The kernel command line every entry starts with (serial console; a panic resets at once,
+/// so the bootloader counts the failed try).
+pub const BASE_OPTIONS: &str = "console=ttyS0 panic=-1 rdinit=/init";
+/// What the recovery entry adds to [`BASE_OPTIONS`].
+pub const RECOVERY_OPTIONS: &str = "recovery=1 nexus.target=recovery";
+/// What a slot entry adds to [`BASE_OPTIONS`] (then `nexus.slot=<s>`).
+pub const NORMAL_OPTIONS: &str = "nexus.target=normal";
+/// The kernel command-line key naming the slot an entry boots.
+pub const SLOT_OPTION: &str = "nexus.slot";
+
+/// The directory of slot `slot`'s kernel and initramfs on the ESP (`nexus/a`).
+pub fn slot_dir(slot: char) -> String {
+    format!("nexus/{slot}")
+}
+
+/// The directory of the recovery kernel and ramdisk on the ESP.
+pub const RECOVERY_DIR: &str = "nexus/recovery";
+
+/// Entry id of slot `slot` installed as generation `generation`: `nexus-7-b`. The
+/// bootloader sorts ids newest version first, so a higher generation is tried first.
+pub fn slot_entry_id(generation: u32, slot: char) -> String {
+    format!("nexus-{generation}-{slot}")
+}
+
+/// The generation and slot of a slot entry id (`nexus-7-b` → `(7, 'b')`).
+pub fn parse_slot_entry_id(id: &str) -> Option<(u32, char)> {
+    let rest = id.strip_prefix("nexus-")?;
+    let (generation, slot) = rest.rsplit_once('-')?;
+    if generation.is_empty()
+        || generation.len() > 9
+        || !generation.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let slot = match slot {
+        "a" => 'a',
+        "b" => 'b',
+        _ => return None,
+    };
+    Some((generation.parse().ok()?, slot))
 }
 
 /// Entry id of the recovery entry.
 pub const RECOVERY_ENTRY_ID: &str = "recovery";
+
+/// A boot loader specification type #1 entry.
+pub fn entry_text(title: &str, version: Option<&str>, dir: &str, options: &str) -> String {
+    let version = version
+        .map(|v| format!("version {v}\n"))
+        .unwrap_or_default();
+    format!(
+        "title {title}\n{version}linux /{dir}/{KERNEL_FILE}\ninitrd /{dir}/{INITRD_FILE}\noptions {options}\n"
+    )
+}
+
+/// The entry of slot `slot` holding `version`.
+pub fn slot_entry_text(slot: char, version: &str) -> String {
+    entry_text(
+        &format!("nexus {version} (slot {slot})"),
+        Some(version),
+        &slot_dir(slot),
+        &format!("{BASE_OPTIONS} {NORMAL_OPTIONS} {SLOT_OPTION}={slot}"),
+    )
+}
+
+/// The recovery entry.
+pub fn recovery_entry_text() -> String {
+    entry_text(
+        "nexus recovery",
+        None,
+        RECOVERY_DIR,
+        &format!("{BASE_OPTIONS} {RECOVERY_OPTIONS}"),
+    )
+}
+
+/// `loader.conf`: no menu (hold a key at start to get it), the default pattern, no editor.
+pub fn loader_conf() -> String {
+    format!("timeout 0\ndefault {DEFAULT_PATTERN}\neditor no\nconsole-mode keep\n")
+}
 
 /// An entry file name, parsed: `ID[+LEFT[-DONE]].conf`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +301,33 @@ mod tests {
             EntryName::parse("nexus-b+1-2.conf").unwrap().loader_id(),
             "nexus-b.conf"
         );
+    }
+
+    #[test]
+    fn slot_entries() {
+        assert_eq!(slot_entry_id(7, 'b'), "nexus-7-b");
+        assert_eq!(parse_slot_entry_id("nexus-7-b"), Some((7, 'b')));
+        assert_eq!(parse_slot_entry_id("nexus-12-a"), Some((12, 'a')));
+        for bad in [
+            "nexus-b",
+            "nexus--a",
+            "nexus-1-c",
+            "recovery",
+            "nexus-x-a",
+            "nexus-1234567890-a",
+        ] {
+            assert_eq!(parse_slot_entry_id(bad), None, "{bad}");
+        }
+        let e = EntryName::parse("nexus-3-a+2-1.conf").unwrap();
+        assert_eq!(parse_slot_entry_id(&e.id), Some((3, 'a')));
+        let t = slot_entry_text('b', "2");
+        assert_eq!(
+            t,
+            "title nexus 2 (slot b)\nversion 2\nlinux /nexus/b/vmlinuz\ninitrd /nexus/b/initrd.cpio\n\
+             options console=ttyS0 panic=-1 rdinit=/init nexus.target=normal nexus.slot=b\n"
+        );
+        assert!(recovery_entry_text().contains("recovery=1 nexus.target=recovery\n"));
+        assert!(loader_conf().contains("default nexus-*\n"));
     }
 
     #[test]

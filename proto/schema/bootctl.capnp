@@ -87,4 +87,7 @@ interface BootCtl {
 
   # The JSON debug/export view (same text as `bootctld --export-json`).
   exportJson @7 () -> (json :Text);
+  # flashd is about to overwrite `slot`: it becomes `empty` and its boot entry is withdrawn
+  # (refused for the active slot unless it is bad or empty).
+  prepareInstall @8 (slot :Slot) -> ();
 }

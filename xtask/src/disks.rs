@@ -127,14 +127,38 @@ pub fn seed_slot_a(disk: &Path, image: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// The factory ESP `cargo xtask guest` builds (`build/esp.img`): systemd-boot, loader.conf,
+/// the recovery entry and files, and slot a's kernel, initramfs and blessed entry (the boot
+/// files of the demo image).
+pub fn factory_esp() -> std::path::PathBuf {
+    crate::util::build_dir().join("esp.img")
+}
+
 /// Create `disk.img` unless it exists (or `fresh`); seed `system_a` with `seed` (the demo
-/// image) when that slot is blank. `seed = None`: no image could be built (stub/placeholder),
-/// the slot stays blank and the normal boot will report slot a unusable.
+/// image) when that slot is blank, and then the ESP with the [`factory_esp`] (slot a's boot
+/// files and entry belong to that image). `seed = None`: no image could be built
+/// (stub/placeholder), the slot stays blank and the normal boot will report slot a unusable.
 pub fn ensure_disk(path: &Path, fresh: bool, seed: Option<&Path>) -> anyhow::Result<()> {
     create_disk(path, fresh)?;
     match seed {
         Some(img) => {
-            seed_slot_a(path, img)?;
+            if seed_slot_a(path, img)? {
+                let esp = factory_esp();
+                if esp.is_file() {
+                    write_esp(path, &esp)?;
+                    eprintln!(
+                        "xtask: wrote the factory ESP {} into {} (systemd-boot, slot a, recovery)",
+                        esp.display(),
+                        path.display()
+                    );
+                } else {
+                    eprintln!(
+                        "xtask: {}: stub/placeholder — no factory ESP {} yet (`cargo xtask guest` builds it); the disk does not boot by itself",
+                        path.display(),
+                        esp.display()
+                    );
+                }
+            }
         }
         None => eprintln!(
             "xtask: {}: stub/placeholder — no demo image, system_a stays blank (slot a will not boot)",

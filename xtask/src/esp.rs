@@ -29,14 +29,63 @@ pub struct Esp {
     pub texts: Vec<(String, String)>,
 }
 
-/// A boot loader specification type #1 entry.
-pub fn entry(title: &str, linux: &str, initrd: &str, options: &str) -> String {
-    format!("title {title}\nlinux /{linux}\ninitrd /{initrd}\noptions {options}\n")
+impl Esp {
+    /// The directories of every file, parents before children, each once.
+    fn dirs(&self) -> Vec<String> {
+        let mut dirs: Vec<String> = Vec::new();
+        let all = self
+            .files
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .chain(self.texts.iter().map(|(p, _)| p.as_str()));
+        for p in all {
+            let mut acc = String::new();
+            let parts: Vec<&str> = p.split('/').collect();
+            for d in parts.iter().take(parts.len().saturating_sub(1)) {
+                if !acc.is_empty() {
+                    acc.push('/');
+                }
+                acc.push_str(d);
+                if !dirs.contains(&acc) {
+                    dirs.push(acc.clone());
+                }
+            }
+        }
+        dirs
+    }
 }
 
-/// `loader.conf`: no menu (hold a key at start to get it), the default entry, no editor.
-pub fn loader_conf(default: &str) -> String {
-    format!("timeout 0\ndefault {default}\neditor no\nconsole-mode keep\n")
+/// Copy `part`'s files over those of the FAT file system at byte `offset` of `disk` (in
+/// place, other files untouched): the device's own part of an existing ESP follows the build.
+pub fn refresh(disk: &Path, offset: u64, part: &Esp) -> anyhow::Result<()> {
+    let target = PathBuf::from(format!("{}@@{offset}", disk.display()));
+    let stage = tempfile::tempdir().context("temporary directory for the ESP")?;
+    for d in &part.dirs() {
+        // `mmd` fails on an existing directory: that is fine.
+        let _ = mtools(tool("mmd")?, &target)
+            .arg(format!("::/{d}"))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    for (i, (dest, text)) in part.texts.iter().enumerate() {
+        let p = stage.path().join(format!("t{i}"));
+        std::fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
+        run_cmd(
+            mtools(tool("mcopy")?, &target)
+                .args(["-o", "-m"])
+                .arg(&p)
+                .arg(format!("::/{dest}")),
+        )?;
+    }
+    for (dest, src) in &part.files {
+        run_cmd(
+            mtools(tool("mcopy")?, &target)
+                .args(["-o", "-m"])
+                .arg(src)
+                .arg(format!("::/{dest}")),
+        )?;
+    }
+    Ok(())
 }
 
 /// Build the FAT image of `esp` at `out` (replaced atomically).
@@ -52,27 +101,7 @@ pub fn build(esp: &Esp, out: &Path) -> anyhow::Result<()> {
             .args(["-F", "32", "-n", "ESP", "-i", VOLUME_ID, "--invariant"])
             .arg(&tmp),
     )?;
-    // Directories first, parents before children, each once.
-    let mut dirs: Vec<String> = Vec::new();
-    let all: Vec<&str> = esp
-        .files
-        .iter()
-        .map(|(p, _)| p.as_str())
-        .chain(esp.texts.iter().map(|(p, _)| p.as_str()))
-        .collect();
-    for p in &all {
-        let mut acc = String::new();
-        let parts: Vec<&str> = p.split('/').collect();
-        for d in parts.iter().take(parts.len().saturating_sub(1)) {
-            if !acc.is_empty() {
-                acc.push('/');
-            }
-            acc.push_str(d);
-            if !dirs.contains(&acc) {
-                dirs.push(acc.clone());
-            }
-        }
-    }
+    let dirs = esp.dirs();
     if !dirs.is_empty() {
         let mut mmd = mtools(tool("mmd")?, &tmp);
         for d in &dirs {
@@ -120,35 +149,22 @@ fn mtools(bin: PathBuf, img: &Path) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nx_contract::loader;
 
+    /// Same inputs, same bytes; `refresh` replaces files in place (needs mkfs.vfat and mtools:
+    /// `cargo xtask` installs them).
     #[test]
-    fn entries_follow_the_boot_loader_specification() {
-        let e = entry(
-            "nexus recovery",
-            "nexus/vmlinuz",
-            "nexus/recovery.cpio",
-            "console=ttyS0",
-        );
-        assert_eq!(
-            e,
-            "title nexus recovery\nlinux /nexus/vmlinuz\ninitrd /nexus/recovery.cpio\noptions console=ttyS0\n"
-        );
-        assert!(loader_conf("nexus.conf").contains("default nexus.conf\n"));
-    }
-
-    /// Same inputs, same bytes (needs mkfs.vfat and mtools: `cargo xtask` installs them).
-    #[test]
-    fn the_esp_is_deterministic() {
+    fn the_esp_is_deterministic_and_refreshable() {
         let d = tempfile::tempdir().unwrap();
         let k = d.path().join("k");
         std::fs::write(&k, vec![7u8; 100_000]).unwrap();
         let esp = Esp {
-            files: vec![("nexus/vmlinuz".into(), k.clone())],
+            files: vec![("nexus/a/vmlinuz".into(), k.clone())],
             texts: vec![
-                ("loader/loader.conf".into(), loader_conf("nexus.conf")),
+                ("loader/loader.conf".into(), loader::loader_conf()),
                 (
-                    "loader/entries/nexus.conf".into(),
-                    entry("nexus", "nexus/vmlinuz", "nexus/initrd.cpio", "quiet"),
+                    "loader/entries/nexus-1-a.conf".into(),
+                    loader::slot_entry_text('a', "1"),
                 ),
             ],
         };
@@ -157,5 +173,30 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2100));
         build(&esp, &b).unwrap();
         assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+
+        // A disk with the ESP at 1 MiB: refresh one file, the other stays.
+        let disk = d.path().join("disk.img");
+        let mut bytes = vec![0u8; 1 << 20];
+        bytes.extend(std::fs::read(&a).unwrap());
+        std::fs::write(&disk, bytes).unwrap();
+        let k2 = d.path().join("k2");
+        std::fs::write(&k2, b"new kernel").unwrap();
+        let part = Esp {
+            files: vec![("nexus/recovery/vmlinuz".into(), k2)],
+            texts: vec![("loader/loader.conf".into(), "timeout 3\n".into())],
+        };
+        refresh(&disk, 1 << 20, &part).unwrap();
+        let img = format!("{}@@{}", disk.display(), 1 << 20);
+        let read = |p: &str| {
+            let out = mtools(tool("mtype").unwrap(), Path::new(&img))
+                .arg(format!("::/{p}"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "mtype {p}");
+            out.stdout
+        };
+        assert_eq!(read("nexus/recovery/vmlinuz"), b"new kernel");
+        assert_eq!(read("loader/loader.conf"), b"timeout 3\n");
+        assert!(read("loader/entries/nexus-1-a.conf").starts_with(b"title nexus 1 (slot a)"));
     }
 }

@@ -173,16 +173,21 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
 
     let state_img = build.join("state.img");
     disks::ensure_state(&state_img, args.fresh)?;
+    let (device, slot_a) = esp_spec(&k.vmlinuz, &normal, &recovery, &args.demo_version);
+    let factory = esp::Esp {
+        files: [device.files.clone(), slot_a.files].concat(),
+        texts: [device.texts.clone(), slot_a.texts].concat(),
+    };
+    esp::build(&factory, &disks::factory_esp())?;
     let disk_img = build.join("disk.img");
+    let existed = disk_img.exists() && !args.fresh;
     disks::ensure_disk(&disk_img, args.fresh, images.demo.as_deref())?;
-    let esp_img = build_esp(&build, &k.vmlinuz, &normal, &recovery)?;
-    ensure_vars(&build.join("ovmf-vars.fd"), args.fresh)?;
-    if disks::write_esp(&disk_img, &esp_img)? {
-        eprintln!(
-            "xtask: wrote the esp of {} (systemd-boot, entries nexus + recovery)",
-            disk_img.display()
-        );
+    if existed {
+        // The device's own part follows the build; the slots' boot files and entries are
+        // the device's (only flashing changes them).
+        esp::refresh(&disk_img, disks::esp_offset(), &device)?;
     }
+    ensure_vars(&build.join("ovmf-vars.fd"), args.fresh)?;
 
     Ok(Outputs {
         kernel: k.vmlinuz,
@@ -214,54 +219,55 @@ fn ensure_vars(path: &Path, fresh: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `build/esp.img`: systemd-boot, `nexus.conf` (the normal initramfs, default) and
-/// `recovery.conf` (the recovery ramdisk), with the runner's kernel command lines.
-fn build_esp(
-    build: &Path,
+/// What the factory ESP holds: the device's part (bootloader, loader.conf, the recovery
+/// kernel, ramdisk and entry) and slot a's boot files and blessed entry (the demo image's).
+fn esp_spec(
     kernel: &Path,
     normal: &Path,
     recovery: &Path,
-) -> anyhow::Result<PathBuf> {
-    use nx_qemu::BootTarget;
-    let mut cfg = nx_qemu::Config::new(build);
-    let normal_cmdline = cfg.cmdline(BootTarget::Normal, false);
-    cfg.recovery = true;
-    let recovery_cmdline = cfg.cmdline(BootTarget::Recovery, true);
-    let spec = esp::Esp {
+    demo_version: &str,
+) -> (esp::Esp, esp::Esp) {
+    use nx_contract::loader as l;
+    let device = esp::Esp {
         files: vec![
             (
-                "EFI/BOOT/BOOTX64.EFI".into(),
+                l::BOOTLOADER_EFI.into(),
                 PathBuf::from(crate::host_tools::SYSTEMD_BOOT_EFI),
             ),
-            ("nexus/vmlinuz".into(), kernel.to_path_buf()),
-            ("nexus/initrd.cpio".into(), normal.to_path_buf()),
-            ("nexus/recovery.cpio".into(), recovery.to_path_buf()),
-        ],
-        texts: vec![
-            ("loader/loader.conf".into(), esp::loader_conf("nexus.conf")),
             (
-                "loader/entries/nexus.conf".into(),
-                esp::entry(
-                    "nexus",
-                    "nexus/vmlinuz",
-                    "nexus/initrd.cpio",
-                    &normal_cmdline,
-                ),
+                format!("{}/{}", l::RECOVERY_DIR, l::KERNEL_FILE),
+                kernel.to_path_buf(),
             ),
             (
-                "loader/entries/recovery.conf".into(),
-                esp::entry(
-                    "nexus recovery",
-                    "nexus/vmlinuz",
-                    "nexus/recovery.cpio",
-                    &recovery_cmdline,
-                ),
+                format!("{}/{}", l::RECOVERY_DIR, l::INITRD_FILE),
+                recovery.to_path_buf(),
+            ),
+        ],
+        texts: vec![
+            (l::LOADER_CONF.into(), l::loader_conf()),
+            (
+                format!("{}/{}.conf", l::ENTRIES_DIR, l::RECOVERY_ENTRY_ID),
+                l::recovery_entry_text(),
             ),
         ],
     };
-    let out = build.join("esp.img");
-    esp::build(&spec, &out)?;
-    Ok(out)
+    let slot_a = esp::Esp {
+        files: vec![
+            (
+                format!("{}/{}", l::slot_dir('a'), l::KERNEL_FILE),
+                kernel.to_path_buf(),
+            ),
+            (
+                format!("{}/{}", l::slot_dir('a'), l::INITRD_FILE),
+                normal.to_path_buf(),
+            ),
+        ],
+        texts: vec![(
+            format!("{}/{}.conf", l::ENTRIES_DIR, l::slot_entry_id(1, 'a')),
+            l::slot_entry_text('a', demo_version),
+        )],
+    };
+    (device, slot_a)
 }
 
 fn report(path: &Path, written: bool, len: usize) {

@@ -110,6 +110,11 @@ pub const HOST_TOOLS: &[Tool] = &[
         used_by: "xtask guest: files on the ESP",
     },
     Tool {
+        bin: "mtype",
+        package: "mtools",
+        used_by: "xtask's ESP test: reading files back from the ESP",
+    },
+    Tool {
         bin: "qemu-io",
         package: "qemu-utils",
         used_by: "crash simulator test: QEMU's NBD client",

@@ -11,14 +11,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The modules whose closure we load (virtio PCI transport, virtio-serial, virtio-blk).
-pub const ROOT_MODULES: [&str; 3] = ["virtio_pci", "virtio_console", "virtio_blk"];
-/// The normal initramfs also mounts the booted slot's rootfs: a squashfs segment of the
-/// image in the slot partition, on a loop device (zstd decompression is built in).
-pub const NORMAL_ROOT_MODULES: [&str; 5] = [
+/// The modules whose closure we load (virtio PCI transport, virtio-serial, virtio-blk; vfat
+/// with its code page and the kernel's default I/O character set for the ESP, efivarfs for the bootloader's variables).
+pub const ROOT_MODULES: [&str; 7] = [
     "virtio_pci",
     "virtio_console",
     "virtio_blk",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "efivarfs",
+];
+/// The normal initramfs also mounts the booted slot's rootfs: a squashfs segment of the
+/// image in the slot partition, on a loop device (zstd decompression is built in).
+pub const NORMAL_ROOT_MODULES: [&str; 9] = [
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "efivarfs",
     "loop",
     "squashfs",
 ];

@@ -132,6 +132,29 @@ pub fn reboot_stub(why: impl Display) -> Marker {
     Marker::new(format!("bootctl: reboot (stub) — {why}"))
 }
 
+/// `bootctl: prepareInstall slot=<s>`: the slot is emptied (and its boot entry withdrawn)
+/// before flashd overwrites it.
+pub fn prepare_install(slot: impl Display) -> Marker {
+    Marker::new(format!("bootctl: prepareInstall slot={slot}"))
+}
+
+/// `bootctl: entry <file>`: the boot entry the slot state was projected onto.
+pub fn entry(file: impl Display) -> Marker {
+    Marker::new(format!("bootctl: entry {file}"))
+}
+
+/// A projection onto the boot entries failed (the next boot's reconciliation repairs it).
+pub fn entry_failed(e: impl Display) -> Marker {
+    Marker::new(format!("bootctld: boot entry not updated: {e}"))
+}
+
+/// No ESP: the slot state is not projected onto boot entries.
+pub fn no_esp(why: impl Display) -> Marker {
+    Marker::new(format!(
+        "bootctld: stub/placeholder: no ESP ({why}); boot entries are not written"
+    ))
+}
+
 /// Every constructor with representative arguments (the marker catalogue).
 pub fn samples() -> Vec<Marker> {
     vec![
@@ -161,5 +184,11 @@ pub fn samples() -> Vec<Marker> {
         no_bootable_slot(),
         reboot(),
         reboot_stub("rebootd cannot reboot here"),
+        prepare_install('b'),
+        entry("nexus-2-b+3.conf"),
+        entry("nexus-2-b.conf"),
+        entry("nexus-3-a+0.conf"),
+        entry_failed("e"),
+        no_esp("/boot/efi is not mounted"),
     ]
 }

@@ -97,6 +97,18 @@ pub fn slot_activated(slot: impl Display, tries: impl Display, rebooting: bool) 
     }
 }
 
+/// `flashd: slot=<s> boot files <paths>`: the slot's kernel and initramfs are on the ESP.
+pub fn boot_files(slot: impl Display, files: impl Display) -> Marker {
+    Marker::new(format!("flashd: slot={slot} boot files {files}"))
+}
+
+/// The slot's boot files were not put on the ESP, and why (stub/placeholder).
+pub fn boot_files_skipped(slot: impl Display, why: impl Display) -> Marker {
+    Marker::new(format!(
+        "flashd: stub/placeholder: slot={slot} boot files not installed ({why})"
+    ))
+}
+
 /// Every constructor with representative arguments (the marker catalogue).
 pub fn samples() -> Vec<Marker> {
     vec![
@@ -113,6 +125,8 @@ pub fn samples() -> Vec<Marker> {
         install_slot("b", "system_b", "/dev/vdb2"),
         slot_activated("b", 3, true),
         slot_activated("b", 3, false),
+        boot_files("b", "nexus/b/vmlinuz nexus/b/initrd.cpio"),
+        boot_files_skipped("b", "no ESP at /boot/efi"),
     ]
 }
 

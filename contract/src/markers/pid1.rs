@@ -36,6 +36,11 @@ pub fn state_error(program: &str, e: impl Display) -> Marker {
     Marker::new(format!("{program}: error: /state: {e}"))
 }
 
+/// `<program>: error: ESP: <e>` (the ESP could not be mounted on /boot/efi).
+pub fn esp_error(program: &str, e: impl Display) -> Marker {
+    Marker::new(format!("{program}: error: ESP: {e}"))
+}
+
 /// `<program>: <n> modules loaded`.
 pub fn modules_loaded(program: &str, n: usize) -> Marker {
     Marker::new(format!("{program}: {n} modules loaded"))
@@ -110,6 +115,7 @@ pub fn samples() -> Vec<Marker> {
             cmdline_unreadable(p, "e"),
             modules_failed(p, "e"),
             state_error(p, "e"),
+            esp_error(p, "e"),
             modules_loaded(p, 3),
             state_mounted(p, "/dev/vdb"),
             uptime_at_ready(p, 1.0),

@@ -52,6 +52,9 @@ pub struct Config {
     pub boot_id: Option<String>,
     /// Where console markers go (stdout by default).
     pub markers: service::Markers,
+    /// The mounted ESP whose boot entries bootctld keeps in step with the slot state;
+    /// `None`: no projection (a stub/placeholder line says so).
+    pub esp: Option<PathBuf>,
 }
 
 /// This boot's id from [`BOOT_ID_PATH`] (bounded, printable), "" when unreadable.
@@ -71,14 +74,35 @@ pub fn read_boot_id() -> String {
 pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<nx_contract::Marker>) {
     let opened = store::Store::open(config.state.as_deref(), config.require_mountpoint);
     let boot_id = config.boot_id.clone().unwrap_or_else(read_boot_id);
+    let mut notes = opened.notes;
+    let esp = match &config.esp {
+        None => {
+            notes.push(nx_contract::markers::bootctld::no_esp(
+                "started without --esp",
+            ));
+            None
+        }
+        Some(dir) => {
+            let esp = nx_guest::esp::Esp::open(dir);
+            if esp.is_none() {
+                notes.push(nx_contract::markers::bootctld::no_esp(format_args!(
+                    "{} has no {}",
+                    dir.display(),
+                    nx_contract::loader::ENTRIES_DIR
+                )));
+            }
+            esp
+        }
+    };
     let daemon = service::Daemon::new(
         opened.state,
         opened.store,
         boot_id,
         config.reboot.clone(),
         config.markers.clone(),
-    );
-    (daemon, opened.notes)
+    )
+    .with_esp(esp);
+    (daemon, notes)
 }
 
 /// The `BootCtl` capability over `daemon`, as the bootstrap of a connection.

@@ -40,6 +40,14 @@ impl Slot {
         }
     }
 
+    /// `'a'` / `'b'` (how the ESP's entries name it).
+    pub fn as_char(self) -> char {
+        match self {
+            Slot::A => 'a',
+            Slot::B => 'b',
+        }
+    }
+
     /// `a` / `b`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -331,6 +339,24 @@ impl BootState {
             return Some(self.active);
         }
         None
+    }
+
+    /// `prepareInstall(slot)`: flashd is about to overwrite `slot`, so its old content stops
+    /// counting: health `empty`, no trial, no version (a power cut during the install leaves
+    /// a slot nobody boots). Refused for the active slot unless it is bad or empty, like
+    /// [`BootState::slot_imaged`].
+    pub fn prepare_install(&mut self, slot: Slot) -> Result<(), MachineError> {
+        if slot == self.active && self.slot(slot).health.bootable() {
+            return Err(MachineError::ImagedActive(slot));
+        }
+        let s = self.slot_mut(slot);
+        s.health = Health::Empty;
+        s.end_trial();
+        s.version.clear();
+        if self.last_boot.as_ref().is_some_and(|lb| lb.slot == slot) {
+            self.last_boot = None;
+        }
+        Ok(())
     }
 
     /// `slotImaged(slot, version)`: flashd finished installing into `slot`.

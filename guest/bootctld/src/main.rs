@@ -28,6 +28,9 @@ struct Args {
     /// rebootd's socket for reboot(), or `none` (reboot() is a stub).
     #[arg(long, default_value = nx_rpc::reboot::SOCKET)]
     rebootd: String,
+    /// The mounted ESP (e.g. /boot/efi): keep its boot entries in step with the slot state.
+    #[arg(long)]
+    esp: Option<PathBuf>,
     /// Print the JSON view of the persisted state and exit (no serving).
     #[arg(long)]
     export_json: bool,
@@ -66,6 +69,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         reboot,
         boot_id: args.boot_id,
         markers: bootctld::service::Markers::stdout(),
+        esp: args.esp,
     };
     if args.export_json {
         let (daemon, notes) = bootctld::open_daemon(&config);

@@ -5,7 +5,9 @@ use crate::machine::{BootDecision, BootState, MachineError, Slot};
 use crate::snapshot;
 use crate::store::{Store, StoreError};
 use capnp::capability::Rc;
+use nx_contract::loader::EntryName;
 use nx_contract::NextBoot;
+use nx_guest::esp::{Esp, EspError};
 use proto::rpc::bootctl_capnp::boot_ctl;
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -36,6 +38,9 @@ pub enum DaemonError {
     /// rebootd could not be asked.
     #[error("could not ask rebootd to reboot: {0}; is rebootd running?")]
     Rebootd(#[from] nx_rpc::TransportError),
+    /// The boot entry of the change could not be written (the change was not applied).
+    #[error("{0}; the slot state is unchanged")]
+    Entry(#[from] nx_guest::esp::EspError),
 }
 
 /// Where console markers go: stdout (the guest console) by default; tests
@@ -83,6 +88,7 @@ pub struct Daemon {
     boot_id: String,
     reboot: RebootVia,
     markers: Markers,
+    esp: Option<Esp>,
 }
 
 impl Daemon {
@@ -100,6 +106,31 @@ impl Daemon {
             boot_id,
             reboot,
             markers,
+            esp: None,
+        }
+    }
+
+    /// Project the slot state onto the boot entries of `esp` (systemd-boot's entries with
+    /// boot counting, see [`nx_guest::esp`]); `None`: no ESP, nothing projected.
+    pub fn with_esp(mut self, esp: Option<Esp>) -> Self {
+        self.esp = esp;
+        self
+    }
+
+    /// The ESP the state is projected onto.
+    pub fn esp(&self) -> Option<&Esp> {
+        self.esp.as_ref()
+    }
+
+    /// A projection that follows a committed change: a failure is reported on the console
+    /// (the next boot's reconciliation repairs it), never undoes the change.
+    fn project(&self, f: impl FnOnce(&Esp) -> Result<Option<EntryName>, EspError>) {
+        if let Some(esp) = &self.esp {
+            match f(esp) {
+                Ok(Some(name)) => self.markers.emit(&bm::entry(name.file_name())),
+                Ok(None) => {}
+                Err(e) => self.markers.emit(&bm::entry_failed(e)),
+            }
         }
     }
 
@@ -143,10 +174,45 @@ impl Daemon {
         Ok(out)
     }
 
-    /// `setActive`.
+    /// `setActive`. With an ESP, the slot's entry is written first (a new generation, with
+    /// `tries` boot-counting tries on trial): the change is applied only when the bootloader
+    /// will boot it.
     pub fn set_active(&mut self, slot: Slot, trial: bool, tries: u8) -> Result<(), DaemonError> {
+        let mut check = self.state.clone();
+        check.set_active(slot, trial, tries)?;
+        let entry = match &self.esp {
+            None => None,
+            Some(esp) => {
+                let version = self.state.slot(slot).version.clone();
+                let c = slot.as_char();
+                Some(if trial {
+                    esp.install_entry(c, &version, Some(u32::from(tries)))?
+                } else {
+                    match esp.promote(c) {
+                        Err(EspError::NoEntry { .. }) => esp.install_entry(c, &version, None)?,
+                        other => other?,
+                    }
+                })
+            }
+        };
         self.apply(|s| s.set_active(slot, trial, tries))?;
         self.markers.emit(&bm::set_active(slot, trial, tries));
+        if let Some(name) = entry {
+            self.markers.emit(&bm::entry(name.file_name()));
+        }
+        Ok(())
+    }
+
+    /// `prepareInstall`: the slot becomes empty and its entry is withdrawn *before* flashd
+    /// overwrites it, so no entry ever points at half-written files.
+    pub fn prepare_install(&mut self, slot: Slot) -> Result<(), DaemonError> {
+        let mut check = self.state.clone();
+        check.prepare_install(slot)?;
+        if let Some(esp) = &self.esp {
+            esp.withdraw(slot.as_char())?;
+        }
+        self.apply(|s| s.prepare_install(slot))?;
+        self.markers.emit(&bm::prepare_install(slot));
         Ok(())
     }
 
@@ -155,6 +221,10 @@ impl Daemon {
         let id = self.boot_id.clone();
         let slot = self.apply(|s| s.confirm(&id))?;
         self.markers.emit(&bm::confirm());
+        self.project(|esp| match esp.bless(slot.as_char()) {
+            Err(EspError::NoEntry { .. }) => Ok(None),
+            other => other.map(Some),
+        });
         Ok(slot)
     }
 
@@ -162,6 +232,7 @@ impl Daemon {
     pub fn mark_bad(&mut self, slot: Slot) -> Result<(), DaemonError> {
         let switched = self.apply(|s| Ok(s.mark_bad(slot)))?;
         self.markers.emit(&bm::mark_bad(slot));
+        self.project(|esp| esp.mark_bad(slot.as_char()));
         if let Some(active) = switched {
             self.markers.emit(&bm::active(active));
         }
@@ -182,6 +253,7 @@ impl Daemon {
         if let Some(bad) = d.marked_bad {
             self.markers.emit(&bm::mark_bad(bad));
             self.markers.emit(&bm::out_of_tries(bad));
+            self.project(|esp| esp.mark_bad(bad.as_char()));
         }
         if d.rolled_back {
             self.markers.emit(&bm::rollback(d.slot));
@@ -331,6 +403,15 @@ impl boot_ctl::Server for BootCtlService {
             .borrow_mut()
             .slot_imaged(slot, &version)
             .map_err(err)
+    }
+
+    async fn prepare_install(
+        self: Rc<Self>,
+        params: boot_ctl::PrepareInstallParams,
+        _results: boot_ctl::PrepareInstallResults,
+    ) -> Result<(), capnp::Error> {
+        let slot = slot_param(params.get()?.get_slot())?;
+        self.daemon.borrow_mut().prepare_install(slot).map_err(err)
     }
 
     async fn export_json(

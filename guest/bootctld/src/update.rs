@@ -5,7 +5,9 @@
 //!    target is the slot that is **not** active ([`choose_target`]). Refused when that slot
 //!    is the last known-good one and the active slot is still unconfirmed (a trial, or
 //!    never confirmed): overwriting it would leave no slot proven to boot.
-//! 2. flashd installs into partition `system_<slot>` and verifies it.
+//!    [`prepare_install`]: bootctld empties that slot and withdraws its boot entry.
+//! 2. flashd installs into partition `system_<slot>` and verifies it, then installs the
+//!    image's `kernel` and `initrd` into the slot's directory on the ESP (verified again).
 //! 3. [`after_install`]: `slotImaged(slot, version)`, `setActive(slot, trial=true,
 //!    triesLeft=3)`, then `rebootd.mode("normal")` — the automatic reboot into the trial.
 //!
@@ -91,6 +93,17 @@ pub async fn install_target(bootctld_sock: &Path) -> Result<Slot, UpdateError> {
             source,
         })?;
     choose_target(&st)
+}
+
+/// Tell bootctld at `bootctld_sock` that `slot` is about to be overwritten (it becomes empty
+/// and its boot entry is withdrawn), before the first byte is written.
+pub async fn prepare_install(bootctld_sock: &Path, slot: Slot) -> Result<(), UpdateError> {
+    nx_rpc::bootctl::prepare_install(bootctld_sock, crate::snapshot::slot_to_schema(slot))
+        .await
+        .map_err(|source| UpdateError::Bootctld {
+            socket: bootctld_sock.display().to_string(),
+            source,
+        })
 }
 
 /// What [`after_install`] did.

@@ -54,6 +54,7 @@ pub fn bootctld_config(
         reboot,
         boot_id: Some(boot_id.to_string()),
         markers: bootctld::service::Markers::stdout(),
+        esp: None,
     }
 }
 

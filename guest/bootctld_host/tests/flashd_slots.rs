@@ -67,6 +67,7 @@ fn guest() -> Guest {
         sys_dir: fake_sysfs(dir.path()),
         dev_dir: PathBuf::from("/dev"),
         tries: slots::TRIAL_TRIES,
+        esp: dir.path().join("no-esp"),
     };
     Guest {
         dir,

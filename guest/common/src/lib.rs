@@ -12,6 +12,7 @@ pub mod blockdev;
 pub mod bounded;
 pub mod cmdline;
 pub mod efivar;
+pub mod esp;
 pub mod fsx;
 pub mod loopdev;
 pub mod marker;

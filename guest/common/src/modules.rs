@@ -39,11 +39,13 @@ pub fn parse_list(text: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Load one module file; an already loaded (or built-in) module is fine.
+/// Load one module file; an already loaded (or built-in) module is fine, and so is one whose
+/// hardware or firmware is absent (`ENODEV`: efivarfs on a boot without UEFI) — nothing
+/// depends on such a module's symbols.
 pub fn load(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
     match rustix::system::finit_module(&f, c"", 0) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Ok(()) | Err(rustix::io::Errno::EXIST) | Err(rustix::io::Errno::NODEV) => Ok(()),
         Err(e) => Err(Error::Sys {
             what: format!("finit_module {}", path.display()),
             source: e.into(),

@@ -18,6 +18,8 @@ pub struct Early {
     pub modules: usize,
     /// The device mounted on `/state`, or `None` (no state disk, or mounting failed).
     pub state_dev: Option<PathBuf>,
+    /// The ESP mounted on `/boot/efi`, or `None` (no slot disk, or mounting failed).
+    pub esp_dev: Option<PathBuf>,
 }
 
 /// Block PID 1's signals, mount the pseudo file systems, load modules, mount `/state`.
@@ -44,10 +46,19 @@ pub fn early(prefix: &str) -> Early {
             None
         }
     };
+    // After /state: waiting for the virtio disks happened there.
+    let esp_dev = match crate::esp::find_and_mount() {
+        Ok(dev) => dev,
+        Err(e) => {
+            marker::show(&markers::pid1::esp_error(prefix, e));
+            None
+        }
+    };
     Early {
         cmdline,
         modules,
         state_dev,
+        esp_dev,
     }
 }
 

@@ -118,11 +118,11 @@ impl Destination {
     /// Slot mode, after a verified install: `slotImaged` + `setActive(trial)` + rebootd
     /// `mode normal`, on a thread of its own so the DONE reply reaches the host before
     /// rebootd reboots the guest. The slot choice is cleared once a slot was activated.
-    pub fn activate(&self, version: String, out: Arc<dyn Output>) {
+    pub fn activate(&self, man: Manifest, out: Arc<dyn Output>) {
         let InstallSpec::Slot { env } = &self.spec else {
             return;
         };
-        let Some((slot, _)) = self.chosen_slot() else {
+        let Some((slot, dev)) = self.chosen_slot() else {
             out.show(&m::error(
                 0,
                 "slot install: no slot was chosen; nothing activated",
@@ -135,7 +135,28 @@ impl Destination {
         let spawned = std::thread::Builder::new()
             .name("flashd-activate".into())
             .spawn(
-                move || match crate::slots::after_install_in(&env, slot, &version) {
+                move || {
+                    // The slot's kernel and initramfs go to the ESP first; bootctld writes
+                    // the boot entry last (setActive), so the bootloader never sees a slot
+                    // whose files are incomplete.
+                    match crate::slots::install_boot_files(&env, slot, &dev, &man) {
+                        Ok(crate::slots::BootFiles::Installed(files)) => {
+                            thread_out.show(&m::boot_files(slot, files.join(" ")));
+                        }
+                        Ok(crate::slots::BootFiles::Skipped(why)) => {
+                            thread_out.show(&m::boot_files_skipped(slot, why));
+                        }
+                        Err(e) => {
+                            thread_out.show(&m::error(
+                                0,
+                                format!(
+                                    "slot {slot} installed but its boot files could not be put on the ESP: {e} (the previous slot stays active)"
+                                ),
+                            ));
+                            return;
+                        }
+                    }
+                    match crate::slots::after_install_in(&env, slot, &man.version) {
                     Ok(a) => {
                         dest.forget_slot();
                         thread_out.show(&m::slot_activated(a.slot, a.tries, a.rebooting));
@@ -146,6 +167,7 @@ impl Destination {
                             "slot {slot} installed but not activated: {e} (the previous slot stays active)"
                         ),
                     )),
+                    }
                 },
             );
         if let Err(e) = spawned {

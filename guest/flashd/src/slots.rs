@@ -60,6 +60,8 @@ pub struct SlotEnv {
     pub dev_dir: PathBuf,
     /// Trial tries of the new slot.
     pub tries: u8,
+    /// Where the ESP is mounted (the slots' kernels and initramfs images go there).
+    pub esp: PathBuf,
 }
 
 impl Default for SlotEnv {
@@ -70,6 +72,7 @@ impl Default for SlotEnv {
             sys_dir: PathBuf::from(nx_guest::blockdev::SYS_CLASS_BLOCK),
             dev_dir: PathBuf::from("/dev"),
             tries: TRIAL_TRIES,
+            esp: PathBuf::from(nx_contract::loader::ESP_MOUNT),
         }
     }
 }
@@ -92,15 +95,85 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, SlotError> {
 pub fn resolve_inactive_slot_in(env: &SlotEnv) -> Result<(Slot, PathBuf), SlotError> {
     let slot = block_on(update::install_target(&env.bootctld))??;
     let partition = partition_name(slot);
-    match nx_guest::blockdev::find_partition(&env.sys_dir, &env.dev_dir, &partition) {
-        Ok(Some(dev)) => Ok((slot, dev)),
-        Ok(None) => Err(SlotError::NoPartition { slot, partition }),
-        Err(e) => Err(SlotError::Lookup {
-            slot,
-            partition,
-            reason: e.to_string(),
-        }),
+    let dev = match nx_guest::blockdev::find_partition(&env.sys_dir, &env.dev_dir, &partition) {
+        Ok(Some(dev)) => dev,
+        Ok(None) => return Err(SlotError::NoPartition { slot, partition }),
+        Err(e) => {
+            return Err(SlotError::Lookup {
+                slot,
+                partition,
+                reason: e.to_string(),
+            })
+        }
+    };
+    // Before the first byte is written: the slot stops counting and loses its boot entry.
+    block_on(update::prepare_install(&env.bootctld, slot))??;
+    Ok((slot, dev))
+}
+
+/// What [`install_boot_files`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootFiles {
+    /// `kernel` and `initrd` are in the slot's directory on the ESP (paths on the ESP).
+    Installed(Vec<String>),
+    /// Nothing to install, and why (no ESP mounted, or the image has no such segments).
+    Skipped(String),
+}
+
+/// Install the image's `kernel` and `initrd` segments from the slot partition `dev` (the
+/// image starts at its first byte) into `nexus/<slot>/` on the ESP at `env.esp`, each checked
+/// against the manifest's SHA-256 before it is renamed into place. Segments larger than the
+/// ESP's bound are refused.
+pub fn install_boot_files(
+    env: &SlotEnv,
+    slot: Slot,
+    dev: &Path,
+    m: &proto::manifest::Manifest,
+) -> Result<BootFiles, String> {
+    use nx_contract::loader;
+    use std::io::{Read, Seek, SeekFrom};
+    let Some(esp) = nx_guest::esp::Esp::open(&env.esp) else {
+        return Ok(BootFiles::Skipped(format!(
+            "no ESP at {}",
+            env.esp.display()
+        )));
+    };
+    let wanted = [
+        ("kernel", loader::KERNEL_FILE),
+        ("initrd", loader::INITRD_FILE),
+    ];
+    let segs: Vec<_> = wanted
+        .iter()
+        .filter_map(|(seg, file)| m.segment(seg).map(|s| (s, *file)))
+        .collect();
+    if segs.len() != wanted.len() {
+        return Ok(BootFiles::Skipped(
+            "the image has no kernel and initrd segments".into(),
+        ));
     }
+    let dir = loader::slot_dir(slot.as_char());
+    let mut done = Vec::new();
+    let mut f = std::fs::File::open(dev).map_err(|e| format!("open {}: {e}", dev.display()))?;
+    for (seg, file) in segs {
+        if seg.size > nx_guest::esp::MAX_BOOT_FILE {
+            return Err(format!(
+                "segment {} is {} bytes; a boot file may have at most {}",
+                seg.name,
+                seg.size,
+                nx_guest::esp::MAX_BOOT_FILE
+            ));
+        }
+        let len = usize::try_from(seg.size).map_err(|e| e.to_string())?;
+        let mut bytes = vec![0u8; len];
+        f.seek(SeekFrom::Start(seg.offset))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|e| format!("read segment {} from {}: {e}", seg.name, dev.display()))?;
+        let rel = format!("{dir}/{file}");
+        esp.install_file(&rel, &bytes, &hex::encode(seg.sha256))
+            .map_err(|e| e.to_string())?;
+        done.push(rel);
+    }
+    Ok(BootFiles::Installed(done))
 }
 
 /// [`resolve_inactive_slot_in`] with bootctld at `bootctld_sock` and the guest's sysfs/dev.

@@ -55,6 +55,8 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
                 nx_contract::state::STATE_MOUNT,
                 "--listen",
                 system::BOOTCTLD_SOCK,
+                "--esp",
+                nx_contract::loader::ESP_MOUNT,
             ],
         ));
     }
@@ -105,7 +107,9 @@ mod tests {
                 "--state",
                 "/state",
                 "--listen",
-                "/run/bootctld.sock"
+                "/run/bootctld.sock",
+                "--esp",
+                "/boot/efi"
             ]
         );
     }

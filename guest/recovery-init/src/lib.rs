@@ -118,6 +118,8 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
                 nx_contract::state::STATE_MOUNT,
                 "--listen",
                 BOOTCTLD_SOCK,
+                "--esp",
+                nx_contract::loader::ESP_MOUNT,
             ],
         ));
     }
@@ -297,7 +299,9 @@ mod tests {
                 "--state",
                 "/state",
                 "--listen",
-                "/run/bootctld.sock"
+                "/run/bootctld.sock",
+                "--esp",
+                "/boot/efi"
             ]
         );
         let names: Vec<_> = services(&Cmdline::parse("nexus.selftest=1"), &all)

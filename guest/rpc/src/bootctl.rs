@@ -74,6 +74,14 @@ pub mod on {
         Ok(())
     }
 
+    /// `prepareInstall(slot)`.
+    pub async fn prepare_install(c: Client, slot: Slot) -> Result<(), capnp::Error> {
+        let mut req = c.prepare_install_request();
+        req.get().set_slot(slot);
+        req.send().promise.await?;
+        Ok(())
+    }
+
     /// `exportJson()`: the JSON view.
     pub async fn export_json(c: Client) -> Result<String, capnp::Error> {
         let resp = c.export_json_request().send().promise.await?;
@@ -110,6 +118,12 @@ pub async fn set_active(
 /// `slotImaged(slot, version)`: flashd finished installing into `slot`.
 pub async fn slot_imaged(sock: &Path, slot: Slot, version: &str) -> Result<(), TransportError> {
     call(sock, move |c| on::slot_imaged(c, slot, version.to_string())).await
+}
+
+/// `prepareInstall(slot)`: flashd is about to overwrite `slot` (bootctld empties it and
+/// withdraws its boot entry).
+pub async fn prepare_install(sock: &Path, slot: Slot) -> Result<(), TransportError> {
+    call(sock, move |c| on::prepare_install(c, slot)).await
 }
 
 /// `exportJson()`: the JSON view.

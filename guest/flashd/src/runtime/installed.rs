@@ -109,7 +109,7 @@ impl Runtime {
         };
         let Some(m) = m else { return };
         if ok {
-            self.dest.activate(m.version.clone(), Arc::clone(&self.out));
+            self.dest.activate(m.clone(), Arc::clone(&self.out));
         }
         let state_word = match (ok, unchanged) {
             (false, _) => InstallState::Failed,
