@@ -9,4 +9,3 @@ pub mod image;
 pub mod recovery;
 pub mod reset;
 pub mod rpc_client;
-pub mod transport;

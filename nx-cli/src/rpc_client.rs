@@ -1,7 +1,7 @@
 //! Cap'n Proto RPC clients of the guest daemons: `bootctld` (`nx boot …`) and
 //! `rebootd` (`nx flash reboot …`).
 //!
-//! The port is any `--port` SPEC of [`crate::transport`] (by default the QEMU
+//! The port is any `--port` SPEC of [`nx_engine::transport`] (by default the QEMU
 //! chardev sockets `build/qemu/bootctl.sock` / `build/qemu/reboot.sock`, which
 //! QEMU wires to the virtio-serial ports `com.nexus.bootctl` /
 //! `com.nexus.reboot`). One connection per command: connect, bootstrap the
@@ -17,9 +17,9 @@
 //! in the guest) → a timeout naming the daemon; a refused call → the daemon's
 //! own reason.
 
-use crate::transport::{self, PortSpec};
 use anyhow::{anyhow, bail, Context};
 use capnp::capability::FromClientHook;
+use nx_engine::transport::{self, PortSpec};
 pub use nx_rpc::rpc_error_text;
 use nx_rpc::FramedError;
 use std::future::Future;
