@@ -120,7 +120,10 @@ fn the_checks_can_fail() {
     let bad = offenders(&planted);
     assert_eq!(bad.len(), 3, "{bad:?}");
     assert!(bad[0].starts_with("planted.rs:2: eprintln!"), "{bad:?}");
-    assert!(bad[1].starts_with("planted.rs:4: std::io::stderr"), "{bad:?}");
+    assert!(
+        bad[1].starts_with("planted.rs:4: std::io::stderr"),
+        "{bad:?}"
+    );
     assert!(bad[2].starts_with("planted.rs:5: indicatif"), "{bad:?}");
     assert_eq!(
         forbidden_deps(
