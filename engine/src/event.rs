@@ -44,3 +44,10 @@ pub struct NullSink;
 impl ProgressSink for NullSink {
     fn event(&mut self, _ev: &EngineEvent) {}
 }
+
+/// Collects every event (tests, tools that look at a transfer afterwards).
+impl ProgressSink for Vec<EngineEvent> {
+    fn event(&mut self, ev: &EngineEvent) {
+        self.push(ev.clone());
+    }
+}
