@@ -4,7 +4,8 @@
 //! an image file ([`image_file`]), connect to a target ([`transport`]), run the resumable,
 //! verified transfer session and reconnect when the link drops ([`send`]), flash several
 //! targets concurrently ([`fanout`]), ask a target what it holds ([`query`]), and build the
-//! install receipt ([`receipt`]).
+//! install receipt ([`receipt`]); and the Cap'n Proto clients of the guest daemons bootctld and
+//! rebootd ([`rpc_client`]: `nx boot`, `nx reset`, `nx recovery`, `nx flash reboot`).
 //!
 //! The protocol itself is the sans-IO [`proto::session::Sender`]; this crate is its I/O shell.
 //!
@@ -23,6 +24,7 @@ pub mod fanout;
 pub mod image_file;
 pub mod query;
 pub mod receipt;
+pub mod rpc_client;
 pub mod send;
 pub mod transport;
 

@@ -224,7 +224,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
         FlashCommand::Info(a) => runtime()?.block_on(query::run_info(a)),
         FlashCommand::Verify(a) => runtime()?.block_on(query::run_verify(a)),
         FlashCommand::Reboot(a) => {
-            let real = runtime()?.block_on(crate::rpc_client::reboot(&a.port, &a.target))?;
+            let real = runtime()?.block_on(nx_engine::rpc_client::reboot(&a.port, &a.target))?;
             if real {
                 eprintln!("nx: the guest is rebooting into {}", a.target);
             } else {

@@ -12,9 +12,9 @@
 //! and written atomically to `--out` (default: `./diag-<n>.tar.zst`).
 
 use crate::reset::RebootPort;
-use crate::rpc_client::{self, Daemon};
 use anyhow::{bail, Context};
 use nx_contract::reset_plan::printable as clean;
+use nx_engine::rpc_client::{self, Daemon};
 use proto::rpc::reboot_capnp::reboot;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

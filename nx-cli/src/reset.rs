@@ -16,8 +16,8 @@
 //! Nothing from the guest is trusted: the plan is parsed strictly (format 1, exactly the three
 //! wiped trees), every shown string is stripped of control characters and bounded.
 
-use crate::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
 use anyhow::{bail, Context};
+use nx_engine::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
 use proto::rpc::reboot_capnp::reboot;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -292,6 +292,7 @@ async fn fetch_plan(port: &RebootPort) -> anyhow::Result<(String, String)> {
         },
     )
     .await
+    .map_err(Into::into)
 }
 
 #[cfg(test)]
