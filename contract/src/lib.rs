@@ -1,7 +1,8 @@
 //! The one home of every contract that more than one crate relies on.
 //!
 //! Guest programs, the sans-IO `proto`, the QEMU runner, xtask and `nx` import these names
-//! instead of spelling them again. Sans-IO: no files, no sockets, no dependencies.
+//! instead of spelling them again. Sans-IO: no files, no sockets, no dependencies (serde only
+//! behind the `serde` feature, for the factory-reset plan's JSON).
 //!
 //! Architecture invariant: a port name, a `/state` path, the next-boot grammar, a transfer
 //! default or a console marker is written here once; everything else imports it.
@@ -12,6 +13,7 @@ pub mod defaults;
 pub mod loader;
 pub mod markers;
 pub mod ports;
+pub mod reset_plan;
 pub mod state;
 
 pub use boot::NextBoot;

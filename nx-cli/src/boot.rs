@@ -11,8 +11,8 @@
 //! `--timeout SECS`. bootctld is the only authority: `nx` never edits the slot
 //! table itself, it asks and prints the answer (or bootctld's refusal).
 
-use crate::rpc_client::{self, Daemon, DEFAULT_BOOTCTL_PORT};
 use anyhow::Context;
+use nx_engine::rpc_client::{self, Daemon, DEFAULT_BOOTCTL_PORT};
 use proto::rpc::bootctl_capnp::{self as bc, boot_ctl};
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -129,6 +129,7 @@ where
         f,
     )
     .await
+    .map_err(Into::into)
 }
 
 async fn run_async(cmd: BootCmd) -> anyhow::Result<String> {

@@ -1,12 +1,17 @@
 //! `nx flash …`: stream an image to flashd (`send`), ask what is installed (`info`), check an
 //! image against the install (`verify`), reboot the guest (`reboot`).
 //!
-//! The protocol logic is the sans-IO [`proto::session::Sender`]; [`send`] is its I/O shell.
+//! The transfer, the queries and the fan-out are the host engine ([`nx_engine`]); this module
+//! holds the clap arguments, the output ([`render`] implements the engine's
+//! [`nx_engine::ProgressSink`]) and the exit codes.
 //! User documentation: `docs/tools/nx-flash.md`.
 
-use crate::transport::PortSpec;
 use anyhow::Context as _;
 use clap::builder::TypedValueParser as _;
+use nx_engine::image_file::{self, ImageFile};
+use nx_engine::receipt;
+use nx_engine::send::{self, SendError, SendOptions, SendReport};
+use nx_engine::transport::PortSpec;
 use proto::session::CompressMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,15 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod fanout;
-pub mod image_file;
 pub mod query;
-pub mod receipt;
 pub mod render;
-pub mod send;
 
-use image_file::ImageFile;
 use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
-use send::{SendError, SendOptions, SendReport};
 
 /// `--chunk`'s default as the user writes it: `nx_contract::defaults::CHUNK` (a test checks).
 const DEFAULT_CHUNK_ARG: &str = "1M";
@@ -206,27 +206,7 @@ fn parse_compress(s: &str) -> Result<CompressMode, String> {
     }
 }
 
-/// The host name sent in HELLO: the kernel's host name made to fit `[A-Za-z0-9._-]{1,64}`.
-pub fn host_name() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let clean: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(64)
-        .collect();
-    if clean.is_empty() {
-        "host".to_string()
-    } else {
-        clean
-    }
-}
+use nx_engine::host_name;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -244,7 +224,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
         FlashCommand::Info(a) => runtime()?.block_on(query::run_info(a)),
         FlashCommand::Verify(a) => runtime()?.block_on(query::run_verify(a)),
         FlashCommand::Reboot(a) => {
-            let real = runtime()?.block_on(crate::rpc_client::reboot(&a.port, &a.target))?;
+            let real = runtime()?.block_on(nx_engine::rpc_client::reboot(&a.port, &a.target))?;
             if real {
                 eprintln!("nx: the guest is rebooting into {}", a.target);
             } else {

@@ -8,5 +8,3 @@ pub mod flash;
 pub mod image;
 pub mod recovery;
 pub mod reset;
-pub mod rpc_client;
-pub mod transport;

@@ -12,8 +12,9 @@
 //! and written atomically to `--out` (default: `./diag-<n>.tar.zst`).
 
 use crate::reset::RebootPort;
-use crate::rpc_client::{self, Daemon};
 use anyhow::{bail, Context};
+use nx_contract::reset_plan::printable as clean;
+use nx_engine::rpc_client::{self, Daemon};
 use proto::rpc::reboot_capnp::reboot;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -138,7 +139,7 @@ pub fn check_bundle(data: &[u8]) -> anyhow::Result<Checked> {
         if !plain || !(typeflag == b'0' || typeflag == 0) {
             bail!(
                 "the bundle holds an unexpected member {:?}",
-                crate::reset::clean(name, 100)
+                clean(name, 100)
             );
         }
         members.push((name.trim_start_matches("diag/").to_string(), size));
@@ -191,7 +192,7 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<ExitCode> {
     if !valid_bundle_name(&name) {
         bail!(
             "the guest named its bundle {:?}, not diag-<n>.tar.zst: refusing to save it",
-            crate::reset::clean(&name, 64)
+            clean(&name, 64)
         );
     }
     let checked = check_bundle(&data).context("the guest's diag bundle is not valid; not saved")?;

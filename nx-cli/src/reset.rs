@@ -16,8 +16,8 @@
 //! Nothing from the guest is trusted: the plan is parsed strictly (format 1, exactly the three
 //! wiped trees), every shown string is stripped of control characters and bounded.
 
-use crate::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
 use anyhow::{bail, Context};
+use nx_engine::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
 use proto::rpc::reboot_capnp::reboot;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -69,11 +69,10 @@ enum ResetCmd {
     },
 }
 
-/// The guest's plan (`nx-reset`, format 1): one type on both sides of the link.
-pub use nx_reset::{Plan, PlanEntry as Entry, Totals, TreePlan as Tree};
-
-/// Printable text from the guest: control characters become `?`, at most `max` characters.
-pub use nx_reset::printable as clean;
+// The guest's plan (format 1): one type on both sides of the link, from the contract.
+// `clean`: printable text from the guest (control characters become `?`, at most `max`
+// characters).
+use nx_contract::reset_plan::{printable as clean, Plan};
 
 /// Parse and check the guest's plan: format 1, the wiped trees are exactly
 /// [`WIPED`], nothing wiped is also preserved, every wiped entry lies below its tree.
@@ -124,7 +123,7 @@ pub fn parse_plan(json: &str) -> anyhow::Result<Plan> {
 
 /// The human view of a plan (the same text the recovery console shows).
 pub fn render_plan(p: &Plan, with_entries: bool) -> String {
-    nx_reset::render(p, with_entries)
+    nx_contract::reset_plan::render(p, with_entries)
 }
 
 /// Why a confirmation did not go through.
@@ -293,6 +292,7 @@ async fn fetch_plan(port: &RebootPort) -> anyhow::Result<(String, String)> {
         },
     )
     .await
+    .map_err(Into::into)
 }
 
 #[cfg(test)]

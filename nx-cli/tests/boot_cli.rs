@@ -1,4 +1,4 @@
-//! `nx boot …` and `nx_cli::rpc_client::reboot` against real daemons: bootctld
+//! `nx boot …` and `nx_engine::rpc_client::reboot` against real daemons: bootctld
 //! / rebootd served in-process on a unix socket in a temp dir (`--listen`),
 //! driven through the `nx` binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -180,7 +180,7 @@ fn rpc_client_reboot_talks_to_rebootd() {
         .build()
         .unwrap();
     let real = rt
-        .block_on(nx_cli::rpc_client::reboot(&port, "recovery"))
+        .block_on(nx_engine::rpc_client::reboot(&port, "recovery"))
         .unwrap();
     assert!(
         !real,

@@ -10,10 +10,10 @@ mod proxy;
 
 use flash_support::{sha256_hex, test_image};
 use flashd::testkit::{Capture, RunningServer};
-use nx_cli::flash::image_file::ImageFile;
 use nx_cli::flash::render::{OutputMode, Renderer};
-use nx_cli::flash::send::{send_image, SendOptions, SendReport};
-use nx_cli::transport::PortSpec;
+use nx_engine::image_file::ImageFile;
+use nx_engine::send::{send_image, SendOptions, SendReport};
+use nx_engine::transport::PortSpec;
 use proto::session::CompressMode;
 use proxy::{start_proxy, Faults};
 use std::path::{Path, PathBuf};

@@ -10,10 +10,10 @@ mod flash_support;
 
 use flash_support::{sha256_hex, test_image};
 use flashd::testkit::{Capture, RunningServer};
-use nx_cli::flash::image_file::ImageFile;
 use nx_cli::flash::render::{OutputMode, Renderer};
-use nx_cli::flash::send::{send_image, Connecting, Connector, SendOptions, WRITER_QUEUE};
-use nx_cli::transport::Link;
+use nx_engine::image_file::ImageFile;
+use nx_engine::send::{send_image, Connecting, Connector, SendOptions, WRITER_QUEUE};
+use nx_engine::transport::Link;
 use proto::session::{CompressMode, SenderConfig};
 use std::io;
 use std::path::PathBuf;

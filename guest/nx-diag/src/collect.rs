@@ -4,7 +4,8 @@
 use crate::bootctl::View;
 use crate::bundle::Member;
 use crate::Config;
-use nx_reset::walk::{self, display, Event, Kind, Skip, WalkOptions};
+use nx_contract::reset_plan::Kind;
+use nx_reset::walk::{self, display, Event, Skip, WalkOptions};
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;

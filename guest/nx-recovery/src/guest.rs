@@ -4,6 +4,7 @@
 //! runtime), so recovery-sh's built-ins can call them directly.
 
 use crate::{render_slots, Backend, Target};
+use nx_contract::reset_plan::Plan;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -97,13 +98,13 @@ pub fn slot_status(cfg: &GuestConfig) -> Result<String, String> {
 }
 
 /// The factory-reset plan and device name from rebootd (`resetPlan()`), checked.
-pub fn reset_plan(cfg: &GuestConfig) -> Result<(nx_reset::Plan, String), String> {
+pub fn reset_plan(cfg: &GuestConfig) -> Result<(Plan, String), String> {
     let (json, device) = block_on(nx_rpc::reboot::request_reset_plan(
         &cfg.rebootd,
         cfg.timeout,
     ))?
     .map_err(|e| format!("rebootd on {}: {e}", cfg.rebootd.display()))?;
-    let plan = nx_reset::Plan::from_json(&json)
+    let plan = Plan::from_json(&json)
         .map_err(|e| format!("rebootd sent a plan that does not parse: {e}"))?;
     if !plan.is_sane() {
         return Err(
@@ -251,7 +252,7 @@ impl Backend for GuestBackend {
         slot_status(&self.cfg)
     }
 
-    fn reset_plan(&mut self) -> Result<(nx_reset::Plan, String), String> {
+    fn reset_plan(&mut self) -> Result<(Plan, String), String> {
         reset_plan(&self.cfg)
     }
 

@@ -19,6 +19,7 @@
 pub mod guest;
 
 use bootctld::machine::{BootState, Slot};
+use nx_contract::reset_plan::Plan;
 use std::fmt::Write as _;
 
 pub use nx_contract::NextBoot as Target;
@@ -38,7 +39,7 @@ pub trait Backend {
     /// The slot table, rendered.
     fn slot_status(&mut self) -> Result<String, String>;
     /// The factory-reset plan and the device name (from rebootd).
-    fn reset_plan(&mut self) -> Result<(nx_reset::Plan, String), String>;
+    fn reset_plan(&mut self) -> Result<(Plan, String), String>;
     /// rebootd `factoryWipe()`: returns whether the guest really reboots.
     fn factory_wipe(&mut self) -> Result<bool, String>;
     /// rebootd `mode(target)`: returns whether the guest really reboots.
@@ -169,7 +170,7 @@ pub fn render_slots(s: &BootState, persistent: bool) -> String {
 
 /// The plan's summary for the console (trees and totals; every path: `nx reset factory
 /// --dry-run` on the host).
-pub fn plan_summary(plan: &nx_reset::Plan) -> String {
+pub fn plan_summary(plan: &Plan) -> String {
     let full = plan.render_text();
     full.lines()
         .filter(|l| !l.starts_with("    "))
@@ -453,7 +454,7 @@ mod tests {
             self.calls.push("slots".into());
             Err("bootctld is not running".into())
         }
-        fn reset_plan(&mut self) -> Result<(nx_reset::Plan, String), String> {
+        fn reset_plan(&mut self) -> Result<(Plan, String), String> {
             self.calls.push("plan".into());
             if self.plan_fails {
                 return Err("no /state".into());

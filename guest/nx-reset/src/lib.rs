@@ -3,8 +3,9 @@
 //! * [`plan()`]: the exact plan — every path under `apps`, `content` and `settings` that a
 //!   wipe removes (with its size), and everything that is preserved (`trust/**` path by path,
 //!   `boot`, `bootctl`, `flash`, `recovery` and any other top-level entry as summaries). Pure
-//!   read: it never changes anything. Rendered as JSON ([`Plan::to_json`]) for `nx reset
-//!   factory --dry-run` (served by rebootd's `resetPlan()`) and as text ([`Plan::render_text`])
+//!   read: it never changes anything. The plan type is [`nx_contract::reset_plan::Plan`]
+//!   (shared with `nx reset` on the host), rendered as JSON (`Plan::to_json`) for `nx reset
+//!   factory --dry-run` (served by rebootd's `resetPlan()`) and as text (`Plan::render_text`)
 //!   for the recovery console.
 //! * [`wipe()`]: the wipe that recovery-init runs before it starts any service when
 //!   `STATE/boot/factory_wipe` exists. Resumable and power-cut safe:
@@ -32,20 +33,10 @@ pub mod plan;
 pub mod walk;
 pub mod wipe;
 
-pub use plan::{plan, plan_with, printable, render, Limits, Plan, PlanEntry, Totals, TreePlan};
+pub use plan::{plan, plan_with, Limits};
 pub use wipe::{pending, wipe, wipe_with, Pending, WipeOptions, WipeOutcome, WipeReport};
 
 use std::path::PathBuf;
-
-/// The trees whose contents a factory reset removes (the directories themselves stay).
-pub const WIPED: [&str; 3] = ["apps", "content", "settings"];
-/// The known trees a factory reset preserves, in layout order (`trust` is listed path by
-/// path in the plan). Any other top-level entry of `/state` is preserved as well.
-pub const PRESERVED: [&str; 5] = ["trust", "boot", "bootctl", "flash", "recovery"];
-/// The preserved tree whose every path the plan lists.
-pub const LISTED_PRESERVED: &str = "trust";
-/// How paths are shown in plans: as the guest sees them.
-pub const SHOWN_ROOT: &str = nx_contract::state::STATE_MOUNT;
 
 /// The factory-wipe request written by rebootd (`factoryWipe()`), relative to the state root.
 pub const REQUEST: &str = nx_contract::state::FACTORY_WIPE;

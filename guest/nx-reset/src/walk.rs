@@ -6,43 +6,19 @@
 //! same tree). Names are raw bytes; [`display`] escapes them for text and JSON.
 //! Shared by the reset plan and `nx-diag`'s tree listing.
 
+use nx_contract::reset_plan::Kind;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-/// What an entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// A regular file.
-    File,
-    /// A directory.
-    Dir,
-    /// A symbolic link (never followed).
-    Symlink,
-    /// Anything else (fifo, socket, device node).
-    Other,
-}
-
-impl Kind {
-    fn of(mode: u32) -> Kind {
-        match FileType::from_raw_mode(mode) {
-            FileType::RegularFile => Kind::File,
-            FileType::Directory => Kind::Dir,
-            FileType::Symlink => Kind::Symlink,
-            _ => Kind::Other,
-        }
-    }
-
-    /// `file` / `dir` / `symlink` / `other`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::File => "file",
-            Kind::Dir => "dir",
-            Kind::Symlink => "symlink",
-            Kind::Other => "other",
-        }
+/// What an entry is ([`Kind`], the plan's entry kind), from its `st_mode`.
+fn kind_of(mode: u32) -> Kind {
+    match FileType::from_raw_mode(mode) {
+        FileType::RegularFile => Kind::File,
+        FileType::Directory => Kind::Dir,
+        FileType::Symlink => Kind::Symlink,
+        _ => Kind::Other,
     }
 }
 
@@ -137,7 +113,7 @@ fn visit_one(
     depth: usize,
     visit: &mut dyn FnMut(Event<'_>),
 ) -> Kind {
-    let kind = Kind::of(st.st_mode);
+    let kind = kind_of(st.st_mode);
     let size = match kind {
         Kind::File | Kind::Symlink => u64::try_from(st.st_size).unwrap_or(0),
         Kind::Dir | Kind::Other => 0,

@@ -7,8 +7,9 @@
 //! most two descriptors are open at any time, so any depth works.
 
 use crate::walk::read_names;
-use crate::{fsx, ResetError, JOURNAL, REQUEST, REQUEST_CONTENT, WIPED};
+use crate::{fsx, ResetError, JOURNAL, REQUEST, REQUEST_CONTENT};
 use nx_contract::markers::reset as m;
+use nx_contract::reset_plan::WIPED;
 use nx_contract::Marker;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;

@@ -5,7 +5,8 @@
 
 mod common;
 
-use nx_reset::{plan, plan_with, Limits, Plan};
+use nx_contract::reset_plan::Plan;
+use nx_reset::{plan, plan_with, Limits};
 
 #[test]
 fn golden_plan_for_a_seeded_tree() {

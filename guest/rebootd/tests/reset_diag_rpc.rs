@@ -123,7 +123,7 @@ fn reset_plan_is_nx_resets_plan_and_changes_nothing() {
     let (json, device) = block_on(nx_rpc::reboot::request_reset_plan(&s.socket, T)).unwrap();
     assert_eq!(device, "board-7");
     assert_eq!(json, rebootd::nx_reset::plan(&state).unwrap().to_json());
-    let plan = rebootd::nx_reset::Plan::from_json(&json).unwrap();
+    let plan = nx_contract::reset_plan::Plan::from_json(&json).unwrap();
     assert!(plan.is_sane());
     assert_eq!(plan.totals.wiped_bytes, 100 + 2000 + 6);
     assert_eq!(listing(&state), before, "resetPlan is read only");
@@ -163,7 +163,7 @@ fn factory_wipe_records_the_request_nx_reset_consumes() {
         [3u8; 32]
     );
     let (json, _) = block_on(nx_rpc::reboot::request_reset_plan(&s.socket, T)).unwrap();
-    let plan = rebootd::nx_reset::Plan::from_json(&json).unwrap();
+    let plan = nx_contract::reset_plan::Plan::from_json(&json).unwrap();
     assert_eq!(plan.totals.wiped_paths, 0);
 }
 

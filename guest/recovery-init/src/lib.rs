@@ -364,7 +364,7 @@ mod tests {
             lines.last().map(String::as_str),
             Some(markers::reset::wipe_done().as_str())
         );
-        for t in nx_reset::WIPED {
+        for t in nx_contract::reset_plan::WIPED {
             assert!(listing(&root.join(t)).is_empty(), "{t}");
         }
         assert_eq!(

@@ -1,7 +1,8 @@
 //! Architecture invariants held by reading the workspace's sources:
 //! - one transport: only `nx-rpc` (guest/rpc/src/lib.rs) sets up a Cap'n Proto RPC system;
 //! - one port finder: only `nx_guest::port` names the virtio-ports sysfs directory;
-//! - host crates never depend on guest daemons (flashd, rebootd, bootctld).
+//! - host crates never depend on guest programs (flashd, rebootd, bootctld, init, …: every
+//!   guest crate with a `main.rs`, and nx-reset, the guest's wipe).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -99,11 +100,50 @@ fn one_port_finder() {
     );
 }
 
-/// The guest daemons: crates no host crate may depend on (for shared types, use a library:
-/// nx-contract, proto, nx-rpc, nx-guest).
-const DAEMONS: &[&str] = &["flashd", "rebootd", "bootctld"];
+/// The guest programs: crates no host crate may depend on (for shared types, use a library:
+/// nx-contract, proto, nx-rpc, nx-guest). Every guest crate with a `src/main.rs`
+/// (`every_guest_program_is_listed`), plus nx-reset (the guest's wipe of `/state`; its plan
+/// type lives in `nx_contract::reset_plan`).
+const DAEMONS: &[&str] = &[
+    "flashd",
+    "rebootd",
+    "bootctld",
+    "init",
+    "recovery-init",
+    "recovery-sh",
+    "nx-recovery",
+    "nx-diag",
+    "nx-reset",
+    "selftest-client",
+    "rawrecv",
+];
 /// The host crates.
-const HOST_CRATES: &[&str] = &["nx-cli", "qemu", "xtask", "proto", "contract"];
+const HOST_CRATES: &[&str] = &["nx-cli", "engine", "qemu", "xtask", "proto", "contract"];
+
+/// The package name of the crate in `dir` (its Cargo.toml).
+fn package_name(dir: &Path) -> String {
+    let m = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let doc: toml::Value = toml::from_str(&m).unwrap();
+    doc["package"]["name"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn every_guest_program_is_listed() {
+    let mut programs = Vec::new();
+    for e in std::fs::read_dir(root().join("guest")).unwrap() {
+        let dir = e.unwrap().path();
+        if dir.join("src/main.rs").exists() {
+            programs.push(package_name(&dir));
+        }
+    }
+    assert!(programs.len() >= 10, "{programs:?}");
+    for p in &programs {
+        assert!(
+            DAEMONS.contains(&p.as_str()),
+            "guest program {p} is missing from DAEMONS in {THIS_FILE}"
+        );
+    }
+}
 
 fn daemon_deps(manifest: &str) -> Vec<String> {
     let doc: toml::Value = toml::from_str(manifest).unwrap();
@@ -123,7 +163,7 @@ fn host_crates_never_depend_on_guest_daemons() {
         let bad = daemon_deps(&m);
         assert!(
             bad.is_empty(),
-            "host crate {c} depends on guest daemon(s) {bad:?}: move the shared types into a \
+            "host crate {c} depends on guest program(s) {bad:?}: move the shared types into a \
              library crate (dev-dependencies for in-process tests are fine)"
         );
     }
@@ -155,5 +195,9 @@ fn the_checks_can_fail() {
     assert_eq!(
         daemon_deps("[dependencies]\nbootctld = { path = \"../guest/bootctld\" }\n[dev-dependencies]\nflashd = { path = \"x\" }\n"),
         vec!["bootctld".to_string()]
+    );
+    assert_eq!(
+        daemon_deps("[dependencies]\nnx-reset = { path = \"../guest/nx-reset\" }\nnx-contract.workspace = true\n"),
+        vec!["nx-reset".to_string()]
     );
 }

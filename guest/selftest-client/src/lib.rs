@@ -359,7 +359,7 @@ pub fn check_reset_dry_run(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome
         Ok(Err(e)) => return Outcome::Failed(format!("rebootd resetPlan(): {e}")),
         Err(e) => return Outcome::Failed(e),
     };
-    let plan = match nx_reset::Plan::from_json(&json) {
+    let plan = match nx_contract::reset_plan::Plan::from_json(&json) {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(format!("the plan does not parse: {e}")),
     };

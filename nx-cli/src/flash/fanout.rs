@@ -1,27 +1,25 @@
 //! `nx flash send IMG --port A --port B …`: flash several targets concurrently.
 //!
-//! One tokio task per target, each running the same [`send::send_image_with`] as a single
-//! transfer. What can be shared is: the image file (one open handle, positioned reads), its
-//! head check (done once, before any connection) and the local check that hashes every
-//! segment (one thread for all targets, [`SharedCheck`]). What cannot is per target and bounded
-//! like a single transfer: each target reads its own chunks, at most `window + read-ahead`
-//! chunks in memory per target. A failure on one target never stops the others.
+//! The orchestration (one task per target, the image and its check shared, a failure on one
+//! target never stopping the others) is [`nx_engine::fanout`]; this module gives each target
+//! its [`Renderer`] and reports how each ended.
 //!
 //! Output (documented in `docs/tools/nx-flash.md`, "Several targets"): plain lines prefixed with
 //! `[<target>] `, NDJSON events carrying `target` and `target_index`, one indicatif
 //! `MultiProgress` on a terminal, then a per-target summary and the combined exit code
 //! ([`combine_exit`]).
 
-use super::image_file::SharedCheck;
-use super::receipt::{Receipt, RECEIPT_VERSION};
 use super::render::{rate_mb_s, OutputMode, Renderer, SharedBars, TargetTag};
-use super::send::{self, SendFailure, SendReport};
 use super::{
-    again_command, exit, failure, host_name, installed_verb, open_image, receipt_event,
-    report_error, runtime, say_installed, send_options, write_receipt, SendArgs,
+    again_command, exit, failure, installed_verb, open_image, receipt_event, report_error, runtime,
+    say_installed, send_options, write_receipt, SendArgs,
 };
-use crate::transport::PortSpec;
 use anyhow::Context as _;
+use nx_engine::fanout::{self as engine_fanout, Target};
+use nx_engine::host_name;
+use nx_engine::receipt::{Receipt, RECEIPT_VERSION};
+use nx_engine::send::{self, SendFailure, SendReport};
+use nx_engine::transport::PortSpec;
 use std::time::Duration;
 
 /// How one target ended.
@@ -147,41 +145,26 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
             let opts = send_options(&a);
             let rt = runtime()?;
             let image_path = a.image.clone();
+            let image_len = img.len();
+            let tags: Vec<TargetTag> = renderers.iter().map(tag_of).collect();
+            let targets: Vec<Target<Renderer>> = ports
+                .iter()
+                .cloned()
+                .zip(renderers.drain(..))
+                .map(|(port, sink)| Target { port, sink })
+                .collect();
             let results = rt.block_on(async {
                 let interrupt = send::interrupt_flag();
-                let check = SharedCheck::new();
-                let mut tasks = Vec::with_capacity(ports.len());
-                for (port, mut r) in ports.iter().cloned().zip(renderers.drain(..)) {
-                    let (img, opts, check, interrupt) =
-                        (img.clone(), opts.clone(), check.clone(), interrupt.clone());
+                engine_fanout::send_all(img, targets, &opts, interrupt, move |r, port, res| {
                     let again = again_command(&image_path, std::slice::from_ref(&port));
-                    let tag = tag_of(&r);
-                    let task = tokio::spawn(async move {
-                        let mut link = port.clone();
-                        let res = send::send_image_with(
-                            img.clone(),
-                            &check,
-                            &mut link,
-                            &opts,
-                            &mut r,
-                            interrupt,
-                        )
-                        .await;
-                        let result = conclude(&mut r, port, res, img.len(), &again);
-                        (r, result)
-                    });
-                    tasks.push((tag, task));
-                }
-                let mut out = Vec::with_capacity(tasks.len());
-                for (tag, task) in tasks {
-                    out.push((tag, task.await));
-                }
-                out
+                    conclude(r, port, res, image_len, &again)
+                })
+                .await
             });
             // Do not wait for blocking reads still queued: the process is done.
             rt.shutdown_timeout(Duration::from_millis(200));
             let mut done = Vec::with_capacity(results.len());
-            for ((tag, joined), port) in results.into_iter().zip(&ports) {
+            for ((tag, joined), port) in tags.into_iter().zip(results).zip(&ports) {
                 match joined {
                     Ok((r, res)) => {
                         renderers.push(r);
@@ -189,7 +172,7 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
                     }
                     Err(e) => {
                         // The task died (a bug): this target failed, the others are reported.
-                        let text = format!("internal error in the transfer task: {e}");
+                        let text = e.to_string();
                         let r = Renderer::for_target(mode, tag.clone(), None);
                         report_error(&r, exit::ERROR, &text, None);
                         renderers.push(r);

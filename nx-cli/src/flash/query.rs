@@ -1,58 +1,12 @@
 //! `nx flash info` (INFO? → INFO_REPLY) and `nx flash verify` (the image file checked
-//! locally, then compared with what the target says is installed).
+//! locally, then compared with what the target says is installed): the queries are
+//! [`nx_engine::query`]; this module prints their answers and picks the exit code.
 
-use super::image_file::{ImageFile, LocalCheck};
 use super::{exit, InfoArgs, VerifyArgs};
-use crate::transport::{self, PortSpec};
-use anyhow::{bail, Context};
-use futures::StreamExt;
-use proto::frame::codec::{FrameCodec, Incoming};
-use proto::msg::{InfoReply, Message};
+use nx_engine::query::{query_info, verify_install, Verified, VerifyError, QUERY_TIMEOUT};
+use proto::msg::InfoReply;
 use serde_json::json;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio_util::codec::FramedRead;
-
-/// How long `info`/`verify` wait for the answer.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Ask the target for its INFO_REPLY.
-pub async fn query_info(port: &PortSpec, timeout: Duration) -> anyhow::Result<InfoReply> {
-    let link = transport::connect(port).await?;
-    let (rd, mut wr) = tokio::io::split(link);
-    let frame = Message::Info.to_frame().context("cannot encode INFO?")?;
-    wr.write_all(&frame.to_bytes())
-        .await
-        .with_context(|| format!("cannot send INFO? to {port}"))?;
-    let mut frames = FramedRead::new(rd, FrameCodec::new());
-    let answer = tokio::time::timeout(timeout, async {
-        while let Some(f) = frames.next().await {
-            match f {
-                Ok(Incoming::Frame(f)) => match Message::from_frame(&f) {
-                    Ok(Message::InfoReply(r)) => return Ok(r),
-                    Ok(Message::Error(e)) => {
-                        bail!("the target answered with error {}: {}", e.code, e.text)
-                    }
-                    Ok(_) => continue,
-                    Err(e) => bail!("undecodable answer from the target: {e}"),
-                },
-                Ok(Incoming::Skipped { .. }) => continue,
-                Err(e) => bail!("link: {e}"),
-            }
-        }
-        bail!("the target closed the connection without answering")
-    })
-    .await;
-    match answer {
-        Ok(r) => r,
-        Err(_) => bail!(
-            "no answer from {port} within {} s: is flashd running on the target?",
-            timeout.as_secs()
-        ),
-    }
-}
 
 fn info_json(r: &InfoReply) -> serde_json::Value {
     json!({
@@ -83,7 +37,7 @@ pub async fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let r = match query_info(&a.port, QUERY_TIMEOUT).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("nx: error: {e:#}");
+            eprintln!("nx: error: {:#}", anyhow::Error::from(e));
             return Ok(ExitCode::from(exit::LINK_LOST));
         }
     };
@@ -126,39 +80,28 @@ pub async fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
 
 /// `nx flash verify IMG`.
 pub async fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let img = match ImageFile::open(&a.image) {
-        Ok(i) => Arc::new(i),
-        Err(e) => {
+    let Verified {
+        image: img,
+        reply: r,
+        matches,
+    } = match verify_install(&a.image, &a.port, QUERY_TIMEOUT).await {
+        Ok(v) => v,
+        Err(VerifyError::Open(e)) => {
             eprintln!("nx: error: {e}");
             return Ok(ExitCode::from(exit::IMAGE_INVALID));
         }
-    };
-    // 1. The file itself: every segment hash, padding and data range.
-    let check = LocalCheck::start(img.clone())?;
-    let mut rx = check.subscribe();
-    let st = rx
-        .wait_for(|s| s.done || s.error.is_some())
-        .await
-        .map(|s| s.clone())
-        .context("image check stopped")?;
-    if let Some(err) = st.error {
-        eprintln!("nx: error: image {} is invalid: {err}", a.image.display());
-        return Ok(ExitCode::from(exit::IMAGE_INVALID));
-    }
-    // 2. What the target holds.
-    let r = match query_info(&a.port, QUERY_TIMEOUT).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("nx: error: {e:#}");
+        Err(e @ VerifyError::Invalid { .. }) => {
+            eprintln!("nx: error: {e}");
+            return Ok(ExitCode::from(exit::IMAGE_INVALID));
+        }
+        Err(VerifyError::Query(e)) => {
+            eprintln!("nx: error: {:#}", anyhow::Error::from(e));
             return Ok(ExitCode::from(exit::LINK_LOST));
         }
+        Err(e @ (VerifyError::Check(_) | VerifyError::CheckStopped(_))) => return Err(e.into()),
     };
     let m = img.manifest();
     let id = m.id();
-    let matches = r
-        .installed
-        .as_ref()
-        .is_some_and(|i| i.image_id == id && i.image_sha256 == m.image_sha256);
     let deep = "stub/placeholder: the target did not re-read its install (proto 1 has no \
                 VERIFY request); flashd verified every byte against this manifest when it installed it";
     if a.json {

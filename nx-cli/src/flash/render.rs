@@ -1,8 +1,8 @@
 //! Output of `nx flash send`: indicatif bars on a terminal, plain progress lines when piped,
 //! NDJSON events with `--json`, nothing but the receipt with `--quiet`.
 //!
-//! Architecture invariant: only nx-cli writes to a terminal; the session reports progress as
-//! [`ProgressEvent`] values and this module renders them.
+//! Architecture invariant: only nx-cli writes to a terminal; the engine reports progress as
+//! [`EngineEvent`] values to a [`ProgressSink`] and this module (the [`Renderer`]) renders them.
 //!
 //! With several targets (`--port A --port B`) every target has its own renderer tagged with a
 //! [`TargetTag`]: plain lines are prefixed with `[<target>] `, every NDJSON event carries
@@ -11,7 +11,8 @@
 //! output, unchanged.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use proto::session::{ProgressEvent, SkipKind};
+use nx_engine::{EngineEvent, ProgressSink};
+use proto::session::ProgressEvent;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -42,22 +43,6 @@ impl OutputMode {
             OutputMode::Plain
         }
     }
-}
-
-/// Something to show.
-#[derive(Debug, Clone)]
-pub enum Ui<'a> {
-    /// An event of the session state machine.
-    Session(&'a ProgressEvent),
-    /// Connecting to the target (attempt ≥ 1).
-    Connecting { port: &'a str, attempt: u32 },
-    /// The link was lost; trying again after `delay`.
-    Reconnect {
-        error: &'a str,
-        attempt: u32,
-        max: u32,
-        delay: Duration,
-    },
 }
 
 /// Which target a renderer speaks for when `nx flash send` flashes several.
@@ -127,14 +112,6 @@ impl FanBar {
     }
 }
 
-/// Accumulated skip figures of the current run.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Skips {
-    pub zero: u64,
-    pub identical: u64,
-    pub compressed: u64,
-}
-
 /// The renderer.
 pub struct Renderer {
     mode: OutputMode,
@@ -147,7 +124,6 @@ pub struct Renderer {
     last_json_progress: Option<Instant>,
     pending_json_progress: Option<ProgressEvent>,
     session_start: Option<(Instant, u64)>,
-    skips: Skips,
     retransmits: u64,
 }
 
@@ -189,7 +165,6 @@ impl Renderer {
             last_json_progress: None,
             pending_json_progress: None,
             session_start: None,
-            skips: Skips::default(),
             retransmits: 0,
         }
     }
@@ -264,11 +239,6 @@ impl Renderer {
         }
     }
 
-    /// Skip figures seen so far.
-    pub fn skips(&self) -> Skips {
-        self.skips
-    }
-
     /// Retransmissions seen so far.
     pub fn retransmits(&self) -> u64 {
         self.retransmits
@@ -304,15 +274,15 @@ impl Renderer {
     }
 
     /// Render one event.
-    pub fn show(&mut self, ui: &Ui) {
-        match ui {
-            Ui::Connecting { port, attempt } => {
+    pub fn show(&mut self, ev: &EngineEvent) {
+        match ev {
+            EngineEvent::Connecting { port, attempt } => {
                 self.json(&json!({"event": "connecting", "port": port, "attempt": attempt}));
                 if *attempt > 1 {
                     self.say(&format!("nx: connecting to {port} (attempt {attempt})"));
                 }
             }
-            Ui::Reconnect {
+            EngineEvent::Reconnect {
                 error,
                 attempt,
                 max,
@@ -328,7 +298,8 @@ impl Renderer {
                     attempt + 1
                 ));
             }
-            Ui::Session(ev) => self.session(ev),
+            EngineEvent::Session(ev) => self.session(ev),
+            EngineEvent::Finished => self.finish(),
         }
     }
 
@@ -393,13 +364,9 @@ impl Renderer {
                     f.bar.reset_eta();
                 }
             }
-            ProgressEvent::Skipped { kind, bytes } => {
-                match kind {
-                    SkipKind::Zero => self.skips.zero += bytes,
-                    SkipKind::Identical => self.skips.identical += bytes,
-                    SkipKind::Compressed => self.skips.compressed += bytes,
-                }
-                // Cumulative figures are in the summary; per-chunk skips would flood NDJSON.
+            ProgressEvent::Skipped { .. } => {
+                // Cumulative figures are in the summary (the engine adds them up in
+                // `SendReport::skips`); per-chunk skips would flood NDJSON.
             }
             ProgressEvent::Progress {
                 segment,
@@ -545,5 +512,12 @@ impl Renderer {
     pub fn finish(&mut self) {
         self.flush_json_progress();
         self.clear_bars();
+    }
+}
+
+/// The engine's events, rendered as they come.
+impl ProgressSink for Renderer {
+    fn event(&mut self, ev: &EngineEvent) {
+        self.show(ev);
     }
 }

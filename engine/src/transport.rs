@@ -6,7 +6,6 @@
 //! | `tcp:HOST:PORT`           | a TCP socket (QEMU `-chardev socket,host=…,port=…`)       |
 //! | `serial:/dev/ttyX[@BAUD]` | a real UART or a QEMU `pty` chardev (default 115200 baud)  |
 
-use anyhow::{bail, Context};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -14,6 +13,58 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Default baud rate for `serial:` ports without `@BAUD`.
 pub const DEFAULT_BAUD: u32 = 115_200;
+
+/// Why a `--port` value does not parse (the message says what to write instead).
+#[derive(Debug, thiserror::Error)]
+pub enum PortSpecError {
+    #[error("empty port; use unix:PATH, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD]")]
+    Empty,
+    #[error("`unix:` needs a socket path, e.g. unix:build/qemu/flash.sock")]
+    UnixNoPath,
+    #[error("`{spec}`: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444")]
+    Tcp { spec: String },
+    #[error("`{spec}`: baud rate `{baud}` is not a number")]
+    Baud {
+        spec: String,
+        baud: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("`serial:` needs a device, e.g. serial:/dev/ttyUSB0@115200")]
+    SerialNoDevice,
+    #[error(
+        "unknown port kind `{scheme}:`; use unix:PATH, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD]"
+    )]
+    UnknownKind { scheme: String },
+}
+
+/// Why a target could not be reached (the message says what to check).
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(
+        "cannot connect to {spec}: is QEMU running? start it with `just recovery` (or pass --port)"
+    )]
+    Unix {
+        spec: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {spec}: is the target listening?")]
+    Tcp {
+        spec: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {spec}: does the device exist and may you open it?")]
+    Serial {
+        spec: String,
+        #[source]
+        source: tokio_serial::Error,
+    },
+    /// Any other I/O failure while connecting (custom [`crate::send::Connector`]s).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
 
 /// A parsed `--port` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,15 +75,15 @@ pub enum PortSpec {
 }
 
 impl FromStr for PortSpec {
-    type Err = anyhow::Error;
+    type Err = PortSpecError;
 
-    fn from_str(s: &str) -> anyhow::Result<PortSpec> {
+    fn from_str(s: &str) -> Result<PortSpec, PortSpecError> {
         if s.is_empty() {
-            bail!("empty port; use unix:PATH, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD]");
+            return Err(PortSpecError::Empty);
         }
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                bail!("`unix:` needs a socket path, e.g. unix:build/qemu/flash.sock");
+                return Err(PortSpecError::UnixNoPath);
             }
             return Ok(PortSpec::Unix(path.into()));
         }
@@ -41,20 +92,27 @@ impl FromStr for PortSpec {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                     return Ok(PortSpec::Tcp(addr.to_string()))
                 }
-                _ => bail!("`{s}`: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444"),
+                _ => {
+                    return Err(PortSpecError::Tcp {
+                        spec: s.to_string(),
+                    })
+                }
             }
         }
         if let Some(rest) = s.strip_prefix("serial:") {
             let (path, baud) = match rest.rsplit_once('@') {
                 Some((p, b)) => (
                     p,
-                    b.parse::<u32>()
-                        .with_context(|| format!("`{s}`: baud rate `{b}` is not a number"))?,
+                    b.parse::<u32>().map_err(|source| PortSpecError::Baud {
+                        spec: s.to_string(),
+                        baud: b.to_string(),
+                        source,
+                    })?,
                 ),
                 None => (rest, DEFAULT_BAUD),
             };
             if path.is_empty() {
-                bail!("`serial:` needs a device, e.g. serial:/dev/ttyUSB0@115200");
+                return Err(PortSpecError::SerialNoDevice);
             }
             return Ok(PortSpec::Serial {
                 path: path.into(),
@@ -63,7 +121,9 @@ impl FromStr for PortSpec {
         }
         if let Some((scheme, _)) = s.split_once(':') {
             if !scheme.contains('/') && !scheme.is_empty() {
-                bail!("unknown port kind `{scheme}:`; use unix:PATH, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD]");
+                return Err(PortSpecError::UnknownKind {
+                    scheme: scheme.to_string(),
+                });
             }
         }
         Ok(PortSpec::Unix(s.into()))
@@ -85,23 +145,24 @@ pub trait Link: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Link for T {}
 
 /// Connect to `spec`. The error says what to check ("is QEMU running? …").
-pub async fn connect(spec: &PortSpec) -> anyhow::Result<Box<dyn Link>> {
+pub async fn connect(spec: &PortSpec) -> Result<Box<dyn Link>, TransportError> {
     match spec {
         PortSpec::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path)
                 .await
-                .with_context(|| {
-                    format!(
-                        "cannot connect to {spec}: is QEMU running? start it with `just recovery` \
-                     (or pass --port)"
-                    )
+                .map_err(|source| TransportError::Unix {
+                    spec: spec.to_string(),
+                    source,
                 })?;
             Ok(Box::new(stream))
         }
         PortSpec::Tcp(addr) => {
             let stream = tokio::net::TcpStream::connect(addr.as_str())
                 .await
-                .with_context(|| format!("cannot connect to {spec}: is the target listening?"))?;
+                .map_err(|source| TransportError::Tcp {
+                    spec: spec.to_string(),
+                    source,
+                })?;
             stream.set_nodelay(true).ok();
             Ok(Box::new(stream))
         }
@@ -109,8 +170,9 @@ pub async fn connect(spec: &PortSpec) -> anyhow::Result<Box<dyn Link>> {
             use tokio_serial::SerialPortBuilderExt;
             let port = tokio_serial::new(path.to_string_lossy(), *baud)
                 .open_native_async()
-                .with_context(|| {
-                    format!("cannot open {spec}: does the device exist and may you open it?")
+                .map_err(|source| TransportError::Serial {
+                    spec: spec.to_string(),
+                    source,
                 })?;
             Ok(Box::new(port))
         }
@@ -180,7 +242,7 @@ mod tests {
     #[tokio::test]
     async fn connect_error_names_the_port_and_the_fix() {
         let spec: PortSpec = "unix:/nonexistent/flash.sock".parse().unwrap();
-        let err = format!("{:#}", connect(&spec).await.err().unwrap());
+        let err = crate::error_chain(&connect(&spec).await.err().unwrap());
         assert!(err.contains("unix:/nonexistent/flash.sock"), "{err}");
         assert!(err.contains("just recovery"), "{err}");
     }

@@ -5,10 +5,10 @@
 //! Memory is bounded by the sender's window: at most `(window + read_ahead)` chunks are
 //! buffered, plus the frames queued to the writer; the image is never read whole.
 
-use crate::flash::image_file::{CheckState, ImageFile, LocalCheck, SharedCheck};
-use crate::flash::receipt::{Receipt, ReceiptBuilder};
-use crate::flash::render::{Renderer, Skips, Ui};
-use crate::transport::{self, Link, PortSpec};
+use crate::event::{EngineEvent, ProgressSink};
+use crate::image_file::{CheckError, CheckState, ImageFile, LocalCheck, SharedCheck};
+use crate::receipt::{Receipt, ReceiptBuilder};
+use crate::transport::{self, Link, PortSpec, TransportError};
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use proto::frame::codec::{FrameCodec, Incoming};
@@ -17,7 +17,7 @@ use proto::msg::{ChunkHash, DoneStatus, ErrorCode, MsgType};
 use proto::receipt::InstallState;
 use proto::session::{
     CompressMode, Outcome, ProgressEvent, Sender, SenderAction, SenderConfig, SenderEvent,
-    SessionError,
+    SessionError, SkipKind,
 };
 use std::collections::VecDeque;
 use std::future::Future;
@@ -38,7 +38,7 @@ const COMPRESS_BACKOFF: u32 = 32;
 /// session, the session loop waits here instead of queueing more).
 pub const WRITER_QUEUE: usize = 8;
 
-/// Settings of `nx flash send`.
+/// Settings of a transfer (`nx flash send`).
 #[derive(Debug, Clone)]
 pub struct SendOptions {
     pub host: String,
@@ -72,7 +72,7 @@ impl SendOptions {
     }
 }
 
-/// Why `nx flash send` failed; each maps to a documented exit code.
+/// Why a transfer failed; each maps to a documented exit code of `nx flash send`.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The image file is invalid (bad head, truncated, a segment does not hash).
@@ -92,7 +92,29 @@ pub enum SendError {
     Interrupted,
     /// Anything else on this side (I/O, threads).
     #[error(transparent)]
-    Local(#[from] anyhow::Error),
+    Local(#[from] LocalError),
+}
+
+/// A failure on the host's side of a transfer.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The local check of the image could not run.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// The session failed on this side (reading the image, a bad configuration).
+    #[error(transparent)]
+    Session(SessionError),
+}
+
+/// Accumulated skip figures of a transfer (every session of it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skips {
+    /// Bytes of zeros the target did not need (sparse).
+    pub zero: u64,
+    /// Bytes the target already held.
+    pub identical: u64,
+    /// Bytes saved by compression.
+    pub compressed: u64,
 }
 
 /// A successful transfer.
@@ -122,7 +144,8 @@ pub struct BufferPeaks {
 }
 
 /// A pending connection attempt.
-pub type Connecting<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Box<dyn Link>>> + Send + 'a>>;
+pub type Connecting<'a> =
+    Pin<Box<dyn Future<Output = Result<Box<dyn Link>, TransportError>> + Send + 'a>>;
 
 /// Opens links to the target (a `--port` spec, or anything tests plug in).
 pub trait Connector: Send {
@@ -172,7 +195,7 @@ pub async fn send_image(
     img: Arc<ImageFile>,
     connector: &mut dyn Connector,
     opts: &SendOptions,
-    r: &mut Renderer,
+    r: &mut dyn ProgressSink,
     interrupt: watch::Receiver<bool>,
 ) -> Result<SendReport, SendError> {
     send_image_with(img, &SharedCheck::new(), connector, opts, r, interrupt)
@@ -187,7 +210,7 @@ pub async fn send_image_with(
     check: &SharedCheck,
     connector: &mut dyn Connector,
     opts: &SendOptions,
-    r: &mut Renderer,
+    r: &mut dyn ProgressSink,
     interrupt: watch::Receiver<bool>,
 ) -> Result<SendReport, SendFailure> {
     let started = Instant::now();
@@ -201,6 +224,7 @@ pub async fn send_image_with(
         device: String::new(),
         done_sent: false,
         peaks: BufferPeaks::default(),
+        skips: Skips::default(),
     };
     match send_loop(&mut ctx, connector, opts, r, interrupt, started).await {
         Ok(rep) => Ok(rep),
@@ -216,7 +240,7 @@ async fn send_loop(
     ctx: &mut Ctx,
     connector: &mut dyn Connector,
     opts: &SendOptions,
-    r: &mut Renderer,
+    r: &mut dyn ProgressSink,
     mut interrupt: watch::Receiver<bool>,
     started: Instant,
 ) -> Result<SendReport, SendError> {
@@ -226,8 +250,8 @@ async fn send_loop(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        r.show(&Ui::Connecting {
-            port: &port,
+        r.event(&EngineEvent::Connecting {
+            port: port.clone(),
             attempt,
         });
         let link = tokio::select! {
@@ -239,15 +263,16 @@ async fn send_loop(
             Ok(l) => l,
             Err(e) => {
                 failures += 1;
+                let e = crate::error_chain(&e);
                 if attempt == 1 {
-                    return Err(SendError::Unreachable(format!("{e:#}")));
+                    return Err(SendError::Unreachable(e));
                 }
                 if failures >= opts.attempts {
                     return Err(SendError::LinkLost(format!(
-                        "{e:#} (gave up after {failures} attempts)"
+                        "{e} (gave up after {failures} attempts)"
                     )));
                 }
-                backoff(r, &format!("{e:#}"), failures, opts, &mut interrupt).await?;
+                backoff(r, &e, failures, opts, &mut interrupt).await?;
                 continue;
             }
         };
@@ -264,7 +289,7 @@ async fn send_loop(
             SessionError::BadImage(e) => {
                 SendError::ImageInvalid(format!("image {} is invalid: {e}", img.path().display()))
             }
-            other => SendError::Local(anyhow::anyhow!("{other}")),
+            other => SendError::Local(LocalError::Session(other)),
         })?;
         let done_before = ctx.done_sent;
         match run_session(link, sender, ctx, opts, r, &mut interrupt).await {
@@ -275,19 +300,19 @@ async fn send_loop(
                     DoneStatus::Unchanged if !done_before => InstallState::Unchanged,
                     _ => InstallState::Installed,
                 };
-                r.finish();
+                r.event(&EngineEvent::Finished);
                 return Ok(SendReport {
                     outcome,
                     receipt: ctx.receipt.finish(state),
                     elapsed: started.elapsed(),
                     resumed_at: ctx.resumed_at,
-                    skips: r.skips(),
+                    skips: ctx.skips,
                     device: ctx.device.clone(),
                     peaks: ctx.peaks,
                 });
             }
             Err(End::Fatal(e)) => {
-                r.finish();
+                r.event(&EngineEvent::Finished);
                 return Err(e);
             }
             Err(End::Retry { why, progressed }) => {
@@ -296,7 +321,7 @@ async fn send_loop(
                 }
                 failures += 1;
                 if failures >= opts.attempts {
-                    r.finish();
+                    r.event(&EngineEvent::Finished);
                     return Err(SendError::LinkLost(format!(
                         "{why} (gave up after {failures} attempts without progress)"
                     )));
@@ -308,7 +333,7 @@ async fn send_loop(
 }
 
 async fn backoff(
-    r: &mut Renderer,
+    r: &mut dyn ProgressSink,
     why: &str,
     failures: u32,
     opts: &SendOptions,
@@ -316,8 +341,8 @@ async fn backoff(
 ) -> Result<(), SendError> {
     let max = opts.attempts;
     let delay = opts.backoff * failures.min(20);
-    r.show(&Ui::Reconnect {
-        error: why,
+    r.event(&EngineEvent::Reconnect {
+        error: why.to_string(),
         attempt: failures,
         max,
         delay,
@@ -353,6 +378,7 @@ struct Ctx {
     /// A DONE went out in some session of this run.
     done_sent: bool,
     peaks: BufferPeaks,
+    skips: Skips,
 }
 
 enum End {
@@ -414,7 +440,7 @@ async fn run_session(
     mut sender: Sender,
     ctx: &mut Ctx,
     opts: &SendOptions,
-    r: &mut Renderer,
+    r: &mut dyn ProgressSink,
     interrupt: &mut watch::Receiver<bool>,
 ) -> Result<Outcome, End> {
     let t0 = Instant::now();
@@ -496,7 +522,7 @@ async fn run_session(
                                 ctx.check = Some(c);
                             }
                             Err(e) => {
-                                result = Some(Err(End::Fatal(SendError::Local(e))));
+                                result = Some(Err(End::Fatal(SendError::Local(e.into()))));
                                 break;
                             }
                         }
@@ -543,7 +569,7 @@ async fn run_session(
                     if let ProgressEvent::Progress { .. } = &p {
                         max_acked = max_acked.max(sender.acked());
                     }
-                    r.show(&Ui::Session(&p));
+                    r.event(&EngineEvent::Session(p));
                 }
                 SenderAction::Finished(o) => {
                     result = Some(Ok(o));
@@ -763,6 +789,11 @@ fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
         } => {
             ctx.receipt.unchanged(sender.manifest());
         }
+        ProgressEvent::Skipped { kind, bytes } => match kind {
+            SkipKind::Zero => ctx.skips.zero += bytes,
+            SkipKind::Identical => ctx.skips.identical += bytes,
+            SkipKind::Compressed => ctx.skips.compressed += bytes,
+        },
         _ => {}
     }
 }
@@ -786,6 +817,6 @@ fn classify(e: SessionError, progressed: bool) -> End {
             code: e.code(),
             text: e.to_string(),
         }),
-        SessionError::Read { .. } => End::Fatal(SendError::Local(anyhow::anyhow!("{e}"))),
+        SessionError::Read { .. } => End::Fatal(SendError::Local(LocalError::Session(e))),
     }
 }

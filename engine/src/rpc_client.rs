@@ -15,13 +15,11 @@
 //! Failure messages say what to do: no socket → "is the guest running? start
 //! it with `just recovery`"; socket there but no answer (the daemon is not up
 //! in the guest) → a timeout naming the daemon; a refused call → the daemon's
-//! own reason.
+//! own reason ([`RpcError`]).
 
-use crate::transport::{self, PortSpec};
-use anyhow::{anyhow, bail, Context};
+use crate::transport::{self, PortSpec, PortSpecError, TransportError};
 use capnp::capability::FromClientHook;
-pub use nx_rpc::rpc_error_text;
-use nx_rpc::FramedError;
+use nx_rpc::{rpc_error_text, FramedError};
 use std::future::Future;
 use std::time::Duration;
 
@@ -31,6 +29,62 @@ pub const DEFAULT_BOOTCTL_PORT: &str = "unix:build/qemu/bootctl.sock";
 pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
 /// Default time to wait for a daemon's answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a call to a guest daemon failed; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("bad --port `{port}` for {daemon}")]
+    BadPort {
+        port: String,
+        daemon: Daemon,
+        #[source]
+        source: PortSpecError,
+    },
+    #[error(
+        "{daemon} port {path} does not exist: is the guest running? start it with `just recovery` \
+         (or pass --port)"
+    )]
+    NoSocket {
+        daemon: Daemon,
+        path: std::path::PathBuf,
+    },
+    #[error("cannot reach {daemon}: is the guest running?")]
+    Unreachable {
+        daemon: Daemon,
+        #[source]
+        source: TransportError,
+    },
+    #[error(
+        "no answer from {daemon} on {spec} within {secs} s: the port is open but nobody answered — \
+         is {daemon} running in the guest? (check the console log for `{daemon}: ready`)"
+    )]
+    Timeout {
+        daemon: Daemon,
+        spec: String,
+        secs: u64,
+    },
+    #[error(
+        "{daemon} on {spec} closed the connection ({text}): is {daemon} running in the guest?"
+    )]
+    Disconnected {
+        daemon: Daemon,
+        spec: String,
+        text: String,
+    },
+    #[error("{daemon}: {text}")]
+    Refused { daemon: Daemon, text: String },
+    #[error(
+        "{daemon} on {spec} closed the connection before answering{why}: is {daemon} running in the guest?"
+    )]
+    Closed {
+        daemon: Daemon,
+        spec: String,
+        /// ` (the reason)` or empty.
+        why: String,
+    },
+    #[error("unknown reboot target `{0}`: use `normal` or `recovery`")]
+    BadRebootTarget(String),
+}
 
 /// Which daemon a call goes to (for messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +104,12 @@ impl Daemon {
     }
 }
 
+impl std::fmt::Display for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Connect to `port`, bootstrap a `C` (the daemon's capability), run `call`
 /// with it and return its result; the whole conversation is bounded by `timeout`.
 pub async fn with_client<C, F, Fut, T>(
@@ -57,45 +117,48 @@ pub async fn with_client<C, F, Fut, T>(
     daemon: Daemon,
     timeout: Duration,
     call: F,
-) -> anyhow::Result<T>
+) -> Result<T, RpcError>
 where
     C: FromClientHook,
     F: FnOnce(C) -> Fut,
     Fut: Future<Output = Result<T, capnp::Error>>,
 {
-    let name = daemon.name();
-    let spec: PortSpec = port
-        .parse()
-        .with_context(|| format!("bad --port `{port}` for {name}"))?;
+    let spec: PortSpec = port.parse().map_err(|source| RpcError::BadPort {
+        port: port.to_string(),
+        daemon,
+        source,
+    })?;
     if let PortSpec::Unix(path) = &spec {
         if !path.exists() {
-            bail!(
-                "{name} port {} does not exist: is the guest running? start it with `just recovery` \
-                 (or pass --port)",
-                path.display()
-            );
+            return Err(RpcError::NoSocket {
+                daemon,
+                path: path.clone(),
+            });
         }
     }
     let link = transport::connect(&spec)
         .await
-        .with_context(|| format!("cannot reach {name}: is the guest running?"))?;
+        .map_err(|source| RpcError::Unreachable { daemon, source })?;
+    let spec = spec.to_string();
     match nx_rpc::call_framed(link, timeout, call).await {
-        Err(FramedError::Timeout { secs }) => bail!(
-            "no answer from {name} on {spec} within {secs} s: the port is open but nobody answered — \
-             is {name} running in the guest? (check the console log for `{name}: ready`)"
-        ),
+        Err(FramedError::Timeout { secs }) => Err(RpcError::Timeout { daemon, spec, secs }),
         Ok(v) => Ok(v),
         Err(FramedError::Call(e)) => match e.kind {
-            capnp::ErrorKind::Disconnected => Err(anyhow!(
-                "{name} on {spec} closed the connection ({}): is {name} running in the guest?",
-                rpc_error_text(&e)
-            )),
-            _ => Err(anyhow!("{name}: {}", rpc_error_text(&e))),
+            capnp::ErrorKind::Disconnected => Err(RpcError::Disconnected {
+                daemon,
+                spec,
+                text: rpc_error_text(&e),
+            }),
+            _ => Err(RpcError::Refused {
+                daemon,
+                text: rpc_error_text(&e),
+            }),
         },
-        Err(FramedError::Closed(why)) => Err(anyhow!(
-            "{name} on {spec} closed the connection before answering{}: is {name} running in the guest?",
-            why.map(|w| format!(" ({w})")).unwrap_or_default()
-        )),
+        Err(FramedError::Closed(why)) => Err(RpcError::Closed {
+            daemon,
+            spec,
+            why: why.map(|w| format!(" ({w})")).unwrap_or_default(),
+        }),
     }
 }
 
@@ -105,7 +168,7 @@ where
 /// the guest's PID 1). Fails (and nothing is changed) when `target` is not
 /// `normal` or `recovery`, when rebootd is not reachable, or when it cannot
 /// persist the record (no /state in the guest).
-pub async fn reboot(port: &str, target: &str) -> anyhow::Result<bool> {
+pub async fn reboot(port: &str, target: &str) -> Result<bool, RpcError> {
     reboot_with_timeout(port, target, DEFAULT_TIMEOUT).await
 }
 
@@ -114,9 +177,9 @@ pub async fn reboot_with_timeout(
     port: &str,
     target: &str,
     timeout: Duration,
-) -> anyhow::Result<bool> {
+) -> Result<bool, RpcError> {
     if !matches!(target, "normal" | "recovery") {
-        bail!("unknown reboot target `{target}`: use `normal` or `recovery`");
+        return Err(RpcError::BadRebootTarget(target.to_string()));
     }
     let target = target.to_string();
     with_client(
@@ -142,7 +205,7 @@ mod tests {
         let err = reboot("unix:/nonexistent/reboot.sock", "normal")
             .await
             .unwrap_err();
-        let msg = format!("{err:#}");
+        let msg = crate::error_chain(&err);
         assert!(msg.contains("is the guest running?"), "{msg}");
         assert!(msg.contains("just recovery"), "{msg}");
     }
@@ -152,7 +215,7 @@ mod tests {
         let err = reboot("unix:/nonexistent/reboot.sock", "sideways")
             .await
             .unwrap_err();
-        assert!(format!("{err:#}").contains("use `normal` or `recovery`"));
+        assert!(crate::error_chain(&err).contains("use `normal` or `recovery`"));
     }
 
     #[tokio::test]
@@ -168,7 +231,7 @@ mod tests {
         let err = reboot_with_timeout(&port, "normal", Duration::from_millis(300))
             .await
             .unwrap_err();
-        let msg = format!("{err:#}");
+        let msg = crate::error_chain(&err);
         assert!(msg.contains("no answer from rebootd"), "{msg}");
         hold.abort();
     }

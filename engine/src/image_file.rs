@@ -2,7 +2,6 @@
 //! reads on demand (never the whole file in memory), and the local check that hashes every
 //! segment while the transfer runs, so a corrupted file is refused naming the segment.
 
-use anyhow::Context;
 use bytes::Bytes;
 use proto::image::{Header, ImageHead, ImageVerifier, HEADER_LEN, MAX_HEAD_LEN};
 use proto::manifest::Manifest;
@@ -32,6 +31,15 @@ pub enum ImageFileError {
     },
     #[error("image {path} is invalid: {reason}")]
     Invalid { path: PathBuf, reason: String },
+}
+
+/// Why the local check could not run (not: the image is bad — that is [`CheckState::error`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cannot start the image check thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("the shared image check is unusable (a thread panicked)")]
+    Poisoned,
 }
 
 /// An opened image: the head and a handle for positioned reads.
@@ -149,12 +157,12 @@ pub struct LocalCheck {
 
 impl LocalCheck {
     /// Start checking `img` in the background.
-    pub fn start(img: Arc<ImageFile>) -> anyhow::Result<LocalCheck> {
+    pub fn start(img: Arc<ImageFile>) -> Result<LocalCheck, CheckError> {
         let (tx, rx) = watch::channel(CheckState::default());
         std::thread::Builder::new()
             .name("nx-check".into())
             .spawn(move || check_loop(&img, &tx))
-            .context("cannot start the image check thread")?;
+            .map_err(CheckError::Spawn)?;
         Ok(LocalCheck { rx })
     }
 
@@ -182,10 +190,8 @@ impl SharedCheck {
     }
 
     /// The check of `img`, started now if no transfer started it yet.
-    pub fn get_or_start(&self, img: &Arc<ImageFile>) -> anyhow::Result<LocalCheck> {
-        let mut slot = self.0.lock().map_err(|_| {
-            anyhow::anyhow!("the shared image check is unusable (a thread panicked)")
-        })?;
+    pub fn get_or_start(&self, img: &Arc<ImageFile>) -> Result<LocalCheck, CheckError> {
+        let mut slot = self.0.lock().map_err(|_| CheckError::Poisoned)?;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
