@@ -49,11 +49,16 @@ pub const KERNEL_FILE: &str = "vmlinuz";
 pub const INITRD_FILE: &str = "initrd.cpio";
 /// The kernel command line every entry starts with (serial console; a panic resets at once,
 /// so the bootloader counts the failed try).
-pub const BASE_OPTIONS: &str = "console=ttyS0 panic=-1 rdinit=/init";
+pub const BASE_OPTIONS: &str = "console=ttyS0 panic=-1 rdinit=/init quiet";
 /// What the recovery entry adds to [`BASE_OPTIONS`].
 pub const RECOVERY_OPTIONS: &str = "recovery=1 nexus.target=recovery";
 /// What a slot entry adds to [`BASE_OPTIONS`] (then `nexus.slot=<s>`).
 pub const NORMAL_OPTIONS: &str = "nexus.target=normal";
+/// The QEMU firmware config file (`-fw_cfg name=…`) whose words the guest adds to its
+/// command line: how a test harness passes options (`nexus.selftest=1`) when the boot entry
+/// owns the kernel command line.
+pub const FW_CFG_CMDLINE: &str = "opt/com.nexus/cmdline";
+
 /// The kernel command-line key naming the slot an entry boots.
 pub const SLOT_OPTION: &str = "nexus.slot";
 
@@ -324,7 +329,7 @@ mod tests {
         assert_eq!(
             t,
             "title nexus 2 (slot b)\nversion 2\nlinux /nexus/b/vmlinuz\ninitrd /nexus/b/initrd.cpio\n\
-             options console=ttyS0 panic=-1 rdinit=/init nexus.target=normal nexus.slot=b\n"
+             options console=ttyS0 panic=-1 rdinit=/init quiet nexus.target=normal nexus.slot=b\n"
         );
         assert!(recovery_entry_text().contains("recovery=1 nexus.target=recovery\n"));
         assert!(loader_conf().contains("default nexus-*\n"));

@@ -1,20 +1,23 @@
 //! QEMU runner for nexus guests (see `docs/runner/qemu.md`).
 //!
-//! - [`Config`]: the QEMU command line — q35 + TCG, the kernel, the recovery or normal
-//!   initramfs, `console=ttyS0`, virtio-serial ports on unix sockets under `build/qemu/`,
-//!   virtio-blk for `state.img` and `disk.img` (both optional).
-//! - [`Runner`]: runs QEMU as the **boot firmware**: `-no-reboot` makes a guest reboot exit
-//!   QEMU; the runner then reads the one-shot next-boot record `/boot/next_mode` from
-//!   `state.img` (read-only, with `debugfs`, QEMU stopped) and boots the recovery ramdisk or
-//!   the normal initramfs, until the guest powers off or the caller stops it. The console is
-//!   captured to `build/qemu/console.log` (and echoed when asked); markers are awaited in order.
-//!   QEMU is always killed on stop, drop, and when the runner thread dies (`PR_SET_PDEATHSIG`).
+//! - [`Config`]: the QEMU command line — q35 + TCG, OVMF (code + the device's variable store
+//!   on pflash), `disk.img` (whose ESP holds systemd-boot and the boot entries) and
+//!   `state.img` on virtio-blk, virtio-serial ports on unix sockets under `build/qemu/`.
+//! - [`Runner`]: **just QEMU**: the firmware and the disk's own bootloader decide every boot;
+//!   a guest reboot is a real reset inside the same QEMU. The runner only watches the console
+//!   (captured to `build/qemu/console.log`, echoed when asked; markers awaited in order),
+//!   counts boots (each time the firmware starts a boot loader), can cut the power (kill
+//!   QEMU, start it again on the same disks and variables) and, before a power-on, can set
+//!   the bootloader's one-shot entry in the variable store ([`varstore`]: `RECOVERY=1`).
+//!   Without a slot disk there is nothing to boot from, so such a run loads the kernel and an
+//!   initramfs directly (`-kernel`, one boot). QEMU is always killed on stop, drop, and when
+//!   the runner thread dies (`PR_SET_PDEATHSIG`).
 //! - [`markers`]: the marker contract (`qemu/markers.toml`) and the profile checker.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-pub mod firmware;
 pub mod markers;
 mod runner;
+pub mod varstore;
 
 pub use runner::{Hit, Outcome, Runner};
 
@@ -59,8 +62,7 @@ pub enum Error {
     Markers { path: PathBuf, reason: String },
 }
 
-/// Which initramfs the firmware boots: the contract's next-boot grammar
-/// ([`nx_contract::NextBoot`]), named for what the runner does with it.
+/// What a boot starts: the contract's next-boot grammar ([`nx_contract::NextBoot`]).
 pub use nx_contract::NextBoot as BootTarget;
 
 /// A named virtio-serial port on a host unix socket.
@@ -100,13 +102,11 @@ impl Uefi {
 pub struct Config {
     /// `qemu-system-x86_64`.
     pub qemu: PathBuf,
-    /// `debugfs` (reads the next-boot record from state.img).
-    pub debugfs: PathBuf,
-    /// The kernel image.
+    /// The kernel image (direct boots only: runs without a slot disk).
     pub kernel: PathBuf,
-    /// The recovery ramdisk.
+    /// The recovery ramdisk (direct boots only).
     pub recovery_initrd: PathBuf,
-    /// The normal initramfs.
+    /// The normal initramfs (direct boots only).
     pub normal_initrd: PathBuf,
     /// The ext4 `/state` disk; `None` runs without /state.
     pub state_img: Option<PathBuf>,
@@ -116,15 +116,20 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// virtio-serial ports, in order: the first is `vport0p1`.
     pub ports: Vec<Port>,
-    /// First boot into recovery (`RECOVERY=1`: adds `recovery=1 nexus.target=recovery`).
+    /// First boot into recovery (`RECOVERY=1`): the runner writes the bootloader's one-shot
+    /// entry `recovery.conf` into the variable store before powering on.
     pub recovery: bool,
-    /// Force the first boot's target without reading the records (tests that play a boot
-    /// firmware ignoring them, e.g. the normal init's guard against a pending factory wipe).
-    /// `recovery` wins. Later boots always follow the records.
+    /// The first boot's entry regardless of what the device's variables say: `Recovery`
+    /// writes the one-shot, `Normal` removes a pending one (tests of the normal init's own
+    /// guards, e.g. against a pending factory wipe). `recovery` wins. Later boots are the
+    /// bootloader's.
     pub first_boot: Option<BootTarget>,
-    /// Extra kernel arguments (e.g. `nexus.selftest=1`), on every boot.
+    /// Extra options for our programs (e.g. `nexus.selftest=1`), on every boot. The boot
+    /// entries own the kernel command line, so these travel as a QEMU firmware config file
+    /// ([`FW_CFG_CMDLINE`]) that the guest's command-line reader adds; direct boots append
+    /// them to the kernel command line.
     pub extra_cmdline: Vec<String>,
-    /// Keep kernel messages off the console (`quiet`).
+    /// Keep kernel messages off the console (`quiet`; direct boots — the entries say `quiet`).
     pub quiet: bool,
     /// Guest memory.
     pub memory_mib: u32,
@@ -143,13 +148,12 @@ pub struct Config {
     pub follow_reboots: bool,
     /// Upper bound on boots in one run (a reboot loop is a failure, not a hang).
     pub max_boots: u32,
-    /// Boot through UEFI firmware (OVMF) and the disk's own bootloader instead of loading the
-    /// kernel and an initramfs directly: the ESP of `disk_img` decides what boots (its default
-    /// entry; `recovery`, `first_boot` and `extra_cmdline` do not apply).
+    /// The firmware and the device's variable store: every run with a slot disk boots
+    /// through it and the disk's own bootloader. `None` (or no `disk_img`): a direct boot of
+    /// the kernel and the initramfs of `first_boot` / `recovery`, one boot only.
     pub uefi: Option<Uefi>,
     /// Disks served over NBD instead of opened as files: `("state" | "disk", unix socket)`
-    /// (the crash simulator records every write and flush this way). The file of the same
-    /// disk must still be set: the firmware loop reads the next-boot record from it.
+    /// (the crash simulator records every write and flush this way).
     pub nbd: Vec<(String, PathBuf)>,
 }
 
@@ -167,7 +171,6 @@ impl Config {
             .collect();
         Config {
             qemu: PathBuf::from("qemu-system-x86_64"),
-            debugfs: find_tool("debugfs"),
             kernel: build_dir.join("kernel/vmlinuz"),
             recovery_initrd: build_dir.join("recovery/initrd.cpio"),
             normal_initrd: build_dir.join("initrd.cpio"),
@@ -187,7 +190,35 @@ impl Config {
             follow_reboots: true,
             max_boots: 16,
             nbd: Vec::new(),
-            uefi: None,
+            uefi: Some(Uefi::ovmf(build_dir.join("ovmf-vars.fd"))),
+        }
+    }
+
+    /// Whether this run boots through the firmware and the disk's bootloader.
+    pub fn boots_uefi(&self) -> bool {
+        self.uefi.is_some() && self.disk_img.is_some()
+    }
+
+    /// The first boot's one-shot entry: `Some(Some(entry))` sets it, `Some(None)` removes a
+    /// pending one, `None` leaves the variables as they are.
+    pub fn first_oneshot(&self) -> Option<Option<&'static str>> {
+        const RECOVERY_CONF: &str = "recovery.conf";
+        if self.recovery {
+            return Some(Some(RECOVERY_CONF));
+        }
+        match self.first_boot {
+            Some(BootTarget::Recovery) => Some(Some(RECOVERY_CONF)),
+            Some(BootTarget::Normal) => Some(None),
+            None => None,
+        }
+    }
+
+    /// The target of a direct boot (no firmware).
+    pub fn direct_target(&self) -> BootTarget {
+        if self.recovery {
+            BootTarget::Recovery
+        } else {
+            self.first_boot.unwrap_or(BootTarget::Normal)
         }
     }
 
@@ -243,27 +274,26 @@ impl Config {
         self.run_dir.join("console.log")
     }
 
-    /// The kernel command line for a boot of `target`. `recovery=1` (the user's flag) only
-    /// goes on the first boot when [`Config::recovery`] is set.
-    pub fn cmdline(&self, target: BootTarget, first_boot: bool) -> String {
-        let mut words: Vec<String> = vec![
-            "console=ttyS0".into(),
-            "panic=-1".into(),
-            "rdinit=/init".into(),
-        ];
-        if self.quiet {
-            words.push("quiet".into());
-        }
-        if first_boot && self.recovery {
-            words.push("recovery=1".into());
-        }
-        words.push(format!("nexus.target={}", target.as_str()));
+    /// The kernel command line of a direct boot of `target` (the boot entries' options: the
+    /// contract's [`nx_contract::loader::BASE_OPTIONS`] and the target's words).
+    pub fn cmdline(&self, target: BootTarget) -> String {
+        use nx_contract::loader;
+        let mut words: Vec<String> = loader::BASE_OPTIONS
+            .split_whitespace()
+            .filter(|w| self.quiet || *w != "quiet")
+            .map(str::to_string)
+            .collect();
+        let extra = match target {
+            BootTarget::Recovery => loader::RECOVERY_OPTIONS,
+            BootTarget::Normal => loader::NORMAL_OPTIONS,
+        };
+        words.extend(extra.split_whitespace().map(str::to_string));
         words.extend(self.extra_cmdline.iter().cloned());
         words.join(" ")
     }
 
-    /// The full QEMU argument list for a boot of `target`.
-    pub fn qemu_args(&self, target: BootTarget, first_boot: bool) -> Vec<OsString> {
+    /// The full QEMU argument list.
+    pub fn qemu_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(OsString::from(s));
         let accel = if self.kvm { "kvm" } else { "tcg" };
@@ -275,14 +305,12 @@ impl Config {
         push(&self.memory_mib.to_string());
         push("-smp");
         push(&self.smp.to_string());
-        for s in [
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-        ] {
+        for s in ["-nodefaults", "-no-user-config", "-display", "none"] {
             push(s);
+        }
+        if !self.boots_uefi() {
+            // A direct boot has no firmware to come back to: a reboot ends the run.
+            push("-no-reboot");
         }
         if self.interactive {
             for s in [
@@ -308,26 +336,40 @@ impl Config {
                 push(s);
             }
         }
-        if let Some(u) = &self.uefi {
-            let mut code = OsString::from("if=pflash,format=raw,readonly=on,file=");
-            code.push(u.code.as_os_str());
-            let mut vars = OsString::from("if=pflash,format=raw,file=");
-            vars.push(u.vars.as_os_str());
-            for d in [code, vars] {
-                a.push("-drive".into());
-                a.push(d);
+        match (&self.uefi, self.boots_uefi()) {
+            (Some(u), true) => {
+                let mut code = OsString::from("if=pflash,format=raw,readonly=on,file=");
+                code.push(u.code.as_os_str());
+                let mut vars = OsString::from("if=pflash,format=raw,file=");
+                vars.push(u.vars.as_os_str());
+                for d in [code, vars] {
+                    a.push("-drive".into());
+                    a.push(d);
+                }
+                if !self.extra_cmdline.is_empty() {
+                    a.push("-fw_cfg".into());
+                    a.push(
+                        format!(
+                            "name={FW_CFG_CMDLINE},string={}",
+                            self.extra_cmdline.join(" ").replace(',', ",,")
+                        )
+                        .into(),
+                    );
+                }
             }
-        } else {
-            push("-kernel");
-            a.push(self.kernel.clone().into_os_string());
-            a.push("-initrd".into());
-            let initrd = match target {
-                BootTarget::Recovery => &self.recovery_initrd,
-                BootTarget::Normal => &self.normal_initrd,
-            };
-            a.push(initrd.clone().into_os_string());
-            a.push("-append".into());
-            a.push(self.cmdline(target, first_boot).into());
+            _ => {
+                let target = self.direct_target();
+                push("-kernel");
+                a.push(self.kernel.clone().into_os_string());
+                a.push("-initrd".into());
+                let initrd = match target {
+                    BootTarget::Recovery => &self.recovery_initrd,
+                    BootTarget::Normal => &self.normal_initrd,
+                };
+                a.push(initrd.clone().into_os_string());
+                a.push("-append".into());
+                a.push(self.cmdline(target).into());
+            }
         }
         if !self.ports.is_empty() {
             a.push("-device".into());
@@ -349,7 +391,8 @@ impl Config {
                 );
             }
         }
-        for (id, img) in [("state", &self.state_img), ("disk", &self.disk_img)] {
+        // The slot disk first: the firmware tries the disks in order, and only it has an ESP.
+        for (id, img) in [("disk", &self.disk_img), ("state", &self.state_img)] {
             if let Some(img) = img {
                 // cache=unsafe: guest flushes are not forwarded to the host disk. Killing QEMU
                 // (a power cut) still keeps every write the guest saw complete, because QEMU
@@ -384,7 +427,8 @@ impl Config {
 
     /// Check the files a run needs.
     pub fn check(&self) -> Result<(), Error> {
-        if let Some(u) = &self.uefi {
+        let uefi = self.boots_uefi();
+        if let (Some(u), true) = (&self.uefi, uefi) {
             if !u.code.exists() {
                 return Err(Error::Missing {
                     what: "UEFI firmware (apt-get install -y ovmf)",
@@ -392,10 +436,11 @@ impl Config {
                 });
             }
         }
+        let direct = (!uefi).then_some(());
         let need = [
-            ("kernel", Some(&self.kernel)),
-            ("recovery ramdisk", Some(&self.recovery_initrd)),
-            ("normal initramfs", Some(&self.normal_initrd)),
+            ("kernel", direct.map(|_| &self.kernel)),
+            ("recovery ramdisk", direct.map(|_| &self.recovery_initrd)),
+            ("normal initramfs", direct.map(|_| &self.normal_initrd)),
             ("state disk", self.state_img.as_ref()),
             ("slot disk", self.disk_img.as_ref()),
         ];
@@ -412,6 +457,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// The QEMU firmware config file that carries [`Config::extra_cmdline`] to the guest
+/// (`/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`, read by `nx_guest::cmdline`).
+pub const FW_CFG_CMDLINE: &str = nx_contract::loader::FW_CFG_CMDLINE;
 
 /// Find a tool in `$PATH` or the sbin directories (falls back to the bare name).
 pub fn find_tool(bin: &str) -> PathBuf {

@@ -152,11 +152,6 @@ pub struct Profile {
     /// Keep the guest running this long after the last step before judging `forbidden`.
     #[serde(default)]
     pub settle_ms: u64,
-    /// Boot through OVMF and the disk's own bootloader (systemd-boot on the ESP of
-    /// `disk.img`) instead of the runner loading kernel and initramfs; the firmware starts
-    /// from a fresh variable store in the run directory.
-    #[serde(default)]
-    pub uefi: bool,
 }
 
 /// One console step.
@@ -225,12 +220,11 @@ impl Profile {
             cfg.disk_img = None;
         }
         cfg.extra_cmdline.extend(self.cmdline.iter().cloned());
-        if self.uefi {
-            let vars = cfg.run_dir.join("ovmf-vars.fd");
-            // A fresh NVRAM per run: same inputs, same boot.
-            let _ = std::fs::remove_file(&vars);
-            cfg.uefi = Some(crate::Uefi::ovmf(vars));
-        }
+        // Through OVMF and the disk's own bootloader, from a fresh NVRAM per run (same inputs,
+        // same boot); without a slot disk the runner boots the kernel directly.
+        let vars = cfg.run_dir.join("ovmf-vars.fd");
+        let _ = std::fs::remove_file(&vars);
+        cfg.uefi = Some(crate::Uefi::ovmf(vars));
     }
 }
 

@@ -1,7 +1,7 @@
-//! The running guest: QEMU process(es), the firmware loop thread, console capture and marker
-//! waits.
+//! The running guest: the QEMU process (one per power-on), the watcher thread, console
+//! capture, boot counting and marker waits.
 
-use crate::{firmware, BootTarget, Config, Error};
+use crate::{varstore, BootTarget, Config, Error};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -70,9 +70,15 @@ struct Line {
 
 #[derive(Debug)]
 struct Boot {
-    target: BootTarget,
+    /// What booted, once the console shows it (`init: start` / `recovery: start`).
+    target: Option<BootTarget>,
     started: Instant,
 }
+
+/// The firmware hands over to a boot loader: one line per boot (OVMF's boot manager).
+pub const FIRMWARE_BOOT_LINE: &str = "BdsDxe: starting ";
+/// The kernel resets the machine (a reboot, or a panic with `panic=-1`).
+const RESET_LINES: [&str; 2] = ["reboot: Restarting system", "Kernel panic - not syncing"];
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -81,6 +87,47 @@ struct Inner {
     cursor: usize,
     boots: Vec<Boot>,
     finished: Option<Outcome>,
+    /// The current QEMU process already showed its first firmware boot line.
+    firmware_seen: bool,
+    /// Resets seen in the current QEMU process (reboots and panics).
+    resets: u32,
+    /// A guest reset was seen whose next boot has not started yet.
+    reset_pending: bool,
+}
+
+impl Inner {
+    /// Bookkeeping for one finished console line; returns a note for a new boot.
+    fn on_line(&mut self, text: &str, now: Instant) -> Option<String> {
+        if RESET_LINES.iter().any(|m| text.contains(m)) {
+            self.resets += 1;
+            self.reset_pending = true;
+        }
+        if let Some(b) = self.boots.last_mut() {
+            if b.target.is_none() {
+                if text.starts_with("init: start") {
+                    b.target = Some(BootTarget::Normal);
+                } else if text.starts_with("recovery: ") || text.starts_with("recovery-init: ") {
+                    b.target = Some(BootTarget::Recovery);
+                }
+            }
+        }
+        if text.contains(FIRMWARE_BOOT_LINE) {
+            if !self.firmware_seen {
+                self.firmware_seen = true;
+                return None;
+            }
+            self.boots.push(Boot {
+                target: None,
+                started: now,
+            });
+            self.reset_pending = false;
+            return Some(format!(
+                "boot {}: the guest reset; the firmware and the bootloader choose what boots",
+                self.boots.len()
+            ));
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -90,7 +137,7 @@ struct Shared {
     child: Mutex<Option<Child>>,
     stdin: Mutex<Option<ChildStdin>>,
     stop: AtomicBool,
-    /// A requested power cycle: `Some(None)` = let the firmware decide.
+    /// A requested power cycle: `Some(None)` = let the bootloader decide.
     cycle: Mutex<Option<Option<BootTarget>>>,
     log: Mutex<Option<std::fs::File>>,
 }
@@ -114,21 +161,25 @@ impl Shared {
             let _ = out.write_all(bytes);
             let _ = out.flush();
         }
-        let boot = self.current_boot();
         let now = Instant::now();
+        let mut notes = Vec::new();
         let mut inner = lock(&self.inner);
         for &b in bytes {
+            let boot = u32::try_from(inner.boots.len()).unwrap_or(u32::MAX);
             match b {
                 b'\n' => {
                     let text = String::from_utf8_lossy(&inner.partial)
                         .trim_end_matches('\r')
                         .to_string();
                     inner.partial.clear();
+                    let note = inner.on_line(&text, now);
+                    let boot = u32::try_from(inner.boots.len()).unwrap_or(u32::MAX);
                     inner.lines.push(Line {
                         text,
                         boot,
                         at: now,
                     });
+                    notes.extend(note);
                 }
                 _ => {
                     inner.partial.push(b);
@@ -145,6 +196,9 @@ impl Shared {
             }
         }
         drop(inner);
+        for n in notes {
+            self.note(&n, echo);
+        }
         self.cond.notify_all();
     }
 
@@ -227,8 +281,8 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Start the firmware loop: the first boot is recovery when `config.recovery`, otherwise
-    /// what the next-boot record says (normal by default).
+    /// Power the guest on (see the crate docs); with `config.recovery` (or `first_boot`) the
+    /// bootloader's one-shot entry is set in the variable store first.
     pub fn start(config: Config) -> Result<Runner, Error> {
         config.check()?;
         std::fs::create_dir_all(&config.run_dir).map_err(|e| Error::Io {
@@ -236,7 +290,7 @@ impl Runner {
             path: config.run_dir.clone(),
             source: e,
         })?;
-        if let Some(u) = &config.uefi {
+        if let (Some(u), true) = (&config.uefi, config.boots_uefi()) {
             if !u.vars.exists() {
                 std::fs::copy(crate::OVMF_VARS, &u.vars).map_err(|e| Error::Io {
                     what: "create the EFI variable store",
@@ -263,21 +317,12 @@ impl Runner {
             cycle: Mutex::new(None),
             log: Mutex::new(Some(log)),
         });
-        let first = if config.recovery {
-            (BootTarget::Recovery, "RECOVERY=1".to_string())
-        } else if let Some(t) = config.first_boot {
-            (
-                t,
-                "first boot forced by the caller; records not read".to_string(),
-            )
-        } else {
-            firmware::decide(&config.debugfs, config.state_img.as_deref())
-        };
+        let first = power_on_note(&config, config.first_oneshot(), "power on")?;
         let s = Arc::clone(&shared);
         let c = config.clone();
         let thread = std::thread::Builder::new()
-            .name("nx-qemu-firmware".into())
-            .spawn(move || firmware_loop(&s, &c, first))
+            .name("nx-qemu-watch".into())
+            .spawn(move || watch(&s, &c, first))
             .map_err(|e| Error::Io {
                 what: "spawn runner thread for",
                 path: config.run_dir.clone(),
@@ -440,9 +485,9 @@ impl Runner {
         self.shared.current_boot()
     }
 
-    /// The target of the current boot.
+    /// What the current boot started, once its console shows it.
     pub fn current_target(&self) -> Option<BootTarget> {
-        lock(&self.shared.inner).boots.last().map(|b| b.target)
+        lock(&self.shared.inner).boots.last().and_then(|b| b.target)
     }
 
     /// How the run ended, if it has.
@@ -471,8 +516,9 @@ impl Runner {
         }
     }
 
-    /// Simulate a power cut: SIGKILL QEMU (no guest shutdown), then power on again into
-    /// `target` (`None`: the firmware decides from the next-boot record).
+    /// Simulate a power cut: SIGKILL QEMU (no guest shutdown), then power on again; `target`
+    /// `Some(Recovery)` sets the bootloader's one-shot first, `Some(Normal)` removes a pending
+    /// one, `None` leaves the device's variables alone (the bootloader decides).
     pub fn power_cycle(&self, target: Option<BootTarget>) {
         *lock(&self.shared.cycle) = Some(target);
         self.shared.kill_qemu(true);
@@ -495,9 +541,42 @@ impl Drop for Runner {
     }
 }
 
-fn spawn_qemu(cfg: &Config, target: BootTarget, first: bool) -> std::io::Result<Child> {
+/// Prepare a power-on: set or clear the one-shot entry when asked (UEFI runs; QEMU is not
+/// running), and say what boots.
+fn power_on_note(cfg: &Config, oneshot: Option<Option<&str>>, what: &str) -> Result<String, Error> {
+    if !cfg.boots_uefi() {
+        let t = cfg.direct_target();
+        return Ok(format!(
+            "{what}: {t} (no slot disk: the kernel and the {t} initramfs are loaded directly, one boot)"
+        ));
+    }
+    let vars = cfg
+        .uefi
+        .as_ref()
+        .map(|u| u.vars.clone())
+        .unwrap_or_default();
+    let why = match oneshot {
+        Some(entry) => {
+            varstore::set_oneshot(&vars, entry).map_err(|e| Error::Io {
+                what: "set the one-shot boot entry in",
+                path: vars.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            match entry {
+                Some(e) => format!(
+                    "the one-shot entry {e} was written into the EFI variables; the bootloader starts it"
+                ),
+                None => "any pending one-shot entry was removed; the bootloader starts its default".to_string(),
+            }
+        }
+        None => "the firmware and the bootloader choose what boots".to_string(),
+    };
+    Ok(format!("{what} ({why})"))
+}
+
+fn spawn_qemu(cfg: &Config) -> std::io::Result<Child> {
     let mut cmd = Command::new(&cfg.qemu);
-    cmd.args(cfg.qemu_args(target, first))
+    cmd.args(cfg.qemu_args())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(if cfg.interactive {
@@ -508,7 +587,7 @@ fn spawn_qemu(cfg: &Config, target: BootTarget, first: bool) -> std::io::Result<
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, kill).
     unsafe {
         cmd.pre_exec(|| {
-            // QEMU dies with the thread that started it (the firmware loop), whatever kills us.
+            // QEMU dies with the thread that started it (the watcher), whatever kills us.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -518,9 +597,18 @@ fn spawn_qemu(cfg: &Config, target: BootTarget, first: bool) -> std::io::Result<
     cmd.spawn()
 }
 
-fn firmware_loop(s: &Arc<Shared>, cfg: &Config, first: (BootTarget, String)) {
-    let (mut target, mut reason) = first;
-    let mut boot_no: u32 = 0;
+/// Why the watcher stops waiting for the current QEMU.
+enum Wake {
+    Exited(Option<std::process::ExitStatus>),
+    /// The guest reset and the run does not follow reboots.
+    Reset,
+    TooManyBoots,
+}
+
+/// Power on, watch, and power on again after a cut, until the run ends.
+fn watch(s: &Arc<Shared>, cfg: &Config, first: String) {
+    let echo = cfg.echo || cfg.interactive;
+    let mut note = first;
     if cfg.interactive {
         s.note("console attached to this terminal: Ctrl-A x quits QEMU, Ctrl-A c toggles the QEMU monitor", true);
     }
@@ -529,24 +617,19 @@ fn firmware_loop(s: &Arc<Shared>, cfg: &Config, first: (BootTarget, String)) {
             s.finish(Outcome::Stopped);
             return;
         }
-        boot_no += 1;
-        if boot_no > cfg.max_boots {
-            s.note(
-                &format!("giving up: more than {} boots", cfg.max_boots),
-                true,
-            );
-            s.finish(Outcome::TooManyBoots(cfg.max_boots));
-            return;
+        {
+            let mut inner = lock(&s.inner);
+            inner.boots.push(Boot {
+                target: None,
+                started: Instant::now(),
+            });
+            inner.firmware_seen = !cfg.boots_uefi();
+            inner.resets = 0;
+            inner.reset_pending = false;
         }
-        lock(&s.inner).boots.push(Boot {
-            target,
-            started: Instant::now(),
-        });
-        s.note(
-            &format!("boot {boot_no}: {target} ({reason})"),
-            cfg.echo || cfg.interactive,
-        );
-        let mut child = match spawn_qemu(cfg, target, boot_no == 1) {
+        let boot_no = s.current_boot();
+        s.note(&format!("boot {boot_no}: {note}"), echo);
+        let mut child = match spawn_qemu(cfg) {
             Ok(c) => c,
             Err(e) => {
                 let msg = format!("{}: {e}", cfg.qemu.display());
@@ -560,7 +643,6 @@ fn firmware_loop(s: &Arc<Shared>, cfg: &Config, first: (BootTarget, String)) {
         *lock(&s.child) = Some(child);
         let reader = stdout.map(|mut out| {
             let s2 = Arc::clone(s);
-            let echo = cfg.echo || cfg.interactive;
             std::thread::spawn(move || {
                 let mut buf = [0u8; 8192];
                 loop {
@@ -574,55 +656,95 @@ fn firmware_loop(s: &Arc<Shared>, cfg: &Config, first: (BootTarget, String)) {
             })
         });
         // Poll QEMU (holding the child lock only briefly; see `kill_qemu`).
-        let status = loop {
+        let wake = loop {
             {
                 let mut guard = lock(&s.child);
                 match guard.as_mut().map(|c| c.try_wait()) {
                     Some(Ok(Some(st))) => {
                         *guard = None;
-                        break Some(st);
+                        break Wake::Exited(Some(st));
                     }
                     Some(Ok(None)) => {}
                     Some(Err(_)) | None => {
                         *guard = None;
-                        break None;
+                        break Wake::Exited(None);
                     }
+                }
+            }
+            {
+                let inner = lock(&s.inner);
+                if inner.reset_pending && !cfg.follow_reboots && cfg.boots_uefi() {
+                    break Wake::Reset;
+                }
+                if inner.boots.len() > cfg.max_boots as usize {
+                    break Wake::TooManyBoots;
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        if !matches!(wake, Wake::Exited(_)) {
+            s.kill_qemu(true);
+            // Reap it.
+            let deadline = Instant::now() + TERM_GRACE;
+            while Instant::now() < deadline
+                && lock(&s.child)
+                    .as_mut()
+                    .is_some_and(|c| !matches!(c.try_wait(), Ok(Some(_))))
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            *lock(&s.child) = None;
+        }
         if let Some(r) = reader {
             let _ = r.join();
         }
         s.flush_partial();
         *lock(&s.stdin) = None;
-        let status_text = status
-            .map(|st| st.to_string())
-            .unwrap_or_else(|| "unknown status".into());
-
+        let status_text = match &wake {
+            Wake::Exited(Some(st)) => st.to_string(),
+            Wake::Exited(None) => "unknown status".into(),
+            Wake::Reset | Wake::TooManyBoots => "killed by the runner".into(),
+        };
         if s.stop.load(Ordering::SeqCst) {
             s.finish(Outcome::Stopped);
             return;
         }
+        match wake {
+            Wake::TooManyBoots => {
+                s.note(
+                    &format!("giving up: more than {} boots", cfg.max_boots),
+                    true,
+                );
+                s.finish(Outcome::TooManyBoots(cfg.max_boots));
+                return;
+            }
+            Wake::Reset => {
+                s.note("guest rebooted; not following reboots", echo);
+                s.finish(Outcome::Rebooted);
+                return;
+            }
+            Wake::Exited(_) => {}
+        }
         if let Some(req) = lock(&s.cycle).take() {
-            let (t, r) = match req {
-                Some(t) => (t, "power cycle requested by the caller".to_string()),
-                None => {
-                    let (t, r) = firmware::decide(&cfg.debugfs, cfg.state_img.as_deref());
-                    (t, format!("power cycle; {r}"))
+            s.note(&format!("power cut (QEMU killed, {status_text})"), echo);
+            let oneshot = req.map(|t| match t {
+                BootTarget::Recovery => Some("recovery.conf"),
+                BootTarget::Normal => None,
+            });
+            note = match power_on_note(cfg, oneshot, "power on after the cut") {
+                Ok(n) => n,
+                Err(e) => {
+                    s.note(&format!("cannot power on again: {e}"), true);
+                    s.finish(Outcome::QemuExited(e.to_string()));
+                    return;
                 }
             };
-            s.note(
-                &format!("power cut (QEMU killed, {status_text})"),
-                cfg.echo || cfg.interactive,
-            );
-            target = t;
-            reason = r;
             continue;
         }
         let (panicked, rebooted, powered_off) = {
             let inner = lock(&s.inner);
-            let this_boot = inner.lines.iter().rev().take_while(|l| l.boot == boot_no);
+            let last = u32::try_from(inner.boots.len()).unwrap_or(u32::MAX);
+            let this_boot = inner.lines.iter().rev().take_while(|l| l.boot == last);
             let mut flags = (false, false, false);
             for l in this_boot {
                 flags.0 |= l.text.contains("Kernel panic - not syncing");
@@ -631,28 +753,21 @@ fn firmware_loop(s: &Arc<Shared>, cfg: &Config, first: (BootTarget, String)) {
             }
             flags
         };
-        let echo = cfg.echo || cfg.interactive;
-        if panicked {
-            s.note(&format!("guest kernel panic (QEMU {status_text})"), true);
-            s.finish(Outcome::KernelPanic);
-            return;
-        }
         if powered_off {
             s.note("guest powered off", echo);
             s.finish(Outcome::PoweredOff);
             return;
         }
+        if panicked {
+            s.note(&format!("guest kernel panic (QEMU {status_text})"), true);
+            s.finish(Outcome::KernelPanic);
+            return;
+        }
         if rebooted {
-            if !cfg.follow_reboots {
-                s.note("guest rebooted; not following reboots", echo);
-                s.finish(Outcome::Rebooted);
-                return;
-            }
-            let (t, r) = firmware::decide(&cfg.debugfs, cfg.state_img.as_deref());
-            s.note(&format!("guest rebooted; firmware: {r}"), echo);
-            target = t;
-            reason = r;
-            continue;
+            // A direct boot (no firmware to come back to) ends at its reboot.
+            s.note("guest rebooted; a direct boot is not followed", echo);
+            s.finish(Outcome::Rebooted);
+            return;
         }
         s.note(
             &format!("QEMU exited ({status_text}) without a guest reboot or power-off"),

@@ -66,7 +66,6 @@ fn config(run: &Path, state: &Path, disk: &Path, echo: bool) -> anyhow::Result<C
     let build = util::build_dir();
     let mut cfg = Config::new(&build);
     cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.debugfs = util::tool("debugfs")?;
     cfg.state_img = Some(state.to_path_buf());
     cfg.disk_img = Some(disk.to_path_buf());
     cfg.run_dir = run.to_path_buf();

@@ -78,7 +78,6 @@ fn boot_recovery(out: &crate::guest::Outputs) -> anyhow::Result<Runner> {
     crate::disks::ensure_disk(&dir.join("disk.img"), true, out.demo_image.as_deref())?;
     let mut cfg = nx_qemu::Config::new(&build).apply_env();
     cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.debugfs = util::tool("debugfs")?;
     cfg.state_img = Some(dir.join("state.img"));
     cfg.disk_img = Some(dir.join("disk.img"));
     cfg.run_dir = dir.join("qemu");

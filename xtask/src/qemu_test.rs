@@ -81,7 +81,6 @@ pub fn run_profile(
     let p = contract.get(profile).map_err(anyhow::Error::msg)?;
     let mut cfg = Config::new(&util::build_dir()).apply_env();
     cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.debugfs = util::tool("debugfs")?;
     cfg.echo = echo;
     p.apply(&mut cfg);
     eprintln!("xtask: qemu-test {profile}: {}", p.description);

@@ -80,7 +80,6 @@ pub fn boot_recovery(interactive: bool) -> anyhow::Result<Runner> {
     util::stage("3/4 boot recovery (RECOVERY=1)");
     let mut cfg = Config::new(&util::build_dir()).apply_env();
     cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.debugfs = util::tool("debugfs")?;
     cfg.recovery = true;
     cfg.echo = true;
     cfg.interactive = interactive;

@@ -130,7 +130,6 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<()> {
         )?;
         let mut cfg = Config::new(&build);
         cfg.qemu = util::tool("qemu-system-x86_64")?;
-        cfg.debugfs = util::tool("debugfs")?;
         cfg.recovery_initrd = ramdisk.clone();
         // n guests share the host's cores: one vCPU each (the block below says so).
         cfg.smp = 1;

@@ -156,7 +156,6 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
 
     let mut cfg = Config::new(&build);
     cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.debugfs = util::tool("debugfs")?;
     cfg.recovery_initrd = ramdisk;
     cfg.state_img = Some(state_img);
     cfg.disk_img = Some(disk_img);

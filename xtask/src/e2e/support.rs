@@ -78,7 +78,6 @@ impl Ctx {
         let build = util::build_dir();
         let mut cfg = Config::new(&build);
         cfg.qemu = util::tool("qemu-system-x86_64")?;
-        cfg.debugfs = util::tool("debugfs")?;
         cfg.state_img = Some(self.dir.join("state.img"));
         cfg.disk_img = Some(self.dir.join("disk.img"));
         cfg.run_dir = self.dir.join("qemu");
