@@ -115,17 +115,16 @@ pub async fn reboot_with_timeout(
     target: &str,
     timeout: Duration,
 ) -> anyhow::Result<bool> {
-    if !matches!(target, "normal" | "recovery") {
+    let Some(target) = nx_contract::NextBoot::parse(target) else {
         bail!("unknown reboot target `{target}`: use `normal` or `recovery`");
-    }
-    let target = target.to_string();
+    };
     with_client(
         port,
         Daemon::Rebootd,
         timeout,
         |c: proto::rpc::reboot_capnp::reboot::Client| async move {
             let mut req = c.mode_request();
-            req.get().set_target(target.as_str());
+            req.get().set_target(target.into());
             let resp = req.send().promise.await?;
             Ok(resp.get()?.get_rebooting())
         },
