@@ -9,11 +9,13 @@
 
 pub mod boot;
 pub mod defaults;
+pub mod error;
 pub mod loader;
 pub mod markers;
 pub mod ports;
 pub mod state;
 
 pub use boot::NextBoot;
+pub use error::PathIoError;
 pub use markers::Marker;
 pub use ports::PortSpec;

@@ -29,13 +29,8 @@ pub enum Error {
     #[error("{what} {path} is missing; build it with `cargo xtask guest`")]
     Missing { what: &'static str, path: PathBuf },
     /// An I/O error on a path.
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] nx_contract::PathIoError),
     /// QEMU could not be started.
     #[error(
         "could not start {qemu}: {source} (install it with `apt-get install -y qemu-system-x86`)"
