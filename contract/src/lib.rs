@@ -10,6 +10,7 @@
 
 pub mod boot;
 pub mod defaults;
+pub mod error;
 pub mod loader;
 pub mod markers;
 pub mod ports;
@@ -17,5 +18,6 @@ pub mod reset_plan;
 pub mod state;
 
 pub use boot::NextBoot;
+pub use error::PathIoError;
 pub use markers::Marker;
 pub use ports::PortSpec;

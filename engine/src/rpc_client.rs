@@ -178,17 +178,16 @@ pub async fn reboot_with_timeout(
     target: &str,
     timeout: Duration,
 ) -> Result<bool, RpcError> {
-    if !matches!(target, "normal" | "recovery") {
+    let Some(target) = nx_contract::NextBoot::parse(target) else {
         return Err(RpcError::BadRebootTarget(target.to_string()));
-    }
-    let target = target.to_string();
+    };
     with_client(
         port,
         Daemon::Rebootd,
         timeout,
         |c: proto::rpc::reboot_capnp::reboot::Client| async move {
             let mut req = c.mode_request();
-            req.get().set_target(target.as_str());
+            req.get().set_target(target.into());
             let resp = req.send().promise.await?;
             Ok(resp.get()?.get_rebooting())
         },

@@ -11,21 +11,29 @@
 
 @0x8c71b734ae1c796b;
 
+# The next-boot mode (nx_contract::NextBoot); recorded as "normal\n" / "recovery\n".
+# An enumerant this build does not know is refused with an error.
+enum BootTarget {
+  normal @0;
+  recovery @1;
+}
+
 interface Reboot {
-  # Persist the next-boot record `target` ("normal" | "recovery") and reboot
+  # Persist the next-boot record `target` and reboot
   # the guest (SIGTERM to PID 1). The reply is sent before the reboot starts.
   # `rebooting` is false only where no real reboot is possible (rebootd not
   # managed by our PID 1, e.g. host-run tests: the `(stub)` case).
   # Fails without rebooting when the record cannot be persisted.
-  mode @0 (target :Text) -> (rebooting :Bool);
+  mode @0 (target :BootTarget) -> (rebooting :Bool);
 
-  # The persisted record as it is now: target is "" when there is none.
-  # `persistent` is false when rebootd runs without /state (RAM-only stub).
-  pending @1 () -> (target :Text, factoryWipe :Bool, persistent :Bool);
+  # The persisted record as it is now: `hasTarget` is false when there is none
+  # (then `target` means nothing). `persistent` is false when rebootd runs
+  # without /state (RAM-only stub).
+  pending @1 () -> (target :BootTarget, factoryWipe :Bool, persistent :Bool, hasTarget :Bool);
 
   # Persist the next-boot record without rebooting (the flow sets the mode and
   # reboots later; the selftest checks the flag).
-  setNext @2 (target :Text) -> ();
+  setNext @2 (target :BootTarget) -> ();
 
   # Record a factory-wipe request (STATE/boot/factory_wipe), set the next boot
   # to recovery and reboot. recovery-init performs the wipe (nx-reset) before it

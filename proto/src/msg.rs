@@ -148,8 +148,9 @@ macro_rules! wire_enum {
 wire_enum! {
     /// Message type codes (the frame's `msg_type`).
     ///
-    /// `0x52` is reserved for the Cap'n Proto RPC link on the reboot/bootctl ports
-    /// ([`crate::rpc::link::RPC_DATA`]); no flashing message may use it.
+    /// `0x52` and `0x58` are reserved for the Cap'n Proto RPC link on the reboot/bootctl
+    /// ports ([`crate::rpc::link::RPC_DATA`], [`crate::rpc::link::RPC_RESET`]); no flashing
+    /// message may use them.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub enum MsgType: repr(u8) {
         Hello = 0x01 => "HELLO",
@@ -1243,6 +1244,7 @@ mod tests {
     #[test]
     fn rpc_link_type_is_not_a_flashing_message() {
         assert!(MsgType::from_u8(crate::rpc::link::RPC_DATA).is_none());
+        assert!(MsgType::from_u8(crate::rpc::link::RPC_RESET).is_none());
     }
 
     #[test]

@@ -28,6 +28,25 @@ pub struct SegmentReceipt {
     pub resumed_bytes: u64,
 }
 
+impl SegmentReceipt {
+    /// The counters of `segment` before any byte moved: its name and size, and its zero runs
+    /// (never sent) counted as zero bytes.
+    pub fn planned(segment: &crate::manifest::Segment) -> Self {
+        SegmentReceipt {
+            name: segment.name.clone(),
+            size: segment.size,
+            zero_bytes: segment.size.saturating_sub(segment.data_bytes()),
+            ..SegmentReceipt::default()
+        }
+    }
+
+    /// [`SegmentReceipt::planned`] for every segment of `manifest`, in order (what the
+    /// target's and the host's receipts start from).
+    pub fn planned_all(manifest: &crate::manifest::Manifest) -> Vec<Self> {
+        manifest.segments.iter().map(Self::planned).collect()
+    }
+}
+
 /// Who wrote a receipt (serialised as `"flashd"` / `"nx"`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

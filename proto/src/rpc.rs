@@ -43,3 +43,50 @@ pub mod bootctl_capnp {
 pub mod reboot_capnp {
     include!("rpc/reboot_capnp.rs");
 }
+
+/// The wire's [`reboot_capnp::BootTarget`] is the contract's next-boot mode.
+impl From<nx_contract::NextBoot> for reboot_capnp::BootTarget {
+    fn from(t: nx_contract::NextBoot) -> Self {
+        match t {
+            nx_contract::NextBoot::Normal => reboot_capnp::BootTarget::Normal,
+            nx_contract::NextBoot::Recovery => reboot_capnp::BootTarget::Recovery,
+        }
+    }
+}
+
+impl From<reboot_capnp::BootTarget> for nx_contract::NextBoot {
+    fn from(t: reboot_capnp::BootTarget) -> Self {
+        match t {
+            reboot_capnp::BootTarget::Normal => nx_contract::NextBoot::Normal,
+            reboot_capnp::BootTarget::Recovery => nx_contract::NextBoot::Recovery,
+        }
+    }
+}
+
+/// A next-boot target read from the wire: an enumerant this build does not know is a
+/// failed call naming it (never a panic).
+pub fn boot_target(
+    t: Result<reboot_capnp::BootTarget, capnp::NotInSchema>,
+) -> Result<nx_contract::NextBoot, capnp::Error> {
+    t.map(Into::into).map_err(|capnp::NotInSchema(n)| {
+        capnp::Error::failed(format!(
+            "invalid next-boot target (enumerant {n}): use normal or recovery"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_target_maps_every_next_boot() {
+        for t in nx_contract::NextBoot::ALL {
+            let wire = reboot_capnp::BootTarget::from(t);
+            assert_eq!(boot_target(Ok(wire)).unwrap(), t);
+        }
+        let e = boot_target(Err(capnp::NotInSchema(7))).unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Failed);
+        assert!(e.extra.contains("enumerant 7"), "{e}");
+    }
+}

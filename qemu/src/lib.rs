@@ -32,13 +32,8 @@ pub enum Error {
     #[error("{what} {path} is missing; build it with `cargo xtask guest`")]
     Missing { what: &'static str, path: PathBuf },
     /// An I/O error on a path.
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] nx_contract::PathIoError),
     /// QEMU could not be started.
     #[error(
         "could not start {qemu}: {source} (install it with `apt-get install -y qemu-system-x86`)"
@@ -476,22 +471,24 @@ pub fn find_tool(bin: &str) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn args(c: &Config, t: BootTarget, first: bool) -> Vec<String> {
-        c.qemu_args(t, first)
+    fn args(c: &Config) -> Vec<String> {
+        c.qemu_args()
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect()
     }
 
     #[test]
-    fn command_line() {
+    fn a_direct_boot_without_a_slot_disk() {
         let mut c = Config::new(Path::new("/b"));
+        c.disk_img = None;
         c.recovery = true;
         c.extra_cmdline.push("nexus.selftest=1".into());
-        let a = args(&c, BootTarget::Recovery, true);
+        let a = args(&c);
         let joined = a.join(" ");
         assert!(joined.contains("-machine q35,accel=tcg -cpu max"));
         assert!(joined.contains("-no-reboot"));
+        assert!(!joined.contains("pflash"));
         assert!(joined.contains("-initrd /b/recovery/initrd.cpio"));
         assert!(joined.contains("path=/b/qemu/flash.sock"));
         assert!(
@@ -504,31 +501,47 @@ mod tests {
             append,
             "console=ttyS0 panic=-1 rdinit=/init quiet recovery=1 nexus.target=recovery nexus.selftest=1"
         );
-        // later boots: no recovery=1, the firmware's target
-        let a = args(&c, BootTarget::Normal, false);
+        c.recovery = false;
+        let a = args(&c);
         assert!(a.iter().any(|x| x == "/b/initrd.cpio"));
         assert!(!a.join(" ").contains("recovery=1"));
-        // no state disk
         c.state_img = None;
-        assert!(!args(&c, BootTarget::Normal, true)
-            .join(" ")
-            .contains("state.img"));
+        assert!(!args(&c).join(" ").contains("state.img"));
     }
 
     #[test]
-    fn uefi_boots_from_the_disk() {
+    fn with_a_slot_disk_the_firmware_boots_it() {
         let mut c = Config::new(Path::new("/b"));
         c.uefi = Some(Uefi::ovmf(PathBuf::from("/r/vars.fd")));
-        let a = args(&c, BootTarget::Normal, true).join(" ");
+        c.recovery = true;
+        c.extra_cmdline.push("nexus.selftest=1".into());
+        let a = args(&c).join(" ");
         assert!(a.contains("-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd -drive if=pflash,format=raw,file=/r/vars.fd"), "{a}");
-        assert!(!a.contains("-kernel") && !a.contains("-append"), "{a}");
+        assert!(
+            !a.contains("-kernel") && !a.contains("-append") && !a.contains("-no-reboot"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-fw_cfg name=opt/com.nexus/cmdline,string=nexus.selftest=1"),
+            "{a}"
+        );
+        // The slot disk is the first disk (the firmware tries disks in order).
+        assert!(
+            a.find("id=disk").unwrap() < a.find("id=state").unwrap(),
+            "{a}"
+        );
+        assert_eq!(c.first_oneshot(), Some(Some("recovery.conf")));
+        c.recovery = false;
+        assert_eq!(c.first_oneshot(), None);
+        c.first_boot = Some(BootTarget::Normal);
+        assert_eq!(c.first_oneshot(), Some(None));
     }
 
     #[test]
     fn a_disk_over_nbd() {
         let mut c = Config::new(Path::new("/b"));
         c.nbd.push(("disk".into(), PathBuf::from("/r/disk.nbd")));
-        let a = args(&c, BootTarget::Normal, true).join(" ");
+        let a = args(&c).join(" ");
         assert!(
             a.contains("id=disk,driver=raw,cache=writeback,file.driver=nbd,file.server.type=unix,file.server.path=/r/disk.nbd"),
             "{a}"

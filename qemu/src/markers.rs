@@ -169,10 +169,12 @@ pub struct Step {
 impl Contract {
     /// Read and validate a contract file.
     pub fn load(path: &Path) -> Result<Contract, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            what: "read",
-            path: path.to_path_buf(),
-            source: e,
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Io(nx_contract::PathIoError {
+                what: "read",
+                path: path.to_path_buf(),
+                source: e,
+            })
         })?;
         Self::parse(&text).map_err(|reason| Error::Markers {
             path: path.to_path_buf(),

@@ -285,17 +285,21 @@ impl Runner {
     /// bootloader's one-shot entry is set in the variable store first.
     pub fn start(config: Config) -> Result<Runner, Error> {
         config.check()?;
-        std::fs::create_dir_all(&config.run_dir).map_err(|e| Error::Io {
-            what: "create",
-            path: config.run_dir.clone(),
-            source: e,
+        std::fs::create_dir_all(&config.run_dir).map_err(|e| {
+            Error::Io(nx_contract::PathIoError {
+                what: "create",
+                path: config.run_dir.clone(),
+                source: e,
+            })
         })?;
         if let (Some(u), true) = (&config.uefi, config.boots_uefi()) {
             if !u.vars.exists() {
-                std::fs::copy(crate::OVMF_VARS, &u.vars).map_err(|e| Error::Io {
-                    what: "create the EFI variable store",
-                    path: u.vars.clone(),
-                    source: e,
+                std::fs::copy(crate::OVMF_VARS, &u.vars).map_err(|e| {
+                    Error::Io(nx_contract::PathIoError {
+                        what: "create the EFI variable store",
+                        path: u.vars.clone(),
+                        source: e,
+                    })
                 })?;
             }
         }
@@ -303,10 +307,12 @@ impl Runner {
             let _ = std::fs::remove_file(&p.socket);
         }
         let log_path = config.console_log();
-        let log = std::fs::File::create(&log_path).map_err(|e| Error::Io {
-            what: "create",
-            path: log_path,
-            source: e,
+        let log = std::fs::File::create(&log_path).map_err(|e| {
+            Error::Io(nx_contract::PathIoError {
+                what: "create",
+                path: log_path,
+                source: e,
+            })
         })?;
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
@@ -323,10 +329,12 @@ impl Runner {
         let thread = std::thread::Builder::new()
             .name("nx-qemu-watch".into())
             .spawn(move || watch(&s, &c, first))
-            .map_err(|e| Error::Io {
-                what: "spawn runner thread for",
-                path: config.run_dir.clone(),
-                source: e,
+            .map_err(|e| {
+                Error::Io(nx_contract::PathIoError {
+                    what: "spawn runner thread for",
+                    path: config.run_dir.clone(),
+                    source: e,
+                })
             })?;
         // Wait until QEMU is up (its sockets exist) or the loop ended, so callers can connect.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -471,13 +479,13 @@ impl Runner {
         let Some(s) = stdin.as_mut() else {
             return Err(Error::NoConsoleInput);
         };
-        s.write_all(bytes)
-            .and_then(|_| s.flush())
-            .map_err(|e| Error::Io {
+        s.write_all(bytes).and_then(|_| s.flush()).map_err(|e| {
+            Error::Io(nx_contract::PathIoError {
                 what: "write console of",
                 path: self.config.console_log(),
                 source: e,
             })
+        })
     }
 
     /// Number of boots so far (1 during the first boot).
@@ -557,10 +565,12 @@ fn power_on_note(cfg: &Config, oneshot: Option<Option<&str>>, what: &str) -> Res
         .unwrap_or_default();
     let why = match oneshot {
         Some(entry) => {
-            varstore::set_oneshot(&vars, entry).map_err(|e| Error::Io {
-                what: "set the one-shot boot entry in",
-                path: vars.clone(),
-                source: std::io::Error::other(e),
+            varstore::set_oneshot(&vars, entry).map_err(|e| {
+                Error::Io(nx_contract::PathIoError {
+                    what: "set the one-shot boot entry in",
+                    path: vars.clone(),
+                    source: std::io::Error::other(e),
+                })
             })?;
             match entry {
                 Some(e) => format!(

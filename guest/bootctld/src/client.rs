@@ -2,7 +2,9 @@
 //! flashd, the selftest client and the shells): raw Cap'n Proto RPC over the unix socket
 //! (default [`crate::DEFAULT_SOCKET`]). Each call opens its own connection; call from a tokio
 //! current-thread runtime (no `LocalSet` needed). Calls without bootctld types
-//! (`confirm`, `exportJson`, `reboot`) are [`nx_rpc::bootctl`]'s, re-exported here.
+//! (`confirm`, `exportJson`, `reboot`) and those taking a slot (`markBad`, `setActive`,
+//! `slotImaged`: a [`crate::machine::Slot`] converts to the schema's) are [`nx_rpc::bootctl`]'s,
+//! re-exported here.
 //!
 //! ```no_run
 //! # async fn boot() -> Result<(), bootctld::TransportError> {
@@ -15,10 +17,14 @@
 //! # Ok(()) }
 //! ```
 
-use crate::machine::{BootDecision, BootState, Slot};
+use crate::machine::{BootDecision, BootState};
 use crate::snapshot;
 use crate::TransportError;
-pub use nx_rpc::bootctl::{confirm, export_json, reboot, TIMEOUT};
+/// `markBad`, `setActive` and `slotImaged` take a [`crate::machine::Slot`] (it converts to
+/// the schema's).
+pub use nx_rpc::bootctl::{
+    confirm, export_json, mark_bad, reboot, set_active, slot_imaged, TIMEOUT,
+};
 pub use nx_rpc::{retry_connect, CONNECT_GRACE};
 use std::path::Path;
 
@@ -39,26 +45,6 @@ pub async fn boot_attempt(sock: &Path) -> Result<BootDecision, TransportError> {
         })
     })
     .await
-}
-
-/// `markBad(slot)`.
-pub async fn mark_bad(sock: &Path, slot: Slot) -> Result<(), TransportError> {
-    nx_rpc::bootctl::mark_bad(sock, snapshot::slot_to_schema(slot)).await
-}
-
-/// `setActive(slot, trial, tries)`.
-pub async fn set_active(
-    sock: &Path,
-    slot: Slot,
-    trial: bool,
-    tries: u8,
-) -> Result<(), TransportError> {
-    nx_rpc::bootctl::set_active(sock, snapshot::slot_to_schema(slot), trial, tries).await
-}
-
-/// `slotImaged(slot, version)`: flashd finished installing into `slot`.
-pub async fn slot_imaged(sock: &Path, slot: Slot, version: &str) -> Result<(), TransportError> {
-    nx_rpc::bootctl::slot_imaged(sock, snapshot::slot_to_schema(slot), version).await
 }
 
 /// `state()`: the slot table and whether it is persistent.

@@ -40,16 +40,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!(
-                "{}",
-                nx_contract::markers::bootctld::error(format_args!("{err:#}"))
-            );
-            std::process::ExitCode::FAILURE
-        }
-    }
+    nx_guest::marker::exit_code(run(Args::parse()), nx_contract::markers::bootctld::error)
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

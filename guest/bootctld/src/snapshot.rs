@@ -52,6 +52,12 @@ pub fn slot_to_schema(s: Slot) -> schema::Slot {
     }
 }
 
+impl From<Slot> for schema::Slot {
+    fn from(s: Slot) -> Self {
+        slot_to_schema(s)
+    }
+}
+
 /// Schema slot → machine slot.
 pub fn slot_from_schema(s: schema::Slot) -> Slot {
     match s {

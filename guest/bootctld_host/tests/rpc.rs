@@ -5,8 +5,9 @@
 use bootctld::machine::{BootState, Health, Slot};
 use bootctld::service::RebootVia;
 use bootctld_host::{bootctld_config, call, Daemon, TestServer};
+use nx_contract::NextBoot;
 use proto::rpc::bootctl_capnp::{self as bc, boot_ctl};
-use proto::rpc::reboot_capnp::reboot;
+use proto::rpc::reboot_capnp::{self, reboot};
 use std::path::Path;
 
 fn wslot(s: Slot) -> bc::Slot {
@@ -259,25 +260,49 @@ fn rebootd_config(state: Option<&Path>) -> rebootd::Config {
     }
 }
 
-fn pending(sock: &Path) -> (String, bool, bool) {
+fn pending(sock: &Path) -> (Option<NextBoot>, bool, bool) {
     call(sock, |c: reboot::Client| async move {
-        let resp = c.pending_request().send().promise.await?;
-        let r = resp.get()?;
-        Ok((
-            r.get_target()?.to_string()?,
-            r.get_factory_wipe(),
-            r.get_persistent(),
-        ))
+        let p = nx_rpc::reboot::pending(c).await?;
+        Ok((p.target, p.factory_wipe, p.persistent))
     })
     .unwrap()
 }
 
-fn mode(sock: &Path, target: &'static str) -> anyhow::Result<bool> {
+fn mode(sock: &Path, target: NextBoot) -> anyhow::Result<bool> {
+    mode_raw(sock, reboot_capnp::BootTarget::from(target) as u16)
+}
+
+/// Set the enum field `target` of a request to any value, also one not in the schema.
+fn set_raw_target<'a, B>(params: B, value: u16)
+where
+    B: Into<capnp::dynamic_value::Builder<'a>>,
+{
+    let mut s: capnp::dynamic_struct::Builder = params.into().downcast();
+    let field = s.get_schema().get_field_by_name("target").unwrap();
+    let capnp::introspect::TypeVariant::Enum(raw) = field.get_type().which() else {
+        panic!("target is an enum");
+    };
+    let v = capnp::dynamic_value::Enum::new(value, raw.into());
+    s.set(field, capnp::dynamic_value::Reader::Enum(v)).unwrap();
+}
+
+/// `mode(target)` with the raw enumerant `value`.
+fn mode_raw(sock: &Path, value: u16) -> anyhow::Result<bool> {
     call(sock, move |c: reboot::Client| async move {
         let mut req = c.mode_request();
-        req.get().set_target(target);
+        set_raw_target(req.get(), value);
         let resp = req.send().promise.await?;
         Ok(resp.get()?.get_rebooting())
+    })
+}
+
+/// `setNext(target)` with the raw enumerant `value`.
+fn set_next_raw(sock: &Path, value: u16) -> anyhow::Result<()> {
+    call(sock, move |c: reboot::Client| async move {
+        let mut req = c.set_next_request();
+        set_raw_target(req.get(), value);
+        req.send().promise.await?;
+        Ok(())
     })
 }
 
@@ -287,31 +312,38 @@ fn rebootd_persists_the_next_boot_record() {
     let sock = dir.path().join("reboot.sock");
     let _server =
         TestServer::start(Daemon::Rebootd(rebootd_config(Some(dir.path()))), &sock).unwrap();
-    assert_eq!(pending(&sock), (String::new(), false, true));
+    assert_eq!(pending(&sock), (None, false, true));
 
     call(&sock, |c: reboot::Client| async move {
-        let mut req = c.set_next_request();
-        req.get().set_target("recovery");
-        req.send().promise.await?;
-        Ok(())
+        nx_rpc::reboot::set_next(c, NextBoot::Recovery).await
     })
     .unwrap();
     let record = dir.path().join("boot/next_mode");
     assert_eq!(std::fs::read(&record).unwrap(), b"recovery\n");
 
     assert!(
-        !mode(&sock, "normal").unwrap(),
+        !mode(&sock, NextBoot::Normal).unwrap(),
         "stub method: no real reboot"
     );
     assert_eq!(std::fs::read(&record).unwrap(), b"normal\n");
-    assert_eq!(pending(&sock), ("normal".to_string(), false, true));
+    assert_eq!(pending(&sock), (Some(NextBoot::Normal), false, true));
 
-    let e = mode(&sock, "../etc/passwd").unwrap_err();
-    assert!(
-        format!("{e:#}").contains("invalid next-boot target"),
-        "{e:#}"
-    );
+    // An enumerant the schema does not have is an error answer, and changes nothing.
+    for bad in [2, 7, u16::MAX] {
+        let e = mode_raw(&sock, bad).unwrap_err();
+        assert!(
+            format!("{e:#}").contains(&format!("invalid next-boot target (enumerant {bad})")),
+            "{e:#}"
+        );
+        let e = set_next_raw(&sock, bad).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("invalid next-boot target"),
+            "{e:#}"
+        );
+    }
     assert_eq!(std::fs::read(&record).unwrap(), b"normal\n");
+    // rebootd is still serving.
+    assert_eq!(pending(&sock), (Some(NextBoot::Normal), false, true));
 
     let rebooting = call(&sock, |c: reboot::Client| async move {
         let resp = c.factory_wipe_request().send().promise.await?;
@@ -324,7 +356,7 @@ fn rebootd_persists_the_next_boot_record() {
         std::fs::read(dir.path().join("boot/factory_wipe")).unwrap(),
         b"wipe\n"
     );
-    assert_eq!(pending(&sock), ("recovery".to_string(), true, true));
+    assert_eq!(pending(&sock), (Some(NextBoot::Recovery), true, true));
 }
 
 #[test]
@@ -336,7 +368,7 @@ fn rebootd_without_state_refuses_to_reboot() {
         &sock,
     )
     .unwrap();
-    let e = mode(&sock, "recovery").unwrap_err();
+    let e = mode(&sock, NextBoot::Recovery).unwrap_err();
     assert!(format!("{e:#}").contains("stub/placeholder"), "{e:#}");
     assert!(!pending(&sock).2);
 }

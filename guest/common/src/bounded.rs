@@ -21,6 +21,18 @@ pub fn read(path: &Path, max: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The first `max` bytes of a small proc/sys file (the rest is ignored); `None` when it
+/// cannot be opened or read.
+pub fn read_prefix(path: &Path, max: u64) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(max)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(buf)
+}
+
 /// Like [`read`], as UTF-8 text (invalid UTF-8 is an error).
 pub fn read_string(path: &Path, max: usize) -> Result<String> {
     let bytes = read(path, max)?;
@@ -34,7 +46,11 @@ pub fn read_string(path: &Path, max: usize) -> Result<String> {
 pub fn read_string_opt(path: &Path, max: usize) -> Result<Option<String>> {
     match read_string(path, max) {
         Ok(s) => Ok(Some(s)),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(Error::Io(nx_contract::PathIoError { source, .. }))
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }

@@ -8,6 +8,8 @@
 //! * [`read_bounded`] / [`read_bounded_nofollow`]: a whole small file, `Ok(None)` when it does
 //!   not exist, refused (without allocating more than the bound) when larger than `max`.
 //! * [`AlignedBuf`]: a heap buffer aligned for `O_DIRECT`.
+//! * [`create_sized`]: a fresh private (`0600`) read-write file of a given length (sparse),
+//!   where an image is received.
 //!
 //! Errors are `std::io::Error`s; a file over the bound is `InvalidData` carrying a
 //! [`TooLarge`].
@@ -299,6 +301,21 @@ impl AlignedBuf {
         let (s, l) = (self.start, self.len);
         self.raw.get_mut(s..s + l).unwrap_or_default()
     }
+}
+
+/// Create (or truncate) `path` read-write with mode `0600` and set its length to `len` (the
+/// file is sparse: unwritten ranges read as zeros).
+pub fn create_sized(path: &Path, len: u64) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_len(len)?;
+    Ok(file)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod slotfs;
 pub mod state;
 pub mod supervisor;
 pub mod sys;
+pub mod unixsock;
 
 use std::path::PathBuf;
 
@@ -30,13 +31,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O operation on a path failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] nx_contract::PathIoError),
     /// A system call failed.
     #[error("{what}: {source}")]
     Sys {
@@ -57,11 +53,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
+        Error::Io(nx_contract::PathIoError {
             what,
             path: path.into(),
             source,
-        }
+        })
     }
 }
 

@@ -23,3 +23,18 @@ pub fn emit(line: &str) {
 pub fn show(marker: &nx_contract::Marker) {
     emit(marker.as_str());
 }
+
+/// The end of a daemon's `main`: success, or the daemon's error marker (`error` of its marker
+/// module, given the whole cause chain `{err:#}`) on stderr and a failure exit code.
+pub fn exit_code<E: std::fmt::Display>(
+    result: Result<(), E>,
+    error: impl FnOnce(String) -> nx_contract::Marker,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{}", error(format!("{err:#}")).as_str());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

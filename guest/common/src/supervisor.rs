@@ -44,6 +44,42 @@ impl Service {
             tty: None,
         }
     }
+
+    /// bootctld as both inits run it (`/bin/bootctld`): on its virtio-serial port, with the
+    /// state mount, listening on the guest-local socket `listen`.
+    pub fn bootctld(listen: &str) -> Self {
+        Service::daemon(
+            "bootctld",
+            "/bin/bootctld",
+            &[
+                "--port-name",
+                nx_contract::ports::BOOTCTL.name,
+                "--state",
+                nx_contract::state::STATE_MOUNT,
+                "--listen",
+                listen,
+                "--esp",
+                nx_contract::loader::ESP_MOUNT,
+            ],
+        )
+    }
+
+    /// rebootd as both inits run it (`/bin/rebootd`): on its virtio-serial port, with the
+    /// state mount, listening on the guest-local socket `listen`.
+    pub fn rebootd(listen: &str) -> Self {
+        Service::daemon(
+            "rebootd",
+            "/bin/rebootd",
+            &[
+                "--port-name",
+                nx_contract::ports::REBOOT.name,
+                "--state",
+                nx_contract::state::STATE_MOUNT,
+                "--listen",
+                listen,
+            ],
+        )
+    }
 }
 
 /// Delay before the next start after `failures` consecutive failures (1 = first failure).

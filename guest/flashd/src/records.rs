@@ -38,16 +38,7 @@ impl Counters {
     pub fn new(manifest: &Manifest) -> Counters {
         Counters {
             image_id: hex::encode(manifest.id()),
-            segments: manifest
-                .segments
-                .iter()
-                .map(|s| SegmentReceipt {
-                    name: s.name.clone(),
-                    size: s.size,
-                    zero_bytes: s.size.saturating_sub(s.data_bytes()),
-                    ..SegmentReceipt::default()
-                })
-                .collect(),
+            segments: SegmentReceipt::planned_all(manifest),
             ..Counters::default()
         }
     }

@@ -300,15 +300,7 @@ impl Staging {
         if is_block_device(path) {
             return Staging::create_on_device(path, size);
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_err("create", path))?;
-        file.set_len(size).map_err(io_err("set_len", path))?;
+        let file = nx_guest::fsx::create_sized(path, size).map_err(io_err("create", path))?;
         Ok(Staging {
             file,
             path: path.to_path_buf(),

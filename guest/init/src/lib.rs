@@ -16,7 +16,6 @@
 pub mod boot;
 pub mod system;
 
-use nx_contract::ports;
 use nx_guest::cmdline::Cmdline;
 use nx_guest::supervisor::Service;
 
@@ -31,34 +30,10 @@ pub fn options(cmdline: &Cmdline) -> boot::Options {
 pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Service> {
     let mut out = Vec::new();
     if present("/bin/rebootd") {
-        out.push(Service::daemon(
-            "rebootd",
-            "/bin/rebootd",
-            &[
-                "--port-name",
-                ports::REBOOT.name,
-                "--state",
-                nx_contract::state::STATE_MOUNT,
-                "--listen",
-                system::REBOOTD_SOCK,
-            ],
-        ));
+        out.push(Service::rebootd(system::REBOOTD_SOCK));
     }
     if present("/bin/bootctld") {
-        out.push(Service::daemon(
-            "bootctld",
-            "/bin/bootctld",
-            &[
-                "--port-name",
-                ports::BOOTCTL.name,
-                "--state",
-                nx_contract::state::STATE_MOUNT,
-                "--listen",
-                system::BOOTCTLD_SOCK,
-                "--esp",
-                nx_contract::loader::ESP_MOUNT,
-            ],
-        ));
+        out.push(Service::bootctld(system::BOOTCTLD_SOCK));
     }
     if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
         let mut s = Service::daemon(

@@ -25,6 +25,7 @@
 
 pub mod bundle;
 pub mod collect;
+pub mod env;
 pub mod kmsg;
 pub mod store;
 
@@ -43,13 +44,8 @@ pub const BOOTCTLD_SOCKET: &str = nx_rpc::bootctl::SOCKET;
 #[derive(Debug, thiserror::Error)]
 pub enum DiagError {
     /// An I/O operation failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] nx_contract::PathIoError),
     /// Building or reading a bundle failed.
     #[error("diag bundle: {0}")]
     Bundle(String),
@@ -64,7 +60,7 @@ impl DiagError {
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| DiagError::Io { what, path, source }
+        move |source| DiagError::Io(nx_contract::PathIoError { what, path, source })
     }
 }
 

@@ -5,51 +5,11 @@
 
 use crate::{render_slots, Backend, Target};
 use nx_contract::reset_plan::Plan;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where things are.
-#[derive(Debug, Clone)]
-pub struct GuestConfig {
-    /// The state dir (`/state`).
-    pub state_root: PathBuf,
-    /// Count an unmounted state dir as unusable for diag (in the guest it would be RAM).
-    pub require_mountpoint: bool,
-    /// rebootd's guest-local socket.
-    pub rebootd: PathBuf,
-    /// bootctld's guest-local socket.
-    pub bootctld: PathBuf,
-    /// A console/marker log file for diag bundles, when there is one.
-    pub console_log: Option<PathBuf>,
-    /// Kernel log sources for diag.
-    pub kmsg_sources: Vec<PathBuf>,
-    /// How long an RPC may take.
-    pub timeout: Duration,
-    /// `/proc` (tests use a fake one).
-    pub proc_root: PathBuf,
-    /// `/sys/class/virtio-ports` (tests use a fake one).
-    pub ports_root: PathBuf,
-    /// `/dev`.
-    pub dev_root: PathBuf,
-}
-
-impl GuestConfig {
-    /// The guest's paths.
-    pub fn guest() -> Self {
-        GuestConfig {
-            state_root: PathBuf::from(nx_contract::state::STATE_MOUNT),
-            require_mountpoint: true,
-            rebootd: PathBuf::from(nx_rpc::reboot::SOCKET),
-            bootctld: PathBuf::from(nx_rpc::bootctl::SOCKET),
-            console_log: None,
-            kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
-            timeout: Duration::from_secs(10),
-            proc_root: PathBuf::from("/proc"),
-            ports_root: PathBuf::from(nx_guest::port::SYS_VIRTIO_PORTS),
-            dev_root: PathBuf::from("/dev"),
-        }
-    }
-}
+/// Where things are (shared with the selftest client).
+pub use nx_diag::env::GuestEnv as GuestConfig;
 
 /// The flash-mode answer when flashd is not running.
 const FLASHD_NOT_RUNNING: &str =
@@ -147,17 +107,7 @@ pub struct FlashdProbe {
     pub serving: bool,
 }
 
-/// Read at most `max` bytes of a small proc/sys file.
-fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(max)
-        .read_to_end(&mut buf)
-        .ok()?;
-    Some(buf)
-}
+use nx_guest::bounded::read_prefix as read_small;
 
 /// Find flashd (`/proc/<pid>/comm` = `flashd`) and whether it holds the flash port
 /// (`com.nexus.flash`) open among its descriptors.

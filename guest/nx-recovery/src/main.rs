@@ -6,27 +6,13 @@ use clap::Parser;
 use nx_recovery::guest::{GuestBackend, GuestConfig};
 use nx_recovery::Menu;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 
 /// The recovery menu: flash mode, diag, slot status, factory reset, reboot.
 #[derive(Parser)]
 #[command(name = "nx-recovery")]
 struct Args {
-    /// The state dir.
-    #[arg(long, default_value = nx_contract::state::STATE_MOUNT)]
-    state: PathBuf,
-    /// Accept a state dir that is not a mount point (host runs).
-    #[arg(long)]
-    allow_unmounted_state: bool,
-    /// rebootd's socket.
-    #[arg(long, default_value = nx_rpc::reboot::SOCKET)]
-    rebootd: PathBuf,
-    /// bootctld's socket.
-    #[arg(long, default_value = nx_rpc::bootctl::SOCKET)]
-    bootctld: PathBuf,
-    /// A console/marker log file for diag bundles.
-    #[arg(long)]
-    console_log: Option<PathBuf>,
+    #[command(flatten)]
+    guest: nx_diag::env::GuestArgs,
 }
 
 fn raw_mode() {
@@ -45,11 +31,7 @@ fn raw_mode() {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let mut cfg = GuestConfig::guest();
-    cfg.state_root = args.state;
-    cfg.require_mountpoint = !args.allow_unmounted_state;
-    cfg.rebootd = args.rebootd;
-    cfg.bootctld = args.bootctld;
-    cfg.console_log = args.console_log;
+    args.guest.apply(&mut cfg);
     let mut backend = GuestBackend { cfg };
     raw_mode();
     let mut menu = Menu::new();

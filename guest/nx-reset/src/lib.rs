@@ -49,13 +49,8 @@ pub const JOURNAL: &str = nx_contract::state::FACTORY_WIPE_JOURNAL;
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
     /// An I/O operation failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] nx_contract::PathIoError),
     /// The state dir cannot be used at all.
     #[error("state dir {path}: {reason}")]
     StateDir { path: PathBuf, reason: String },
@@ -79,7 +74,7 @@ impl ResetError {
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| ResetError::Io { what, path, source }
+        move |source| ResetError::Io(nx_contract::PathIoError { what, path, source })
     }
 }
 

@@ -184,11 +184,11 @@ fn tree(
         }
         Event::Error { rel, error } => {
             if strict && problem.is_none() {
-                problem = Some(ResetError::Io {
+                problem = Some(ResetError::Io(nx_contract::PathIoError {
                     what: "read",
                     path: abs(&rel),
                     source: error,
-                });
+                }));
             }
         }
         Event::Skipped { rel, why } => {

@@ -94,11 +94,11 @@ pub fn pending(state_root: &Path) -> Result<Pending, ResetError> {
         if e.kind() == std::io::ErrorKind::InvalidData {
             Ok(Some(b"<more than 64 bytes>".to_vec()))
         } else {
-            Err(ResetError::Io {
+            Err(ResetError::Io(nx_contract::PathIoError {
                 what: "read",
                 path: path.clone(),
                 source: e,
-            })
+            }))
         }
     })?
     else {
@@ -223,10 +223,12 @@ fn run(state_root: &Path, attempt: u32, opts: &WipeOptions) -> Result<WipeReport
             .map_err(ResetError::io("fsync", state_root.join(tree)))?;
     }
     fsx::sync_dir(state_root).map_err(ResetError::io("fsync", state_root))?;
-    rustix::fs::syncfs(&state).map_err(|e| ResetError::Io {
-        what: "syncfs",
-        path: state_root.to_path_buf(),
-        source: e.into(),
+    rustix::fs::syncfs(&state).map_err(|e| {
+        ResetError::Io(nx_contract::PathIoError {
+            what: "syncfs",
+            path: state_root.to_path_buf(),
+            source: e.into(),
+        })
     })?;
 
     // 4. Only now: clear the request (durably), then the journal.
@@ -254,10 +256,12 @@ fn shown(state_root: &Path, tree: &str, stack: &[Vec<u8>], name: Option<&[u8]>) 
 }
 
 fn sys(what: &'static str, path: PathBuf) -> impl FnOnce(Errno) -> ResetError {
-    move |e| ResetError::Io {
-        what,
-        path,
-        source: e.into(),
+    move |e| {
+        ResetError::Io(nx_contract::PathIoError {
+            what,
+            path,
+            source: e.into(),
+        })
     }
 }
 

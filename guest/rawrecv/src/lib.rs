@@ -273,14 +273,7 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn create(path: &Path, len: u64) -> io::Result<FileSink> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?;
-        file.set_len(len)?;
+        let file = nx_guest::fsx::create_sized(path, len)?;
         Ok(FileSink {
             file,
             path: path.to_path_buf(),

@@ -35,13 +35,8 @@ pub enum RecordError {
     )]
     BadRecord { path: PathBuf, content: String },
     /// Reading or writing a record failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] nx_contract::PathIoError),
     /// No state dir: the record cannot be persisted (RAM-only stub).
     #[error("cannot persist the next-boot record: {0} (stub/placeholder: RAM-only rebootd; mount /state)")]
     NotPersistent(NotPersistent),
@@ -75,12 +70,13 @@ pub struct Pending {
 /// `Ok(None)` when there is none.
 pub fn read_next_mode(boot_dir: &Path) -> Result<Option<Target>, RecordError> {
     let path = boot_dir.join(NEXT_MODE_FILE);
-    let Some(bytes) =
-        fsutil::read_bounded(&path, MAX_RECORD_BYTES).map_err(|source| RecordError::Io {
+    let Some(bytes) = fsutil::read_bounded(&path, MAX_RECORD_BYTES).map_err(|source| {
+        RecordError::Io(nx_contract::PathIoError {
             what: "could not read",
             path: path.clone(),
             source,
-        })?
+        })
+    })?
     else {
         return Ok(None);
     };
@@ -95,12 +91,13 @@ pub fn read_next_mode(boot_dir: &Path) -> Result<Option<Target>, RecordError> {
 /// Whether `STATE/boot/factory_wipe` holds a valid request.
 pub fn read_factory_wipe(boot_dir: &Path) -> Result<bool, RecordError> {
     let path = boot_dir.join(FACTORY_WIPE_FILE);
-    let bytes =
-        fsutil::read_bounded(&path, MAX_RECORD_BYTES).map_err(|source| RecordError::Io {
+    let bytes = fsutil::read_bounded(&path, MAX_RECORD_BYTES).map_err(|source| {
+        RecordError::Io(nx_contract::PathIoError {
             what: "could not read",
             path,
             source,
-        })?;
+        })
+    })?;
     Ok(bytes.as_deref() == Some(FACTORY_WIPE_CONTENT))
 }
 
@@ -156,10 +153,12 @@ impl Store {
         match self {
             Store::Dir(dir) => {
                 fsutil::write_atomic(dir, NEXT_MODE_FILE, target.record_bytes()).map_err(
-                    |source| RecordError::Io {
-                        what: "could not write",
-                        path: dir.join(NEXT_MODE_FILE),
-                        source,
+                    |source| {
+                        RecordError::Io(nx_contract::PathIoError {
+                            what: "could not write",
+                            path: dir.join(NEXT_MODE_FILE),
+                            source,
+                        })
                     },
                 )?;
                 Ok(true)
@@ -175,10 +174,12 @@ impl Store {
     pub fn clear_next(&mut self) -> Result<bool, RecordError> {
         match self {
             Store::Dir(dir) => {
-                fsutil::remove_durable(dir, NEXT_MODE_FILE).map_err(|source| RecordError::Io {
-                    what: "could not remove",
-                    path: dir.join(NEXT_MODE_FILE),
-                    source,
+                fsutil::remove_durable(dir, NEXT_MODE_FILE).map_err(|source| {
+                    RecordError::Io(nx_contract::PathIoError {
+                        what: "could not remove",
+                        path: dir.join(NEXT_MODE_FILE),
+                        source,
+                    })
                 })?;
                 Ok(true)
             }
@@ -202,10 +203,12 @@ impl Store {
         match self {
             Store::Dir(dir) => {
                 fsutil::write_atomic(dir, FACTORY_WIPE_FILE, FACTORY_WIPE_CONTENT).map_err(
-                    |source| RecordError::Io {
-                        what: "could not write",
-                        path: dir.join(FACTORY_WIPE_FILE),
-                        source,
+                    |source| {
+                        RecordError::Io(nx_contract::PathIoError {
+                            what: "could not write",
+                            path: dir.join(FACTORY_WIPE_FILE),
+                            source,
+                        })
                     },
                 )?;
                 Ok(true)

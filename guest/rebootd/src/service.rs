@@ -44,12 +44,6 @@ fn rpc_err(e: RecordError) -> capnp::Error {
     capnp::Error::failed(e.to_string())
 }
 
-fn text_arg(t: capnp::text::Reader<'_>) -> Result<String, capnp::Error> {
-    t.to_str()
-        .map(|s| s.to_string())
-        .map_err(|_| capnp::Error::failed("target is not UTF-8".into()))
-}
-
 impl RebootService {
     /// A service over `store`, rebooting with `method` (default [`Options`]).
     pub fn new(store: Store, method: RebootMethod) -> Self {
@@ -162,8 +156,7 @@ impl reboot::Server for RebootService {
         params: reboot::ModeParams,
         mut results: reboot::ModeResults,
     ) -> Result<(), capnp::Error> {
-        let target = text_arg(params.get()?.get_target()?)?;
-        let target = crate::record::parse_target(&target).map_err(rpc_err)?;
+        let target = proto::rpc::boot_target(params.get()?.get_target())?;
         let rebooting = RebootService::mode(&self, target).map_err(rpc_err)?;
         results.get().set_rebooting(rebooting);
         Ok(())
@@ -176,7 +169,8 @@ impl reboot::Server for RebootService {
     ) -> Result<(), capnp::Error> {
         let (pending, persistent) = RebootService::pending(&self).map_err(rpc_err)?;
         let mut r = results.get();
-        r.set_target(pending.target.map_or("", Target::as_str));
+        r.set_has_target(pending.target.is_some());
+        r.set_target(pending.target.unwrap_or(Target::Normal).into());
         r.set_factory_wipe(pending.factory_wipe);
         r.set_persistent(persistent);
         Ok(())
@@ -187,8 +181,7 @@ impl reboot::Server for RebootService {
         params: reboot::SetNextParams,
         _results: reboot::SetNextResults,
     ) -> Result<(), capnp::Error> {
-        let target = text_arg(params.get()?.get_target()?)?;
-        let target = crate::record::parse_target(&target).map_err(rpc_err)?;
+        let target = proto::rpc::boot_target(params.get()?.get_target())?;
         RebootService::set_next(&self, target).map_err(rpc_err)
     }
 

@@ -20,7 +20,7 @@ use nx_guest::cmdline::Cmdline;
 use nx_guest::supervisor::Service;
 use nx_reset::{WipeOutcome, WipeReport};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The flashd command line contract.
 pub const FLASHD: &str = "/bin/flashd";
@@ -94,34 +94,10 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
         ],
     )];
     if present("/bin/rebootd") {
-        out.push(Service::daemon(
-            "rebootd",
-            "/bin/rebootd",
-            &[
-                "--port-name",
-                ports::REBOOT.name,
-                "--state",
-                nx_contract::state::STATE_MOUNT,
-                "--listen",
-                REBOOTD_SOCK,
-            ],
-        ));
+        out.push(Service::rebootd(REBOOTD_SOCK));
     }
     if present("/bin/bootctld") {
-        out.push(Service::daemon(
-            "bootctld",
-            "/bin/bootctld",
-            &[
-                "--port-name",
-                ports::BOOTCTL.name,
-                "--state",
-                nx_contract::state::STATE_MOUNT,
-                "--listen",
-                BOOTCTLD_SOCK,
-                "--esp",
-                nx_contract::loader::ESP_MOUNT,
-            ],
-        ));
+        out.push(Service::bootctld(BOOTCTLD_SOCK));
     }
     if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
         let mut s = Service::daemon(
@@ -180,20 +156,8 @@ pub const REBOOTD_CALL: Duration = Duration::from_secs(10);
 
 /// Wait (bounded by `wait`) until the unix socket `sock` accepts a connection.
 pub fn wait_accepting(sock: &Path, wait: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    loop {
-        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
-            return Ok(());
-        }
-        if start.elapsed() >= wait {
-            return Err(format!(
-                "{} did not accept a connection within {} s (is rebootd running? see its lines above)",
-                sock.display(),
-                wait.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    nx_guest::unixsock::wait_accepting(sock, wait, Duration::from_millis(20))
+        .map_err(|e| format!("{e} (is rebootd running? see its lines above)"))
 }
 
 /// After a completed wipe: ask the rebootd at `sock` to persist `next_mode=normal` and

@@ -100,23 +100,30 @@ pub async fn confirm(sock: &Path) -> Result<(), TransportError> {
     call(sock, on::confirm).await
 }
 
-/// `markBad(slot)`.
-pub async fn mark_bad(sock: &Path, slot: Slot) -> Result<(), TransportError> {
+/// `markBad(slot)` (`slot`: the schema's, or a type that converts to it, e.g. bootctld's).
+pub async fn mark_bad(sock: &Path, slot: impl Into<Slot>) -> Result<(), TransportError> {
+    let slot = slot.into();
     call(sock, move |c| on::mark_bad(c, slot)).await
 }
 
 /// `setActive(slot, trial, tries)`.
 pub async fn set_active(
     sock: &Path,
-    slot: Slot,
+    slot: impl Into<Slot>,
     trial: bool,
     tries: u8,
 ) -> Result<(), TransportError> {
+    let slot = slot.into();
     call(sock, move |c| on::set_active(c, slot, trial, tries)).await
 }
 
 /// `slotImaged(slot, version)`: flashd finished installing into `slot`.
-pub async fn slot_imaged(sock: &Path, slot: Slot, version: &str) -> Result<(), TransportError> {
+pub async fn slot_imaged(
+    sock: &Path,
+    slot: impl Into<Slot>,
+    version: &str,
+) -> Result<(), TransportError> {
+    let slot = slot.into();
     call(sock, move |c| on::slot_imaged(c, slot, version.to_string())).await
 }
 

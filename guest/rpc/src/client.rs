@@ -119,6 +119,13 @@ pub fn rpc_error_text(e: &capnp::Error) -> String {
 /// has no connection boundaries, so each call is a session of its own with a random id and
 /// stale bytes of an earlier one are dropped), run `call` with it; the whole conversation is
 /// bounded by `timeout`.
+///
+/// Until the first frame of the answer arrives, every chunk sent is kept and sent again (same
+/// session, same counters; the server drops what it already has) when the server resets the
+/// session as not started, and after [`link::RETRANSMIT_FIRST`] (doubling) without an answer:
+/// a swallowed opening costs a retransmission, not the whole timeout. A session the server
+/// reset as lost fails at once ([`FramedError::Closed`]); it is not sent again, since its
+/// request may have run.
 pub async fn call_framed<L, C, F, Fut, T>(
     link: L,
     timeout: Duration,
@@ -144,10 +151,11 @@ where
         None,
     );
     let client: C = rpc.bootstrap(Side::Server);
-    let driver = async move {
+    let opening = Opening::default();
+    let driver = async {
         let rpc = Box::pin(async move { rpc.await.err().map(|e| rpc_error_text(&e)) });
-        let out = Box::pin(pump_out(pump_r, link_w, session));
-        let inn = Box::pin(pump_in(link_r, pump_w, session));
+        let out = Box::pin(pump_out(pump_r, link_w, session, &opening));
+        let inn = Box::pin(pump_in(link_r, pump_w, session, &opening));
         match futures::future::select(rpc, futures::future::select(out, inn)).await {
             Either::Left((e, _)) => e,
             Either::Right((Either::Left((r, _)), _))
@@ -155,13 +163,43 @@ where
         }
     };
     let call = Box::pin(call(client));
-    match tokio::time::timeout(timeout, futures::future::select(call, Box::pin(driver))).await {
+    let outcome =
+        tokio::time::timeout(timeout, futures::future::select(call, Box::pin(driver))).await;
+    match outcome {
         Err(_) => Err(FramedError::Timeout {
             secs: timeout.as_secs(),
         }),
         Ok(Either::Left((Ok(v), _))) => Ok(v),
         Ok(Either::Left((Err(e), _))) => Err(FramedError::Call(e)),
         Ok(Either::Right((why, _))) => Err(FramedError::Closed(why)),
+    }
+}
+
+/// The client's side of a session's opening: the frames sent before the first answer
+/// (to send again), shared by the two pumps.
+#[derive(Default)]
+struct Opening {
+    /// The frames sent so far; dropped once answered.
+    sent: std::cell::RefCell<Vec<Vec<u8>>>,
+    /// Whether a frame of the session came back (the server has its start).
+    answered: std::cell::Cell<bool>,
+    /// The server asked for the start again.
+    resend: tokio::sync::Notify,
+}
+
+impl Opening {
+    fn answered(&self) {
+        if !self.answered.replace(true) {
+            self.sent.borrow_mut().clear();
+        }
+    }
+
+    /// The frames to send again (none once answered).
+    fn to_resend(&self) -> Vec<u8> {
+        if self.answered.get() {
+            return Vec::new();
+        }
+        self.sent.borrow().concat()
     }
 }
 
@@ -176,8 +214,14 @@ fn new_session_id() -> u32 {
     })
 }
 
-/// RPC bytes → framed chunks on the link.
-async fn pump_out<R, W>(mut from_rpc: R, mut link_w: W, session: u32) -> std::io::Result<()>
+/// RPC bytes → framed chunks on the link; the opening is sent again when asked or when
+/// no answer came in time.
+async fn pump_out<R, W>(
+    mut from_rpc: R,
+    mut link_w: W,
+    session: u32,
+    opening: &Opening,
+) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -185,23 +229,53 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; link::MAX_CHUNK];
     let mut seq = 0u32;
+    let mut wait = link::RETRANSMIT_FIRST;
+    let mut retransmit_at = tokio::time::Instant::now() + wait;
     loop {
-        let n = from_rpc.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
+        let waiting = !opening.answered.get() && seq > 0;
+        let again = tokio::select! {
+            r = from_rpc.read(&mut buf) => {
+                let n = r?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut frame = Vec::with_capacity(n + 32);
+                link::encode(session, seq, &buf[..n], &mut frame)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                if seq == 0 {
+                    retransmit_at = tokio::time::Instant::now() + wait;
+                }
+                seq = seq.wrapping_add(1);
+                link_w.write_all(&frame).await?;
+                link_w.flush().await?;
+                if !opening.answered.get() {
+                    opening.sent.borrow_mut().push(frame);
+                }
+                continue;
+            }
+            () = opening.resend.notified(), if waiting => opening.to_resend(),
+            () = tokio::time::sleep_until(retransmit_at), if waiting => {
+                wait = wait.saturating_mul(2);
+                retransmit_at = tokio::time::Instant::now() + wait;
+                opening.to_resend()
+            }
+        };
+        if !again.is_empty() {
+            link_w.write_all(&again).await?;
+            link_w.flush().await?;
         }
-        let mut frame = Vec::with_capacity(n + 32);
-        link::encode(session, seq, &buf[..n], &mut frame)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        seq = seq.wrapping_add(1);
-        link_w.write_all(&frame).await?;
-        link_w.flush().await?;
     }
 }
 
 /// Framed chunks of our session on the link → RPC bytes; everything else
-/// (stale replies of an earlier connection, noise) is dropped.
-async fn pump_in<R, W>(mut link_r: R, mut to_rpc: W, session: u32) -> std::io::Result<()>
+/// (stale replies of an earlier connection, noise) is dropped. A reset of our
+/// session asks for its opening again, or ends the call (lost).
+async fn pump_in<R, W>(
+    mut link_r: R,
+    mut to_rpc: W,
+    session: u32,
+    opening: &Opening,
+) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -219,10 +293,22 @@ where
         }
         dec.push(&buf[..n]);
         while let Some(event) = dec.next_event() {
-            if let link::Event::Chunk(c) = event {
-                if c.session == session {
+            match event {
+                link::Event::Chunk(c) if c.session == session => {
+                    opening.answered();
                     to_rpc.write_all(&c.data).await?;
                 }
+                link::Event::Reset {
+                    session: s,
+                    reason: link::ResetReason::NotStarted,
+                } if s == session => opening.resend.notify_one(),
+                link::Event::Reset { session: s, .. } if s == session => {
+                    return Err(std::io::Error::other(
+                        "the daemon lost part of this conversation and ended it; \
+                         the request may or may not have been carried out",
+                    ));
+                }
+                _ => {}
             }
         }
     }

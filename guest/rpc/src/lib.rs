@@ -19,6 +19,8 @@
 
 pub mod bootctl;
 mod client;
+#[cfg(test)]
+mod framed_tests;
 pub mod reboot;
 mod server;
 

@@ -29,7 +29,7 @@ pub struct Pending {
 /// was started (`false`: the stub case).
 pub async fn mode(c: Client, target: NextBoot) -> Result<bool, capnp::Error> {
     let mut req = c.mode_request();
-    req.get().set_target(target.as_str());
+    req.get().set_target(target.into());
     let resp = req.send().promise.await?;
     Ok(resp.get()?.get_rebooting())
 }
@@ -60,16 +60,10 @@ pub async fn fetch_diag(c: Client, create: bool) -> Result<(String, Vec<u8>), ca
 pub async fn pending(c: Client) -> Result<Pending, capnp::Error> {
     let resp = c.pending_request().send().promise.await?;
     let r = resp.get()?;
-    let target = r.get_target()?.to_str().unwrap_or("");
-    let target = if target.is_empty() {
-        None
+    let target = if r.get_has_target() {
+        Some(proto::rpc::boot_target(r.get_target())?)
     } else {
-        Some(NextBoot::parse(target).ok_or_else(|| {
-            capnp::Error::failed(format!(
-                "invalid next-boot target {:?}: use \"normal\" or \"recovery\"",
-                target.chars().take(32).collect::<String>()
-            ))
-        })?)
+        None
     };
     Ok(Pending {
         target,
@@ -81,7 +75,7 @@ pub async fn pending(c: Client) -> Result<Pending, capnp::Error> {
 /// `setNext(target)` on a connected client: persist `target` without rebooting.
 pub async fn set_next(c: Client, target: NextBoot) -> Result<(), capnp::Error> {
     let mut req = c.set_next_request();
-    req.get().set_target(target.as_str());
+    req.get().set_target(target.into());
     req.send().promise.await?;
     Ok(())
 }

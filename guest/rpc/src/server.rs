@@ -9,7 +9,10 @@
 //! * opened once, `O_RDWR`, and kept open (a second open fails with EBUSY);
 //! * while no host client is connected to the chardev socket, reads return EOF:
 //!   that is "host gone" — we poll every [`HOST_POLL`] until a read returns data
-//!   or `EAGAIN` (host connected), then run one RPC session until the next EOF.
+//!   or `EAGAIN` (host connected), then serve framed RPC on it. A later EOF only pauses
+//!   the link (polled again every [`HOST_POLL`]): it can be stale, read after the first
+//!   bytes of the next host connection, so the decoder and the current session are kept
+//!   (the session ids tell the conversations apart).
 
 use crate::TransportError;
 use capnp::capability::Client;
@@ -236,13 +239,90 @@ impl FramedSession {
 /// Serve framed RPC (see `proto::rpc::link`) on one byte link until it ends
 /// (EOF or a read error): one RPC session per session id, a new id replaces
 /// the current session. `first` are bytes already read from `read`.
+///
+/// A chunk of a session whose chunk 0 never came is answered with a
+/// [`link::ResetReason::NotStarted`] reset (the client sends its opening again), a session
+/// that lost bytes with [`link::ResetReason::Lost`]; chunks already served (a client's
+/// retransmission) are dropped, so no request runs twice.
 pub async fn serve_framed<R, W>(
+    read: R,
+    write: W,
+    first: Vec<u8>,
+    bootstrap: Client,
+    who: &'static str,
+    peer: &str,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
+    serve_link(read, write, first, bootstrap, who, peer, OnEof::End).await;
+}
+
+/// What an EOF on a link means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnEof {
+    /// The link is over (a socket connection).
+    End,
+    /// No host is connected for now (a virtio-serial port): keep every session and poll
+    /// again after [`HOST_POLL`]. The EOF may be stale — seen after the first bytes of the
+    /// next host connection — so nothing already read may be dropped.
+    Pause,
+}
+
+/// How many session ids a link remembers (started ones, ended ones).
+const SESSIONS_REMEMBERED: usize = 64;
+
+/// Recently seen session ids of one link, oldest first.
+#[derive(Debug, Default)]
+struct SessionIds(std::collections::VecDeque<u32>);
+
+impl SessionIds {
+    fn contains(&self, id: u32) -> bool {
+        self.0.contains(&id)
+    }
+
+    /// Remember `id`; false when it was already there.
+    fn insert(&mut self, id: u32) -> bool {
+        if self.contains(id) {
+            return false;
+        }
+        if self.0.len() >= SESSIONS_REMEMBERED {
+            self.0.pop_front();
+        }
+        self.0.push_back(id);
+        true
+    }
+}
+
+/// What one link remembers about sessions, so that late or retransmitted chunks are never
+/// served twice.
+#[derive(Debug, Default)]
+struct Sessions {
+    /// Sessions whose chunk 0 was served.
+    started: SessionIds,
+    /// Sessions that are over (reset as lost); their chunks are dropped.
+    ended: SessionIds,
+    /// Sessions answered with a not-started reset (answered once).
+    not_started: SessionIds,
+}
+
+/// Queue a reset of `session`. Best effort, never waiting: the reader must not stall behind
+/// a writer that waits for a host (a client that misses the reset sends its opening again
+/// after [`link::RETRANSMIT_FIRST`] anyway).
+fn send_reset(tx: &tokio::sync::mpsc::Sender<Vec<u8>>, session: u32, reason: link::ResetReason) {
+    let mut frame = Vec::new();
+    link::encode_reset(session, reason, &mut frame);
+    let _ = tx.try_send(frame);
+}
+
+pub(crate) async fn serve_link<R, W>(
     mut read: R,
     write: W,
     first: Vec<u8>,
     bootstrap: Client,
     who: &'static str,
     peer: &str,
+    on_eof: OnEof,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + 'static,
@@ -269,7 +349,7 @@ pub async fn serve_framed<R, W>(
     let mut dec = link::LinkDecoder::new();
     dec.push(&first);
     let mut current: Option<FramedSession> = None;
-    let mut dead: Option<u32> = None;
+    let mut seen = Sessions::default();
     let mut buf = vec![0u8; 16 * 1024];
     let mut skipped = 0usize;
     loop {
@@ -283,19 +363,37 @@ pub async fn serve_framed<R, W>(
                     skipped = skipped.saturating_add(bytes);
                     continue;
                 }
+                // Resets go from server to client only.
+                link::Event::Reset { .. } => continue,
             };
-            if dead == Some(chunk.session) {
+            let id = chunk.session;
+            if seen.ended.contains(id) {
                 continue;
             }
-            if current.as_ref().map(|s| s.id) != Some(chunk.session) {
-                if chunk.seq != 0 {
-                    // The start of this session is gone (an old conversation
-                    // cut in the middle): nothing sensible can be served.
-                    dead = Some(chunk.session);
+            if current.as_ref().map(|s| s.id) != Some(id) {
+                if seen.started.contains(id) {
+                    // It ran here before and was replaced: it is over, and what it
+                    // asked may have been done.
+                    seen.ended.insert(id);
+                    send_reset(&tx, id, link::ResetReason::Lost);
                     continue;
                 }
+                if chunk.seq != 0 {
+                    // The start of this session is gone (cut by a stale EOF, or an old
+                    // conversation cut in the middle): nothing of it was served, so the
+                    // client may send it again.
+                    if seen.not_started.insert(id) {
+                        eprintln!(
+                            "{who}: session {id:#010x} on {peer} starts at chunk {}; asking for its start",
+                            chunk.seq
+                        );
+                        send_reset(&tx, id, link::ResetReason::NotStarted);
+                    }
+                    continue;
+                }
+                seen.started.insert(id);
                 current = Some(FramedSession::start(
-                    chunk.session,
+                    id,
                     bootstrap.clone(),
                     tx.clone(),
                     who,
@@ -305,23 +403,30 @@ pub async fn serve_framed<R, W>(
             let Some(session) = current.as_mut() else {
                 continue;
             };
+            if chunk.seq < session.next_seq {
+                // A retransmission of a chunk already served.
+                continue;
+            }
             if chunk.seq != session.next_seq {
                 eprintln!(
                     "{who}: session {:#010x} on {peer} lost data (chunk {} after {}); ending it",
                     session.id, chunk.seq, session.next_seq
                 );
-                dead = Some(session.id);
+                seen.ended.insert(id);
                 current = None;
+                send_reset(&tx, id, link::ResetReason::Lost);
                 continue;
             }
             session.next_seq = session.next_seq.wrapping_add(1);
             use tokio::io::AsyncWriteExt as _;
             if session.input.write_all(&chunk.data).await.is_err() {
-                dead = Some(session.id);
+                seen.ended.insert(id);
                 current = None;
+                send_reset(&tx, id, link::ResetReason::Lost);
             }
         }
         match futures::AsyncReadExt::read(&mut read, &mut buf).await {
+            Ok(0) if on_eof == OnEof::Pause => tokio::time::sleep(HOST_POLL).await,
             Ok(0) | Err(_) => break,
             Ok(n) => dec.push(&buf[..n]),
         }
@@ -378,13 +483,15 @@ async fn port_loop(name: String, bootstrap: Client, who: &'static str) {
                 continue;
             }
         };
-        serve_framed(
+        // Runs until a read fails: an EOF only pauses it (see [`OnEof::Pause`]).
+        serve_link(
             VportIo(session.clone()),
             VportIo(session),
             prefix,
             bootstrap.clone(),
             who,
             &name,
+            OnEof::Pause,
         )
         .await;
     }

@@ -20,6 +20,7 @@
 
 use nx_contract::markers::selftest as m;
 use nx_contract::Marker;
+use nx_diag::env::GuestEnv;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -34,53 +35,44 @@ pub enum Mode {
     Normal,
 }
 
-/// Where everything is.
+/// Where everything is: the [`GuestEnv`] shared with nx-recovery (its fields read through
+/// `Ctx`), plus what only the selftest needs.
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub mode: Mode,
-    /// The state dir.
-    pub state_root: PathBuf,
-    /// Require the state dir to be a mount point (the guest: yes).
-    pub require_mountpoint: bool,
-    /// rebootd's guest-local socket.
-    pub rebootd: PathBuf,
-    /// bootctld's guest-local socket.
-    pub bootctld: PathBuf,
+    /// The state dir, the daemons' sockets, the diag inputs, `/proc`, the ports, `/dev`.
+    pub env: GuestEnv,
     /// `/proc/1/cmdline`.
     pub pid1_cmdline: PathBuf,
     /// A file only the recovery ramdisk has (`/bin/recovery-sh`).
     pub recovery_marker: PathBuf,
-    /// `/proc`, `/sys/class/virtio-ports`, `/dev` (for flashd).
-    pub proc_root: PathBuf,
-    pub ports_root: PathBuf,
-    pub dev_root: PathBuf,
-    /// Kernel log sources for diag.
-    pub kmsg_sources: Vec<PathBuf>,
-    /// A console log file for diag, when there is one.
-    pub console_log: Option<PathBuf>,
-    /// One RPC's bound.
-    pub timeout: Duration,
     /// How long to wait for a daemon's socket to accept connections (they start with us).
     pub wait: Duration,
 }
 
+impl std::ops::Deref for Ctx {
+    type Target = GuestEnv;
+    fn deref(&self) -> &GuestEnv {
+        &self.env
+    }
+}
+
+impl std::ops::DerefMut for Ctx {
+    fn deref_mut(&mut self) -> &mut GuestEnv {
+        &mut self.env
+    }
+}
+
 impl Ctx {
-    /// The guest's paths for `mode`.
+    /// The guest's paths for `mode` (an RPC may take 15 s).
     pub fn guest(mode: Mode) -> Self {
+        let mut env = GuestEnv::guest();
+        env.timeout = Duration::from_secs(15);
         Ctx {
             mode,
-            state_root: PathBuf::from("/state"),
-            require_mountpoint: true,
-            rebootd: PathBuf::from(nx_rpc::reboot::SOCKET),
-            bootctld: PathBuf::from(nx_rpc::bootctl::SOCKET),
+            env,
             pid1_cmdline: PathBuf::from("/proc/1/cmdline"),
             recovery_marker: PathBuf::from("/bin/recovery-sh"),
-            proc_root: PathBuf::from("/proc"),
-            ports_root: PathBuf::from(nx_guest::port::SYS_VIRTIO_PORTS),
-            dev_root: PathBuf::from("/dev"),
-            kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
-            console_log: None,
-            timeout: Duration::from_secs(15),
             wait: Duration::from_secs(30),
         }
     }
@@ -161,32 +153,11 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
 
 /// Wait until `sock` accepts a connection (bounded by `ctx.wait`).
 pub fn wait_for_socket(sock: &Path, wait: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    loop {
-        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
-            return Ok(());
-        }
-        if start.elapsed() >= wait {
-            return Err(format!(
-                "{} did not accept a connection within {} s",
-                sock.display(),
-                wait.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nx_guest::unixsock::wait_accepting(sock, wait, Duration::from_millis(100))
+        .map_err(|e| e.to_string())
 }
 
-fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(max)
-        .read_to_end(&mut buf)
-        .ok()?;
-    Some(buf)
-}
+use nx_guest::bounded::read_prefix as read_small;
 
 /// `SELFTEST: recovery boot ok`.
 pub fn check_recovery_boot(ctx: &Ctx, _emit: &mut dyn FnMut(&Marker)) -> Outcome {

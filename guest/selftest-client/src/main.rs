@@ -5,7 +5,6 @@
 
 use clap::Parser;
 use selftest_client::{confirm_slot, run_all, Ctx, Mode};
-use std::path::PathBuf;
 
 /// In-guest selftest: prints a SELFTEST marker after each real check.
 #[derive(Parser)]
@@ -20,21 +19,8 @@ struct Args {
     /// Normal boot: after every check passed, confirm() the booted slot (the health check).
     #[arg(long)]
     confirm: bool,
-    /// The state dir.
-    #[arg(long, default_value = "/state")]
-    state: PathBuf,
-    /// Accept a state dir that is not a mount point (host runs).
-    #[arg(long)]
-    allow_unmounted_state: bool,
-    /// rebootd's socket.
-    #[arg(long, default_value = nx_rpc::reboot::SOCKET)]
-    rebootd: PathBuf,
-    /// bootctld's socket.
-    #[arg(long, default_value = nx_rpc::bootctl::SOCKET)]
-    bootctld: PathBuf,
-    /// A console log file for the diag bundle.
-    #[arg(long)]
-    console_log: Option<PathBuf>,
+    #[command(flatten)]
+    guest: nx_diag::env::GuestArgs,
     /// Seconds to wait for the daemons (they start together with the selftest).
     #[arg(long, default_value_t = 30)]
     wait: u64,
@@ -55,11 +41,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     let mut ctx = Ctx::guest(args.mode);
-    ctx.state_root = args.state;
-    ctx.require_mountpoint = !args.allow_unmounted_state;
-    ctx.rebootd = args.rebootd;
-    ctx.bootctld = args.bootctld;
-    ctx.console_log = args.console_log;
+    args.guest.apply(&mut ctx.env);
     ctx.wait = std::time::Duration::from_secs(args.wait);
     show(&m::start(match args.mode {
         Mode::Recovery => "recovery",

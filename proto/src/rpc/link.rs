@@ -22,6 +22,26 @@
 //! * A gap in `seq` means lost bytes: the server ends that session.
 //! * Garbage and cut frames are skipped by the frame decoder (magic + CRC).
 //!
+//! Recovering a lost opening (a stale EOF on the port can swallow the first bytes of a new
+//! host connection):
+//!
+//! * The server answers a session it cannot serve with a reset frame:
+//!
+//!   ```text
+//!   frame.msg_type = RPC_RESET (0x58, 'X')   frame.flags = 0   frame.seq = 0
+//!   frame.payload  = session: u32 LE  ++  reason: u8 (see [`ResetReason`])
+//!   ```
+//!
+//!   [`ResetReason::NotStarted`]: a chunk with `seq != 0` of a session whose chunk 0 the
+//!   server never saw — nothing of it reached an RPC system, so the client may send it again.
+//!   [`ResetReason::Lost`]: the session had started and lost bytes (or was cut by an EOF):
+//!   it is over, and what it asked may or may not have been done — never resent.
+//! * Until the client has its first frame of the session back, it retransmits every chunk
+//!   it sent (same session, same `seq`) on a `NotStarted` reset and after
+//!   [`RETRANSMIT_FIRST`] (doubling) without an answer. The server drops chunks with a `seq`
+//!   it already has, so every byte reaches the RPC system once: a request is never executed
+//!   twice.
+//!
 //! A server can tell a framed connection from a raw capnp one by its first four
 //! bytes: [`crate::frame::MAGIC`] (as a capnp segment count it would be absurd).
 
@@ -30,6 +50,11 @@ use bytes::{Buf, Bytes, BytesMut};
 
 /// `msg_type` of RPC data frames.
 pub const RPC_DATA: u8 = 0x52;
+/// `msg_type` of the server's reset of a session it cannot serve.
+pub const RPC_RESET: u8 = 0x58;
+/// How long a client waits for its first answer before retransmitting its opening (the
+/// wait doubles after each retransmission).
+pub const RETRANSMIT_FIRST: std::time::Duration = std::time::Duration::from_millis(1000);
 /// Largest chunk of RPC stream bytes in one frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Bytes of the session id in front of each chunk.
@@ -59,6 +84,48 @@ pub fn encode(session: u32, seq: u32, chunk: &[u8], out: &mut Vec<u8>) -> Result
     Ok(())
 }
 
+/// Why the server reset a session (the byte after the session id of an [`RPC_RESET`] frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The server never saw chunk 0 of the session; none of it was served: resend.
+    NotStarted,
+    /// The session started and lost bytes; it is over (its requests may have run).
+    Lost,
+    /// A reason this build does not know (treated like [`ResetReason::Lost`]).
+    Unknown(u8),
+}
+
+impl ResetReason {
+    /// The wire byte.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            ResetReason::NotStarted => 0,
+            ResetReason::Lost => 1,
+            ResetReason::Unknown(b) => b,
+        }
+    }
+
+    /// From the wire byte.
+    pub fn from_u8(b: u8) -> Self {
+        match b {
+            0 => ResetReason::NotStarted,
+            1 => ResetReason::Lost,
+            b => ResetReason::Unknown(b),
+        }
+    }
+}
+
+/// Append the reset frame of `session` to `out`.
+pub fn encode_reset(session: u32, reason: ResetReason, out: &mut Vec<u8>) {
+    let mut payload = Vec::with_capacity(SESSION_LEN + 1);
+    payload.extend_from_slice(&session.to_le_bytes());
+    payload.push(reason.to_u8());
+    // Five payload bytes always fit a frame.
+    if let Ok(frame) = Frame::new(RPC_RESET, 0, 0, Bytes::from(payload)) {
+        frame.encode_to_vec(out);
+    }
+}
+
 /// Whether a connection's first bytes are a framed RPC link.
 pub fn is_framed(first: &[u8]) -> bool {
     first.len() >= MAGIC.len() && first[..MAGIC.len()] == MAGIC
@@ -80,6 +147,13 @@ pub struct Chunk {
 pub enum Event {
     /// A chunk.
     Chunk(Chunk),
+    /// The server reset a session (see [`RPC_RESET`]).
+    Reset {
+        /// The session.
+        session: u32,
+        /// Why.
+        reason: ResetReason,
+    },
     /// Bytes that were not a valid RPC frame were discarded (the stream goes on).
     Skipped {
         /// How many.
@@ -132,6 +206,12 @@ impl LinkDecoder {
             Ok(None) => None,
             Ok(Some(frame)) => {
                 let p = frame.payload();
+                if frame.msg_type() == RPC_RESET && p.len() == SESSION_LEN + 1 {
+                    return Some(Event::Reset {
+                        session: u32::from_le_bytes([p[0], p[1], p[2], p[3]]),
+                        reason: ResetReason::from_u8(p[SESSION_LEN]),
+                    });
+                }
                 if frame.msg_type() != RPC_DATA || p.len() <= SESSION_LEN {
                     return Some(Event::Skipped {
                         bytes: frame.encoded_len(),
@@ -187,7 +267,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 Event::Chunk(c) => Some((c.session, c.seq, c.data.to_vec())),
-                Event::Skipped { .. } => None,
+                Event::Skipped { .. } | Event::Reset { .. } => None,
             })
             .collect();
         assert_eq!(
@@ -196,6 +276,31 @@ mod tests {
         );
         assert!(events.iter().any(|e| matches!(e, Event::Skipped { .. })));
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn reset_roundtrip() {
+        let mut wire = Vec::new();
+        encode_reset(0xdead_beef, ResetReason::NotStarted, &mut wire);
+        encode_reset(5, ResetReason::Lost, &mut wire);
+        let mut dec = LinkDecoder::new();
+        dec.push(&wire);
+        assert_eq!(
+            dec.next_event(),
+            Some(Event::Reset {
+                session: 0xdead_beef,
+                reason: ResetReason::NotStarted
+            })
+        );
+        assert_eq!(
+            dec.next_event(),
+            Some(Event::Reset {
+                session: 5,
+                reason: ResetReason::Lost
+            })
+        );
+        assert_eq!(dec.next_event(), None);
+        assert_eq!(ResetReason::from_u8(7), ResetReason::Unknown(7));
     }
 
     #[test]
