@@ -48,14 +48,9 @@ const RECOVERY_BINS: &[(&str, bool)] = &[
     ("nx-diag", false),
     ("selftest-client", false),
 ];
-/// Binaries of the normal initramfs: `init` becomes `/init`.
-const NORMAL_BINS: &[(&str, bool)] = &[
-    ("init", true),
-    ("rebootd", false),
-    ("bootctld", false),
-    ("nx-diag", false),
-    ("selftest-client", false),
-];
+/// Binaries of the normal initramfs: `init` becomes `/init`. Everything else of the normal
+/// userspace is in the slot's rootfs ([`ROOTFS_BINS`]), which init mounts first.
+const NORMAL_BINS: &[(&str, bool)] = &[("init", true)];
 
 /// Arguments of `cargo xtask guest`.
 #[derive(clap::Args, Debug, Clone)]

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The modules whose closure we load (virtio PCI transport, virtio-serial, virtio-blk; vfat
-/// with its code page and the kernel's default I/O character set for the ESP, efivarfs for the bootloader's variables).
-pub const ROOT_MODULES: [&str; 7] = [
+/// with its code page and the kernel's default I/O character set for the ESP, efivarfs for the
+/// bootloader's variables, qemu_fw_cfg for the test harness's options).
+pub const ROOT_MODULES: [&str; 8] = [
     "virtio_pci",
     "virtio_console",
     "virtio_blk",
@@ -21,10 +22,11 @@ pub const ROOT_MODULES: [&str; 7] = [
     "nls_cp437",
     "nls_ascii",
     "efivarfs",
+    "qemu_fw_cfg",
 ];
 /// The normal initramfs also mounts the booted slot's rootfs: a squashfs segment of the
 /// image in the slot partition, on a loop device (zstd decompression is built in).
-pub const NORMAL_ROOT_MODULES: [&str; 9] = [
+pub const NORMAL_ROOT_MODULES: [&str; 10] = [
     "virtio_pci",
     "virtio_console",
     "virtio_blk",
@@ -32,6 +34,7 @@ pub const NORMAL_ROOT_MODULES: [&str; 9] = [
     "nls_cp437",
     "nls_ascii",
     "efivarfs",
+    "qemu_fw_cfg",
     "loop",
     "squashfs",
 ];

@@ -132,6 +132,16 @@ pub fn reboot_stub(why: impl Display) -> Marker {
     Marker::new(format!("bootctl: reboot (stub) — {why}"))
 }
 
+/// What the bootloader booted, as bootctld reads it at `bootAttempt`.
+pub fn loader_booted(entry: impl Display, slot: impl Display, tries_left: Option<u32>) -> Marker {
+    match tries_left {
+        Some(n) => Marker::new(format!(
+            "bootctl: bootloader booted {entry} (slot {slot}, {n} tries left)"
+        )),
+        None => Marker::new(format!("bootctl: bootloader booted {entry} (slot {slot})")),
+    }
+}
+
 /// `bootctl: prepareInstall slot=<s>`: the slot is emptied (and its boot entry withdrawn)
 /// before flashd overwrites it.
 pub fn prepare_install(slot: impl Display) -> Marker {
@@ -185,6 +195,8 @@ pub fn samples() -> Vec<Marker> {
         reboot(),
         reboot_stub("rebootd cannot reboot here"),
         prepare_install('b'),
+        loader_booted("nexus-2-b+2-1.conf", 'b', Some(2)),
+        loader_booted("nexus-1-a.conf", 'a', None),
         entry("nexus-2-b+3.conf"),
         entry("nexus-2-b.conf"),
         entry("nexus-3-a+0.conf"),

@@ -252,8 +252,44 @@ pub fn reboot_failed_why(target: impl Display, e: impl Display) -> String {
 }
 
 /// Sample of every constructor (for the contract's tests).
+/// Why no slot is mounted when the kernel was not started by our bootloader.
+pub fn not_from_bootloader_why() -> String {
+    "stub/placeholder: not started by the bootloader (no nexus.slot= on the command line); no slot is mounted".to_string()
+}
+
+/// `init: the bootloader booted slot=<s> (tries counted: <c>)`.
+pub fn loader_slot(slot: impl Display, counted: bool) -> Marker {
+    Marker::new(format!(
+        "init: the bootloader booted slot={slot} (tries counted: {counted})"
+    ))
+}
+
+/// The trial slot's rootfs is unusable: reset at once, the bootloader spends the next try.
+pub fn reset_for_next_try(slot: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: not confirming slot={slot}; resetting: the bootloader counts the try and falls back to the other slot when none are left"
+    ))
+}
+
+/// A slot without boot counting is unusable: reset into recovery (one-shot entry).
+pub fn reset_to_recovery(why: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: resetting into recovery (one-shot boot entry): {why}"
+    ))
+}
+
+/// The one-shot entry for recovery could not be set before the reset.
+pub fn oneshot_failed(e: impl Display) -> Marker {
+    Marker::new(format!("init: error: one-shot boot entry not set: {e}"))
+}
+
 pub fn samples() -> Vec<Marker> {
     vec![
+        note(not_from_bootloader_why()),
+        loader_slot("b", true),
+        reset_for_next_try("b"),
+        reset_to_recovery("why"),
+        oneshot_failed("e"),
         start(),
         services_ready(),
         ready(),

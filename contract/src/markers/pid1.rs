@@ -41,6 +41,11 @@ pub fn esp_error(program: &str, e: impl Display) -> Marker {
     Marker::new(format!("{program}: error: ESP: {e}"))
 }
 
+/// `<program>: error: EFI variables: <e>` (efivarfs could not be mounted).
+pub fn efivars_error(program: &str, e: impl Display) -> Marker {
+    Marker::new(format!("{program}: error: EFI variables: {e}"))
+}
+
 /// `<program>: <n> modules loaded`.
 pub fn modules_loaded(program: &str, n: usize) -> Marker {
     Marker::new(format!("{program}: {n} modules loaded"))
@@ -116,6 +121,7 @@ pub fn samples() -> Vec<Marker> {
             modules_failed(p, "e"),
             state_error(p, "e"),
             esp_error(p, "e"),
+            efivars_error(p, "e"),
             modules_loaded(p, 3),
             state_mounted(p, "/dev/vdb"),
             uptime_at_ready(p, 1.0),

@@ -79,6 +79,29 @@ pub fn reboot_stub(why: impl Display) -> Marker {
     Marker::new(format!("rebootd: reboot (stub) — {why}; not rebooting"))
 }
 
+/// The bootloader's one-shot entry now matches the next-boot record (`Some(entry)`: set,
+/// `None`: cleared — the default entry boots).
+pub fn oneshot(entry: Option<&str>) -> Marker {
+    match entry {
+        Some(e) => Marker::new(format!("rebootd: one-shot boot entry {e}")),
+        None => Marker::new("rebootd: one-shot boot entry cleared"),
+    }
+}
+
+/// The one-shot entry could not be written: the bootloader will not follow the record.
+pub fn oneshot_failed(e: impl Display) -> Marker {
+    Marker::new(format!(
+        "rebootd: error: one-shot boot entry not written: {e}"
+    ))
+}
+
+/// No EFI variables: the next-boot record is not handed to a bootloader.
+pub fn no_efivars(why: impl Display) -> Marker {
+    Marker::new(format!(
+        "rebootd: stub/placeholder: no EFI variables ({why}); the bootloader does not see the next-boot record"
+    ))
+}
+
 /// Every constructor with representative arguments (the marker catalogue).
 pub fn samples() -> Vec<Marker> {
     vec![
@@ -92,6 +115,10 @@ pub fn samples() -> Vec<Marker> {
         record_cleared(false),
         next_boot("normal"),
         next_boot("recovery"),
+        oneshot(Some("recovery.conf")),
+        oneshot(None),
+        oneshot_failed("e"),
+        no_efivars("started without --efivars"),
         next_boot_ram("normal", "r"),
         factory_wipe_requested(),
         rebooting(),

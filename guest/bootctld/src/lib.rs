@@ -55,6 +55,33 @@ pub struct Config {
     /// The mounted ESP whose boot entries bootctld keeps in step with the slot state;
     /// `None`: no projection (a stub/placeholder line says so).
     pub esp: Option<PathBuf>,
+    /// What the bootloader did for this boot; `None`: bootctld decides `bootAttempt` itself
+    /// (no bootloader: host runs and direct kernel boots).
+    pub loader: Option<service::LoaderBoot>,
+}
+
+/// What the bootloader did for this boot: `nexus.slot=` of the kernel command line (the
+/// entry's options) and the Boot Loader Interface variables in `efivars`. `None` when the
+/// boot did not come through our bootloader.
+pub fn read_loader_boot(efivars: &Path) -> Option<service::LoaderBoot> {
+    let vars = nx_guest::efivar::LoaderVars::new(efivars);
+    if !vars.available() {
+        return None;
+    }
+    let cmdline = nx_guest::cmdline::Cmdline::system().ok()?;
+    let selected = vars
+        .read_string(nx_contract::loader::LOADER_ENTRY_SELECTED)
+        .ok()
+        .flatten();
+    let count = vars
+        .read_string(nx_contract::loader::LOADER_BOOT_COUNT_PATH)
+        .ok()
+        .flatten();
+    service::LoaderBoot::from_parts(
+        cmdline.get(nx_contract::loader::SLOT_OPTION),
+        selected,
+        count.as_deref(),
+    )
 }
 
 /// This boot's id from [`BOOT_ID_PATH`] (bounded, printable), "" when unreadable.
@@ -101,7 +128,8 @@ pub fn open_daemon(config: &Config) -> (service::Daemon, Vec<nx_contract::Marker
         config.reboot.clone(),
         config.markers.clone(),
     )
-    .with_esp(esp);
+    .with_esp(esp)
+    .with_loader(config.loader.clone());
     (daemon, notes)
 }
 

@@ -426,6 +426,59 @@ impl BootState {
         });
         decision
     }
+
+    /// `bootAttempt()` when the bootloader made the decision (systemd-boot booted the entry of
+    /// `booted`; `tries_left`: that entry's boot counter after this boot's try, `None` when it
+    /// has none): the slot table follows what happened instead of choosing.
+    /// 1. The bootloader booted the other slot than the active one: the active slot's entry
+    ///    ran out of tries (the bootloader sorts it last) — a trial slot is marked bad — or an
+    ///    operator picked the other entry; either way the booted slot becomes active
+    ///    (`rolled_back`).
+    /// 2. A trial slot's tries are the bootloader's counter (it already spent this boot's).
+    /// 3. A booted slot that is bad or empty here is not bootable: the caller boots recovery.
+    pub fn boot_attempt_loader(
+        &mut self,
+        boot_id: &str,
+        booted: Slot,
+        tries_left: Option<u32>,
+    ) -> BootDecision {
+        let mut rolled_back = false;
+        let mut marked_bad = None;
+        let cur = self.active;
+        let bootable = self.slot(booted).health.bootable();
+        if booted != cur && bootable {
+            if self.slot(cur).trial {
+                let s = self.slot_mut(cur);
+                s.health = Health::Bad;
+                s.end_trial();
+                marked_bad = Some(cur);
+            }
+            self.slot_mut(cur).end_trial();
+            self.active = booted;
+            rolled_back = true;
+        }
+        let s = self.slot_mut(booted);
+        if bootable && s.trial {
+            if let Some(left) = tries_left {
+                s.tries_left = u8::try_from(left).unwrap_or(MAX_TRIES).min(MAX_TRIES);
+            }
+        }
+        let decision = BootDecision {
+            bootable,
+            slot: booted,
+            trial: bootable && s.trial,
+            tries_left: s.tries_left,
+            rolled_back,
+            version: s.version.clone(),
+            marked_bad,
+        };
+        self.last_boot = bootable.then(|| LastBoot {
+            slot: booted,
+            trial: decision.trial,
+            boot_id: boot_id.chars().take(MAX_BOOT_ID_LEN).collect(),
+        });
+        decision
+    }
 }
 
 #[cfg(test)]
@@ -436,6 +489,40 @@ mod tests {
         let mut s = BootState::factory_default();
         s.slot_imaged(Slot::B, "2").unwrap();
         s
+    }
+
+    #[test]
+    fn the_bootloader_decides_and_the_table_follows() {
+        // Trial of b: the bootloader spends the tries, bootctld mirrors them.
+        let mut s = imaged_b();
+        s.set_active(Slot::B, true, 3).unwrap();
+        for left in [2, 1] {
+            let d = s.boot_attempt_loader("boot", Slot::B, Some(left));
+            assert!(d.bootable && d.trial && !d.rolled_back, "{d:?}");
+            assert_eq!((d.slot, d.tries_left), (Slot::B, left as u8));
+            s.validate().unwrap();
+        }
+        // Out of tries, the bootloader boots a: b is bad, a active again.
+        let d = s.boot_attempt_loader("boot3", Slot::A, None);
+        assert!(d.bootable && !d.trial && d.rolled_back, "{d:?}");
+        assert_eq!((d.slot, d.marked_bad), (Slot::A, Some(Slot::B)));
+        assert_eq!((s.active, s.b.health), (Slot::A, Health::Bad));
+        s.validate().unwrap();
+        // A confirmed switch: the table follows the bootloader without marking anything.
+        let mut s = imaged_b();
+        s.set_active(Slot::B, true, 3).unwrap();
+        let d = s.boot_attempt_loader("b1", Slot::B, Some(2));
+        s.confirm("b1").unwrap();
+        assert_eq!(d.slot, Slot::B);
+        let d = s.boot_attempt_loader("b2", Slot::A, None);
+        assert!(d.rolled_back && d.marked_bad.is_none(), "{d:?}");
+        assert_eq!((s.active, s.b.health), (Slot::A, Health::Good));
+        // A slot bad here is not booted, whatever the bootloader did.
+        s.mark_bad(Slot::B);
+        let d = s.boot_attempt_loader("b3", Slot::B, None);
+        assert!(!d.bootable);
+        assert_eq!(s.active, Slot::A);
+        assert_eq!(s.last_boot, None);
     }
 
     #[test]

@@ -31,6 +31,10 @@ struct Args {
     /// The mounted ESP (e.g. /boot/efi): keep its boot entries in step with the slot state.
     #[arg(long)]
     esp: Option<PathBuf>,
+    /// efivarfs (the guest's /sys/firmware/efi/efivars): at bootAttempt, follow what the
+    /// bootloader booted (LoaderEntrySelected, LoaderBootCountPath, nexus.slot=).
+    #[arg(long)]
+    efivars: Option<PathBuf>,
     /// Print the JSON view of the persisted state and exit (no serving).
     #[arg(long)]
     export_json: bool,
@@ -61,6 +65,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         boot_id: args.boot_id,
         markers: bootctld::service::Markers::stdout(),
         esp: args.esp,
+        loader: args.efivars.as_deref().and_then(bootctld::read_loader_boot),
     };
     if args.export_json {
         let (daemon, notes) = bootctld::open_daemon(&config);

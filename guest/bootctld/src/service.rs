@@ -89,6 +89,42 @@ pub struct Daemon {
     reboot: RebootVia,
     markers: Markers,
     esp: Option<Esp>,
+    loader: Option<LoaderBoot>,
+}
+
+/// What the bootloader did for this boot (read at startup from the kernel command line and
+/// the Boot Loader Interface variables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderBoot {
+    /// The entry it booted (`LoaderEntrySelected`).
+    pub entry: String,
+    /// The slot of that entry (`nexus.slot=` on the command line the entry gave).
+    pub slot: Slot,
+    /// The entry's tries left after this boot's try (`LoaderBootCountPath`); `None`: the
+    /// entry has no boot counter (blessed).
+    pub tries_left: Option<u32>,
+}
+
+impl LoaderBoot {
+    /// From the command line's `nexus.slot` and the variables' values (`count_path` like
+    /// `\loader\entries\nexus-2-b+2-1.conf`). `None`: no slot on the command line.
+    pub fn from_parts(
+        slot: Option<&str>,
+        selected: Option<String>,
+        count_path: Option<&str>,
+    ) -> Option<LoaderBoot> {
+        let slot = Slot::parse(slot?)?;
+        let tries_left = count_path
+            .and_then(|p| p.rsplit(['\\', '/']).next())
+            .and_then(EntryName::parse)
+            .and_then(|e| e.counter)
+            .map(|c| c.left);
+        Some(LoaderBoot {
+            entry: selected.unwrap_or_default(),
+            slot,
+            tries_left,
+        })
+    }
 }
 
 impl Daemon {
@@ -107,7 +143,14 @@ impl Daemon {
             reboot,
             markers,
             esp: None,
+            loader: None,
         }
+    }
+
+    /// The bootloader decided this boot (see [`LoaderBoot`]): `bootAttempt` follows it.
+    pub fn with_loader(mut self, loader: Option<LoaderBoot>) -> Self {
+        self.loader = loader;
+        self
     }
 
     /// Project the slot state onto the boot entries of `esp` (systemd-boot's entries with
@@ -249,7 +292,19 @@ impl Daemon {
     /// `bootAttempt`: the decision is persisted before it is returned.
     pub fn boot_attempt(&mut self) -> Result<BootDecision, DaemonError> {
         let id = self.boot_id.clone();
-        let d = self.apply(|s| Ok(s.boot_attempt(&id)))?;
+        let d = match self.loader.clone() {
+            Some(l) => {
+                self.markers
+                    .emit(&bm::loader_booted(&l.entry, l.slot, l.tries_left));
+                let d = self.apply(|s| Ok(s.boot_attempt_loader(&id, l.slot, l.tries_left)))?;
+                if !d.bootable {
+                    // Keep the bootloader from booting it again.
+                    self.project(|esp| esp.mark_bad(l.slot.as_char()));
+                }
+                d
+            }
+            None => self.apply(|s| Ok(s.boot_attempt(&id)))?,
+        };
         if let Some(bad) = d.marked_bad {
             self.markers.emit(&bm::mark_bad(bad));
             self.markers.emit(&bm::out_of_tries(bad));

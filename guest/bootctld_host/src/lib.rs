@@ -55,6 +55,7 @@ pub fn bootctld_config(
         boot_id: Some(boot_id.to_string()),
         markers: bootctld::service::Markers::stdout(),
         esp: None,
+        loader: None,
     }
 }
 

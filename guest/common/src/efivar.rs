@@ -13,6 +13,28 @@ use std::path::{Path, PathBuf};
 
 /// Where efivarfs is mounted.
 pub const EFIVARFS: &str = "/sys/firmware/efi/efivars";
+
+/// Mount efivarfs on [`EFIVARFS`] when the machine booted through UEFI (`/sys/firmware/efi`
+/// exists). `Ok(false)`: not a UEFI boot (direct kernel boot), nothing to mount.
+pub fn mount() -> crate::Result<bool> {
+    if !Path::new("/sys/firmware/efi").is_dir() {
+        return Ok(false);
+    }
+    rustix::mount::mount(
+        "efivarfs",
+        EFIVARFS,
+        "efivarfs",
+        rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV
+            | rustix::mount::MountFlags::NOEXEC,
+        None,
+    )
+    .map_err(|e| crate::Error::Sys {
+        what: format!("mount efivarfs on {EFIVARFS}"),
+        source: e.into(),
+    })?;
+    Ok(true)
+}
 /// Largest variable we read (ours are a few dozen bytes; `LoaderEntries` lists every entry).
 pub const MAX_VAR: usize = 16 * 1024;
 

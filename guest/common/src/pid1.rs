@@ -31,14 +31,18 @@ pub fn early(prefix: &str) -> Early {
     if let Err(e) = sys::mount_early() {
         marker::show(&markers::pid1::early_mounts_failed(prefix, e));
     }
-    let cmdline = Cmdline::read(Path::new("/proc/cmdline")).unwrap_or_else(|e| {
-        marker::show(&markers::pid1::cmdline_unreadable(prefix, e));
-        Cmdline::default()
-    });
     let modules = modules::load_all(Path::new(modules::MODULE_DIR)).unwrap_or_else(|e| {
         marker::show(&markers::pid1::modules_failed(prefix, e));
         0
     });
+    // After the modules: the firmware config file needs qemu_fw_cfg.
+    let cmdline = Cmdline::system().unwrap_or_else(|e| {
+        marker::show(&markers::pid1::cmdline_unreadable(prefix, e));
+        Cmdline::default()
+    });
+    if let Err(e) = crate::efivar::mount() {
+        marker::show(&markers::pid1::efivars_error(prefix, e));
+    }
     let state_dev = match state::find_and_mount() {
         Ok(dev) => dev,
         Err(e) => {

@@ -6,7 +6,7 @@ use crate::sys::{self, Shutdown, PID1_SIGNALS};
 use nx_contract::markers;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,10 +47,10 @@ impl Service {
 
     /// bootctld as both inits run it (`/bin/bootctld`): on its virtio-serial port, with the
     /// state mount, listening on the guest-local socket `listen`.
-    pub fn bootctld(listen: &str) -> Self {
+    pub fn bootctld(bin_dir: &Path, listen: &str) -> Self {
         Service::daemon(
             "bootctld",
-            "/bin/bootctld",
+            &bin_dir.join("bootctld").to_string_lossy(),
             &[
                 "--port-name",
                 nx_contract::ports::BOOTCTL.name,
@@ -60,16 +60,18 @@ impl Service {
                 listen,
                 "--esp",
                 nx_contract::loader::ESP_MOUNT,
+                "--efivars",
+                crate::efivar::EFIVARFS,
             ],
         )
     }
 
     /// rebootd as both inits run it (`/bin/rebootd`): on its virtio-serial port, with the
     /// state mount, listening on the guest-local socket `listen`.
-    pub fn rebootd(listen: &str) -> Self {
+    pub fn rebootd(bin_dir: &Path, listen: &str) -> Self {
         Service::daemon(
             "rebootd",
-            "/bin/rebootd",
+            &bin_dir.join("rebootd").to_string_lossy(),
             &[
                 "--port-name",
                 nx_contract::ports::REBOOT.name,
@@ -77,6 +79,8 @@ impl Service {
                 nx_contract::state::STATE_MOUNT,
                 "--listen",
                 listen,
+                "--efivars",
+                crate::efivar::EFIVARFS,
             ],
         )
     }

@@ -62,6 +62,9 @@ pub enum Outcome {
     /// A reboot was requested and is under way: go straight to the PID 1 loop, which
     /// receives rebootd's SIGTERM.
     Rebooting { target: &'static str },
+    /// PID 1 resets the machine itself (no services run yet): with `recovery`, after setting
+    /// the bootloader's one-shot entry to recovery.
+    Reset { recovery: bool },
 }
 
 /// Options from the kernel command line.
@@ -103,18 +106,71 @@ pub fn refuse_for_wipe(
     reboot(daemons, "recovery", emit)
 }
 
-/// Run the boot flow; `emit` prints console lines.
-pub fn run(
-    daemons: &mut dyn Daemons,
+/// What the bootloader booted: `nexus.slot=` of the entry's command line, and whether the
+/// entry counts tries (`LoaderBootCountPath` is set: the slot is on trial).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Booted {
+    pub slot: Slot,
+    pub counted: bool,
+}
+
+/// Phase 1 (before any service runs — the services live in the rootfs): mount the rootfs of
+/// the slot the bootloader booted. `Err`: what PID 1 does instead (degraded without a slot
+/// disk or a bootloader; a reset when the slot's rootfs is unusable — on trial the bootloader
+/// counts the try and falls back by itself, otherwise recovery through the one-shot entry).
+pub fn mount_booted(
     mounter: &mut dyn Mounter,
-    opts: Options,
+    booted: Option<Booted>,
     emit: &mut dyn FnMut(&Marker),
-) -> Outcome {
+) -> Result<(Booted, Mounted), Outcome> {
     if let Err(why) = mounter.slot_disk() {
         let why = markers::init::no_slot_disk_why(why);
         emit(&markers::init::note(&why));
-        return Outcome::Degraded { why };
+        return Err(Outcome::Degraded { why });
     }
+    let Some(b) = booted else {
+        let why = markers::init::not_from_bootloader_why();
+        emit(&markers::init::note(&why));
+        return Err(Outcome::Degraded { why });
+    };
+    emit(&markers::init::loader_slot(b.slot, b.counted));
+    match mounter.mount(b.slot) {
+        Ok(m) => Ok((b, m)),
+        Err(MountError::NoPartition(why)) => {
+            let why = markers::init::no_partition_why(why, b.slot);
+            emit(&markers::init::note(&why));
+            Err(Outcome::Degraded { why })
+        }
+        Err(MountError::Slot(e)) if !e.is_slot_fault() => {
+            let why = markers::init::check_failed_why(b.slot, e);
+            emit(&markers::init::error(&why));
+            Err(Outcome::Degraded { why })
+        }
+        Err(MountError::Slot(e)) => {
+            emit(&markers::init::rootfs_unusable(b.slot, b.counted, e));
+            if b.counted {
+                emit(&markers::init::reset_for_next_try(b.slot));
+                Err(Outcome::Reset { recovery: false })
+            } else {
+                emit(&markers::init::reset_to_recovery(format_args!(
+                    "slot={} is not on trial and its rootfs is unusable",
+                    b.slot
+                )));
+                Err(Outcome::Reset { recovery: true })
+            }
+        }
+    }
+}
+
+/// Phase 2 (the services run from the mounted rootfs): `bootAttempt` (bootctld follows what
+/// the bootloader did), the health check, `confirm`.
+pub fn after_mount(
+    daemons: &mut dyn Daemons,
+    booted: Booted,
+    mounted: &Mounted,
+    opts: Options,
+    emit: &mut dyn FnMut(&Marker),
+) -> Outcome {
     let d = match daemons.boot_attempt() {
         Ok(d) => d,
         Err(e) => {
@@ -126,30 +182,21 @@ pub fn run(
         emit(&markers::init::no_bootable_slot());
         return reboot(daemons, "recovery", emit);
     }
-    let slot = d.slot;
+    let slot = booted.slot;
     emit(&markers::init::boot_attempt(
-        slot,
+        d.slot,
         d.trial,
         d.tries_left,
         d.rolled_back,
     ));
-    let mounted = match mounter.mount(slot) {
-        Ok(m) => m,
-        Err(MountError::NoPartition(why)) => {
-            let why = markers::init::no_partition_why(why, slot);
-            emit(&markers::init::note(&why));
-            return Outcome::Degraded { why };
-        }
-        Err(MountError::Slot(e)) if !e.is_slot_fault() => {
-            let why = markers::init::check_failed_why(slot, e);
-            emit(&markers::init::error(&why));
-            return Outcome::Degraded { why };
-        }
-        Err(MountError::Slot(e)) => {
-            emit(&markers::init::rootfs_unusable(slot, d.trial, e));
-            return unusable(daemons, &d, emit);
-        }
-    };
+    if d.slot != slot {
+        let why = format!(
+            "bootctld answered slot={} but the bootloader booted slot={slot} (is bootctld started without --efivars?)",
+            d.slot
+        );
+        emit(&markers::init::error(&why));
+        return reboot(daemons, "recovery", emit);
+    }
     emit(&markers::init::booted(slot, &mounted.version, d.trial));
     if !d.version.is_empty() && d.version != mounted.image_version {
         emit(&markers::init::version_note(
@@ -188,20 +235,6 @@ pub fn run(
             }
         }
     }
-}
-
-fn unusable(daemons: &mut dyn Daemons, d: &BootDecision, emit: &mut dyn FnMut(&Marker)) -> Outcome {
-    let slot = d.slot;
-    if d.trial {
-        emit(&markers::init::next_trial(slot, d.tries_left));
-        return reboot(daemons, "normal", emit);
-    }
-    emit(&markers::init::marking_bad(slot));
-    if let Err(e) = daemons.mark_bad(slot) {
-        emit(&markers::init::mark_bad_failed(slot, e));
-    }
-    emit(&markers::init::rebooting_rollback());
-    reboot(daemons, "normal", emit)
 }
 
 fn reboot(
@@ -321,11 +354,27 @@ mod tests {
         }
     }
 
-    fn go(f: &mut Fake, m: M, opts: Options) -> (Outcome, Vec<String>, Vec<Slot>) {
+    fn go_with(
+        f: &mut Fake,
+        m: M,
+        booted: Option<Booted>,
+        opts: Options,
+    ) -> (Outcome, Vec<String>, Vec<Slot>) {
         let mut lines = Vec::new();
         let mut mnt = Mnt(m, Vec::new());
-        let out = run(f, &mut mnt, opts, &mut |l| lines.push(l.to_string()));
+        let out = match mount_booted(&mut mnt, booted, &mut |l| lines.push(l.to_string())) {
+            Ok((b, mounted)) => {
+                after_mount(f, b, &mounted, opts, &mut |l| lines.push(l.to_string()))
+            }
+            Err(o) => o,
+        };
         (out, lines, mnt.1)
+    }
+
+    fn go(f: &mut Fake, m: M, opts: Options) -> (Outcome, Vec<String>, Vec<Slot>) {
+        let slot = f.decision.as_ref().map_or(Slot::A, |d| d.slot);
+        let counted = f.decision.as_ref().is_some_and(|d| d.trial);
+        go_with(f, m, Some(Booted { slot, counted }), opts)
     }
 
     #[test]
@@ -373,15 +422,19 @@ mod tests {
     }
 
     #[test]
-    fn unusable_trial_slot_reboots_without_confirm() {
+    fn an_unusable_trial_slot_resets_for_the_bootloader_to_count() {
         let mut f = Fake {
             decision: Some(decision(Slot::B, true, 1)),
             reboot_ok: Some(true),
             ..Fake::default()
         };
         let (out, lines, _) = go(&mut f, M::SlotFault, Options::default());
-        assert_eq!(out, Outcome::Rebooting { target: "normal" });
-        assert_eq!(f.calls, ["bootAttempt", "reboot normal"]);
+        assert_eq!(out, Outcome::Reset { recovery: false });
+        assert!(
+            f.calls.is_empty(),
+            "no daemon runs before the rootfs: {:?}",
+            f.calls
+        );
         assert!(lines
             .iter()
             .any(|l| l.starts_with("init: rootfs unusable slot=b trial=true: ")));
@@ -389,15 +442,18 @@ mod tests {
     }
 
     #[test]
-    fn unusable_confirmed_slot_is_marked_bad_then_reboots() {
+    fn an_unusable_blessed_slot_resets_into_recovery() {
         let mut f = Fake {
             decision: Some(decision(Slot::A, false, 0)),
             reboot_ok: Some(true),
             ..Fake::default()
         };
-        let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
-        assert_eq!(out, Outcome::Rebooting { target: "normal" });
-        assert_eq!(f.calls, ["bootAttempt", "markBad a", "reboot normal"]);
+        let (out, lines, _) = go(&mut f, M::SlotFault, Options::default());
+        assert_eq!(out, Outcome::Reset { recovery: true });
+        assert!(f.calls.is_empty());
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("init: resetting into recovery")));
     }
 
     #[test]
@@ -409,9 +465,8 @@ mod tests {
             reboot_ok: Some(true),
             ..Fake::default()
         };
-        let (out, _, mounted) = go(&mut f, M::Ok, Options::default());
+        let (out, _, _) = go(&mut f, M::Ok, Options::default());
         assert_eq!(out, Outcome::Rebooting { target: "recovery" });
-        assert!(mounted.is_empty());
 
         let mut f = Fake {
             reboot_ok: Some(true),
@@ -419,7 +474,25 @@ mod tests {
         };
         let (out, lines, _) = go(&mut f, M::Ok, Options::default());
         assert_eq!(out, Outcome::Rebooting { target: "recovery" });
-        assert!(lines[0].contains("bootAttempt failed (no bootctld)"));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("bootAttempt failed (no bootctld)")));
+    }
+
+    #[test]
+    fn bootctld_disagreeing_with_the_bootloader_goes_to_recovery() {
+        let mut f = Fake {
+            decision: Some(decision(Slot::A, false, 0)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        let b = Booted {
+            slot: Slot::B,
+            counted: true,
+        };
+        let (out, _, _) = go_with(&mut f, M::Ok, Some(b), Options::default());
+        assert_eq!(out, Outcome::Rebooting { target: "recovery" });
+        assert_eq!(f.calls, ["bootAttempt", "reboot recovery"]);
     }
 
     #[test]
@@ -432,12 +505,12 @@ mod tests {
             };
             let (out, _, _) = go(&mut f, m, Options::default());
             assert!(matches!(out, Outcome::Degraded { .. }), "{out:?}");
-            assert_eq!(f.calls, ["bootAttempt"]);
+            assert!(f.calls.is_empty());
         }
     }
 
     #[test]
-    fn without_a_slot_disk_no_trial_try_is_spent() {
+    fn without_a_slot_disk_or_a_bootloader_nothing_is_mounted() {
         let mut f = Fake {
             decision: Some(decision(Slot::B, true, 2)),
             reboot_ok: Some(true),
@@ -448,23 +521,32 @@ mod tests {
         assert!(f.calls.is_empty(), "{:?}", f.calls);
         assert!(mounted.is_empty());
         assert!(lines[0].starts_with("init: stub/placeholder: no partition system_a"));
+        let (out, lines, mounted) = go_with(&mut f, M::Ok, None, Options::default());
+        assert!(matches!(out, Outcome::Degraded { .. }), "{out:?}");
+        assert!(mounted.is_empty());
+        assert!(
+            lines[0].contains("not started by the bootloader"),
+            "{lines:?}"
+        );
     }
 
     #[test]
     fn a_failed_reboot_keeps_the_guest_up() {
+        let mut d = decision(Slot::B, true, 0);
+        d.bootable = false;
         let mut f = Fake {
-            decision: Some(decision(Slot::B, true, 0)),
+            decision: Some(d.clone()),
             reboot_ok: None,
             ..Fake::default()
         };
-        let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
+        let (out, _, _) = go(&mut f, M::Ok, Options::default());
         assert!(matches!(out, Outcome::Degraded { .. }));
         let mut f = Fake {
-            decision: Some(decision(Slot::B, true, 0)),
+            decision: Some(d),
             reboot_ok: Some(false),
             ..Fake::default()
         };
-        let (out, _, _) = go(&mut f, M::SlotFault, Options::default());
+        let (out, _, _) = go(&mut f, M::Ok, Options::default());
         assert!(matches!(out, Outcome::Degraded { .. }));
     }
 

@@ -26,19 +26,25 @@ pub fn options(cmdline: &Cmdline) -> boot::Options {
     }
 }
 
-/// The normal service graph; `present(path)` tells whether a binary is in the initramfs.
-pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Service> {
+/// The normal service graph, run from `bin_dir` (the booted slot's rootfs, `/sysroot/bin`);
+/// `present(path)` tells whether a binary is there.
+pub fn services(
+    cmdline: &Cmdline,
+    bin_dir: &std::path::Path,
+    present: &dyn Fn(&str) -> bool,
+) -> Vec<Service> {
     let mut out = Vec::new();
-    if present("/bin/rebootd") {
-        out.push(Service::rebootd(system::REBOOTD_SOCK));
+    let bin = |name: &str| bin_dir.join(name).to_string_lossy().into_owned();
+    if present(&bin("rebootd")) {
+        out.push(Service::rebootd(bin_dir, system::REBOOTD_SOCK));
     }
-    if present("/bin/bootctld") {
-        out.push(Service::bootctld(system::BOOTCTLD_SOCK));
+    if present(&bin("bootctld")) {
+        out.push(Service::bootctld(bin_dir, system::BOOTCTLD_SOCK));
     }
-    if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
+    if cmdline.flag("nexus.selftest") && present(&bin("selftest-client")) {
         let mut s = Service::daemon(
             "selftest-client",
-            "/bin/selftest-client",
+            &bin("selftest-client"),
             &["--mode", "normal"],
         );
         s.restart = false;
@@ -50,19 +56,23 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn normal_graph() {
         let c = Cmdline::parse("");
-        assert!(services(&c, &|_| false).is_empty());
-        let names: Vec<_> = services(&c, &|_| true)
+        assert!(services(&c, Path::new("/sysroot/bin"), &|_| false).is_empty());
+        let names: Vec<_> = services(&c, Path::new("/sysroot/bin"), &|_| true)
             .into_iter()
             .map(|s| s.name)
             .collect();
         assert_eq!(names, ["rebootd", "bootctld"]);
         let sel = Cmdline::parse("nexus.selftest=1");
-        assert_eq!(services(&sel, &|_| true).len(), 3);
-        let all = services(&c, &|_| true);
+        assert_eq!(
+            services(&sel, Path::new("/sysroot/bin"), &|_| true).len(),
+            3
+        );
+        let all = services(&c, Path::new("/sysroot/bin"), &|_| true);
         assert_eq!(
             all[0].args,
             [
@@ -71,7 +81,9 @@ mod tests {
                 "--state",
                 "/state",
                 "--listen",
-                "/run/rebootd.sock"
+                "/run/rebootd.sock",
+                "--efivars",
+                "/sys/firmware/efi/efivars"
             ]
         );
         assert_eq!(
@@ -84,7 +96,9 @@ mod tests {
                 "--listen",
                 "/run/bootctld.sock",
                 "--esp",
-                "/boot/efi"
+                "/boot/efi",
+                "--efivars",
+                "/sys/firmware/efi/efivars"
             ]
         );
     }

@@ -1,14 +1,17 @@
 //! init (normal PID 1): see the library docs.
 
+use bootctld::machine::Slot;
 use init::boot::{self, Outcome};
 use init::system::{RpcDaemons, SysMounter, BOOTCTLD_SOCK, REBOOTD_SOCK};
 use init::{options, services};
 use nx_contract::markers::{self, init as m};
 use nx_contract::NextBoot;
+use nx_guest::efivar::LoaderVars;
 use nx_guest::marker::show;
 use nx_guest::pid1;
 use nx_guest::state;
 use nx_guest::supervisor::Supervisor;
+use nx_guest::sys::Shutdown;
 use std::path::Path;
 
 const P: &str = "init";
@@ -34,8 +37,27 @@ fn main() {
         }
         None => show(&m::state_stub()),
     }
+    // The bootloader chose the slot; its rootfs holds the userspace, so it is mounted first.
+    let vars = LoaderVars::system();
+    let booted = early
+        .cmdline
+        .get(nx_contract::loader::SLOT_OPTION)
+        .and_then(Slot::parse)
+        .map(|slot| boot::Booted {
+            slot,
+            counted: vars
+                .read_string(nx_contract::loader::LOADER_BOOT_COUNT_PATH)
+                .ok()
+                .flatten()
+                .is_some(),
+        });
+    let mounted = boot::mount_booted(&mut SysMounter::default(), booted, &mut |l| show(l));
     let mut sup = Supervisor::new(P);
-    for svc in services(&early.cmdline, &|p| Path::new(p).exists()) {
+    let bin_dir = match &mounted {
+        Ok((_, m)) => m.mountpoint.join("bin"),
+        Err(_) => std::path::PathBuf::from("/bin"),
+    };
+    for svc in services(&early.cmdline, &bin_dir, &|p| Path::new(p).exists()) {
         sup.add(svc);
     }
     sup.start_due();
@@ -43,31 +65,48 @@ fn main() {
     show(&m::started(&names));
     show(&m::services_ready());
 
-    // Defence in depth: with a factory wipe pending, no slot is mounted (recovery wipes).
+    // Defence in depth: with a factory wipe pending, no slot is confirmed (recovery wipes).
     let wipe = early
         .state_dev
         .as_ref()
         .and_then(|_| boot::wipe_pending(state_root));
-    let outcome = match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK)) {
-        Ok(mut daemons) => match &wipe {
-            Some(why) => boot::refuse_for_wipe(&mut daemons, why, &mut |line| show(line)),
-            None => boot::run(
-                &mut daemons,
-                &mut SysMounter::default(),
-                options(&early.cmdline),
-                &mut |line| show(line),
-            ),
-        },
-        Err(e) => {
-            show(&m::no_bootctld(&e));
-            Outcome::Degraded { why: e }
+    let outcome = match mounted {
+        Err(o) => o,
+        Ok((b, mounted)) => {
+            match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK)) {
+                Ok(mut daemons) => match &wipe {
+                    Some(why) => boot::refuse_for_wipe(&mut daemons, why, &mut |line| show(line)),
+                    None => boot::after_mount(
+                        &mut daemons,
+                        b,
+                        &mounted,
+                        options(&early.cmdline),
+                        &mut |line| show(line),
+                    ),
+                },
+                Err(e) => {
+                    show(&m::no_bootctld(&e));
+                    Outcome::Degraded { why: e }
+                }
+            }
         }
     };
+    if let Outcome::Reset { recovery } = outcome {
+        if recovery {
+            if let Err(e) = vars.write_string(
+                nx_contract::loader::LOADER_ENTRY_ONESHOT,
+                &format!("{}.conf", nx_contract::loader::RECOVERY_ENTRY_ID),
+            ) {
+                show(&m::oneshot_failed(e));
+            }
+        }
+        pid1::finish(P, Shutdown::Reboot);
+    }
     match &outcome {
         Outcome::Rebooting { target } => {
             show(&m::waiting_for_reboot(target));
         }
-        Outcome::Up { .. } | Outcome::Degraded { .. } => {
+        Outcome::Reset { .. } | Outcome::Up { .. } | Outcome::Degraded { .. } => {
             if let Outcome::Degraded { why } = &outcome {
                 show(&m::degraded(why));
             }

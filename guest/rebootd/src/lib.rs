@@ -59,6 +59,9 @@ pub struct Options {
     pub console_log: Option<PathBuf>,
     /// Kernel log sources of new diag bundles.
     pub kmsg_sources: Vec<PathBuf>,
+    /// efivarfs, where the next-boot record is handed to the bootloader as its one-shot
+    /// entry (`None`: not handed over — host runs and direct kernel boots).
+    pub efivars: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             bootctld_socket: Some(PathBuf::from(nx_diag::BOOTCTLD_SOCKET)),
             console_log: None,
             kmsg_sources: nx_diag::KMSG_SOURCES.iter().map(PathBuf::from).collect(),
+            efivars: None,
         }
     }
 }

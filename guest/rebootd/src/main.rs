@@ -37,6 +37,10 @@ struct Args {
     /// A console/marker log file that new diag bundles include (its tail).
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// efivarfs (the guest's /sys/firmware/efi/efivars): hand the next-boot record to the
+    /// bootloader as its one-shot entry (LoaderEntryOneShot).
+    #[arg(long)]
+    efivars: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +68,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     options.bootctld_socket = (args.bootctld != "none").then(|| PathBuf::from(&args.bootctld));
     options.console_log = args.console_log;
+    options.efivars = args.efivars;
     let config = rebootd::Config {
         state: args.state,
         require_mountpoint: !args.allow_unmounted_state,

@@ -75,7 +75,41 @@ impl RebootService {
         } else {
             show(&rm::record_cleared(false));
         }
+        drop(inner);
+        self.hand_to_bootloader(None);
         Ok(())
+    }
+
+    /// Make the bootloader's one-shot entry follow the next-boot record: `recovery` sets
+    /// `LoaderEntryOneShot` to the recovery entry, `normal` (or no record) removes it so the
+    /// default entry boots. A failure is reported; the record itself stays.
+    fn hand_to_bootloader(&self, target: Option<Target>) {
+        let Some(dir) = &self.options.efivars else {
+            return;
+        };
+        let vars = nx_guest::efivar::LoaderVars::new(dir);
+        if !vars.available() {
+            show(&rm::no_efivars(format_args!(
+                "{} is not mounted: not a UEFI boot",
+                dir.display()
+            )));
+            return;
+        }
+        let entry = match target {
+            Some(Target::Recovery) => {
+                Some(format!("{}.conf", nx_contract::loader::RECOVERY_ENTRY_ID))
+            }
+            Some(Target::Normal) | None => None,
+        };
+        let name = nx_contract::loader::LOADER_ENTRY_ONESHOT;
+        let done = match &entry {
+            Some(e) => vars.write_string(name, e),
+            None => vars.remove(name),
+        };
+        match done {
+            Ok(()) => show(&rm::oneshot(entry.as_deref())),
+            Err(e) => show(&rm::oneshot_failed(e)),
+        }
     }
 
     /// The state root when records are persistent (for the plan and diag).
@@ -104,6 +138,8 @@ impl RebootService {
                     .unwrap_or_default(),
             ));
         }
+        drop(inner);
+        self.hand_to_bootloader(Some(target));
         Ok(())
     }
 
@@ -113,6 +149,7 @@ impl RebootService {
         inner.store.require_persistent()?;
         inner.store.set_next(target)?;
         show(&rm::next_boot(target));
+        self.hand_to_bootloader(Some(target));
         Ok(inner.reboot())
     }
 
@@ -124,6 +161,7 @@ impl RebootService {
         show(&rm::factory_wipe_requested());
         inner.store.set_next(Target::Recovery)?;
         show(&rm::next_boot(Target::Recovery));
+        self.hand_to_bootloader(Some(Target::Recovery));
         Ok(inner.reboot())
     }
 }
@@ -273,5 +311,39 @@ impl reboot::Server for RebootService {
         _results: reboot::ClearNextResults,
     ) -> Result<(), capnp::Error> {
         RebootService::clear_next(&self).map_err(rpc_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The next-boot record is handed to the bootloader as its one-shot entry.
+    #[test]
+    fn the_record_becomes_the_bootloaders_one_shot() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let efivars = d.path().join("efivars");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(&efivars).unwrap();
+        let store = Store::open(Some(&state), false);
+        let options = Options {
+            efivars: Some(efivars.clone()),
+            ..Options::default()
+        };
+        let svc = RebootService::with_options(store, RebootMethod::Stub("test".into()), options);
+        let vars = nx_guest::efivar::LoaderVars::new(&efivars);
+        let name = nx_contract::loader::LOADER_ENTRY_ONESHOT;
+        svc.set_next(Target::Recovery).unwrap();
+        assert_eq!(
+            vars.read_string(name).unwrap().as_deref(),
+            Some("recovery.conf")
+        );
+        svc.set_next(Target::Normal).unwrap();
+        assert_eq!(vars.read_string(name).unwrap(), None);
+        svc.set_next(Target::Recovery).unwrap();
+        svc.clear_next().unwrap();
+        assert_eq!(vars.read_string(name).unwrap(), None);
     }
 }

@@ -75,6 +75,7 @@ fn options() -> Options {
         bootctld_socket: None,
         console_log: None,
         kmsg_sources: vec![PathBuf::from("/nonexistent/kmsg")],
+        efivars: None,
     }
 }
 

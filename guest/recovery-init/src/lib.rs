@@ -94,10 +94,13 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
         ],
     )];
     if present("/bin/rebootd") {
-        out.push(Service::rebootd(REBOOTD_SOCK));
+        out.push(Service::rebootd(std::path::Path::new("/bin"), REBOOTD_SOCK));
     }
     if present("/bin/bootctld") {
-        out.push(Service::bootctld(BOOTCTLD_SOCK));
+        out.push(Service::bootctld(
+            std::path::Path::new("/bin"),
+            BOOTCTLD_SOCK,
+        ));
     }
     if cmdline.flag("nexus.selftest") && present("/bin/selftest-client") {
         let mut s = Service::daemon(
@@ -252,7 +255,9 @@ mod tests {
                 "--state",
                 "/state",
                 "--listen",
-                "/run/rebootd.sock"
+                "/run/rebootd.sock",
+                "--efivars",
+                "/sys/firmware/efi/efivars"
             ]
         );
         assert_eq!(
@@ -265,7 +270,9 @@ mod tests {
                 "--listen",
                 "/run/bootctld.sock",
                 "--esp",
-                "/boot/efi"
+                "/boot/efi",
+                "--efivars",
+                "/sys/firmware/efi/efivars"
             ]
         );
         let names: Vec<_> = services(&Cmdline::parse("nexus.selftest=1"), &all)

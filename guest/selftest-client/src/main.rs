@@ -32,7 +32,7 @@ use nx_guest::marker::show;
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if !args.force {
-        let on = nx_guest::cmdline::Cmdline::read(std::path::Path::new("/proc/cmdline"))
+        let on = nx_guest::cmdline::Cmdline::system()
             .map(|c| c.flag("nexus.selftest"))
             .unwrap_or(false);
         if !on {
