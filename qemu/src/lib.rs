@@ -19,7 +19,7 @@ pub mod markers;
 mod runner;
 pub mod varstore;
 
-pub use runner::{Hit, Outcome, Runner};
+pub use runner::{Hit, Outcome, Runner, FIRMWARE_BOOT_LINE, STARTED_NOTE};
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -187,6 +187,13 @@ impl Config {
             nbd: Vec::new(),
             uefi: Some(Uefi::ovmf(build_dir.join("ovmf-vars.fd"))),
         }
+    }
+
+    /// A new device's NVRAM at `vars`: any old file there is removed, so the runner starts
+    /// from OVMF's empty template (same inputs, same boot).
+    pub fn fresh_vars(&mut self, vars: PathBuf) {
+        let _ = std::fs::remove_file(&vars);
+        self.uefi = Some(Uefi::ovmf(vars));
     }
 
     /// Whether this run boots through the firmware and the disk's bootloader.
@@ -414,7 +421,10 @@ impl Config {
                 a.push("-drive".into());
                 a.push(drive);
                 a.push("-device".into());
-                a.push(format!("virtio-blk-pci,drive={id},serial=nexus-{id}").into());
+                // bootindex: the firmware boots the slot disk first whatever boot order its
+                // variables remember from other runs.
+                let boot = if id == "disk" { ",bootindex=0" } else { "" };
+                a.push(format!("virtio-blk-pci,drive={id},serial=nexus-{id}{boot}").into());
             }
         }
         a

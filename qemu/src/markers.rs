@@ -41,6 +41,10 @@ pub struct Scenario {
     /// Markers that must never appear.
     #[serde(default)]
     pub forbidden: Vec<String>,
+    /// `[defaults]` forbidden markers this scenario expects (e.g. the kernel panics of a
+    /// slot whose init cannot run).
+    #[serde(default)]
+    pub allowed: Vec<String>,
 }
 
 /// Check `markers` in order (each after the line of the previous one) and the absence of
@@ -225,8 +229,7 @@ impl Profile {
         // Through OVMF and the disk's own bootloader, from a fresh NVRAM per run (same inputs,
         // same boot); without a slot disk the runner boots the kernel directly.
         let vars = cfg.run_dir.join("ovmf-vars.fd");
-        let _ = std::fs::remove_file(&vars);
-        cfg.uefi = Some(crate::Uefi::ovmf(vars));
+        cfg.fresh_vars(vars);
     }
 }
 

@@ -77,6 +77,9 @@ struct Boot {
 
 /// The firmware hands over to a boot loader: one line per boot (OVMF's boot manager).
 pub const FIRMWARE_BOOT_LINE: &str = "BdsDxe: starting ";
+/// The runner's note once a boot shows what it started: `[nx-qemu] the bootloader started
+/// normal (boot 2)` / `… recovery (boot 3)`.
+pub const STARTED_NOTE: &str = "the bootloader started ";
 /// The kernel resets the machine (a reboot, or a panic with `panic=-1`).
 const RESET_LINES: [&str; 2] = ["reboot: Restarting system", "Kernel panic - not syncing"];
 
@@ -93,6 +96,8 @@ struct Inner {
     resets: u32,
     /// A guest reset was seen whose next boot has not started yet.
     reset_pending: bool,
+    /// The run boots through the firmware (notes name the bootloader).
+    uefi: bool,
 }
 
 impl Inner {
@@ -102,12 +107,16 @@ impl Inner {
             self.resets += 1;
             self.reset_pending = true;
         }
+        let n = self.boots.len();
         if let Some(b) = self.boots.last_mut() {
             if b.target.is_none() {
                 if text.starts_with("init: start") {
                     b.target = Some(BootTarget::Normal);
-                } else if text.starts_with("recovery: ") || text.starts_with("recovery-init: ") {
+                } else if text.starts_with("recovery: ") {
                     b.target = Some(BootTarget::Recovery);
+                }
+                if let (Some(t), true) = (b.target, self.uefi) {
+                    return Some(format!("{STARTED_NOTE}{t} (boot {n})"));
                 }
             }
         }
@@ -634,6 +643,7 @@ fn watch(s: &Arc<Shared>, cfg: &Config, first: String) {
                 started: Instant::now(),
             });
             inner.firmware_seen = !cfg.boots_uefi();
+            inner.uefi = cfg.boots_uefi();
             inner.resets = 0;
             inner.reset_pending = false;
         }

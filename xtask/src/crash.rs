@@ -69,6 +69,7 @@ fn config(run: &Path, state: &Path, disk: &Path, echo: bool) -> anyhow::Result<C
     cfg.state_img = Some(state.to_path_buf());
     cfg.disk_img = Some(disk.to_path_buf());
     cfg.run_dir = run.to_path_buf();
+    cfg.fresh_vars(run.join("ovmf-vars.fd"));
     for p in &mut cfg.ports {
         p.socket = run.join(p.socket.file_name().unwrap_or_default());
     }

@@ -81,6 +81,7 @@ fn boot_recovery(out: &crate::guest::Outputs) -> anyhow::Result<Runner> {
     cfg.state_img = Some(dir.join("state.img"));
     cfg.disk_img = Some(dir.join("disk.img"));
     cfg.run_dir = dir.join("qemu");
+    cfg.fresh_vars(dir.join("ovmf-vars.fd"));
     let run_dir = cfg.run_dir.clone();
     for p in &mut cfg.ports {
         p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());

@@ -141,8 +141,16 @@ pub fn wipe_failed(why: impl Display) -> Marker {
 }
 
 /// Sample of every constructor (for the contract's tests).
+/// The one-shot entry that brings a cut wipe back to recovery could not be set.
+pub fn wipe_oneshot_failed(e: impl Display) -> Marker {
+    Marker::new(format!(
+        "recovery: error: one-shot boot entry not set for the wipe (a power cut during it boots normal, which refuses and reboots here): {e}"
+    ))
+}
+
 pub fn samples() -> Vec<Marker> {
     vec![
+        wipe_oneshot_failed("e"),
         target_selected(),
         init_start(),
         services_ready(),

@@ -152,6 +152,15 @@ pub fn wipe_at_boot(
     }
 }
 
+/// Whether a valid factory-wipe request is pending on `/state` (the wipe will run, so a power
+/// cut during it must bring the device back to recovery).
+pub fn rearm_for_wipe(state_root: &Path) -> bool {
+    matches!(
+        nx_reset::pending(state_root),
+        Ok(nx_reset::Pending::Requested { .. })
+    )
+}
+
 /// How long rebootd gets to accept connections after it was started.
 pub const REBOOTD_WAIT: Duration = Duration::from_secs(15);
 /// How long the `mode(normal)` call may take.

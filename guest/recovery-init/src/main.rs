@@ -7,8 +7,8 @@ use nx_guest::state;
 use nx_guest::supervisor::Supervisor;
 use nx_guest::{pid1, port};
 use recovery_init::{
-    reboot_normal_after_wipe, select_target, services, shell_service, wipe_at_boot, WipeAtBoot,
-    REBOOTD_CALL, REBOOTD_SOCK, REBOOTD_WAIT,
+    rearm_for_wipe, reboot_normal_after_wipe, select_target, services, shell_service, wipe_at_boot,
+    WipeAtBoot, REBOOTD_CALL, REBOOTD_SOCK, REBOOTD_WAIT,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -38,6 +38,19 @@ fn main() {
         }
     };
     // A pending factory wipe runs now: /state is mounted and no service has started yet.
+    // The bootloader comes back here if the power is cut during it (the one-shot entry is
+    // consumed by this boot, so it is set again); rebootd clears it with `mode(normal)` after.
+    if early.state_dev.is_some() && rearm_for_wipe(state_root) {
+        let vars = nx_guest::efivar::LoaderVars::system();
+        if vars.available() {
+            if let Err(e) = vars.write_string(
+                nx_contract::loader::LOADER_ENTRY_ONESHOT,
+                &format!("{}.conf", nx_contract::loader::RECOVERY_ENTRY_ID),
+            ) {
+                show(&m::wipe_oneshot_failed(e));
+            }
+        }
+    }
     let wipe = wipe_at_boot(state_root, early.state_dev.is_some(), &mut |l| show(l));
     let (target, reason) = select_target(&early.cmdline, record);
     show(&m::target_selected());

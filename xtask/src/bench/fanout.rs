@@ -131,6 +131,9 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<()> {
         let mut cfg = Config::new(&build);
         cfg.qemu = util::tool("qemu-system-x86_64")?;
         cfg.recovery_initrd = ramdisk.clone();
+        // The bench ramdisk is loaded directly (the firmware would boot the ESP's recovery):
+        // these runs measure flashing, not booting.
+        cfg.uefi = None;
         // n guests share the host's cores: one vCPU each (the block below says so).
         cfg.smp = 1;
         cfg.state_img = Some(gdir.join("state.img"));

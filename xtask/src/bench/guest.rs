@@ -157,6 +157,9 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     let mut cfg = Config::new(&build);
     cfg.qemu = util::tool("qemu-system-x86_64")?;
     cfg.recovery_initrd = ramdisk;
+    // The bench ramdisk is loaded directly (the firmware would boot the ESP's recovery):
+    // these runs measure flashing, not booting.
+    cfg.uefi = None;
     cfg.state_img = Some(state_img);
     cfg.disk_img = Some(disk_img);
     cfg.run_dir = dir.join("qemu");

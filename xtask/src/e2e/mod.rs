@@ -28,12 +28,13 @@ use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 12] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
     "update",
     "rollback",
+    "badkernel",
     "update-powercut",
     "reset",
     "reset-powercut",
@@ -94,6 +95,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "flash-powercut-resume" => flash::flash_powercut_resume(&ctx)?,
         "update" => slots::update(&ctx)?,
         "rollback" => slots::rollback(&ctx)?,
+        "badkernel" => slots::badkernel(&ctx)?,
         "update-powercut" => slots::update_powercut(&ctx)?,
         "reset" => reset::reset(&ctx)?,
         "reset-powercut" => reset::reset_powercut(&ctx)?,

@@ -452,11 +452,11 @@ pub fn reset(ctx: &Ctx) -> anyhow::Result<()> {
         &runner,
         &[
             "rebootd: factory-wipe requested",
-            "[nx-qemu] guest rebooted; firmware: factory wipe pending",
+            "[nx-qemu] the bootloader started recovery",
             markers::reset::wipe_start().as_str(),
             markers::reset::wipe_done().as_str(),
             "rebootd: next-boot=normal",
-            "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
+            "[nx-qemu] the bootloader started normal",
             markers::init::booted("a", "1", false).as_str(),
             markers::init::ready().as_str(),
         ],
@@ -511,7 +511,7 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     let resumed = wait_hit(
         &runner,
         &[
-            "[nx-qemu] boot 3: recovery (power cycle; factory wipe pending",
+            "[nx-qemu] the bootloader started recovery (boot 3)",
             markers::reset::wipe_start().as_str(),
             markers::reset::wipe_resumed(2).as_str(),
         ],
@@ -535,7 +535,7 @@ pub fn reset_powercut(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
+            "[nx-qemu] the bootloader started normal",
             markers::init::booted("a", "1", false).as_str(),
             markers::init::ready().as_str(),
         ],
@@ -589,10 +589,10 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
     let done = wait_hit(
         &runner,
         &[
-            "[nx-qemu] boot 1: normal (first boot forced by the caller",
+            "[nx-qemu] the bootloader started normal (boot 1)",
             markers::init::refuse_for_wipe("a factory wipe was requested").as_str(),
             "rebootd: next-boot=recovery",
-            "[nx-qemu] guest rebooted; firmware: factory wipe pending",
+            "[nx-qemu] the bootloader started recovery",
             markers::reset::wipe_start().as_str(),
             markers::reset::wipe_done().as_str(),
         ],
@@ -610,7 +610,7 @@ pub fn reset_normal_guard(ctx: &Ctx) -> anyhow::Result<()> {
     wait(
         &runner,
         &[
-            "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
+            "[nx-qemu] the bootloader started normal",
             markers::init::booted("a", "1", false).as_str(),
             markers::init::ready().as_str(),
         ],
@@ -878,11 +878,11 @@ pub fn recovery_console(ctx: &Ctx) -> anyhow::Result<()> {
         &[
             markers::recovery_sh::say(markers::recovery_sh::RESET_CONFIRMED_WHY).as_str(),
             "rebootd: factory-wipe requested",
-            "[nx-qemu] guest rebooted; firmware: factory wipe pending",
+            "[nx-qemu] the bootloader started recovery",
             markers::reset::wipe_start().as_str(),
             markers::reset::wipe_removed(8, 5459, &["apps", "content", "settings"]).as_str(),
             markers::reset::wipe_done().as_str(),
-            "[nx-qemu] guest rebooted; firmware: next-boot record says normal",
+            "[nx-qemu] the bootloader started normal",
             markers::init::booted("a", "1", false).as_str(),
             markers::init::ready().as_str(),
         ],

@@ -1,6 +1,6 @@
-//! The A/B update scenarios of issue 5 on a real QEMU guest: one runner session each, with
-//! real reboots through the firmware loop (the runner reads the next-boot record rebootd
-//! wrote), fresh disks under `build/e2e/<name>/` (system_a seeded with the v1 demo image).
+//! The A/B update scenarios on a real QEMU guest: one runner session each, with real resets
+//! through OVMF and systemd-boot (the bootloader picks the entry, counts tries, falls back),
+//! fresh disks under `build/e2e/<name>/` (system_a and the ESP seeded with the v1 image).
 //!
 //! - `update`: slot a boots → `nx flash reboot recovery` → `nx flash send build/nexus-os-v2.img`
 //!   → flashd installs into slot b, `slotImaged`, `setActive(b, trial, 3)`, automatic reboot →
@@ -8,8 +8,12 @@
 //!   again, not on trial; `nx boot status --json` shows b active and good at each step, and the
 //!   snapshot read offline from state.img after the run says the same.
 //! - `rollback`: recovery → `nx flash send build/nexus-os-broken.img` (its rootfs is junk) →
-//!   three trial boots of b that never mount, never confirm → b marked bad, rollback → slot a
-//!   boots; status shows a active/good, b bad.
+//!   three trial boots of b that never mount: init resets at once, systemd-boot counts each
+//!   try (`nexus-2-b+3.conf` → `+2-1` → `+1-2` → `+0-3`) → the bootloader boots slot a by
+//!   itself → bootctld marks b bad and follows; status shows a active/good, b bad.
+//! - `badkernel`: the same with `build/nexus-os-v3-badkernel.img`, whose initrd cannot run
+//!   its init: three kernel panics before any userspace, then slot a — the counting and the
+//!   fallback are the bootloader's alone.
 //! - `update-powercut`: recovery → `nx flash send` of the big image → QEMU killed right after
 //!   `flashd: verify ok`, i.e. while flashd writes slot b → the next normal boot boots slot a.
 //!   How much of system_b was written when the power went is reported.
@@ -220,27 +224,51 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
 /// Scenario `rollback`.
 pub fn rollback(ctx: &Ctx) -> anyhow::Result<()> {
     let broken = built_image("nexus-os-broken.img")?;
-    let version = crate::guest::BROKEN_VERSION;
+    bootloader_rollback(ctx, &broken, crate::guest::BROKEN_VERSION, &|| {
+        vec![
+            markers::init::loader_slot("b", true).into_string(),
+            markers::init::rootfs_unusable_of("b", true).into_string(),
+            markers::init::reset_for_next_try("b").into_string(),
+        ]
+    })
+}
+
+/// `v3-badkernel`: the slot's initrd cannot run its init, the kernel panics before any
+/// userspace three times; systemd-boot counts the tries down and then boots slot a by itself.
+pub fn badkernel(ctx: &Ctx) -> anyhow::Result<()> {
+    let bad = built_image("nexus-os-v3-badkernel.img")?;
+    bootloader_rollback(ctx, &bad, crate::guest::BADKERNEL_VERSION, &|| {
+        vec![
+            nx_qemu::FIRMWARE_BOOT_LINE.to_string(),
+            "Kernel panic - not syncing".to_string(),
+        ]
+    })
+}
+
+/// Install `image` (a slot that never comes up) from recovery; each of its three trial boots
+/// shows `each_try`; then the bootloader boots slot a, bootctld marks b bad and follows.
+fn bootloader_rollback(
+    ctx: &Ctx,
+    image: &Path,
+    version: &str,
+    each_try: &dyn Fn() -> Vec<String>,
+) -> anyhow::Result<()> {
     let mut runner = ctx.boot_recovery()?;
-    let lines = ctx.send(&runner, &broken)?;
+    let lines = ctx.send(&runner, image)?;
     ensure!(
         receipt_installed(&lines),
         "no installed receipt from nx: {lines:?}"
     );
     wait_activation(&runner, version)?;
-    for tries in [2, 1, 0] {
-        wait(
-            &runner,
-            &[
-                &format!("bootctl: bootAttempt slot=b trial=true tries={tries}"),
-                markers::init::rootfs_unusable_of("b", true).as_str(),
-                "rebootd: next-boot=normal",
-            ],
-        )?;
+    for _ in 0..3 {
+        let want = each_try();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        wait(&runner, &want)?;
     }
     wait(
         &runner,
         &[
+            markers::init::loader_slot("a", false).as_str(),
             "bootctl: markBad slot=b",
             "bootctl: rollback to slot=a",
             markers::init::booted("a", "1", false).as_str(),

@@ -48,6 +48,8 @@ impl Ctx {
         if disks {
             crate::disks::ensure_state(&dir.join("state.img"), true)?;
             crate::disks::ensure_disk(&dir.join("disk.img"), true, Some(&demo_image()?))?;
+            // A new device: fresh NVRAM too (the runner copies OVMF's template).
+            let _ = std::fs::remove_file(dir.join("ovmf-vars.fd"));
         }
         run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;
         let nx = util::root().join("target/debug/nx");
@@ -81,6 +83,7 @@ impl Ctx {
         cfg.state_img = Some(self.dir.join("state.img"));
         cfg.disk_img = Some(self.dir.join("disk.img"));
         cfg.run_dir = self.dir.join("qemu");
+        cfg.uefi = Some(nx_qemu::Uefi::ovmf(self.dir.join("ovmf-vars.fd")));
         cfg.ports = Config::new(&build)
             .ports
             .into_iter()
@@ -394,6 +397,7 @@ pub fn check_console(ctx: &Ctx, runner: &Runner) -> anyhow::Result<()> {
         .defaults
         .forbidden
         .iter()
+        .filter(|f| !sc.allowed.contains(f))
         .chain(&sc.forbidden)
         .cloned()
         .collect();
