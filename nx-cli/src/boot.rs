@@ -148,7 +148,11 @@ async fn run_async(cmd: BootCmd) -> anyhow::Result<String> {
             call(&port, |c| async move {
                 let resp = c.state_request().send().promise.await?;
                 let r = resp.get()?;
-                render_status(r.get_state()?, r.get_persistent())
+                let mut out = render_status(r.get_state()?, r.get_persistent())?;
+                let view = c.export_json_request().send().promise.await?;
+                let view = view.get()?.get_json()?.to_string()?;
+                out.push_str(&render_bootloader(&view));
+                Ok(out)
             })
             .await
         }
@@ -237,10 +241,68 @@ fn clean(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
         .ok()
         .and_then(|t| t.to_str().ok().map(str::to_string))
         .unwrap_or_default();
+    printable(&s)
+}
+
+/// `s` bounded to 64 characters, control characters replaced.
+fn printable(s: &str) -> String {
     s.chars()
         .take(64)
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
+}
+
+/// The bootloader's side of `nx boot status`, from bootctld's JSON view: what it boots next,
+/// its entries, and whether that agrees with bootctld's active slot.
+fn render_bootloader(view: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(view) else {
+        return String::new();
+    };
+    let active = v["active"].as_str().unwrap_or("?");
+    let b = &v["bootloader"];
+    if b.is_null() {
+        return "bootloader: not known (bootctld has no ESP: stub/placeholder)\n".to_string();
+    }
+    let entries: Vec<String> = b["entries"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e.as_str()).map(printable).collect())
+        .unwrap_or_default();
+    let next = b["next"].as_str().map(printable);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "bootloader: entries {}",
+        if entries.is_empty() {
+            "(none)".to_string()
+        } else {
+            entries.join(", ")
+        }
+    );
+    if let Some(booted) = b["booted_entry"].as_str() {
+        let _ = writeln!(out, "bootloader: this boot came from {}", printable(booted));
+    }
+    match (next, b["agrees"].as_bool().unwrap_or(false)) {
+        (Some(n), true) => {
+            let _ = writeln!(
+                out,
+                "bootloader: boots slot {n} next (agrees with bootctld)"
+            );
+        }
+        (Some(n), false) => {
+            let _ = writeln!(
+                out,
+                "bootloader: boots slot {n} next, but bootctld's active slot is {active}: they DISAGREE \
+                 (the next boot reconciles; `nx boot set-active {active}` rewrites the entry)"
+            );
+        }
+        (None, _) => {
+            let _ = writeln!(
+                out,
+                "bootloader: no slot entry with tries left: the next boot starts recovery"
+            );
+        }
+    }
+    out
 }
 
 /// The human table of `nx boot status`.
@@ -290,4 +352,29 @@ fn render_status(s: bc::boot_state::Reader<'_>, persistent: bool) -> capnp::Resu
         }
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bootloaders_view_and_disagreement() {
+        let agree = r#"{"active":"b","bootloader":{"booted_entry":"nexus-2-b+2-1.conf","entries":["nexus-2-b+2-1.conf","nexus-1-a.conf"],"next":"b","agrees":true}}"#;
+        let t = render_bootloader(agree);
+        assert!(
+            t.contains("entries nexus-2-b+2-1.conf, nexus-1-a.conf"),
+            "{t}"
+        );
+        assert!(t.contains("this boot came from nexus-2-b+2-1.conf"), "{t}");
+        assert!(
+            t.contains("boots slot b next (agrees with bootctld)"),
+            "{t}"
+        );
+        let disagree = r#"{"active":"a","bootloader":{"booted_entry":null,"entries":["nexus-2-b+3.conf","nexus-1-a.conf"],"next":"b","agrees":false}}"#;
+        assert!(render_bootloader(disagree).contains("DISAGREE"));
+        let none = r#"{"active":"a","bootloader":{"booted_entry":null,"entries":["nexus-1-a+0-3.conf"],"next":null,"agrees":false}}"#;
+        assert!(render_bootloader(none).contains("next boot starts recovery"));
+        assert!(render_bootloader(r#"{"active":"a"}"#).contains("stub/placeholder"));
+    }
 }

@@ -463,6 +463,39 @@ impl Config {
     }
 }
 
+/// The one plain `qemu-system-x86_64` command that boots a device with no runner at all
+/// (docs/runner/boot.md shows it with `my-vars.fd`, `build/disk.img`, `build/state.img`; a
+/// test checks the doc and this agree, and the e2e `update` scenario boots the flashed disk
+/// with it).
+pub fn plain_args(vars: &str, disk: &str, state: &str) -> Vec<String> {
+    [
+        "-machine",
+        "q35,accel=tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-drive",
+        &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+        "-drive",
+        &format!("if=pflash,format=raw,file={vars}"),
+        "-drive",
+        &format!("file={disk},if=virtio,format=raw"),
+        "-drive",
+        &format!("file={state},if=virtio,format=raw"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The QEMU firmware config file that carries [`Config::extra_cmdline`] to the guest
 /// (`/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`, read by `nx_guest::cmdline`).
 pub const FW_CFG_CMDLINE: &str = nx_contract::loader::FW_CFG_CMDLINE;
@@ -545,6 +578,28 @@ mod tests {
         assert_eq!(c.first_oneshot(), None);
         c.first_boot = Some(BootTarget::Normal);
         assert_eq!(c.first_oneshot(), Some(None));
+    }
+
+    /// docs/runner/boot.md shows exactly [`plain_args`].
+    #[test]
+    fn the_documented_plain_command_is_plain_args() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runner/boot.md"),
+        )
+        .unwrap();
+        let start = doc.find("qemu-system-x86_64 -machine").unwrap();
+        let block = &doc[start..];
+        let block = &block[..block.find("```").unwrap()];
+        let words: Vec<&str> = block
+            .split_whitespace()
+            .filter(|w| *w != "\\")
+            .skip(1)
+            .collect();
+        assert_eq!(
+            words,
+            plain_args("my-vars.fd", "build/disk.img", "build/state.img"),
+            "docs/runner/boot.md's plain command and nx_qemu::plain_args differ"
+        );
     }
 
     #[test]

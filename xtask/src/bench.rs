@@ -13,6 +13,7 @@
 //! * `fanout` (issue 7): several recovery guests at once (default 4): one guest alone, then one
 //!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
 
+mod boot;
 mod fanout;
 mod guest;
 mod report;

@@ -144,13 +144,22 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
             Ok(hit) => {
                 let _ = runner.wait_for(markers::init::ready().as_str(), Duration::from_secs(30));
                 for l in runner
-                    .grep("bootctl: ")
+                    .grep("rebootd: ")
                     .into_iter()
+                    .chain(runner.grep("[nx-qemu] boot "))
+                    .chain(runner.grep("bootctl: "))
                     .chain(runner.grep(markers::init::BOOTED_PREFIX))
                     .chain(runner.grep(markers::init::CONFIRMED_PREFIX))
                 {
                     println!("  {l}");
                 }
+                util::stage("what the user sees after the update");
+                for l in runner.grep(markers::init::MOTD_PREFIX) {
+                    println!("  {l}");
+                }
+                eprintln!(
+                    "xtask: the reboot was the guest's own (rebootd, then the firmware and systemd-boot picked slot b's new entry); the runner only watched"
+                );
                 eprintln!(
                     "xtask: the guest rebooted into the new slot and confirmed it: `{}`",
                     hit.line.trim()

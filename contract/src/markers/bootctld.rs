@@ -184,6 +184,7 @@ pub fn samples() -> Vec<Marker> {
         active('a'),
         slot_imaged('b', "2"),
         slot_imaged('b', "3-broken"),
+        slot_imaged('b', "3-badkernel"),
         out_of_tries('b'),
         rollback('a'),
         boot_attempt('a', false, 0),

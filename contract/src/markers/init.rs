@@ -252,6 +252,14 @@ pub fn reboot_failed_why(target: impl Display, e: impl Display) -> String {
 }
 
 /// Sample of every constructor (for the contract's tests).
+/// `init: motd: <first line of the slot's /etc/motd>`: what the booted version says.
+pub fn motd(text: impl Display) -> Marker {
+    Marker::new(format!("init: motd: {text}"))
+}
+
+/// Fixed prefix of [`motd`].
+pub const MOTD_PREFIX: &str = "init: motd: ";
+
 /// Why no slot is mounted when the kernel was not started by our bootloader.
 pub fn not_from_bootloader_why() -> String {
     "stub/placeholder: not started by the bootloader (no nexus.slot= on the command line); no slot is mounted".to_string()
@@ -286,7 +294,9 @@ pub fn oneshot_failed(e: impl Display) -> Marker {
 pub fn samples() -> Vec<Marker> {
     vec![
         note(not_from_bootloader_why()),
+        motd("nexus 2"),
         loader_slot("b", true),
+        loader_slot("a", false),
         reset_for_next_try("b"),
         reset_to_recovery("why"),
         oneshot_failed("e"),

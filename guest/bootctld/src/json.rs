@@ -39,6 +39,46 @@ struct View<'a> {
     active: &'static str,
     slots: Slots<'a>,
     last_boot: Option<LastBootView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bootloader: Option<&'a Bootloader>,
+}
+
+/// The bootloader's side, next to bootctld's table (`nx boot status` shows both and says
+/// when they disagree).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bootloader {
+    /// The entry this boot came from (`LoaderEntrySelected`), when the bootloader said.
+    pub booted_entry: Option<String>,
+    /// The slot entries on the ESP, in the bootloader's order (what it boots next first;
+    /// entries with no tries left last).
+    pub entries: Vec<String>,
+    /// The slot the bootloader boots next (`null`: no slot entry with tries left).
+    pub next: Option<String>,
+    /// `next` is bootctld's active slot.
+    pub agrees: bool,
+}
+
+impl Bootloader {
+    /// The view from the ESP's slot entries (highest generation first) and the booted entry.
+    pub fn from_entries(
+        entries: &[nx_guest::esp::SlotEntry],
+        booted_entry: Option<String>,
+        active: &str,
+    ) -> Bootloader {
+        let mut ordered: Vec<&nx_guest::esp::SlotEntry> = entries.iter().collect();
+        // Stable: generation order kept, entries out of tries moved last.
+        ordered.sort_by_key(|e| e.name.is_bad());
+        let next = ordered
+            .iter()
+            .find(|e| !e.name.is_bad())
+            .map(|e| e.slot.to_string());
+        Bootloader {
+            booted_entry,
+            entries: ordered.iter().map(|e| e.name.file_name()).collect(),
+            agrees: next.as_deref() == Some(active),
+            next,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -73,6 +113,15 @@ fn slot_view(i: &SlotInfo) -> SlotView<'_> {
 
 /// Render the view.
 pub fn render(state: &BootState, persistence: &Persistence) -> String {
+    render_with(state, persistence, None)
+}
+
+/// Render the view with the bootloader's side.
+pub fn render_with(
+    state: &BootState,
+    persistence: &Persistence,
+    bootloader: Option<&Bootloader>,
+) -> String {
     let (storage, snapshot) = match persistence {
         Persistence::File(p) => ("persistent".to_string(), Some(p.display().to_string())),
         Persistence::Ram(why) => (format!("ram-only stub/placeholder: {why}"), None),
@@ -91,6 +140,7 @@ pub fn render(state: &BootState, persistence: &Persistence) -> String {
             trial: lb.trial,
             boot_id: &lb.boot_id,
         }),
+        bootloader,
     };
     // Serializing plain structs of strings/ints/bools cannot fail.
     let mut out = serde_json::to_string_pretty(&view)
@@ -117,5 +167,34 @@ mod tests {
         assert!(v["last_boot"].is_null());
         let ram = render(&s, &Persistence::Ram("no /state".into()));
         assert!(ram.contains("stub/placeholder"));
+    }
+
+    #[test]
+    fn the_bootloaders_order_puts_entries_out_of_tries_last() {
+        use nx_contract::loader::EntryName;
+        let e = |f: &str| {
+            let name = EntryName::parse(f).unwrap();
+            let (generation, slot) = nx_contract::loader::parse_slot_entry_id(&name.id).unwrap();
+            nx_guest::esp::SlotEntry {
+                slot,
+                generation,
+                name,
+            }
+        };
+        let b =
+            Bootloader::from_entries(&[e("nexus-2-b+0-3.conf"), e("nexus-1-a.conf")], None, "a");
+        assert_eq!(b.entries, ["nexus-1-a.conf", "nexus-2-b+0-3.conf"]);
+        assert_eq!(b.next.as_deref(), Some("a"));
+        assert!(b.agrees);
+        let b = Bootloader::from_entries(&[e("nexus-2-b+3.conf"), e("nexus-1-a.conf")], None, "a");
+        assert_eq!(b.next.as_deref(), Some("b"));
+        assert!(!b.agrees);
+        let j = render_with(
+            &BootState::factory_default(),
+            &Persistence::Ram("x".into()),
+            Some(&b),
+        );
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(v["bootloader"]["next"], "b");
     }
 }

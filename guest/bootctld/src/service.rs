@@ -194,7 +194,15 @@ impl Daemon {
 
     /// The JSON view.
     pub fn json(&self) -> String {
-        json::render(&self.state, &self.store.persistence())
+        let bootloader = self.esp.as_ref().and_then(|esp| {
+            let entries = esp.slot_entries().ok()?;
+            Some(json::Bootloader::from_entries(
+                &entries,
+                self.loader.as_ref().map(|l| l.entry.clone()),
+                self.state.active.as_str(),
+            ))
+        });
+        json::render_with(&self.state, &self.store.persistence(), bootloader.as_ref())
     }
 
     /// How `reboot()` reboots.

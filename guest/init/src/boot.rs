@@ -162,6 +162,21 @@ pub fn mount_booted(
     }
 }
 
+/// The first line of the rootfs's `/etc/motd` (bounded, printable), if any.
+pub fn motd(root: &std::path::Path) -> Option<String> {
+    let text = nx_guest::bounded::read_string_opt(&root.join("etc/motd"), 4096)
+        .ok()
+        .flatten()?;
+    let line: String = text
+        .lines()
+        .next()?
+        .chars()
+        .take(160)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    (!line.trim().is_empty()).then_some(line)
+}
+
 /// Phase 2 (the services run from the mounted rootfs): `bootAttempt` (bootctld follows what
 /// the bootloader did), the health check, `confirm`.
 pub fn after_mount(
@@ -212,6 +227,9 @@ pub fn after_mount(
         mounted.mountpoint.display(),
         &mounted.version,
     ));
+    if let Some(line) = motd(&mounted.mountpoint) {
+        emit(&markers::init::motd(line));
+    }
     if opts.manual_confirm {
         emit(&markers::init::manual_confirm(slot));
         return Outcome::Up {

@@ -212,6 +212,8 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     }
     drop(runner);
     let mut m = result?;
+    eprintln!("xtask: bench guest: (g) the boot chain of a fresh device (normal, then recovery)");
+    m.boot_chain = super::boot::measure(&dir.join("boot"))?;
     m.load_before = load_before;
     m.load_after = loadavg();
     m.smp = a.smp.max(1);

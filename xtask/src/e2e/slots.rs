@@ -218,7 +218,54 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
             r#""active":"b""#,
             r#""b":{"health":"good","trial":false,"tries_left":0,"version":"2"}"#,
         ],
-    )
+    )?;
+    plain_qemu_boots(ctx, markers::init::booted("b", "2", false).as_str())
+}
+
+/// The documented plain QEMU command (`nx_qemu::plain_args`, no runner, no ports) boots the
+/// scenario's flashed disk: the console shows `marker` within two minutes.
+fn plain_qemu_boots(ctx: &Ctx, marker: &str) -> anyhow::Result<()> {
+    let dir = &ctx.dir;
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let log = dir.join("plain-qemu.log");
+    let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+    let mut child = Command::new(util::tool("qemu-system-x86_64")?)
+        .args(nx_qemu::plain_args(
+            &path("ovmf-vars.fd"),
+            &path("disk.img"),
+            &path("state.img"),
+        ))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start the plain qemu-system-x86_64")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(marker) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if !seen {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        bail!(
+            "the plain QEMU command did not boot the flashed disk to {marker:?} (console {}):\n{}",
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    eprintln!(
+        "xtask: e2e: the plain QEMU command (docs/runner/boot.md) boots the flashed disk: {marker}"
+    );
+    Ok(())
 }
 
 /// Scenario `rollback`.

@@ -1,0 +1,124 @@
+//! (g) The boot chain, stage by stage: a plain power-on of a fresh device (fresh disks and
+//! NVRAM under `build/bench/boot/`) into normal, and one into recovery (the runner's one-shot
+//! entry), each timed from QEMU start on the console:
+//!
+//! | stage | ends at |
+//! |---|---|
+//! | firmware | OVMF's `BdsDxe: starting …` (it starts systemd-boot) |
+//! | bootloader | the kernel's EFI stub loading the entry's initrd |
+//! | kernel | our PID 1's first line (`init: start` / `recovery: …`) |
+//! | userspace | `init: ready` / `recovery: ready` |
+
+use crate::util;
+use nx_contract::markers;
+use nx_qemu::{Config, Runner};
+use std::path::Path;
+use std::time::Duration;
+
+/// The bootloader has handed over: the kernel's EFI stub loads the initrd the entry named.
+const EFI_STUB_LINE: &str = "EFI stub: Loaded initrd";
+
+/// One boot's stages: `(stage, end marker, time from QEMU start)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stages {
+    /// `normal` or `recovery`.
+    pub target: &'static str,
+    pub stages: Vec<(&'static str, Duration)>,
+}
+
+impl Stages {
+    /// QEMU start → ready.
+    pub fn total(&self) -> Duration {
+        self.stages.last().map(|s| s.1).unwrap_or_default()
+    }
+
+    /// `stage: +x.xx s (at y.yy s)` lines.
+    pub fn lines(&self) -> Vec<String> {
+        let mut prev = Duration::ZERO;
+        self.stages
+            .iter()
+            .map(|(name, at)| {
+                let d = at.saturating_sub(prev);
+                prev = *at;
+                format!(
+                    "{:<10} {:>6.2} s  (at {:.2} s)",
+                    name,
+                    d.as_secs_f64(),
+                    at.as_secs_f64()
+                )
+            })
+            .collect()
+    }
+}
+
+/// Boot a fresh device into `recovery` or normal and time the stages.
+fn one(dir: &Path, recovery: bool) -> anyhow::Result<Stages> {
+    let build = util::build_dir();
+    std::fs::create_dir_all(dir)?;
+    crate::disks::ensure_state(&dir.join("state.img"), true)?;
+    crate::disks::ensure_disk(
+        &dir.join("disk.img"),
+        true,
+        Some(&build.join("nexus-os.img")),
+    )?;
+    let mut cfg = Config::new(&build);
+    cfg.qemu = util::tool("qemu-system-x86_64")?;
+    cfg.state_img = Some(dir.join("state.img"));
+    cfg.disk_img = Some(dir.join("disk.img"));
+    cfg.run_dir = dir.join("qemu");
+    cfg.fresh_vars(dir.join("ovmf-vars.fd"));
+    let run_dir = cfg.run_dir.clone();
+    for p in &mut cfg.ports {
+        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
+    }
+    cfg.recovery = recovery;
+    let runner = Runner::start(cfg)?;
+    let t = Duration::from_secs(120);
+    let (first, ready, target) = if recovery {
+        ("recovery: ", markers::recovery::READY_PREFIX, "recovery")
+    } else {
+        ("init: start", "init: ready", "normal")
+    };
+    let mut stages = Vec::new();
+    for (name, marker) in [
+        ("firmware", nx_qemu::FIRMWARE_BOOT_LINE),
+        ("bootloader", EFI_STUB_LINE),
+        ("kernel", first),
+        ("userspace", ready),
+    ] {
+        let hit = runner.wait_for(marker, t)?;
+        stages.push((name, hit.since_boot));
+    }
+    Ok(Stages { target, stages })
+}
+
+/// (g): a normal and a recovery power-on.
+pub fn measure(dir: &Path) -> anyhow::Result<Vec<Stages>> {
+    Ok(vec![
+        one(&dir.join("normal"), false)?,
+        one(&dir.join("recovery"), true)?,
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_lines_are_differences() {
+        let s = Stages {
+            target: "normal",
+            stages: vec![
+                ("firmware", Duration::from_millis(4500)),
+                ("bootloader", Duration::from_millis(5000)),
+                ("kernel", Duration::from_millis(6200)),
+                ("userspace", Duration::from_millis(7400)),
+            ],
+        };
+        let l = s.lines();
+        assert_eq!(l[0], "firmware     4.50 s  (at 4.50 s)");
+        assert_eq!(l[1], "bootloader   0.50 s  (at 5.00 s)");
+        assert_eq!(l[3], "userspace    1.20 s  (at 7.40 s)");
+        assert_eq!(s.total(), Duration::from_millis(7400));
+    }
+}
