@@ -487,7 +487,9 @@ pub fn plain_args(vars: &str, disk: &str, state: &str) -> Vec<String> {
         "-drive",
         &format!("if=pflash,format=raw,file={vars}"),
         "-drive",
-        &format!("file={disk},if=virtio,format=raw"),
+        &format!("file={disk},if=none,id=disk,format=raw"),
+        "-device",
+        "virtio-blk-pci,drive=disk,bootindex=0",
         "-drive",
         &format!("file={state},if=virtio,format=raw"),
     ]
