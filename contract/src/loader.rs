@@ -67,6 +67,9 @@ pub fn slot_dir(slot: char) -> String {
     format!("nexus/{slot}")
 }
 
+/// In a slot's normal initramfs: the version of the image it belongs to (init prints it).
+pub const INITRD_VERSION_FILE: &str = "etc/nexus/version";
+
 /// The directory of the recovery kernel and ramdisk on the ESP.
 pub const RECOVERY_DIR: &str = "nexus/recovery";
 

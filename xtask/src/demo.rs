@@ -71,21 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// (which the marker profiles of `cargo xtask ci` boot), then the recovery boot.
 fn boot_recovery(out: &crate::guest::Outputs) -> anyhow::Result<Runner> {
     util::stage("3/4 boot recovery (RECOVERY=1) on fresh disks in build/demo/");
-    let build = util::build_dir();
-    let dir = build.join("demo");
-    std::fs::create_dir_all(&dir)?;
-    crate::disks::ensure_state(&dir.join("state.img"), true)?;
-    crate::disks::ensure_disk(&dir.join("disk.img"), true, out.demo_image.as_deref())?;
-    let mut cfg = nx_qemu::Config::new(&build).apply_env();
-    cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.state_img = Some(dir.join("state.img"));
-    cfg.disk_img = Some(dir.join("disk.img"));
-    cfg.run_dir = dir.join("qemu");
-    cfg.fresh_vars(dir.join("ovmf-vars.fd"));
-    let run_dir = cfg.run_dir.clone();
-    for p in &mut cfg.ports {
-        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
-    }
+    let dir = util::build_dir().join("demo");
+    let mut cfg = crate::disks::fresh_device(&dir, out.demo_image.as_deref())?.apply_env();
     cfg.recovery = true;
     cfg.echo = true;
     let runner = Runner::start(cfg).context("could not start QEMU")?;

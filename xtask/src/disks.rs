@@ -260,3 +260,23 @@ pub fn write_esp(disk: &Path, esp: &Path) -> anyhow::Result<bool> {
     f.sync_all()?;
     Ok(true)
 }
+
+/// A new device under `dir`: fresh `state.img` and `disk.img` (slot a and the ESP seeded from
+/// `seed`), and the runner configuration for it — its own run directory (console, sockets
+/// under `dir/qemu`) and its own fresh NVRAM (`dir/ovmf-vars.fd`).
+pub fn fresh_device(dir: &Path, seed: Option<&Path>) -> anyhow::Result<nx_qemu::Config> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    ensure_state(&dir.join("state.img"), true)?;
+    ensure_disk(&dir.join("disk.img"), true, seed)?;
+    let mut cfg = nx_qemu::Config::new(&crate::util::build_dir());
+    cfg.qemu = tool("qemu-system-x86_64")?;
+    cfg.state_img = Some(dir.join("state.img"));
+    cfg.disk_img = Some(dir.join("disk.img"));
+    cfg.run_dir = dir.join("qemu");
+    cfg.fresh_vars(dir.join("ovmf-vars.fd"));
+    let run_dir = cfg.run_dir.clone();
+    for p in &mut cfg.ports {
+        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
+    }
+    Ok(cfg)
+}

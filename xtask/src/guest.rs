@@ -140,14 +140,32 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
         RECOVERY_BINS,
         "recovery-init",
         "recovery",
-    )?;
+    )?
+    .to_bytes()?;
     report(
         &recovery,
         util::write_if_changed(&recovery, &ramdisk)?,
         ramdisk.len(),
     );
     let normal = build.join("initrd.cpio");
-    let initramfs = assemble(&bins, &k, &k.normal_modules, NORMAL_BINS, "init", "normal")?;
+    let mut initramfs = assemble(&bins, &k, &k.normal_modules, NORMAL_BINS, "init", "normal")?;
+    initramfs.bytes(
+        nx_contract::loader::INITRD_VERSION_FILE,
+        format!("{}\n", args.demo_version).into_bytes(),
+        0o644,
+    );
+    // The update's own initramfs: the same, stamped with its version (init prints it, so
+    // an update visibly boots the new slot's initramfs).
+    let mut initramfs_v2 = assemble(&bins, &k, &k.normal_modules, NORMAL_BINS, "init", "normal")?;
+    initramfs_v2.bytes(
+        nx_contract::loader::INITRD_VERSION_FILE,
+        format!("{V2_VERSION}\n").into_bytes(),
+        0o644,
+    );
+    let normal_v2 = build.join("images.tmp/initrd-v2.cpio");
+    let initramfs_v2 = initramfs_v2.to_bytes()?;
+    util::write_if_changed(&normal_v2, &initramfs_v2)?;
+    let initramfs = initramfs.to_bytes()?;
     report(
         &normal,
         util::write_if_changed(&normal, &initramfs)?,
@@ -161,6 +179,7 @@ pub fn build(args: &Args) -> anyhow::Result<Outputs> {
         &OsParts {
             kernel: &k.vmlinuz,
             initrd: &normal,
+            initrd_v2: &normal_v2,
             bins: &bins,
             busybox: &busybox,
         },
@@ -395,7 +414,7 @@ fn assemble(
     list: &[(&str, bool)],
     init: &str,
     kind: &str,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<Initramfs> {
     let mut img = Initramfs::skeleton();
     for &(name, required) in list {
         match bins.get(name) {
@@ -420,7 +439,7 @@ fn assemble(
         format!("{}\n", k.package).into_bytes(),
         0o644,
     );
-    img.to_bytes()
+    Ok(img)
 }
 
 /// The images `cargo xtask guest` builds (`None`: stub/placeholder, `nx image build` failed).
@@ -439,6 +458,8 @@ pub struct OsParts<'a> {
     pub kernel: &'a Path,
     /// Segment `initrd`: the normal initramfs (our init).
     pub initrd: &'a Path,
+    /// The `initrd` of the update image (the same, stamped with its version).
+    pub initrd_v2: &'a Path,
     /// Static guest binaries by name (the rootfs takes [`ROOTFS_BINS`]).
     pub bins: &'a BTreeMap<String, PathBuf>,
     /// Debian's static busybox (the userland's shell and tools).
@@ -571,7 +592,11 @@ pub fn build_images(
         ))
     };
     let demo = whole_os("nexus-os", demo_version, &initrd)?;
-    let v2 = whole_os("nexus-os-v2", V2_VERSION, &initrd)?;
+    let v2 = whole_os(
+        "nexus-os-v2",
+        V2_VERSION,
+        &segment_arg("initrd", parts.initrd_v2),
+    )?;
 
     let bad_initrd_file = tmp.join("badkernel-initrd.cpio");
     util::write_if_changed(&bad_initrd_file, &bad_initrd()?)?;

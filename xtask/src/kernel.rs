@@ -26,18 +26,7 @@ pub const ROOT_MODULES: [&str; 8] = [
 ];
 /// The normal initramfs also mounts the booted slot's rootfs: a squashfs segment of the
 /// image in the slot partition, on a loop device (zstd decompression is built in).
-pub const NORMAL_ROOT_MODULES: [&str; 10] = [
-    "virtio_pci",
-    "virtio_console",
-    "virtio_blk",
-    "vfat",
-    "nls_cp437",
-    "nls_ascii",
-    "efivarfs",
-    "qemu_fw_cfg",
-    "loop",
-    "squashfs",
-];
+pub const NORMAL_EXTRA_MODULES: [&str; 2] = ["loop", "squashfs"];
 
 /// A kernel ready to boot.
 #[derive(Debug)]
@@ -76,7 +65,12 @@ pub fn ensure(build: &Path, fresh: bool) -> anyhow::Result<Kernel> {
     util::write_if_changed(&vmlinuz, &bytes)?;
     let moddir = module_root(&unpacked)?;
     let modules = load_order(&moddir, &ROOT_MODULES)?;
-    let normal_modules = load_order(&moddir, &NORMAL_ROOT_MODULES)?;
+    let normal_roots: Vec<&str> = ROOT_MODULES
+        .iter()
+        .chain(NORMAL_EXTRA_MODULES.iter())
+        .copied()
+        .collect();
+    let normal_modules = load_order(&moddir, &normal_roots)?;
     Ok(Kernel {
         package,
         vmlinuz,

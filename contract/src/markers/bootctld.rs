@@ -196,7 +196,7 @@ pub fn samples() -> Vec<Marker> {
         reboot(),
         reboot_stub("rebootd cannot reboot here"),
         prepare_install('b'),
-        loader_booted("nexus-2-b+2-1.conf", 'b', Some(2)),
+        loader_booted("nexus-2-b+3.conf", 'b', Some(2)),
         loader_booted("nexus-1-a.conf", 'a', None),
         entry("nexus-2-b+3.conf"),
         entry("nexus-2-b.conf"),

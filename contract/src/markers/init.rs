@@ -252,6 +252,11 @@ pub fn reboot_failed_why(target: impl Display, e: impl Display) -> String {
 }
 
 /// Sample of every constructor (for the contract's tests).
+/// `init: initramfs version=<v>`: the version stamp of the initramfs that booted.
+pub fn initramfs_version(version: impl Display) -> Marker {
+    Marker::new(format!("init: initramfs version={version}"))
+}
+
 /// `init: motd: <first line of the slot's /etc/motd>`: what the booted version says.
 pub fn motd(text: impl Display) -> Marker {
     Marker::new(format!("init: motd: {text}"))
@@ -295,6 +300,7 @@ pub fn samples() -> Vec<Marker> {
     vec![
         note(not_from_bootloader_why()),
         motd("nexus 2"),
+        initramfs_version("2"),
         loader_slot("b", true),
         loader_slot("a", false),
         reset_for_next_try("b"),

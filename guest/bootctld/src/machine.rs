@@ -410,6 +410,19 @@ impl BootState {
         if bootable && s.trial {
             s.tries_left = s.tries_left.saturating_sub(1);
         }
+        self.record_boot(boot_id, slot, bootable, rolled_back, marked_bad)
+    }
+
+    /// The decision for `slot` as the table now stands, remembered as this boot's.
+    fn record_boot(
+        &mut self,
+        boot_id: &str,
+        slot: Slot,
+        bootable: bool,
+        rolled_back: bool,
+        marked_bad: Option<Slot>,
+    ) -> BootDecision {
+        let s = self.slot(slot);
         let decision = BootDecision {
             bootable,
             slot,
@@ -463,21 +476,7 @@ impl BootState {
                 s.tries_left = u8::try_from(left).unwrap_or(MAX_TRIES).min(MAX_TRIES);
             }
         }
-        let decision = BootDecision {
-            bootable,
-            slot: booted,
-            trial: bootable && s.trial,
-            tries_left: s.tries_left,
-            rolled_back,
-            version: s.version.clone(),
-            marked_bad,
-        };
-        self.last_boot = bootable.then(|| LastBoot {
-            slot: booted,
-            trial: decision.trial,
-            boot_id: boot_id.chars().take(MAX_BOOT_ID_LEN).collect(),
-        });
-        decision
+        self.record_boot(boot_id, booted, bootable, rolled_back, marked_bad)
     }
 }
 

@@ -20,6 +20,16 @@ fn main() {
     show(&m::start());
     let early = pid1::early(P);
     show(&markers::pid1::modules_loaded(P, early.modules));
+    let stamp = Path::new("/").join(nx_contract::loader::INITRD_VERSION_FILE);
+    if let Ok(Some(v)) = nx_guest::bounded::read_string_opt(&stamp, 128) {
+        let v: String = v
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect();
+        show(&m::initramfs_version(v));
+    }
     let state_root = Path::new(state::STATE_MOUNT);
     match &early.state_dev {
         Some(dev) => {

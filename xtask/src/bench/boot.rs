@@ -11,7 +11,7 @@
 
 use crate::util;
 use nx_contract::markers;
-use nx_qemu::{Config, Runner};
+use nx_qemu::Runner;
 use std::path::Path;
 use std::time::Duration;
 
@@ -53,24 +53,8 @@ impl Stages {
 
 /// Boot a fresh device into `recovery` or normal and time the stages.
 fn one(dir: &Path, recovery: bool) -> anyhow::Result<Stages> {
-    let build = util::build_dir();
-    std::fs::create_dir_all(dir)?;
-    crate::disks::ensure_state(&dir.join("state.img"), true)?;
-    crate::disks::ensure_disk(
-        &dir.join("disk.img"),
-        true,
-        Some(&build.join("nexus-os.img")),
-    )?;
-    let mut cfg = Config::new(&build);
-    cfg.qemu = util::tool("qemu-system-x86_64")?;
-    cfg.state_img = Some(dir.join("state.img"));
-    cfg.disk_img = Some(dir.join("disk.img"));
-    cfg.run_dir = dir.join("qemu");
-    cfg.fresh_vars(dir.join("ovmf-vars.fd"));
-    let run_dir = cfg.run_dir.clone();
-    for p in &mut cfg.ports {
-        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
-    }
+    let seed = util::build_dir().join("nexus-os.img");
+    let mut cfg = crate::disks::fresh_device(dir, Some(&seed))?;
     cfg.recovery = recovery;
     let runner = Runner::start(cfg)?;
     let t = Duration::from_secs(120);
