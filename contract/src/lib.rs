@@ -10,6 +10,7 @@
 
 pub mod boot;
 pub mod defaults;
+pub mod diag;
 pub mod error;
 pub mod loader;
 pub mod markers;

@@ -128,14 +128,9 @@ pub fn check_bundle(data: &[u8]) -> anyhow::Result<Checked> {
         let size =
             octal(h.get(124..136).unwrap_or_default()).context("a member has a bad size field")?;
         let typeflag = h.get(156).copied().unwrap_or(0);
-        let plain = name.strip_prefix("diag/").is_some_and(|n| {
-            !n.is_empty()
-                && n.len() <= 64
-                && n != "."
-                && n != ".."
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        });
+        let plain = name
+            .strip_prefix(nx_contract::diag::MEMBER_DIR)
+            .is_some_and(nx_contract::diag::is_member_name);
         if !plain || !(typeflag == b'0' || typeflag == 0) {
             bail!(
                 "the bundle holds an unexpected member {:?}",

@@ -9,8 +9,8 @@ pub const ZSTD_LEVEL: i32 = 9;
 pub const MAX_BUNDLE_BYTES: u64 = 448 * 1024;
 /// Largest uncompressed tar accepted on read-back.
 pub const MAX_TAR_BYTES: u64 = 1024 * 1024;
-/// Directory all members live in.
-pub const PREFIX: &str = "diag/";
+/// Directory all members live in (the contract's [`nx_contract::diag::MEMBER_DIR`]).
+pub const PREFIX: &str = nx_contract::diag::MEMBER_DIR;
 
 /// One file of the bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,15 +100,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Member>, DiagError> {
     Ok(out)
 }
 
-/// A plain member name: `[A-Za-z0-9._-]{1,64}`, not `.`/`..`.
-fn is_member_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n != "."
-        && n != ".."
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+use nx_contract::diag::is_member_name;
 
 #[cfg(test)]
 mod tests {
