@@ -45,6 +45,9 @@ enum Which {
     /// Several QEMU guests at once (default 4): one alone, then all with one nx flash send;
     /// aggregate MB/s vs n × single; writes its block of docs/benchmarks.md.
     Fanout(fanout::FanoutArgs),
+    /// Only (g) of the guest benchmark: the boot chain of a fresh device, stage by stage
+    /// (firmware, bootloader, kernel, userspace), normal and recovery; prints, writes no docs.
+    Boot,
 }
 
 /// `cargo xtask bench flash`.
@@ -72,6 +75,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(Which::Guest(a)) => guest::run(a),
         Some(Which::Flash(a)) => flash(a),
         Some(Which::Fanout(a)) => fanout::run(a),
+        Some(Which::Boot) => {
+            crate::guest::build(&crate::guest::Args::default())?;
+            let chain = boot::measure(&crate::util::build_dir().join("bench/boot"))?;
+            for b in &chain {
+                println!(
+                    "power-on → {} ready: {:.2} s",
+                    b.target,
+                    b.total().as_secs_f64()
+                );
+                for l in b.lines() {
+                    println!("  {l}");
+                }
+            }
+            Ok(())
+        }
         None => {
             eprintln!(
                 "xtask: `cargo xtask bench` = `cargo xtask bench guest` (in QEMU); the host-only \

@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use bootctld::service::RebootVia;
-use bootctld::Endpoint;
 use clap::Parser;
 use std::path::PathBuf;
 
@@ -10,21 +9,9 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "bootctld")]
 struct Args {
-    /// State dir (the guest's /state); the snapshot is DIR/bootctl/state.nxs.
-    /// Missing: RAM-only stub (nothing persisted).
-    #[arg(long)]
-    state: Option<PathBuf>,
-    /// Persist into a state dir even when it is not a mount point (host runs).
-    /// By default an unmounted state dir counts as missing: in the guest it is
-    /// a directory of the initramfs (RAM), and persisting there would be a lie.
-    #[arg(long)]
-    allow_unmounted_state: bool,
-    /// Serve on the virtio-serial port with this name (e.g. com.nexus.bootctl).
-    #[arg(long)]
-    port_name: Option<String>,
-    /// Serve on this unix socket (repeatable; the guest uses /run/bootctld.sock).
-    #[arg(long)]
-    listen: Vec<PathBuf>,
+    /// State and serving (the snapshot is STATE/bootctl/state.nxs).
+    #[command(flatten)]
+    serve: nx_rpc::serve_args::ServeArgs,
     /// rebootd's socket for reboot(), or `none` (reboot() is a stub).
     #[arg(long, default_value = nx_rpc::reboot::SOCKET)]
     rebootd: String,
@@ -53,14 +40,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         RebootVia::Rebootd(PathBuf::from(&args.rebootd))
     };
-    let mut endpoints: Vec<Endpoint> = args.listen.into_iter().map(Endpoint::Unix).collect();
-    if let Some(name) = args.port_name {
-        endpoints.push(Endpoint::Port(name));
-    }
     let config = bootctld::Config {
-        state: args.state,
-        require_mountpoint: !args.allow_unmounted_state,
-        endpoints,
+        state: args.serve.state.clone(),
+        require_mountpoint: !args.serve.allow_unmounted_state,
+        endpoints: args.serve.endpoints(),
         reboot,
         boot_id: args.boot_id,
         markers: bootctld::service::Markers::stdout(),
@@ -75,13 +58,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", daemon.json());
         return Ok(());
     }
-    if config.endpoints.is_empty() {
-        anyhow::bail!(
-            "nothing to serve: give --port-name {} and/or --listen {}",
-            bootctld::PORT_NAME,
-            bootctld::DEFAULT_SOCKET
-        );
-    }
+    args.serve
+        .endpoints_required(bootctld::PORT_NAME, bootctld::DEFAULT_SOCKET)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -2,28 +2,15 @@
 
 use anyhow::Context;
 use clap::Parser;
-use rebootd::Endpoint;
 use std::path::PathBuf;
 
 /// The next-boot authority: persists STATE/boot/next_mode and reboots via PID 1.
 #[derive(Parser)]
 #[command(name = "rebootd")]
 struct Args {
-    /// State dir (the guest's /state). Missing: RAM-only stub (nothing persisted,
-    /// reboot requests refused).
-    #[arg(long)]
-    state: Option<PathBuf>,
-    /// Persist into a state dir even when it is not a mount point (host runs).
-    /// By default an unmounted state dir counts as missing: in the guest it is
-    /// a directory of the initramfs (RAM), and persisting there would be a lie.
-    #[arg(long)]
-    allow_unmounted_state: bool,
-    /// Serve on the virtio-serial port with this name (e.g. com.nexus.reboot).
-    #[arg(long)]
-    port_name: Option<String>,
-    /// Serve on this unix socket (repeatable; the guest uses /run/rebootd.sock).
-    #[arg(long)]
-    listen: Vec<PathBuf>,
+    /// State and serving (without a state dir reboot requests are refused).
+    #[command(flatten)]
+    serve: nx_rpc::serve_args::ServeArgs,
     /// How to reboot: `auto` signals PID 1 only when managed by our /init.
     #[arg(long, value_enum, default_value_t = rebootd::pid1::MethodArg::Auto)]
     reboot_method: rebootd::pid1::MethodArg,
@@ -48,17 +35,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut endpoints: Vec<Endpoint> = args.listen.into_iter().map(Endpoint::Unix).collect();
-    if let Some(name) = args.port_name {
-        endpoints.push(Endpoint::Port(name));
-    }
-    if endpoints.is_empty() {
-        anyhow::bail!(
-            "nothing to serve: give --port-name {} and/or --listen {}",
-            rebootd::PORT_NAME,
-            rebootd::DEFAULT_SOCKET
-        );
-    }
+    let endpoints = args
+        .serve
+        .endpoints_required(rebootd::PORT_NAME, rebootd::DEFAULT_SOCKET)?;
     let mut options = rebootd::Options::default();
     if let Some(device) = args.device {
         if !rebootd::nx_reset::is_device_name(&device) {
@@ -70,8 +49,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     options.console_log = args.console_log;
     options.efivars = args.efivars;
     let config = rebootd::Config {
-        state: args.state,
-        require_mountpoint: !args.allow_unmounted_state,
+        state: args.serve.state,
+        require_mountpoint: !args.serve.allow_unmounted_state,
         endpoints,
         reboot_method: args.reboot_method,
     };

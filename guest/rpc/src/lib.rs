@@ -22,6 +22,8 @@ mod client;
 #[cfg(test)]
 mod framed_tests;
 pub mod reboot;
+#[cfg(any(feature = "cli", test))]
+pub mod serve_args;
 mod server;
 
 pub use client::{
