@@ -9,6 +9,12 @@ pub fn target_selected() -> Marker {
     Marker::new("recovery: boot target selected")
 }
 
+/// `recovery: start`: PID 1's first line, before any mount (the kernel's part of the boot
+/// ends here).
+pub fn start() -> Marker {
+    Marker::new("recovery: start")
+}
+
 /// `recovery: init start`.
 pub fn init_start() -> Marker {
     Marker::new("recovery: init start")
@@ -151,6 +157,7 @@ pub fn wipe_oneshot_failed(e: impl Display) -> Marker {
 pub fn samples() -> Vec<Marker> {
     vec![
         wipe_oneshot_failed("e"),
+        start(),
         target_selected(),
         init_start(),
         services_ready(),

@@ -16,6 +16,7 @@ use std::time::Duration;
 const P: &str = "recovery";
 
 fn main() {
+    show(&m::start());
     let early = pid1::early(P);
     let state_root = Path::new(state::STATE_MOUNT);
     let record = match &early.state_dev {

@@ -5,18 +5,16 @@
 //! | stage | ends at |
 //! |---|---|
 //! | firmware | OVMF's `BdsDxe: starting …` (it starts systemd-boot) |
-//! | bootloader | the kernel's EFI stub loading the entry's initrd |
-//! | kernel | our PID 1's first line (`init: start` / `recovery: …`) |
-//! | userspace | `init: ready` / `recovery: ready` |
+//! | bootloader | the kernel's start: ready minus the kernel uptime our PID 1 prints at ready (`quiet`: nothing is on the console in between) |
+//! | kernel | our PID 1's first line (`init: …` / `recovery: …`) |
+//! | userspace | the uptime line at `init: ready` / `recovery: ready` |
 
 use crate::util;
+use anyhow::Context;
 use nx_contract::markers;
 use nx_qemu::Runner;
 use std::path::Path;
 use std::time::Duration;
-
-/// The bootloader has handed over: the kernel's EFI stub loads the initrd the entry named.
-const EFI_STUB_LINE: &str = "EFI stub: Loaded initrd";
 
 /// One boot's stages: `(stage, end marker, time from QEMU start)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,21 +56,40 @@ fn one(dir: &Path, recovery: bool) -> anyhow::Result<Stages> {
     cfg.recovery = recovery;
     let runner = Runner::start(cfg)?;
     let t = Duration::from_secs(120);
-    let (first, ready, target) = if recovery {
-        ("recovery: ", markers::recovery::READY_PREFIX, "recovery")
+    let (prefix, ready, target) = if recovery {
+        ("recovery", markers::recovery::READY_PREFIX, "recovery")
     } else {
-        ("init: start", "init: ready", "normal")
+        ("init", "init: ready", "normal")
     };
-    let mut stages = Vec::new();
-    for (name, marker) in [
-        ("firmware", nx_qemu::FIRMWARE_BOOT_LINE),
-        ("bootloader", EFI_STUB_LINE),
-        ("kernel", first),
-        ("userspace", ready),
-    ] {
-        let hit = runner.wait_for(marker, t)?;
-        stages.push((name, hit.since_boot));
-    }
+    let firmware = runner.wait_for(nx_qemu::FIRMWARE_BOOT_LINE, t)?.since_boot;
+    let first = runner.wait_for(&format!("{prefix}: "), t)?.since_boot;
+    let ready_at = runner.wait_for(ready, t)?.since_boot;
+    // Our PID 1 reports the kernel's uptime next to `ready` (just before or after): the kernel
+    // started that long before.
+    let up_line = markers::pid1::uptime_prefix(prefix);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = runner.grep(up_line.as_str()).into_iter().next() {
+            break l;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{prefix} printed no uptime line near ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let uptime: f64 = line
+        .split(up_line.as_str())
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no uptime in {line:?}"))?;
+    let kernel_start = ready_at.saturating_sub(Duration::from_secs_f64(uptime.max(0.0)));
+    let stages = vec![
+        ("firmware", firmware),
+        ("bootloader", kernel_start.max(firmware)),
+        ("kernel", first.max(kernel_start)),
+        ("userspace", ready_at),
+    ];
     Ok(Stages { target, stages })
 }
 
