@@ -120,7 +120,7 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
     .context("flashing failed")?;
     let elapsed = t.elapsed();
     // After the receipt flashd activates the new slot (`flashd: slot=b active on trial …`).
-    let activated = runner.wait_for("flashd: slot=", Duration::from_secs(15));
+    let activated = runner.wait_for(" active on trial (tries=", Duration::from_secs(30));
     util::stage("flashd markers (guest console)");
     for l in runner.grep("flashd:") {
         println!("  {l}");
