@@ -423,7 +423,12 @@ impl Config {
                 a.push("-device".into());
                 // bootindex: the firmware boots the slot disk first whatever boot order its
                 // variables remember from other runs.
-                let boot = if id == "disk" { ",bootindex=0" } else { "" };
+                // (A direct boot has its own boot device, the -kernel option ROM.)
+                let boot = if id == "disk" && self.boots_uefi() {
+                    ",bootindex=0"
+                } else {
+                    ""
+                };
                 a.push(format!("virtio-blk-pci,drive={id},serial=nexus-{id}{boot}").into());
             }
         }
@@ -546,6 +551,11 @@ mod tests {
             append,
             "console=ttyS0 panic=-1 rdinit=/init quiet recovery=1 nexus.target=recovery nexus.selftest=1"
         );
+        // A direct boot with the slot disk attached (the bench): no bootindex beside -kernel.
+        let mut d = Config::new(Path::new("/b"));
+        d.uefi = None;
+        let j = args(&d).join(" ");
+        assert!(j.contains("-kernel") && !j.contains("bootindex"), "{j}");
         c.recovery = false;
         let a = args(&c);
         assert!(a.iter().any(|x| x == "/b/initrd.cpio"));
