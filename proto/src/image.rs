@@ -537,6 +537,34 @@ fn check_consistent(header: &Header, manifest: &Manifest) -> Result<(), ImageErr
 /// solving the fixpoint "offsets depend on the manifest length, which depends on the offsets"
 /// by starting from the smallest `data_offset` and raising it until it is stable. Deterministic.
 pub fn layout(version: &str, parts: &[(String, SegmentDigest)]) -> Result<Manifest, ImageError> {
+    layout_with(
+        &LayoutOptions {
+            version: version.to_string(),
+            ..LayoutOptions::default()
+        },
+        parts,
+    )
+}
+
+/// What goes into a manifest besides the segments (see [`layout_with`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayoutOptions {
+    /// Image version string.
+    pub version: String,
+    /// Anti-rollback counter ([`Manifest::security_version`]).
+    pub security_version: u64,
+    /// dm-verity entries (sorted by data segment name here).
+    pub verity: Vec<crate::manifest::Verity>,
+}
+
+/// [`layout`] with a security version and verity entries.
+pub fn layout_with(
+    opts: &LayoutOptions,
+    parts: &[(String, SegmentDigest)],
+) -> Result<Manifest, ImageError> {
+    let version = opts.version.as_str();
+    let mut verity = opts.verity.clone();
+    verity.sort_by(|a, b| a.data.cmp(&b.data));
     validate_version(version)?;
     if parts.len() > MAX_SEGMENTS {
         return Err(ManifestError::TooManySegments { count: parts.len() }.into());
@@ -567,6 +595,8 @@ pub fn layout(version: &str, parts: &[(String, SegmentDigest)]) -> Result<Manife
         let mut m = Manifest {
             format: FORMAT_VERSION,
             version: version.to_string(),
+            security_version: opts.security_version,
+            verity: verity.clone(),
             total_size: offset,
             image_sha256: [0u8; 32],
             segments,

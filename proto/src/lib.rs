@@ -20,3 +20,4 @@ pub mod msg;
 pub mod receipt;
 pub mod rpc;
 pub mod session;
+pub mod verity;

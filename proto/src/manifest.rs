@@ -23,8 +23,11 @@ use sha2::{Digest, Sha256};
 
 /// Manifest (and image header) format version written by this crate; the only one it accepts.
 ///
-/// Format 2 added the per-segment `data_sha256`; format-1 images must be rebuilt.
-pub const FORMAT_VERSION: u32 = 2;
+/// Format 2 added the per-segment `data_sha256`; format 3 added `security_version` (anti-rollback)
+/// and `verity` (dm-verity hash trees). Older images must be rebuilt.
+pub const FORMAT_VERSION: u32 = 3;
+/// Most `verity` entries (each names two segments).
+pub const MAX_VERITY: usize = MAX_SEGMENTS / 2;
 /// Segment alignment in the image file and granularity of data ranges.
 pub const ALIGN: u64 = 4096;
 /// Most segments an image may have.
@@ -187,6 +190,14 @@ pub enum ManifestError {
         /// Count found.
         count: usize,
     },
+    /// A bad `verity` entry.
+    #[error("verity entry for segment {data:?}: {reason}")]
+    Verity {
+        /// Its data segment name (shortened).
+        data: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// `image_sha256` does not match the segment table.
     #[error("image_sha256 is {found}, but the segment table hashes to {expected}")]
     ImageHash {
@@ -272,8 +283,29 @@ pub struct Manifest {
     pub total_size: u64,
     /// The segments, in file order.
     pub segments: Vec<Segment>,
+    /// Anti-rollback counter (like AVB's rollback index): a device refuses an image whose
+    /// `security_version` is below the floor it keeps, and raises the floor when a slot holding
+    /// this image is confirmed.
+    pub security_version: u64,
+    /// dm-verity hash trees: which segment is protected by which tree, with the salt and root
+    /// hash (sorted by data segment name, see [`crate::verity`]).
+    pub verity: Vec<Verity>,
     /// [`image_sha256`] of `segments`.
     pub image_sha256: [u8; 32],
+}
+
+/// A dm-verity hash tree in the image: segment `hash` holds the tree of segment `data`
+/// (format 1, SHA-256, 4 KiB blocks; [`crate::verity`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verity {
+    /// The protected segment.
+    pub data: String,
+    /// The segment holding the hash area (exactly [`crate::verity::tree_size`] bytes).
+    pub hash: String,
+    /// Salt, at most [`crate::verity::MAX_SALT`] bytes.
+    pub salt: Vec<u8>,
+    /// Root hash of the tree.
+    pub root_hash: [u8; 32],
 }
 
 /// Round `x` up to the next multiple of [`ALIGN`]; `None` on overflow.
@@ -375,7 +407,11 @@ impl Manifest {
         let _ = write!(s, "{}", self.format);
         s.push_str(",\"version\":");
         push_json_str(&mut s, &self.version);
-        let _ = write!(s, ",\"total_size\":{},\"segments\":[", self.total_size);
+        let _ = write!(
+            s,
+            ",\"security_version\":{},\"total_size\":{},\"segments\":[",
+            self.security_version, self.total_size
+        );
         for (i, seg) in self.segments.iter().enumerate() {
             if i > 0 {
                 s.push(',');
@@ -398,6 +434,21 @@ impl Manifest {
                 let _ = write!(s, "[{},{}]", r.offset, r.len);
             }
             s.push_str("]}");
+        }
+        s.push_str("],\"verity\":[");
+        for (i, v) in self.verity.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str("{\"data\":");
+            push_json_str(&mut s, &v.data);
+            s.push_str(",\"hash\":");
+            push_json_str(&mut s, &v.hash);
+            s.push_str(",\"salt\":\"");
+            s.push_str(&hex::encode(&v.salt));
+            s.push_str("\",\"root_hash\":\"");
+            s.push_str(&hex::encode(v.root_hash));
+            s.push_str("\"}");
         }
         s.push_str("],\"image_sha256\":\"");
         s.push_str(&hex::encode(self.image_sha256));
@@ -454,11 +505,22 @@ impl Manifest {
                 data_ranges,
             });
         }
+        let mut verity = Vec::with_capacity(raw.verity.0.len());
+        for (i, rv) in raw.verity.0.into_iter().enumerate() {
+            verity.push(Verity {
+                salt: parse_salt(&rv.salt, i)?,
+                root_hash: parse_hash(&rv.root_hash, || format!("root_hash of verity #{i}"))?,
+                data: rv.data,
+                hash: rv.hash,
+            });
+        }
         let m = Manifest {
             format: raw.format,
             version: raw.version,
+            security_version: raw.security_version,
             total_size: raw.total_size,
             segments,
+            verity,
             image_sha256: parse_hash(&raw.image_sha256, || "image_sha256".to_string())?,
         };
         m.validate()?;
@@ -542,6 +604,7 @@ impl Manifest {
                 found: self.total_size,
             });
         }
+        self.validate_verity()?;
         let expected = image_sha256(&self.segments);
         if expected != self.image_sha256 {
             return Err(ManifestError::ImageHash {
@@ -570,6 +633,72 @@ impl Manifest {
     /// Bytes covered by data ranges, over all segments.
     pub fn data_bytes(&self) -> u64 {
         self.segments.iter().map(Segment::data_bytes).sum()
+    }
+
+    /// The verity entry protecting segment `data`, if any.
+    pub fn verity_of(&self, data: &str) -> Option<&Verity> {
+        self.verity.iter().find(|v| v.data == data)
+    }
+
+    fn validate_verity(&self) -> Result<(), ManifestError> {
+        if self.verity.len() > MAX_VERITY {
+            return Err(ManifestError::Verity {
+                data: String::new(),
+                reason: format!("{} entries, at most {MAX_VERITY}", self.verity.len()),
+            });
+        }
+        let mut used: Vec<&str> = Vec::new();
+        let mut prev: Option<&str> = None;
+        for v in &self.verity {
+            let bad = |reason: String| ManifestError::Verity {
+                data: shorten(&v.data),
+                reason,
+            };
+            if prev.is_some_and(|p| p >= v.data.as_str()) {
+                return Err(bad("entries must be sorted by data segment name".into()));
+            }
+            prev = Some(&v.data);
+            let data = self
+                .segment(&v.data)
+                .ok_or_else(|| bad("no such data segment".into()))?;
+            let hash = self
+                .segment(&v.hash)
+                .ok_or_else(|| bad(format!("no hash segment {:?}", shorten(&v.hash))))?;
+            if v.data == v.hash {
+                return Err(bad("a segment cannot hold its own hash tree".into()));
+            }
+            for name in [&v.data, &v.hash] {
+                if used.contains(&name.as_str()) {
+                    return Err(bad(format!(
+                        "segment {:?} is in more than one verity entry",
+                        shorten(name)
+                    )));
+                }
+                used.push(name);
+            }
+            if v.salt.len() > crate::verity::MAX_SALT {
+                return Err(bad(format!(
+                    "salt is {} bytes, at most {}",
+                    v.salt.len(),
+                    crate::verity::MAX_SALT
+                )));
+            }
+            let blocks = crate::verity::data_blocks(data.size);
+            if blocks < 2 {
+                return Err(bad(
+                    "the data segment is smaller than two 4 KiB blocks".into()
+                ));
+            }
+            let want = crate::verity::tree_size(blocks);
+            if hash.size != want {
+                return Err(bad(format!(
+                    "hash segment {:?} is {} bytes, a tree of {blocks} blocks is {want}",
+                    shorten(&v.hash),
+                    hash.size
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -692,9 +821,38 @@ fn parse_hash(s: &str, field: impl Fn() -> String) -> Result<[u8; 32], ManifestE
 struct RawManifest {
     format: u32,
     version: String,
+    security_version: u64,
     total_size: u64,
     segments: Bounded<RawSegment>,
+    verity: Bounded<RawVerity>,
     image_sha256: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerity {
+    data: String,
+    hash: String,
+    salt: String,
+    root_hash: String,
+}
+
+impl BoundedItem for RawVerity {
+    const MAX: usize = MAX_VERITY;
+    const WHAT: &'static str = "verity entries";
+}
+
+fn parse_salt(s: &str, i: usize) -> Result<Vec<u8>, ManifestError> {
+    let field = || format!("salt of verity #{i}");
+    if s.len() > 2 * crate::verity::MAX_SALT
+        || s.len() % 2 != 0
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(ManifestError::BadHex { field: field() });
+    }
+    hex::decode(s).map_err(|_| ManifestError::BadHex { field: field() })
 }
 
 #[derive(Deserialize)]

@@ -96,8 +96,8 @@ fn whitespace_reordering_and_uppercase_hex_are_rejected() {
     expect_non_canonical(&canon.replacen(",\"version\"", ", \"version\"", 1));
     // fields in another order
     let reordered = canon.replacen(
-        "{\"format\":2,\"version\":\"2.0.1\",",
-        "{\"version\":\"2.0.1\",\"format\":2,",
+        "{\"format\":3,\"version\":\"2.0.1\",",
+        "{\"version\":\"2.0.1\",\"format\":3,",
         1,
     );
     assert_ne!(reordered, canon);
@@ -146,7 +146,7 @@ fn data_sha256_field_is_checked() {
         Manifest::from_bytes(short.as_bytes()),
         Err(ManifestError::BadHex { .. })
     ));
-    // missing in a format-2 manifest
+    // missing in a format-3 manifest
     let missing = canon.replacen(&format!(",\"data_sha256\":\"{data_sha}\""), "", 1);
     match Manifest::from_bytes(missing.as_bytes()) {
         Err(ManifestError::Json { detail }) => assert!(detail.contains("data_sha256"), "{detail}"),
@@ -171,24 +171,24 @@ fn format_1_manifest_is_unsupported_with_rebuild_advice() {
         );
     }
     assert!(!canon.contains("data_sha256"));
-    let v1 = canon.replacen("{\"format\":2,", "{\"format\":1,", 1);
+    let v1 = canon.replacen("{\"format\":3,", "{\"format\":1,", 1);
     let e = Manifest::from_bytes(v1.as_bytes()).unwrap_err();
     assert_eq!(e, ManifestError::UnsupportedFormat { found: 1 });
     assert_eq!(
         e.to_string(),
-        "unsupported manifest format 1 (this build understands format 2); rebuild the image \
+        "unsupported manifest format 1 (this build understands format 3); rebuild the image \
          with `nx image build`"
     );
     // A future format is named too, whatever its fields.
-    let v3 = canon.replacen("{\"format\":2,", "{\"format\":3,\"new_field\":[],", 1);
+    let v4 = canon.replacen("{\"format\":3,", "{\"format\":4,\"new_field\":[],", 1);
     assert_eq!(
-        Manifest::from_bytes(v3.as_bytes()),
-        Err(ManifestError::UnsupportedFormat { found: 3 })
+        Manifest::from_bytes(v4.as_bytes()),
+        Err(ManifestError::UnsupportedFormat { found: 4 })
     );
     // Format 1 with the current fields: rejected by validation, same error.
     let v1_fields = String::from_utf8(sample().to_canonical_bytes())
         .unwrap()
-        .replacen("{\"format\":2,", "{\"format\":1,", 1);
+        .replacen("{\"format\":3,", "{\"format\":1,", 1);
     assert_eq!(
         Manifest::from_bytes(v1_fields.as_bytes()),
         Err(ManifestError::UnsupportedFormat { found: 1 })
@@ -199,11 +199,11 @@ fn format_1_manifest_is_unsupported_with_rebuild_advice() {
 fn non_integer_numbers_and_unknown_fields_are_rejected() {
     let canon = String::from_utf8(sample().to_canonical_bytes()).unwrap();
     for bad in [
-        canon.replacen("\"format\":2", "\"format\":2.0", 1),
-        canon.replacen("\"format\":2", "\"format\":2e0", 1),
+        canon.replacen("\"format\":3", "\"format\":3.0", 1),
+        canon.replacen("\"format\":3", "\"format\":3e0", 1),
         canon.replacen("\"offset\":8192", "\"offset\":-8192", 1),
-        canon.replacen("{\"format\":2,", "{\"format\":2,\"extra\":0,", 1),
-        canon.replacen("{\"format\":2,", "{\"format\":2,\"format\":2,", 1),
+        canon.replacen("{\"format\":3,", "{\"format\":3,\"extra\":0,", 1),
+        canon.replacen("{\"format\":3,", "{\"format\":3,\"format\":3,", 1),
         canon[..canon.len() - 1].to_string(),
     ] {
         assert!(
@@ -229,7 +229,9 @@ fn oversized_manifest_is_rejected_before_parsing() {
 fn huge_segment_count_is_rejected_while_parsing() {
     // 50 000 tiny segment objects (~1 MiB); the parser must stop at 65.
     let seg = r#"{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":[]}"#;
-    let mut s = String::from(r#"{"format":2,"version":"1","total_size":0,"segments":["#);
+    let mut s = String::from(
+        r#"{"format":3,"version":"1","security_version":0,"total_size":0,"segments":["#,
+    );
     while s.len() + seg.len() + 100 < MAX_MANIFEST_LEN {
         s.push_str(seg);
         s.push(',');
@@ -247,7 +249,7 @@ fn huge_segment_count_is_rejected_while_parsing() {
 #[test]
 fn huge_data_range_count_is_rejected_while_parsing() {
     let mut s = String::from(
-        r#"{"format":2,"version":"1","total_size":0,"segments":[{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":["#,
+        r#"{"format":3,"version":"1","security_version":0,"total_size":0,"segments":[{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":["#,
     );
     for i in 0..70_000u32 {
         if i > 0 {
@@ -371,4 +373,84 @@ proptest! {
         h.update(&content[at..]);
         prop_assert_eq!(h.finish(), whole);
     }
+}
+
+/// A rootfs protected by dm-verity, with a security version.
+fn verity_sample() -> Manifest {
+    let rootfs: Vec<u8> = (0..(5 * 4096u32)).map(|i| (i % 253) as u8).collect();
+    let salt = b"salt".to_vec();
+    let tree = proto::verity::tree(&salt, &rootfs);
+    proto::image::layout_with(
+        &proto::image::LayoutOptions {
+            version: "3".into(),
+            security_version: 7,
+            verity: vec![proto::manifest::Verity {
+                data: "rootfs".into(),
+                hash: "rootfs-verity".into(),
+                salt,
+                root_hash: tree.root_hash,
+            }],
+        },
+        &[
+            ("rootfs".to_string(), digest(&rootfs)),
+            ("rootfs-verity".to_string(), digest(&tree.bytes)),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn verity_and_security_version_are_pinned_and_checked() {
+    let m = verity_sample();
+    let text = String::from_utf8(m.to_canonical_bytes()).unwrap();
+    insta::assert_snapshot!("canonical_manifest_verity", text);
+    assert_eq!(Manifest::from_bytes(text.as_bytes()).unwrap(), m);
+    assert_eq!(m.security_version, 7);
+    assert_eq!(m.verity_of("rootfs").unwrap().hash, "rootfs-verity");
+
+    let reject = |f: &dyn Fn(&mut Manifest), what: &str| {
+        let mut bad = m.clone();
+        f(&mut bad);
+        match bad.validate() {
+            Err(ManifestError::Verity { reason, .. }) => {
+                assert!(reason.contains(what), "{reason} lacks {what:?}")
+            }
+            other => panic!("expected a verity error with {what:?}, got {other:?}"),
+        }
+    };
+    reject(
+        &|b| b.verity[0].data = "nope".into(),
+        "no such data segment",
+    );
+    reject(&|b| b.verity[0].hash = "nope".into(), "no hash segment");
+    reject(&|b| b.verity[0].hash = "rootfs".into(), "its own hash tree");
+    reject(&|b| b.verity[0].salt = vec![0; 257], "salt is 257 bytes");
+    reject(
+        &|b| {
+            let v = b.verity[0].clone();
+            b.verity.push(v);
+        },
+        "sorted",
+    );
+    // A hash segment of the wrong size (rebuild the layout around a short tree).
+    let short = proto::image::layout_with(
+        &proto::image::LayoutOptions {
+            version: "3".into(),
+            security_version: 0,
+            verity: m.verity.clone(),
+        },
+        &[
+            ("rootfs".to_string(), digest(&[1u8; 5 * 4096])),
+            ("rootfs-verity".to_string(), digest(&[1u8; 100])),
+        ],
+    );
+    assert!(short.is_err(), "{short:?}");
+    // Odd-length or uppercase salt hex is refused by the parser.
+    let odd = text.replacen("\"salt\":\"73616c74\"", "\"salt\":\"73616c7\"", 1);
+    assert!(matches!(
+        Manifest::from_bytes(odd.as_bytes()),
+        Err(ManifestError::BadHex { .. })
+    ));
+    let missing = text.replacen("\"security_version\":7,", "", 1);
+    assert!(Manifest::from_bytes(missing.as_bytes()).is_err());
 }

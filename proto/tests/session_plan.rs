@@ -46,6 +46,8 @@ fn manifest(segs: Vec<(u64, Vec<(u64, u64)>)>) -> Manifest {
     Manifest {
         format: FORMAT_VERSION,
         version: "1".into(),
+        security_version: 0,
+        verity: Vec::new(),
         total_size: offset,
         image_sha256: image_sha256(&segments),
         segments,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use proto::image::{decode_secret_key, layout, sign_manifest, ImageHead};
+use proto::image::{decode_secret_key, layout_with, sign_manifest, ImageHead, LayoutOptions};
 use proto::manifest::{
     is_all_zero, validate_segment_name, validate_version, Manifest, SegmentDigest, SegmentHasher,
     ALIGN, MAX_SEGMENTS,
@@ -51,6 +51,15 @@ pub struct BuildArgs {
     /// Sign the manifest with this secret key (from `nx image keygen`).
     #[arg(long, value_name = "KEY")]
     sign: Option<PathBuf>,
+    /// Anti-rollback counter written into the manifest: a device refuses images whose
+    /// security version is below the highest one it has confirmed. Raise it with every release
+    /// that fixes a security bug.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    security_version: u64,
+    /// Do not add the dm-verity hash tree of the `rootfs` segment (segment `rootfs-verity`).
+    /// Without it the device hashes the whole rootfs at every boot instead.
+    #[arg(long)]
+    no_verity: bool,
 }
 
 fn parse_segment_spec(s: &str) -> Result<(String, PathBuf), String> {
@@ -77,6 +86,10 @@ pub struct BuildOptions {
     pub segments: Vec<(String, PathBuf)>,
     /// Secret key file to sign with.
     pub sign: Option<PathBuf>,
+    /// Anti-rollback counter.
+    pub security_version: u64,
+    /// Add the dm-verity tree of segment `rootfs` (segment [`VERITY_SEGMENT`]).
+    pub verity: bool,
     /// Timestamp written into the squashfs (0 unless `SOURCE_DATE_EPOCH` is set).
     pub mtime: u32,
 }
@@ -92,6 +105,22 @@ pub struct BuildReport {
     pub file_sha256: [u8; 32],
     /// What the rootfs held, if any.
     pub rootfs: Option<PackStats>,
+    /// Why `rootfs` has no verity tree although one was asked for (too small, no rootfs).
+    pub verity_skipped: Option<&'static str>,
+}
+
+/// The segment protected by dm-verity by default.
+pub const VERITY_DATA_SEGMENT: &str = "rootfs";
+/// The segment holding its hash tree.
+pub const VERITY_SEGMENT: &str = "rootfs-verity";
+
+/// The verity salt of a data segment: derived from its content, so builds stay deterministic
+/// and two different rootfs never share a salt.
+fn verity_salt(data_sha256: &[u8; 32]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"nexus dm-verity salt v1\0");
+    h.update(data_sha256);
+    h.finalize().to_vec()
 }
 
 struct Source {
@@ -118,6 +147,12 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
             bail!("segment {name:?} is given twice");
         }
         names.push(name);
+    }
+    if opts.verity && names.contains(&VERITY_SEGMENT) {
+        bail!(
+            "segment {VERITY_SEGMENT:?} is made by the build (the dm-verity tree of \
+             {VERITY_DATA_SEGMENT:?}); rename yours or pass --no-verity"
+        );
     }
     if names.is_empty() {
         bail!("nothing to build: pass --rootfs DIR and/or --segment NAME=FILE");
@@ -197,9 +232,13 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         });
     }
 
-    // Pass 1: digests.
-    let mut parts: Vec<(String, SegmentDigest)> = Vec::with_capacity(sources.len());
+    // Pass 1: digests (and the verity tree of the rootfs).
+    let mut parts: Vec<(String, SegmentDigest)> = Vec::with_capacity(sources.len() + 1);
+    let mut verity = Vec::new();
+    let mut verity_skipped = None;
+    let mut tree_source = None;
     for src in &mut sources {
+        let want_tree = opts.verity && src.name == VERITY_DATA_SEGMENT;
         let d = digest_stream(&mut src.file, |_| Ok(()))
             .with_context(|| format!("segment {:?}: cannot read {}", src.name, src.label))?;
         if d.size == 0 {
@@ -209,10 +248,49 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
                 src.label
             );
         }
-        parts.push((src.name.clone(), d));
+        parts.push((src.name.clone(), d.clone()));
+        if want_tree {
+            if proto::verity::data_blocks(d.size) < 2 {
+                verity_skipped = Some("the rootfs is a single 4 KiB block");
+                continue;
+            }
+            // The salt depends on the content: a second read builds the tree with it.
+            let salt = verity_salt(&d.sha256);
+            src.file
+                .seek(SeekFrom::Start(0))
+                .with_context(|| format!("cannot rewind {}", src.label))?;
+            let mut t = proto::verity::TreeBuilder::new(&salt);
+            digest_stream(&mut src.file, |chunk| {
+                t.update(chunk);
+                Ok(())
+            })
+            .with_context(|| format!("segment {:?}: cannot read {}", src.name, src.label))?;
+            let t = t.finish();
+            let mut h = SegmentHasher::new();
+            h.update(&t.bytes);
+            parts.push((VERITY_SEGMENT.to_string(), h.finish()));
+            verity.push(proto::manifest::Verity {
+                data: src.name.clone(),
+                hash: VERITY_SEGMENT.to_string(),
+                salt,
+                root_hash: t.root_hash,
+            });
+            tree_source = Some(t.bytes);
+        }
+    }
+    if opts.verity && verity.is_empty() && verity_skipped.is_none() {
+        verity_skipped = Some("the image has no rootfs segment");
     }
 
-    let manifest = layout(&opts.version, &parts).context("cannot lay out the image")?;
+    let manifest = layout_with(
+        &LayoutOptions {
+            version: opts.version.clone(),
+            security_version: opts.security_version,
+            verity,
+        },
+        &parts,
+    )
+    .context("cannot lay out the image")?;
     let signature = seed.map(|s| sign_manifest(&s, &manifest.to_canonical_bytes()));
     let head = ImageHead::build(&manifest, signature).context("cannot build the image head")?;
 
@@ -230,7 +308,11 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     };
     let ctx = || format!("cannot write {}", tmp.path().display());
     w.write(&head.to_bytes()).with_context(ctx)?;
-    for (src, (name, expected)) in sources.iter_mut().zip(&parts) {
+    let mut parts_iter = parts.iter();
+    for src in sources.iter_mut() {
+        let Some((name, expected)) = parts_iter.next() else {
+            bail!("internal error: fewer segment digests than sources");
+        };
         src.file
             .seek(SeekFrom::Start(0))
             .with_context(|| format!("segment {name:?}: cannot rewind {}", src.label))?;
@@ -245,6 +327,17 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         }
         let pad = w.pos.next_multiple_of(ALIGN) - w.pos;
         w.write(&vec![0u8; pad as usize]).with_context(ctx)?;
+        if name == VERITY_DATA_SEGMENT {
+            if let Some(tree) = &tree_source {
+                // The tree segment follows its data segment.
+                if parts_iter.next().map(|(n, _)| n.as_str()) != Some(VERITY_SEGMENT) {
+                    bail!("internal error: the verity segment is not after {name:?}");
+                }
+                w.write(tree).with_context(ctx)?;
+                let pad = w.pos.next_multiple_of(ALIGN) - w.pos;
+                w.write(&vec![0u8; pad as usize]).with_context(ctx)?;
+            }
+        }
     }
     if w.pos != manifest.total_size {
         bail!(
@@ -272,6 +365,7 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         signed: signature.is_some(),
         file_sha256,
         rootfs: rootfs_stats,
+        verity_skipped,
     })
 }
 
@@ -363,6 +457,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         out: args.out,
         segments: args.segments,
         sign: args.sign,
+        security_version: args.security_version,
+        verity: !args.no_verity,
         mtime,
     };
     let r = build_image(&opts)?;
@@ -373,12 +469,24 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
 fn print_summary(out: &Path, r: &BuildReport) {
     let m = &r.manifest;
     say!(
-        "built {} (version {}, {}, {})",
+        "built {} (version {}, security version {}, {}, {})",
         out.display(),
         m.version,
+        m.security_version,
         human_bytes(m.total_size),
         if r.signed { "signed" } else { "unsigned" }
     );
+    for v in &m.verity {
+        say!(
+            "  dm-verity: {} protected by {} (root hash {})",
+            v.data,
+            v.hash,
+            hex::encode(v.root_hash)
+        );
+    }
+    if let Some(why) = r.verity_skipped {
+        say!("  dm-verity: none ({why}); the device hashes the whole rootfs at boot instead");
+    }
     if let Some(s) = r.rootfs {
         say!(
             "  rootfs: {} files, {} dirs, {} symlinks, {} of file data",
