@@ -36,5 +36,13 @@ pub const FLASH_INDEX: &str = "flash/index.json";
 pub const FLASH_COUNTERS: &str = "flash/counters.json";
 /// The receipt of the last install.
 pub const FLASH_LAST_INSTALL: &str = "flash/last-install.json";
-/// Trusted keys (kept by a factory reset).
+/// Trusted keys and the anti-rollback floor (kept by a factory reset).
 pub const TRUST_DIR: &str = "trust";
+/// Release keys the device trusts: one `<name>.pub` per key (`nexus-ed25519-public-v1 …`).
+/// Two at once is how a key is rotated.
+pub const TRUST_KEYS: &str = "trust/keys";
+/// Development keys: trusted like release keys, and `--allow-downgrade` is honoured for the
+/// images they sign.
+pub const TRUST_DEV_KEYS: &str = "trust/dev-keys";
+/// The anti-rollback floor: the highest `security_version` of a confirmed slot (decimal).
+pub const TRUST_FLOOR: &str = "trust/security_version";

@@ -46,6 +46,8 @@ pub struct SendOptions {
     pub chunk_size: u32,
     pub compress: CompressMode,
     pub skip: bool,
+    /// `--allow-downgrade`: ask the target to install below its anti-rollback floor.
+    pub allow_downgrade: bool,
     /// Retransmission timeout of the session.
     pub rto: Duration,
     /// Timeouts in a row before a session gives up.
@@ -64,6 +66,7 @@ impl SendOptions {
             chunk_size: nx_contract::defaults::CHUNK,
             compress: CompressMode::Auto,
             skip: true,
+            allow_downgrade: false,
             rto: Duration::from_secs(2),
             max_timeouts: 10,
             attempts: 10,
@@ -283,6 +286,7 @@ async fn send_loop(
         cfg.chunk_size = opts.chunk_size;
         cfg.compress = opts.compress;
         cfg.skip = opts.skip;
+        cfg.allow_downgrade = opts.allow_downgrade;
         cfg.rto = opts.rto;
         cfg.max_retries = opts.max_timeouts;
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {

@@ -12,6 +12,7 @@ use nx_engine::image_file::{self, ImageFile};
 use nx_engine::receipt;
 use nx_engine::send::{self, SendError, SendOptions, SendReport};
 use nx_engine::transport::PortSpec;
+use proto::msg::ErrorCode;
 use proto::session::CompressMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,6 +126,11 @@ pub struct SendArgs {
     /// Send every data chunk, even those the target already holds.
     #[arg(long)]
     pub no_skip: bool,
+    /// Install even if the image's security version is below the target's anti-rollback
+    /// floor. The target honours it only for images signed with one of its development keys
+    /// (trust/dev-keys); a release-signed older image is always refused.
+    #[arg(long)]
+    pub allow_downgrade: bool,
     /// NDJSON events on stdout (start, progress, segment_verified, resumed, done, error,
     /// receipt).
     #[arg(long, conflicts_with = "quiet")]
@@ -304,6 +310,7 @@ fn send_options(a: &SendArgs) -> SendOptions {
     opts.chunk_size = a.chunk;
     opts.compress = a.compress;
     opts.skip = !a.no_skip;
+    opts.allow_downgrade = a.allow_downgrade;
     opts.attempts = a.retries.max(1);
     opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
     opts
@@ -371,6 +378,29 @@ fn failure(e: &SendError, again: &str) -> (u8, Option<String>) {
             exit::IMAGE_INVALID,
             Some(
                 "nothing was installed; rebuild the image (`nx image verify` names the bad part)"
+                    .to_string(),
+            ),
+        ),
+        SendError::Refused {
+            code: ErrorCode::Signature,
+            ..
+        } => (
+            exit::TARGET_REFUSED,
+            Some(
+                "nothing was written; the device installs only images signed with a key it \
+                 trusts: sign with `nx image build --sign KEY` (docs/tools/trust.md)"
+                    .to_string(),
+            ),
+        ),
+        SendError::Refused {
+            code: ErrorCode::Rollback,
+            ..
+        } => (
+            exit::TARGET_REFUSED,
+            Some(
+                "nothing was written; build the image with a --security-version at or above \
+                 the device's floor (`--allow-downgrade` works only for images signed with a \
+                 development key)"
                     .to_string(),
             ),
         ),

@@ -20,4 +20,5 @@ pub mod msg;
 pub mod receipt;
 pub mod rpc;
 pub mod session;
+pub mod trust;
 pub mod verity;

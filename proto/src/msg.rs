@@ -50,10 +50,15 @@ pub const COMPRESS_ZSTD: u8 = 0x01;
 
 /// HELLO flag: the host forbids skipping (`--no-skip`): send every data chunk.
 pub const HELLO_NO_SKIP: u8 = 0x01;
+/// HELLO flag: `--allow-downgrade`: install even below the target's security-version floor.
+/// The target honours it only for an image signed with one of its development keys.
+pub const HELLO_ALLOW_DOWNGRADE: u8 = 0x02;
 /// HELLO_REPLY flag: the target already has exactly this image installed.
 pub const REPLY_ALREADY_INSTALLED: u8 = 0x01;
 /// HELLO_REPLY flag: the target holds a partial transfer of this image.
 pub const REPLY_RESUMED: u8 = 0x02;
+/// HELLO_REPLY flag: the target has no trust key provisioned and accepts unsigned images.
+pub const REPLY_UNPROVISIONED: u8 = 0x04;
 
 // Every message fits a frame: the largest fixed HELLO part is far below the slack.
 const _: () = assert!(MAX_HEAD + 4096 <= MAX_PAYLOAD);
@@ -209,6 +214,8 @@ wire_enum! {
         Aborted = 14 => "aborted",
         /// 15: the peer stopped answering.
         Timeout = 15 => "timeout",
+        /// 16: the image's security version is below the target's anti-rollback floor.
+        Rollback = 16 => "rollback",
     }
     unknown: Unknown => "unknown", "A code this version does not know (kept verbatim)."
 }
@@ -235,6 +242,8 @@ pub struct Hello {
     pub compression: u8,
     /// `false` = `--no-skip`: the target must not offer its skip index.
     pub skip: bool,
+    /// `--allow-downgrade` ([`HELLO_ALLOW_DOWNGRADE`]).
+    pub allow_downgrade: bool,
     /// Host name, `[A-Za-z0-9._-]{1,64}`.
     pub host: String,
     /// The image head: every byte before the first segment (header, manifest,
@@ -271,6 +280,8 @@ pub struct HelloReply {
     pub already_installed: bool,
     /// The target holds part of this image from an earlier session.
     pub resumed: bool,
+    /// The target has no trust key and accepts unsigned images ([`REPLY_UNPROVISIONED`]).
+    pub unprovisioned: bool,
     /// Chunks the target already holds: the host continues with seq `resume_seq + 1`.
     pub resume_seq: u32,
     /// Bit i set = segment i (table order) already verified.
@@ -769,7 +780,14 @@ impl Message {
                 b.put_u16_le(h.window);
                 b.put_u32_le(h.chunk_size);
                 b.put_u8(h.compression);
-                b.put_u8(if h.skip { 0 } else { HELLO_NO_SKIP });
+                b.put_u8(
+                    if h.skip { 0 } else { HELLO_NO_SKIP }
+                        | if h.allow_downgrade {
+                            HELLO_ALLOW_DOWNGRADE
+                        } else {
+                            0
+                        },
+                );
                 put_str8(&mut b, &h.host);
                 b.put_u32_le(h.head.len() as u32);
                 b.put_slice(&h.head);
@@ -804,6 +822,9 @@ impl Message {
                 }
                 if r.resumed {
                     f |= REPLY_RESUMED;
+                }
+                if r.unprovisioned {
+                    f |= REPLY_UNPROVISIONED;
                 }
                 b.put_u8(f);
                 b.put_u32_le(r.resume_seq);
@@ -942,7 +963,7 @@ impl Message {
                 let compression = r.u8("compression")?;
                 r.check(check_compression_set(compression), "compression")?;
                 let fl = r.u8("flags")?;
-                if fl & !HELLO_NO_SKIP != 0 {
+                if fl & !(HELLO_NO_SKIP | HELLO_ALLOW_DOWNGRADE) != 0 {
                     return Err(MsgError::invalid(
                         m,
                         "flags",
@@ -961,6 +982,7 @@ impl Message {
                     chunk_size,
                     compression,
                     skip: fl & HELLO_NO_SKIP == 0,
+                    allow_downgrade: fl & HELLO_ALLOW_DOWNGRADE != 0,
                     host,
                     head,
                 })
@@ -979,7 +1001,7 @@ impl Message {
                 let compression = r.u8("compression")?;
                 r.check(check_reply_compression(compression), "compression")?;
                 let fl = r.u8("flags")?;
-                if fl & !(REPLY_ALREADY_INSTALLED | REPLY_RESUMED) != 0 {
+                if fl & !(REPLY_ALREADY_INSTALLED | REPLY_RESUMED | REPLY_UNPROVISIONED) != 0 {
                     return Err(MsgError::invalid(
                         m,
                         "flags",
@@ -1025,6 +1047,7 @@ impl Message {
                     compression,
                     already_installed: fl & REPLY_ALREADY_INSTALLED != 0,
                     resumed: fl & REPLY_RESUMED != 0,
+                    unprovisioned: fl & REPLY_UNPROVISIONED != 0,
                     resume_seq,
                     verified,
                     index,
@@ -1233,7 +1256,7 @@ mod tests {
             assert_eq!(ErrorCode::from_code(e.code()), *e);
             assert_ne!(e.name(), "unknown");
         }
-        assert_eq!(ErrorCode::ALL.len(), 15);
+        assert_eq!(ErrorCode::ALL.len(), 16);
         assert_eq!(ErrorCode::from_code(999), ErrorCode::Unknown(999));
         assert_eq!(ErrorCode::Unknown(999).code(), 999);
         assert_eq!(ErrorCode::TooLarge.to_string(), "13 (too_large)");

@@ -192,6 +192,9 @@ pub enum ProgressEvent {
         skip: bool,
         segments: Vec<SegmentProgress>,
     },
+    /// The target has no trust key provisioned: it accepts unsigned images (right after
+    /// [`ProgressEvent::Start`]; the CLI warns).
+    Unprovisioned { device: String },
     /// The target already held part of the image.
     Resumed {
         /// Next chunk to send.

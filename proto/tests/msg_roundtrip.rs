@@ -40,6 +40,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(
                 |(nonce, window, chunk_size, compression, skip, host, head, proto)| {
                     Message::Hello(Hello {
+                        allow_downgrade: false,
                         proto,
                         nonce,
                         window,
@@ -75,6 +76,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     idx,
                 )| {
                     Message::HelloReply(HelloReply {
+                        unprovisioned: false,
                         proto: PROTO_VERSION,
                         nonce,
                         device,
@@ -313,6 +315,7 @@ fn non_write_frames_need_zero_flags_and_seq() {
 #[test]
 fn hello_bounds() {
     let ok = Hello {
+        allow_downgrade: false,
         proto: 1,
         nonce: 1,
         window: 16,
@@ -398,6 +401,7 @@ fn hello_bounds() {
 #[test]
 fn hello_reply_index_count_is_checked_against_the_payload() {
     let r = HelloReply {
+        unprovisioned: false,
         proto: 1,
         nonce: 5,
         device: "nexus-qemu".into(),

@@ -360,7 +360,9 @@ fn make_image(
     }
     let img = dir.join(format!("{name}.img"));
     let st = Command::new(&bins.nx)
-        .args(["image", "build", "--version", "1", "--segment"])
+        .args(["image", "build", "--version", "1", "--no-verity", "--sign"])
+        .arg(crate::keys::ensure_dev_key(&crate::util::build_dir())?)
+        .arg("--segment")
         .arg(format!("rootfs={}", seg.display()))
         .arg("--out")
         .arg(&img)

@@ -52,10 +52,12 @@ pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
     for d in STATE_DIRS {
         std::fs::create_dir_all(tree.path().join(d))?;
     }
+    crate::keys::provision(tree.path())?;
     mkfs_state(path, tree.path())?;
     eprintln!(
-        "xtask: created {} (ext4, label state, {STATE_MIB} MiB sparse)",
-        path.display()
+        "xtask: created {} (ext4, label state, {STATE_MIB} MiB sparse; trusts the development key {})",
+        path.display(),
+        crate::keys::DEV_KEY_NAME
     );
     Ok(())
 }

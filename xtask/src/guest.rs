@@ -572,6 +572,7 @@ pub fn build_images(
     };
     let tmp = build.join("images.tmp");
     std::fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let key = crate::keys::ensure_dev_key(build)?;
     let kernel = segment_arg("kernel", parts.kernel);
     let initrd = segment_arg("initrd", parts.initrd);
     let whole_os = |name: &str,
@@ -585,6 +586,7 @@ pub fn build_images(
             &tmp,
             &build.join(format!("{name}.img")),
             version,
+            &key,
             |c| {
                 c.arg("--rootfs").arg(&tree);
                 c.arg("--segment").arg(&kernel).arg("--segment").arg(initrd);
@@ -613,6 +615,7 @@ pub fn build_images(
         &tmp,
         &build.join("nexus-os-broken.img"),
         BROKEN_VERSION,
+        &key,
         |c| {
             c.arg("--segment").arg(segment_arg("rootfs", &junk_file));
             c.arg("--segment")
@@ -629,18 +632,34 @@ pub fn build_images(
     })
 }
 
-/// One `nx image build`; `None` (with a stub/placeholder line) when it fails.
+/// The anti-rollback counter of each image this build makes: v1 → 1, v2 → 2, the broken and
+/// bad-kernel updates → 3 (so a device that confirmed v2 still takes them, to test rollback).
+pub fn security_version(version: &str) -> u64 {
+    match version {
+        DEMO_VERSION => 1,
+        V2_VERSION => 2,
+        _ => 3,
+    }
+}
+
+/// One `nx image build` (signed with the development key); `None` (with a stub/placeholder
+/// line) when it fails.
 fn image(
     nx: &Path,
     tmp: &Path,
     out: &Path,
     version: &str,
+    key: &Path,
     inputs: impl FnOnce(&mut std::process::Command),
 ) -> Option<PathBuf> {
     let name = out.file_name().unwrap_or_default();
     let staged = tmp.join(name);
     let mut cmd = std::process::Command::new(nx);
-    cmd.args(["image", "build", "--version", version, "--out"])
+    cmd.args(["image", "build", "--version", version])
+        .args(["--security-version", &security_version(version).to_string()])
+        .arg("--sign")
+        .arg(key)
+        .arg("--out")
         .arg(&staged)
         .env_remove("SOURCE_DATE_EPOCH")
         .stdout(std::process::Stdio::null());

@@ -19,6 +19,7 @@ mod guest;
 mod host_tools;
 mod initramfs;
 mod kernel;
+mod keys;
 mod qemu_test;
 mod recovery;
 mod userland;

@@ -5,7 +5,7 @@ use super::Marker;
 use std::fmt::Display;
 
 /// Prefixes of the markers with variable parts, as the runner matches them.
-pub const PATTERNS: [&str; 7] = [
+pub const PATTERNS: [&str; 9] = [
     "flashd: hello host=",
     "flashd: error ",
     "flashd: wrote seg=",
@@ -13,6 +13,8 @@ pub const PATTERNS: [&str; 7] = [
     "flashd: install slot=",
     "flashd: slot=",
     "flashd: stub/placeholder no usable state dir (",
+    "flashd: refused image: ",
+    "flashd: image trusted ",
 ];
 
 /// Prefix of flashd's informational lines (stderr). They are not markers, but share the
@@ -54,6 +56,26 @@ pub fn hello(host: impl Display, proto: impl Display) -> Marker {
 /// no host hears about, e.g. at startup or after the install).
 pub fn error(code: impl Display, text: impl Display) -> Marker {
     Marker::new(format!("flashd: error {code} {text}"))
+}
+
+/// `flashd: refused image: <reason>`: the trust policy refused the image at HELLO (unsigned,
+/// untrusted signature, below the anti-rollback floor); nothing was written.
+pub fn refused(reason: impl Display) -> Marker {
+    Marker::new(format!("flashd: refused image: {reason}"))
+}
+
+/// `flashd: image trusted key=<name> security_version=<n>[ downgrade]`: the image passed the
+/// trust policy (`downgrade`: below the floor, allowed for a development key).
+pub fn trusted(key: impl Display, security_version: u64, downgrade: bool) -> Marker {
+    Marker::new(format!(
+        "flashd: image trusted key={key} security_version={security_version}{}",
+        if downgrade { " downgrade" } else { "" }
+    ))
+}
+
+/// The explicit stub of an unprovisioned device: no trust key, unsigned images are accepted.
+pub fn unprovisioned() -> Marker {
+    Marker::new("flashd: stub/placeholder: no trust key — accepting unsigned images")
 }
 
 /// `flashd: wrote seg=<name> bytes=<size>`: every chunk of a segment is written.

@@ -199,6 +199,24 @@ pub fn confirmed(slot: impl Display) -> Marker {
     Marker::new(format!("init: confirmed slot={slot}"))
 }
 
+/// The anti-rollback floor after a confirmed slot: `init: anti-rollback floor=<n> (slot=<s>
+/// security_version=<v>)`.
+pub fn floor(floor: u64, slot: impl Display, security_version: u64) -> Marker {
+    Marker::new(format!(
+        "init: anti-rollback floor={floor} (slot={slot} security_version={security_version})"
+    ))
+}
+
+/// Fixed prefix of [`floor`].
+pub const FLOOR_PREFIX: &str = "init: anti-rollback floor=";
+
+/// The floor could not be raised (the next confirmed boot tries again).
+pub fn floor_failed(e: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: error: cannot raise the anti-rollback floor ({e}); the next boot of a confirmed slot retries"
+    ))
+}
+
 /// Fixed prefix of [`confirmed`].
 pub const CONFIRMED_PREFIX: &str = "init: confirmed slot=";
 

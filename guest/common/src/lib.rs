@@ -23,6 +23,7 @@ pub mod slotfs;
 pub mod state;
 pub mod supervisor;
 pub mod sys;
+pub mod trust;
 pub mod unixsock;
 
 use std::path::PathBuf;

@@ -114,6 +114,8 @@ pub struct Mounted {
     pub image_version: String,
     /// Bytes of the rootfs segment.
     pub rootfs_bytes: u64,
+    /// The manifest's anti-rollback counter (the floor rises to it once the slot is confirmed).
+    pub security_version: u64,
 }
 
 fn read_exact_at(f: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), SlotFsError> {
@@ -331,6 +333,7 @@ pub fn mount_rootfs(
             version,
             image_version: head.manifest.version.clone(),
             rootfs_bytes: seg.size,
+            security_version: head.manifest.security_version,
         }),
         Err(reason) => {
             let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);

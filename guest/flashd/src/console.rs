@@ -37,6 +37,13 @@ pub fn marker_of(r: &ReceiverReport) -> Option<Marker> {
         ReceiverReport::VerifyOk => m::verify_ok(),
         ReceiverReport::VerifyFailed { segment } => m::verify_failed(segment),
         ReceiverReport::Installed => m::installed(),
+        ReceiverReport::Refused { reason } => m::refused(reason),
+        ReceiverReport::Trusted {
+            key: Some(key),
+            security_version,
+            downgrade,
+        } => m::trusted(key, *security_version, *downgrade),
+        ReceiverReport::Trusted { key: None, .. } => m::unprovisioned(),
         ReceiverReport::StagingLost
         | ReceiverReport::HostAborted { .. }
         | ReceiverReport::SkipIndexDropped

@@ -20,6 +20,7 @@ use proto::image::ImageHead;
 use proto::manifest::Manifest;
 use proto::msg::{self, ErrorCode, ErrorMsg, Message, MsgType};
 use proto::session::{Journal, Receiver, ReceiverConfig, ReceiverEvent};
+use proto::trust::{TrustPolicy, TrustedKey};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -154,6 +155,55 @@ pub(crate) struct Runtime {
     install_target: String,
 }
 
+/// The trust policy of `cfg.state_dir` (`/state/trust`), plus the `--require-signed` key.
+/// An unreadable store refuses every image (fail closed).
+fn load_trust(cfg: &Config, out: &dyn Output) -> TrustPolicy {
+    let mut trust = match nx_guest::trust::load(&cfg.state_dir) {
+        Ok(t) => t,
+        Err(e) => {
+            out.show(&m::error(0, format!("trust store unusable: {e}")));
+            TrustPolicy::unusable(e.to_string())
+        }
+    };
+    if let Some(key) = cfg.require_signed {
+        trust.keys.push(TrustedKey {
+            name: "require-signed".into(),
+            key,
+            development: false,
+        });
+    }
+    trust
+}
+
+/// Say what the device trusts: the explicit stub marker when nothing is provisioned.
+fn announce_trust(trust: &TrustPolicy, out: &dyn Output) {
+    if !trust.is_provisioned() {
+        out.show(&m::unprovisioned());
+        return;
+    }
+    if trust.broken.is_some() {
+        return;
+    }
+    let names: Vec<String> = trust
+        .keys
+        .iter()
+        .map(|k| {
+            if k.development {
+                format!("{} (development)", k.name)
+            } else {
+                k.name.clone()
+            }
+        })
+        .collect();
+    out.log(&format!(
+        "trust: {} key{} ({}), anti-rollback floor {}",
+        trust.keys.len(),
+        if trust.keys.len() == 1 { "" } else { "s" },
+        names.join(", "),
+        trust.floor
+    ));
+}
+
 /// An action's failure, reported to the receiver.
 type ActionError = (ErrorCode, String);
 
@@ -186,7 +236,8 @@ impl Runtime {
         let mut rcfg = ReceiverConfig::new(cfg.device.clone());
         rcfg.max_window = cfg.max_window;
         rcfg.max_chunk = cfg.max_chunk;
-        rcfg.require_signed = cfg.require_signed;
+        rcfg.trust = load_trust(&cfg, out.as_ref());
+        announce_trust(&rcfg.trust, out.as_ref());
         let rx = Receiver::new(rcfg.clone(), journal, installed);
         let (results_tx, results) = mpsc::channel();
         let hasher = Hasher::spawn(results_tx.clone()).map_err(FlashdError::Thread)?;
@@ -218,6 +269,17 @@ impl Runtime {
             },
             install_target,
         })
+    }
+
+    /// Re-read the trust store (before each connection: keys may have been provisioned and
+    /// the floor raised since the last one).
+    pub(crate) fn reload_trust(&mut self) {
+        let trust = load_trust(&self.cfg, self.out.as_ref());
+        if &trust != self.rx.trust() {
+            announce_trust(&trust, self.out.as_ref());
+            self.rcfg.trust = trust.clone();
+            self.rx.set_trust(trust);
+        }
     }
 
     /// Background work is outstanding.

@@ -118,6 +118,9 @@ impl Server {
 
     /// Serve one connection until it closes or idles out.
     pub fn serve_conn(&mut self, mut conn: Conn) -> ConnEnd {
+        if let Mode::Active(rt) = &mut self.mode {
+            rt.reload_trust();
+        }
         let idle = self.idle;
         let mut last = Instant::now();
         let mut stub_answered = false;

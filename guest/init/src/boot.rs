@@ -31,6 +31,9 @@ pub trait Daemons {
     fn mark_bad(&mut self, slot: Slot) -> Result<(), String>;
     /// `rebootd.mode(target)`: `Ok(true)` = a real reboot is under way.
     fn reboot(&mut self, target: &str) -> Result<bool, String>;
+    /// Raise the anti-rollback floor in the trust store to `security_version` (never lowers
+    /// it); returns the floor in force.
+    fn raise_floor(&mut self, security_version: u64) -> Result<u64, String>;
 }
 
 /// Why mounting a slot failed.
@@ -231,6 +234,11 @@ pub fn after_mount(
         emit(&markers::init::motd(line));
     }
     if opts.manual_confirm {
+        if !d.trial {
+            // Confirmed before (maybe by hand, or a power cut came between the confirm and
+            // the floor): catch the floor up.
+            raise_floor(daemons, slot, mounted.security_version, emit);
+        }
         emit(&markers::init::manual_confirm(slot));
         return Outcome::Up {
             slot,
@@ -240,6 +248,7 @@ pub fn after_mount(
     match daemons.confirm() {
         Ok(()) => {
             emit(&markers::init::confirmed(slot));
+            raise_floor(daemons, slot, mounted.security_version, emit);
             Outcome::Up {
                 slot,
                 confirmed: true,
@@ -252,6 +261,21 @@ pub fn after_mount(
                 confirmed: false,
             }
         }
+    }
+}
+
+/// The floor rises only for a confirmed slot: after its confirm, or at every boot of an
+/// already-confirmed slot (which catches up a confirm made by hand with `nx boot confirm` or a
+/// power cut between the confirm and the floor write). Never at install, never for a trial.
+fn raise_floor(
+    daemons: &mut dyn Daemons,
+    slot: Slot,
+    security_version: u64,
+    emit: &mut dyn FnMut(&Marker),
+) {
+    match daemons.raise_floor(security_version) {
+        Ok(floor) => emit(&markers::init::floor(floor, slot, security_version)),
+        Err(e) => emit(&markers::init::floor_failed(e)),
     }
 }
 
@@ -312,6 +336,10 @@ mod tests {
             self.calls.push(format!("reboot {target}"));
             self.reboot_ok.ok_or_else(|| "no rebootd".into())
         }
+        fn raise_floor(&mut self, security_version: u64) -> Result<u64, String> {
+            self.calls.push(format!("raiseFloor {security_version}"));
+            Ok(security_version.max(1))
+        }
     }
 
     enum M {
@@ -340,6 +368,7 @@ mod tests {
                     version: "2".into(),
                     image_version: "2".into(),
                     rootfs_bytes: 4096,
+                    security_version: 2,
                 }),
                 M::NoPart | M::NoDisk => {
                     Err(MountError::NoPartition("no partition system_b".into()))
@@ -411,9 +440,73 @@ mod tests {
             }
         );
         assert_eq!(mounted, [Slot::B]);
-        assert_eq!(f.calls, ["bootAttempt", "confirm"]);
+        assert_eq!(f.calls, ["bootAttempt", "confirm", "raiseFloor 2"]);
         assert!(lines.contains(&"init: booted slot=b version=2 trial=true".to_string()));
         assert!(lines.contains(&"init: confirmed slot=b".to_string()));
+        // The floor rises after the confirm, never before.
+        let confirmed = lines.iter().position(|l| l == "init: confirmed slot=b");
+        let floor = lines
+            .iter()
+            .position(|l| l == "init: anti-rollback floor=2 (slot=b security_version=2)");
+        assert!(confirmed.is_some() && floor > confirmed, "{lines:?}");
+    }
+
+    #[test]
+    fn the_floor_rises_only_for_confirmed_slots() {
+        // Manual confirm of a trial: no floor.
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 2)),
+            ..Fake::default()
+        };
+        go(
+            &mut f,
+            M::Ok,
+            Options {
+                manual_confirm: true,
+            },
+        );
+        assert!(
+            !f.calls.iter().any(|c| c.starts_with("raiseFloor")),
+            "{:?}",
+            f.calls
+        );
+        // A failed confirm: no floor.
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 2)),
+            confirm_fails: true,
+            ..Fake::default()
+        };
+        go(&mut f, M::Ok, Options::default());
+        assert!(
+            !f.calls.iter().any(|c| c.starts_with("raiseFloor")),
+            "{:?}",
+            f.calls
+        );
+        // An already-confirmed slot catches the floor up, even with manual confirm.
+        let mut f = Fake {
+            decision: Some(decision(Slot::A, false, 0)),
+            ..Fake::default()
+        };
+        go(
+            &mut f,
+            M::Ok,
+            Options {
+                manual_confirm: true,
+            },
+        );
+        assert_eq!(f.calls, ["bootAttempt", "raiseFloor 2"]);
+        // An unusable slot: nothing.
+        let mut f = Fake {
+            decision: Some(decision(Slot::B, true, 2)),
+            reboot_ok: Some(true),
+            ..Fake::default()
+        };
+        go(&mut f, M::SlotFault, Options::default());
+        assert!(
+            !f.calls.iter().any(|c| c.starts_with("raiseFloor")),
+            "{:?}",
+            f.calls
+        );
     }
 
     #[test]

@@ -83,7 +83,9 @@ fn main() {
     let outcome = match mounted {
         Err(o) => o,
         Ok((b, mounted)) => {
-            match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK)) {
+            match RpcDaemons::new(Path::new(BOOTCTLD_SOCK), Path::new(REBOOTD_SOCK))
+                .map(|d| d.with_state(early.state_dev.as_ref().map(|_| state_root)))
+            {
                 Ok(mut daemons) => match &wipe {
                     Some(why) => boot::refuse_for_wipe(&mut daemons, why, &mut |line| show(line)),
                     None => boot::after_mount(

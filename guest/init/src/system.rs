@@ -42,6 +42,8 @@ pub struct RpcDaemons {
     rt: tokio::runtime::Runtime,
     bootctld: PathBuf,
     rebootd: PathBuf,
+    /// The mounted `/state` (the trust store lives there); `None`: no state disk.
+    state_root: Option<PathBuf>,
 }
 
 impl RpcDaemons {
@@ -55,7 +57,14 @@ impl RpcDaemons {
             rt,
             bootctld: bootctld.to_path_buf(),
             rebootd: rebootd.to_path_buf(),
+            state_root: None,
         })
+    }
+
+    /// Where `/state` is mounted (the trust store with the anti-rollback floor).
+    pub fn with_state(mut self, root: Option<&Path>) -> Self {
+        self.state_root = root.map(Path::to_path_buf);
+        self
     }
 
     fn ready(&self, sock: &Path) -> Result<(), String> {
@@ -97,6 +106,14 @@ impl Daemons for RpcDaemons {
                 nx_rpc::reboot::request_mode(sock, t, REBOOTD_TIMEOUT)
             }))
             .map_err(|e| format!("rebootd: {e}"))
+    }
+
+    fn raise_floor(&mut self, security_version: u64) -> Result<u64, String> {
+        let root = self
+            .state_root
+            .as_deref()
+            .ok_or_else(|| "no /state disk: the floor cannot be kept".to_string())?;
+        nx_guest::trust::raise_floor(root, security_version).map_err(|e| e.to_string())
     }
 }
 

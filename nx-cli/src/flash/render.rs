@@ -342,6 +342,15 @@ impl Renderer {
                     self.setup_bars(*data_bytes, segments);
                 }
             }
+            ProgressEvent::Unprovisioned { device } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                // A warning: shown even with --quiet (like errors).
+                self.error_line(&format!(
+                    "nx: warning: {device} has no trust key provisioned (stub/placeholder): it \
+                     accepts unsigned images from anyone. Provision a key (docs/tools/trust.md) \
+                     and send signed images (`nx image build --sign KEY`)."
+                ));
+            }
             ProgressEvent::Resumed {
                 seq,
                 at_offset,

@@ -14,6 +14,7 @@ use crate::msg::{
     InstalledInfo, Message, MsgType, Nak, NakReason, TransferInfo, Verified, Write, WriteBody,
     COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
 };
+use crate::trust::TrustPolicy;
 
 use super::hexser;
 use super::plan::{Plan, SkipIndex};
@@ -32,8 +33,9 @@ pub struct ReceiverConfig {
     pub max_chunk: u32,
     /// The shell can decompress zstd.
     pub zstd: bool,
-    /// `--require-signed PUB`: refuse images not signed by this Ed25519 key.
-    pub require_signed: Option<[u8; 32]>,
+    /// The keys and anti-rollback floor (see [`crate::trust`]); the shell refreshes it with
+    /// [`Receiver::set_trust`] whenever its trust store may have changed.
+    pub trust: TrustPolicy,
     /// Largest image (bytes) the staging area and install target can take.
     pub max_image_size: u64,
     /// Persist the journal at least every this many chunks (`None` = once per
@@ -53,7 +55,7 @@ impl ReceiverConfig {
             max_window: 64,
             max_chunk: MAX_CHUNK,
             zstd: true,
-            require_signed: None,
+            trust: TrustPolicy::default(),
             max_image_size: 1 << 40,
             checkpoint_chunks: None,
             refuse: None,
@@ -112,6 +114,16 @@ pub enum ReceiverReport {
     Hello { host: String, proto: u8 },
     /// The session failed: the ERROR sent to the host (`text` as sent, sanitized).
     Error { code: ErrorCode, text: String },
+    /// The image was refused by the trust policy (nothing was written); also reported as
+    /// [`ReceiverReport::Error`].
+    Refused { reason: String },
+    /// The image passed the trust policy: signed by `key` (`None`: the target is
+    /// unprovisioned and accepts anything), `downgrade`: below the floor with a development key.
+    Trusted {
+        key: Option<String>,
+        security_version: u64,
+        downgrade: bool,
+    },
     /// Every chunk of segment `segment` (`bytes` long) is written.
     SegmentWritten { segment: String, bytes: u64 },
     /// Every segment verified; the install starts.
@@ -287,6 +299,8 @@ struct Link {
     window: u16,
     compression: u8,
     skip: bool,
+    /// The HELLO asked for `--allow-downgrade`.
+    allow_downgrade: bool,
     /// NAK gate: (expected seq the NAK was sent for, highest seq seen since).
     nak: Option<(u32, u32)>,
 }
@@ -374,6 +388,16 @@ impl Receiver {
     /// What is installed.
     pub fn installed(&self) -> Option<&InstalledImage> {
         self.installed.as_ref()
+    }
+
+    /// Replace the trust policy (the shell reloads its trust store before each session).
+    pub fn set_trust(&mut self, trust: TrustPolicy) {
+        self.cfg.trust = trust;
+    }
+
+    /// The trust policy in force.
+    pub fn trust(&self) -> &TrustPolicy {
+        &self.cfg.trust
     }
 
     /// Replaces the install record (e.g. once the shell has built a skip index for
@@ -595,13 +619,24 @@ impl Receiver {
         }
         let head = ImageHead::parse(&h.head)
             .map_err(|e| Fatal::Err(ErrorCode::BadImage, format!("image head rejected: {e}")))?;
-        if let Some(key) = &self.cfg.require_signed {
-            head.verify_signature(key).map_err(|e| {
-                Fatal::Err(
-                    ErrorCode::Signature,
-                    format!("signature required by this target: {e}"),
-                )
-            })?;
+        match self.cfg.trust.check(&head, h.allow_downgrade) {
+            Ok(a) => self.push(ReceiverAction::Report(ReceiverReport::Trusted {
+                key: a.key,
+                security_version: head.manifest.security_version,
+                downgrade: a.downgrade,
+            })),
+            Err(r) => {
+                let reason = r.to_string();
+                self.push(ReceiverAction::Report(ReceiverReport::Refused {
+                    reason: reason.clone(),
+                }));
+                let code = if r.is_rollback() {
+                    ErrorCode::Rollback
+                } else {
+                    ErrorCode::Signature
+                };
+                return Err(Fatal::Err(code, format!("refused image: {reason}")));
+            }
         }
         let manifest = head.manifest;
         if manifest.total_size > self.cfg.max_image_size {
@@ -625,6 +660,7 @@ impl Receiver {
                 0
             },
             skip: h.skip,
+            allow_downgrade: h.allow_downgrade,
             nak: None,
         };
 
@@ -737,6 +773,7 @@ impl Receiver {
             compression: self.link.compression,
             already_installed,
             resumed: !already_installed && (x.received > 0 || x.verified.iter().any(|v| *v)),
+            unprovisioned: !self.cfg.trust.is_provisioned(),
             resume_seq: if already_installed { 0 } else { x.received },
             verified: if already_installed {
                 0
@@ -1107,6 +1144,29 @@ impl Receiver {
         }
         let (image_id, image_sha256, total_size) =
             (x.image_id, x.manifest.image_sha256, x.manifest.total_size);
+        // The trust store may have changed since HELLO (a long transfer): decide again right
+        // before the install, so nothing is installed that the device would refuse now.
+        let refusal = match ImageHead::parse(&x.head) {
+            Ok(head) => self
+                .cfg
+                .trust
+                .check(&head, self.link.allow_downgrade)
+                .err()
+                .map(|r| (r.is_rollback(), r.to_string())),
+            Err(e) => Some((false, format!("image head rejected: {e}"))),
+        };
+        if let Some((rollback, reason)) = refusal {
+            self.push(ReceiverAction::Report(ReceiverReport::Refused {
+                reason: reason.clone(),
+            }));
+            let code = if rollback {
+                ErrorCode::Rollback
+            } else {
+                ErrorCode::Signature
+            };
+            self.fail(code, &format!("refused image: {reason}"));
+            return;
+        }
         self.push(ReceiverAction::Report(ReceiverReport::VerifyOk));
         self.push(ReceiverAction::Install {
             image_id,

@@ -33,6 +33,9 @@ pub struct SenderConfig {
     pub compress: CompressMode,
     /// `false` = `--no-skip`.
     pub skip: bool,
+    /// `--allow-downgrade`: ask the target to install below its anti-rollback floor (honoured
+    /// only for images signed with one of its development keys).
+    pub allow_downgrade: bool,
     /// Retransmission timeout: no ACK progress for this long → resend from the last
     /// acknowledged seq (and resend HELLO/DONE while waiting for their replies).
     /// Default 2 s.
@@ -54,6 +57,7 @@ impl SenderConfig {
             chunk_size: 256 * 1024,
             compress: CompressMode::Auto,
             skip: true,
+            allow_downgrade: false,
             rto: Duration::from_secs(2),
             max_retries: 10,
             read_ahead: 4,
@@ -353,6 +357,7 @@ impl Sender {
             chunk_size: self.cfg.chunk_size,
             compression,
             skip: self.cfg.skip,
+            allow_downgrade: self.cfg.allow_downgrade,
             host: self.cfg.host.clone(),
             head: self.head.clone(),
         });
@@ -526,6 +531,11 @@ impl Sender {
             skip: self.cfg.skip,
             segments,
         });
+        if r.unprovisioned {
+            self.progress(ProgressEvent::Unprovisioned {
+                device: r.device.clone(),
+            });
+        }
         if self.stats.zero_bytes > 0 {
             self.progress(ProgressEvent::Skipped {
                 kind: SkipKind::Zero,

@@ -6,6 +6,7 @@ use proto::frame::Frame;
 use proto::image::{public_key_of, sign_manifest, ImageHead};
 use proto::msg::*;
 use proto::session::*;
+use proto::trust::{TrustPolicy, TrustedKey};
 
 const CHUNK: u32 = 8192;
 
@@ -28,6 +29,7 @@ fn rcfg() -> ReceiverConfig {
 
 fn hello(img: &TestImage, nonce: u64, skip: bool) -> Frame {
     Message::Hello(Hello {
+        allow_downgrade: false,
         proto: PROTO_VERSION,
         nonce,
         window: 8,
@@ -108,6 +110,12 @@ fn fresh_hello_opens_staging_and_replies() {
     let mut rx = Receiver::new(rcfg(), None, None);
     rx.handle(ReceiverEvent::Frame(hello(&img, 1, true)));
     let a = drain_rx(&mut rx);
+    // Unprovisioned (no key): said once per HELLO, right after it.
+    assert!(matches!(
+        a[1],
+        ReceiverAction::Report(ReceiverReport::Trusted { key: None, .. })
+    ));
+    let a = without_trust(a);
     assert_eq!(markers_of(&a), vec!["flashd: hello host=host-1 proto=1"]);
     assert!(matches!(a[1], ReceiverAction::ClearJournal));
     assert!(matches!(
@@ -148,6 +156,7 @@ fn wrong_proto_bad_head_unsigned_and_too_large_are_refused() {
     let mut head = img.head.to_vec();
     head[proto::image::HEADER_LEN + 5] ^= 0x20; // corrupt the manifest text
     let f = Message::Hello(Hello {
+        allow_downgrade: false,
         proto: 1,
         nonce: 2,
         window: 4,
@@ -168,7 +177,15 @@ fn wrong_proto_bad_head_unsigned_and_too_large_are_refused() {
 
     let seed = [7u8; 32];
     let mut signed = ReceiverConfig {
-        require_signed: Some(public_key_of(&seed)),
+        trust: TrustPolicy {
+            keys: vec![TrustedKey {
+                name: "release".into(),
+                key: public_key_of(&seed),
+                development: false,
+            }],
+            floor: 0,
+            broken: None,
+        },
         ..rcfg()
     };
     let mut rx = Receiver::new(signed.clone(), None, None);
@@ -199,7 +216,7 @@ fn wrong_proto_bad_head_unsigned_and_too_large_are_refused() {
     rx.handle(ev(f));
     assert!(errors(&drain_rx(&mut rx)).is_empty());
 
-    signed.require_signed = None;
+    signed.trust = TrustPolicy::default();
     signed.max_image_size = 1000;
     let mut rx = Receiver::new(signed, None, None);
     rx.handle(ReceiverEvent::Frame(hello(&img, 1, true)));
@@ -809,7 +826,7 @@ fn restarted_receiver_resumes_from_its_journal() {
     // flashd killed; a new one starts from the persisted journal
     let mut rx2 = Receiver::new(rcfg(), Some(j.clone()), None);
     rx2.handle(ReceiverEvent::Frame(hello(&img, 9, true)));
-    let a = drain_rx(&mut rx2);
+    let a = without_trust(drain_rx(&mut rx2));
     assert!(matches!(
         a[1],
         ReceiverAction::OpenStaging { fresh: false, .. }
@@ -1212,6 +1229,10 @@ fn lost_staging_file_restarts_the_transfer_from_scratch() {
     ));
     assert!(matches!(
         rx.poll_action(),
+        Some(ReceiverAction::Report(ReceiverReport::Trusted { .. }))
+    ));
+    assert!(matches!(
+        rx.poll_action(),
         Some(ReceiverAction::OpenStaging { fresh: false, .. })
     ));
     rx.handle(ReceiverEvent::StagingLost);
@@ -1315,4 +1336,139 @@ fn rewinding_below_a_verified_segment_forgets_its_verification() {
     assert!(a
         .iter()
         .any(|x| matches!(x, ReceiverAction::VerifySegment { segment: 0, .. })));
+}
+
+/// The actions without the trust decision reports.
+fn without_trust(a: Vec<ReceiverAction>) -> Vec<ReceiverAction> {
+    a.into_iter()
+        .filter(|x| !matches!(x, ReceiverAction::Report(ReceiverReport::Trusted { .. })))
+        .collect()
+}
+
+fn floor(n: u64) -> TrustPolicy {
+    TrustPolicy {
+        keys: vec![],
+        floor: n,
+        broken: None,
+    }
+}
+
+/// MCUboot's trap: an install started before the floor was raised must not complete (or
+/// resume) after it. Every HELLO — fresh, resumed from memory, resumed from the journal — and
+/// the install itself are checked against the floor in force at that moment.
+#[test]
+fn a_resumed_or_finishing_install_is_checked_against_the_current_floor() {
+    let img = image(); // security_version 0
+    let mut rx = started(&img);
+    feed(&mut rx, &img, 1, 7);
+    rx.handle(ReceiverEvent::StagingSynced { upto_seq: 3 });
+    let j = drain_rx(&mut rx)
+        .into_iter()
+        .find_map(|x| match x {
+            ReceiverAction::PersistJournal(j) => Some(j),
+            _ => None,
+        })
+        .unwrap();
+
+    // Link cut; meanwhile the device confirmed a slot with security version 1.
+    rx.handle(ReceiverEvent::LinkDown);
+    drain_rx(&mut rx);
+    rx.set_trust(floor(1));
+    rx.handle(ReceiverEvent::Frame(hello(&img, 2, true)));
+    let a = drain_rx(&mut rx);
+    assert_eq!(errors(&a)[0].code, ErrorCode::Rollback, "{a:?}");
+    assert!(errors(&a)[0]
+        .text
+        .starts_with("refused image: image security version 0 is below"));
+    assert!(markers_of(&a)
+        .iter()
+        .any(|m| m.starts_with("flashd: refused image: ")));
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        ReceiverAction::OpenStaging { .. } | ReceiverAction::WriteHead(_)
+    )));
+
+    // flashd restarted from the journal: refused too, nothing opened.
+    let mut rx2 = Receiver::new(
+        ReceiverConfig {
+            trust: floor(1),
+            ..rcfg()
+        },
+        Some(j),
+        None,
+    );
+    rx2.handle(ReceiverEvent::Frame(hello(&img, 9, true)));
+    let a = drain_rx(&mut rx2);
+    assert_eq!(errors(&a)[0].code, ErrorCode::Rollback);
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        ReceiverAction::OpenStaging { .. } | ReceiverAction::WriteHead(_)
+    )));
+
+    // The floor rises while the last chunks are in flight: no install.
+    let mut rx3 = started(&img);
+    let mut all = complete(&img, &mut rx3);
+    rx3.set_trust(floor(1));
+    rx3.handle(ev(Message::Done(Done {
+        image_sha256: img.manifest.image_sha256,
+    })));
+    all.extend(drain_rx(&mut rx3));
+    assert!(!has_install(&all), "{all:?}");
+    assert_eq!(errors(&all)[0].code, ErrorCode::Rollback);
+
+    // With --allow-downgrade on an unprovisioned target the install goes on.
+    let mut rx4 = Receiver::new(
+        ReceiverConfig {
+            trust: floor(1),
+            ..rcfg()
+        },
+        None,
+        None,
+    );
+    let mut m = Message::from_frame(&hello(&img, 5, true)).unwrap();
+    if let Message::Hello(h) = &mut m {
+        h.allow_downgrade = true;
+    }
+    rx4.handle(ev(m));
+    let a = drain_rx(&mut rx4);
+    assert!(errors(&a).is_empty(), "{a:?}");
+    let r = reply_of(&a);
+    assert!(r.unprovisioned);
+}
+
+#[test]
+fn a_provisioned_target_says_so_in_its_reply() {
+    let img = image();
+    let seed = [5u8; 32];
+    let sig = sign_manifest(&seed, &img.manifest.to_canonical_bytes());
+    let head = ImageHead::build(&img.manifest, Some(sig))
+        .unwrap()
+        .to_bytes();
+    let mut rx = Receiver::new(
+        ReceiverConfig {
+            trust: TrustPolicy {
+                keys: vec![TrustedKey {
+                    name: "release".into(),
+                    key: public_key_of(&seed),
+                    development: false,
+                }],
+                floor: 0,
+                broken: None,
+            },
+            ..rcfg()
+        },
+        None,
+        None,
+    );
+    let mut m = Message::from_frame(&hello(&img, 1, true)).unwrap();
+    if let Message::Hello(h) = &mut m {
+        h.head = Bytes::from(head);
+    }
+    rx.handle(ev(m));
+    let a = drain_rx(&mut rx);
+    assert!(!reply_of(&a).unprovisioned);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        ReceiverAction::Report(ReceiverReport::Trusted { key: Some(k), .. }) if k == "release"
+    )));
 }

@@ -34,6 +34,7 @@ fn cfg() -> SenderConfig {
 
 fn reply(window: u16, chunk: u32) -> HelloReply {
     HelloReply {
+        unprovisioned: false,
         proto: PROTO_VERSION,
         nonce: 77,
         device: "dev".into(),

@@ -138,6 +138,7 @@ pub fn marker_of(r: &ReceiverReport) -> Option<String> {
         ReceiverReport::VerifyOk => m::verify_ok(),
         ReceiverReport::VerifyFailed { segment } => m::verify_failed(segment),
         ReceiverReport::Installed => m::installed(),
+        ReceiverReport::Refused { reason } => m::refused(reason),
         _ => return None,
     };
     Some(line.into_string())

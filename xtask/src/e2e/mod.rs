@@ -22,13 +22,14 @@ mod flash;
 mod reset;
 mod slots;
 mod support;
+mod trust;
 
 use anyhow::{bail, ensure};
 use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 12] = [
+pub const SCENARIOS: [&str; 13] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
@@ -36,6 +37,7 @@ pub const SCENARIOS: [&str; 12] = [
     "rollback",
     "badkernel",
     "update-powercut",
+    "trust",
     "reset",
     "reset-powercut",
     "reset-normal-guard",
@@ -97,6 +99,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "rollback" => slots::rollback(&ctx)?,
         "badkernel" => slots::badkernel(&ctx)?,
         "update-powercut" => slots::update_powercut(&ctx)?,
+        "trust" => trust::trust(&ctx)?,
         "reset" => reset::reset(&ctx)?,
         "reset-powercut" => reset::reset_powercut(&ctx)?,
         "reset-normal-guard" => reset::reset_normal_guard(&ctx)?,

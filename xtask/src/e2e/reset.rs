@@ -89,6 +89,21 @@ fn seed() -> Vec<Seed> {
         f("settings/locale", b"en_US.UTF-8\n".to_vec()),
         Seed::Link("settings/key-link".into(), "../trust/root.pub".into()),
         f("trust/root.pub", pattern(32, 4)),
+        // The factory provisioning (the development key) and the floor the first boot of the
+        // v1 slot keeps (raise_floor leaves an equal floor alone, so trust stays identical).
+        d("trust/dev-keys"),
+        f(
+            "trust/dev-keys/nexus-dev.pub",
+            crate::keys::dev_public_text().into_bytes(),
+        ),
+        f(
+            nx_contract::state::TRUST_FLOOR,
+            format!(
+                "{}\n",
+                crate::guest::security_version(crate::guest::DEMO_VERSION)
+            )
+            .into_bytes(),
+        ),
         d("trust/certs"),
         f(
             "trust/certs/ca.pem",

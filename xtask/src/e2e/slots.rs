@@ -54,7 +54,7 @@ fn cut_delay() -> Duration {
 const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Wait for flashd's activation of the new slot; say clearly when flashd has no slot hook.
-fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
+pub(super) fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<()> {
     let imaged = format!("bootctl: slotImaged slot=b version={version}");
     if let Err(e) = runner.wait_for(&imaged, ACTIVATE_TIMEOUT) {
         let hint = if runner.console_contains("flashd: installed") {

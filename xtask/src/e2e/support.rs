@@ -284,7 +284,9 @@ pub fn big_image() -> anyhow::Result<PathBuf> {
                 "run", "-q", "-p", "nx-cli", "--bin", "nx", "--", "image", "build", "--rootfs",
             ])
             .arg(&rootfs)
-            .args(["--version", "2.0.0", "--out"])
+            .args(["--version", "2.0.0", "--security-version", "2", "--sign"])
+            .arg(crate::keys::ensure_dev_key(&util::build_dir())?)
+            .arg("--out")
             .arg(&out),
     )?;
     Ok(out)

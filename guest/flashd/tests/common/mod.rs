@@ -101,6 +101,7 @@ impl Client {
 
 pub fn hello(head: &[u8], window: u16, chunk: u32) -> Message {
     Message::Hello(Hello {
+        allow_downgrade: false,
         proto: PROTO_VERSION,
         nonce: 7,
         window,
