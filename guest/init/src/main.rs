@@ -61,7 +61,19 @@ fn main() {
                 .flatten()
                 .is_some(),
         });
-    let mounted = boot::mount_booted(&mut SysMounter::default(), booted, &mut |l| show(l));
+    // The trust store: a slot is booted only when a trusted key signed its manifest (the
+    // dm-verity root hash comes from it). Unreadable store: no slot is trusted (fail closed).
+    let trust = early.state_dev.as_ref().map(|_| {
+        nx_guest::trust::load(state_root).unwrap_or_else(|e| {
+            show(&m::error(format_args!("trust store unusable: {e}")));
+            proto::trust::TrustPolicy::unusable(e.to_string())
+        })
+    });
+    let mut mounter = SysMounter {
+        trust,
+        ..SysMounter::default()
+    };
+    let mounted = boot::mount_booted(&mut mounter, booted, &mut |l| show(l));
     let mut sup = Supervisor::new(P);
     let bin_dir = match &mounted {
         Ok((_, m)) => m.mountpoint.join("bin"),

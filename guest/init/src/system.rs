@@ -123,6 +123,10 @@ pub struct SysMounter {
     pub sys_dir: PathBuf,
     pub dev_dir: PathBuf,
     pub mountpoint: PathBuf,
+    /// The device's trust store (`None`: no `/state`): when keys are provisioned, a slot whose
+    /// manifest is not signed by one of them is not booted — its root hash would be
+    /// attacker-chosen.
+    pub trust: Option<proto::trust::TrustPolicy>,
 }
 
 impl Default for SysMounter {
@@ -131,8 +135,38 @@ impl Default for SysMounter {
             sys_dir: PathBuf::from(blockdev::SYS_CLASS_BLOCK),
             dev_dir: PathBuf::from("/dev"),
             mountpoint: PathBuf::from(slotfs::SYSROOT),
+            trust: None,
         }
     }
+}
+
+/// The slot's manifest must be signed by a key the device trusts (when it trusts any). Only
+/// the signature: the anti-rollback floor applies to installs (docs/tools/trust.md).
+pub fn check_signature(
+    partition: &Path,
+    trust: &proto::trust::TrustPolicy,
+) -> Result<(), slotfs::SlotFsError> {
+    if !trust.is_provisioned() {
+        return Ok(());
+    }
+    let f = std::fs::File::open(partition).map_err(|source| slotfs::SlotFsError::Read {
+        path: partition.to_path_buf(),
+        source,
+    })?;
+    let cap = slotfs::capacity(&f, partition)?;
+    let head = slotfs::read_head(&f, partition, cap)?;
+    // Below the floor is fine here: only the signature is checked at boot.
+    let relaxed = proto::trust::TrustPolicy {
+        floor: 0,
+        ..trust.clone()
+    };
+    relaxed
+        .check(&head, false)
+        .map(|_| ())
+        .map_err(|r| slotfs::SlotFsError::NoImage {
+            path: partition.to_path_buf(),
+            reason: format!("the manifest is not trusted: {r}"),
+        })
 }
 
 /// The GPT partition name of a slot.
@@ -158,6 +192,60 @@ impl Mounter for SysMounter {
         let part = blockdev::find_partition(&self.sys_dir, &self.dev_dir, &name)
             .map_err(|e| MountError::NoPartition(format!("looking up partition {name}: {e}")))?
             .ok_or_else(|| MountError::NoPartition(format!("no partition {name}")))?;
+        if let Some(trust) = &self.trust {
+            check_signature(&part, trust).map_err(MountError::Slot)?;
+        }
         slotfs::mount_rootfs(&part, &self.mountpoint, &self.dev_dir).map_err(MountError::Slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::image::{layout, public_key_of, sign_manifest, ImageHead};
+    use proto::manifest::SegmentHasher;
+    use proto::trust::{TrustPolicy, TrustedKey};
+
+    fn partition(seed: Option<[u8; 32]>) -> (tempfile::TempDir, PathBuf) {
+        let mut h = SegmentHasher::new();
+        h.update(&[7u8; 8192]);
+        let m = layout("1", &[("rootfs".into(), h.finish())]).unwrap();
+        let sig = seed.map(|s| sign_manifest(&s, &m.to_canonical_bytes()));
+        let head = ImageHead::build(&m, sig).unwrap().to_bytes();
+        let mut bytes = vec![0u8; m.total_size as usize];
+        bytes[..head.len()].copy_from_slice(&head);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("system_a");
+        std::fs::write(&p, bytes).unwrap();
+        (d, p)
+    }
+
+    fn trusting(seed: [u8; 32]) -> TrustPolicy {
+        TrustPolicy {
+            keys: vec![TrustedKey {
+                name: "release".into(),
+                key: public_key_of(&seed),
+                development: false,
+            }],
+            floor: 99,
+            broken: None,
+        }
+    }
+
+    #[test]
+    fn a_slot_boots_only_when_a_trusted_key_signed_it() {
+        let (_d, signed) = partition(Some([1; 32]));
+        check_signature(&signed, &trusting([1; 32])).unwrap();
+        // The floor does not matter at boot.
+        let (_d2, other) = partition(Some([2; 32]));
+        let e = check_signature(&other, &trusting([1; 32])).unwrap_err();
+        assert!(e.is_slot_fault());
+        assert!(e.to_string().contains("not trusted"), "{e}");
+        let (_d3, unsigned) = partition(None);
+        assert!(check_signature(&unsigned, &trusting([1; 32]))
+            .unwrap_err()
+            .is_slot_fault());
+        // Unprovisioned: anything boots.
+        check_signature(&unsigned, &TrustPolicy::default()).unwrap();
     }
 }

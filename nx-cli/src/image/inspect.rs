@@ -18,11 +18,12 @@ use super::{exit, human_bytes, percent, read_full};
         checks without hashing the zero runs) and data ratio (the share of non-zero 4 KiB \
         blocks; zero runs are never sent when flashing). Reads and strictly checks only the head (header + manifest); \
         use `nx image verify` to check the data.\n\n\
-        --json prints one JSON object: {\"path\", \"format\", \"version\", \"total_size\", \
+        --json prints one JSON object: {\"path\", \"format\", \"version\", \
+        \"security_version\", \"total_size\", \
         \"file_size\", \"data_offset\", \"signed\", \"manifest_id\", \"image_sha256\", \
         \"data_bytes\", \"segments\": [{\"name\", \"offset\", \"size\", \"sha256\", \
-        \"data_sha256\", \"data_bytes\", \"data_ranges\"}]} where data_ranges is the number of \
-        ranges.\n\n\
+        \"data_sha256\", \"data_bytes\", \"data_ranges\"}], \"verity\": [{\"data\", \"hash\", \
+        \"salt\", \"root_hash\"}]} where data_ranges is the number of ranges.\n\n\
         Exit codes: 0 ok; 1 I/O error; 2 usage; 3 the head is malformed.",
     after_help = "Examples:\n  \
         nx image inspect build/nexus-os.img\n  \
@@ -98,6 +99,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             "path": args.path.display().to_string(),
             "format": m.format,
             "version": m.version,
+            "security_version": m.security_version,
             "total_size": m.total_size,
             "file_size": file_len,
             "data_offset": head.header.data_offset,
@@ -106,6 +108,12 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             "image_sha256": hex::encode(m.image_sha256),
             "data_bytes": m.data_bytes(),
             "segments": segments,
+            "verity": m.verity.iter().map(|v| serde_json::json!({
+                "data": v.data,
+                "hash": v.hash,
+                "salt": hex::encode(&v.salt),
+                "root_hash": hex::encode(v.root_hash),
+            })).collect::<Vec<_>>(),
         });
         say!("{v}");
         return Ok(ExitCode::from(exit::OK));
@@ -113,6 +121,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     say!("image        {}", args.path.display());
     say!("format       {}", m.format);
     say!("version      {}", m.version);
+    say!(
+        "security     version {} (anti-rollback)",
+        m.security_version
+    );
     say!(
         "size         {} bytes ({})",
         m.total_size,
@@ -131,6 +143,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     );
     say!("manifest id  {}", hex::encode(m.id()));
     say!("image sha256 {}", hex::encode(m.image_sha256));
+    for v in &m.verity {
+        say!(
+            "dm-verity    {} protected by {} (root hash {}, salt {} bytes)",
+            v.data,
+            v.hash,
+            hex::encode(v.root_hash),
+            v.salt.len()
+        );
+    }
     let content: u64 = m.segments.iter().map(|s| s.size).sum();
     say!(
         "data         {} of {} segment bytes non-zero ({:.1}%)",
