@@ -331,8 +331,27 @@ pub fn run(data: &[u8]) {
     let mut input = Input(data);
     let mut cfg = ReceiverConfig::new("fuzz-target");
     cfg.max_image_size = MAX_IMAGE;
-    cfg.max_chunk = 4096 << (input.u8().unwrap_or(0) % 5);
+    let first = input.u8().unwrap_or(0);
+    cfg.max_chunk = 4096 << (first % 5);
     cfg.zstd = true;
+    // The trust policy from the same byte: unprovisioned, a floor above the image's security
+    // version (refused, or taken with --allow-downgrade), or a key the image is not signed with.
+    cfg.trust = match (first >> 5) % 3 {
+        0 => proto::trust::TrustPolicy::default(),
+        1 => proto::trust::TrustPolicy {
+            floor: 1,
+            ..proto::trust::TrustPolicy::default()
+        },
+        _ => proto::trust::TrustPolicy {
+            keys: vec![proto::trust::TrustedKey {
+                name: "fuzz".into(),
+                key: proto::image::public_key_of(&[3u8; 32]),
+                development: false,
+            }],
+            floor: 0,
+            broken: None,
+        },
+    };
     let mut t = Target {
         rx: Receiver::new(cfg, None, None),
         staging: Vec::new(),
@@ -341,6 +360,7 @@ pub fn run(data: &[u8]) {
         out: VecDeque::new(),
     };
     let mut scfg = SenderConfig::new("fuzz-host");
+    scfg.allow_downgrade = first & 0x10 != 0;
     scfg.window = u16::from(input.u8().unwrap_or(0) % 8) + 1;
     scfg.chunk_size = 4096 << (input.u8().unwrap_or(0) % 3);
     let Ok(mut tx) = Sender::new(scfg.clone(), head.clone()) else {

@@ -10,6 +10,39 @@ fn session_frames() -> Vec<Frame> {
     crate::receiver::honest_frames()
 }
 
+/// The head of a signed format-3 image with a security version and a dm-verity entry.
+fn verity_head() -> Vec<u8> {
+    let rootfs: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 249) as u8).collect();
+    let tree = proto::verity::tree(b"seed", &rootfs);
+    let digest = |b: &[u8]| {
+        let mut h = proto::manifest::SegmentHasher::new();
+        h.update(b);
+        h.finish()
+    };
+    let m = proto::image::layout_with(
+        &proto::image::LayoutOptions {
+            version: "3".into(),
+            security_version: 5,
+            verity: vec![proto::manifest::Verity {
+                data: "rootfs".into(),
+                hash: "rootfs-verity".into(),
+                salt: b"seed".to_vec(),
+                root_hash: tree.root_hash,
+            }],
+        },
+        &[
+            ("rootfs".to_string(), digest(&rootfs)),
+            ("rootfs-verity".to_string(), digest(&tree.bytes)),
+        ],
+    );
+    m.and_then(|m| {
+        let sig = proto::image::sign_manifest(&[9u8; 32], &m.to_canonical_bytes());
+        proto::image::ImageHead::build(&m, Some(sig))
+    })
+    .map(|h| h.to_bytes())
+    .unwrap_or_default()
+}
+
 /// The seeds of target `name` (empty for an unknown name).
 pub fn seeds(name: &str) -> Vec<Vec<u8>> {
     match name {
@@ -42,7 +75,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             let manifest = proto::image::ImageHead::parse(&head)
                 .map(|h| h.manifest.to_canonical_bytes())
                 .unwrap_or_default();
-            vec![head.to_vec(), manifest]
+            vec![head.to_vec(), manifest, verity_head()]
         }
         "receiver" => vec![
             // Defaults, deliver everything.
@@ -51,6 +84,11 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             [vec![4, 7, 2], vec![0, 5, 0, 6, 11, 40, 0], vec![0u8; 400]].concat(),
             // A cut link after a few frames, then the resumed session.
             [vec![1, 3, 1], vec![0, 0, 0, 10], vec![0u8; 400]].concat(),
+            // Below the floor: refused; the same with --allow-downgrade: taken.
+            [vec![0x20, 0, 0], vec![0u8; 400]].concat(),
+            [vec![0x30, 0, 0], vec![0u8; 400]].concat(),
+            // A provisioned target and an unsigned image: refused at HELLO.
+            [vec![0x40, 0, 0], vec![0u8; 400]].concat(),
         ],
         "snapshot" => {
             let s = BootState::factory_default();
