@@ -100,6 +100,12 @@ fn send_installs_the_exact_bytes_with_all_markers_in_order() {
     );
 
     let m = cap.markers();
+    // A temporary state dir trusts no key: flashd says so first.
+    assert_eq!(
+        m[0],
+        "flashd: stub/placeholder: no trust key — accepting unsigned images"
+    );
+    let m = &m[1..];
     assert_eq!(m[0], "flashd: ready");
     assert!(
         m[1].starts_with("flashd: hello host=") && m[1].ends_with(" proto=1"),

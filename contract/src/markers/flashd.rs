@@ -149,6 +149,18 @@ pub fn samples() -> Vec<Marker> {
         slot_activated("b", 3, false),
         boot_files("b", "nexus/b/vmlinuz nexus/b/initrd.cpio"),
         boot_files_skipped("b", "no ESP at /boot/efi"),
+        // The trust policy's refusals (texts of `proto::trust::Refusal`).
+        refused("image is not signed and this device trusts only signed images"),
+        refused("image signature does not verify with any key this device trusts"),
+        refused("image security version 1 is below this device's anti-rollback floor 2"),
+        error(4, "refused image: image is not signed"),
+        error(
+            16,
+            "refused image: image security version 1 is below the floor",
+        ),
+        trusted("nexus-dev", 2, false),
+        trusted("nexus-dev", 1, true),
+        unprovisioned(),
     ]
 }
 

@@ -356,6 +356,8 @@ pub fn samples() -> Vec<Marker> {
         manual_confirm("a"),
         confirmed("a"),
         confirm_failed("a", "e"),
+        floor(2, "b", 2),
+        floor_failed("e"),
         next_trial("a", 1),
         marking_bad("a"),
         mark_bad_failed("a", "e"),

@@ -43,8 +43,8 @@ pub fn marker_of(r: &ReceiverReport) -> Option<Marker> {
             security_version,
             downgrade,
         } => m::trusted(key, *security_version, *downgrade),
-        ReceiverReport::Trusted { key: None, .. } => m::unprovisioned(),
-        ReceiverReport::StagingLost
+        ReceiverReport::Trusted { key: None, .. }
+        | ReceiverReport::StagingLost
         | ReceiverReport::HostAborted { .. }
         | ReceiverReport::SkipIndexDropped
         | ReceiverReport::EncodeFailed { .. } => return None,
@@ -64,6 +64,14 @@ pub fn report(out: &dyn Output, r: &ReceiverReport) {
         ReceiverReport::HostAborted { code, reason } => {
             out.log(&format!("host aborted ({code}): {reason}"))
         }
+        ReceiverReport::Trusted {
+            key: None,
+            security_version,
+            ..
+        } => out.log(&format!(
+            "image accepted without a signature check (no trust key provisioned; security \
+             version {security_version})"
+        )),
         ReceiverReport::SkipIndexDropped => {
             out.log("skip index dropped (a copied chunk did not verify)")
         }

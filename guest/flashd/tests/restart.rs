@@ -80,6 +80,7 @@ fn binary_prints_the_five_markers_in_order_and_installs_the_exact_bytes() {
     assert_eq!(
         lines,
         vec![
+            "flashd: stub/placeholder: no trust key — accepting unsigned images",
             "flashd: ready",
             "flashd: hello host=testhost proto=1",
             "flashd: wrote seg=kernel bytes=30000",

@@ -947,7 +947,8 @@ mod tests {
                 Some("../trust/root.pub".to_string())
             )
         );
-        assert_eq!(expected_entries("trust").len(), 3);
+        // root.pub, certs/, certs/ca.pem, dev-keys/, dev-keys/nexus-dev.pub, security_version
+        assert_eq!(expected_entries("trust").len(), 6);
     }
 
     #[test]
