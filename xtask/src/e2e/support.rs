@@ -256,11 +256,35 @@ pub fn demo_image() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// Whether `path` is an image of this build's format, signed (a cached image made by an older
+/// build is rebuilt).
+fn current_signed_image(path: &Path) -> bool {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.take(proto::image::MAX_HEAD_LEN as u64)
+        .read_to_end(&mut bytes)
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(header) = proto::image::Header::parse(&bytes) else {
+        return false;
+    };
+    usize::try_from(header.data_offset)
+        .ok()
+        .and_then(|n| bytes.get(..n))
+        .and_then(|h| proto::image::ImageHead::parse(h).ok())
+        .is_some_and(|h| h.is_signed())
+}
+
 /// A deterministic image big enough to cut mid-transfer (incompressible payload).
 pub fn big_image() -> anyhow::Result<PathBuf> {
     let dir = util::build_dir().join("e2e");
     let out = dir.join("big.img");
-    if out.exists() {
+    if current_signed_image(&out) {
         return Ok(out);
     }
     let rootfs = dir.join("big-rootfs");
