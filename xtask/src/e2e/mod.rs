@@ -23,6 +23,8 @@ mod reset;
 mod slots;
 mod support;
 
+pub use reset::{compare_seeded, ls_names, write_seeded_state};
+
 use anyhow::{bail, ensure};
 use std::time::Instant;
 use support::Ctx;
