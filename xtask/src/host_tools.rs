@@ -107,7 +107,12 @@ pub const HOST_TOOLS: &[Tool] = &[
     Tool {
         bin: "mcopy",
         package: "mtools",
-        used_by: "xtask guest: files on the ESP",
+        used_by: "xtask guest: files on the ESP; xtask crash: boot files read back offline",
+    },
+    Tool {
+        bin: "mdir",
+        package: "mtools",
+        used_by: "xtask crash: the ESP's boot entries of a crash state, read offline",
     },
     Tool {
         bin: "mtype",

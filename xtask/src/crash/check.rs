@@ -148,9 +148,7 @@ pub fn state_offline(img: &Path) -> anyhow::Result<StateView> {
 /// The reset path's view of the state: untouched, pending or wiped; anything else fails.
 pub fn wipe_state(v: &StateView) -> anyhow::Result<Verdict> {
     let name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
-    let request = v
-        .boot
-        .contains(&name(nx_contract::state::FACTORY_WIPE));
+    let request = v.boot.contains(&name(nx_contract::state::FACTORY_WIPE));
     let journal = v
         .boot
         .contains(&name(nx_contract::state::FACTORY_WIPE_JOURNAL));
@@ -211,11 +209,13 @@ pub fn boot_record(vars: &Path, v: &StateView) -> anyhow::Result<Verdict> {
     )
 }
 
-fn mtools(bin: &str, disk: &Path) -> anyhow::Result<Command> {
-    let mut c = Command::new(util::tool(bin)?);
-    c.env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(format!("{}@@{}", disk.display(), disks::esp_offset()));
+fn mtools(bin: PathBuf, disk: &Path) -> anyhow::Result<Command> {
+    let mut c = Command::new(bin);
+    c.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(format!(
+        "{}@@{}",
+        disk.display(),
+        disks::esp_offset()
+    ));
     Ok(c)
 }
 
@@ -228,8 +228,7 @@ fn slot_image(disk: &Path, slot: char) -> anyhow::Result<proto::manifest::Manife
     let h = proto::image::Header::parse(&head)
         .map_err(|e| anyhow::anyhow!("slot {slot}: no image header: {e}"))?;
     ensure!(
-        h.data_offset <= proto::image::MAX_HEAD_LEN as u64
-            && h.total_size <= disks::SLOT_MIB << 20,
+        h.data_offset <= proto::image::MAX_HEAD_LEN as u64 && h.total_size <= disks::SLOT_MIB << 20,
         "slot {slot}: header sizes out of bounds"
     );
     let mut head = vec![0u8; h.data_offset as usize];
@@ -259,7 +258,7 @@ fn esp_file_matches(
 ) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("f");
-    let st = mtools("mcopy", disk)?
+    let st = mtools(util::tool("mcopy")?, disk)?
         .arg("-n")
         .arg(format!("::/{path}"))
         .arg(&out)
@@ -287,7 +286,7 @@ fn esp_file_matches(
 /// The slot the bootloader boots from `disk` (see the module doc), with the entries it saw.
 pub fn slot_offline(disk: &Path) -> anyhow::Result<(Verdict, String)> {
     let listing = capture(
-        mtools("mdir", disk)?
+        mtools(util::tool("mdir")?, disk)?
             .args(["-b", &format!("::/{}", loader::ENTRIES_DIR)])
             .stderr(Stdio::null()),
     )
@@ -305,8 +304,18 @@ pub fn slot_offline(disk: &Path) -> anyhow::Result<(Verdict, String)> {
     for (name, _, slot) in &entries {
         let check = slot_image(disk, *slot).and_then(|m| {
             let dir = loader::slot_dir(*slot);
-            esp_file_matches(disk, &format!("{dir}/{}", loader::KERNEL_FILE), &m, "kernel")?;
-            esp_file_matches(disk, &format!("{dir}/{}", loader::INITRD_FILE), &m, "initrd")?;
+            esp_file_matches(
+                disk,
+                &format!("{dir}/{}", loader::KERNEL_FILE),
+                &m,
+                "kernel",
+            )?;
+            esp_file_matches(
+                disk,
+                &format!("{dir}/{}", loader::INITRD_FILE),
+                &m,
+                "initrd",
+            )?;
             Ok(m.version)
         });
         match check {

@@ -181,7 +181,11 @@ pub fn record(
     // to recovery in it). The others: the recorded working copy.
     let plain_vars = run_dir.join("ovmf-vars.fd");
     let _ = std::fs::remove_file(&plain_vars);
-    let vars_file = if vars { works[VARS].clone() } else { plain_vars };
+    let vars_file = if vars {
+        works[VARS].clone()
+    } else {
+        plain_vars
+    };
     let mut cfg = config(&run_dir, &works[STATE], &works[DISK], &vars_file, echo)?;
     cfg.nbd = ["state", "disk", "vars"]
         .iter()
@@ -204,7 +208,11 @@ pub fn record(
     let watched: Vec<(&'static str, String, usize)> = match kind {
         Kind::Install => vec![
             (MARK_VERIFY_OK, markers::flashd::verify_ok().to_string(), 1),
-            (MARK_ACTIVATED_BOOT, nx_qemu::FIRMWARE_BOOT_LINE.to_string(), 2),
+            (
+                MARK_ACTIVATED_BOOT,
+                nx_qemu::FIRMWARE_BOOT_LINE.to_string(),
+                2,
+            ),
         ],
         Kind::ResetWipe | Kind::BootRecord => {
             vec![(MARK_REBOOTED, nx_qemu::FIRMWARE_BOOT_LINE.to_string(), 2)]
@@ -312,10 +320,7 @@ fn drive(kind: Kind, runner: &Runner, watch: &Watch<'_>, v2: &Path) -> anyhow::R
             step(runner, init::ready().as_str())?;
             let reboot = port(runner, ports::REBOOT.name)?;
             watch.set(MARK_REQUEST);
-            nx(
-                runner,
-                &["flash", "reboot", "recovery", "--port", &reboot],
-            )?;
+            nx(runner, &["flash", "reboot", "recovery", "--port", &reboot])?;
             watch.set(MARK_ACKED);
             step(runner, recovery::ready("/dev/vport0p1").as_str())?;
         }

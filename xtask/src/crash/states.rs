@@ -186,9 +186,7 @@ impl Fingerprinter {
                 let lo = bounds[d][k - first[d]];
                 let hi = bounds[d][k - first[d] + 1];
                 hs.push(match op {
-                    Op::Write { data, .. } => {
-                        sha(&data[(lo - s) as usize..(hi - s) as usize])
-                    }
+                    Op::Write { data, .. } => sha(&data[(lo - s) as usize..(hi - s) as usize]),
                     _ => zeros_hash(&mut zc, hi - lo),
                 });
             }
