@@ -371,3 +371,67 @@ impl Files {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(boot: &[&str]) -> StateView {
+        let dump = tempfile::tempdir().unwrap();
+        crate::e2e::write_seeded_state(dump.path()).unwrap();
+        StateView {
+            boot: boot.iter().map(|s| s.to_string()).collect(),
+            next_mode: None,
+            dump,
+        }
+    }
+
+    fn empty(v: &StateView, t: &str) {
+        let p = v.dump.path().join(t);
+        std::fs::remove_dir_all(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+    }
+
+    #[test]
+    fn the_reset_states() {
+        assert_eq!(wipe_state(&view(&[])).unwrap(), Verdict::Untouched);
+        assert_eq!(
+            wipe_state(&view(&["next_mode", "factory_wipe"])).unwrap(),
+            Verdict::Pending
+        );
+        // Partly wiped with its journal and the request: recovery resumes.
+        let v = view(&["factory_wipe", "factory_wipe.journal"]);
+        empty(&v, "apps");
+        assert_eq!(wipe_state(&v).unwrap(), Verdict::Pending);
+        // Partly wiped, no request: nothing finishes it.
+        let v = view(&[]);
+        empty(&v, "apps");
+        let e = wipe_state(&v).unwrap_err().to_string();
+        assert!(e.contains("partly wiped"), "{e}");
+        // All three empty, no request: done.
+        for t in WIPED {
+            empty(&v, t);
+        }
+        assert_eq!(wipe_state(&v).unwrap(), Verdict::Wiped);
+        // A journal left behind without the request is not a finished wipe.
+        let v2 = view(&["factory_wipe.journal"]);
+        for t in WIPED {
+            empty(&v2, t);
+        }
+        assert!(wipe_state(&v2).is_err());
+    }
+
+    #[test]
+    fn a_torn_next_boot_record_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let vars = d.path().join("vars.fd");
+        std::fs::copy(nx_qemu::OVMF_VARS, &vars).unwrap();
+        let mut v = view(&["next_mode"]);
+        v.next_mode = Some(b"recovery\n".to_vec());
+        assert_eq!(boot_record(&vars, &v).unwrap(), Verdict::Normal);
+        nx_qemu::varstore::set_oneshot(&vars, Some("recovery.conf")).unwrap();
+        assert_eq!(boot_record(&vars, &v).unwrap(), Verdict::Recovery);
+        v.next_mode = Some(b"reco".to_vec());
+        assert!(boot_record(&vars, &v).is_err());
+    }
+}
