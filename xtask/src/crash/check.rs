@@ -302,6 +302,24 @@ pub fn slot_offline(disk: &Path) -> anyhow::Result<(Verdict, String)> {
     let seen = names.join(" ");
     let mut skipped = Vec::new();
     for (name, _, slot) in &entries {
+        // The entry file itself: systemd-boot drops an entry without a `linux` line (an empty
+        // file: a rename whose directory entry reached the disk before the file's size and
+        // first cluster did).
+        let path = format!("::/{}/{}", loader::ENTRIES_DIR, name.file_name());
+        let text = capture(
+            mtools(util::tool("mtype")?, disk)?
+                .arg(&path)
+                .stderr(Stdio::null()),
+        )
+        .unwrap_or_default();
+        if !text.lines().any(|l| l.starts_with("linux ")) {
+            skipped.push(format!(
+                "{} (ignored by the bootloader: {} bytes, no `linux` line)",
+                name.file_name(),
+                text.len()
+            ));
+            continue;
+        }
         let check = slot_image(disk, *slot).and_then(|m| {
             let dir = loader::slot_dir(*slot);
             esp_file_matches(
@@ -318,32 +336,53 @@ pub fn slot_offline(disk: &Path) -> anyhow::Result<(Verdict, String)> {
             )?;
             Ok(m.version)
         });
+        let detail = |seen: &str| {
+            if skipped.is_empty() {
+                format!("entries: {seen}")
+            } else {
+                format!("entries: {seen}; passed over: {}", skipped.join(", "))
+            }
+        };
         match check {
             Ok(version) => {
+                if text != loader::slot_entry_text(*slot, &version) {
+                    // A torn entry that still names a kernel: what it boots is the
+                    // bootloader's business (booted first).
+                    return Ok((
+                        Verdict::Unknown,
+                        format!(
+                            "{} is torn ({:?}); {}",
+                            name.file_name(),
+                            text,
+                            detail(&seen)
+                        ),
+                    ));
+                }
                 let v = match (*slot, version.as_str()) {
                     ('a', "1") => Verdict::Old,
                     ('b', "2") => Verdict::New,
                     _ => bail!(
-                        "the bootloader boots {} = slot {slot} version {version}, neither the old nor the new image (entries: {seen})",
-                        name.file_name()
+                        "the bootloader boots {} = slot {slot} version {version}, neither the old nor the new image ({})",
+                        name.file_name(),
+                        detail(&seen)
                     ),
                 };
-                return Ok((v, seen));
+                return Ok((v, format!("boots {}; {}", name.file_name(), detail(&seen))));
             }
             Err(e) => match name.counter {
                 Some(c) if c.left > 0 => {
-                    skipped.push(format!("{} ({e:#})", name.file_name()));
+                    skipped.push(format!("{} (tries counted down: {e:#})", name.file_name()));
                 }
                 _ => bail!(
-                    "the bootloader picks {} and it cannot boot ({e:#}); it has no tries to count down, so nothing falls back (entries: {seen}{})",
+                    "the bootloader picks {} and it cannot boot ({e:#}); it has no tries to count down, so nothing falls back ({})",
                     name.file_name(),
-                    if skipped.is_empty() { String::new() } else { format!("; skipped after their tries: {}", skipped.join(", ")) }
+                    detail(&seen)
                 ),
             },
         }
     }
     bail!(
-        "no bootable slot entry on the ESP (entries: {}; skipped: {})",
+        "no bootable slot entry on the ESP (entries: {}; passed over: {})",
         if seen.is_empty() { "none" } else { &seen },
         skipped.join(", ")
     )

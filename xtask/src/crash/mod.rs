@@ -296,14 +296,14 @@ fn run_path(
     let files = Files::in_dir(dir, rec.vars);
     let outs = files.outs();
     // Offline, every distinct state.
-    let mut offline: Vec<Result<Verdict, String>> = Vec::new();
+    let mut offline: Vec<Result<(Verdict, String), String>> = Vec::new();
     for (k, (_, members)) in groups.iter().enumerate() {
         let s = &st[members[0]];
         crash_state(&bases, &rec.ops, &s.apply, &outs)?;
         let r = offline_check(path, &files, rec, s.cut).map_err(|e| format!("{e:#}"));
         sum.offline += 1;
         match &r {
-            Ok(v) => *sum.predicted.entry(v.label().to_string()).or_default() += 1,
+            Ok((v, _)) => *sum.predicted.entry(v.label().to_string()).or_default() += 1,
             Err(e) => {
                 let what = format!(
                     "state {} (cut {}/{}, {} ops applied; {} identical states) offline: {e}",
@@ -331,7 +331,7 @@ fn run_path(
             s.apply.len(),
             members.len(),
             match &r {
-                Ok(v) => v.label().to_string(),
+                Ok((v, _)) => v.label().to_string(),
                 Err(_) => "FAILED".into(),
             }
         );
@@ -339,15 +339,18 @@ fn run_path(
     }
     // The boot sample: offline failures first, then the states the model cannot tell, then
     // round-robin over the predictions.
+    // At most half the boots go to offline failures (they confirm the finding; the sample
+    // of the rest still gets booted).
     let mut pick: Vec<usize> = (0..groups.len())
         .filter(|&k| offline[k].is_err())
-        .chain((0..groups.len()).filter(|&k| matches!(offline[k], Ok(Verdict::Unknown))))
+        .take(args.boot.div_ceil(2))
+        .chain((0..groups.len()).filter(|&k| matches!(offline[k], Ok((Verdict::Unknown, _)))))
         .collect();
     let mut by_verdict: BTreeMap<Verdict, Vec<usize>> = BTreeMap::new();
     for (k, r) in offline.iter().enumerate() {
         match r {
-            Ok(Verdict::Unknown) | Err(_) => {}
-            Ok(v) => by_verdict.entry(*v).or_default().push(k),
+            Ok((Verdict::Unknown, _)) | Err(_) => {}
+            Ok((v, _)) => by_verdict.entry(*v).or_default().push(k),
         }
     }
     let mut round = 0;
@@ -374,9 +377,15 @@ fn run_path(
         let predicted = offline[k]
             .as_ref()
             .ok()
-            .copied()
+            .map(|(v, _)| *v)
             .filter(|v| *v != Verdict::Unknown);
-        let r = boot_check(path, &files, rec, s.cut, predicted, dir, args.echo, s.index);
+        let r =
+            boot_check(path, &files, rec, s.cut, predicted, dir, args.echo, s.index).map_err(|e| {
+                match &offline[k] {
+                    Ok((_, d)) if !d.is_empty() => e.context(format!("offline: {d}")),
+                    _ => e,
+                }
+            });
         sum.booted += 1;
         let took = t0.elapsed().as_secs_f64();
         match &r {
@@ -400,16 +409,32 @@ fn run_path(
     Ok(sum)
 }
 
-fn offline_check(path: &str, f: &Files, rec: &Recording, cut: usize) -> anyhow::Result<Verdict> {
+/// The offline prediction of a state and what it rests on.
+fn offline_check(
+    path: &str,
+    f: &Files,
+    rec: &Recording,
+    cut: usize,
+) -> anyhow::Result<(Verdict, String)> {
     let view = check::state_offline(&f.state)?;
     match path {
-        "install" | "activation" => Ok(check::slot_offline(&f.disk)?.0),
+        "install" | "activation" => {
+            let (v, detail) = check::slot_offline(&f.disk)?;
+            if cut >= confirmed(rec) && v != Verdict::New && v != Verdict::Unknown {
+                bail!(
+                    "the update was reported confirmed (`{}`) before this cut, yet the bootloader boots the {} ({detail})",
+                    init::confirmed('b'),
+                    v.label()
+                );
+            }
+            Ok((v, detail))
+        }
         "reset-wipe" => {
             let v = check::wipe_state(&view)?;
             if cut >= rec.mark(record::MARK_ACKED)? && v == Verdict::Untouched {
                 bail!("nx was told the factory reset was recorded, yet neither the request nor the wipe is on the disk");
             }
-            Ok(v)
+            Ok((v, String::new()))
         }
         _ => {
             let vars = f.vars.as_deref().context("no variable store")?;
@@ -423,9 +448,18 @@ fn offline_check(path: &str, f: &Files, rec: &Recording, cut: usize) -> anyhow::
             if cut >= acked && cut < rebooted && v == Verdict::Normal {
                 bail!("nx was told the next boot is recovery, yet the one-shot entry is not in the variable store");
             }
-            Ok(v)
+            Ok((v, String::new()))
         }
     }
+}
+
+/// Operations in the install log when the update was reported confirmed (never for the
+/// other recordings).
+fn confirmed(rec: &Recording) -> usize {
+    rec.marks
+        .get(record::MARK_CONFIRMED)
+        .copied()
+        .unwrap_or(usize::MAX)
 }
 
 /// Wait until the console shows `init: ready` (normal) or recovery stays ready for
@@ -527,6 +561,11 @@ fn boot_check(
         match path {
             "install" | "activation" => {
                 let v = slot.with_context(|| "came up in recovery, not a slot".to_string())?;
+                anyhow::ensure!(
+                    cut < confirmed(rec) || v == Verdict::New,
+                    "the update was reported confirmed before this cut, yet the {} booted",
+                    v.label()
+                );
                 if let Some(p) = predicted {
                     anyhow::ensure!(
                         p == v,

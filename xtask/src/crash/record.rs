@@ -63,6 +63,8 @@ impl Recording {
 /// Marks the install recording takes: (name, console text, occurrence).
 pub const MARK_VERIFY_OK: &str = "verify-ok";
 pub const MARK_ACTIVATED_BOOT: &str = "next-boot-start";
+/// `init: confirmed slot=b`: the update was reported confirmed.
+pub const MARK_CONFIRMED: &str = "confirmed";
 /// The host got the answer that the request is durable (`nx` returned).
 pub const MARK_ACKED: &str = "acked";
 /// The request was sent (the window of the reset and boot-record paths starts here).
