@@ -420,7 +420,7 @@ fn offline_check(
     match path {
         "install" | "activation" => {
             let (v, detail) = check::slot_offline(&f.disk)?;
-            if cut >= confirmed(rec) && v != Verdict::New && v != Verdict::Unknown {
+            if cut >= confirmed(rec)? && v != Verdict::New && v != Verdict::Unknown {
                 bail!(
                     "the update was reported confirmed (`{}`) before this cut, yet the bootloader boots the {} ({detail})",
                     init::confirmed('b'),
@@ -453,13 +453,10 @@ fn offline_check(
     }
 }
 
-/// Operations in the install log when the update was reported confirmed (never for the
-/// other recordings).
-fn confirmed(rec: &Recording) -> usize {
-    rec.marks
-        .get(record::MARK_CONFIRMED)
-        .copied()
-        .unwrap_or(usize::MAX)
+/// Operations in the install log when the update was reported confirmed (`init: confirmed
+/// slot=b`): from there on a power cut must leave the new slot booting.
+fn confirmed(rec: &Recording) -> anyhow::Result<usize> {
+    rec.mark(record::MARK_CONFIRMED)
 }
 
 /// Wait until the console shows `init: ready` (normal) or recovery stays ready for
@@ -562,7 +559,7 @@ fn boot_check(
             "install" | "activation" => {
                 let v = slot.with_context(|| "came up in recovery, not a slot".to_string())?;
                 anyhow::ensure!(
-                    cut < confirmed(rec) || v == Verdict::New,
+                    cut < confirmed(rec)? || v == Verdict::New,
                     "the update was reported confirmed before this cut, yet the {} booted",
                     v.label()
                 );

@@ -215,6 +215,7 @@ pub fn record(
                 nx_qemu::FIRMWARE_BOOT_LINE.to_string(),
                 2,
             ),
+            (MARK_CONFIRMED, init::confirmed('b').to_string(), 1),
         ],
         Kind::ResetWipe | Kind::BootRecord => {
             vec![(MARK_REBOOTED, nx_qemu::FIRMWARE_BOOT_LINE.to_string(), 2)]
