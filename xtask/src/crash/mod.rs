@@ -65,6 +65,8 @@ pub struct Args {
     pub no_build: bool,
 }
 
+/// Failing boots per path whose images are kept (sparse) under `failures/state-<i>/`.
+const KEEP_IMAGES: usize = 3;
 /// Time for one boot of a crash state (the reset path may boot recovery, then normal).
 const BOOT_STEP: Duration = Duration::from_secs(180);
 /// How long recovery must stay up (no reset) to count as where the device came up.
@@ -370,6 +372,7 @@ fn run_path(
         round += 1;
     }
     pick.truncate(args.boot);
+    let mut kept = 0;
     for k in pick {
         let s = &st[groups[k].1[0]];
         crash_state(&bases, &rec.ops, &s.apply, &outs)?;
@@ -388,6 +391,15 @@ fn run_path(
             });
         sum.booted += 1;
         let took = t0.elapsed().as_secs_f64();
+        if r.is_err() && kept < KEEP_IMAGES {
+            // The images as the power cut left them (the boot changed the working copies),
+            // for a look with mtools/debugfs or a boot by hand.
+            kept += 1;
+            let to = dir.join("failures").join(format!("state-{}", s.index));
+            std::fs::create_dir_all(&to)?;
+            let keep = Files::in_dir(&to, rec.vars);
+            crash_state(&bases, &rec.ops, &s.apply, &keep.outs())?;
+        }
         match &r {
             Ok(label) => *sum.boots.entry(label.clone()).or_default() += 1,
             Err(e) => sum.failures.push(format!(
