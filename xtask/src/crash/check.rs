@@ -209,14 +209,14 @@ pub fn boot_record(vars: &Path, v: &StateView) -> anyhow::Result<Verdict> {
     )
 }
 
-fn mtools(bin: PathBuf, disk: &Path) -> anyhow::Result<Command> {
+fn mtools(bin: PathBuf, disk: &Path) -> Command {
     let mut c = Command::new(bin);
     c.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(format!(
         "{}@@{}",
         disk.display(),
         disks::esp_offset()
     ));
-    Ok(c)
+    c
 }
 
 /// The verified image in slot `slot` of `disk`: its version and its segments' hashes.
@@ -258,7 +258,7 @@ fn esp_file_matches(
 ) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("f");
-    let st = mtools(util::tool("mcopy")?, disk)?
+    let st = mtools(util::tool("mcopy")?, disk)
         .arg("-n")
         .arg(format!("::/{path}"))
         .arg(&out)
@@ -286,7 +286,7 @@ fn esp_file_matches(
 /// The slot the bootloader boots from `disk` (see the module doc), with the entries it saw.
 pub fn slot_offline(disk: &Path) -> anyhow::Result<(Verdict, String)> {
     let listing = capture(
-        mtools(util::tool("mdir")?, disk)?
+        mtools(util::tool("mdir")?, disk)
             .args(["-b", &format!("::/{}", loader::ENTRIES_DIR)])
             .stderr(Stdio::null()),
     )
@@ -307,7 +307,7 @@ pub fn slot_offline(disk: &Path) -> anyhow::Result<(Verdict, String)> {
         // first cluster did).
         let path = format!("::/{}/{}", loader::ENTRIES_DIR, name.file_name());
         let text = capture(
-            mtools(util::tool("mtype")?, disk)?
+            mtools(util::tool("mtype")?, disk)
                 .arg(&path)
                 .stderr(Stdio::null()),
         )
