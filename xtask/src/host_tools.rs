@@ -117,7 +117,8 @@ pub const HOST_TOOLS: &[Tool] = &[
     Tool {
         bin: "mtype",
         package: "mtools",
-        used_by: "xtask's ESP test: reading files back from the ESP; xtask crash: entry files offline",
+        used_by:
+            "xtask's ESP test: reading files back from the ESP; xtask crash: entry files offline",
     },
     Tool {
         bin: "qemu-io",
