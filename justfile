@@ -46,6 +46,6 @@ codegen *ARGS:
 fuzz *ARGS:
     cargo xtask fuzz {{ARGS}}
 
-# Power cuts at the block layer: record a path over NBD, boot N crash states (`--states 200`).
+# Power cuts at the block layer: record paths over NBD, check crash states offline, boot a sample (`--path all --states 200 --boot 10`).
 crash *ARGS:
     cargo xtask crash {{ARGS}}

@@ -147,8 +147,9 @@ pub struct Config {
     /// through it and the disk's own bootloader. `None` (or no `disk_img`): a direct boot of
     /// the kernel and the initramfs of `first_boot` / `recovery`, one boot only.
     pub uefi: Option<Uefi>,
-    /// Disks served over NBD instead of opened as files: `("state" | "disk", unix socket)`
-    /// (the crash simulator records every write and flush this way).
+    /// Disks served over NBD instead of opened as files: `("state" | "disk" | "vars", unix
+    /// socket)` (the crash simulator records every write and flush this way; `vars` is the
+    /// UEFI variable store's pflash, whose file must still exist at `uefi.vars`).
     pub nbd: Vec<(String, PathBuf)>,
 }
 
@@ -342,8 +343,23 @@ impl Config {
             (Some(u), true) => {
                 let mut code = OsString::from("if=pflash,format=raw,readonly=on,file=");
                 code.push(u.code.as_os_str());
-                let mut vars = OsString::from("if=pflash,format=raw,file=");
-                vars.push(u.vars.as_os_str());
+                // The variable store over NBD when asked (the crash simulator records NVRAM
+                // writes too); otherwise the file itself.
+                let vars = match self.nbd.iter().find(|(d, _)| d == "vars") {
+                    Some((_, sock)) => {
+                        let mut v = OsString::from(
+                            "if=pflash,format=raw,file.driver=nbd,file.server.type=unix,\
+                             file.server.path=",
+                        );
+                        v.push(sock.as_os_str());
+                        v
+                    }
+                    None => {
+                        let mut v = OsString::from("if=pflash,format=raw,file=");
+                        v.push(u.vars.as_os_str());
+                        v
+                    }
+                };
                 for d in [code, vars] {
                     a.push("-drive".into());
                     a.push(d);
@@ -627,6 +643,23 @@ mod tests {
             a.contains("id=state,format=raw,cache=unsafe,file=/b/state.img"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn the_variable_store_over_nbd() {
+        let mut c = Config::new(Path::new("/b"));
+        let plain = args(&c).join(" ");
+        assert!(
+            plain.contains("if=pflash,format=raw,file=/b/ovmf-vars.fd"),
+            "{plain}"
+        );
+        c.nbd.push(("vars".into(), PathBuf::from("/r/vars.nbd")));
+        let a = args(&c).join(" ");
+        assert!(
+            a.contains("if=pflash,format=raw,file.driver=nbd,file.server.type=unix,file.server.path=/r/vars.nbd"),
+            "{a}"
+        );
+        assert!(!a.contains("file=/b/ovmf-vars.fd"), "{a}");
     }
 
     #[test]

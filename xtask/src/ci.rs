@@ -1,6 +1,6 @@
 //! `cargo xtask ci` — everything CI runs, in order: host packages, fmt, clippy, unit and
-//! in-process tests, the guest build, every QEMU marker profile of `qemu/markers.toml`, and
-//! the flash e2e scenarios. The host checks stop at the first failure; the QEMU runs all go
+//! in-process tests, the guest build, every QEMU marker profile of `qemu/markers.toml`, the
+//! flash e2e scenarios, and a short crash-simulator run (`crash::ci`). The host checks stop at the first failure; the QEMU runs all go
 //! and the summary line counts them.
 
 use crate::util::{self, cargo, run_cmd};
@@ -82,6 +82,27 @@ fn qemu_tests(t0: Instant) -> anyhow::Result<()> {
                 eprintln!("[error] e2e {name}: {e:#}");
                 failed.push(format!("e2e {name}"));
             }
+        }
+    }
+    // The crash simulator, a short run (docs/runner/crash.md: which paths and why).
+    util::stage("crash (short)");
+    match crate::crash::ci() {
+        Ok(sums) => {
+            for s in &sums {
+                println!("{}", s.line());
+                if s.failures.is_empty() {
+                    passed += 1;
+                } else {
+                    for f in &s.failures {
+                        eprintln!("[error] crash {}: {f}", s.path);
+                    }
+                    failed.push(format!("crash {}", s.path));
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("[error] crash: {e:#}");
+            failed.push("crash".into());
         }
     }
     util::stage("summary");

@@ -149,6 +149,11 @@ impl Recorder {
         lock(&self.log).ops.clone()
     }
 
+    /// How many operations were recorded so far (a mark in the log, without copying it).
+    pub fn len(&self) -> usize {
+        lock(&self.log).ops.len()
+    }
+
     /// The first protocol or I/O error of a connection, if any.
     pub fn error(&self) -> Option<String> {
         lock(&self.log).error.clone()

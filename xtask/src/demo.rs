@@ -109,7 +109,7 @@ fn flash(runner: &Runner, image: &Path) -> anyhow::Result<Flashed> {
     let _ = std::fs::remove_file(&receipt);
     let t = Instant::now();
     run_cmd(
-        Command::new(util::root().join("target/debug/nx"))
+        Command::new(util::host_bin("nx"))
             .args(["flash", "send"])
             .arg(image)
             .arg("--port")

@@ -564,7 +564,7 @@ pub fn build_images(
     parts: &OsParts<'_>,
 ) -> anyhow::Result<Images> {
     let nx = match run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"])) {
-        Ok(()) => util::root().join("target/debug/nx"),
+        Ok(()) => util::host_bin("nx"),
         Err(e) => {
             eprintln!("xtask: images: stub/placeholder — `nx` does not build ({e:#}); no images");
             return Ok(Images::default());

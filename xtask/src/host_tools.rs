@@ -107,12 +107,18 @@ pub const HOST_TOOLS: &[Tool] = &[
     Tool {
         bin: "mcopy",
         package: "mtools",
-        used_by: "xtask guest: files on the ESP",
+        used_by: "xtask guest: files on the ESP; xtask crash: boot files read back offline",
+    },
+    Tool {
+        bin: "mdir",
+        package: "mtools",
+        used_by: "xtask crash: the ESP's boot entries of a crash state, read offline",
     },
     Tool {
         bin: "mtype",
         package: "mtools",
-        used_by: "xtask's ESP test: reading files back from the ESP",
+        used_by:
+            "xtask's ESP test: reading files back from the ESP; xtask crash: entry files offline",
     },
     Tool {
         bin: "qemu-io",

@@ -56,8 +56,9 @@ enum Cmd {
     /// A coverage-guided fuzz campaign (libFuzzer, stable toolchain): `cargo xtask fuzz
     /// [TARGET] [--time S] [--keep]`; CI replays the checked-in corpus as tests.
     Fuzz(fuzz::Args),
-    /// Power cuts that lose what real disks lose: record a path's writes and flushes over NBD,
-    /// then boot random crash states (`--states N`); the old or the new slot must come up.
+    /// Power cuts that lose what real disks lose: record a path's writes and flushes over NBD
+    /// (`--path install|activation|reset-wipe|boot-record|all`), check `--states N` crash
+    /// states offline (identical disks once) and boot `--boot B` of them.
     Crash(crash::Args),
 }
 

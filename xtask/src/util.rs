@@ -11,6 +11,16 @@ pub fn root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// A host binary of this workspace built by `cargo build -p …` (debug profile): under
+/// `$CARGO_TARGET_DIR` when set, else `target/` of the workspace.
+pub fn host_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_relative() { root().join(t) } else { t })
+        .unwrap_or_else(|| root().join("target"));
+    target.join("debug").join(name)
+}
+
 /// `build/` under the workspace root (ignored by git).
 pub fn build_dir() -> PathBuf {
     root().join("build")

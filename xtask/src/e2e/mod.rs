@@ -24,6 +24,8 @@ mod slots;
 mod support;
 mod trust;
 
+pub use reset::{compare_seeded, ls_names, write_seeded_state};
+
 use anyhow::{bail, ensure};
 use std::time::Instant;
 use support::Ctx;

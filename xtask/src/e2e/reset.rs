@@ -137,6 +137,18 @@ fn write_tree(tree: &Path, entries: &[Seed], bulk: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The seeded /state tree (user data in apps/content/settings, the trust store) written into
+/// `tree`: the crash simulator's paths start from it too.
+pub fn write_seeded_state(tree: &Path) -> anyhow::Result<()> {
+    write_tree(tree, &seed(), false)
+}
+
+/// Compare the tree `dir` (e.g. an `rdump` of `/trust`) with the seed's entries below `top`:
+/// every seeded file, directory and symlink is there and unchanged, nothing else is.
+pub fn compare_seeded(dir: &Path, top: &str) -> anyhow::Result<()> {
+    compare_tree(dir, top)
+}
+
 /// Replace the scenario's fresh state.img by one holding the seed.
 fn seed_state(ctx: &Ctx, bulk: bool) -> anyhow::Result<()> {
     let tree = tempfile::tempdir()?;
@@ -292,7 +304,7 @@ fn check_plan_after(plan: &Value, trust_before: &Entries) -> anyhow::Result<()> 
 }
 
 /// Names in a `debugfs -R "ls -p DIR"` listing, without `.` and `..`.
-fn ls_names(listing: &str) -> Vec<String> {
+pub fn ls_names(listing: &str) -> Vec<String> {
     listing
         .lines()
         .filter_map(|l| {

@@ -120,7 +120,7 @@ fn expect_snapshot(ctx: &Ctx, want: &[&str]) -> anyhow::Result<()> {
     );
     util::run_cmd(util::cargo().args(["build", "-q", "-p", "bootctld", "--bin", "bootctld"]))?;
     let out = util::capture(
-        Command::new(util::root().join("target/debug/bootctld"))
+        Command::new(util::host_bin("bootctld"))
             .arg("--state")
             .arg(tmp.path())
             .args(["--allow-unmounted-state", "--export-json"]),

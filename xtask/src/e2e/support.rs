@@ -52,7 +52,7 @@ impl Ctx {
             let _ = std::fs::remove_file(dir.join("ovmf-vars.fd"));
         }
         run_cmd(cargo().args(["build", "-q", "-p", "nx-cli", "--bin", "nx"]))?;
-        let nx = util::root().join("target/debug/nx");
+        let nx = util::host_bin("nx");
         let contract = Contract::load(&util::root().join("qemu/markers.toml"))?;
         Ok(Ctx {
             name: name.to_string(),
