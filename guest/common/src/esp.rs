@@ -274,11 +274,17 @@ pub fn find_and_mount() -> crate::Result<Option<PathBuf>> {
         return Ok(None);
     };
     crate::sys::mkdir_p(Path::new(loader::ESP_MOUNT))?;
+    // DIRSYNC: on vfat a rename creates the new directory entry with size 0 and no first
+    // cluster; the real values reach the disk only when the inode is written back (seconds
+    // later), and an fsync of the directory writes the empty entry. With DIRSYNC the rename
+    // writes the inode synchronously, so an entry or boot file renamed into place survives a
+    // power cut (found by `cargo xtask crash --path install`: a confirmed update lost).
     rustix::mount::mount(
         dev.as_path(),
         loader::ESP_MOUNT,
         "vfat",
-        rustix::mount::MountFlags::NOATIME
+        rustix::mount::MountFlags::DIRSYNC
+            | rustix::mount::MountFlags::NOATIME
             | rustix::mount::MountFlags::NODEV
             | rustix::mount::MountFlags::NOSUID
             | rustix::mount::MountFlags::NOEXEC,
