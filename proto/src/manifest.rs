@@ -845,7 +845,7 @@ impl BoundedItem for RawVerity {
 fn parse_salt(s: &str, i: usize) -> Result<Vec<u8>, ManifestError> {
     let field = || format!("salt of verity #{i}");
     if s.len() > 2 * crate::verity::MAX_SALT
-        || s.len() % 2 != 0
+        || !s.len().is_multiple_of(2)
         || !s
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
