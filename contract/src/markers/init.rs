@@ -164,6 +164,33 @@ pub fn booted(slot: impl Display, version: impl Display, trial: bool) -> Marker 
     ))
 }
 
+/// `init: rootfs verity root=<first 16 hex digits of the root hash> (dm-verity)`: the rootfs is
+/// mounted through dm-verity, every block is checked when read.
+pub fn rootfs_verity(root_prefix: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: rootfs verity root={root_prefix} (dm-verity)"
+    ))
+}
+
+/// Fixed prefix of [`rootfs_verity`].
+pub const ROOTFS_VERITY_PREFIX: &str = "init: rootfs verity root=";
+
+/// The manifest has no verity entry for the rootfs: it was hashed whole before the mount.
+pub fn rootfs_hashed(bytes: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: rootfs hashed whole ({bytes} bytes; the manifest has no verity entry)"
+    ))
+}
+
+/// `init: rootfs mount took <ms> ms (<how>)`: from opening the slot partition to the mounted
+/// rootfs (head, checks, devices, mount).
+pub fn rootfs_mount_took(ms: impl Display, how: impl Display) -> Marker {
+    Marker::new(format!("init: rootfs mount took {ms} ms ({how})"))
+}
+
+/// Fixed prefix of [`rootfs_mount_took`].
+pub const ROOTFS_MOUNT_TOOK_PREFIX: &str = "init: rootfs mount took ";
+
 /// Fixed prefix of [`booted`].
 pub const BOOTED_PREFIX: &str = "init: booted slot=";
 
@@ -326,6 +353,9 @@ pub fn samples() -> Vec<Marker> {
         boot_attempt("a", false, 0, false),
         rootfs_unusable("a", true, "e"),
         booted("a", "1", false),
+        rootfs_verity("0123456789abcdef"),
+        rootfs_hashed(4096),
+        rootfs_mount_took(12, "dm-verity"),
         booted("b", "2", true),
         booted("b", "2", false),
         confirmed("b"),

@@ -11,6 +11,7 @@
 pub mod blockdev;
 pub mod bounded;
 pub mod cmdline;
+pub mod dm;
 pub mod efivar;
 pub mod esp;
 pub mod fsx;
