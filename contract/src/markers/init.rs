@@ -154,6 +154,10 @@ pub fn rootfs_unusable_of(slot: impl Display, trial: bool) -> Marker {
     Marker::new(format!("init: rootfs unusable slot={slot} trial={trial}"))
 }
 
+/// How the slot library's error starts when dm-verity refuses a block of the rootfs (the `e` of
+/// [`rootfs_unusable`]; tests look for it).
+pub const VERITY_REFUSED: &str = "dm-verity refused to read the rootfs";
+
 /// Fixed prefix of [`rootfs_unusable`].
 pub const ROOTFS_UNUSABLE_PREFIX: &str = "init: rootfs unusable";
 
@@ -354,6 +358,7 @@ pub fn samples() -> Vec<Marker> {
         rootfs_unusable("a", true, "e"),
         booted("a", "1", false),
         rootfs_verity("0123456789abcdef"),
+        rootfs_unusable("a", false, format_args!("{VERITY_REFUSED} of /dev/vda1")),
         rootfs_hashed(4096),
         rootfs_mount_took(12, "dm-verity"),
         booted("b", "2", true),

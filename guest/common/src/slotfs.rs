@@ -99,8 +99,9 @@ pub enum SlotFsError {
     },
     /// dm-verity refused a block of the rootfs: it does not match the manifest's root hash.
     #[error(
-        "dm-verity refused to read the rootfs of {path} ({device}): {source}; a block does not \
-         match the root hash in the manifest (the slot's content is corrupted or was modified)"
+        "{refused} of {path} ({device}): {source}; a block does not match the root hash in the \
+         manifest (the slot's content is corrupted or was modified)",
+        refused = nx_contract::markers::init::VERITY_REFUSED
     )]
     Corrupted {
         path: PathBuf,

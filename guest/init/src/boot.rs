@@ -424,7 +424,7 @@ mod tests {
                 .iter()
                 .find(|l| l.starts_with(&format!("init: rootfs unusable slot=b trial={trial}: ")))
                 .unwrap();
-            assert!(l.contains("dm-verity refused to read the rootfs"), "{l}");
+            assert!(l.contains(markers::init::VERITY_REFUSED), "{l}");
             assert!(!lines.iter().any(|l| l.starts_with("init: booted")));
         }
     }
