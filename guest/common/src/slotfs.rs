@@ -593,6 +593,106 @@ mod tests {
         out
     }
 
+    /// An image whose `rootfs` has its dm-verity tree in `rootfs-verity` (as `nx image build`
+    /// makes it), plus a `kernel` segment.
+    fn verity_image(rootfs: &[u8], salt: &[u8]) -> (Vec<u8>, [u8; 32]) {
+        let tree = proto::verity::tree(salt, rootfs);
+        let segs: Vec<(&str, Vec<u8>)> = vec![
+            ("rootfs", rootfs.to_vec()),
+            ("rootfs-verity", tree.bytes.clone()),
+            ("kernel", vec![9u8; 100]),
+        ];
+        let parts: Vec<(String, SegmentDigest)> = segs
+            .iter()
+            .map(|(n, b)| {
+                let mut h = SegmentHasher::new();
+                h.update(b);
+                (n.to_string(), h.finish())
+            })
+            .collect();
+        let opts = proto::image::LayoutOptions {
+            version: "3".into(),
+            security_version: 0,
+            verity: vec![proto::manifest::Verity {
+                data: "rootfs".into(),
+                hash: "rootfs-verity".into(),
+                salt: salt.to_vec(),
+                root_hash: tree.root_hash,
+            }],
+        };
+        let m = proto::image::layout_with(&opts, &parts).unwrap();
+        let head = ImageHead::build(&m, None).unwrap().to_bytes();
+        let mut out = vec![0u8; usize::try_from(m.total_size).unwrap()];
+        out[..head.len()].copy_from_slice(&head);
+        for (s, (_, b)) in m.segments.iter().zip(&segs) {
+            let o = usize::try_from(s.offset).unwrap();
+            out[o..o + b.len()].copy_from_slice(b);
+        }
+        (out, tree.root_hash)
+    }
+
+    #[test]
+    fn with_a_verity_entry_nothing_is_hashed_before_the_mount() {
+        let rootfs: Vec<u8> = (0..(200 * 4096 + 77u32)).map(|i| (i % 253) as u8).collect();
+        let (mut img, root) = verity_image(&rootfs, &[7u8; 32]);
+        // Corrupt a rootfs byte: the whole-segment hash would refuse it; with verity the check
+        // is deferred to dm-verity (block by block at read time).
+        let head_len = usize::try_from(Header::parse(&img).unwrap().data_offset).unwrap();
+        let head = ImageHead::parse(&img[..head_len]).unwrap();
+        let rootfs_off = usize::try_from(head.manifest.segment("rootfs").unwrap().offset).unwrap();
+        img[rootfs_off + 5000] ^= 0xff;
+        let (_d, p) = part(&img, 4 << 20);
+        let c = check_slot(&p).unwrap();
+        let RootfsCheck::Verity {
+            hash,
+            salt,
+            root_hash,
+        } = &c.check
+        else {
+            panic!("no verity plan: {:?}", c.check);
+        };
+        assert_eq!(*root_hash, root);
+        assert_eq!(salt, &vec![7u8; 32]);
+        assert_eq!(hash.name, "rootfs-verity");
+        assert_eq!(hash.offset, c.rootfs.padded_end());
+        assert_eq!(c.check.root_prefix().unwrap(), hex::encode(&root[..8]));
+        // The table: the data device is the segment padded to 4 KiB (201 blocks), the tree
+        // starts at block 0 of the hash device.
+        let t = verity_table(&c.rootfs, (7, 0), (7, 1), salt, *root_hash);
+        assert_eq!(t.data_blocks, 201);
+        assert_eq!(segment_range(&c.rootfs).len, 201 * 4096);
+        assert_eq!(
+            t.line(),
+            format!(
+                "0 1608 verity 1 7:0 7:1 4096 4096 201 0 sha256 {} {}",
+                hex::encode(root),
+                hex::encode([7u8; 32])
+            )
+        );
+        assert!(segment_range(hash).len >= proto::verity::tree_size(201));
+
+        // The same corruption without a verity entry: caught by the whole-segment hash.
+        let plain = image("3", &[("rootfs", rootfs.clone())]);
+        let mut bad = plain.clone();
+        bad[8192 + 5000] ^= 0xff;
+        let (_d, p) = part(&bad, 4 << 20);
+        assert!(matches!(
+            check_slot(&p).unwrap_err(),
+            SlotFsError::Corrupt { .. }
+        ));
+        let (_d, p) = part(&plain, 4 << 20);
+        assert_eq!(check_slot(&p).unwrap().check, RootfsCheck::WholeSegment);
+    }
+
+    #[test]
+    fn dm_names_are_valid() {
+        assert_eq!(dm_name(Path::new("/dev/vda1")), "nx-rootfs-vda1");
+        assert!(crate::dm::valid_name(&dm_name(Path::new(
+            "/tmp/x y/system a"
+        ))));
+        assert!(crate::dm::valid_name(&dm_name(Path::new("/"))));
+    }
+
     fn part(bytes: &[u8], size: usize) -> (tempfile::TempDir, PathBuf) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("system_a");
@@ -662,6 +762,27 @@ mod tests {
         assert!(e
             .to_string()
             .contains("no `rootfs` segment (segments: kernel)"));
+    }
+
+    #[test]
+    fn verity_faults() {
+        let e = SlotFsError::Verity {
+            path: "/dev/vda1".into(),
+            source: crate::Error::Sys {
+                what: "open /dev/mapper/control".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            },
+        };
+        assert!(!e.is_slot_fault());
+        let e = SlotFsError::Corrupted {
+            path: "/dev/vda1".into(),
+            device: "/dev/dm-0".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(e.is_slot_fault());
+        assert!(e
+            .to_string()
+            .starts_with(nx_contract::markers::init::VERITY_REFUSED));
     }
 
     #[test]
