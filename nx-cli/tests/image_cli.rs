@@ -222,7 +222,8 @@ fn verify_ok_and_segment_order() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["rootfs", "kernel", "initrd"]);
+    // The dm-verity tree of the rootfs comes right after it (format 3).
+    assert_eq!(names, ["rootfs", "rootfs-verity", "kernel", "initrd"]);
     assert_eq!(
         j["total_size"].as_u64().unwrap(),
         fs::metadata(&img).unwrap().len()
@@ -266,7 +267,8 @@ fn padding_and_head_corruption_are_caught() {
     let img = fx.dir.join("a.img");
     build(&fx, &img, &[]);
     let j = inspect_json(&img);
-    let initrd = &j["segments"][2];
+    let initrd = &j["segments"][3];
+    assert_eq!(initrd["name"], "initrd");
     let end = initrd["offset"].as_u64().unwrap() + initrd["size"].as_u64().unwrap();
 
     let mut bytes = fs::read(&img).unwrap();
@@ -347,9 +349,10 @@ fn inspect_json_lists_segments_with_hashes() {
         assert_eq!(seg["sha256"].as_str().unwrap(), sha);
         assert!(seg["data_bytes"].as_u64().unwrap() <= size as u64);
     }
-    // the sparse kernel: 2 non-zero 4 KiB blocks out of 3 MiB
-    assert_eq!(j["segments"][1]["data_bytes"], 8192);
-    assert_eq!(j["segments"][1]["data_ranges"], 2);
+    // the sparse kernel (after rootfs and rootfs-verity): 2 non-zero 4 KiB blocks out of 3 MiB
+    assert_eq!(j["segments"][2]["name"], "kernel");
+    assert_eq!(j["segments"][2]["data_bytes"], 8192);
+    assert_eq!(j["segments"][2]["data_ranges"], 2);
     let text = ok(&["image", "inspect", s(&img)]);
     assert!(
         text.contains("signed       no") && text.contains("kernel"),
