@@ -10,6 +10,8 @@
 //!   a dense image, an image with 10% data, an immediate re-flash of an identical image, and
 //!   the peak RSS of `nx` and `flashd` for a 1 GiB image (best of `--repeat` runs, the machine
 //!   is shared).
+//! * `rootfs` (issue 14): init's rootfs check + mount with dm-verity vs the whole-segment hash,
+//!   normal and padded rootfs. See [`rootfs`].
 //! * `fanout` (issue 7): several recovery guests at once (default 4): one guest alone, then one
 //!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
 
@@ -17,6 +19,7 @@ mod boot;
 mod fanout;
 mod guest;
 mod report;
+mod rootfs;
 
 use crate::util::{cargo, root, run_cmd};
 use anyhow::{bail, Context};
@@ -48,6 +51,10 @@ enum Which {
     /// Only (g) of the guest benchmark: the boot chain of a fresh device, stage by stage
     /// (firmware, bootloader, kernel, userspace), normal and recovery; prints, writes no docs.
     Boot,
+    /// The slot rootfs at boot (issue 14): init's check + mount time with dm-verity vs the
+    /// whole-segment hash (`--no-verity`), normal rootfs and one padded with incompressible
+    /// data; prints, writes no docs.
+    Rootfs,
 }
 
 /// `cargo xtask bench flash`.
@@ -87,6 +94,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 for l in b.lines() {
                     println!("  {l}");
                 }
+            }
+            Ok(())
+        }
+        Some(Which::Rootfs) => {
+            crate::guest::build(&crate::guest::Args::default())?;
+            let cases = rootfs::measure()?;
+            println!(
+                "| rootfs | rootfs bytes | check | init: open → mounted |\n|---|---:|---|---:|"
+            );
+            for c in &cases {
+                println!(
+                    "| {} | {} | {} | {} ms |",
+                    c.rootfs, c.rootfs_bytes, c.how, c.mount_ms
+                );
             }
             Ok(())
         }

@@ -121,6 +121,11 @@ pub const HOST_TOOLS: &[Tool] = &[
             "xtask's ESP test: reading files back from the ESP; xtask crash: entry files offline",
     },
     Tool {
+        bin: "veritysetup",
+        package: "cryptsetup-bin",
+        used_by: "nx-cli test image_verity: the reference dm-verity hash tree",
+    },
+    Tool {
         bin: "qemu-io",
         package: "qemu-utils",
         used_by: "crash simulator test: QEMU's NBD client",

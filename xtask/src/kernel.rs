@@ -25,8 +25,10 @@ pub const ROOT_MODULES: [&str; 8] = [
     "qemu_fw_cfg",
 ];
 /// The normal initramfs also mounts the booted slot's rootfs: a squashfs segment of the
-/// image in the slot partition, on a loop device (zstd decompression is built in).
-pub const NORMAL_EXTRA_MODULES: [&str; 2] = ["loop", "squashfs"];
+/// image in the slot partition, on a loop device (zstd decompression is built in), through
+/// dm-verity when the manifest has a hash tree for it (`dm_verity` pulls in `dm_mod`,
+/// `dm_bufio` and `reed_solomon` by its `depends=`; SHA-256 is built into the Debian kernel).
+pub const NORMAL_EXTRA_MODULES: [&str; 3] = ["loop", "squashfs", "dm_verity"];
 
 /// A kernel ready to boot.
 #[derive(Debug)]
@@ -37,7 +39,7 @@ pub struct Kernel {
     pub vmlinuz: PathBuf,
     /// Modules in load order: `(file name, path)` (the recovery ramdisk).
     pub modules: Vec<(String, PathBuf)>,
-    /// Modules of the normal initramfs, in load order (adds loop and squashfs).
+    /// Modules of the normal initramfs, in load order (adds loop, squashfs and dm-verity).
     pub normal_modules: Vec<(String, PathBuf)>,
 }
 

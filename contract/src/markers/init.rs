@@ -154,6 +154,10 @@ pub fn rootfs_unusable_of(slot: impl Display, trial: bool) -> Marker {
     Marker::new(format!("init: rootfs unusable slot={slot} trial={trial}"))
 }
 
+/// How the slot library's error starts when dm-verity refuses a block of the rootfs (the `e` of
+/// [`rootfs_unusable`]; tests look for it).
+pub const VERITY_REFUSED: &str = "dm-verity refused to read the rootfs";
+
 /// Fixed prefix of [`rootfs_unusable`].
 pub const ROOTFS_UNUSABLE_PREFIX: &str = "init: rootfs unusable";
 
@@ -163,6 +167,33 @@ pub fn booted(slot: impl Display, version: impl Display, trial: bool) -> Marker 
         "init: booted slot={slot} version={version} trial={trial}"
     ))
 }
+
+/// `init: rootfs verity root=<first 16 hex digits of the root hash> (dm-verity)`: the rootfs is
+/// mounted through dm-verity, every block is checked when read.
+pub fn rootfs_verity(root_prefix: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: rootfs verity root={root_prefix} (dm-verity)"
+    ))
+}
+
+/// Fixed prefix of [`rootfs_verity`].
+pub const ROOTFS_VERITY_PREFIX: &str = "init: rootfs verity root=";
+
+/// The manifest has no verity entry for the rootfs: it was hashed whole before the mount.
+pub fn rootfs_hashed(bytes: impl Display) -> Marker {
+    Marker::new(format!(
+        "init: rootfs hashed whole ({bytes} bytes; the manifest has no verity entry)"
+    ))
+}
+
+/// `init: rootfs mount took <ms> ms (<how>)`: from opening the slot partition to the mounted
+/// rootfs (head, checks, devices, mount).
+pub fn rootfs_mount_took(ms: impl Display, how: impl Display) -> Marker {
+    Marker::new(format!("init: rootfs mount took {ms} ms ({how})"))
+}
+
+/// Fixed prefix of [`rootfs_mount_took`].
+pub const ROOTFS_MOUNT_TOOK_PREFIX: &str = "init: rootfs mount took ";
 
 /// Fixed prefix of [`booted`].
 pub const BOOTED_PREFIX: &str = "init: booted slot=";
@@ -344,6 +375,10 @@ pub fn samples() -> Vec<Marker> {
         boot_attempt("a", false, 0, false),
         rootfs_unusable("a", true, "e"),
         booted("a", "1", false),
+        rootfs_verity("0123456789abcdef"),
+        rootfs_unusable("a", false, format_args!("{VERITY_REFUSED} of /dev/vda1")),
+        rootfs_hashed(4096),
+        rootfs_mount_took(12, "dm-verity"),
         booted("b", "2", true),
         booted("b", "2", false),
         confirmed("b"),

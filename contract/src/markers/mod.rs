@@ -45,6 +45,8 @@ pub const PREFIXES: &[&str] = &[
     init::ERROR_PREFIX,
     init::ROOTFS_UNUSABLE_PREFIX,
     init::BOOTED_PREFIX,
+    init::ROOTFS_VERITY_PREFIX,
+    init::ROOTFS_MOUNT_TOOK_PREFIX,
     init::CONFIRMED_PREFIX,
     init::REBOOT_PREFIX,
     recovery::DIAG_WRITTEN_PREFIX,

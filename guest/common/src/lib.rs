@@ -1,7 +1,8 @@
 //! Shared guest library: ports by name, console markers, `/state` layout, block devices by
 //! label / GPT partition name, kernel command line, module loading, the PID 1 supervisor
 //! used by both `recovery-init` and the normal `init`, and the slot rootfs (image head in a
-//! slot partition → verified `rootfs` segment → read-only loop device → squashfs mount).
+//! slot partition → `rootfs` segment on read-only loop devices → dm-verity with the manifest's
+//! root hash, or the whole segment hashed when the manifest has no tree → squashfs mount).
 //!
 //! Architecture invariant: nothing read from the host (port names, sysfs contents, file
 //! contents on `/state`, the kernel command line) is trusted: every read is bounded and every
@@ -11,6 +12,7 @@
 pub mod blockdev;
 pub mod bounded;
 pub mod cmdline;
+pub mod dm;
 pub mod efivar;
 pub mod esp;
 pub mod fsx;

@@ -123,6 +123,11 @@ impl LoopDevice {
         &self.path
     }
 
+    /// `(major, minor)` of the device.
+    pub fn dev_number(&self) -> Result<(u32, u32)> {
+        crate::dm::block_dev_number(&self.file, &self.path)
+    }
+
     /// Detach now (`LOOP_CLR_FD`); with autoclear a mounted device detaches at unmount.
     pub fn detach(self) -> Result<()> {
         // SAFETY: LOOP_CLR_FD takes no argument; the fd is a loop device we opened.

@@ -138,7 +138,20 @@ pub fn mount_booted(
     };
     emit(&markers::init::loader_slot(b.slot, b.counted));
     match mounter.mount(b.slot) {
-        Ok(m) => Ok((b, m)),
+        Ok(m) => {
+            let how = match m.check.root_prefix() {
+                Some(root) => {
+                    emit(&markers::init::rootfs_verity(root));
+                    "dm-verity"
+                }
+                None => {
+                    emit(&markers::init::rootfs_hashed(m.rootfs_bytes));
+                    "whole-segment hash"
+                }
+            };
+            emit(&markers::init::rootfs_mount_took(m.took.as_millis(), how));
+            Ok((b, m))
+        }
         Err(MountError::NoPartition(why)) => {
             let why = markers::init::no_partition_why(why, b.slot);
             emit(&markers::init::note(&why));
@@ -226,7 +239,7 @@ pub fn after_mount(
     emit(&markers::init::health_ok(
         slot,
         mounted.rootfs_bytes,
-        mounted.loop_dev.display(),
+        mounted.device.display(),
         mounted.mountpoint.display(),
         &mounted.version,
     ));
@@ -305,6 +318,8 @@ fn reboot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nx_guest::slotfs::RootfsCheck;
+    use proto::manifest::Segment;
     use std::path::PathBuf;
 
     #[derive(Default)]
@@ -348,6 +363,10 @@ mod tests {
         NoPart,
         SlotFault,
         EnvFault,
+        /// dm-verity refused the superblock (a corrupted block).
+        Corrupted,
+        /// No device mapper in the kernel.
+        NoDm,
     }
 
     struct Mnt(M, Vec<Slot>);
@@ -363,12 +382,25 @@ mod tests {
             self.1.push(slot);
             match self.0 {
                 M::Ok => Ok(Mounted {
-                    loop_dev: PathBuf::from("/dev/loop0"),
+                    device: PathBuf::from("/dev/dm-0"),
                     mountpoint: PathBuf::from("/sysroot"),
                     version: "2".into(),
                     image_version: "2".into(),
                     rootfs_bytes: 4096,
                     security_version: 2,
+                    check: RootfsCheck::Verity {
+                        hash: Segment {
+                            name: "rootfs-verity".into(),
+                            offset: 8192,
+                            size: 4096,
+                            sha256: [0; 32],
+                            data_sha256: [0; 32],
+                            data_ranges: vec![],
+                        },
+                        salt: vec![1],
+                        root_hash: [0xab; 32],
+                    },
+                    took: std::time::Duration::from_millis(7),
                 }),
                 M::NoPart | M::NoDisk => {
                     Err(MountError::NoPartition("no partition system_b".into()))
@@ -377,9 +409,21 @@ mod tests {
                     path: "/dev/vdb2".into(),
                     reason: "blank".into(),
                 })),
+                M::Corrupted => Err(MountError::Slot(SlotFsError::Corrupted {
+                    path: "/dev/vdb2".into(),
+                    device: "/dev/dm-0".into(),
+                    source: std::io::Error::from_raw_os_error(EIO),
+                })),
+                M::NoDm => Err(MountError::Slot(SlotFsError::Verity {
+                    path: "/dev/vdb2".into(),
+                    source: nx_guest::Error::Sys {
+                        what: "open /dev/mapper/control".into(),
+                        source: std::io::Error::from_raw_os_error(ENOENT),
+                    },
+                })),
                 M::EnvFault => Err(MountError::Slot(SlotFsError::Mount {
                     path: "/dev/vdb2".into(),
-                    loop_dev: "/dev/loop0".into(),
+                    device: "/dev/loop0".into(),
                     source: std::io::Error::from_raw_os_error(ENODEV),
                 })),
             }
@@ -388,6 +432,31 @@ mod tests {
 
     /// `ENODEV` on Linux: the file system type is unknown to the kernel (no driver).
     const ENODEV: i32 = 19;
+    const EIO: i32 = 5;
+    const ENOENT: i32 = 2;
+
+    #[test]
+    fn a_block_refused_by_dm_verity_is_the_slots_fault() {
+        for (trial, want) in [
+            (true, Outcome::Reset { recovery: false }),
+            (false, Outcome::Reset { recovery: true }),
+        ] {
+            let mut f = Fake {
+                decision: Some(decision(Slot::B, trial, 1)),
+                reboot_ok: Some(true),
+                ..Fake::default()
+            };
+            let (out, lines, _) = go(&mut f, M::Corrupted, Options::default());
+            assert_eq!(out, want);
+            assert!(f.calls.is_empty(), "{:?}", f.calls);
+            let l = lines
+                .iter()
+                .find(|l| l.starts_with(&format!("init: rootfs unusable slot=b trial={trial}: ")))
+                .unwrap();
+            assert!(l.contains(markers::init::VERITY_REFUSED), "{l}");
+            assert!(!lines.iter().any(|l| l.starts_with("init: booted")));
+        }
+    }
 
     fn decision(slot: Slot, trial: bool, tries_left: u8) -> BootDecision {
         BootDecision {
@@ -443,6 +512,12 @@ mod tests {
         assert_eq!(f.calls, ["bootAttempt", "confirm", "raiseFloor 2"]);
         assert!(lines.contains(&"init: booted slot=b version=2 trial=true".to_string()));
         assert!(lines.contains(&"init: confirmed slot=b".to_string()));
+        // The rootfs came through dm-verity: the line names the root hash, then the time.
+        let v = lines
+            .iter()
+            .position(|l| l == "init: rootfs verity root=abababababababab (dm-verity)")
+            .unwrap();
+        assert_eq!(lines[v + 1], "init: rootfs mount took 7 ms (dm-verity)");
         // The floor rises after the confirm, never before.
         let confirmed = lines.iter().position(|l| l == "init: confirmed slot=b");
         let floor = lines
@@ -608,7 +683,7 @@ mod tests {
 
     #[test]
     fn environment_faults_neither_confirm_nor_mark_bad() {
-        for m in [M::NoPart, M::EnvFault] {
+        for m in [M::NoPart, M::EnvFault, M::NoDm] {
             let mut f = Fake {
                 decision: Some(decision(Slot::A, false, 0)),
                 reboot_ok: Some(true),

@@ -15,7 +15,8 @@
 //! in [`flash`] (the three above), [`slots`] (the A/B update scenarios `update`, `rollback`,
 //! `update-powercut`), [`reset`] (the factory-reset and recovery-console scenarios of issue 6:
 //! `reset`, `reset-powercut`, `reset-normal-guard`, `recovery-console`) and [`fanout`] (issue
-//! 7: two guests flashed by one `nx flash send --port A --port B`).
+//! 7: two guests flashed by one `nx flash send --port A --port B`) and [`verity`] (issue 14:
+//! a flipped byte in the rootfs of the booted slot is refused by dm-verity).
 
 mod fanout;
 mod flash;
@@ -23,6 +24,7 @@ mod reset;
 mod slots;
 mod support;
 mod trust;
+mod verity;
 
 pub use reset::{compare_seeded, ls_names, write_seeded_state};
 
@@ -31,13 +33,14 @@ use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 13] = [
+pub const SCENARIOS: [&str; 14] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
     "update",
     "rollback",
     "badkernel",
+    "verity",
     "update-powercut",
     "trust",
     "reset",
@@ -100,6 +103,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "update" => slots::update(&ctx)?,
         "rollback" => slots::rollback(&ctx)?,
         "badkernel" => slots::badkernel(&ctx)?,
+        "verity" => verity::verity(&ctx)?,
         "update-powercut" => slots::update_powercut(&ctx)?,
         "trust" => trust::trust(&ctx)?,
         "reset" => reset::reset(&ctx)?,
