@@ -125,7 +125,7 @@ pub fn state_offline(img: &Path) -> anyhow::Result<StateView> {
             dump.path().display()
         ),
     )?;
-    crate::e2e::compare_seeded(&dump.path().join("trust"), "trust")
+    trust_intact(&dump.path().join("trust"))
         .context("/state/trust differs from what was provisioned")?;
     let boot = crate::e2e::ls_names(&debugfs(img, "ls -p /boot")?);
     let next_mode = if boot.iter().any(|n| n == "next_mode") {
@@ -143,6 +143,42 @@ pub fn state_offline(img: &Path) -> anyhow::Result<StateView> {
         next_mode,
         dump,
     })
+}
+
+/// `/trust` as dumped is intact: every key and certificate byte-identical to the seed, and the
+/// anti-rollback floor a number that only ever rose — from the seeded floor to at most the
+/// highest security version of the images this build makes (the device raises it when it
+/// confirms a slot; a torn, lowered or vanished floor is a failure).
+pub fn trust_intact(dir: &Path) -> anyhow::Result<()> {
+    let rel = nx_contract::state::TRUST_FLOOR
+        .strip_prefix("trust/")
+        .context("the floor lives under trust/")?;
+    let path = dir.join(rel);
+    let seeded = crate::guest::security_version(crate::guest::DEMO_VERSION);
+    let highest = [
+        crate::guest::DEMO_VERSION,
+        crate::guest::V2_VERSION,
+        crate::guest::BROKEN_VERSION,
+        crate::guest::BADKERNEL_VERSION,
+    ]
+    .into_iter()
+    .map(crate::guest::security_version)
+    .max()
+    .unwrap_or(seeded);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("the floor {rel} is gone or unreadable"))?;
+    let floor: u64 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("the floor {rel} is not a number: {text:?}"))?;
+    anyhow::ensure!(
+        (seeded..=highest).contains(&floor) && text == format!("{floor}\n"),
+        "the floor {rel} is {text:?}: below the seeded {seeded}, above {highest}, or torn"
+    );
+    // The rest must be byte-identical: compare with the floor put back as seeded.
+    std::fs::write(&path, format!("{seeded}\n"))
+        .with_context(|| format!("rewrite {}", path.display()))?;
+    crate::e2e::compare_seeded(dir, "trust")
 }
 
 /// The reset path's view of the state: untouched, pending or wiped; anything else fails.
@@ -472,5 +508,33 @@ mod tests {
         assert_eq!(boot_record(&vars, &v).unwrap(), Verdict::Recovery);
         v.next_mode = Some(b"reco".to_vec());
         assert!(boot_record(&vars, &v).is_err());
+    }
+}
+
+#[cfg(test)]
+mod trust_tests {
+    use super::*;
+
+    fn seeded() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        crate::e2e::write_seeded_state(d.path()).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_floor_may_only_rise_within_what_this_build_signs() {
+        let d = seeded();
+        let trust = d.path().join("trust");
+        let floor = d.path().join(nx_contract::state::TRUST_FLOOR);
+        trust_intact(&trust).unwrap();
+        std::fs::write(&floor, "2\n").unwrap();
+        trust_intact(&trust).unwrap();
+        for bad in ["0\n", "9\n", "2", "", "x\n"] {
+            std::fs::write(&floor, bad).unwrap();
+            assert!(trust_intact(&trust).is_err(), "{bad:?} accepted");
+        }
+        std::fs::write(&floor, "2\n").unwrap();
+        std::fs::write(trust.join("root.pub"), b"changed").unwrap();
+        assert!(trust_intact(&trust).is_err());
     }
 }
