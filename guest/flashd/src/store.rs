@@ -883,6 +883,32 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_to_another_filesystem_ignores_a_symlink_planted_at_its_temp_path() {
+        use std::os::unix::fs::MetadataExt;
+        // Staging on the disk, target on tmpfs (/dev/shm): the rename fails with EXDEV and
+        // the staging file is copied through the atomic writer.
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir_in("/dev/shm").unwrap();
+        assert_ne!(
+            fs::metadata(dir.path()).unwrap().dev(),
+            fs::metadata(other.path()).unwrap().dev(),
+            "the test needs /dev/shm on another filesystem than the temp dir"
+        );
+        let victim = dir.path().join("root.pub");
+        fs::write(&victim, b"precious").unwrap();
+        let target = other.path().join("out.img");
+        std::os::unix::fs::symlink(&victim, other.path().join(".out.img.tmp")).unwrap();
+        let sp = dir.path().join("staging.img");
+        let s = Staging::create(&sp, 8192).unwrap();
+        s.write_at(0, &[7u8; 8192]).unwrap();
+        install(s, &InstallTarget::from_path(&target)).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), vec![7u8; 8192]);
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!other.path().join(".out.img.tmp").is_symlink());
+        assert!(!sp.exists());
+    }
+
+    #[test]
     fn block_style_install_writes_and_reads_back() {
         // A regular file stands in for the device: same code path as a partition.
         let dir = tempfile::tempdir().unwrap();
