@@ -476,6 +476,16 @@ async fn run_session(
         segment: None,
         skip_until: 0,
     };
+    // The local check starts with the session, not with the first chunk read: a target that
+    // already holds the image asks for no chunk, and its "unchanged" must not be taken as
+    // success for a file whose bytes do not match its own manifest (the DONE is held until
+    // the check passed; a failed check ends the transfer as an invalid image).
+    if ctx.check.is_none() {
+        match ctx.shared_check.get_or_start(&ctx.img) {
+            Ok(c) => ctx.check = Some(c),
+            Err(e) => return Err(End::Fatal(SendError::Local(e.into()))),
+        }
+    }
     let acked_at_start = sender.acked();
     let mut max_acked = 0u32;
     let mut held_reads: VecDeque<(u32, usize, Bytes, Option<ChunkHash>)> = VecDeque::new();

@@ -140,3 +140,24 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_planted_at_the_snapshot_temp_path_leaves_its_target_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let opened = Store::open(Some(d.path()), false);
+        assert!(opened.store.is_persistent());
+        let dir = d.path().join(SUBDIR);
+        std::os::unix::fs::symlink(&victim, dir.join(format!(".{SNAPSHOT_FILE}.tmp"))).unwrap();
+        opened.store.save(&opened.state).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let written = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(written, snapshot::encode(&opened.state));
+        assert!(!dir.join(format!(".{SNAPSHOT_FILE}.tmp")).exists());
+    }
+}

@@ -4,7 +4,11 @@
 //!   sees the old or the new content, never a mix. The temp file `.<name>.tmp` is opened
 //!   relative to a directory fd with `O_NOFOLLOW | O_EXCL | O_CREAT | O_CLOEXEC` after a
 //!   stale one is unlinked (`unlinkat` removes a planted symlink itself, never its target),
-//!   written, fsynced, renamed with `renameat` and the directory is fsynced.
+//!   written, fsynced, renamed with `renameat` and the directory is fsynced. The directory
+//!   is opened `O_NOFOLLOW | O_DIRECTORY` (a symlinked state directory is refused). This is
+//!   the one place a guest program (or `nx`) creates a temp file for a state file: every
+//!   writer goes through it ([`AtomicWrite::write_with`] for streamed content); the hygiene
+//!   test `guest/common/tests/one_atomic_writer.rs` holds it.
 //! * [`read_bounded`] / [`read_bounded_nofollow`]: a whole small file, `Ok(None)` when it does
 //!   not exist, refused (without allocating more than the bound) when larger than `max`.
 //! * [`AlignedBuf`]: a heap buffer aligned for `O_DIRECT`.
@@ -80,6 +84,17 @@ impl AtomicWrite {
 
     /// Write `bytes` as `dir/name` (see the module docs). `name` is one path component.
     pub fn write(&self, dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.write_with(dir, name, |f| f.write_all(bytes))
+    }
+
+    /// Like [`AtomicWrite::write`], but `fill` writes the content into the (fresh, empty)
+    /// temp file: for content streamed from elsewhere (a copy of a large file).
+    pub fn write_with(
+        &self,
+        dir: &Path,
+        name: &str,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> io::Result<()> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -101,7 +116,7 @@ impl AtomicWrite {
             Mode::from_raw_mode(self.mode),
         )?;
         let mut f = File::from(fd);
-        let written = f.write_all(bytes).and_then(|()| {
+        let written = fill(&mut f).and_then(|()| {
             if self.exact {
                 f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(self.mode))?;
             }
@@ -177,10 +192,12 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     rustix::fs::fsync(open_dir(dir)?).map_err(io::Error::from)
 }
 
+/// The directory itself is opened `O_NOFOLLOW | O_DIRECTORY`: a symlink planted in place of
+/// the last component (`/state/flash -> /`) is refused (`ELOOP`/`ENOTDIR`), not followed.
 fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     rustix::fs::open(
         dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
     .map_err(io::Error::from)
@@ -353,6 +370,30 @@ mod tests {
         assert_eq!(std::fs::read(d.path().join("rec")).unwrap(), b"new");
         assert!(!d.path().join(".rec.tmp").exists());
         assert!(!d.path().join("rec").is_symlink());
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_refused_and_streamed_content_works() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(write_atomic(&link, "x", b"1").is_err());
+        assert!(!real.join("x").exists());
+        AtomicWrite::new()
+            .write_with(&real, "x", |f| {
+                f.write_all(b"ab")?;
+                f.write_all(b"cd")
+            })
+            .unwrap();
+        assert_eq!(std::fs::read(real.join("x")).unwrap(), b"abcd");
+        // A failed fill leaves neither the temp file nor a new target.
+        let e = AtomicWrite::new()
+            .write_with(&real, "y", |_| Err(io::Error::other("boom")))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "boom");
+        assert!(!real.join("y").exists() && !real.join(".y.tmp").exists());
     }
 
     #[test]

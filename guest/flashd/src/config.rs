@@ -68,7 +68,7 @@ pub struct Args {
     /// Drop a connection that makes no progress (no new image data written, no
     /// verification or install finished) for this many seconds, even if it keeps sending
     /// INFO or HELLO: another client gets in.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    #[arg(long, default_value_t = nx_contract::defaults::STALL_TIMEOUT_SECS, value_name = "SECS")]
     pub stall_timeout: u64,
     /// Largest window accepted (frames in flight).
     #[arg(long, default_value_t = 64)]
@@ -159,7 +159,7 @@ impl Config {
             require_signed: None,
             device: "nexus".to_string(),
             idle_timeout: Duration::from_secs(60),
-            stall_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(nx_contract::defaults::STALL_TIMEOUT_SECS),
             max_window: 64,
             max_chunk: nx_contract::defaults::CHUNK,
             direct: false,

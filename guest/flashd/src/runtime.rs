@@ -282,9 +282,15 @@ impl Runtime {
         }
     }
 
-    /// Background work is outstanding.
+    /// Background work is outstanding (or jobs wait in a worker's backlog).
     pub(crate) fn busy(&self) -> bool {
-        self.outstanding > 0
+        self.outstanding > 0 || self.hasher.backlog() > 0 || self.durable.backlog() > 0
+    }
+
+    /// A worker's backlog holds a queue's worth of jobs: the server stops reading frames
+    /// until it moved on (backpressure without blocking the loop).
+    pub(crate) fn backlogged(&self) -> bool {
+        self.hasher.backlogged() || self.durable.backlogged()
     }
 
     /// A count that moves whenever the session makes progress (image data written, a
@@ -295,6 +301,8 @@ impl Runtime {
 
     /// Handle every result that arrived, answering on `conn`.
     pub(crate) fn pump_results(&mut self, conn: &mut Conn) {
+        self.hasher.flush();
+        self.durable.flush();
         while let Ok(r) = self.results.try_recv() {
             self.outstanding = self.outstanding.saturating_sub(1);
             self.progress = self.progress.wrapping_add(1);
@@ -305,7 +313,14 @@ impl Runtime {
     /// Wait until no background work is outstanding (install, syncs, verifications).
     pub(crate) fn drain(&mut self) {
         while self.outstanding > 0 {
-            match self.results.recv_timeout(Duration::from_secs(1)) {
+            self.hasher.flush();
+            self.durable.flush();
+            let wait = if self.hasher.backlog() + self.durable.backlog() > 0 {
+                Duration::from_millis(2)
+            } else {
+                Duration::from_secs(1)
+            };
+            match self.results.recv_timeout(wait) {
                 Ok(r) => {
                     self.outstanding = self.outstanding.saturating_sub(1);
                     self.on_result(r, None);
@@ -440,7 +455,8 @@ impl Runtime {
                         return Err((
                             ErrorCode::TooLarge,
                             format!(
-                                "image is {size} bytes, install target {} holds {cap}",
+                                "image is {size} bytes, but install target {} holds only {cap} \
+                                 bytes (choose a smaller image or a larger partition)",
                                 dev.display()
                             ),
                         ));
@@ -544,7 +560,7 @@ impl Runtime {
     /// Wait until every queued durability job ran.
     fn durable_barrier(&mut self) {
         let (tx, rx) = mpsc::sync_channel::<()>(1);
-        self.durable.send(DurableJob::Run(Box::new(move |_| {
+        self.durable.send_wait(DurableJob::Run(Box::new(move |_| {
             let _ = tx.send(());
             Ok(())
         })));

@@ -156,6 +156,15 @@ impl Server {
             } else {
                 idle.min(Duration::from_millis(500))
             };
+            // Backpressure: a worker's backlog is full, so no frame is read (the host's
+            // window stops it) until the worker caught up; the loop itself never waits on a
+            // worker queue and keeps pumping results and the stall check.
+            let backlogged = matches!(&self.mode, Mode::Active(rt) if rt.backlogged());
+            if backlogged {
+                std::thread::sleep(BUSY_POLL);
+                last = Instant::now();
+                continue;
+            }
             match conn.recv(wait) {
                 Recv::Timeout => {
                     if !busy && last.elapsed() >= idle {

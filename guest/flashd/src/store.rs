@@ -193,15 +193,6 @@ pub fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
 fn sync_parent(path: &Path) -> Result<(), StoreError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -546,7 +537,8 @@ impl InstallTarget {
 /// Install the verified staging file into `target`.
 ///
 /// * File target: the staging file is renamed over the target (same filesystem), or
-///   copied to `target.tmp` beside it, fsynced and renamed (other filesystem). Either
+///   copied to `.target.tmp` beside it ([`nx_guest::fsx::AtomicWrite::write_with`]),
+///   fsynced and renamed (other filesystem). Either
 ///   way the target holds the old bytes or the new bytes, never a mix.
 /// * Block target: the staging bytes are written to the device, fsynced, read back and
 ///   the SHA-256 of the read-back compared with that of the staging file.
@@ -620,15 +612,17 @@ fn install_file(staging: Staging, target: &Path) -> Result<(), StoreError> {
             sync_parent(&src)
         }
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let tmp = tmp_path(target);
-            {
-                let mut out = File::create(&tmp).map_err(io_err("create", &tmp))?;
-                let mut input = &file;
-                io::copy(&mut input, &mut out).map_err(io_err("copy", &tmp))?;
-                out.sync_all().map_err(io_err("fsync", &tmp))?;
-            }
-            fs::rename(&tmp, target).map_err(io_err("rename", target))?;
-            sync_parent(target)?;
+            // The one atomic writer: temp `.<name>.tmp` opened O_NOFOLLOW|O_EXCL beside the
+            // target (a planted symlink there is removed, not followed), fsync, rename,
+            // directory fsync.
+            let (dir, name) = nx_guest::fsx::split_path(target).map_err(io_err("copy", target))?;
+            nx_guest::fsx::AtomicWrite::new()
+                .mode(0o600)
+                .write_with(dir, name, |out| {
+                    let mut input = &file;
+                    io::copy(&mut input, out).map(|_| ())
+                })
+                .map_err(io_err("copy", target))?;
             drop(file);
             remove_if_exists(&src)
         }
@@ -786,7 +780,6 @@ mod tests {
         };
         write_json_atomic(&p, &r).unwrap();
         assert_eq!(read_json::<Rec>(&p).unwrap(), Some(r));
-        assert!(!tmp_path(&p).exists());
         assert!(!dir.path().join(".r.json.tmp").exists());
     }
 
@@ -886,6 +879,32 @@ mod tests {
         s.write_at(0, &[7u8; 8192]).unwrap();
         install(s, &InstallTarget::from_path(&target)).unwrap();
         assert_eq!(fs::read(&target).unwrap(), vec![7u8; 8192]);
+        assert!(!sp.exists());
+    }
+
+    #[test]
+    fn a_copy_to_another_filesystem_ignores_a_symlink_planted_at_its_temp_path() {
+        use std::os::unix::fs::MetadataExt;
+        // Staging on the disk, target on tmpfs (/dev/shm): the rename fails with EXDEV and
+        // the staging file is copied through the atomic writer.
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir_in("/dev/shm").unwrap();
+        assert_ne!(
+            fs::metadata(dir.path()).unwrap().dev(),
+            fs::metadata(other.path()).unwrap().dev(),
+            "the test needs /dev/shm on another filesystem than the temp dir"
+        );
+        let victim = dir.path().join("root.pub");
+        fs::write(&victim, b"precious").unwrap();
+        let target = other.path().join("out.img");
+        std::os::unix::fs::symlink(&victim, other.path().join(".out.img.tmp")).unwrap();
+        let sp = dir.path().join("staging.img");
+        let s = Staging::create(&sp, 8192).unwrap();
+        s.write_at(0, &[7u8; 8192]).unwrap();
+        install(s, &InstallTarget::from_path(&target)).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), vec![7u8; 8192]);
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!other.path().join(".out.img.tmp").is_symlink());
         assert!(!sp.exists());
     }
 

@@ -11,8 +11,11 @@
 //! * the **durability** thread runs fsyncs, journal writes and the install, strictly in the
 //!   order they were queued (a journal never claims data that was not synced first).
 //!
-//! Both queues are bounded, so memory stays bounded by `HASH_QUEUE × chunk` whatever the
-//! image size.
+//! Both queues are bounded, and the server loop never waits on them: a job that does not
+//! fit goes to a small backlog ([`JobQueue`]) that is moved on as the thread takes jobs,
+//! and while a backlog holds a queue's worth the loop stops reading frames (backpressure)
+//! but keeps answering results and watching the stall timeout. Memory stays bounded by
+//! about `2 × HASH_QUEUE × chunk` whatever the image size.
 
 use crate::records::{self, Counters};
 use crate::store::{self, Staging, StateDir};
@@ -20,16 +23,17 @@ use bytes::Bytes;
 use proto::manifest::DataRange;
 use proto::session::Journal;
 use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Jobs queued to the hasher before the receiving thread waits.
+/// Jobs queued to the hasher thread (more wait in the backlog, see the module docs).
 pub const HASH_QUEUE: usize = 4;
-/// Jobs queued to the durability thread before the receiving thread waits.
+/// Jobs queued to the durability thread (more wait in the backlog).
 pub const DURABLE_QUEUE: usize = 16;
 
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
@@ -95,9 +99,70 @@ pub enum HashJob {
     },
 }
 
+/// The sending end of a worker's bounded queue with a backlog in front of it: queueing
+/// never waits (see the module docs).
+struct JobQueue<T> {
+    tx: Option<SyncSender<T>>,
+    backlog: VecDeque<T>,
+}
+
+impl<T> JobQueue<T> {
+    fn new(tx: SyncSender<T>) -> JobQueue<T> {
+        JobQueue {
+            tx: Some(tx),
+            backlog: VecDeque::new(),
+        }
+    }
+
+    /// Queue `job` behind every job queued before it; never waits.
+    fn push(&mut self, job: T) {
+        self.backlog.push_back(job);
+        self.flush();
+    }
+
+    /// Move backlog jobs into the channel while it has room; never waits. A gone thread
+    /// drops them (its results are then never reported: the session fails on its own).
+    fn flush(&mut self) {
+        let Some(tx) = &self.tx else {
+            self.backlog.clear();
+            return;
+        };
+        while let Some(job) = self.backlog.pop_front() {
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) => {
+                    self.backlog.push_front(job);
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hand the whole backlog to the thread, waiting for room (a barrier, shutdown).
+    fn flush_wait(&mut self) {
+        if let Some(tx) = &self.tx {
+            while let Some(job) = self.backlog.pop_front() {
+                if tx.send(job).is_err() {
+                    self.backlog.clear();
+                }
+            }
+        }
+    }
+
+    /// Close the queue (after the backlog went to the thread).
+    fn close(&mut self) {
+        self.flush_wait();
+        self.tx = None;
+    }
+}
+
 /// Handle of the hasher thread.
 pub struct Hasher {
-    tx: Option<SyncSender<HashJob>>,
+    q: JobQueue<HashJob>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -108,22 +173,35 @@ impl Hasher {
             .name("flashd-hash".into())
             .spawn(move || hasher_loop(rx, results))?;
         Ok(Hasher {
-            tx: Some(tx),
+            q: JobQueue::new(tx),
             handle: Some(handle),
         })
     }
 
-    /// Queue a job (waits while the queue is full: that is the backpressure).
-    pub fn send(&self, job: HashJob) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(job);
-        }
+    /// Queue a job; never waits (see [`Hasher::backlogged`]).
+    pub fn send(&mut self, job: HashJob) {
+        self.q.push(job);
+    }
+
+    /// Move backlog jobs on as the thread makes room; never waits.
+    pub fn flush(&mut self) {
+        self.q.flush();
+    }
+
+    /// Jobs waiting in front of the full queue.
+    pub fn backlog(&self) -> usize {
+        self.q.backlog.len()
+    }
+
+    /// A queue's worth of jobs waits: stop reading frames until it moved on.
+    pub fn backlogged(&self) -> bool {
+        self.backlog() >= HASH_QUEUE
     }
 }
 
 impl Drop for Hasher {
     fn drop(&mut self) {
-        self.tx = None;
+        self.q.close();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -389,7 +467,7 @@ pub enum DurableJob {
 
 /// Handle of the durability thread.
 pub struct Durable {
-    tx: Option<SyncSender<DurableJob>>,
+    q: JobQueue<DurableJob>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -400,21 +478,41 @@ impl Durable {
             .name("flashd-sync".into())
             .spawn(move || durable_loop(state, rx, results))?;
         Ok(Durable {
-            tx: Some(tx),
+            q: JobQueue::new(tx),
             handle: Some(handle),
         })
     }
 
-    pub fn send(&self, job: DurableJob) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(job);
-        }
+    /// Queue a job (after every job queued before it); never waits.
+    pub fn send(&mut self, job: DurableJob) {
+        self.q.push(job);
+    }
+
+    /// Queue a job and hand everything queued to the thread, waiting for room (barriers).
+    pub fn send_wait(&mut self, job: DurableJob) {
+        self.q.push(job);
+        self.q.flush_wait();
+    }
+
+    /// Move backlog jobs on as the thread makes room; never waits.
+    pub fn flush(&mut self) {
+        self.q.flush();
+    }
+
+    /// Jobs waiting in front of the full queue.
+    pub fn backlog(&self) -> usize {
+        self.q.backlog.len()
+    }
+
+    /// A queue's worth of jobs waits: stop reading frames until it moved on.
+    pub fn backlogged(&self) -> bool {
+        self.backlog() >= DURABLE_QUEUE
     }
 }
 
 impl Drop for Durable {
     fn drop(&mut self) {
-        self.tx = None;
+        self.q.close();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -578,7 +676,27 @@ fn run_install(
 
 #[cfg(test)]
 mod tests {
-    use super::{hash_zeros_in, overlaps};
+    use super::{hash_zeros_in, overlaps, JobQueue};
+
+    #[test]
+    fn queueing_never_waits_and_keeps_the_order() {
+        // A worker that takes nothing yet: a full channel must not block the caller.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(2);
+        let mut q = JobQueue::new(tx);
+        let t = std::time::Instant::now();
+        for i in 0..10 {
+            q.push(i);
+        }
+        assert!(t.elapsed() < std::time::Duration::from_millis(100));
+        assert_eq!(q.backlog.len(), 8);
+        // As the worker takes jobs, the backlog moves on, in order.
+        assert_eq!(rx.try_recv().unwrap(), 0);
+        q.flush();
+        assert_eq!(q.backlog.len(), 7);
+        let worker = std::thread::spawn(move || rx.iter().collect::<Vec<_>>());
+        q.close();
+        assert_eq!(worker.join().unwrap(), (1..10).collect::<Vec<_>>());
+    }
     use proto::manifest::SegmentHasher;
     use sha2::{Digest, Sha256};
 

@@ -1,13 +1,14 @@
 //! Bundles on disk: `STATE/recovery/diag-<n>.tar.zst`, `n` = 1 + the highest number there
-//! (1 for the first). Written atomically (`.diag-<n>.tar.zst.tmp`, fsync, rename, fsync of
+//! (1 for the first). Written with `nx_guest::fsx::write_atomic` (`.diag-<n>.tar.zst.tmp`
+//! opened O_NOFOLLOW|O_EXCL, fsync, rename, fsync of
 //! the directory); only the newest [`KEEP`] bundles are kept. Only names of exactly that
 //! form are ever read or removed.
 
 use crate::bundle::MAX_BUNDLE_BYTES;
 use crate::DiagError;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Sub-directory of the state dir that holds the bundles.
@@ -120,23 +121,8 @@ pub fn write(state_root: &Path, bytes: &[u8]) -> Result<Written, DiagError> {
         .map_or(1, |n| n.saturating_add(1))
         .min(MAX_N);
     let name = file_name(n);
-    let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(&name);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(DiagError::io("create", &tmp))?;
-        f.write_all(bytes).map_err(DiagError::io("write", &tmp))?;
-        f.sync_all().map_err(DiagError::io("fsync", &tmp))?;
-    }
-    fs::rename(&tmp, &path).map_err(DiagError::io("rename to", &path))?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(DiagError::io("fsync", &dir))?;
+    nx_guest::fsx::write_atomic(&dir, &name, bytes).map_err(DiagError::io("write", &path))?;
     for old in existing.iter().filter(|&&k| k.saturating_add(KEEP) <= n) {
         // Best effort: a bundle that cannot be pruned is only disk space.
         let _ = fs::remove_file(dir.join(file_name(*old)));
@@ -191,6 +177,20 @@ mod tests {
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_bundle_temp_path_leaves_its_target_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        usable(d.path(), false).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let tmp = d.path().join(SUBDIR).join(".diag-1.tar.zst.tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert_eq!(write(d.path(), b"bundle").unwrap().n, 1);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(read_latest(d.path()).unwrap().unwrap().1, b"bundle");
+        assert!(!tmp.is_symlink());
     }
 
     #[test]

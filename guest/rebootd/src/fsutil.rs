@@ -102,6 +102,21 @@ mod tests {
     }
 
     #[test]
+    fn factory_wipe_request_ignores_a_symlink_planted_at_its_temp_path() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("root.pub");
+        std::fs::write(&victim, b"precious").unwrap();
+        let boot = state_subdir(d.path(), "boot", false).unwrap();
+        let tmp = boot.join(format!(".{}.tmp", crate::record::FACTORY_WIPE_FILE));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let mut rec = crate::record::Store::open(Some(d.path()), false);
+        assert!(rec.set_factory_wipe().unwrap());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(crate::record::read_factory_wipe(&boot).unwrap());
+        assert!(!tmp.exists() && !tmp.is_symlink());
+    }
+
+    #[test]
     fn state_subdir_modes() {
         let d = tempfile::tempdir().unwrap();
         let sub = state_subdir(d.path(), "boot", false).unwrap();
