@@ -155,7 +155,9 @@ pub fn check_bundle(data: &[u8]) -> anyhow::Result<Checked> {
 
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     // Mode 0600 as before (the bundle may hold logs of the target).
-    let how = nx_guest::fsx::AtomicWrite::new().mode(0o600);
+    let how = nx_guest::fsx::AtomicWrite::new()
+        .mode(0o600)
+        .follow_dir_symlink();
     nx_guest::fsx::write_atomic_path(path, how, data)
         .with_context(|| format!("cannot write {}", path.display()))
 }

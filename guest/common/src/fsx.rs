@@ -40,6 +40,8 @@ pub struct AtomicWrite {
     exact: bool,
     durable: bool,
     replace: bool,
+    /// The directory may be a symlink (a path the user chose on the host).
+    follow_dir: bool,
 }
 
 impl Default for AtomicWrite {
@@ -57,7 +59,17 @@ impl AtomicWrite {
             exact: false,
             durable: true,
             replace: true,
+            follow_dir: false,
         }
+    }
+
+    /// Follow a symlink in the directory's last component: for paths a user names on the host
+    /// (`nx image keygen --out keys/release` with `keys -> /secure/keys`). Never for state
+    /// files, where a planted link must not redirect the write. The temp file and the target
+    /// name are still never followed.
+    pub const fn follow_dir_symlink(mut self) -> AtomicWrite {
+        self.follow_dir = true;
+        self
     }
 
     /// The permission bits of the new file, exactly (not reduced by the umask; the temp file
@@ -101,7 +113,15 @@ impl AtomicWrite {
                 format!("{name:?} is not a plain file name"),
             ));
         }
-        let dirfd = open_dir(dir)?;
+        let dirfd = if self.follow_dir {
+            rustix::fs::open(
+                dir,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?
+        } else {
+            open_dir(dir)?
+        };
         let tmp = format!(".{name}.tmp");
         // A stale temp (or anything planted there) goes first: unlinkat never follows a
         // symlink, it removes the link itself.
@@ -339,6 +359,20 @@ pub fn create_sized(path: &Path, len: u64) -> io::Result<File> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_symlinked_directory_is_refused_unless_the_caller_follows_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+        assert!(write_atomic(&d.path().join("link"), "x", b"1").is_err());
+        assert!(!d.path().join("real/x").exists());
+        AtomicWrite::new()
+            .follow_dir_symlink()
+            .write(&d.path().join("link"), "x", b"1")
+            .unwrap();
+        assert_eq!(std::fs::read(d.path().join("real/x")).unwrap(), b"1");
+    }
 
     #[test]
     fn atomic_write_then_bounded_read() {

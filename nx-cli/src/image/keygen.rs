@@ -43,7 +43,10 @@ pub fn public_path(secret: &Path) -> PathBuf {
 /// beside it created `O_EXCL | O_NOFOLLOW` with that mode, fsync, rename — without `force`
 /// a rename that never replaces an existing file).
 fn write_atomic(path: &Path, text: &str, mode: u32, force: bool) -> anyhow::Result<()> {
-    let how = AtomicWrite::new().mode(mode).replace(force);
+    let how = AtomicWrite::new()
+        .mode(mode)
+        .replace(force)
+        .follow_dir_symlink();
     nx_guest::fsx::write_atomic_path(path, how, text.as_bytes()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists && !force {
             anyhow::anyhow!(

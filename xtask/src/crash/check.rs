@@ -154,6 +154,9 @@ pub fn trust_intact(dir: &Path) -> anyhow::Result<()> {
         .strip_prefix("trust/")
         .context("the floor lives under trust/")?;
     let path = dir.join(rel);
+    // A cut between the atomic writer's temp file and its rename leaves `.NAME.tmp` beside the
+    // old floor: harmless (the next write removes it first), so it is not a change.
+    let _ = std::fs::remove_file(dir.join(format!(".{rel}.tmp")));
     let seeded = crate::guest::security_version(crate::guest::DEMO_VERSION);
     let highest = [
         crate::guest::DEMO_VERSION,
@@ -529,6 +532,12 @@ mod trust_tests {
         trust_intact(&trust).unwrap();
         std::fs::write(&floor, "2\n").unwrap();
         trust_intact(&trust).unwrap();
+        // A stale temp of the atomic writer beside it is not a change; anything else is.
+        std::fs::write(trust.join(".security_version.tmp"), "3").unwrap();
+        trust_intact(&trust).unwrap();
+        std::fs::write(trust.join(".root.pub.tmp"), "x").unwrap();
+        assert!(trust_intact(&trust).is_err());
+        std::fs::remove_file(trust.join(".root.pub.tmp")).unwrap();
         for bad in ["0\n", "9\n", "2", "", "x\n"] {
             std::fs::write(&floor, bad).unwrap();
             assert!(trust_intact(&trust).is_err(), "{bad:?} accepted");
