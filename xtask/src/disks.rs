@@ -46,6 +46,14 @@ pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
             "xtask: {} kept (persistent; --fresh recreates it)",
             path.display()
         );
+        if !trusts_a_key(path) {
+            eprintln!(
+                "xtask: warning: {} trusts no key (it predates the factory trust store): its \
+                 flashd accepts unsigned images and prints the stub/placeholder marker the tests \
+                 forbid; recreate it with `cargo xtask guest --fresh`",
+                path.display()
+            );
+        }
         return Ok(());
     }
     let tree = tempfile::tempdir().context("temporary directory for the /state tree")?;
@@ -60,6 +68,28 @@ pub fn ensure_state(path: &Path, fresh: bool) -> anyhow::Result<()> {
         crate::keys::DEV_KEY_NAME
     );
     Ok(())
+}
+
+/// Whether the state image at `path` holds a key under `trust/keys` or `trust/dev-keys`
+/// (read offline with debugfs; `false` when it cannot be read).
+fn trusts_a_key(path: &Path) -> bool {
+    let Ok(debugfs) = tool("debugfs") else {
+        return false;
+    };
+    [
+        nx_contract::state::TRUST_KEYS,
+        nx_contract::state::TRUST_DEV_KEYS,
+    ]
+    .iter()
+    .any(|dir| {
+        Command::new(&debugfs)
+            .arg("-R")
+            .arg(format!("ls -p /{dir}"))
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(".pub/"))
+    })
 }
 
 /// (Re)create `state.img` at `path` holding exactly the tree `tree` (ext4, label `state`,

@@ -105,15 +105,7 @@ pub fn measure() -> anyhow::Result<Vec<Case>> {
             .arg(&normal)
             .arg(&big),
     )?;
-    let mut data = vec![0u8; PAD_MIB << 20];
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(b.get(..chunk.len()).unwrap_or_default());
-    }
+    let data = crate::guest::junk(PAD_MIB << 20, 0x2545_F491_4F6C_DD1D);
     std::fs::write(big.join("opt-padding.bin"), &data)?;
     drop(data);
     let mut out = Vec::new();

@@ -288,15 +288,7 @@ pub fn big_image() -> anyhow::Result<PathBuf> {
         return Ok(out);
     }
     let rootfs = dir.join("big-rootfs");
-    let mut data = vec![0u8; BIG_PAYLOAD_MIB << 20];
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(b.get(..chunk.len()).unwrap_or_default());
-    }
+    let data = crate::guest::junk(BIG_PAYLOAD_MIB << 20, 0x9E37_79B9_7F4A_7C15);
     util::write_if_changed(&rootfs.join("opt/payload.bin"), &data)?;
     util::write_if_changed(
         &rootfs.join("etc/os-release"),
