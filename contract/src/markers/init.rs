@@ -383,6 +383,7 @@ pub fn samples() -> Vec<Marker> {
         booted("b", "2", false),
         confirmed("b"),
         rootfs_unusable("b", true, "e"),
+        rootfs_unusable("b", true, format_args!("{VERITY_REFUSED} of /dev/vda2")),
         rootfs_unusable_of("b", true),
         reboot_requested("recovery"),
         refuse_for_wipe("a factory wipe was requested"),

@@ -33,7 +33,7 @@ use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 14] = [
+pub const SCENARIOS: [&str; 15] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
@@ -41,6 +41,7 @@ pub const SCENARIOS: [&str; 14] = [
     "rollback",
     "badkernel",
     "verity",
+    "verity-rollback",
     "update-powercut",
     "trust",
     "reset",
@@ -104,6 +105,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "rollback" => slots::rollback(&ctx)?,
         "badkernel" => slots::badkernel(&ctx)?,
         "verity" => verity::verity(&ctx)?,
+        "verity-rollback" => verity::verity_rollback(&ctx)?,
         "update-powercut" => slots::update_powercut(&ctx)?,
         "trust" => trust::trust(&ctx)?,
         "reset" => reset::reset(&ctx)?,

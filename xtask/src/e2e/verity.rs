@@ -9,9 +9,20 @@
 //!   error and, slot a being blessed (not on trial), resets into recovery through the
 //!   bootloader's one-shot entry, as the boot flow dictates.
 //!
-//! The second power-on's console is checked against `[e2e.verity]` of `qemu/markers.toml`.
+//! - `verity-rollback` (the acceptance of issue 14: "a byte flipped on the slot disk after
+//!   install makes the next boot fail verity and roll back"): recovery → `nx flash send` v2 →
+//!   slot b activated on trial → power cut right after `rebootd: next-boot=normal` (before the
+//!   firmware starts b) → one byte of b's squashfs superblock flipped from the host → power on:
+//!   three trial boots of b, each refused by dm-verity at the mount; systemd-boot counts them
+//!   and falls back to slot a by itself; bootctld marks b bad; a boots and confirms.
+//!
+//! The second power-on's console is checked against `[e2e.verity]` / `[e2e.verity-rollback]`
+//! of `qemu/markers.toml`.
 
-use super::support::{built_image, check_console, fail, partition_offset, wait, Ctx};
+use super::slots::wait_activation;
+use super::support::{
+    built_image, check_console, fail, partition_offset, receipt_installed, wait, Ctx,
+};
 use anyhow::{ensure, Context};
 use nx_contract::markers;
 use std::os::unix::fs::FileExt;
@@ -43,6 +54,81 @@ fn rootfs_and_root(image: &std::path::Path) -> anyhow::Result<(u64, String)> {
         .map(|b| format!("{b:02x}"))
         .collect();
     Ok((rootfs.offset, root))
+}
+
+/// Flip byte [`FLIPPED_BYTE`] of the rootfs of `image` installed on `partition` of the
+/// scenario's disk (QEMU stopped).
+fn flip_rootfs_byte(ctx: &Ctx, partition: &str, image: &std::path::Path) -> anyhow::Result<()> {
+    let (rootfs_offset, _) = rootfs_and_root(image)?;
+    let disk = ctx.dir.join("disk.img");
+    let at = partition_offset(&disk, partition)? + rootfs_offset + FLIPPED_BYTE;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .with_context(|| format!("open {}", disk.display()))?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at)?;
+    f.write_all_at(&[b[0] ^ 0xff], at)?;
+    f.sync_all()?;
+    eprintln!(
+        "xtask: e2e: flipped byte {at} of {} (squashfs superblock mkfs_time of {partition}'s rootfs: {:#04x} -> {:#04x})",
+        disk.display(),
+        b[0],
+        b[0] ^ 0xff
+    );
+    Ok(())
+}
+
+/// Scenario `verity-rollback`.
+pub fn verity_rollback(ctx: &Ctx) -> anyhow::Result<()> {
+    let v2 = built_image("nexus-os-v2.img")?;
+    let mut runner = ctx.boot_recovery()?;
+    let lines = ctx.send(&runner, &v2)?;
+    ensure!(
+        receipt_installed(&lines),
+        "no installed receipt from nx: {lines:?}"
+    );
+    wait_activation(&runner, "2")?;
+    // Power cut before the firmware starts slot b: what flashd wrote is on the disk.
+    runner.stop();
+    flip_rootfs_byte(ctx, "system_b", &v2)?;
+
+    let mut runner = ctx.boot(false)?;
+    for _ in 0..3 {
+        wait(
+            &runner,
+            &[
+                markers::init::loader_slot("b", true).as_str(),
+                markers::init::rootfs_unusable_of("b", true).as_str(),
+            ],
+        )?;
+    }
+    wait(
+        &runner,
+        &[
+            markers::init::loader_slot("a", false).as_str(),
+            "bootctl: markBad slot=b",
+            "bootctl: rollback to slot=a",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
+        ],
+    )?;
+    let refused = runner.grep(markers::init::rootfs_unusable_of("b", true).as_str());
+    ensure!(
+        refused.len() == 3
+            && refused
+                .iter()
+                .all(|l| l.contains(markers::init::VERITY_REFUSED)),
+        "{}",
+        fail(
+            &runner,
+            &format!("slot b's three tries were not all refused by dm-verity: {refused:?}")
+        )
+    );
+    runner.stop();
+    check_console(ctx, &runner)
 }
 
 /// Scenario `verity`.
