@@ -99,6 +99,12 @@ fn send_installs_the_exact_bytes_with_all_markers_in_order() {
         sha256_hex(&rig.img)
     );
 
+    // ...and nx warns about it.
+    assert!(
+        text(&out.stderr).contains("has no trust key provisioned (stub/placeholder)"),
+        "{}",
+        text(&out.stderr)
+    );
     let m = cap.markers();
     // A temporary state dir trusts no key: flashd says so first.
     assert_eq!(
