@@ -3,14 +3,18 @@
 //! 1. `bootAttempt()` to bootctld: which slot this boot uses. A trial slot spends one try (at
 //!    zero tries bootctld marks it bad and rolls back to the other slot if that one is good).
 //!    An RPC failure or `bootable = false` → `rebootd.mode("recovery")`: never guess a slot.
-//! 2. Mount that slot's `rootfs` segment read-only ([`nx_guest::slotfs`]) and print
+//! 2. Mount that slot's `rootfs` segment read-only ([`nx_guest::slotfs`]): the manifest's
+//!    signature is checked against `/state/trust` when the device trusts a key, and the rootfs
+//!    is read through dm-verity with the manifest's root hash. Print
 //!    `init: booted slot=<a|b> version=<v> trial=<true|false>`.
 //! 3. Health check: the rootfs mounted and its os-release names a version → `confirm()`
-//!    (unless `nexus.confirm=manual`: then the selftest client or `nx boot confirm` does it).
-//! 4. Unusable rootfs: never confirm. In trial → `rebootd.mode("normal")`, the next boot
-//!    spends the next try and eventually rolls back. Not in trial → `markBad(slot)`, then
-//!    `rebootd.mode("normal")` (bootctld rolls back to the other slot when it is good, else
-//!    the next boot finds no bootable slot and goes to recovery).
+//!    (unless `nexus.confirm=manual`: then the selftest client or `nx boot confirm` does it),
+//!    then the anti-rollback floor rises to the slot's `security_version` — only for a
+//!    confirmed slot (also at every boot of an already-confirmed one).
+//! 4. Unusable rootfs (bad signature, a block dm-verity refuses, not a file system): never
+//!    confirm. On trial → reset at once: the bootloader counts the try and falls back to the
+//!    other slot when none are left. Not on trial → reset into recovery through the
+//!    bootloader's one-shot entry.
 //!
 //! A problem of the environment (no slot disk, no loop or squashfs driver) is not the slot's
 //! fault: the slot is neither confirmed nor marked bad, and the guest stays up.
