@@ -134,7 +134,7 @@ pub fn verity_rollback(ctx: &Ctx) -> anyhow::Result<()> {
 /// Scenario `verity`.
 pub fn verity(ctx: &Ctx) -> anyhow::Result<()> {
     let image = built_image("nexus-os.img")?;
-    let (rootfs_offset, root) = rootfs_and_root(&image)?;
+    let (_, root) = rootfs_and_root(&image)?;
     let mut runner = ctx.boot(false)?;
     wait(
         &runner,
@@ -147,25 +147,7 @@ pub fn verity(ctx: &Ctx) -> anyhow::Result<()> {
         ],
     )?;
     runner.stop();
-
-    let disk = ctx.dir.join("disk.img");
-    let at = partition_offset(&disk, "system_a")? + rootfs_offset + FLIPPED_BYTE;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&disk)
-        .with_context(|| format!("open {}", disk.display()))?;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at)?;
-    f.write_all_at(&[b[0] ^ 0xff], at)?;
-    f.sync_all()?;
-    drop(f);
-    eprintln!(
-        "xtask: e2e: flipped byte {at} of {} (squashfs superblock mkfs_time of slot a's rootfs: {:#04x} -> {:#04x})",
-        disk.display(),
-        b[0],
-        b[0] ^ 0xff
-    );
+    flip_rootfs_byte(ctx, "system_a", &image)?;
 
     let mut runner = ctx.boot(false)?;
     wait(
