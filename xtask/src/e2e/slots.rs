@@ -78,6 +78,22 @@ pub(super) fn wait_activation(runner: &Runner, version: &str) -> anyhow::Result<
     )
 }
 
+/// After slot b's last trial try: the bootloader boots slot a by itself, bootctld marks b bad
+/// and follows, a boots and confirms.
+pub(super) fn wait_fallback_to_a(runner: &Runner) -> anyhow::Result<()> {
+    wait(
+        runner,
+        &[
+            markers::init::loader_slot("a", false).as_str(),
+            "bootctl: markBad slot=b",
+            "bootctl: rollback to slot=a",
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::confirmed("a").as_str(),
+            markers::init::ready().as_str(),
+        ],
+    )
+}
+
 /// `nx boot status --json` of the running guest must contain every `want` (compact JSON).
 fn expect_status(ctx: &Ctx, runner: &Runner, want: &[&str]) -> anyhow::Result<()> {
     let port = ctx.port(runner, nx_contract::ports::BOOTCTL.name)?;
@@ -157,14 +173,7 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         &[r#""active":"a""#, r#""a":{"health":"good""#],
     )?;
 
-    let reboot_port = ctx.port(&runner, nx_contract::ports::REBOOT.name)?;
-    nx(
-        ctx,
-        &runner,
-        &["flash", "reboot", "recovery", "--port", &reboot_port],
-    )?;
-    wait(&runner, &["rebootd: next-boot=recovery"])?;
-    ctx.wait_ready(&runner)?;
+    ctx.reboot_to_recovery(&runner)?;
 
     let lines = ctx.send(&runner, &v2)?;
     ensure!(
@@ -312,17 +321,7 @@ fn bootloader_rollback(
         let want: Vec<&str> = want.iter().map(String::as_str).collect();
         wait(&runner, &want)?;
     }
-    wait(
-        &runner,
-        &[
-            markers::init::loader_slot("a", false).as_str(),
-            "bootctl: markBad slot=b",
-            "bootctl: rollback to slot=a",
-            markers::init::booted("a", "1", false).as_str(),
-            markers::init::confirmed("a").as_str(),
-            markers::init::ready().as_str(),
-        ],
-    )?;
+    wait_fallback_to_a(&runner)?;
     expect_status(
         ctx,
         &runner,

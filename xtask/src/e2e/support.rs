@@ -107,6 +107,18 @@ impl Ctx {
         Ok(())
     }
 
+    /// `nx flash reboot recovery` on the running normal guest, then wait for recovery's flashd.
+    pub fn reboot_to_recovery(&self, runner: &Runner) -> anyhow::Result<()> {
+        let reboot_port = self.port(runner, nx_contract::ports::REBOOT.name)?;
+        nx(
+            self,
+            runner,
+            &["flash", "reboot", "recovery", "--port", &reboot_port],
+        )?;
+        wait(runner, &["rebootd: next-boot=recovery"])?;
+        self.wait_ready(runner)
+    }
+
     fn sock(&self, runner: &Runner) -> anyhow::Result<String> {
         self.port(runner, nx_contract::ports::FLASH.name)
     }

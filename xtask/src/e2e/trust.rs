@@ -13,7 +13,7 @@
 
 use super::slots::wait_activation;
 use super::support::{
-    built_image, check_console, fail, nx, partition_offset, replayed_state_copy, wait, Ctx,
+    built_image, check_console, fail, partition_offset, replayed_state_copy, wait, Ctx,
 };
 use crate::{keys, util};
 use anyhow::{ensure, Context};
@@ -125,14 +125,7 @@ pub fn trust(ctx: &Ctx) -> anyhow::Result<()> {
         ],
     )?;
 
-    let reboot_port = ctx.port(&runner, nx_contract::ports::REBOOT.name)?;
-    nx(
-        ctx,
-        &runner,
-        &["flash", "reboot", "recovery", "--port", &reboot_port],
-    )?;
-    wait(&runner, &["rebootd: next-boot=recovery"])?;
-    ctx.wait_ready(&runner)?;
+    ctx.reboot_to_recovery(&runner)?;
     send_refused(
         ctx,
         &runner,

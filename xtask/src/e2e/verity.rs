@@ -19,7 +19,7 @@
 //! The second power-on's console is checked against `[e2e.verity]` / `[e2e.verity-rollback]`
 //! of `qemu/markers.toml`.
 
-use super::slots::wait_activation;
+use super::slots::{wait_activation, wait_fallback_to_a};
 use super::support::{
     built_image, check_console, fail, partition_offset, receipt_installed, wait, Ctx,
 };
@@ -104,17 +104,7 @@ pub fn verity_rollback(ctx: &Ctx) -> anyhow::Result<()> {
             ],
         )?;
     }
-    wait(
-        &runner,
-        &[
-            markers::init::loader_slot("a", false).as_str(),
-            "bootctl: markBad slot=b",
-            "bootctl: rollback to slot=a",
-            markers::init::booted("a", "1", false).as_str(),
-            markers::init::confirmed("a").as_str(),
-            markers::init::ready().as_str(),
-        ],
-    )?;
+    wait_fallback_to_a(&runner)?;
     let refused = runner.grep(markers::init::rootfs_unusable_of("b", true).as_str());
     ensure!(
         refused.len() == 3
