@@ -12,8 +12,30 @@ use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
-    WriteBody, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
+    WriteBody, WriteKind, WritePart, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
 };
+
+/// Smallest WRITE_PART the sender cuts (payload bytes).
+pub const MIN_PART: u32 = 256;
+/// Progress events (ACK or PART_ACK advancing) without an error before the sender
+/// grows its part size (then its window) again.
+const GROW_AFTER: u32 = 16;
+
+/// The sender's view of the line: how big a frame may be and how many may be in flight.
+/// Starts at "whole chunks, full window" (a clean link behaves exactly as without
+/// adaptation); halves on a NAK or a gap PART_ACK, quarters on a timeout; doubles back
+/// after [`GROW_AFTER`] clean progress events.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    /// Largest WRITE payload sent in one frame; `None` = whole WRITEs.
+    part: Option<u32>,
+    /// Frames in flight (1..=negotiated window).
+    cwnd: u32,
+    /// Progress events since the last error.
+    clean: u32,
+    /// An error may shrink again (progress happened since the last shrink).
+    armed: bool,
+}
 
 use super::plan::Plan;
 use super::{deadline, CompressMode, ProgressEvent, SegmentProgress, SessionError, SkipKind};
@@ -184,6 +206,13 @@ pub struct Sender {
     highest_sent: u32,
     /// slots[i] holds seq acked + 1 + i.
     slots: VecDeque<Slot>,
+    /// Bytes of the WRITE payload of `acked + 1` the target holds (PART_ACK).
+    part_have: u32,
+    /// Where in the WRITE payload of `next_send` the next part starts.
+    next_at: u32,
+    /// Highest (seq, end of part) ever sent, to count retransmissions.
+    highest_part: (u32, u32),
+    line: Line,
     stats: Stats,
     actions: VecDeque<SenderAction>,
 }
@@ -228,6 +257,15 @@ impl Sender {
             next_read: 1,
             highest_sent: 0,
             slots: VecDeque::new(),
+            part_have: 0,
+            next_at: 0,
+            highest_part: (0, 0),
+            line: Line {
+                part: None,
+                cwnd: 1,
+                clean: 0,
+                armed: true,
+            },
             stats: Stats::default(),
             actions: VecDeque::new(),
         })
@@ -401,6 +439,11 @@ impl Sender {
                     self.on_nak(n.seq);
                 }
             }
+            Message::PartAck(a) => {
+                if self.phase == Phase::Transfer {
+                    self.on_part_ack(a);
+                }
+            }
             Message::Verified(v) => {
                 self.progress(ProgressEvent::SegmentVerified { segment: v.segment })
             }
@@ -446,6 +489,7 @@ impl Sender {
             | Message::Info
             | Message::InfoReply(_)
             | Message::Write(_)
+            | Message::WritePart(_)
             | Message::Done(_)
             | Message::Abort(_) => {
                 // Not something a target sends during a flash; an INFO_REPLY may be a
@@ -503,6 +547,7 @@ impl Sender {
         }
         self.device = r.device.clone();
         self.window = u32::from(r.window);
+        self.line.cwnd = self.window.max(1);
         self.retries = 0;
         self.deadline = None;
         let segments: Vec<SegmentProgress> = self
@@ -626,12 +671,55 @@ impl Sender {
                 Some(Slot::Ready(f)) => f.clone(),
                 _ => break,
             };
-            if seq <= self.highest_sent {
+            if self.frames_in_flight() >= self.line.cwnd {
+                break;
+            }
+            let plen = frame.payload().len() as u32;
+            let at = self.next_at;
+            let whole = at == 0 && self.line.part.is_none_or(|p| plen <= p);
+            let end = if whole {
+                plen
+            } else {
+                let n = self.line.part.unwrap_or(plen).min(plen - at);
+                at + n
+            };
+            if (seq, end) <= self.highest_part {
                 self.stats.retransmitted_frames += 1;
             }
-            self.send(frame);
+            if whole {
+                self.send(frame);
+            } else {
+                let kind = match frame.flags() {
+                    1 => WriteKind::Zero,
+                    2 => WriteKind::Zstd,
+                    3 => WriteKind::Copy,
+                    _ => WriteKind::Raw,
+                };
+                let part = Message::WritePart(WritePart {
+                    seq,
+                    kind,
+                    total: plen,
+                    at,
+                    data: frame.payload().slice(at as usize..end as usize),
+                });
+                match part.to_frame() {
+                    Ok(f) => self.send(f),
+                    Err(e) => {
+                        self.fail(SessionError::Protocol(format!(
+                            "cannot encode WRITE_PART seq {seq}: {e}"
+                        )));
+                        return;
+                    }
+                }
+            }
+            self.highest_part = self.highest_part.max((seq, end));
             self.highest_sent = self.highest_sent.max(seq);
-            self.next_send += 1;
+            if end >= plen {
+                self.next_send += 1;
+                self.next_at = 0;
+            } else {
+                self.next_at = end;
+            }
             if self.deadline.is_none() {
                 self.deadline = Some(deadline(self.now, self.cfg.rto));
             }
@@ -640,6 +728,125 @@ impl Sender {
             self.phase = Phase::Done;
             self.send_done();
         }
+    }
+
+    /// Frames between the acknowledged point (`acked + 1`, `part_have`) and the send
+    /// point (`next_send`, `next_at`), counting a whole WRITE as one frame and parts by
+    /// the current part size.
+    fn frames_in_flight(&self) -> u32 {
+        let mut frames = 0u32;
+        let part = self.line.part;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let seq = self.acked + 1 + i as u32;
+            if seq > self.next_send {
+                break;
+            }
+            let Slot::Ready(f) = slot else { break };
+            let from = if i == 0 { self.part_have } else { 0 };
+            let to = if seq == self.next_send {
+                self.next_at
+            } else {
+                f.payload().len() as u32
+            };
+            if to <= from {
+                continue;
+            }
+            frames += match part {
+                Some(p) if p > 0 => (to - from).div_ceil(p),
+                _ => 1,
+            };
+        }
+        frames
+    }
+
+    /// Rewinds the send point to (`seq`, `at`) if it is beyond it.
+    fn rewind_to(&mut self, seq: u32, at: u32, reason: &str) -> bool {
+        if (self.next_send, self.next_at) <= (seq, at) {
+            return false;
+        }
+        self.next_send = seq;
+        self.next_at = at;
+        self.progress(ProgressEvent::Retransmit {
+            from_seq: seq,
+            reason: reason.to_string(),
+        });
+        true
+    }
+
+    /// The line lost or corrupted something: smaller parts, fewer in flight.
+    fn line_error(&mut self, timeout: bool) {
+        let l = &mut self.line;
+        l.clean = 0;
+        if !l.armed && !timeout {
+            return; // one shrink per loss episode
+        }
+        l.armed = false;
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let cur = l.part.unwrap_or(chunk);
+        let next = if timeout { cur / 4 } else { cur / 2 };
+        l.part = Some(next.max(MIN_PART));
+        l.cwnd = (l.cwnd / 2).max(1);
+    }
+
+    /// Progress without error: grow back (part size first, then the window).
+    fn line_progress(&mut self) {
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let window = self.window.max(1);
+        let l = &mut self.line;
+        l.armed = true;
+        l.clean += 1;
+        if l.clean < GROW_AFTER {
+            return;
+        }
+        l.clean = 0;
+        match l.part {
+            Some(p) if p < chunk => l.part = Some(p * 2),
+            Some(_) => l.part = None,
+            None => {}
+        }
+        l.cwnd = (l.cwnd * 2).min(window);
+    }
+
+    fn on_part_ack(&mut self, a: msg::PartAck) {
+        if a.seq == 0 || a.seq > self.highest_sent {
+            self.fail(SessionError::Protocol(format!(
+                "PART_ACK of seq {}, but only {} was sent",
+                a.seq, self.highest_sent
+            )));
+            return;
+        }
+        if !self.advance(a.seq - 1) {
+            return;
+        }
+        if a.seq != self.acked + 1 {
+            self.pump();
+            return; // stale
+        }
+        let plen = match self.slots.front() {
+            Some(Slot::Ready(f)) => f.payload().len() as u32,
+            _ => 0,
+        };
+        if a.have >= plen {
+            self.pump();
+            return; // not a part of what this sender sent: ignore
+        }
+        if a.have > self.part_have {
+            self.part_have = a.have;
+            if (self.next_send, self.next_at) < (a.seq, a.have) {
+                self.next_send = a.seq;
+                self.next_at = a.have;
+            }
+            self.retries = 0;
+            self.deadline = Some(deadline(self.now, self.cfg.rto));
+            self.line_progress();
+        }
+        if a.gap {
+            if self.rewind_to(a.seq, a.have, "gap") {
+                self.line_error(false);
+            }
+            self.deadline = Some(deadline(self.now, self.cfg.rto));
+        }
+        self.pump();
     }
 
     fn on_chunk(&mut self, seq: u32, data: Bytes, hash: Option<ChunkHash>) {
@@ -764,10 +971,13 @@ impl Sender {
         let n = (ack - self.acked) as usize;
         self.slots.drain(..n.min(self.slots.len()));
         self.acked = ack;
+        self.part_have = 0;
         if self.next_send <= ack {
             self.next_send = ack + 1;
+            self.next_at = 0;
         }
         self.retries = 0;
+        self.line_progress();
         self.deadline = if self.highest_sent > self.acked {
             Some(deadline(self.now, self.cfg.rto))
         } else {
@@ -812,12 +1022,13 @@ impl Sender {
             self.pump();
             return;
         }
-        if self.next_send > seq {
-            self.next_send = seq;
-            self.progress(ProgressEvent::Retransmit {
-                from_seq: seq,
-                reason: "nak".to_string(),
-            });
+        let at = if seq == self.acked + 1 {
+            self.part_have
+        } else {
+            0
+        };
+        if self.rewind_to(seq, at, "nak") {
+            self.line_error(false);
         }
         self.deadline = Some(deadline(self.now, self.cfg.rto));
         self.pump();
@@ -848,11 +1059,14 @@ impl Sender {
                 self.deadline = None;
                 if self.highest_sent > self.acked {
                     let from = self.acked + 1;
-                    self.next_send = from;
-                    self.progress(ProgressEvent::Retransmit {
-                        from_seq: from,
-                        reason: "timeout".to_string(),
-                    });
+                    let at = self.part_have;
+                    self.line_error(true);
+                    if !self.rewind_to(from, at, "timeout") {
+                        self.progress(ProgressEvent::Retransmit {
+                            from_seq: from,
+                            reason: "timeout".to_string(),
+                        });
+                    }
                     self.deadline = Some(deadline(self.now, self.cfg.rto));
                 }
                 self.pump();

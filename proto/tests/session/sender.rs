@@ -74,6 +74,19 @@ fn write_seqs(actions: &[SenderAction]) -> Vec<u32> {
         .collect()
 }
 
+/// (seq, offset in the WRITE payload, bytes) of every WRITE or WRITE_PART sent; a
+/// whole WRITE is (seq, 0, None).
+fn pieces(actions: &[SenderAction]) -> Vec<(u32, u32, Option<usize>)> {
+    sent(actions)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Write(w) => Some((w.seq, 0, None)),
+            Message::WritePart(p) => Some((p.seq, p.at, Some(p.data.len()))),
+            _ => None,
+        })
+        .collect()
+}
+
 fn reads(actions: &[SenderAction]) -> Vec<(u32, u64, u32, bool)> {
     actions
         .iter()
@@ -337,9 +350,34 @@ fn nak_rewinds_to_the_named_seq() {
         from_seq: 3,
         reason: "nak".into()
     }));
-    // resends 3,4 and sends the new 5,6 (already read ahead)
-    assert_eq!(write_seqs(&b), vec![3, 4, 5, 6]);
+    // The line lost something: half the frame size (4 KiB parts of chunk 3's WRITE)
+    // and half the window (2 frames in flight).
+    assert_eq!(pieces(&b), vec![(3, 0, Some(4096)), (3, 4096, Some(4096))]);
     assert_eq!(tx.stats().retransmitted_frames, 2);
+    // the target holds the first part: the next part follows, then the WRITE's tail
+    tx.handle(
+        2 * MS,
+        frame(Message::PartAck(PartAck {
+            seq: 3,
+            have: 4096,
+            gap: false,
+        })),
+    );
+    let c = pieces(&drain_tx(&mut tx));
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!((c[0].0, c[0].1), (3, 8192));
+    // a gap PART_ACK rewinds to the named byte of chunk 3
+    tx.handle(
+        2 * MS,
+        frame(Message::PartAck(PartAck {
+            seq: 3,
+            have: 4096,
+            gap: true,
+        })),
+    );
+    let d = drain_tx(&mut tx);
+    assert_eq!(pieces(&d)[0].0, 3);
+    assert_eq!(pieces(&d)[0].1, 4096);
     // a NAK for something never sent is a protocol error
     tx.handle(
         3 * MS,
@@ -387,7 +425,8 @@ fn timeout_rewinds_to_last_acked_and_resends_the_window() {
     );
     tx.handle(dl, SenderEvent::Tick);
     let b = drain_tx(&mut tx);
-    assert_eq!(write_seqs(&b), vec![2, 3, 4, 5]);
+    // a timeout quarters the frame size (2 KiB parts) and halves the window (2)
+    assert_eq!(pieces(&b), vec![(2, 0, Some(2048)), (2, 2048, Some(2048))]);
     assert!(progress(&b).contains(&ProgressEvent::Retransmit {
         from_seq: 2,
         reason: "timeout".into()
