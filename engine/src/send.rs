@@ -449,7 +449,9 @@ async fn run_session(
 ) -> Result<Outcome, End> {
     let t0 = Instant::now();
     let (rd, mut wr) = tokio::io::split(link);
-    let mut frames = FramedRead::new(rd, FrameCodec::new());
+    // The target only sends small control frames here: a corrupted length must not
+    // stall the stream (FrameDecoder::eager).
+    let mut frames = FramedRead::new(rd, FrameCodec::eager());
     let backlog = Arc::new(AtomicU64::new(0));
     let (wtx, mut wrx) = mpsc::channel::<Frame>(WRITER_QUEUE);
     let wbacklog = backlog.clone();

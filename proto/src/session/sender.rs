@@ -773,17 +773,32 @@ impl Sender {
         true
     }
 
+    /// A NAK or gap made the sender resend without progress since the last attempt:
+    /// counts against the same budget as timeouts (`max_retries` attempts without
+    /// progress), so a line that corrupts everything still ends with the resumable
+    /// hint. `false` if the session failed.
+    fn rewind_attempt(&mut self) -> bool {
+        self.retries += 1;
+        if self.retries > self.cfg.max_retries {
+            self.fail(SessionError::Timeout {
+                what: "resending corrupted frames without progress",
+                retries: self.cfg.max_retries,
+            });
+            return false;
+        }
+        true
+    }
+
     /// The line lost or corrupted something: smaller parts, fewer in flight.
     fn line_error(&mut self, timeout: bool) {
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
         let l = &mut self.line;
         l.clean = 0;
-        if !l.armed && !timeout {
-            return; // one shrink per loss episode
-        }
+        // Halve after progress; quarter when nothing got through since the last error.
+        let fast = timeout || !l.armed;
         l.armed = false;
-        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
         let cur = l.part.unwrap_or(chunk);
-        let next = if timeout { cur / 4 } else { cur / 2 };
+        let next = if fast { cur / 4 } else { cur / 2 };
         l.part = Some(next.max(MIN_PART));
         l.cwnd = (l.cwnd / 2).max(1);
     }
@@ -843,6 +858,9 @@ impl Sender {
         if a.gap {
             if self.rewind_to(a.seq, a.have, "gap") {
                 self.line_error(false);
+                if !self.rewind_attempt() {
+                    return;
+                }
             }
             self.deadline = Some(deadline(self.now, self.cfg.rto));
         }
@@ -1029,6 +1047,9 @@ impl Sender {
         };
         if self.rewind_to(seq, at, "nak") {
             self.line_error(false);
+            if !self.rewind_attempt() {
+                return;
+            }
         }
         self.deadline = Some(deadline(self.now, self.cfg.rto));
         self.pump();
