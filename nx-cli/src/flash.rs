@@ -126,6 +126,15 @@ pub struct SendArgs {
     /// Send every data chunk, even those the target already holds.
     #[arg(long)]
     pub no_skip: bool,
+    /// An image the target may be running (repeatable). When the target offers its
+    /// running image as a base and it is one of these, only the changes are sent (zstd
+    /// patches against it). Every `*.img` beside IMAGE is a candidate too, unless
+    /// --no-base-search.
+    #[arg(long, value_name = "IMG")]
+    pub base: Vec<std::path::PathBuf>,
+    /// Do not look beside IMAGE for base images (only --base).
+    #[arg(long)]
+    pub no_base_search: bool,
     /// Install even if the image's security version is below the target's anti-rollback
     /// floor. The target honours it only for images signed with one of its development keys
     /// (trust/dev-keys); a release-signed older image is always refused.
@@ -261,7 +270,13 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
             return Ok(code);
         }
     };
-    let opts = send_options(&a);
+    let opts = match send_options(&a, &img) {
+        Ok(o) => o,
+        Err(e) => {
+            report_error(&r, exit::IMAGE_INVALID, &e.to_string(), None);
+            return Ok(exit::IMAGE_INVALID);
+        }
+    };
     let again = again_command(&a.image, std::slice::from_ref(&port));
     let rt = runtime()?;
     let mut port = port;
@@ -304,8 +319,11 @@ fn open_image(path: &std::path::Path) -> Result<Arc<ImageFile>, (u8, String)> {
     })
 }
 
-fn send_options(a: &SendArgs) -> SendOptions {
+fn send_options(a: &SendArgs, img: &ImageFile) -> Result<SendOptions, nx_engine::delta::BaseError> {
     let mut opts = SendOptions::new(host_name());
+    if !a.no_skip {
+        opts.bases = nx_engine::delta::Bases::discover(img, &a.base, !a.no_base_search)?;
+    }
     opts.window = a.window;
     opts.chunk_size = a.chunk;
     opts.compress = a.compress;
@@ -313,7 +331,7 @@ fn send_options(a: &SendArgs) -> SendOptions {
     opts.allow_downgrade = a.allow_downgrade;
     opts.attempts = a.retries.max(1);
     opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
-    opts
+    Ok(opts)
 }
 
 /// The command that continues a transfer to `ports`.
@@ -330,9 +348,10 @@ fn say_installed(r: &Renderer, rep: &SendReport, image_len: u64) {
     let st = rep.outcome.stats;
     let skips = rep.skips;
     r.say(&format!(
-        "nx: skipped {} of zeros, {} identical, {} saved by compression",
+        "nx: skipped {} of zeros, {} identical, {} patched (already on the target), {} saved by compression",
         human_bytes(skips.zero),
         human_bytes(skips.identical),
+        human_bytes(skips.patched),
         human_bytes(skips.compressed)
     ));
     r.say(&format!(

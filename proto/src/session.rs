@@ -158,6 +158,9 @@ pub enum SkipKind {
     Identical,
     /// Bytes saved by compression (raw length − compressed length).
     Compressed,
+    /// Bytes saved by `PATCH` writes against the target's base image (raw length − wire
+    /// length): the bytes the target already had, wherever they were.
+    Patched,
 }
 
 /// One segment in [`ProgressEvent::Start`].
@@ -195,6 +198,10 @@ pub enum ProgressEvent {
     /// The target has no trust key provisioned: it accepts unsigned images (right after
     /// [`ProgressEvent::Start`]; the CLI warns).
     Unprovisioned { device: String },
+    /// The target offers a base image to patch from (right after [`ProgressEvent::Start`]):
+    /// `held`: the host holds it too and sends only the changes; otherwise the image is
+    /// sent whole (pass the base image with `--base`).
+    Base { image_id: String, held: bool },
     /// The target already held part of the image.
     Resumed {
         /// Next chunk to send.

@@ -61,7 +61,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
             0u8..=1,
             any::<(bool, bool)>(),
             any::<(u32, u64)>(),
-            proptest::collection::vec((any::<u64>(), 1u32..=MAX_CHUNK, any::<[u8; 16]>()), 0..50)
+            (
+                proptest::collection::vec(
+                    (any::<u64>(), 1u32..=MAX_CHUNK, any::<[u8; 16]>()),
+                    0..50
+                ),
+                proptest::option::of(any::<([u8; 32], u64)>())
+            )
         )
             .prop_map(
                 |(
@@ -73,7 +79,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     compression,
                     (ai, res),
                     (rs, ver),
-                    idx,
+                    (idx, base),
                 )| {
                     Message::HelloReply(HelloReply {
                         unprovisioned: false,
@@ -92,6 +98,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                             .into_iter()
                             .map(|(offset, len, hash)| IndexEntry { offset, len, hash })
                             .collect(),
+                        base: base.map(|(image_id, total_size)| BaseImage {
+                            image_id,
+                            total_size,
+                        }),
                     })
                 }
             ),
@@ -107,9 +117,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 any::<u64>(),
                 "[0-9.]{1,64}"
             )),
-            proptest::option::of((any::<[u8; 32]>(), chunk_size(), any::<(u32, u32, u64)>()))
+            proptest::option::of((any::<[u8; 32]>(), chunk_size(), any::<(u32, u32, u64)>())),
+            proptest::option::of(any::<([u8; 32], u64)>())
         )
-            .prop_map(|(device, info, max_window, max_chunk, inst, xfer)| {
+            .prop_map(|(device, info, max_window, max_chunk, inst, xfer, base)| {
                 Message::InfoReply(InfoReply {
                     proto: PROTO_VERSION,
                     device,
@@ -134,6 +145,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                             verified,
                         },
                     ),
+                    base: base.map(|(image_id, total_size)| BaseImage {
+                        image_id,
+                        total_size,
+                    }),
                 })
             }),
         (
@@ -141,25 +156,46 @@ fn arb_message() -> impl Strategy<Value = Message> {
             seg_name(),
             any::<u64>(),
             bytes(4096),
-            0u8..4,
-            any::<(u64, [u8; 16])>()
+            0u8..5,
+            any::<(u64, [u8; 16])>(),
+            (any::<bool>(), 0u64..u64::MAX / 2, 1u32..=MAX_PATCH_REF)
         )
-            .prop_map(|(seq, segment, offset, data, kind, (src_offset, hash))| {
-                let len = data.len() as u32;
-                let body = match kind {
-                    0 => WriteBody::Raw(data),
-                    1 => WriteBody::Zero,
-                    2 => WriteBody::Zstd(data.slice(..data.len().div_ceil(2))),
-                    _ => WriteBody::Copy { src_offset, hash },
-                };
-                Message::Write(Write {
+            .prop_map(
+                |(
                     seq,
                     segment,
                     offset,
-                    len,
-                    body,
-                })
-            }),
+                    data,
+                    kind,
+                    (src_offset, hash),
+                    (base, ref_offset, ref_len),
+                )| {
+                    let len = data.len() as u32;
+                    let body = match kind {
+                        0 => WriteBody::Raw(data),
+                        1 => WriteBody::Zero,
+                        2 => WriteBody::Zstd(data.slice(..data.len().div_ceil(2))),
+                        3 => WriteBody::Patch {
+                            source: if base {
+                                PatchSource::Base
+                            } else {
+                                PatchSource::Staging
+                            },
+                            ref_offset,
+                            ref_len,
+                            frame: data.slice(..data.len().div_ceil(3)),
+                        },
+                        _ => WriteBody::Copy { src_offset, hash },
+                    };
+                    Message::Write(Write {
+                        seq,
+                        segment,
+                        offset,
+                        len,
+                        body,
+                    })
+                }
+            ),
         any::<u32>().prop_map(|ack| Message::Ack(Ack { ack })),
         (any::<u32>(), 1u8..=2).prop_map(|(seq, r)| Message::Nak(Nak {
             seq,
@@ -418,6 +454,7 @@ fn hello_reply_index_count_is_checked_against_the_payload() {
             len: 4096,
             hash: [1; 16],
         }],
+        base: None,
     };
     let f = Message::HelloReply(r.clone()).to_frame().unwrap();
     let mut p = f.payload().to_vec();

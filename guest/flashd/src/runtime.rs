@@ -153,6 +153,14 @@ pub(crate) struct Runtime {
     hello: HelloSeen,
     /// What the install target is called in receipts (resolved at each install).
     install_target: String,
+    /// Where the base image of `PATCH` writes is read (the active slot, or the installed
+    /// file); refreshed at every HELLO, `None` when there is none.
+    base_path: Option<PathBuf>,
+    /// The base offered at the last HELLO (its manifest id).
+    last_base: Option<[u8; 32]>,
+    /// A base whose bytes did not verify as patch source: never offered again by this
+    /// process (the host then sends real data).
+    bad_base: Option<[u8; 32]>,
 }
 
 /// The trust policy of `cfg.state_dir` (`/state/trust`), plus the `--require-signed` key.
@@ -268,6 +276,9 @@ impl Runtime {
                 cpu_mark: crate::cpustat::Snapshot::default(),
             },
             install_target,
+            base_path: None,
+            last_base: None,
+            bad_base: None,
         })
     }
 
@@ -430,7 +441,11 @@ impl Runtime {
                 };
                 self.forget_vanished_install();
                 self.forget_overwritten_install();
+                self.refresh_base();
             }
+        }
+        if t == Some(MsgType::Info) && !matches!(self.phase, Phase::Receiving(_)) {
+            self.refresh_base();
         }
         self.rx.handle(ReceiverEvent::Frame(f));
         self.run_actions(Some(conn));

@@ -142,7 +142,10 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
                 .collect()
         }
         Ok(img) => {
-            let opts = send_options(&a);
+            let opts = match send_options(&a, &img) {
+                Ok(o) => o,
+                Err(e) => anyhow::bail!("{e}"),
+            };
             let rt = runtime()?;
             let image_path = a.image.clone();
             let image_len = img.len();

@@ -342,6 +342,19 @@ impl Renderer {
                     self.setup_bars(*data_bytes, segments);
                 }
             }
+            ProgressEvent::Base { image_id, held } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                let short = image_id.get(..16).unwrap_or(image_id);
+                if *held {
+                    self.say(&format!(
+                        "nx: the target runs image {short}…, which this host holds: sending only the changes"
+                    ));
+                } else {
+                    self.say(&format!(
+                        "nx: the target runs image {short}…; pass it with --base IMG to send only the changes"
+                    ));
+                }
+            }
             ProgressEvent::Unprovisioned { device } => {
                 self.json(&serde_json::to_value(ev).unwrap_or_default());
                 // A warning: shown even with --quiet (like errors).
