@@ -420,4 +420,3 @@ pub fn estimate(
     });
     Ok(segs)
 }
-

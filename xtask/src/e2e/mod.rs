@@ -33,11 +33,12 @@ use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 15] = [
+pub const SCENARIOS: [&str; 16] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
     "update",
+    "update-cut",
     "rollback",
     "badkernel",
     "verity",
@@ -102,6 +103,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "flash-cut-resume" => flash::flash_cut_resume(&ctx)?,
         "flash-powercut-resume" => flash::flash_powercut_resume(&ctx)?,
         "update" => slots::update(&ctx)?,
+        "update-cut" => slots::update_cut(&ctx)?,
         "rollback" => slots::rollback(&ctx)?,
         "badkernel" => slots::badkernel(&ctx)?,
         "verity" => verity::verity(&ctx)?,
