@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod fanout;
+pub mod plan;
 pub mod query;
 pub mod render;
 
@@ -77,6 +78,9 @@ enum FlashCommand {
     Send(SendArgs),
     /// Ask flashd what is installed and what is staged (INFO?).
     Info(InfoArgs),
+    /// Before sending: what the target holds, what would be skipped / patched / compressed /
+    /// sent, the bytes on the wire and an ETA from the measured link.
+    Plan(plan::PlanArgs),
     /// Check that the target's install is exactly this image (and the file is intact).
     Verify(VerifyArgs),
     /// Reboot the guest into `normal` or `recovery` (asks rebootd).
@@ -192,6 +196,11 @@ pub struct RebootArgs {
     pub port: String,
 }
 
+/// `--chunk SIZE` (also `nx flash plan --chunk`).
+pub(crate) fn parse_chunk_arg(s: &str) -> Result<u32, String> {
+    parse_chunk(s)
+}
+
 fn parse_chunk(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let (num, mul) = match t.chars().last() {
@@ -237,6 +246,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
     match args.cmd {
         FlashCommand::Send(a) => Ok(ExitCode::from(run_send(a)?)),
         FlashCommand::Info(a) => runtime()?.block_on(query::run_info(a)),
+        FlashCommand::Plan(a) => plan::run(a),
         FlashCommand::Verify(a) => runtime()?.block_on(query::run_verify(a)),
         FlashCommand::Reboot(a) => {
             let real = runtime()?.block_on(nx_engine::rpc_client::reboot(&a.port, &a.target))?;
@@ -278,6 +288,7 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
         }
     };
     let again = again_command(&a.image, std::slice::from_ref(&port));
+    let port_name = port.to_string();
     let rt = runtime()?;
     let mut port = port;
     let result = rt.block_on(async {
@@ -288,6 +299,7 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     rt.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(rep) => {
+            plan::record_rate(&port_name, rep.receipt.wire_bytes, rep.elapsed);
             let receipt_json = serde_json::to_string(&rep.receipt).context("receipt")?;
             if let Some(path) = &a.receipt {
                 write_receipt(path, &receipt_json)?;

@@ -217,3 +217,48 @@ async fn a_target_with_nothing_installed_offers_no_base() {
     assert_eq!(rep.skips.patched, 0);
     assert!(!cap.logs().iter().any(|l| l.contains("patch base")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nx_flash_plan_says_what_a_send_would_put_on_the_wire() {
+    let rig = Rig::new();
+    let cap = Capture::new();
+    let _srv = rig.flashd(cap.clone());
+    send(&rig.v1, &rig.sock("flashd.sock"), &opts(Bases::none())).await;
+    let plan = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nx"))
+            .args(["flash", "plan", "--json", "--port"])
+            .arg(rig.sock("flashd.sock"))
+            .arg(&rig.v2)
+            .args(extra)
+            .env("NX_CACHE_DIR", rig.dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // v1 is not beside v2: the target's base is named, not held, and the plan is a full send.
+    let p = plan(&[]);
+    assert_eq!(p["base"]["held"], false, "{p}");
+    assert_eq!(p["patched_bytes"], 0);
+    let data = p["data_bytes"].as_u64().unwrap();
+    assert!(p["wire_bytes"].as_u64().unwrap() > data / 2, "{p}");
+    // With --base the plan matches what the send then puts on the wire.
+    let v1 = rig.v1.to_string_lossy().into_owned();
+    let p = plan(&["--base", &v1]);
+    assert_eq!(p["base"]["held"], true, "{p}");
+    assert!(p["patched_bytes"].as_u64().unwrap() > data * 9 / 10, "{p}");
+    let planned = p["wire_bytes"].as_u64().unwrap();
+    let rep = send(&rig.v2, &rig.sock("flashd.sock"), &opts(bases_for(&rig))).await;
+    let sent: u64 = rep.receipt.wire_bytes;
+    assert!(planned < 80_000, "{p}");
+    // The receipt counts frames (headers, ACK-free retransmissions) and the send's effort
+    // follows the measured link: close, not equal.
+    assert!(
+        sent.abs_diff(planned) < planned / 4 + 16 * 1024,
+        "planned {planned}, sent {sent}"
+    );
+}

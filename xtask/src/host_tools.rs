@@ -126,6 +126,26 @@ pub const HOST_TOOLS: &[Tool] = &[
         used_by: "nx-cli test image_verity: the reference dm-verity hash tree",
     },
     Tool {
+        bin: "tar",
+        package: "tar",
+        used_by: "xtask bench delta: the uncompressed trees of the delta references",
+    },
+    Tool {
+        bin: "zstd",
+        package: "zstd",
+        used_by: "xtask bench delta: the zstd --patch-from reference",
+    },
+    Tool {
+        bin: "casync",
+        package: "casync",
+        used_by: "xtask bench delta: the content-defined chunk store reference",
+    },
+    Tool {
+        bin: "xdelta3",
+        package: "xdelta3",
+        used_by: "xtask bench delta: the binary-delta reference",
+    },
+    Tool {
         bin: "qemu-io",
         package: "qemu-utils",
         used_by: "crash simulator test: QEMU's NBD client",
