@@ -213,6 +213,20 @@ pub fn reference(
     })
 }
 
+/// Where the chunk at `offset` (`len` bytes) of `img` sits in `base` if nothing moved: the
+/// same segment, the same relative offset (`None` when the base has no such range).
+fn same_place(img: &ImageFile, base: &ImageFile, offset: u64, len: u32) -> Option<u64> {
+    let seg = img
+        .manifest()
+        .segments
+        .iter()
+        .find(|s| s.offset <= offset && offset < s.end())?;
+    let bs = base.manifest().segment(&seg.name)?;
+    let at = bs.offset.checked_add(offset - seg.offset)?;
+    let end = at.checked_add(u64::from(len))?;
+    (end <= bs.end() && end <= base.len()).then_some(at)
+}
+
 /// One zstd frame of `data` with `prefix` as its single-use dictionary (`--patch-from`).
 pub fn patch_frame(prefix: &[u8], data: &[u8], level: i32) -> Option<Vec<u8>> {
     use zstd::zstd_safe::{CCtx, CParameter};
@@ -266,6 +280,27 @@ pub fn compress_chunk(
         None
     };
     let r = r.filter(|r| r.source == PatchSource::Base || staging);
+    // Fast path: the chunk is byte for byte what the base holds at the same place (most of
+    // an update): its own bytes are the whole prefix, a few bytes of frame, little work on
+    // either side.
+    if let (Some(r), Some(base)) = (r, base) {
+        if r.source == PatchSource::Base {
+            if let Some(same) = same_place(img, base, offset, len) {
+                if let Ok(prefix) = base.read_at(same, len) {
+                    if prefix[..] == data[..] {
+                        if let Some(frame) = patch_frame(&prefix, data, QUICK_LEVEL) {
+                            return Some(WriteBody::Patch {
+                                source: PatchSource::Base,
+                                ref_offset: same,
+                                ref_len: len,
+                                frame: Bytes::from(frame),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
     if let Some(r) = r {
         let src = match r.source {
             PatchSource::Base => base?,
@@ -347,6 +382,8 @@ pub struct SegmentEstimate {
     pub compressed_bytes: u64,
     /// Data bytes sent raw (compression did not pay).
     pub raw_bytes: u64,
+    /// Data bytes the target computes itself (the dm-verity hash tree: `DERIVE`).
+    pub derived_bytes: u64,
     /// Bytes of WRITE bodies on the wire (framing excluded).
     pub wire_bytes: u64,
 }
@@ -359,6 +396,7 @@ pub fn estimate(
     base: Option<&ImageFile>,
     chunk_size: u32,
     level: i32,
+    derive: bool,
     threads: usize,
 ) -> Result<Vec<SegmentEstimate>, proto::session::PlanError> {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -385,7 +423,14 @@ pub fn estimate(
                     break;
                 };
                 let n = data.len() as u64;
-                let (kind, wire) = if proto::manifest::is_all_zero(&data) {
+                let derived = derive
+                    && img.manifest().segments.get(c.segment).is_some_and(|s| {
+                        s.size <= proto::msg::MAX_DERIVED
+                            && img.manifest().verity.iter().any(|v| v.hash == s.name)
+                    });
+                let (kind, wire) = if derived {
+                    (4, 0)
+                } else if proto::manifest::is_all_zero(&data) {
                     (0, 0)
                 } else {
                     match compress_chunk(img, base, true, c.offset, &data, level, |d| {
@@ -411,6 +456,7 @@ pub fn estimate(
                             1 => s.patched_bytes += n,
                             2 => s.compressed_bytes += n,
                             3 => s.raw_bytes += n,
+                            4 => s.derived_bytes += n,
                             _ => {}
                         }
                     }

@@ -123,6 +123,8 @@ pub struct Skips {
     pub compressed: u64,
     /// Bytes saved by patching against the target's base image.
     pub patched: u64,
+    /// Bytes the target computed itself (the dm-verity hash tree).
+    pub derived: u64,
 }
 
 /// A successful transfer.
@@ -856,6 +858,7 @@ fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
             SkipKind::Identical => ctx.skips.identical += bytes,
             SkipKind::Compressed => ctx.skips.compressed += bytes,
             SkipKind::Patched => ctx.skips.patched += bytes,
+            SkipKind::Derived => ctx.skips.derived += bytes,
         },
         _ => {}
     }

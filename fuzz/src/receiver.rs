@@ -225,6 +225,8 @@ impl Target {
                     return;
                 }
             },
+            // The harness's receiver does not offer DERIVE.
+            WriteBody::Derive => panic!("DERIVE passed the receiver though it was not negotiated"),
             WriteBody::Patch {
                 source,
                 ref_offset,

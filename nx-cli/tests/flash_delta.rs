@@ -262,3 +262,45 @@ async fn nx_flash_plan_says_what_a_send_would_put_on_the_wire() {
         "planned {planned}, sent {sent}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_computes_the_dm_verity_tree_instead_of_receiving_it() {
+    let rig = Rig::new();
+    let cap = Capture::new();
+    let _srv = rig.flashd(cap.clone());
+    // A rootfs of 3 MiB of noise: `nx image build` adds its dm-verity tree (segment
+    // rootfs-verity, 24 KiB + upper levels).
+    let tree = rig.dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(tree.join("bin/blob"), noise(31, 3 << 20)).unwrap();
+    let img = rig.dir.path().join("verity.img");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_nx"))
+        .args(["image", "build", "--version", "7", "--rootfs"])
+        .arg(&tree)
+        .arg("--out")
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m = ImageFile::open(&img).unwrap().manifest().clone();
+    let hash_seg = m
+        .segment("rootfs-verity")
+        .expect("a verity segment")
+        .clone();
+    let rep = send(&img, &rig.sock("flashd.sock"), &opts(Bases::none())).await;
+    assert_eq!(rep.receipt.state, "installed");
+    let derived: u64 = rep.receipt.segments.iter().map(|s| s.derived_bytes).sum();
+    assert_eq!(derived, hash_seg.data_bytes(), "the whole tree is derived");
+    assert_eq!(rep.skips.derived, derived);
+    assert!(
+        cap.logs()
+            .iter()
+            .any(|l| l.starts_with("derived rootfs-verity")),
+        "{:?}",
+        cap.logs()
+    );
+    assert_eq!(
+        std::fs::read(&rig.out).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}

@@ -51,6 +51,11 @@ pub const COMPRESS_ZSTD: u8 = 0x01;
 /// frame compressed against a range of the target's base image or of the staging bytes
 /// already written, like `zstd --patch-from`). Only together with [`COMPRESS_ZSTD`].
 pub const COMPRESS_PATCH: u8 = 0x02;
+/// Compression set bit: the target computes derived segments itself (`DERIVE` writes: the
+/// dm-verity hash tree of a manifest `verity` entry, from the data segment it already holds).
+pub const COMPRESS_DERIVE: u8 = 0x04;
+/// Largest derived segment (the target holds it in memory while it writes it).
+pub const MAX_DERIVED: u64 = 8 * 1024 * 1024;
 /// Largest reference range of a `PATCH` write (the target maps it read-only).
 pub const MAX_PATCH_REF: u32 = 64 * 1024 * 1024;
 
@@ -368,6 +373,7 @@ pub enum WriteKind {
     Zstd = 2,
     Copy = 3,
     Patch = 4,
+    Derive = 5,
 }
 
 /// The data of a WRITE.
@@ -390,6 +396,9 @@ pub enum WriteBody {
         ref_len: u32,
         frame: Bytes,
     },
+    /// `len` bytes the target computes itself (the dm-verity hash tree of its segment, from
+    /// the data segment already received); nothing on the wire.
+    Derive,
 }
 
 impl WriteBody {
@@ -400,13 +409,14 @@ impl WriteBody {
             WriteBody::Zstd(_) => WriteKind::Zstd,
             WriteBody::Copy { .. } => WriteKind::Copy,
             WriteBody::Patch { .. } => WriteKind::Patch,
+            WriteBody::Derive => WriteKind::Derive,
         }
     }
     /// Bytes this body occupies on the wire.
     pub fn wire_len(&self) -> usize {
         match self {
             WriteBody::Raw(b) | WriteBody::Zstd(b) => b.len(),
-            WriteBody::Zero => 0,
+            WriteBody::Zero | WriteBody::Derive => 0,
             WriteBody::Copy { .. } => 24,
             WriteBody::Patch { frame, .. } => 13 + frame.len(),
         }
@@ -767,7 +777,7 @@ fn check_chunk(c: u32) -> Result<(), String> {
 }
 
 fn check_compression_set(c: u8) -> Result<(), String> {
-    if c & !(COMPRESS_ZSTD | COMPRESS_PATCH) != 0 {
+    if c & !(COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE) != 0 {
         return Err(format!("unknown compression bits {c:#04x}"));
     }
     if c & COMPRESS_PATCH != 0 && c & COMPRESS_ZSTD == 0 {
@@ -957,7 +967,7 @@ impl Message {
                 b.put_u32_le(w.len);
                 match &w.body {
                     WriteBody::Raw(d) | WriteBody::Zstd(d) => b.put_slice(d),
-                    WriteBody::Zero => {}
+                    WriteBody::Zero | WriteBody::Derive => {}
                     WriteBody::Copy { src_offset, hash } => {
                         b.put_u64_le(*src_offset);
                         b.put_slice(hash);
@@ -1219,6 +1229,7 @@ impl Message {
                     2 => WriteKind::Zstd,
                     3 => WriteKind::Copy,
                     4 => WriteKind::Patch,
+                    5 => WriteKind::Derive,
                     flags => return Err(MsgError::BadFlags { msg: m, flags }),
                 };
                 let segment = r.str8("segment")?;
@@ -1229,6 +1240,7 @@ impl Message {
                 let body = match kind {
                     WriteKind::Raw => WriteBody::Raw(r.rest()),
                     WriteKind::Zero => WriteBody::Zero,
+                    WriteKind::Derive => WriteBody::Derive,
                     WriteKind::Zstd => WriteBody::Zstd(r.rest()),
                     WriteKind::Copy => WriteBody::Copy {
                         src_offset: r.u64("src_offset")?,
@@ -1301,7 +1313,7 @@ impl Message {
 
 fn check_reply_compression(c: u8) -> Result<(), String> {
     check_compression_set(c)?;
-    if (c & !COMPRESS_PATCH).count_ones() > 1 {
+    if (c & !(COMPRESS_PATCH | COMPRESS_DERIVE)).count_ones() > 1 {
         return Err(format!(
             "at most one algorithm may be accepted, got {c:#04x}"
         ));

@@ -28,6 +28,9 @@ pub struct SegmentReceipt {
     /// length): what the target already had, wherever it was.
     #[serde(default)]
     pub patched_bytes: u64,
+    /// Bytes the target computed itself (`DERIVE`: the dm-verity hash tree), never sent.
+    #[serde(default)]
+    pub derived_bytes: u64,
     /// Data bytes held from an earlier session whose breakdown this side did not see.
     pub resumed_bytes: u64,
 }

@@ -161,6 +161,8 @@ pub enum SkipKind {
     /// Bytes saved by `PATCH` writes against the target's base image (raw length − wire
     /// length): the bytes the target already had, wherever they were.
     Patched,
+    /// Bytes the target computed itself (`DERIVE`: the dm-verity hash tree).
+    Derived,
 }
 
 /// One segment in [`ProgressEvent::Start`].

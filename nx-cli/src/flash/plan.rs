@@ -176,7 +176,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let segs = if unchanged {
         Vec::new()
     } else {
-        delta::estimate(&img, base_file.as_deref(), chunk, level, threads)
+        let derive = info.compression & proto::msg::COMPRESS_DERIVE != 0;
+        delta::estimate(&img, base_file.as_deref(), chunk, level, derive, threads)
             .map_err(|e| anyhow::anyhow!("cannot plan {}: {e}", a.image.display()))?
     };
     let data: u64 = m.segments.iter().map(|s| s.data_bytes()).sum();
@@ -210,10 +211,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
             "patched_bytes": sum(|s| s.patched_bytes),
             "compressed_bytes": sum(|s| s.compressed_bytes),
             "raw_bytes": sum(|s| s.raw_bytes),
+            "derived_bytes": sum(|s| s.derived_bytes),
             "wire_bytes": wire,
             "segments": segs.iter().map(|s| serde_json::json!({
                 "name": s.name, "data_bytes": s.data_bytes, "patched_bytes": s.patched_bytes,
                 "compressed_bytes": s.compressed_bytes, "raw_bytes": s.raw_bytes,
+                "derived_bytes": s.derived_bytes,
                 "wire_bytes": s.wire_bytes })).collect::<Vec<_>>(),
             "rtt_ms": rtt.as_millis() as u64,
             "link_bytes_per_s": rate,
@@ -267,16 +270,17 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     }
     println!("chunks:    {} KiB, zstd level {level}", chunk / 1024);
     println!(
-        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "segment", "data", "patched", "compressed", "raw", "on wire"
+        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "segment", "data", "patched", "compressed", "derived", "raw", "on wire"
     );
     for s in &segs {
         println!(
-            "{:<16} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "{:<16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
             s.name,
             mb(s.data_bytes),
             mb(s.patched_bytes),
             mb(s.compressed_bytes),
+            mb(s.derived_bytes),
             mb(s.raw_bytes),
             mb(s.wire_bytes)
         );

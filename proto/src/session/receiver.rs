@@ -12,7 +12,8 @@ use crate::manifest::Manifest;
 use crate::msg::{
     self, Ack, BaseImage, DoneReply, DoneStatus, ErrorCode, ErrorMsg, Hello, HelloReply, InfoReply,
     InstalledInfo, Message, MsgType, Nak, NakReason, PatchSource, TransferInfo, Verified, Write,
-    WriteBody, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
+    WriteBody, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW,
+    PROTO_VERSION,
 };
 use crate::trust::TrustPolicy;
 
@@ -33,6 +34,9 @@ pub struct ReceiverConfig {
     pub max_chunk: u32,
     /// The shell can decompress zstd.
     pub zstd: bool,
+    /// The shell can compute derived segments (`DERIVE` writes: the dm-verity hash tree of
+    /// a `verity` entry from its data segment). Default off.
+    pub derive: bool,
     /// The keys and anti-rollback floor (see [`crate::trust`]); the shell refreshes it with
     /// [`Receiver::set_trust`] whenever its trust store may have changed.
     pub trust: TrustPolicy,
@@ -55,6 +59,7 @@ impl ReceiverConfig {
             max_window: 64,
             max_chunk: MAX_CHUNK,
             zstd: true,
+            derive: false,
             trust: TrustPolicy::default(),
             max_image_size: 1 << 40,
             checkpoint_chunks: None,
@@ -591,7 +596,7 @@ impl Receiver {
                 COMPRESS_ZSTD | COMPRESS_PATCH
             } else {
                 0
-            },
+            } | if self.cfg.derive { COMPRESS_DERIVE } else { 0 },
             installed,
             transfer,
             base: self.base,
@@ -677,6 +682,10 @@ impl Receiver {
             window: h.window.min(self.cfg.max_window),
             compression: if self.cfg.zstd && h.compression & COMPRESS_ZSTD != 0 {
                 h.compression & (COMPRESS_ZSTD | COMPRESS_PATCH)
+            } else {
+                0
+            } | if self.cfg.derive {
+                h.compression & COMPRESS_DERIVE
             } else {
                 0
             },
@@ -938,6 +947,35 @@ impl Receiver {
                     return Err(format!(
                         "COPY source {}+{} is outside the installed image ({} bytes)",
                         src_offset, w.len, i.total_size
+                    ));
+                }
+                Ok(())
+            }
+            WriteBody::Derive => {
+                if self.link.compression & COMPRESS_DERIVE == 0 {
+                    return Err("DERIVE write but deriving was not negotiated".to_string());
+                }
+                let m = &x.manifest;
+                let Some(v) = m.verity.iter().find(|v| v.hash == w.segment) else {
+                    return Err(format!(
+                        "DERIVE write to segment {:?}, which is no dm-verity hash segment",
+                        w.segment
+                    ));
+                };
+                let data_index = m.segments.iter().position(|s| s.name == v.data);
+                let hash_index = m.segments.iter().position(|s| s.name == v.hash);
+                if !matches!((data_index, hash_index), (Some(d), Some(h)) if d < h) {
+                    return Err(format!(
+                        "DERIVE of {:?}: its data segment {:?} does not come before it",
+                        v.hash, v.data
+                    ));
+                }
+                if seg.size > msg::MAX_DERIVED {
+                    return Err(format!(
+                        "DERIVE of {:?}: {} bytes is more than {} a target derives",
+                        v.hash,
+                        seg.size,
+                        msg::MAX_DERIVED
                     ));
                 }
                 Ok(())

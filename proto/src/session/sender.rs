@@ -12,7 +12,8 @@ use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
-    WriteBody, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
+    WriteBody, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW,
+    PROTO_VERSION,
 };
 
 use super::plan::Plan;
@@ -147,6 +148,9 @@ pub struct Stats {
     /// Bytes saved by `PATCH` writes against the target's base image.
     #[serde(default)]
     pub patched_saved: u64,
+    /// Bytes the target computed itself (`DERIVE`: the dm-verity hash tree).
+    #[serde(default)]
+    pub derived_bytes: u64,
     /// WRITE frames sent again after a NAK or timeout.
     pub retransmitted_frames: u64,
 }
@@ -194,6 +198,8 @@ pub struct Sender {
     zstd: bool,
     /// `PATCH` writes were negotiated.
     patch: bool,
+    /// `DERIVE` writes were negotiated.
+    derive: bool,
     /// The target's base image, when the shell holds it too.
     base: Option<[u8; 32]>,
     skip_map: HashMap<(u32, ChunkHash), u64>,
@@ -243,6 +249,7 @@ impl Sender {
             window: 1,
             zstd: false,
             patch: false,
+            derive: false,
             base: None,
             skip_map: HashMap::new(),
             plan: None,
@@ -371,7 +378,9 @@ impl Sender {
     fn send_hello(&mut self) {
         let compression = match self.cfg.compress {
             CompressMode::None => 0,
-            CompressMode::Auto | CompressMode::Zstd => COMPRESS_ZSTD | COMPRESS_PATCH,
+            CompressMode::Auto | CompressMode::Zstd => {
+                COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE
+            }
         };
         let hello = Message::Hello(Hello {
             proto: PROTO_VERSION,
@@ -494,7 +503,7 @@ impl Sender {
         }
         let offered = match self.cfg.compress {
             CompressMode::None => 0,
-            _ => COMPRESS_ZSTD | COMPRESS_PATCH,
+            _ => COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE,
         };
         if r.compression & !offered != 0 {
             self.fail(SessionError::Protocol(
@@ -504,6 +513,7 @@ impl Sender {
         }
         self.zstd = r.compression & COMPRESS_ZSTD != 0;
         self.patch = self.zstd && r.compression & COMPRESS_PATCH != 0;
+        self.derive = r.compression & COMPRESS_DERIVE != 0;
         self.base = r
             .base
             .filter(|b| self.patch && self.cfg.bases.contains(&b.image_id))
@@ -695,7 +705,18 @@ impl Sender {
             });
             return;
         }
-        let body = if is_all_zero(&data) {
+        let derived = self.derive
+            && self.manifest.segments.get(c.segment).is_some_and(|s| {
+                s.size <= msg::MAX_DERIVED && self.manifest.verity.iter().any(|v| v.hash == s.name)
+            });
+        let body = if derived {
+            self.stats.derived_bytes += u64::from(c.len);
+            self.progress(ProgressEvent::Skipped {
+                kind: SkipKind::Derived,
+                bytes: u64::from(c.len),
+            });
+            WriteBody::Derive
+        } else if is_all_zero(&data) {
             self.stats.zero_bytes += u64::from(c.len);
             self.progress(ProgressEvent::Skipped {
                 kind: SkipKind::Zero,

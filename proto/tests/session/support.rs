@@ -271,8 +271,8 @@ impl Target {
                                 continue;
                             }
                         },
-                        WriteBody::Patch { .. } => {
-                            unreachable!("this harness's sender never sends PATCH")
+                        WriteBody::Patch { .. } | WriteBody::Derive => {
+                            unreachable!("this harness negotiates neither PATCH nor DERIVE")
                         }
                         WriteBody::Copy { src_offset, .. } => {
                             self.copies += 1;

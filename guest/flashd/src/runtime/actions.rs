@@ -26,6 +26,7 @@ enum Kind {
     Raw,
     Zstd { wire: u64 },
     Patch { wire: u64, base: bool },
+    Derived,
     Zero,
     Copy,
 }
@@ -382,6 +383,10 @@ impl Runtime {
                 let d = self.copy_from_installed(src_offset, len, hash)?;
                 (Some(d), Kind::Copy)
             }
+            WriteBody::Derive => {
+                let d = self.derived(seg_index, offset - seg_offset, len)?;
+                (Some(d), Kind::Derived)
+            }
             WriteBody::Patch {
                 source,
                 ref_offset,
@@ -486,6 +491,7 @@ impl Runtime {
                 }
             }
             Kind::Zero => c.zero_bytes += n,
+            Kind::Derived => c.derived_bytes += n,
             Kind::Copy => c.skipped_bytes += n,
         }
     }
@@ -553,6 +559,84 @@ impl Runtime {
             ));
         }
         Ok(Bytes::from(buf))
+    }
+
+    /// `DERIVE`: `len` bytes at `rel` of the dm-verity hash segment `seg`, computed here from
+    /// its data segment in staging (the receiver checked that it was received before). The
+    /// whole tree is built once per image and kept until the transfer ends.
+    fn derived(&mut self, seg: usize, rel: u64, len: u32) -> Result<Bytes, ActionError> {
+        let (image_id, name, data, size, salt) = {
+            let r = self.staging_ref()?;
+            let m = r.manifest.as_ref().ok_or((
+                ErrorCode::Storage,
+                "DERIVE before the image head".to_string(),
+            ))?;
+            let s = m
+                .segments
+                .get(seg)
+                .ok_or((ErrorCode::BadWrite, format!("DERIVE: no segment {seg}")))?;
+            let v = m.verity.iter().find(|v| v.hash == s.name).ok_or((
+                ErrorCode::BadWrite,
+                format!("DERIVE: {:?} is no dm-verity hash segment", s.name),
+            ))?;
+            let d = m.segment(&v.data).ok_or((
+                ErrorCode::BadWrite,
+                format!("DERIVE: no data segment {:?}", v.data),
+            ))?;
+            (
+                r.image_id,
+                s.name.clone(),
+                (d.offset, d.size),
+                s.size,
+                v.salt.clone(),
+            )
+        };
+        let cached =
+            matches!(&self.derived_tree, Some((id, n, _)) if *id == image_id && *n == name);
+        if !cached {
+            if size > msg::MAX_DERIVED {
+                return Err((
+                    ErrorCode::BadWrite,
+                    format!(
+                        "DERIVE: segment {name:?} is larger than {}",
+                        msg::MAX_DERIVED
+                    ),
+                ));
+            }
+            let staging = &self.staging_ref()?.staging;
+            let mut t = proto::verity::TreeBuilder::new(&salt);
+            let mut buf = vec![0u8; 1 << 20];
+            let (start, total) = data;
+            let mut done = 0u64;
+            while done < total {
+                let n = (total - done).min(buf.len() as u64) as usize;
+                staging
+                    .read_at(start + done, &mut buf[..n])
+                    .map_err(storage)?;
+                t.update(&buf[..n]);
+                done += n as u64;
+            }
+            self.progress += 1;
+            let tree = t.finish().bytes;
+            self.out.log(&format!(
+                "derived {name}: {} bytes of dm-verity hash tree from {total} bytes of data",
+                tree.len()
+            ));
+            self.derived_tree = Some((image_id, name.clone(), Arc::new(tree)));
+        }
+        let tree = self
+            .derived_tree
+            .as_ref()
+            .map(|(_, _, t)| t.clone())
+            .ok_or((ErrorCode::Storage, "no derived tree".to_string()))?;
+        // The segment is the tree padded with zeros to its size.
+        let mut out = vec![0u8; len as usize];
+        let from = usize::try_from(rel).unwrap_or(usize::MAX);
+        if let Some(src) = tree.get(from..) {
+            let n = src.len().min(out.len());
+            out[..n].copy_from_slice(&src[..n]);
+        }
+        Ok(Bytes::from(out))
     }
 
     /// `PATCH`: decompress `frame` with `ref_len` bytes at `ref_offset` of the base image (the
