@@ -28,6 +28,39 @@ mod verity;
 
 pub use reset::{compare_seeded, ls_names, write_seeded_state};
 
+/// Seconds `nx flash send IMAGE EXTRA…` takes into a fresh recovery guest (factory slot a =
+/// `build/nexus-os.img`) over virtio-serial, with its JSON receipt (for `cargo xtask bench`).
+pub fn timed_recovery_send(
+    name: &str,
+    image: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(f64, String)> {
+    let ctx = Ctx::new(name, false)?;
+    let mut runner = ctx.boot_recovery()?;
+    let port = ctx.port(&runner, nx_contract::ports::FLASH.name)?;
+    let t = Instant::now();
+    let out = std::process::Command::new(&ctx.nx)
+        .args(["flash", "send", "--json", "--port", &port])
+        .args(extra)
+        .arg(image)
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let secs = t.elapsed().as_secs_f64();
+    runner.stop();
+    ensure!(
+        out.status.success(),
+        "nx flash send {} failed: {}",
+        image.display(),
+        out.status
+    );
+    let receipt = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    Ok((secs, receipt))
+}
+
 use anyhow::{bail, ensure};
 use std::time::Instant;
 use support::Ctx;
