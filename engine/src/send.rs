@@ -158,10 +158,19 @@ pub trait Connector: Send {
 
 impl Connector for PortSpec {
     fn connect(&mut self) -> Connecting<'_> {
-        Box::pin(transport::connect(self))
+        Box::pin(transport::connect_to(self, transport::Daemon::Flashd))
     }
     fn describe(&self) -> String {
         self.to_string()
+    }
+}
+
+/// `1 attempt`, `3 attempts`.
+fn attempts(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{n} attempts")
     }
 }
 
@@ -272,7 +281,8 @@ async fn send_loop(
                 }
                 if failures >= opts.attempts {
                     return Err(SendError::LinkLost(format!(
-                        "{e} (gave up after {failures} attempts)"
+                        "{e} (gave up after {})",
+                        attempts(failures)
                     )));
                 }
                 backoff(r, &e, failures, opts, &mut interrupt).await?;
@@ -327,7 +337,8 @@ async fn send_loop(
                 if failures >= opts.attempts {
                     r.event(&EngineEvent::Finished);
                     return Err(SendError::LinkLost(format!(
-                        "{why} (gave up after {failures} attempts without progress)"
+                        "{why} (gave up after {} without progress)",
+                        attempts(failures)
                     )));
                 }
                 backoff(r, &why, failures, opts, &mut interrupt).await?;

@@ -69,7 +69,7 @@ impl SharedBars {
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let w = id_width.clamp(5, 48);
         let style = ProgressStyle::with_template(&format!(
-            "{{prefix:>{w}}} [{{bar:32.cyan/blue}}] {{bytes:>10}}/{{total_bytes:<10}} {{binary_bytes_per_sec:>12}} eta {{eta:>4}} {{msg}}"
+            "{{prefix:>{w}}} [{{bar:32.cyan/blue}}] {{bytes:>10}}/{{total_bytes:<10}} {{decimal_bytes_per_sec:>12}} eta {{eta:>4}} {{msg}}"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -485,7 +485,7 @@ impl Renderer {
         self.clear_bars();
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let style = ProgressStyle::with_template(
-            "{prefix:>12} [{bar:32.cyan/blue}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>4} {msg}",
+            "{prefix:>12} [{bar:32.cyan/blue}] {bytes:>10}/{total_bytes:<10} {decimal_bytes_per_sec:>12} eta {eta:>4} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
