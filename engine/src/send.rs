@@ -48,6 +48,8 @@ pub struct SendOptions {
     pub skip: bool,
     /// `--allow-downgrade`: ask the target to install below its anti-rollback floor.
     pub allow_downgrade: bool,
+    /// `chunk_size` was given explicitly (`--chunk`): the target must not replace it.
+    pub exact_chunk: bool,
     /// Retransmission timeout of the session.
     pub rto: Duration,
     /// Timeouts in a row before a session gives up.
@@ -67,6 +69,7 @@ impl SendOptions {
             compress: CompressMode::Auto,
             skip: true,
             allow_downgrade: false,
+            exact_chunk: false,
             rto: Duration::from_secs(2),
             max_timeouts: 10,
             attempts: 10,
@@ -297,6 +300,7 @@ async fn send_loop(
         cfg.compress = opts.compress;
         cfg.skip = opts.skip;
         cfg.allow_downgrade = opts.allow_downgrade;
+        cfg.exact_chunk = opts.exact_chunk;
         cfg.rto = opts.rto;
         cfg.max_retries = opts.max_timeouts;
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {

@@ -25,9 +25,6 @@ pub mod render;
 
 use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
 
-/// `--chunk`'s default as the user writes it: `nx_contract::defaults::CHUNK` (a test checks).
-const DEFAULT_CHUNK_ARG: &str = "1M";
-
 /// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
 pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
 /// Default port of rebootd.
@@ -111,14 +108,17 @@ pub struct SendArgs {
         action = clap::ArgAction::Append
     )]
     pub ports: Vec<PortSpec>,
-    /// WRITE frames in flight (1..=256). The default keeps 4 MiB in flight with the default
-    /// chunk: enough to keep the link busy, and what a resume may have to send again.
-    #[arg(long, default_value_t = nx_contract::defaults::WINDOW, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub window: u16,
-    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536). Large chunks cost the
-    /// target less per byte (fewer frames, writes, ACKs and journal syncs).
-    #[arg(long, default_value = DEFAULT_CHUNK_ARG, value_parser = parse_chunk)]
-    pub chunk: u32,
+    /// WRITE frames in flight (1..=256; default 4). The default keeps 4 MiB in flight with the
+    /// default chunk: enough to keep the link busy, and what a resume may have to send again.
+    /// The target may lower it to its maximum (a note says so).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub window: Option<u16>,
+    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536; default 1M). Large
+    /// chunks cost the target less per byte (fewer frames, writes, ACKs and journal syncs).
+    /// Given explicitly it wins over the chunk size of the target's skip index; the default
+    /// gives way to it (a note says so).
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk)]
+    pub chunk: Option<u32>,
     /// Compression of chunks: auto (zstd where it pays and the link is the bottleneck),
     /// zstd (whenever it shrinks a chunk), none.
     #[arg(
@@ -265,6 +265,7 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     };
     let mode = OutputMode::choose(a.json, !crate::verbosity::notes());
     let mut r = Renderer::new(mode);
+    r.set_asked(asked(&a));
     if let Some(p) = &a.receipt {
         if let Err(e) = crate::outpath::check(p, "the receipt") {
             report_error(&r, e.exit.code(), &e.message, None);
@@ -323,14 +324,35 @@ fn open_image(path: &std::path::Path) -> Result<Arc<ImageFile>, (u8, String)> {
 
 fn send_options(a: &SendArgs) -> SendOptions {
     let mut opts = SendOptions::new(host_name());
-    opts.window = a.window;
-    opts.chunk_size = a.chunk;
+    let (chunk, window) = chunk_and_window(a);
+    opts.window = window;
+    opts.chunk_size = chunk;
+    opts.exact_chunk = a.chunk.is_some();
     opts.compress = a.compress;
     opts.skip = !a.no_skip;
     opts.allow_downgrade = a.allow_downgrade;
     opts.attempts = a.retries.max(1);
     opts.rto = Duration::from_secs_f64(a.rto.clamp(0.05, 600.0));
     opts
+}
+
+/// The chunk size and window to offer: the flags, else the defaults.
+fn chunk_and_window(a: &SendArgs) -> (u32, u16) {
+    (
+        a.chunk.unwrap_or(nx_contract::defaults::CHUNK),
+        a.window.unwrap_or(nx_contract::defaults::WINDOW),
+    )
+}
+
+/// What the user asked for, for the renderer's notes.
+pub(crate) fn asked(a: &SendArgs) -> render::Asked {
+    let (chunk, window) = chunk_and_window(a);
+    render::Asked {
+        chunk,
+        chunk_explicit: a.chunk.is_some(),
+        window,
+        window_explicit: a.window.is_some(),
+    }
 }
 
 /// The command that continues a transfer to `ports`.
@@ -474,7 +496,8 @@ mod default_tests {
     #[test]
     fn the_chunk_default_is_the_contract_default() {
         assert_eq!(
-            parse_chunk(DEFAULT_CHUNK_ARG),
+            // `--chunk`'s help says "default 1M".
+            parse_chunk("1M"),
             Ok(nx_contract::defaults::CHUNK)
         );
     }

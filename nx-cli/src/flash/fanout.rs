@@ -118,7 +118,9 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
                 id: id.clone(),
                 index,
             };
-            Renderer::for_target(mode, tag, bars.as_ref())
+            let mut r = Renderer::for_target(mode, tag, bars.as_ref());
+            r.set_asked(super::asked(&a));
+            r
         })
         .collect();
 
