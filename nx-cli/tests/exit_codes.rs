@@ -286,6 +286,32 @@ fn refusals_verification_and_trust_failures_have_their_own_codes() {
         !rig.path("out.img").exists(),
         "nothing may be flashed first"
     );
+    // ... nor a bundle made on the target for nothing.
+    let reboot = unix(&rig.reboot);
+    let err = expect(
+        &[
+            "recovery",
+            "diag",
+            "--new",
+            "--out",
+            "/nonexistent/d.tar.zst",
+            "--port",
+            &reboot,
+        ],
+        Exit::Error,
+    );
+    assert!(
+        err.contains("directory /nonexistent does not exist"),
+        "{err}"
+    );
+    let bundles = std::fs::read_dir(rig.path("state/recovery"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(bundles, 0, "a bundle was made before --out was checked");
+    // ... nor a key made and lost; and no temp-file name in the message.
+    let err = expect(&["image", "keygen", "--out", "/nonexistent/k"], Exit::Error);
+    assert!(err.contains("/nonexistent/k"), "{err}");
+    assert!(!err.contains(".nx-") && !err.contains(".tmp"), "{err}");
 }
 
 #[test]
