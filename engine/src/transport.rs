@@ -392,6 +392,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_silent_peer_is_used_unidentified_and_a_wrong_one_is_named() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let silent = dir.path().join("silent.sock");
+        let l = tokio::net::UnixListener::bind(&silent).unwrap();
+        let hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            drop(s);
+        });
+        let t = std::time::Instant::now();
+        let spec = PortSpec::Unix(silent.clone());
+        assert!(connect_to(&spec, Daemon::Flashd).await.is_ok());
+        assert!(t.elapsed() >= PROBE_WAIT);
+        hold.abort();
+
+        let other = dir.path().join("x").join("reboot.sock");
+        std::fs::create_dir(other.parent().unwrap()).unwrap();
+        let l = tokio::net::UnixListener::bind(&other).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"stale bytes of an old session").await.unwrap();
+            s.write_all(&proto::ident::reply(Daemon::Rebootd))
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        });
+        let spec = PortSpec::Unix(other.clone());
+        let err = connect_to(&spec, Daemon::Flashd)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        let want = format!(
+            "this port is rebootd, not flashd: use {}",
+            other.with_file_name("flash.sock").display()
+        );
+        assert!(err.contains(&want), "{err}");
+    }
+
+    #[tokio::test]
     async fn connect_error_names_the_port_and_the_fix() {
         let spec: PortSpec = "unix:/nonexistent/flash.sock".parse().unwrap();
         let err = crate::error_chain(&connect(&spec).await.err().unwrap());

@@ -7,7 +7,7 @@
 //! nx boot mark-bad <a|b>
 //! nx boot reboot
 //! ```
-//! Every verb takes `--port SPEC` (default `unix:build/qemu/bootctl.sock`) and
+//! Every verb takes `--port PORT` (default `unix:build/qemu/bootctl.sock`) and
 //! `--timeout SECS`. bootctld is the only authority: `nx` never edits the slot
 //! table itself, it asks and prints the answer (or bootctld's refusal).
 

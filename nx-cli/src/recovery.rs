@@ -1,7 +1,7 @@
 //! `nx recovery …`: recovery tools on the host.
 //!
 //! ```text
-//! nx recovery diag [--out FILE] [--new] [--json] [--port SPEC] [--timeout SECS]
+//! nx recovery diag [--out FILE] [--new] [--json] [--port PORT] [--timeout SECS]
 //! ```
 //!
 //! Fetches the newest diagnostics bundle `STATE/recovery/diag-<n>.tar.zst` (written by

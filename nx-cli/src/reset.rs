@@ -3,7 +3,7 @@
 //! ```text
 //! nx reset factory --dry-run [--json]   # the exact plan; changes nothing
 //! nx reset factory [--yes] [--json]     # double confirmation, then rebootd.factoryWipe()
-//!   --port SPEC (default unix:build/qemu/reboot.sock), --timeout SECS (default 15)
+//!   --port PORT (default unix:build/qemu/reboot.sock), --timeout SECS (default 15)
 //! ```
 //!
 //! The plan is computed in the guest (rebootd `resetPlan()`, the `nx-reset` plan JSON):

@@ -329,3 +329,29 @@ fn help_prints_the_table_for_nx_and_each_group() {
         assert!(help.contains(nx_cli::exit::TABLE), "{args:?}:\n{help}");
     }
 }
+
+#[test]
+fn a_port_without_connection_boundaries_answers_every_probe() {
+    // bootctld behind a simulated virtio-serial port: one byte stream for every host
+    // connection, so each probe arrives after the bytes of the earlier conversations.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bootctl.sock");
+    let _srv = TestServer::start(
+        Daemon::BootctldBehindVport(bootctld_config(
+            Some(dir.path()),
+            "boot-1",
+            RebootVia::Stub("exit-code test".into()),
+        )),
+        &sock,
+    )
+    .unwrap();
+    let port = unix(&sock);
+    for _ in 0..3 {
+        expect(&["boot", "status", "--port", &port], Exit::Ok);
+        let (out, took) = nx(&["flash", "info", "--port", &port]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("this port is bootctld, not flashd"), "{err}");
+        assert_eq!(out.status.code(), Some(5));
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+}
