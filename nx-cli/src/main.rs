@@ -22,7 +22,7 @@ struct Cli {
     /// Less output: errors and results only (no progress, no notes).
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
-    /// More output: which daemon answered, each connection attempt, error details.
+    /// More output: a line for every connection attempt (`nx flash send`).
     #[arg(short, long, global = true)]
     verbose: bool,
     #[command(subcommand)]
