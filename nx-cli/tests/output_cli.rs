@@ -99,6 +99,20 @@ fn an_explicit_chunk_wins_and_the_default_gives_way_with_a_note() {
 }
 
 #[test]
+fn a_window_above_the_targets_maximum_gets_a_note() {
+    let rig = Rig::new();
+    // The host flashd's maximum window is 64.
+    let out = rig.send(&rig.image(21, 1), &["--window", "256"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("nx: note: window 64, not --window 256: the target's maximum"),
+        "{err}"
+    );
+    let out = rig.send(&rig.image(22, 1), &["--window", "8"]);
+    assert!(!text(&out.stderr).contains("nx: note: window"));
+}
+
+#[test]
 fn json_progress_is_throttled_to_five_per_second() {
     let rig = Rig::new();
     let t = Instant::now();
