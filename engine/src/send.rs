@@ -48,6 +48,8 @@ pub struct SendOptions {
     pub skip: bool,
     /// `--allow-downgrade`: ask the target to install below its anti-rollback floor.
     pub allow_downgrade: bool,
+    /// `chunk_size` was given explicitly (`--chunk`): the target must not replace it.
+    pub exact_chunk: bool,
     /// Retransmission timeout of the session.
     pub rto: Duration,
     /// Timeouts in a row before a session gives up.
@@ -69,6 +71,7 @@ impl SendOptions {
             compress: CompressMode::Auto,
             skip: true,
             allow_downgrade: false,
+            exact_chunk: false,
             rto: Duration::from_secs(2),
             max_timeouts: 10,
             attempts: 10,
@@ -165,10 +168,19 @@ pub trait Connector: Send {
 
 impl Connector for PortSpec {
     fn connect(&mut self) -> Connecting<'_> {
-        Box::pin(transport::connect(self))
+        Box::pin(transport::connect_to(self, transport::Daemon::Flashd))
     }
     fn describe(&self) -> String {
         self.to_string()
+    }
+}
+
+/// `1 attempt`, `3 attempts`.
+fn attempts(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{n} attempts")
     }
 }
 
@@ -280,7 +292,8 @@ async fn send_loop(
                 }
                 if failures >= opts.attempts {
                     return Err(SendError::LinkLost(format!(
-                        "{e} (gave up after {failures} attempts)"
+                        "{e} (gave up after {})",
+                        attempts(failures)
                     )));
                 }
                 backoff(r, &e, failures, opts, &mut interrupt).await?;
@@ -295,6 +308,7 @@ async fn send_loop(
         cfg.compress = opts.compress;
         cfg.skip = opts.skip;
         cfg.allow_downgrade = opts.allow_downgrade;
+        cfg.exact_chunk = opts.exact_chunk;
         cfg.rto = opts.rto;
         cfg.max_retries = opts.max_timeouts;
         cfg.bases = opts.bases.ids();
@@ -349,7 +363,8 @@ async fn send_loop(
                 if failures >= opts.attempts {
                     r.event(&EngineEvent::Finished);
                     return Err(SendError::LinkLost(format!(
-                        "{why} (gave up after {failures} attempts without progress)"
+                        "{why} (gave up after {} without progress)",
+                        attempts(failures)
                     )));
                 }
                 backoff(r, &why, failures, opts, &mut interrupt).await?;

@@ -7,7 +7,7 @@
 //! nx boot mark-bad <a|b>
 //! nx boot reboot
 //! ```
-//! Every verb takes `--port SPEC` (default `unix:build/qemu/bootctl.sock`) and
+//! Every verb takes `--port PORT` (default `unix:build/qemu/bootctl.sock`) and
 //! `--timeout SECS`. bootctld is the only authority: `nx` never edits the slot
 //! table itself, it asks and prints the answer (or bootctld's refusal).
 
@@ -20,6 +20,15 @@ use std::time::Duration;
 
 /// `nx boot …`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = concat!(
+    "Examples:\n  \
+    nx boot status\n  \
+    nx boot set-active b --trial --tries 3\n  \
+    nx boot reboot\n  \
+    nx boot confirm\n  \
+    nx boot status --json --port unix:/tmp/bootctl.sock\n\n",
+    crate::exit_table!()
+))]
 pub struct BootArgs {
     #[command(subcommand)]
     cmd: BootCmd,
@@ -29,10 +38,10 @@ pub struct BootArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PortArgs {
     /// bootctld's port: unix:PATH (or a bare path), tcp:HOST:PORT, serial:DEV[@BAUD].
-    #[arg(long, default_value = DEFAULT_BOOTCTL_PORT)]
+    #[arg(long, default_value = DEFAULT_BOOTCTL_PORT, value_name = "PORT")]
     port: String,
     /// Seconds to wait for bootctld's answer.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
     timeout: u64,
 }
 

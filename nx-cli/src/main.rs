@@ -15,9 +15,16 @@ use std::process::ExitCode;
         Typical session:\n  \
         nx image build --rootfs DIR --version 1 --out build/nexus-os.img\n  \
         nx flash send build/nexus-os.img\n  \
-        nx flash reboot normal"
+        nx flash reboot normal",
+    after_help = nx_cli::exit_table!()
 )]
 struct Cli {
+    /// Less output: errors and results only (no progress, no notes).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More output: a line for every connection attempt (`nx flash send`).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -40,6 +47,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    nx_cli::verbosity::set(if cli.quiet {
+        nx_cli::verbosity::Level::Quiet
+    } else if cli.verbose {
+        nx_cli::verbosity::Level::Verbose
+    } else {
+        nx_cli::verbosity::Level::Normal
+    });
     let result = match cli.cmd {
         Command::Image(args) => nx_cli::image::run(args),
         Command::Boot(args) => nx_cli::boot::run(args),
@@ -52,7 +66,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("nx: error: {err:#}");
-            ExitCode::from(1)
+            nx_cli::exit::Exit::of_error(&err).into()
         }
     }
 }

@@ -64,6 +64,9 @@ pub const HELLO_NO_SKIP: u8 = 0x01;
 /// HELLO flag: `--allow-downgrade`: install even below the target's security-version floor.
 /// The target honours it only for an image signed with one of its development keys.
 pub const HELLO_ALLOW_DOWNGRADE: u8 = 0x02;
+/// HELLO flag: the host's chunk size was chosen explicitly (`--chunk`): the target uses it
+/// (or its own maximum) and does not adopt its skip index's chunk size instead.
+pub const HELLO_EXACT_CHUNK: u8 = 0x04;
 /// HELLO_REPLY flag: the target already has exactly this image installed.
 pub const REPLY_ALREADY_INSTALLED: u8 = 0x01;
 /// HELLO_REPLY flag: the target holds a partial transfer of this image.
@@ -257,6 +260,8 @@ pub struct Hello {
     pub skip: bool,
     /// `--allow-downgrade` ([`HELLO_ALLOW_DOWNGRADE`]).
     pub allow_downgrade: bool,
+    /// The chunk size is the user's choice ([`HELLO_EXACT_CHUNK`]).
+    pub exact_chunk: bool,
     /// Host name, `[A-Za-z0-9._-]{1,64}`.
     pub host: String,
     /// The image head: every byte before the first segment (header, manifest,
@@ -846,7 +851,8 @@ impl Message {
                             HELLO_ALLOW_DOWNGRADE
                         } else {
                             0
-                        },
+                        }
+                        | if h.exact_chunk { HELLO_EXACT_CHUNK } else { 0 },
                 );
                 put_str8(&mut b, &h.host);
                 b.put_u32_le(h.head.len() as u32);
@@ -1049,7 +1055,7 @@ impl Message {
                 let compression = r.u8("compression")?;
                 r.check(check_compression_set(compression), "compression")?;
                 let fl = r.u8("flags")?;
-                if fl & !(HELLO_NO_SKIP | HELLO_ALLOW_DOWNGRADE) != 0 {
+                if fl & !(HELLO_NO_SKIP | HELLO_ALLOW_DOWNGRADE | HELLO_EXACT_CHUNK) != 0 {
                     return Err(MsgError::invalid(
                         m,
                         "flags",
@@ -1069,6 +1075,7 @@ impl Message {
                     compression,
                     skip: fl & HELLO_NO_SKIP == 0,
                     allow_downgrade: fl & HELLO_ALLOW_DOWNGRADE != 0,
+                    exact_chunk: fl & HELLO_EXACT_CHUNK != 0,
                     host,
                     head,
                 })

@@ -41,6 +41,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 |(nonce, window, chunk_size, compression, skip, host, head, proto)| {
                     Message::Hello(Hello {
                         allow_downgrade: false,
+                        exact_chunk: !skip,
                         proto,
                         nonce,
                         window,
@@ -352,6 +353,7 @@ fn non_write_frames_need_zero_flags_and_seq() {
 fn hello_bounds() {
     let ok = Hello {
         allow_downgrade: false,
+        exact_chunk: false,
         proto: 1,
         nonce: 1,
         window: 16,

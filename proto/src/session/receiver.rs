@@ -746,9 +746,10 @@ impl Receiver {
                 x.head = h.head.clone();
             }
         } else {
-            // Fresh staging. Prefer the skip index's chunk size so COPY hits line up.
+            // Fresh staging. Prefer the skip index's chunk size so COPY hits line up — unless
+            // the host's chunk size is the user's explicit choice.
             let mut chunk = host_chunk;
-            if h.skip {
+            if h.skip && !h.exact_chunk {
                 if let Some(ix) = self.installed.as_ref().and_then(|i| i.index.as_ref()) {
                     if msg::valid_chunk_size(ix.chunk_size) && ix.chunk_size <= host_chunk {
                         chunk = ix.chunk_size;

@@ -37,6 +37,9 @@ pub struct SenderConfig {
     /// `--allow-downgrade`: ask the target to install below its anti-rollback floor (honoured
     /// only for images signed with one of its development keys).
     pub allow_downgrade: bool,
+    /// `chunk_size` is the user's explicit choice: the target must not replace it with its
+    /// skip index's chunk size ([`msg::HELLO_EXACT_CHUNK`]).
+    pub exact_chunk: bool,
     /// Retransmission timeout: no ACK progress for this long → resend from the last
     /// acknowledged seq (and resend HELLO/DONE while waiting for their replies).
     /// Default 2 s.
@@ -63,6 +66,7 @@ impl SenderConfig {
             compress: CompressMode::Auto,
             skip: true,
             allow_downgrade: false,
+            exact_chunk: false,
             rto: Duration::from_secs(2),
             max_retries: 10,
             read_ahead: 4,
@@ -390,6 +394,7 @@ impl Sender {
             compression,
             skip: self.cfg.skip,
             allow_downgrade: self.cfg.allow_downgrade,
+            exact_chunk: self.cfg.exact_chunk,
             host: self.cfg.host.clone(),
             head: self.head.clone(),
         });
