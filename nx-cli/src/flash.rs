@@ -28,11 +28,6 @@ use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
 /// `--chunk`'s default as the user writes it: `nx_contract::defaults::CHUNK` (a test checks).
 const DEFAULT_CHUNK_ARG: &str = "1M";
 
-/// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
-pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
-/// Default port of rebootd.
-pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
-
 /// Exit codes of `nx flash …` (documented in `docs/tools/nx-flash.md`).
 pub mod exit {
     /// Installed (or already installed), info printed, image matches.
@@ -101,7 +96,7 @@ pub struct SendArgs {
     /// Repeat to flash several targets concurrently.
     #[arg(
         long = "port",
-        default_value = DEFAULT_PORT,
+        default_value = crate::target::default_port(crate::target::Daemon::Flashd),
         value_name = "SPEC",
         action = clap::ArgAction::Append
     )]
@@ -153,7 +148,7 @@ pub struct SendArgs {
 /// `nx flash info`.
 #[derive(clap::Args)]
 pub struct InfoArgs {
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "SPEC")]
     pub port: PortSpec,
     /// Print JSON.
     #[arg(long)]
@@ -165,7 +160,7 @@ pub struct InfoArgs {
 pub struct VerifyArgs {
     /// The image the target should hold.
     pub image: PathBuf,
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "SPEC")]
     pub port: PortSpec,
     /// Print JSON.
     #[arg(long)]
@@ -179,7 +174,7 @@ pub struct RebootArgs {
     #[arg(value_parser = ["normal", "recovery"])]
     pub target: String,
     /// Where rebootd listens.
-    #[arg(long, default_value = DEFAULT_REBOOT_PORT, value_name = "SPEC")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Rebootd), value_name = "SPEC")]
     pub port: String,
 }
 
@@ -248,7 +243,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
 /// `nx flash send`; returns the exit code.
 pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     let port = match a.ports.as_slice() {
-        [] => DEFAULT_PORT.parse::<PortSpec>()?,
+        [] => crate::target::default_port(crate::target::Daemon::Flashd).parse::<PortSpec>()?,
         [one] => one.clone(),
         _ => return fanout::run(a),
     };

@@ -4,7 +4,10 @@
 
 pub mod boot;
 pub mod completions;
+pub mod devices;
 pub mod flash;
 pub mod image;
 pub mod recovery;
 pub mod reset;
+pub mod status;
+pub mod target;
