@@ -7,6 +7,7 @@ pub mod completions;
 pub mod devices;
 pub mod flash;
 pub mod image;
+pub mod man;
 pub mod recovery;
 pub mod reset;
 pub mod status;

@@ -40,6 +40,8 @@ enum Command {
     Devices(nx_cli::devices::DevicesArgs),
     /// Print the shell completion script (bash, zsh or fish) on stdout.
     Completions(nx_cli::completions::CompletionsArgs),
+    /// Print the man page nx(1) (roff) on stdout: `nx man > ~/.local/share/man/man1/nx.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Status(args) => nx_cli::status::run(args),
         Command::Devices(args) => nx_cli::devices::run(args),
         Command::Completions(args) => nx_cli::completions::run(args, Cli::command()),
+        Command::Man => nx_cli::man::run(Cli::command()),
     };
     match result {
         Ok(code) => code,
