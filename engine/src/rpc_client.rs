@@ -1,8 +1,8 @@
 //! Cap'n Proto RPC clients of the guest daemons: `bootctld` (`nx boot …`) and
 //! `rebootd` (`nx flash reboot …`).
 //!
-//! The port is any `--port` SPEC of [`crate::transport`] (by default the QEMU
-//! chardev sockets `build/qemu/bootctl.sock` / `build/qemu/reboot.sock`, which
+//! The port is any `--port` SPEC of [`crate::transport`] (nx-cli's `target` module resolves
+//! the default: the QEMU chardev sockets `bootctl.sock` / `reboot.sock`, which
 //! QEMU wires to the virtio-serial ports `com.nexus.bootctl` /
 //! `com.nexus.reboot`). One connection per command: connect, bootstrap the
 //! capability, make the call(s), close.
@@ -25,10 +25,6 @@ use nx_rpc::{rpc_error_text, FramedError};
 use std::future::Future;
 use std::time::Duration;
 
-/// Default `--port` of `nx boot …`.
-pub const DEFAULT_BOOTCTL_PORT: &str = "unix:build/qemu/bootctl.sock";
-/// Default `--port` of `nx flash reboot …`.
-pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
 /// Default time to wait for a daemon's answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 

@@ -26,11 +26,6 @@ pub mod render;
 
 use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
 
-/// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
-pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
-/// Default port of rebootd.
-pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
-
 /// Exit codes of `nx flash …`: the rows of the one table ([`crate::exit::Exit`]) this group
 /// uses (documented in `docs/tools/nx.md` and `docs/tools/nx-flash.md`).
 pub mod exit {
@@ -107,7 +102,7 @@ pub struct SendArgs {
     /// Repeat to flash several targets concurrently.
     #[arg(
         long = "port",
-        default_value = DEFAULT_PORT,
+        default_value = crate::target::default_port(crate::target::Daemon::Flashd),
         value_name = "PORT",
         action = clap::ArgAction::Append
     )]
@@ -176,7 +171,7 @@ pub struct SendArgs {
 #[derive(clap::Args)]
 pub struct InfoArgs {
     /// Where flashd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "PORT")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "PORT")]
     pub port: PortSpec,
     /// Print JSON.
     #[arg(long)]
@@ -189,7 +184,7 @@ pub struct VerifyArgs {
     /// The image the target should hold.
     pub image: PathBuf,
     /// Where flashd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "PORT")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "PORT")]
     pub port: PortSpec,
     /// Print JSON.
     #[arg(long)]
@@ -203,7 +198,7 @@ pub struct RebootArgs {
     #[arg(value_parser = ["normal", "recovery"])]
     pub target: String,
     /// Where rebootd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
-    #[arg(long, default_value = DEFAULT_REBOOT_PORT, value_name = "PORT")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Rebootd), value_name = "PORT")]
     pub port: String,
 }
 
@@ -278,7 +273,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
 /// `nx flash send`; returns the exit code.
 pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     let port = match a.ports.as_slice() {
-        [] => DEFAULT_PORT.parse::<PortSpec>()?,
+        [] => crate::target::default_port(crate::target::Daemon::Flashd).parse::<PortSpec>()?,
         [one] => one.clone(),
         _ => return fanout::run(a),
     };

@@ -21,12 +21,16 @@ macro_rules! exit_table {
 
 pub mod boot;
 pub mod completions;
+pub mod devices;
 pub mod exit;
 pub mod flash;
 pub mod image;
+pub mod man;
 pub mod outpath;
 pub mod recovery;
 pub mod reset;
+pub mod status;
+pub mod target;
 pub mod verbosity;
 
 /// `1 segment`, `2 segments`: a count and its noun, singular when it is one.

@@ -41,8 +41,14 @@ enum Command {
     Reset(nx_cli::reset::ResetArgs),
     /// Recovery tools: fetch the newest diagnostics bundle from the guest (talks to rebootd).
     Recovery(nx_cli::recovery::RecoveryArgs),
+    /// One screen about the target: device, mode, booted slot, both slots, next boot, installed image.
+    Status(nx_cli::status::StatusArgs),
+    /// The guests this checkout runs: run directory, device, mode, active slot, version.
+    Devices(nx_cli::devices::DevicesArgs),
     /// Print the shell completion script (bash, zsh or fish) on stdout.
     Completions(nx_cli::completions::CompletionsArgs),
+    /// Print the man page nx(1) (roff) on stdout: `nx man > ~/.local/share/man/man1/nx.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -60,7 +66,10 @@ fn main() -> ExitCode {
         Command::Flash(args) => nx_cli::flash::run(args),
         Command::Reset(args) => nx_cli::reset::run(args),
         Command::Recovery(args) => nx_cli::recovery::run(args),
+        Command::Status(args) => nx_cli::status::run(args),
+        Command::Devices(args) => nx_cli::devices::run(args),
         Command::Completions(args) => nx_cli::completions::run(args, Cli::command()),
+        Command::Man => nx_cli::man::run(Cli::command()),
     };
     match result {
         Ok(code) => code,

@@ -17,7 +17,7 @@
 //! wiped trees), every shown string is stripped of control characters and bounded.
 
 use anyhow::{bail, Context};
-use nx_engine::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
+use nx_engine::rpc_client::{self, Daemon};
 use proto::rpc::reboot_capnp::reboot;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -48,7 +48,7 @@ pub struct ResetArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RebootPort {
     /// rebootd's port: unix:PATH (or a bare path), tcp:HOST:PORT, serial:DEV[@BAUD].
-    #[arg(long, default_value = DEFAULT_REBOOT_PORT, value_name = "PORT")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Rebootd), value_name = "PORT")]
     pub port: String,
     /// Seconds to wait for rebootd's answer.
     #[arg(long, default_value_t = 15, value_name = "SECS")]

@@ -2,7 +2,7 @@
 //! skip, patch, compress and send, the bytes on the wire and an ETA from the measured link.
 //! The numbers come from the code `nx flash send` runs (`nx_engine::delta::estimate`).
 
-use super::{exit, DEFAULT_PORT};
+use super::exit;
 use anyhow::Context as _;
 use nx_engine::delta::{self, Bases};
 use nx_engine::image_file::ImageFile;
@@ -23,7 +23,7 @@ pub struct PlanArgs {
     /// The image that would be sent.
     pub image: PathBuf,
     /// The target (as for `nx flash send`).
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "PORT")]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "PORT")]
     pub port: PortSpec,
     /// An image the target may be running (repeatable; as for `nx flash send`).
     #[arg(long, value_name = "IMG")]

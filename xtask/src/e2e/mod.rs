@@ -16,10 +16,12 @@
 //! `update-powercut`), [`reset`] (the factory-reset and recovery-console scenarios of issue 6:
 //! `reset`, `reset-powercut`, `reset-normal-guard`, `recovery-console`) and [`fanout`] (issue
 //! 7: two guests flashed by one `nx flash send --port A --port B`) and [`verity`] (issue 14:
-//! a flipped byte in the rootfs of the booted slot is refused by dm-verity).
+//! a flipped byte in the rootfs of the booted slot is refused by dm-verity) and [`quickstart`]
+//! (issue 16: README's tour, extracted from README and run as written, `nx status` / `nx devices`).
 
 mod fanout;
 mod flash;
+mod quickstart;
 mod reset;
 mod slots;
 mod support;
@@ -66,7 +68,7 @@ use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 16] = [
+pub const SCENARIOS: [&str; 17] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
@@ -83,6 +85,7 @@ pub const SCENARIOS: [&str; 16] = [
     "reset-normal-guard",
     "recovery-console",
     "fanout",
+    "quickstart",
 ];
 
 /// Arguments of `cargo xtask e2e`.
@@ -148,6 +151,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "reset-normal-guard" => reset::reset_normal_guard(&ctx)?,
         "recovery-console" => reset::recovery_console(&ctx)?,
         "fanout" => fanout::fanout(&ctx)?,
+        "quickstart" => quickstart::quickstart(&ctx)?,
         other => bail!("unknown scenario {other}"),
     }
     eprintln!("[ok] e2e {name} ({:.1} s)", started.elapsed().as_secs_f64());
