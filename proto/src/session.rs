@@ -47,7 +47,9 @@
 //!             SenderAction::ReadChunk { seq, offset, len, hash } => {
 //!                 /* read the image; later: s.handle(now, SenderEvent::ChunkRead {..}) */
 //!             }
-//!             SenderAction::Compress { seq, data } => { /* zstd; SenderEvent::Compressed */ }
+//!             SenderAction::Compress { seq, data, .. } => {
+//!                 /* zstd (against a prefix for PATCH); SenderEvent::Compressed */
+//!             }
 //!             SenderAction::Progress(p) => { /* render bars / NDJSON */ }
 //!             SenderAction::Finished(_) | SenderAction::Failed(_) => return,
 //!         }
