@@ -95,6 +95,16 @@ pub const HOST_TOOLS: &[Tool] = &[
         used_by: "nx-cli tests: `bash -n` on the completion script",
     },
     Tool {
+        bin: "sh",
+        package: "dash",
+        used_by: "xtask e2e quickstart: runs each README tour line as a shell command",
+    },
+    Tool {
+        bin: "script",
+        package: "bsdutils",
+        used_by: "nx-cli test output_cli: a pseudo-terminal for TERM=dumb progress",
+    },
+    Tool {
         bin: "mkfs.vfat",
         package: "dosfstools",
         used_by: "xtask guest: the EFI system partition",
