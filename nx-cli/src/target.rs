@@ -15,7 +15,7 @@
 //! `nx.toml`, or a `Cargo.toml` with a `[workspace]` table, or a `build/qemu` directory. Outside
 //! any project they stay relative to the current directory.
 
-use nx_contract::ports::{self, PortSpec as GuestPort};
+use nx_contract::ports;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -28,36 +28,9 @@ pub const ENV_DEVICE: &str = "NX_DEVICE";
 /// Largest `nx.toml` read.
 const MAX_CONFIG_LEN: u64 = 64 * 1024;
 
-/// The guest daemons a port can lead to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Daemon {
-    /// flashd (recovery only): the flash protocol.
-    Flashd,
-    /// rebootd: next-boot mode, reset, diagnostics (capnp-rpc).
-    Rebootd,
-    /// bootctld: the A/B slot table (capnp-rpc).
-    Bootctld,
-}
-
-impl Daemon {
-    /// The guest port this daemon listens on.
-    pub fn port(self) -> GuestPort {
-        match self {
-            Daemon::Flashd => ports::FLASH,
-            Daemon::Rebootd => ports::REBOOT,
-            Daemon::Bootctld => ports::BOOTCTL,
-        }
-    }
-
-    /// The daemon's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Daemon::Flashd => "flashd",
-            Daemon::Rebootd => "rebootd",
-            Daemon::Bootctld => "bootctld",
-        }
-    }
-}
+/// The guest daemons a port can lead to (one definition, shared with the identification
+/// probe).
+pub use proto::ident::Daemon;
 
 /// `nx.toml`: every field optional.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Deserialize)]
