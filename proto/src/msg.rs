@@ -383,6 +383,23 @@ pub enum WriteKind {
     Derive = 5,
 }
 
+impl WriteKind {
+    /// Every kind, in wire order.
+    pub const ALL: [WriteKind; 6] = [
+        WriteKind::Raw,
+        WriteKind::Zero,
+        WriteKind::Zstd,
+        WriteKind::Copy,
+        WriteKind::Patch,
+        WriteKind::Derive,
+    ];
+
+    /// The kind a WRITE frame's `flags` carry (`None`: not a kind).
+    pub fn from_flags(flags: u16) -> Option<WriteKind> {
+        WriteKind::ALL.into_iter().find(|k| *k as u16 == flags)
+    }
+}
+
 /// The data of a WRITE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteBody {
@@ -1404,15 +1421,7 @@ impl Message {
 }
 
 fn write_kind(m: &'static str, flags: u16) -> Result<WriteKind, MsgError> {
-    Ok(match flags {
-        0 => WriteKind::Raw,
-        1 => WriteKind::Zero,
-        2 => WriteKind::Zstd,
-        3 => WriteKind::Copy,
-        4 => WriteKind::Patch,
-        5 => WriteKind::Derive,
-        flags => return Err(MsgError::BadFlags { msg: m, flags }),
-    })
+    WriteKind::from_flags(flags).ok_or(MsgError::BadFlags { msg: m, flags })
 }
 
 /// WRITE_PART rule: `1 ≤ total ≤ MAX_PART_TOTAL`, 1.. bytes, `at + n ≤ total`.
@@ -1558,6 +1567,25 @@ mod tests {
         ] {
             assert!(validate_segment_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn write_kinds_round_trip_through_frame_flags() {
+        for k in WriteKind::ALL {
+            assert_eq!(WriteKind::from_flags(k as u16), Some(k));
+        }
+        assert_eq!(WriteKind::from_flags(6), None);
+        assert_eq!(WriteKind::from_flags(u16::MAX), None);
+        // A WRITE_PART of a PATCH keeps its kind on the wire.
+        let p = Message::WritePart(WritePart {
+            seq: 3,
+            kind: WriteKind::Patch,
+            total: 40,
+            at: 8,
+            data: Bytes::from_static(b"0123456789"),
+        });
+        let f = p.to_frame().unwrap();
+        assert_eq!(Message::from_frame(&f).unwrap(), p);
     }
 
     #[test]

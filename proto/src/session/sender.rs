@@ -12,7 +12,8 @@ use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
-    COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION, WriteBody, WriteKind, WritePart,
+    WriteBody, WriteKind, WritePart, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK,
+    MAX_WINDOW, PROTO_VERSION,
 };
 
 /// Smallest WRITE_PART the sender cuts (payload bytes).
@@ -737,11 +738,14 @@ impl Sender {
             if whole {
                 self.send(frame);
             } else {
-                let kind = match frame.flags() {
-                    1 => WriteKind::Zero,
-                    2 => WriteKind::Zstd,
-                    3 => WriteKind::Copy,
-                    _ => WriteKind::Raw,
+                // The part carries the WRITE's own kind: a PATCH or DERIVE labelled
+                // otherwise would be reassembled into a WRITE the receiver must reject.
+                let Some(kind) = WriteKind::from_flags(frame.flags()) else {
+                    self.fail(SessionError::Protocol(format!(
+                        "WRITE seq {seq} has no body kind {}",
+                        frame.flags()
+                    )));
+                    return;
                 };
                 let part = Message::WritePart(WritePart {
                     seq,
