@@ -49,7 +49,7 @@ enum Cmd {
     E2e(e2e::Args),
     /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
     Recovery(recovery::Args),
-    /// Benchmarks (not tests): `cargo xtask bench [flash|fanout]`.
+    /// Benchmarks (not tests): `cargo xtask bench [guest|flash|fanout|link|…]`.
     Bench(bench::Args),
     /// Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
     Codegen(codegen::Args),
