@@ -50,8 +50,11 @@ pub struct SendOptions {
     pub allow_downgrade: bool,
     /// `chunk_size` was given explicitly (`--chunk`): the target must not replace it.
     pub exact_chunk: bool,
-    /// Retransmission timeout of the session.
+    /// Retransmission timeout of the session (the ceiling when `adaptive_rto`).
     pub rto: Duration,
+    /// Measure the round trip and time out after a few of them (see
+    /// [`proto::session::SenderConfig::adaptive_rto`]); `false` = always `rto`.
+    pub adaptive_rto: bool,
     /// Timeouts in a row before a session gives up.
     pub max_timeouts: u32,
     /// Connections tried in a row without progress before giving up.
@@ -73,6 +76,7 @@ impl SendOptions {
             allow_downgrade: false,
             exact_chunk: false,
             rto: Duration::from_secs(2),
+            adaptive_rto: true,
             max_timeouts: 10,
             attempts: 10,
             backoff: Duration::from_millis(100),
@@ -310,6 +314,7 @@ async fn send_loop(
         cfg.allow_downgrade = opts.allow_downgrade;
         cfg.exact_chunk = opts.exact_chunk;
         cfg.rto = opts.rto;
+        cfg.adaptive_rto = opts.adaptive_rto;
         cfg.max_retries = opts.max_timeouts;
         cfg.bases = opts.bases.ids();
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {

@@ -457,7 +457,14 @@ impl Receiver {
         match ev {
             ReceiverEvent::Frame(f) => self.on_frame(f),
             ReceiverEvent::Corrupt { .. } => {
-                if self.phase == Phase::Transfer {
+                // A gap PART_ACK already asked for a resend from this very point: a
+                // NAK on top would make the host rewind (and shrink) twice for one loss.
+                let expected = self.received() + 1;
+                let asked = self
+                    .link
+                    .part_gap
+                    .is_some_and(|(s, _, _)| s == expected);
+                if self.phase == Phase::Transfer && !asked {
                     self.maybe_nak(None, NakReason::Corrupt);
                 }
             }
@@ -992,7 +999,16 @@ impl Receiver {
         }
         let have = self.link.part.as_ref().map_or(0, |b| b.buf.len() as u32);
         if p.at > have {
-            self.part_gap(p.seq, have, p.at);
+            if self.link.nak.is_some_and(|(e, _)| e == p.seq) {
+                // A NAK already asked for a resend from (seq, have): one request per
+                // loss, again only if the host visibly rewound.
+                self.maybe_nak(
+                    Some(u64::from(p.seq) << 32 | u64::from(p.at)),
+                    NakReason::Gap,
+                );
+            } else {
+                self.part_gap(p.seq, have, p.at);
+            }
             return;
         }
         let end = p.at + p.data.len() as u32; // checked ≤ total by the decoder

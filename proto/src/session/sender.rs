@@ -16,6 +16,8 @@ use crate::msg::{
     MAX_WINDOW, PROTO_VERSION,
 };
 
+/// Fewest frames in flight the sender shrinks to on errors (never above the window).
+const MIN_CWND: u32 = 2;
 /// Smallest WRITE_PART the sender cuts (payload bytes).
 pub const MIN_PART: u32 = 256;
 /// Progress events (ACK or PART_ACK advancing) without an error before the sender
@@ -36,7 +38,15 @@ struct Line {
     clean: u32,
     /// An error may shrink again (progress happened since the last shrink).
     armed: bool,
+    /// Bytes of WRITE payload in flight at most; `None` = only `cwnd` limits. A loss
+    /// costs what is in flight behind it (the receiver keeps nothing past a gap), so
+    /// on a noisy line this shrinks to a few frames' worth; it grows back on clean runs.
+    cap: Option<u32>,
 }
+
+/// The fewest frames (of the current part size) the byte cap keeps in flight: enough
+/// that the frame after a lost one shows the gap quickly.
+const CAP_FRAMES: u32 = 8;
 
 use super::plan::Plan;
 use super::{deadline, CompressMode, ProgressEvent, SegmentProgress, SessionError, SkipKind};
@@ -64,8 +74,14 @@ pub struct SenderConfig {
     pub exact_chunk: bool,
     /// Retransmission timeout: no ACK progress for this long → resend from the last
     /// acknowledged seq (and resend HELLO/DONE while waiting for their replies).
-    /// Default 2 s.
+    /// Default 2 s. With `adaptive_rto` this is the first timeout and the ceiling of the
+    /// measured one (`--rto` given explicitly makes it fixed).
     pub rto: Duration,
+    /// Measure the round trip (first transmissions only) and time out after
+    /// `srtt + 4 × rttvar` (at least [`MIN_RTO`], at most `rto`, doubling on each timeout
+    /// without progress) instead of always `rto`: a noisy line then costs a round trip per
+    /// lost frame, not seconds. Default on.
+    pub adaptive_rto: bool,
     /// Consecutive timeouts without progress before giving up. Default 10.
     pub max_retries: u32,
     /// Chunks read ahead beyond the window (memory: (window + read_ahead) × chunk).
@@ -90,6 +106,7 @@ impl SenderConfig {
             allow_downgrade: false,
             exact_chunk: false,
             rto: Duration::from_secs(2),
+            adaptive_rto: true,
             max_retries: 10,
             read_ahead: 4,
             bases: Vec::new(),
@@ -244,8 +261,91 @@ pub struct Sender {
     /// Highest (seq, end of part) ever sent, to count retransmissions.
     highest_part: (u32, u32),
     line: Line,
+    rtt: Rtt,
     stats: Stats,
     actions: VecDeque<SenderAction>,
+}
+
+/// The lower bound of the measured retransmission timeout: below this, a receiver busy for
+/// a moment (a journal sync, a scheduler hiccup under TCG) would look like a lost frame.
+pub const MIN_RTO: Duration = Duration::from_millis(100);
+
+/// Round-trip estimator (RFC 6298: `srtt`, `rttvar`) fed with the time from a frame's
+/// first transmission (a whole WRITE, a WRITE_PART, HELLO) to the ACK or PART_ACK that
+/// covers it. What was sent again gives no sample (Karn's rule): its answer cannot be
+/// matched to one transmission.
+#[derive(Debug, Clone, Default)]
+struct Rtt {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// First transmission time of each frame in flight, by (seq, end of its part in the
+    /// WRITE payload), ascending; a rewind drops everything at or past its point. At most
+    /// the frames in flight.
+    sent: VecDeque<((u32, u32), Duration)>,
+    /// Timeouts since the last valid sample: each doubles the timeout, and it stays
+    /// doubled until a first transmission is acknowledged (a spurious timeout while a
+    /// slow line drains its queue must not repeat at the old pace).
+    backoff: u32,
+    /// When the only HELLO went out (`None` once it was resent): its reply is the first
+    /// sample, so the first lost WRITE already costs a measured timeout.
+    hello: Option<Duration>,
+}
+
+impl Rtt {
+    fn sample(&mut self, r: Duration) {
+        self.backoff = 0;
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let diff = if s > r { s - r } else { r - s };
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+    }
+
+    /// The target holds everything up to `point` (seq, bytes of its WRITE payload) at
+    /// `now`: one sample from the newest frame it covers; covered entries are dropped.
+    fn covered(&mut self, point: (u32, u32), now: Duration) {
+        let mut newest = None;
+        while let Some(&(key, t)) = self.sent.front() {
+            if key > point {
+                break;
+            }
+            newest = Some(t);
+            self.sent.pop_front();
+        }
+        if let Some(t) = newest {
+            self.sample(now.saturating_sub(t));
+        }
+    }
+
+    /// The frame ending at `key` goes out for the first time.
+    fn sending(&mut self, key: (u32, u32), now: Duration) {
+        if self.sent.back().is_none_or(|&(k, _)| k < key) {
+            self.sent.push_back((key, now));
+        }
+    }
+
+    /// The sender rewinds to `point`: whatever is sent from there again gives no sample.
+    fn rewound(&mut self, point: (u32, u32)) {
+        while self.sent.back().is_some_and(|&(k, _)| k > point) {
+            self.sent.pop_back();
+        }
+    }
+
+    /// The retransmission timeout now.
+    fn rto(&self, cfg: &SenderConfig) -> Duration {
+        let Some(srtt) = self.srtt.filter(|_| cfg.adaptive_rto) else {
+            return cfg.rto;
+        };
+        let base = (srtt + self.rttvar * 4).max(MIN_RTO).min(cfg.rto);
+        base.saturating_mul(1u32 << self.backoff.min(8))
+            .min(cfg.rto)
+    }
 }
 
 impl Sender {
@@ -299,7 +399,9 @@ impl Sender {
                 cwnd: 1,
                 clean: 0,
                 armed: true,
+                cap: None,
             },
+            rtt: Rtt::default(),
             stats: Stats::default(),
             actions: VecDeque::new(),
         })
@@ -392,6 +494,16 @@ impl Sender {
 
     // ------------------------------------------------------------ internals
 
+    /// The retransmission timeout for WRITEs in flight now (see [`SenderConfig::adaptive_rto`]).
+    fn data_rto(&self) -> Duration {
+        self.rtt.rto(&self.cfg)
+    }
+
+    /// The measured smoothed round trip, once there is a sample.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.rtt.srtt
+    }
+
     fn send(&mut self, f: Frame) {
         self.stats.wire_bytes += f.encoded_len() as u64;
         self.actions.push_back(SenderAction::Send(f));
@@ -439,6 +551,10 @@ impl Sender {
         match hello.to_frame() {
             Ok(f) => {
                 self.send(f);
+                self.rtt.hello = match self.rtt.hello {
+                    None if self.retries == 0 => Some(self.now),
+                    _ => None,
+                };
                 self.deadline = Some(deadline(self.now, self.cfg.rto));
             }
             Err(e) => self.fail(SessionError::Protocol(format!("cannot encode HELLO: {e}"))),
@@ -536,6 +652,9 @@ impl Sender {
     }
 
     fn on_hello_reply(&mut self, r: msg::HelloReply) {
+        if let Some(t) = self.rtt.hello.take() {
+            self.rtt.sample(self.now.saturating_sub(t));
+        }
         if r.proto != PROTO_VERSION {
             self.fail(SessionError::Capability(format!(
                 "target speaks protocol {}, this host speaks {PROTO_VERSION}",
@@ -723,6 +842,12 @@ impl Sender {
             if self.frames_in_flight() >= self.line.cwnd {
                 break;
             }
+            if let Some(cap) = self.line.cap {
+                let b = self.bytes_in_flight();
+                if b > 0 && b >= cap {
+                    break;
+                }
+            }
             let plen = frame.payload().len() as u32;
             let at = self.next_at;
             let whole = at == 0 && self.line.part.is_none_or(|p| plen <= p);
@@ -734,6 +859,8 @@ impl Sender {
             };
             if (seq, end) <= self.highest_part {
                 self.stats.retransmitted_frames += 1;
+            } else {
+                self.rtt.sending((seq, end), self.now);
             }
             if whole {
                 self.send(frame);
@@ -773,7 +900,7 @@ impl Sender {
                 self.next_at = end;
             }
             if self.deadline.is_none() {
-                self.deadline = Some(deadline(self.now, self.cfg.rto));
+                self.deadline = Some(deadline(self.now, self.data_rto()));
             }
         }
         if self.acked == total {
@@ -785,6 +912,25 @@ impl Sender {
     /// Frames between the acknowledged point (`acked + 1`, `part_have`) and the send
     /// point (`next_send`, `next_at`), counting a whole WRITE as one frame and parts by
     /// the current part size.
+    fn bytes_in_flight(&self) -> u32 {
+        let mut bytes = 0u32;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let seq = self.acked + 1 + i as u32;
+            if seq > self.next_send {
+                break;
+            }
+            let Slot::Ready(f) = slot else { break };
+            let from = if i == 0 { self.part_have } else { 0 };
+            let to = if seq == self.next_send {
+                self.next_at
+            } else {
+                f.payload().len() as u32
+            };
+            bytes = bytes.saturating_add(to.saturating_sub(from));
+        }
+        bytes
+    }
+
     fn frames_in_flight(&self) -> u32 {
         let mut frames = 0u32;
         let part = self.line.part;
@@ -818,6 +964,7 @@ impl Sender {
         }
         self.next_send = seq;
         self.next_at = at;
+        self.rtt.rewound((seq, at));
         self.progress(ProgressEvent::Retransmit {
             from_seq: seq,
             reason: reason.to_string(),
@@ -844,6 +991,8 @@ impl Sender {
     /// The line lost or corrupted something: smaller parts, fewer in flight.
     fn line_error(&mut self, timeout: bool) {
         let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let floor = MIN_CWND.min(self.window.max(1));
+        let full = chunk.saturating_mul(self.window.max(1));
         let l = &mut self.line;
         l.clean = 0;
         // Halve after progress; quarter when nothing got through since the last error.
@@ -851,8 +1000,15 @@ impl Sender {
         l.armed = false;
         let cur = l.part.unwrap_or(chunk);
         let next = if fast { cur / 4 } else { cur / 2 };
-        l.part = Some(next.max(MIN_PART));
-        l.cwnd = (l.cwnd / 2).max(1);
+        let part = next.max(MIN_PART);
+        l.part = Some(part);
+        // Fewer bytes in flight (what a loss wastes), but never fewer than a few frames:
+        // the frame after a lost one is what shows the receiver the gap.
+        l.cap = Some((l.cap.unwrap_or(full) / 2).max(part.saturating_mul(CAP_FRAMES)));
+        if timeout {
+            // Nothing came back at all: maybe congestion, fewer frames too.
+            l.cwnd = (l.cwnd / 2).max(floor);
+        }
     }
 
     /// Progress without error: grow back (part size first, then the window).
@@ -871,6 +1027,10 @@ impl Sender {
             Some(_) => l.part = None,
             None => {}
         }
+        l.cap = l
+            .cap
+            .map(|c| c.saturating_mul(2))
+            .filter(|&c| c < chunk.saturating_mul(window));
         l.cwnd = (l.cwnd * 2).min(window);
     }
 
@@ -899,12 +1059,13 @@ impl Sender {
         }
         if a.have > self.part_have {
             self.part_have = a.have;
+            self.rtt.covered((a.seq, a.have), self.now);
             if (self.next_send, self.next_at) < (a.seq, a.have) {
                 self.next_send = a.seq;
                 self.next_at = a.have;
             }
             self.retries = 0;
-            self.deadline = Some(deadline(self.now, self.cfg.rto));
+            self.deadline = Some(deadline(self.now, self.data_rto()));
             self.line_progress();
         }
         if a.gap {
@@ -914,7 +1075,7 @@ impl Sender {
                     return;
                 }
             }
-            self.deadline = Some(deadline(self.now, self.cfg.rto));
+            self.deadline = Some(deadline(self.now, self.data_rto()));
         }
         self.pump();
     }
@@ -1081,6 +1242,7 @@ impl Sender {
         }
         let n = (ack - self.acked) as usize;
         self.slots.drain(..n.min(self.slots.len()));
+        self.rtt.covered((ack, u32::MAX), self.now);
         self.acked = ack;
         self.part_have = 0;
         if self.next_send <= ack {
@@ -1090,7 +1252,7 @@ impl Sender {
         self.retries = 0;
         self.line_progress();
         self.deadline = if self.highest_sent > self.acked {
-            Some(deadline(self.now, self.cfg.rto))
+            Some(deadline(self.now, self.data_rto()))
         } else {
             None
         };
@@ -1144,7 +1306,7 @@ impl Sender {
                 return;
             }
         }
-        self.deadline = Some(deadline(self.now, self.cfg.rto));
+        self.deadline = Some(deadline(self.now, self.data_rto()));
         self.pump();
     }
 
@@ -1172,8 +1334,10 @@ impl Sender {
             Phase::Transfer => {
                 self.deadline = None;
                 if self.highest_sent > self.acked {
+                    self.rtt.backoff += 1;
                     let from = self.acked + 1;
                     let at = self.part_have;
+                    self.rtt.rewound((from, at));
                     self.line_error(true);
                     if !self.rewind_to(from, at, "timeout") {
                         self.progress(ProgressEvent::Retransmit {
@@ -1181,7 +1345,7 @@ impl Sender {
                             reason: "timeout".to_string(),
                         });
                     }
-                    self.deadline = Some(deadline(self.now, self.cfg.rto));
+                    self.deadline = Some(deadline(self.now, self.data_rto()));
                 }
                 self.pump();
             }

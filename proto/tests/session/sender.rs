@@ -27,6 +27,7 @@ fn cfg() -> SenderConfig {
         compress: CompressMode::None,
         read_ahead: 2,
         rto: Duration::from_millis(100),
+        adaptive_rto: false,
         max_retries: 3,
         ..SenderConfig::new("host-1")
     }

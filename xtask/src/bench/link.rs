@@ -46,6 +46,9 @@ pub struct LinkArgs {
     /// Use the release binaries as they are (do not run cargo build).
     #[arg(long)]
     pub no_build: bool,
+    /// Only these rates (bit flips per byte), e.g. `--rates 1e-5,1e-4`; implies --no-docs.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
 }
 
 /// The outcome of one rate.
@@ -104,7 +107,12 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(a.timeout_s);
 
     let mut rows = Vec::new();
-    for (i, &p) in RATES.iter().enumerate() {
+    let rates: Vec<f64> = if a.rates.is_empty() {
+        RATES.to_vec()
+    } else {
+        a.rates.clone()
+    };
+    for (i, &p) in rates.iter().enumerate() {
         eprintln!("xtask: bench link: p = {}", rate(p));
         let o = one_rate(&bins, &dir, &img, &img_sha, p, a.seed + i as u64, timeout)?;
         match &o.0 {
@@ -124,7 +132,14 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
         }
         rows.push((p, o));
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if a.rates.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!(
+            "xtask: bench link: logs (nx.ndjson, nx.stderr) kept in {}",
+            dir.display()
+        );
+    }
 
     let mb = img_bytes as f64 / 1e6;
     let clean = match rows.first().map(|r| &r.1 .0) {
@@ -189,7 +204,7 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
         verdict(1e-4, 20.0)
     ));
     println!("\n{md}");
-    if !a.no_docs {
+    if !a.no_docs && a.rates.is_empty() {
         write_docs(&util::root().join("docs/benchmarks.md"), &md)?;
         eprintln!("xtask: bench link: wrote the link block of docs/benchmarks.md");
     }
@@ -225,10 +240,10 @@ fn one_rate(
     let log = rdir.join("nx.stderr");
     let t = Instant::now();
     let mut child = Command::new(&bins.nx)
-        .args(["flash", "send", "--quiet", "--port"])
+        .args(["flash", "send", "--json", "--port"])
         .arg(format!("unix:{}", relay_sock.display()))
         .arg(img)
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(rdir.join("nx.ndjson"))?)
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("start nx")?;
@@ -261,7 +276,9 @@ fn one_rate(
             identical: out.exists() && sha256(&out)? == img_sha,
         },
     };
-    let _ = std::fs::remove_dir_all(&rdir);
+    // Keep only the logs (the state dir and the installed copy are as big as the image).
+    let _ = std::fs::remove_dir_all(rdir.join("state"));
+    let _ = std::fs::remove_file(&out);
     Ok((o, flips))
 }
 
