@@ -460,10 +460,7 @@ impl Receiver {
                 // A gap PART_ACK already asked for a resend from this very point: a
                 // NAK on top would make the host rewind (and shrink) twice for one loss.
                 let expected = self.received() + 1;
-                let asked = self
-                    .link
-                    .part_gap
-                    .is_some_and(|(s, _, _)| s == expected);
+                let asked = self.link.part_gap.is_some_and(|(s, _, _)| s == expected);
                 if self.phase == Phase::Transfer && !asked {
                     self.maybe_nak(None, NakReason::Corrupt);
                 }

@@ -42,6 +42,8 @@ struct Line {
     /// costs what is in flight behind it (the receiver keeps nothing past a gap), so
     /// on a noisy line this shrinks to a few frames' worth; it grows back on clean runs.
     cap: Option<u32>,
+    /// Most bytes in flight since the last error: what the next error shrinks from.
+    peak: u32,
 }
 
 /// The fewest frames (of the current part size) the byte cap keeps in flight: enough
@@ -300,7 +302,7 @@ impl Rtt {
                 self.rttvar = r / 2;
             }
             Some(s) => {
-                let diff = if s > r { s - r } else { r - s };
+                let diff = s.abs_diff(r);
                 self.rttvar = (self.rttvar * 3 + diff) / 4;
                 self.srtt = Some((s * 7 + r) / 8);
             }
@@ -400,6 +402,7 @@ impl Sender {
                 clean: 0,
                 armed: true,
                 cap: None,
+                peak: 0,
             },
             rtt: Rtt::default(),
             stats: Stats::default(),
@@ -892,6 +895,8 @@ impl Sender {
                 }
             }
             self.highest_part = self.highest_part.max((seq, end));
+            let inflight = self.bytes_in_flight();
+            self.line.peak = self.line.peak.max(inflight);
             self.highest_sent = self.highest_sent.max(seq);
             if end >= plen {
                 self.next_send += 1;
@@ -1004,7 +1009,16 @@ impl Sender {
         l.part = Some(part);
         // Fewer bytes in flight (what a loss wastes), but never fewer than a few frames:
         // the frame after a lost one is what shows the receiver the gap.
-        l.cap = Some((l.cap.unwrap_or(full) / 2).max(part.saturating_mul(CAP_FRAMES)));
+        // From what was really in flight: a quarter (an eighth when nothing got through
+        // since the last error).
+        let peak = if l.peak > 0 {
+            l.peak
+        } else {
+            l.cap.unwrap_or(full)
+        };
+        l.peak = 0;
+        let shrunk = if fast { peak / 8 } else { peak / 4 };
+        l.cap = Some(shrunk.max(part.saturating_mul(CAP_FRAMES)));
         if timeout {
             // Nothing came back at all: maybe congestion, fewer frames too.
             l.cwnd = (l.cwnd / 2).max(floor);

