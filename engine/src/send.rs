@@ -499,6 +499,8 @@ async fn run_session(
     let wbacklog = backlog.clone();
     // Bytes the link took so far (its measured rate picks the compression effort).
     let written = Arc::new(AtomicU64::new(0));
+    // `written` when the last deadline passed (see the Tick/Draining choice below).
+    let mut written_at_deadline = 0u64;
     let wwritten = written.clone();
     let mut writer = tokio::spawn(async move {
         while let Some(f) = wrx.recv().await {
@@ -790,7 +792,18 @@ async fn run_session(
                 }
             }, if watch_check => {}
             _ = sleep_until(deadline), if deadline.is_some() => {
-                sender.handle(now(t0), SenderEvent::Tick);
+                // Frames still queued for the writer have not left: on a slow line the
+                // wait for their answer starts when they are out.
+                // Only while bytes keep leaving: a writer stuck on a peer that stopped
+                // reading is a timeout like any other.
+                let out = written.load(Ordering::Relaxed);
+                let ev = if backlog.load(Ordering::Relaxed) > 0 && out != written_at_deadline {
+                    SenderEvent::Draining
+                } else {
+                    SenderEvent::Tick
+                };
+                written_at_deadline = out;
+                sender.handle(now(t0), ev);
             }
         }
     }

@@ -137,6 +137,10 @@ pub enum SenderEvent {
     /// Time passed (call when [`Sender::next_deadline`] is reached; extra ticks are
     /// harmless).
     Tick,
+    /// The deadline came while the shell was still writing frames to the link (a slow
+    /// line: a UART takes seconds for one big frame). Waiting for an answer to what has
+    /// not left yet is not a timeout: the WRITE timer restarts instead.
+    Draining,
 }
 
 /// What the shell must do for a [`Sender`].
@@ -492,6 +496,16 @@ impl Sender {
             }
             SenderEvent::Compressed { seq, body } => self.on_compressed(seq, body),
             SenderEvent::Tick => self.on_tick(),
+            SenderEvent::Draining => {
+                if self.deadline.is_some() {
+                    let rto = if self.phase == Phase::Transfer {
+                        self.data_rto()
+                    } else {
+                        self.cfg.rto
+                    };
+                    self.deadline = Some(deadline(self.now, rto));
+                }
+            }
         }
     }
 

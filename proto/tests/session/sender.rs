@@ -404,6 +404,59 @@ fn nak_rewinds_to_the_named_seq() {
 }
 
 #[test]
+fn the_timeout_follows_the_measured_round_trip() {
+    let img = image();
+    let c = SenderConfig {
+        adaptive_rto: true,
+        rto: Duration::from_secs(2),
+        ..cfg()
+    };
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), c);
+    // HELLO → reply took 1 ms: the first timeout is already the floor, not 2 s
+    assert_eq!(tx.srtt(), Some(MS));
+    answer_reads(&mut tx, &img, &a, MS);
+    let dl = tx.next_deadline().unwrap();
+    assert_eq!(dl, MS + MIN_RTO);
+    // a slow round trip (1.5 s for chunk 1) raises it, capped by `rto`
+    tx.handle(1500 * MS, frame(Message::Ack(Ack { ack: 1 })));
+    drain_tx(&mut tx);
+    let dl = tx.next_deadline().unwrap() - 1500 * MS;
+    assert!(
+        dl > Duration::from_millis(500) && dl <= Duration::from_secs(2),
+        "{dl:?}"
+    );
+    // with adaptation off it is always `rto`
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), cfg());
+    answer_reads(&mut tx, &img, &a, MS);
+    assert_eq!(tx.next_deadline().unwrap(), MS + Duration::from_millis(100));
+}
+
+#[test]
+fn draining_restarts_the_timer_instead_of_resending() {
+    let img = image();
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), cfg());
+    answer_reads(&mut tx, &img, &a, MS);
+    let dl = tx.next_deadline().unwrap();
+    // the shell is still writing the window to a slow line: not a timeout
+    tx.handle(dl, SenderEvent::Draining);
+    let b = drain_tx(&mut tx);
+    assert!(write_seqs(&b).is_empty(), "nothing resent while draining");
+    assert!(!progress(&b)
+        .iter()
+        .any(|p| matches!(p, ProgressEvent::Retransmit { .. })));
+    let dl2 = tx.next_deadline().unwrap();
+    assert_eq!(dl2, dl + Duration::from_millis(100));
+    // once it is out, silence is a timeout again
+    tx.handle(dl2, SenderEvent::Tick);
+    assert!(
+        progress(&drain_tx(&mut tx)).contains(&ProgressEvent::Retransmit {
+            from_seq: 1,
+            reason: "timeout".into()
+        })
+    );
+}
+
+#[test]
 fn stale_nak_does_not_rewind() {
     let img = image();
     let (mut tx, a) = negotiated(&img, reply(4, 8192), cfg());
