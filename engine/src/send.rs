@@ -50,8 +50,11 @@ pub struct SendOptions {
     pub allow_downgrade: bool,
     /// `chunk_size` was given explicitly (`--chunk`): the target must not replace it.
     pub exact_chunk: bool,
-    /// Retransmission timeout of the session.
+    /// Retransmission timeout of the session (the ceiling when `adaptive_rto`).
     pub rto: Duration,
+    /// Measure the round trip and time out after a few of them (see
+    /// [`proto::session::SenderConfig::adaptive_rto`]); `false` = always `rto`.
+    pub adaptive_rto: bool,
     /// Timeouts in a row before a session gives up.
     pub max_timeouts: u32,
     /// Connections tried in a row without progress before giving up.
@@ -73,6 +76,7 @@ impl SendOptions {
             allow_downgrade: false,
             exact_chunk: false,
             rto: Duration::from_secs(2),
+            adaptive_rto: true,
             max_timeouts: 10,
             attempts: 10,
             backoff: Duration::from_millis(100),
@@ -310,6 +314,7 @@ async fn send_loop(
         cfg.allow_downgrade = opts.allow_downgrade;
         cfg.exact_chunk = opts.exact_chunk;
         cfg.rto = opts.rto;
+        cfg.adaptive_rto = opts.adaptive_rto;
         cfg.max_retries = opts.max_timeouts;
         cfg.bases = opts.bases.ids();
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {
@@ -486,12 +491,16 @@ async fn run_session(
 ) -> Result<Outcome, End> {
     let t0 = Instant::now();
     let (rd, mut wr) = tokio::io::split(link);
-    let mut frames = FramedRead::new(rd, FrameCodec::new());
+    // The target only sends small control frames here: a corrupted length must not
+    // stall the stream (FrameDecoder::eager).
+    let mut frames = FramedRead::new(rd, FrameCodec::eager());
     let backlog = Arc::new(AtomicU64::new(0));
     let (wtx, mut wrx) = mpsc::channel::<Frame>(WRITER_QUEUE);
     let wbacklog = backlog.clone();
     // Bytes the link took so far (its measured rate picks the compression effort).
     let written = Arc::new(AtomicU64::new(0));
+    // `written` when the last deadline passed (see the Tick/Draining choice below).
+    let mut written_at_deadline = 0u64;
     let wwritten = written.clone();
     let mut writer = tokio::spawn(async move {
         while let Some(f) = wrx.recv().await {
@@ -783,7 +792,18 @@ async fn run_session(
                 }
             }, if watch_check => {}
             _ = sleep_until(deadline), if deadline.is_some() => {
-                sender.handle(now(t0), SenderEvent::Tick);
+                // Frames still queued for the writer have not left: on a slow line the
+                // wait for their answer starts when they are out.
+                // Only while bytes keep leaving: a writer stuck on a peer that stopped
+                // reading is a timeout like any other.
+                let out = written.load(Ordering::Relaxed);
+                let ev = if backlog.load(Ordering::Relaxed) > 0 && out != written_at_deadline {
+                    SenderEvent::Draining
+                } else {
+                    SenderEvent::Tick
+                };
+                written_at_deadline = out;
+                sender.handle(now(t0), ev);
             }
         }
     }

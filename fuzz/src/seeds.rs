@@ -7,7 +7,46 @@ use proto::frame::Frame;
 
 /// Every frame of one honest session (both directions), for the frame and msg seeds.
 fn session_frames() -> Vec<Frame> {
-    crate::receiver::honest_frames()
+    let mut frames = crate::receiver::honest_frames();
+    frames.extend(part_frames());
+    frames
+}
+
+/// A WRITE sent in parts (a noisy line) and the target's PART_ACKs: the honest session
+/// runs on a clean link, so these messages are added explicitly.
+fn part_frames() -> Vec<Frame> {
+    use proto::msg::{Message, PartAck, Write, WriteBody, WriteKind, WritePart};
+    let w = Message::Write(Write {
+        seq: 1,
+        segment: "rootfs".into(),
+        offset: 0,
+        len: 600,
+        body: WriteBody::Raw(bytes::Bytes::from(vec![0x5a; 600])),
+    });
+    let Ok(whole) = w.to_frame() else {
+        return Vec::new();
+    };
+    let payload = whole.payload().clone();
+    let total = payload.len() as u32;
+    let mut out = Vec::new();
+    for at in (0..total).step_by(256) {
+        let end = (at + 256).min(total);
+        let part = Message::WritePart(WritePart {
+            seq: 1,
+            kind: WriteKind::Raw,
+            total,
+            at,
+            data: payload.slice(at as usize..end as usize),
+        });
+        let ack = Message::PartAck(PartAck {
+            seq: 1,
+            have: end.min(total - 1),
+            gap: at == 256,
+        });
+        out.extend(part.to_frame().ok());
+        out.extend(ack.to_frame().ok());
+    }
+    out
 }
 
 /// The head of a signed format-3 image with a security version and a dm-verity entry.

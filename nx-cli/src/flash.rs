@@ -156,15 +156,12 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub retries: u32,
     /// Retransmission timeout: seconds without an answer before frames are sent again (10
-    /// times in a row = link lost). Not a wait for the whole command (`--timeout` of
+    /// times in a row = link lost). By default it is measured: a few round trips of the
+    /// link (at least 0.1 s, at most 2 s, doubling while nothing gets through); giving it
+    /// makes it fixed. Not a wait for the whole command (`--timeout` of
     /// `nx boot`/`nx reset` is); `--timeout` is still accepted here as an old name.
-    #[arg(
-        long = "rto",
-        alias = "timeout",
-        default_value_t = 2.0,
-        value_name = "SECS"
-    )]
-    pub rto: f64,
+    #[arg(long = "rto", alias = "timeout", value_name = "SECS")]
+    pub rto: Option<f64>,
 }
 
 /// `nx flash info`.
@@ -357,7 +354,10 @@ fn send_options(a: &SendArgs, img: &ImageFile) -> Result<SendOptions, nx_engine:
     opts.skip = !a.no_skip;
     opts.allow_downgrade = a.allow_downgrade;
     opts.attempts = a.retries.max(1);
-    opts.rto = Duration::from_secs_f64(a.rto.clamp(0.05, 600.0));
+    if let Some(rto) = a.rto {
+        opts.rto = Duration::from_secs_f64(rto.clamp(0.05, 600.0));
+        opts.adaptive_rto = false;
+    }
     Ok(opts)
 }
 

@@ -314,11 +314,63 @@ pub struct FrameDecoder {
     frames: u64,
     skipped_bytes: u64,
     skip_events: u64,
+    eager_resync: bool,
 }
 
 impl FrameDecoder {
     pub fn new() -> FrameDecoder {
         FrameDecoder::default()
+    }
+
+    /// A decoder that does not wait for a partial frame when a complete, CRC-valid
+    /// frame already follows it in the buffer: the partial frame's length was
+    /// corrupted (a flipped length bit would otherwise stall the stream until up to
+    /// [`MAX_PAYLOAD`] more bytes arrive). Only for streams whose payloads never
+    /// carry encoded frames (the target → host direction of the flash port: ACKs,
+    /// NAKs, replies); a WRITE may carry arbitrary image bytes.
+    pub fn eager() -> FrameDecoder {
+        FrameDecoder {
+            eager_resync: true,
+            ..FrameDecoder::default()
+        }
+    }
+
+    /// The link went idle with a partial frame buffered: a sender writes whole frames,
+    /// so that frame's length was corrupted. Discards its first byte and everything
+    /// up to the next magic (frames hidden behind it are found again) and reports it
+    /// like [`FrameDecoder::decode`] reports skipped bytes. `None` if nothing is
+    /// buffered. Shells call this when no byte arrived for a while.
+    pub fn abandon_partial(&mut self, buf: &mut BytesMut) -> Option<FrameError> {
+        if buf.is_empty() {
+            return None;
+        }
+        let len = if buf.len() >= HEADER_LEN {
+            le_u32(&buf[12..16])
+        } else {
+            0
+        };
+        Some(self.resync(buf, SkipReason::TooLong { len }))
+    }
+
+    /// Is there a complete CRC-valid frame at a magic after offset 0?
+    fn valid_frame_follows(buf: &[u8]) -> bool {
+        let mut from = 1;
+        while let Some(i) = find_magic(buf, from) {
+            let rest = &buf[i..];
+            if rest.len() >= HEADER_LEN {
+                let len = le_u32(&rest[12..16]) as usize;
+                let total = HEADER_LEN + len + TRAILER_LEN;
+                if len <= MAX_PAYLOAD && rest.len() >= total {
+                    let expected = le_u32(&rest[HEADER_LEN + len..total]);
+                    if crc_of(&rest[4..HEADER_LEN], &rest[HEADER_LEN..HEADER_LEN + len]) == expected
+                    {
+                        return true;
+                    }
+                }
+            }
+            from = i + 1;
+        }
+        false
     }
 
     /// Frames decoded so far.
@@ -372,6 +424,10 @@ impl FrameDecoder {
             return Err(self.resync(buf, SkipReason::TooLong { len }));
         }
         let total = HEADER_LEN + len as usize + TRAILER_LEN;
+        if buf.len() < total && self.eager_resync && Self::valid_frame_follows(buf) {
+            // The length cannot be right: report it as an implausible length.
+            return Err(self.resync(buf, SkipReason::TooLong { len }));
+        }
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
@@ -456,6 +512,12 @@ pub mod codec {
     impl FrameCodec {
         pub fn new() -> FrameCodec {
             FrameCodec::default()
+        }
+        /// A codec around [`FrameDecoder::eager`] (for the host side of the flash port).
+        pub fn eager() -> FrameCodec {
+            FrameCodec {
+                inner: FrameDecoder::eager(),
+            }
         }
         /// The decoder's counters.
         pub fn decoder(&self) -> &FrameDecoder {

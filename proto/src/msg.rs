@@ -182,6 +182,8 @@ wire_enum! {
         Ack = 0x11 => "ACK",
         Nak = 0x12 => "NAK",
         Verified = 0x13 => "VERIFIED",
+        WritePart = 0x14 => "WRITE_PART",
+        PartAck = 0x15 => "PART_ACK",
         Done = 0x20 => "DONE",
         DoneReply = 0x21 => "DONE_REPLY",
         Abort = 0x30 => "ABORT",
@@ -381,6 +383,23 @@ pub enum WriteKind {
     Derive = 5,
 }
 
+impl WriteKind {
+    /// Every kind, in wire order.
+    pub const ALL: [WriteKind; 6] = [
+        WriteKind::Raw,
+        WriteKind::Zero,
+        WriteKind::Zstd,
+        WriteKind::Copy,
+        WriteKind::Patch,
+        WriteKind::Derive,
+    ];
+
+    /// The kind a WRITE frame's `flags` carry (`None`: not a kind).
+    pub fn from_flags(flags: u16) -> Option<WriteKind> {
+        WriteKind::ALL.into_iter().find(|k| *k as u16 == flags)
+    }
+}
+
 /// The data of a WRITE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteBody {
@@ -440,6 +459,43 @@ pub struct Write {
     /// Decoded length (1..=[`MAX_CHUNK`]).
     pub len: u32,
     pub body: WriteBody,
+}
+
+/// Largest `total` of a [`WritePart`]: a WRITE payload (segment name, offset, len and
+/// a body of at most [`MAX_CHUNK`] bytes) never exceeds this.
+pub const MAX_PART_TOTAL: u32 = MAX_CHUNK + WRITE_HEADER_MAX;
+
+/// Largest WRITE payload beyond its body: `str8` segment name, `offset`, `len`, and a
+/// COPY body's 24 bytes. A receiver bounds a reassembly by `planned len + this`.
+pub const WRITE_HEADER_MAX: u32 = 1 + MAX_SEGMENT_NAME_LEN as u32 + 12 + 24;
+
+/// `WRITE_PART` (host → target): bytes `[at, at + data.len())` of the payload of the
+/// WRITE for chunk `seq` (body kind `kind`), whose whole payload is `total` bytes. The
+/// sender splits a chunk's WRITE this way when the line is too noisy for whole frames;
+/// the receiver reassembles the parts in order and then handles the WRITE as if it had
+/// arrived in one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritePart {
+    /// The chunk's sequence number (frame `seq`, ≥ 1).
+    pub seq: u32,
+    /// The WRITE's body kind (frame `flags`).
+    pub kind: WriteKind,
+    /// Length of the whole WRITE payload (1..=[`MAX_PART_TOTAL`]).
+    pub total: u32,
+    /// Offset of `data` in that payload.
+    pub at: u32,
+    /// 1.. bytes; `at + data.len() ≤ total`.
+    pub data: Bytes,
+}
+
+/// `PART_ACK` (target → host): every chunk below `seq` was accepted and bytes
+/// `[0, have)` of chunk `seq`'s WRITE payload are held. `gap`: a part beyond `have`
+/// arrived and was dropped — resend from (`seq`, `have`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartAck {
+    pub seq: u32,
+    pub have: u32,
+    pub gap: bool,
 }
 
 /// `ACK` (target → host): every WRITE with seq ≤ `ack` was accepted.
@@ -522,6 +578,8 @@ pub enum Message {
     Ack(Ack),
     Nak(Nak),
     Verified(Verified),
+    WritePart(WritePart),
+    PartAck(PartAck),
     Done(Done),
     DoneReply(DoneReply),
     Abort(Abort),
@@ -818,6 +876,8 @@ impl Message {
             Message::Ack(_) => MsgType::Ack,
             Message::Nak(_) => MsgType::Nak,
             Message::Verified(_) => MsgType::Verified,
+            Message::WritePart(_) => MsgType::WritePart,
+            Message::PartAck(_) => MsgType::PartAck,
             Message::Done(_) => MsgType::Done,
             Message::DoneReply(_) => MsgType::DoneReply,
             Message::Abort(_) => MsgType::Abort,
@@ -991,6 +1051,23 @@ impl Message {
                     }
                 }
             }
+            Message::WritePart(p) => {
+                if p.seq == 0 {
+                    return Err(MsgError::BadSeq { msg: m, seq: 0 });
+                }
+                chk(m, "data", check_part(p.total, p.at, p.data.len()))?;
+                seq = p.seq;
+                flags = p.kind as u16;
+                b.reserve(8 + p.data.len());
+                b.put_u32_le(p.total);
+                b.put_u32_le(p.at);
+                b.put_slice(&p.data);
+            }
+            Message::PartAck(a) => {
+                b.put_u32_le(a.seq);
+                b.put_u32_le(a.have);
+                b.put_u8(u8::from(a.gap));
+            }
             Message::Ack(a) => b.put_u32_le(a.ack),
             Message::Nak(n) => {
                 b.put_u32_le(n.seq);
@@ -1029,7 +1106,7 @@ impl Message {
         let t =
             MsgType::from_u8(frame.msg_type()).ok_or(MsgError::UnknownType(frame.msg_type()))?;
         let m = t.name();
-        if t != MsgType::Write {
+        if t != MsgType::Write && t != MsgType::WritePart {
             if frame.flags() != 0 {
                 return Err(MsgError::BadFlags {
                     msg: m,
@@ -1230,15 +1307,7 @@ impl Message {
                 if frame.seq() == 0 {
                     return Err(MsgError::BadSeq { msg: m, seq: 0 });
                 }
-                let kind = match frame.flags() {
-                    0 => WriteKind::Raw,
-                    1 => WriteKind::Zero,
-                    2 => WriteKind::Zstd,
-                    3 => WriteKind::Copy,
-                    4 => WriteKind::Patch,
-                    5 => WriteKind::Derive,
-                    flags => return Err(MsgError::BadFlags { msg: m, flags }),
-                };
+                let kind = write_kind(m, frame.flags())?;
                 let segment = r.str8("segment")?;
                 r.check(validate_segment_name(&segment), "segment")?;
                 let offset = r.u64("offset")?;
@@ -1268,6 +1337,39 @@ impl Message {
                     len,
                     body,
                 })
+            }
+            MsgType::WritePart => {
+                if frame.seq() == 0 {
+                    return Err(MsgError::BadSeq { msg: m, seq: 0 });
+                }
+                let kind = write_kind(m, frame.flags())?;
+                let total = r.u32("total")?;
+                let at = r.u32("at")?;
+                let data = r.rest();
+                r.check(check_part(total, at, data.len()), "data")?;
+                Message::WritePart(WritePart {
+                    seq: frame.seq(),
+                    kind,
+                    total,
+                    at,
+                    data,
+                })
+            }
+            MsgType::PartAck => {
+                let seq = r.u32("seq")?;
+                let have = r.u32("have")?;
+                let gap = match r.u8("gap")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(MsgError::invalid(
+                            m,
+                            "gap",
+                            format!("must be 0 or 1, got {v}"),
+                        ))
+                    }
+                };
+                Message::PartAck(PartAck { seq, have, gap })
             }
             MsgType::Ack => Message::Ack(Ack { ack: r.u32("ack")? }),
             MsgType::Nak => Message::Nak(Nak {
@@ -1316,6 +1418,24 @@ impl Message {
         r.end()?;
         Ok(msg)
     }
+}
+
+fn write_kind(m: &'static str, flags: u16) -> Result<WriteKind, MsgError> {
+    WriteKind::from_flags(flags).ok_or(MsgError::BadFlags { msg: m, flags })
+}
+
+/// WRITE_PART rule: `1 ≤ total ≤ MAX_PART_TOTAL`, 1.. bytes, `at + n ≤ total`.
+fn check_part(total: u32, at: u32, n: usize) -> Result<(), String> {
+    if total == 0 || total > MAX_PART_TOTAL {
+        return Err(format!("total {total} is outside 1..={MAX_PART_TOTAL}"));
+    }
+    let end = u64::from(at) + n as u64;
+    if n == 0 || end > u64::from(total) {
+        return Err(format!(
+            "part [{at}, {end}) is empty or past the WRITE's {total} bytes"
+        ));
+    }
+    Ok(())
 }
 
 fn check_reply_compression(c: u8) -> Result<(), String> {
@@ -1447,6 +1567,25 @@ mod tests {
         ] {
             assert!(validate_segment_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn write_kinds_round_trip_through_frame_flags() {
+        for k in WriteKind::ALL {
+            assert_eq!(WriteKind::from_flags(k as u16), Some(k));
+        }
+        assert_eq!(WriteKind::from_flags(6), None);
+        assert_eq!(WriteKind::from_flags(u16::MAX), None);
+        // A WRITE_PART of a PATCH keeps its kind on the wire.
+        let p = Message::WritePart(WritePart {
+            seq: 3,
+            kind: WriteKind::Patch,
+            total: 40,
+            at: 8,
+            data: Bytes::from_static(b"0123456789"),
+        });
+        let f = p.to_frame().unwrap();
+        assert_eq!(Message::from_frame(&f).unwrap(), p);
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub use plan::{Chunk, Plan, PlanError, SkipEntry, SkipIndex};
 pub use receiver::{
     InstalledImage, Receiver, ReceiverAction, ReceiverConfig, ReceiverEvent, ReceiverReport,
 };
-pub use sender::{Outcome, Sender, SenderAction, SenderConfig, SenderEvent, Stats};
+pub use sender::{Outcome, Sender, SenderAction, SenderConfig, SenderEvent, Stats, MIN_RTO};
 
 /// Version of the [`Journal`] layout.
 pub const JOURNAL_VERSION: u32 = 1;

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [guest|flash|fanout]` — benchmarks, not tests: they never fail on a
+//! `cargo xtask bench [guest|flash|fanout|link]` — benchmarks, not tests: they never fail on a
 //! missed target, they say by how much it was missed. Figures are measured every run.
 //!
 //! * `guest` (the default, issue 7): one QEMU run, the same virtio-serial link into the same
@@ -14,11 +14,15 @@
 //!   normal and padded rootfs. See [`rootfs`].
 //! * `fanout` (issue 7): several recovery guests at once (default 4): one guest alone, then one
 //!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
+//! * `link` (issue 15, 6(b)): goodput vs bit error rate through a fault-injecting relay
+//!   ([`relay`]) in front of a host flashd, nx defaults. See [`link`].
 
 mod boot;
 mod delta;
 mod fanout;
 mod guest;
+mod link;
+mod relay;
 mod report;
 mod rootfs;
 
@@ -53,6 +57,10 @@ enum Which {
     /// Several QEMU guests at once (default 4): one alone, then all with one nx flash send;
     /// aggregate MB/s vs n × single; writes its block of docs/benchmarks.md.
     Fanout(fanout::FanoutArgs),
+    /// Goodput vs bit error rate (issue 15, 6(b)): host flashd behind a fault-injecting relay,
+    /// 0 / 1e-6 / 1e-5 / 1e-4 bit flips per byte, nx defaults; writes its block of
+    /// docs/benchmarks.md.
+    Link(link::LinkArgs),
     /// Only (g) of the guest benchmark: the boot chain of a fresh device, stage by stage
     /// (firmware, bootloader, kernel, userspace), normal and recovery; prints, writes no docs.
     Boot,
@@ -88,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(Which::Flash(a)) => flash(a),
         Some(Which::Fanout(a)) => fanout::run(a),
         Some(Which::Delta(a)) => delta::run(a),
+        Some(Which::Link(a)) => link::run(a),
         Some(Which::Boot) => {
             crate::guest::build(&crate::guest::Args::default())?;
             let chain = boot::measure(&crate::util::build_dir().join("bench/boot"))?;

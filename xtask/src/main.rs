@@ -54,7 +54,7 @@ enum Cmd {
     Recovery(recovery::Args),
     /// Install `nx` (cargo install --path nx-cli) with its man page and shell completions.
     Install(install::Args),
-    /// Benchmarks (not tests): `cargo xtask bench [flash|fanout]`.
+    /// Benchmarks (not tests): `cargo xtask bench [guest|flash|fanout|delta|link|…]`.
     Bench(bench::Args),
     /// Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
     Codegen(codegen::Args),

@@ -338,7 +338,7 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                     continue;
                 }
                 stalled += POLL_INTERVAL;
-                if !(persistent && !buf.is_empty() && stalled >= STALE_PARTIAL) {
+                if buf.is_empty() || stalled < STALE_PARTIAL {
                     continue;
                 }
                 // Nothing for a while, and an incomplete frame is held: when the host
@@ -346,6 +346,9 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                 // cut frame sits in front of the new host's first frame and would swallow it.
                 // Drop up to the next frame magic and decode what follows (a frame of a
                 // merely slow host is then lost like any corrupt one: NAK, retransmit).
+                // On any link (socket too): a flipped length bit makes a frame claim up to
+                // MAX_PAYLOAD bytes; a sender that slowed down on a noisy line would take
+                // minutes to fill it, so the stale partial frame is dropped here as well.
                 stalled = Duration::ZERO;
                 let n = find_next_magic(&buf).unwrap_or(buf.len());
                 bytes::Buf::advance(&mut buf, n);

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::Frame;
@@ -11,9 +11,9 @@ use crate::image::ImageHead;
 use crate::manifest::Manifest;
 use crate::msg::{
     self, Ack, BaseImage, DoneReply, DoneStatus, ErrorCode, ErrorMsg, Hello, HelloReply, InfoReply,
-    InstalledInfo, Message, MsgType, Nak, NakReason, PatchSource, TransferInfo, Verified, Write,
-    WriteBody, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW,
-    PROTO_VERSION,
+    InstalledInfo, Message, MsgType, Nak, NakReason, PartAck, PatchSource, TransferInfo, Verified,
+    Write, WriteBody, WriteKind, WritePart, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD,
+    MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
 };
 use crate::trust::TrustPolicy;
 
@@ -307,8 +307,23 @@ struct Link {
     skip: bool,
     /// The HELLO asked for `--allow-downgrade`.
     allow_downgrade: bool,
-    /// NAK gate: (expected seq the NAK was sent for, highest seq seen since).
-    nak: Option<(u32, u32)>,
+    /// NAK gate: (expected seq the NAK was sent for, highest frame seen since, as
+    /// `seq << 32 | part offset`).
+    nak: Option<(u32, u64)>,
+    /// The WRITE of chunk `received + 1` being reassembled from WRITE_PARTs.
+    part: Option<PartBuf>,
+    /// Part gap gate: (seq, have) a gap PART_ACK was sent for, highest `at` seen since.
+    part_gap: Option<(u32, u32, u32)>,
+}
+
+/// A WRITE payload being reassembled (bounded by the planned chunk's len plus
+/// [`msg::WRITE_HEADER_MAX`]).
+#[derive(Debug)]
+struct PartBuf {
+    seq: u32,
+    kind: WriteKind,
+    total: u32,
+    buf: BytesMut,
 }
 
 /// The receiver state machine. Create one per process (not per connection) with
@@ -442,7 +457,11 @@ impl Receiver {
         match ev {
             ReceiverEvent::Frame(f) => self.on_frame(f),
             ReceiverEvent::Corrupt { .. } => {
-                if self.phase == Phase::Transfer {
+                // A gap PART_ACK already asked for a resend from this very point: a
+                // NAK on top would make the host rewind (and shrink) twice for one loss.
+                let expected = self.received() + 1;
+                let asked = self.link.part_gap.is_some_and(|(s, _, _)| s == expected);
+                if self.phase == Phase::Transfer && !asked {
                     self.maybe_nak(None, NakReason::Corrupt);
                 }
             }
@@ -540,6 +559,7 @@ impl Receiver {
             }
             Message::Info => self.on_info(),
             Message::Write(w) => self.on_write(w),
+            Message::WritePart(p) => self.on_write_part(p),
             Message::Done(d) => self.on_done(d.image_sha256),
             Message::Abort(a) => {
                 self.push(ReceiverAction::Report(ReceiverReport::HostAborted {
@@ -692,6 +712,8 @@ impl Receiver {
             skip: h.skip,
             allow_downgrade: h.allow_downgrade,
             nak: None,
+            part: None,
+            part_gap: None,
         };
 
         // Identical image already installed: short-circuit.
@@ -859,7 +881,7 @@ impl Receiver {
             return;
         }
         if w.seq > r + 1 {
-            self.maybe_nak(Some(w.seq), NakReason::Gap);
+            self.maybe_nak(Some(u64::from(w.seq) << 32), NakReason::Gap);
             return;
         }
         // w.seq == r + 1: check it is exactly the planned chunk.
@@ -897,6 +919,8 @@ impl Receiver {
         }
         x.received = w.seq;
         self.link.nak = None;
+        self.link.part = None;
+        self.link.part_gap = None;
         self.push(ReceiverAction::Write {
             seq: w.seq,
             offset: c.offset,
@@ -906,6 +930,155 @@ impl Receiver {
         self.send(Message::Ack(Ack { ack: w.seq }));
         self.complete_segments();
         self.checkpoint(false);
+    }
+
+    /// A part of the WRITE of chunk `received + 1`: reassembled in order (bounded by
+    /// the planned chunk), then handled exactly like a WRITE that arrived whole.
+    fn on_write_part(&mut self, p: WritePart) {
+        match self.phase {
+            Phase::Transfer => {}
+            Phase::Failed => return,
+            Phase::Idle => {
+                self.fail(ErrorCode::Protocol, "WRITE_PART before HELLO");
+                return;
+            }
+            Phase::Unchanged
+            | Phase::Finishing
+            | Phase::Installing { .. }
+            | Phase::Installed { .. } => {
+                let r = self.received();
+                if p.seq <= r {
+                    self.send(Message::Ack(Ack { ack: r }));
+                } else {
+                    self.fail(ErrorCode::Protocol, "WRITE_PART after DONE");
+                }
+                return;
+            }
+        }
+        let Some(x) = &self.xfer else { return };
+        let r = x.received;
+        if p.seq > x.plan.total() {
+            let text = format!(
+                "seq {} is beyond the plan ({} chunks)",
+                p.seq,
+                x.plan.total()
+            );
+            self.fail(ErrorCode::BadWrite, &text);
+            return;
+        }
+        if p.seq <= r {
+            self.send(Message::Ack(Ack { ack: r }));
+            return;
+        }
+        if p.seq > r + 1 {
+            self.maybe_nak(
+                Some(u64::from(p.seq) << 32 | u64::from(p.at)),
+                NakReason::Gap,
+            );
+            return;
+        }
+        let Some(c) = x.plan.chunk(p.seq) else { return };
+        let bound = c.len.saturating_add(msg::WRITE_HEADER_MAX);
+        if p.total > bound {
+            let text = format!(
+                "WRITE_PART seq {} announces {} bytes, more than chunk {} can take ({bound})",
+                p.seq, p.total, p.seq
+            );
+            self.fail(ErrorCode::BadWrite, &text);
+            return;
+        }
+        let same = matches!(&self.link.part,
+            Some(b) if b.seq == p.seq && b.kind == p.kind && b.total == p.total);
+        if !same {
+            // A new reassembly starts at 0 (a different kind/total: the host re-encoded
+            // the chunk; start over).
+            self.link.part = None;
+        }
+        let have = self.link.part.as_ref().map_or(0, |b| b.buf.len() as u32);
+        if p.at > have {
+            if self.link.nak.is_some_and(|(e, _)| e == p.seq) {
+                // A NAK already asked for a resend from (seq, have): one request per
+                // loss, again only if the host visibly rewound.
+                self.maybe_nak(
+                    Some(u64::from(p.seq) << 32 | u64::from(p.at)),
+                    NakReason::Gap,
+                );
+            } else {
+                self.part_gap(p.seq, have, p.at);
+            }
+            return;
+        }
+        let end = p.at + p.data.len() as u32; // checked ≤ total by the decoder
+        if end <= have {
+            // Already held: the host rewound further than needed (its PART_ACKs were
+            // lost). Say how far we are so it can skip ahead.
+            self.send(Message::PartAck(PartAck {
+                seq: p.seq,
+                have,
+                gap: false,
+            }));
+            return;
+        }
+        let buf = self.link.part.get_or_insert_with(|| PartBuf {
+            seq: p.seq,
+            kind: p.kind,
+            total: p.total,
+            buf: BytesMut::with_capacity(p.total as usize),
+        });
+        let skip = (have - p.at) as usize;
+        buf.buf.extend_from_slice(&p.data[skip..]);
+        self.link.nak = None;
+        self.link.part_gap = None;
+        if end < p.total {
+            self.send(Message::PartAck(PartAck {
+                seq: p.seq,
+                have: end,
+                gap: false,
+            }));
+            return;
+        }
+        let Some(done) = self.link.part.take() else {
+            return;
+        };
+        let frame = match Frame::new(
+            MsgType::Write as u8,
+            done.kind as u16,
+            done.seq,
+            done.buf.freeze(),
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                self.fail(ErrorCode::BadWrite, &format!("reassembled WRITE: {e}"));
+                return;
+            }
+        };
+        match Message::from_frame(&frame) {
+            Ok(Message::Write(w)) => self.on_write(w),
+            Ok(_) => {}
+            Err(e) => self.fail(
+                ErrorCode::BadWrite,
+                &format!("rejected reassembled WRITE: {e}"),
+            ),
+        }
+    }
+
+    /// Part gap gating, like [`Self::maybe_nak`]: one PART_ACK gap per (seq, have),
+    /// again only if the host visibly rewound (a part at or below one already seen).
+    fn part_gap(&mut self, seq: u32, have: u32, at: u32) {
+        let send = match self.link.part_gap {
+            Some((s, h, max_at)) if s == seq && h == have => at <= max_at,
+            _ => true,
+        };
+        if send {
+            self.link.part_gap = Some((seq, have, at));
+            self.send(Message::PartAck(PartAck {
+                seq,
+                have,
+                gap: true,
+            }));
+        } else if let Some((s, h, m)) = self.link.part_gap {
+            self.link.part_gap = Some((s, h, m.max(at)));
+        }
     }
 
     /// Validation that does not depend on the seq: name, bounds, body kind.
@@ -1028,7 +1201,7 @@ impl Receiver {
     }
 
     /// NAK gating: one NAK per gap, again only if the host visibly rewound.
-    fn maybe_nak(&mut self, seen: Option<u32>, reason: NakReason) {
+    fn maybe_nak(&mut self, seen: Option<u64>, reason: NakReason) {
         let Some(x) = &self.xfer else { return };
         let expected = x.received + 1;
         if expected > x.plan.total() {
@@ -1041,7 +1214,7 @@ impl Receiver {
             (Some(_), None) => false,
         };
         if send {
-            self.link.nak = Some((expected, seen.unwrap_or(expected)));
+            self.link.nak = Some((expected, seen.unwrap_or(u64::from(expected) << 32)));
             self.send(Message::Nak(Nak {
                 seq: expected,
                 reason,

@@ -12,9 +12,43 @@ use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
-    WriteBody, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW,
-    PROTO_VERSION,
+    WriteBody, WriteKind, WritePart, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK,
+    MAX_WINDOW, PROTO_VERSION,
 };
+
+/// Fewest frames in flight the sender shrinks to on errors (never above the window).
+const MIN_CWND: u32 = 2;
+/// Smallest WRITE_PART the sender cuts (payload bytes).
+pub const MIN_PART: u32 = 256;
+/// Progress events (ACK or PART_ACK advancing) without an error before the sender
+/// grows its part size (then its window) again.
+const GROW_AFTER: u32 = 16;
+
+/// The sender's view of the line: how big a frame may be and how many may be in flight.
+/// Starts at "whole chunks, full window" (a clean link behaves exactly as without
+/// adaptation); halves on a NAK or a gap PART_ACK, quarters on a timeout; doubles back
+/// after [`GROW_AFTER`] clean progress events.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    /// Largest WRITE payload sent in one frame; `None` = whole WRITEs.
+    part: Option<u32>,
+    /// Frames in flight (1..=negotiated window).
+    cwnd: u32,
+    /// Progress events since the last error.
+    clean: u32,
+    /// An error may shrink again (progress happened since the last shrink).
+    armed: bool,
+    /// Bytes of WRITE payload in flight at most; `None` = only `cwnd` limits. A loss
+    /// costs what is in flight behind it (the receiver keeps nothing past a gap), so
+    /// on a noisy line this shrinks to a few frames' worth; it grows back on clean runs.
+    cap: Option<u32>,
+    /// Most bytes in flight since the last error: what the next error shrinks from.
+    peak: u32,
+}
+
+/// The fewest frames (of the current part size) the byte cap keeps in flight: enough
+/// that the frame after a lost one shows the gap quickly.
+const CAP_FRAMES: u32 = 8;
 
 use super::plan::Plan;
 use super::{deadline, CompressMode, ProgressEvent, SegmentProgress, SessionError, SkipKind};
@@ -42,8 +76,14 @@ pub struct SenderConfig {
     pub exact_chunk: bool,
     /// Retransmission timeout: no ACK progress for this long → resend from the last
     /// acknowledged seq (and resend HELLO/DONE while waiting for their replies).
-    /// Default 2 s.
+    /// Default 2 s. With `adaptive_rto` this is the first timeout and the ceiling of the
+    /// measured one (`--rto` given explicitly makes it fixed).
     pub rto: Duration,
+    /// Measure the round trip (first transmissions only) and time out after
+    /// `srtt + 4 × rttvar` (at least [`MIN_RTO`], at most `rto`, doubling on each timeout
+    /// without progress) instead of always `rto`: a noisy line then costs a round trip per
+    /// lost frame, not seconds. Default on.
+    pub adaptive_rto: bool,
     /// Consecutive timeouts without progress before giving up. Default 10.
     pub max_retries: u32,
     /// Chunks read ahead beyond the window (memory: (window + read_ahead) × chunk).
@@ -68,6 +108,7 @@ impl SenderConfig {
             allow_downgrade: false,
             exact_chunk: false,
             rto: Duration::from_secs(2),
+            adaptive_rto: true,
             max_retries: 10,
             read_ahead: 4,
             bases: Vec::new(),
@@ -96,6 +137,10 @@ pub enum SenderEvent {
     /// Time passed (call when [`Sender::next_deadline`] is reached; extra ticks are
     /// harmless).
     Tick,
+    /// The deadline came while the shell was still writing frames to the link (a slow
+    /// line: a UART takes seconds for one big frame). Waiting for an answer to what has
+    /// not left yet is not a timeout: the WRITE timer restarts instead.
+    Draining,
 }
 
 /// What the shell must do for a [`Sender`].
@@ -215,8 +260,98 @@ pub struct Sender {
     highest_sent: u32,
     /// slots[i] holds seq acked + 1 + i.
     slots: VecDeque<Slot>,
+    /// Bytes of the WRITE payload of `acked + 1` the target holds (PART_ACK).
+    part_have: u32,
+    /// Where in the WRITE payload of `next_send` the next part starts.
+    next_at: u32,
+    /// Highest (seq, end of part) ever sent, to count retransmissions.
+    highest_part: (u32, u32),
+    line: Line,
+    rtt: Rtt,
     stats: Stats,
     actions: VecDeque<SenderAction>,
+}
+
+/// The lower bound of the measured retransmission timeout: below this, a receiver busy for
+/// a moment (a journal sync, a scheduler hiccup under TCG) would look like a lost frame.
+pub const MIN_RTO: Duration = Duration::from_millis(100);
+
+/// Round-trip estimator (RFC 6298: `srtt`, `rttvar`) fed with the time from a frame's
+/// first transmission (a whole WRITE, a WRITE_PART, HELLO) to the ACK or PART_ACK that
+/// covers it. What was sent again gives no sample (Karn's rule): its answer cannot be
+/// matched to one transmission.
+#[derive(Debug, Clone, Default)]
+struct Rtt {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// First transmission time of each frame in flight, by (seq, end of its part in the
+    /// WRITE payload), ascending; a rewind drops everything at or past its point. At most
+    /// the frames in flight.
+    sent: VecDeque<((u32, u32), Duration)>,
+    /// Timeouts since the last valid sample: each doubles the timeout, and it stays
+    /// doubled until a first transmission is acknowledged (a spurious timeout while a
+    /// slow line drains its queue must not repeat at the old pace).
+    backoff: u32,
+    /// When the only HELLO went out (`None` once it was resent): its reply is the first
+    /// sample, so the first lost WRITE already costs a measured timeout.
+    hello: Option<Duration>,
+}
+
+impl Rtt {
+    fn sample(&mut self, r: Duration) {
+        self.backoff = 0;
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let diff = s.abs_diff(r);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+    }
+
+    /// The target holds everything up to `point` (seq, bytes of its WRITE payload) at
+    /// `now`: one sample from the newest frame it covers; covered entries are dropped.
+    fn covered(&mut self, point: (u32, u32), now: Duration) {
+        let mut newest = None;
+        while let Some(&(key, t)) = self.sent.front() {
+            if key > point {
+                break;
+            }
+            newest = Some(t);
+            self.sent.pop_front();
+        }
+        if let Some(t) = newest {
+            self.sample(now.saturating_sub(t));
+        }
+    }
+
+    /// The frame ending at `key` goes out for the first time.
+    fn sending(&mut self, key: (u32, u32), now: Duration) {
+        if self.sent.back().is_none_or(|&(k, _)| k < key) {
+            self.sent.push_back((key, now));
+        }
+    }
+
+    /// The sender rewinds to `point`: whatever is sent from there again gives no sample.
+    fn rewound(&mut self, point: (u32, u32)) {
+        while self.sent.back().is_some_and(|&(k, _)| k > point) {
+            self.sent.pop_back();
+        }
+    }
+
+    /// The retransmission timeout now.
+    fn rto(&self, cfg: &SenderConfig) -> Duration {
+        let Some(srtt) = self.srtt.filter(|_| cfg.adaptive_rto) else {
+            return cfg.rto;
+        };
+        let base = (srtt + self.rttvar * 4).max(MIN_RTO).min(cfg.rto);
+        base.saturating_mul(1u32 << self.backoff.min(8))
+            .min(cfg.rto)
+    }
 }
 
 impl Sender {
@@ -262,6 +397,18 @@ impl Sender {
             next_read: 1,
             highest_sent: 0,
             slots: VecDeque::new(),
+            part_have: 0,
+            next_at: 0,
+            highest_part: (0, 0),
+            line: Line {
+                part: None,
+                cwnd: 1,
+                clean: 0,
+                armed: true,
+                cap: None,
+                peak: 0,
+            },
+            rtt: Rtt::default(),
             stats: Stats::default(),
             actions: VecDeque::new(),
         })
@@ -349,10 +496,30 @@ impl Sender {
             }
             SenderEvent::Compressed { seq, body } => self.on_compressed(seq, body),
             SenderEvent::Tick => self.on_tick(),
+            SenderEvent::Draining => {
+                if self.deadline.is_some() {
+                    let rto = if self.phase == Phase::Transfer {
+                        self.data_rto()
+                    } else {
+                        self.cfg.rto
+                    };
+                    self.deadline = Some(deadline(self.now, rto));
+                }
+            }
         }
     }
 
     // ------------------------------------------------------------ internals
+
+    /// The retransmission timeout for WRITEs in flight now (see [`SenderConfig::adaptive_rto`]).
+    fn data_rto(&self) -> Duration {
+        self.rtt.rto(&self.cfg)
+    }
+
+    /// The measured smoothed round trip, once there is a sample.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.rtt.srtt
+    }
 
     fn send(&mut self, f: Frame) {
         self.stats.wire_bytes += f.encoded_len() as u64;
@@ -401,6 +568,10 @@ impl Sender {
         match hello.to_frame() {
             Ok(f) => {
                 self.send(f);
+                self.rtt.hello = match self.rtt.hello {
+                    None if self.retries == 0 => Some(self.now),
+                    _ => None,
+                };
                 self.deadline = Some(deadline(self.now, self.cfg.rto));
             }
             Err(e) => self.fail(SessionError::Protocol(format!("cannot encode HELLO: {e}"))),
@@ -436,6 +607,11 @@ impl Sender {
             Message::Nak(n) => {
                 if self.phase == Phase::Transfer {
                     self.on_nak(n.seq);
+                }
+            }
+            Message::PartAck(a) => {
+                if self.phase == Phase::Transfer {
+                    self.on_part_ack(a);
                 }
             }
             Message::Verified(v) => {
@@ -483,6 +659,7 @@ impl Sender {
             | Message::Info
             | Message::InfoReply(_)
             | Message::Write(_)
+            | Message::WritePart(_)
             | Message::Done(_)
             | Message::Abort(_) => {
                 // Not something a target sends during a flash; an INFO_REPLY may be a
@@ -492,6 +669,9 @@ impl Sender {
     }
 
     fn on_hello_reply(&mut self, r: msg::HelloReply) {
+        if let Some(t) = self.rtt.hello.take() {
+            self.rtt.sample(self.now.saturating_sub(t));
+        }
         if r.proto != PROTO_VERSION {
             self.fail(SessionError::Capability(format!(
                 "target speaks protocol {}, this host speaks {PROTO_VERSION}",
@@ -546,6 +726,7 @@ impl Sender {
         }
         self.device = r.device.clone();
         self.window = u32::from(r.window);
+        self.line.cwnd = self.window.max(1);
         self.retries = 0;
         self.deadline = None;
         let segments: Vec<SegmentProgress> = self
@@ -675,20 +856,256 @@ impl Sender {
                 Some(Slot::Ready(f)) => f.clone(),
                 _ => break,
             };
-            if seq <= self.highest_sent {
-                self.stats.retransmitted_frames += 1;
+            if self.frames_in_flight() >= self.line.cwnd {
+                break;
             }
-            self.send(frame);
+            if let Some(cap) = self.line.cap {
+                let b = self.bytes_in_flight();
+                if b > 0 && b >= cap {
+                    break;
+                }
+            }
+            let plen = frame.payload().len() as u32;
+            let at = self.next_at;
+            let whole = at == 0 && self.line.part.is_none_or(|p| plen <= p);
+            let end = if whole {
+                plen
+            } else {
+                let n = self.line.part.unwrap_or(plen).min(plen - at);
+                at + n
+            };
+            if (seq, end) <= self.highest_part {
+                self.stats.retransmitted_frames += 1;
+            } else {
+                self.rtt.sending((seq, end), self.now);
+            }
+            if whole {
+                self.send(frame);
+            } else {
+                // The part carries the WRITE's own kind: a PATCH or DERIVE labelled
+                // otherwise would be reassembled into a WRITE the receiver must reject.
+                let Some(kind) = WriteKind::from_flags(frame.flags()) else {
+                    self.fail(SessionError::Protocol(format!(
+                        "WRITE seq {seq} has no body kind {}",
+                        frame.flags()
+                    )));
+                    return;
+                };
+                let part = Message::WritePart(WritePart {
+                    seq,
+                    kind,
+                    total: plen,
+                    at,
+                    data: frame.payload().slice(at as usize..end as usize),
+                });
+                match part.to_frame() {
+                    Ok(f) => self.send(f),
+                    Err(e) => {
+                        self.fail(SessionError::Protocol(format!(
+                            "cannot encode WRITE_PART seq {seq}: {e}"
+                        )));
+                        return;
+                    }
+                }
+            }
+            self.highest_part = self.highest_part.max((seq, end));
+            let inflight = self.bytes_in_flight();
+            self.line.peak = self.line.peak.max(inflight);
             self.highest_sent = self.highest_sent.max(seq);
-            self.next_send += 1;
+            if end >= plen {
+                self.next_send += 1;
+                self.next_at = 0;
+            } else {
+                self.next_at = end;
+            }
             if self.deadline.is_none() {
-                self.deadline = Some(deadline(self.now, self.cfg.rto));
+                self.deadline = Some(deadline(self.now, self.data_rto()));
             }
         }
         if self.acked == total {
             self.phase = Phase::Done;
             self.send_done();
         }
+    }
+
+    /// Frames between the acknowledged point (`acked + 1`, `part_have`) and the send
+    /// point (`next_send`, `next_at`), counting a whole WRITE as one frame and parts by
+    /// the current part size.
+    fn bytes_in_flight(&self) -> u32 {
+        let mut bytes = 0u32;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let seq = self.acked + 1 + i as u32;
+            if seq > self.next_send {
+                break;
+            }
+            let Slot::Ready(f) = slot else { break };
+            let from = if i == 0 { self.part_have } else { 0 };
+            let to = if seq == self.next_send {
+                self.next_at
+            } else {
+                f.payload().len() as u32
+            };
+            bytes = bytes.saturating_add(to.saturating_sub(from));
+        }
+        bytes
+    }
+
+    fn frames_in_flight(&self) -> u32 {
+        let mut frames = 0u32;
+        let part = self.line.part;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let seq = self.acked + 1 + i as u32;
+            if seq > self.next_send {
+                break;
+            }
+            let Slot::Ready(f) = slot else { break };
+            let from = if i == 0 { self.part_have } else { 0 };
+            let to = if seq == self.next_send {
+                self.next_at
+            } else {
+                f.payload().len() as u32
+            };
+            if to <= from {
+                continue;
+            }
+            frames += match part {
+                Some(p) if p > 0 => (to - from).div_ceil(p),
+                _ => 1,
+            };
+        }
+        frames
+    }
+
+    /// Rewinds the send point to (`seq`, `at`) if it is beyond it.
+    fn rewind_to(&mut self, seq: u32, at: u32, reason: &str) -> bool {
+        if (self.next_send, self.next_at) <= (seq, at) {
+            return false;
+        }
+        self.next_send = seq;
+        self.next_at = at;
+        self.rtt.rewound((seq, at));
+        self.progress(ProgressEvent::Retransmit {
+            from_seq: seq,
+            reason: reason.to_string(),
+        });
+        true
+    }
+
+    /// A NAK or gap made the sender resend without progress since the last attempt:
+    /// counts against the same budget as timeouts (`max_retries` attempts without
+    /// progress), so a line that corrupts everything still ends with the resumable
+    /// hint. `false` if the session failed.
+    fn rewind_attempt(&mut self) -> bool {
+        self.retries += 1;
+        if self.retries > self.cfg.max_retries {
+            self.fail(SessionError::Timeout {
+                what: "resending corrupted frames without progress",
+                retries: self.cfg.max_retries,
+            });
+            return false;
+        }
+        true
+    }
+
+    /// The line lost or corrupted something: smaller parts, fewer in flight.
+    fn line_error(&mut self, timeout: bool) {
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let floor = MIN_CWND.min(self.window.max(1));
+        let full = chunk.saturating_mul(self.window.max(1));
+        let l = &mut self.line;
+        l.clean = 0;
+        // Halve after progress; quarter when nothing got through since the last error.
+        let fast = timeout || !l.armed;
+        l.armed = false;
+        let cur = l.part.unwrap_or(chunk);
+        let next = if fast { cur / 4 } else { cur / 2 };
+        let part = next.max(MIN_PART);
+        l.part = Some(part);
+        // Fewer bytes in flight (what a loss wastes), but never fewer than a few frames:
+        // the frame after a lost one is what shows the receiver the gap.
+        // From what was really in flight: a quarter (an eighth when nothing got through
+        // since the last error).
+        let peak = if l.peak > 0 {
+            l.peak
+        } else {
+            l.cap.unwrap_or(full)
+        };
+        l.peak = 0;
+        let shrunk = if fast { peak / 8 } else { peak / 4 };
+        l.cap = Some(shrunk.max(part.saturating_mul(CAP_FRAMES)));
+        if timeout {
+            // Nothing came back at all: maybe congestion, fewer frames too.
+            l.cwnd = (l.cwnd / 2).max(floor);
+        }
+    }
+
+    /// Progress without error: grow back (part size first, then the window).
+    fn line_progress(&mut self) {
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let window = self.window.max(1);
+        let l = &mut self.line;
+        l.armed = true;
+        l.clean += 1;
+        if l.clean < GROW_AFTER {
+            return;
+        }
+        l.clean = 0;
+        match l.part {
+            Some(p) if p < chunk => l.part = Some(p * 2),
+            Some(_) => l.part = None,
+            None => {}
+        }
+        l.cap = l
+            .cap
+            .map(|c| c.saturating_mul(2))
+            .filter(|&c| c < chunk.saturating_mul(window));
+        l.cwnd = (l.cwnd * 2).min(window);
+    }
+
+    fn on_part_ack(&mut self, a: msg::PartAck) {
+        if a.seq == 0 || a.seq > self.highest_sent {
+            self.fail(SessionError::Protocol(format!(
+                "PART_ACK of seq {}, but only {} was sent",
+                a.seq, self.highest_sent
+            )));
+            return;
+        }
+        if !self.advance(a.seq - 1) {
+            return;
+        }
+        if a.seq != self.acked + 1 {
+            self.pump();
+            return; // stale
+        }
+        let plen = match self.slots.front() {
+            Some(Slot::Ready(f)) => f.payload().len() as u32,
+            _ => 0,
+        };
+        if a.have >= plen {
+            self.pump();
+            return; // not a part of what this sender sent: ignore
+        }
+        if a.have > self.part_have {
+            self.part_have = a.have;
+            self.rtt.covered((a.seq, a.have), self.now);
+            if (self.next_send, self.next_at) < (a.seq, a.have) {
+                self.next_send = a.seq;
+                self.next_at = a.have;
+            }
+            self.retries = 0;
+            self.deadline = Some(deadline(self.now, self.data_rto()));
+            self.line_progress();
+        }
+        if a.gap {
+            if self.rewind_to(a.seq, a.have, "gap") {
+                self.line_error(false);
+                if !self.rewind_attempt() {
+                    return;
+                }
+            }
+            self.deadline = Some(deadline(self.now, self.data_rto()));
+        }
+        self.pump();
     }
 
     fn on_chunk(&mut self, seq: u32, data: Bytes, hash: Option<ChunkHash>) {
@@ -853,13 +1270,17 @@ impl Sender {
         }
         let n = (ack - self.acked) as usize;
         self.slots.drain(..n.min(self.slots.len()));
+        self.rtt.covered((ack, u32::MAX), self.now);
         self.acked = ack;
+        self.part_have = 0;
         if self.next_send <= ack {
             self.next_send = ack + 1;
+            self.next_at = 0;
         }
         self.retries = 0;
+        self.line_progress();
         self.deadline = if self.highest_sent > self.acked {
-            Some(deadline(self.now, self.cfg.rto))
+            Some(deadline(self.now, self.data_rto()))
         } else {
             None
         };
@@ -902,14 +1323,18 @@ impl Sender {
             self.pump();
             return;
         }
-        if self.next_send > seq {
-            self.next_send = seq;
-            self.progress(ProgressEvent::Retransmit {
-                from_seq: seq,
-                reason: "nak".to_string(),
-            });
+        let at = if seq == self.acked + 1 {
+            self.part_have
+        } else {
+            0
+        };
+        if self.rewind_to(seq, at, "nak") {
+            self.line_error(false);
+            if !self.rewind_attempt() {
+                return;
+            }
         }
-        self.deadline = Some(deadline(self.now, self.cfg.rto));
+        self.deadline = Some(deadline(self.now, self.data_rto()));
         self.pump();
     }
 
@@ -937,13 +1362,18 @@ impl Sender {
             Phase::Transfer => {
                 self.deadline = None;
                 if self.highest_sent > self.acked {
+                    self.rtt.backoff += 1;
                     let from = self.acked + 1;
-                    self.next_send = from;
-                    self.progress(ProgressEvent::Retransmit {
-                        from_seq: from,
-                        reason: "timeout".to_string(),
-                    });
-                    self.deadline = Some(deadline(self.now, self.cfg.rto));
+                    let at = self.part_have;
+                    self.rtt.rewound((from, at));
+                    self.line_error(true);
+                    if !self.rewind_to(from, at, "timeout") {
+                        self.progress(ProgressEvent::Retransmit {
+                            from_seq: from,
+                            reason: "timeout".to_string(),
+                        });
+                    }
+                    self.deadline = Some(deadline(self.now, self.data_rto()));
                 }
                 self.pump();
             }

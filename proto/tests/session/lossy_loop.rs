@@ -23,6 +23,13 @@ struct Faults {
     crash: u64,
     /// Cut the link once this many host→target bytes were delivered in the attempt.
     cut_after_bytes: Option<u64>,
+    /// Per million bytes (both ways): flip one random bit of the byte.
+    flip_ppm: u64,
+    /// Per million bytes (both ways): a burst of 1..=64 bytes starting here is lost
+    /// (a UART FIFO overrun).
+    burst_ppm: u64,
+    /// The link delivers nothing at all.
+    dead: bool,
 }
 
 struct Sim {
@@ -94,6 +101,26 @@ impl Sim {
     fn link_send(&mut self, dir: usize, f: &Frame, faulty: bool) {
         self.sent[dir] += 1;
         let mut b = f.to_bytes().to_vec();
+        if faulty && self.faults.dead {
+            return;
+        }
+        if faulty && (self.faults.flip_ppm > 0 || self.faults.burst_ppm > 0) {
+            let mut out = Vec::with_capacity(b.len());
+            let mut i = 0;
+            while i < b.len() {
+                if self.rng.below(1_000_000) < self.faults.burst_ppm {
+                    i += self.rng.below(64) as usize + 1;
+                    continue;
+                }
+                let mut byte = b[i];
+                if self.rng.below(1_000_000) < self.faults.flip_ppm {
+                    byte ^= 1 << self.rng.below(8);
+                }
+                out.push(byte);
+                i += 1;
+            }
+            b = out;
+        }
         if faulty {
             if let Some(n) = self.faults.drop_every {
                 if self.sent[dir].is_multiple_of(n) {
@@ -120,7 +147,7 @@ impl Sim {
         let mut tx = Sender::new(cfg, self.img.head.clone()).unwrap();
         tx.start(self.now);
         let mut tdec = FrameDecoder::new();
-        let mut hdec = FrameDecoder::new();
+        let mut hdec = FrameDecoder::eager();
         let (mut tbuf, mut hbuf) = (BytesMut::new(), BytesMut::new());
         let image = self.img.bytes.clone();
         let mut delivered = 0u64;
@@ -197,6 +224,22 @@ impl Sim {
             }
             // time
             let idle = moved_h == 0 && moved_t == 0 && self.h2t.is_empty() && self.t2h.is_empty();
+            if idle && !tbuf.is_empty() {
+                // flashd's idle rule: a partial frame with no more bytes coming had a
+                // corrupted length.
+                if tdec.abandon_partial(&mut tbuf).is_some() {
+                    self.target.handle(ReceiverEvent::Corrupt { bytes: 1 });
+                }
+                let (frames, skipped) = decode_into(&mut tdec, &mut tbuf);
+                if skipped > 0 {
+                    self.target
+                        .handle(ReceiverEvent::Corrupt { bytes: skipped });
+                }
+                for f in frames {
+                    self.target.handle(ReceiverEvent::Frame(f));
+                }
+                continue;
+            }
             if idle {
                 self.target.flush_syncs();
                 match tx.next_deadline() {
@@ -445,7 +488,7 @@ fn everything_at_once_with_background_syncs() {
                 flip: 30,
                 cut: 30,
                 crash: 30,
-                cut_after_bytes: None,
+                ..Faults::default()
             },
         );
         sim.target.lazy_sync = true;
@@ -601,4 +644,133 @@ fn corrupted_image_file_fails_verification_and_installs_nothing() {
     sim.img = good;
     sim.run(0);
     assert_installed(&sim);
+}
+
+/// An image of a few MiB of incompressible data (the noisy-line tests).
+fn noisy_image(seed: u64) -> TestImage {
+    let mut rng = Rng(seed);
+    build_image(
+        "1",
+        &[
+            ("kernel", content(&mut rng, 700 * 1024 + 77, false)),
+            ("rootfs", content(&mut rng, 1536 * 1024, false)),
+        ],
+    )
+}
+
+/// `nx flash send` with its defaults (only the nonce and host name differ).
+fn default_sender(sim: &mut Sim) {
+    sim.cfg = SenderConfig::new("sim-host");
+}
+
+fn noisy_run(seed: u64, faults: Faults) -> (Sim, Outcome) {
+    let mut sim = Sim::new(seed, noisy_image(seed), faults);
+    default_sender(&mut sim);
+    let o = sim.run(1000);
+    assert_installed(&sim);
+    assert_eq!(
+        sim.attempts, 1,
+        "the sender gave up while bytes were still getting through"
+    );
+    (sim, o)
+}
+
+#[test]
+fn defaults_complete_at_one_flip_per_100k_bytes() {
+    for seed in 0..2 {
+        let (_, o) = noisy_run(
+            seed,
+            Faults {
+                flip_ppm: 10,
+                ..Faults::default()
+            },
+        );
+        assert!(o.stats.retransmitted_frames > 0, "{:?}", o.stats);
+    }
+}
+
+#[test]
+fn defaults_complete_at_one_flip_per_10k_bytes() {
+    for seed in 0..2 {
+        let (_, o) = noisy_run(
+            seed,
+            Faults {
+                flip_ppm: 100,
+                ..Faults::default()
+            },
+        );
+        // adaptation keeps the overhead bounded (go-back-N within a byte cap: each
+        // loss costs what is in flight behind it): under 3.5× the data on the wire
+        assert!(
+            2 * o.stats.wire_bytes < 7 * o.stats.data_bytes,
+            "{:?}",
+            o.stats
+        );
+    }
+}
+
+#[test]
+fn defaults_complete_with_burst_byte_drops() {
+    // ≈ 0.3% of the bytes lost in bursts of up to 64, plus flips.
+    let (_, o) = noisy_run(
+        5,
+        Faults {
+            burst_ppm: 100,
+            flip_ppm: 10,
+            ..Faults::default()
+        },
+    );
+    assert!(o.stats.retransmitted_frames > 0, "{:?}", o.stats);
+}
+
+#[test]
+fn a_dead_link_fails_with_the_resumable_hint_after_the_retry_budget() {
+    let mut sim = Sim::new(
+        3,
+        noisy_image(3),
+        Faults {
+            dead: true,
+            ..Faults::default()
+        },
+    );
+    default_sender(&mut sim);
+    match sim.attempt(true) {
+        End::Failed(e) => {
+            assert!(
+                matches!(e, SessionError::Timeout { retries: 10, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("resumable"), "{e}");
+        }
+        End::Ok(_) => panic!("installed over a dead link"),
+        End::Cut => panic!("cut"),
+    }
+}
+
+#[test]
+fn a_link_that_dies_mid_transfer_fails_resumably_and_the_rerun_completes() {
+    let mut sim = Sim::new(
+        4,
+        noisy_image(4),
+        Faults {
+            flip_ppm: 100,
+            cut_after_bytes: Some(4 * 1024 * 1024),
+            ..Faults::default()
+        },
+    );
+    default_sender(&mut sim);
+    // a noisy attempt that makes progress, then is cut
+    assert!(matches!(sim.attempt(true), End::Cut));
+    // the line goes dead: the retry budget ends it with the resumable hint
+    sim.faults.cut_after_bytes = None;
+    sim.faults.dead = true;
+    match sim.attempt(true) {
+        End::Failed(e) => assert!(e.to_string().contains("resumable"), "{e}"),
+        _ => panic!("a dead line must fail"),
+    }
+    // the line is back (noisy): the rerun resumes and completes
+    sim.faults.dead = false;
+    let o = sim.run(1000);
+    assert_installed(&sim);
+    assert!(o.stats.resumed_bytes > 0, "{:?}", o.stats);
 }

@@ -27,6 +27,7 @@ fn cfg() -> SenderConfig {
         compress: CompressMode::None,
         read_ahead: 2,
         rto: Duration::from_millis(100),
+        adaptive_rto: false,
         max_retries: 3,
         ..SenderConfig::new("host-1")
     }
@@ -70,6 +71,19 @@ fn write_seqs(actions: &[SenderAction]) -> Vec<u32> {
         .into_iter()
         .filter_map(|m| match m {
             Message::Write(w) => Some(w.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// (seq, offset in the WRITE payload, bytes) of every WRITE or WRITE_PART sent; a
+/// whole WRITE is (seq, 0, None).
+fn pieces(actions: &[SenderAction]) -> Vec<(u32, u32, Option<usize>)> {
+    sent(actions)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Write(w) => Some((w.seq, 0, None)),
+            Message::WritePart(p) => Some((p.seq, p.at, Some(p.data.len()))),
             _ => None,
         })
         .collect()
@@ -338,9 +352,43 @@ fn nak_rewinds_to_the_named_seq() {
         from_seq: 3,
         reason: "nak".into()
     }));
-    // resends 3,4 and sends the new 5,6 (already read ahead)
-    assert_eq!(write_seqs(&b), vec![3, 4, 5, 6]);
-    assert_eq!(tx.stats().retransmitted_frames, 2);
+    // The line corrupted something: half the frame size (4 KiB parts of chunk 3's
+    // WRITE); a corruption is not congestion, so as many frames stay in flight (4),
+    // within a byte cap of a quarter of what was in flight (at least 8 parts).
+    assert_eq!(
+        pieces(&b),
+        vec![
+            (3, 0, Some(4096)),
+            (3, 4096, Some(4096)),
+            (3, 8192, Some(19)),
+            (4, 0, Some(4096))
+        ]
+    );
+    assert_eq!(tx.stats().retransmitted_frames, 4);
+    // the target holds the first part: the window moves on by one part
+    tx.handle(
+        2 * MS,
+        frame(Message::PartAck(PartAck {
+            seq: 3,
+            have: 4096,
+            gap: false,
+        })),
+    );
+    let c = pieces(&drain_tx(&mut tx));
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!((c[0].0, c[0].1), (4, 4096));
+    // a gap PART_ACK rewinds to the named byte of chunk 3
+    tx.handle(
+        2 * MS,
+        frame(Message::PartAck(PartAck {
+            seq: 3,
+            have: 4096,
+            gap: true,
+        })),
+    );
+    let d = drain_tx(&mut tx);
+    assert_eq!(pieces(&d)[0].0, 3);
+    assert_eq!(pieces(&d)[0].1, 4096);
     // a NAK for something never sent is a protocol error
     tx.handle(
         3 * MS,
@@ -353,6 +401,59 @@ fn nak_rewinds_to_the_named_seq() {
         drain_tx(&mut tx).last(),
         Some(SenderAction::Failed(_))
     ));
+}
+
+#[test]
+fn the_timeout_follows_the_measured_round_trip() {
+    let img = image();
+    let c = SenderConfig {
+        adaptive_rto: true,
+        rto: Duration::from_secs(2),
+        ..cfg()
+    };
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), c);
+    // HELLO → reply took 1 ms: the first timeout is already the floor, not 2 s
+    assert_eq!(tx.srtt(), Some(MS));
+    answer_reads(&mut tx, &img, &a, MS);
+    let dl = tx.next_deadline().unwrap();
+    assert_eq!(dl, MS + MIN_RTO);
+    // a slow round trip (1.5 s for chunk 1) raises it, capped by `rto`
+    tx.handle(1500 * MS, frame(Message::Ack(Ack { ack: 1 })));
+    drain_tx(&mut tx);
+    let dl = tx.next_deadline().unwrap() - 1500 * MS;
+    assert!(
+        dl > Duration::from_millis(500) && dl <= Duration::from_secs(2),
+        "{dl:?}"
+    );
+    // with adaptation off it is always `rto`
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), cfg());
+    answer_reads(&mut tx, &img, &a, MS);
+    assert_eq!(tx.next_deadline().unwrap(), MS + Duration::from_millis(100));
+}
+
+#[test]
+fn draining_restarts_the_timer_instead_of_resending() {
+    let img = image();
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), cfg());
+    answer_reads(&mut tx, &img, &a, MS);
+    let dl = tx.next_deadline().unwrap();
+    // the shell is still writing the window to a slow line: not a timeout
+    tx.handle(dl, SenderEvent::Draining);
+    let b = drain_tx(&mut tx);
+    assert!(write_seqs(&b).is_empty(), "nothing resent while draining");
+    assert!(!progress(&b)
+        .iter()
+        .any(|p| matches!(p, ProgressEvent::Retransmit { .. })));
+    let dl2 = tx.next_deadline().unwrap();
+    assert_eq!(dl2, dl + Duration::from_millis(100));
+    // once it is out, silence is a timeout again
+    tx.handle(dl2, SenderEvent::Tick);
+    assert!(
+        progress(&drain_tx(&mut tx)).contains(&ProgressEvent::Retransmit {
+            from_seq: 1,
+            reason: "timeout".into()
+        })
+    );
 }
 
 #[test]
@@ -388,7 +489,8 @@ fn timeout_rewinds_to_last_acked_and_resends_the_window() {
     );
     tx.handle(dl, SenderEvent::Tick);
     let b = drain_tx(&mut tx);
-    assert_eq!(write_seqs(&b), vec![2, 3, 4, 5]);
+    // a timeout quarters the frame size (2 KiB parts) and halves the window (2)
+    assert_eq!(pieces(&b), vec![(2, 0, Some(2048)), (2, 2048, Some(2048))]);
     assert!(progress(&b).contains(&ProgressEvent::Retransmit {
         from_seq: 2,
         reason: "timeout".into()
