@@ -111,6 +111,9 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// virtio-serial ports, in order: the first is `vport0p1`.
     pub ports: Vec<Port>,
+    /// The second 16550 (`/dev/ttyS1` in the guest): QEMU listens on this unix socket for it
+    /// ([`nx_contract::ports::UART`]); `None` leaves the guest with the console UART only.
+    pub uart: Option<PathBuf>,
     /// First boot into recovery (`RECOVERY=1`): the runner writes the bootloader's one-shot
     /// entry `recovery.conf` into the variable store before powering on.
     pub recovery: bool,
@@ -172,6 +175,7 @@ impl Config {
             normal_initrd: build_dir.join("initrd.cpio"),
             state_img: Some(build_dir.join("state.img")),
             disk_img: Some(build_dir.join("disk.img")),
+            uart: Some(run_dir.join(nx_contract::ports::UART.socket)),
             run_dir,
             ports,
             recovery: false,
@@ -338,6 +342,16 @@ impl Config {
             ] {
                 push(s);
             }
+        }
+        if let Some(sock) = &self.uart {
+            // After the console's -serial: this one is ttyS1.
+            push("-chardev");
+            push(&format!(
+                "socket,id=uart1,server=on,wait=off,path={}",
+                sock.display()
+            ));
+            push("-serial");
+            push("chardev:uart1");
         }
         match (&self.uefi, self.boots_uefi()) {
             (Some(u), true) => {
@@ -561,6 +575,11 @@ mod tests {
             joined.contains("virtserialport,bus=vser0.0,nr=1,chardev=port0,name=com.nexus.flash")
         );
         assert!(joined.contains("name=com.nexus.reboot"));
+        let console = joined.find("-serial chardev:con0").unwrap();
+        let uart = joined
+            .find("-chardev socket,id=uart1,server=on,wait=off,path=/b/qemu/uart.sock -serial chardev:uart1")
+            .unwrap();
+        assert!(console < uart, "the console must stay ttyS0");
         assert!(joined.contains("file=/b/state.img"));
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(

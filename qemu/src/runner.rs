@@ -315,6 +315,9 @@ impl Runner {
         for p in &config.ports {
             let _ = std::fs::remove_file(&p.socket);
         }
+        if let Some(sock) = &config.uart {
+            let _ = std::fs::remove_file(sock);
+        }
         let log_path = config.console_log();
         let log = std::fs::File::create(&log_path).map_err(|e| {
             Error::Io(nx_contract::PathIoError {
