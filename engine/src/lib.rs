@@ -19,6 +19,7 @@
 //! fails on `println!`, `eprintln!`, `indicatif` or `std::io::stdout`/`stderr` in `src/`).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod delta;
 pub mod event;
 pub mod fanout;
 pub mod image_file;

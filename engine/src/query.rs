@@ -43,7 +43,7 @@ pub enum QueryError {
 
 /// Ask the target for its INFO_REPLY.
 pub async fn query_info(port: &PortSpec, timeout: Duration) -> Result<InfoReply, QueryError> {
-    let link = transport::connect(port).await?;
+    let link = transport::connect_to(port, transport::Daemon::Flashd).await?;
     let (rd, mut wr) = tokio::io::split(link);
     let frame = Message::Info
         .to_frame()

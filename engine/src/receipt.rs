@@ -113,6 +113,16 @@ impl ReceiptBuilder {
             }
             WriteBody::Zero => s.zero_bytes += n,
             WriteBody::Copy { .. } => s.skipped_bytes += n,
+            WriteBody::Derive => s.derived_bytes += n,
+            WriteBody::Patch { source, frame, .. } => {
+                s.sent_bytes += n;
+                let saved = n.saturating_sub(frame.len() as u64);
+                if *source == proto::msg::PatchSource::Base {
+                    s.patched_bytes += saved;
+                } else {
+                    s.compressed_bytes += saved;
+                }
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 //! Cap'n Proto RPC clients of the guest daemons: `bootctld` (`nx boot …`) and
 //! `rebootd` (`nx flash reboot …`).
 //!
-//! The port is any `--port` SPEC of [`crate::transport`] (by default the QEMU
-//! chardev sockets `build/qemu/bootctl.sock` / `build/qemu/reboot.sock`, which
+//! The port is any `--port` SPEC of [`crate::transport`] (nx-cli's `target` module resolves
+//! the default: the QEMU chardev sockets `bootctl.sock` / `reboot.sock`, which
 //! QEMU wires to the virtio-serial ports `com.nexus.bootctl` /
 //! `com.nexus.reboot`). One connection per command: connect, bootstrap the
 //! capability, make the call(s), close.
@@ -12,7 +12,9 @@
 //! and stale bytes of an earlier one are dropped on both sides. The daemons
 //! also accept framed connections on their unix sockets.
 //!
-//! Failure messages say what to do: no socket → "is the guest running? start
+//! Every connection starts with the identification probe ([`transport::connect_to`]): the
+//! wrong daemon on the port fails at once ("this port is flashd, not rebootd: use …").
+//! Failure messages say what to do: no socket → "is QEMU running? start
 //! it with `just recovery`"; socket there but no answer (the daemon is not up
 //! in the guest) → a timeout naming the daemon; a refused call → the daemon's
 //! own reason ([`RpcError`]).
@@ -23,10 +25,6 @@ use nx_rpc::{rpc_error_text, FramedError};
 use std::future::Future;
 use std::time::Duration;
 
-/// Default `--port` of `nx boot …`.
-pub const DEFAULT_BOOTCTL_PORT: &str = "unix:build/qemu/bootctl.sock";
-/// Default `--port` of `nx flash reboot …`.
-pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
 /// Default time to wait for a daemon's answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -40,15 +38,7 @@ pub enum RpcError {
         #[source]
         source: PortSpecError,
     },
-    #[error(
-        "{daemon} port {path} does not exist: is the guest running? start it with `just recovery` \
-         (or pass --port)"
-    )]
-    NoSocket {
-        daemon: Daemon,
-        path: std::path::PathBuf,
-    },
-    #[error("cannot reach {daemon}: is the guest running?")]
+    #[error("cannot reach {daemon}")]
     Unreachable {
         daemon: Daemon,
         #[source]
@@ -97,9 +87,14 @@ pub enum Daemon {
 
 impl Daemon {
     fn name(self) -> &'static str {
+        self.ident().name()
+    }
+
+    /// The daemon as the identification probe names it ([`proto::ident`]).
+    pub fn ident(self) -> transport::Daemon {
         match self {
-            Daemon::Bootctld => "bootctld",
-            Daemon::Rebootd => "rebootd",
+            Daemon::Bootctld => transport::Daemon::Bootctld,
+            Daemon::Rebootd => transport::Daemon::Rebootd,
         }
     }
 }
@@ -128,15 +123,7 @@ where
         daemon,
         source,
     })?;
-    if let PortSpec::Unix(path) = &spec {
-        if !path.exists() {
-            return Err(RpcError::NoSocket {
-                daemon,
-                path: path.clone(),
-            });
-        }
-    }
-    let link = transport::connect(&spec)
+    let link = transport::connect_to(&spec, daemon.ident())
         .await
         .map_err(|source| RpcError::Unreachable { daemon, source })?;
     let spec = spec.to_string();
@@ -205,7 +192,8 @@ mod tests {
             .await
             .unwrap_err();
         let msg = crate::error_chain(&err);
-        assert!(msg.contains("is the guest running?"), "{msg}");
+        assert!(msg.contains("cannot reach rebootd"), "{msg}");
+        assert!(msg.contains("no such file"), "{msg}");
         assert!(msg.contains("just recovery"), "{msg}");
     }
 

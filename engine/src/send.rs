@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use proto::frame::codec::{FrameCodec, Incoming};
 use proto::frame::Frame;
-use proto::msg::{ChunkHash, DoneStatus, ErrorCode, MsgType};
+use proto::msg::{ChunkHash, DoneStatus, ErrorCode, MsgType, WriteBody};
 use proto::receipt::InstallState;
 use proto::session::{
     CompressMode, Outcome, ProgressEvent, Sender, SenderAction, SenderConfig, SenderEvent,
@@ -48,6 +48,8 @@ pub struct SendOptions {
     pub skip: bool,
     /// `--allow-downgrade`: ask the target to install below its anti-rollback floor.
     pub allow_downgrade: bool,
+    /// `chunk_size` was given explicitly (`--chunk`): the target must not replace it.
+    pub exact_chunk: bool,
     /// Retransmission timeout of the session.
     pub rto: Duration,
     /// Timeouts in a row before a session gives up.
@@ -56,6 +58,8 @@ pub struct SendOptions {
     pub attempts: u32,
     /// Wait before reconnecting: this × the number of failures in a row (max 20×).
     pub backoff: Duration,
+    /// Images the host can patch from (see [`crate::delta`]).
+    pub bases: crate::delta::Bases,
 }
 
 impl SendOptions {
@@ -67,10 +71,12 @@ impl SendOptions {
             compress: CompressMode::Auto,
             skip: true,
             allow_downgrade: false,
+            exact_chunk: false,
             rto: Duration::from_secs(2),
             max_timeouts: 10,
             attempts: 10,
             backoff: Duration::from_millis(100),
+            bases: crate::delta::Bases::none(),
         }
     }
 }
@@ -118,6 +124,10 @@ pub struct Skips {
     pub identical: u64,
     /// Bytes saved by compression.
     pub compressed: u64,
+    /// Bytes saved by patching against the target's base image.
+    pub patched: u64,
+    /// Bytes the target computed itself (the dm-verity hash tree).
+    pub derived: u64,
 }
 
 /// A successful transfer.
@@ -158,10 +168,19 @@ pub trait Connector: Send {
 
 impl Connector for PortSpec {
     fn connect(&mut self) -> Connecting<'_> {
-        Box::pin(transport::connect(self))
+        Box::pin(transport::connect_to(self, transport::Daemon::Flashd))
     }
     fn describe(&self) -> String {
         self.to_string()
+    }
+}
+
+/// `1 attempt`, `3 attempts`.
+fn attempts(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{n} attempts")
     }
 }
 
@@ -251,6 +270,7 @@ async fn send_loop(
     let port = connector.describe();
     let mut failures = 0u32;
     let mut attempt = 0u32;
+    let mut verify_retried = false;
     loop {
         attempt += 1;
         r.event(&EngineEvent::Connecting {
@@ -272,7 +292,8 @@ async fn send_loop(
                 }
                 if failures >= opts.attempts {
                     return Err(SendError::LinkLost(format!(
-                        "{e} (gave up after {failures} attempts)"
+                        "{e} (gave up after {})",
+                        attempts(failures)
                     )));
                 }
                 backoff(r, &e, failures, opts, &mut interrupt).await?;
@@ -287,8 +308,10 @@ async fn send_loop(
         cfg.compress = opts.compress;
         cfg.skip = opts.skip;
         cfg.allow_downgrade = opts.allow_downgrade;
+        cfg.exact_chunk = opts.exact_chunk;
         cfg.rto = opts.rto;
         cfg.max_retries = opts.max_timeouts;
+        cfg.bases = opts.bases.ids();
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {
             SessionError::BadImage(e) => {
                 SendError::ImageInvalid(format!("image {} is invalid: {e}", img.path().display()))
@@ -315,6 +338,19 @@ async fn send_loop(
                     peaks: ctx.peaks,
                 });
             }
+            Err(End::Fatal(SendError::Refused {
+                code: ErrorCode::VerifyFailed,
+                text,
+            })) if !verify_retried && ctx.skips.patched + ctx.skips.identical > 0 => {
+                // Bytes the target was to take from what it holds did not verify: it dropped
+                // that base (and skip index), so one more session sends real data.
+                verify_retried = true;
+                failures += 1;
+                let why = format!(
+                    "the target reported: {text} (bytes taken from its own image did not verify; sending real data)"
+                );
+                backoff(r, &why, failures, opts, &mut interrupt).await?;
+            }
             Err(End::Fatal(e)) => {
                 r.event(&EngineEvent::Finished);
                 return Err(e);
@@ -327,7 +363,8 @@ async fn send_loop(
                 if failures >= opts.attempts {
                     r.event(&EngineEvent::Finished);
                     return Err(SendError::LinkLost(format!(
-                        "{why} (gave up after {failures} attempts without progress)"
+                        "{why} (gave up after {} without progress)",
+                        attempts(failures)
                     )));
                 }
                 backoff(r, &why, failures, opts, &mut interrupt).await?;
@@ -403,7 +440,7 @@ enum JobResult {
     },
     Compressed {
         seq: u32,
-        data: Option<Bytes>,
+        body: Option<WriteBody>,
     },
 }
 
@@ -453,6 +490,9 @@ async fn run_session(
     let backlog = Arc::new(AtomicU64::new(0));
     let (wtx, mut wrx) = mpsc::channel::<Frame>(WRITER_QUEUE);
     let wbacklog = backlog.clone();
+    // Bytes the link took so far (its measured rate picks the compression effort).
+    let written = Arc::new(AtomicU64::new(0));
+    let wwritten = written.clone();
     let mut writer = tokio::spawn(async move {
         while let Some(f) = wrx.recv().await {
             let n = f.encoded_len() as u64;
@@ -462,6 +502,7 @@ async fn run_session(
                 .chain(Bytes::copy_from_slice(&f.trailer()));
             let r = wr.write_all_buf(&mut b).await;
             wbacklog.fetch_sub(n, Ordering::Relaxed);
+            wwritten.fetch_add(n, Ordering::Relaxed);
             r?;
         }
         wr.flush().await?;
@@ -559,23 +600,47 @@ async fn run_session(
                         let _ = tx.send(res);
                     });
                 }
-                SenderAction::Compress { seq, data } => {
+                SenderAction::Compress {
+                    seq,
+                    offset,
+                    data,
+                    base,
+                    staging,
+                } => {
                     let segment = sender
                         .plan()
                         .and_then(|p| p.chunk(seq))
                         .map_or(0, |c| c.segment);
                     let chunk =
                         u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
-                    if gate.should_try(seq, segment, backlog.load(Ordering::Relaxed), chunk) {
+                    let base = base.and_then(|id| opts.bases.get(&id));
+                    let level = crate::delta::level_for(
+                        opts.compress,
+                        written.load(Ordering::Relaxed),
+                        t0.elapsed(),
+                    );
+                    // Against a base the target holds, a chunk is (nearly) free: always try.
+                    if base.is_some()
+                        || gate.should_try(seq, segment, backlog.load(Ordering::Relaxed), chunk)
+                    {
                         let tx = jtx.clone();
+                        let img = ctx.img.clone();
                         jobs += 1;
                         note_chunks(ctx, jobs, held_reads.len());
                         tokio::task::spawn_blocking(move || {
-                            let out = compress(&data).map(Bytes::from);
-                            let _ = tx.send(JobResult::Compressed { seq, data: out });
+                            let body = crate::delta::compress_chunk(
+                                &img,
+                                base.as_deref(),
+                                staging,
+                                offset,
+                                &data,
+                                level,
+                                compress,
+                            );
+                            let _ = tx.send(JobResult::Compressed { seq, body });
                         });
                     } else {
-                        sender.handle(now(t0), SenderEvent::Compressed { seq, data: None });
+                        sender.handle(now(t0), SenderEvent::Compressed { seq, body: None });
                     }
                 }
                 SenderAction::Progress(p) => {
@@ -702,13 +767,13 @@ async fn run_session(
                     JobResult::ReadFailed { seq, detail } => {
                         sender.handle(now(t0), SenderEvent::ReadFailed { seq, detail });
                     }
-                    JobResult::Compressed { seq, data } => {
+                    JobResult::Compressed { seq, body } => {
                         let raw = sender
                             .plan()
                             .and_then(|p| p.chunk(seq))
                             .map_or(0, |c| c.len as usize);
-                        gate.result(seq, raw, data.as_ref().map(Bytes::len));
-                        sender.handle(now(t0), SenderEvent::Compressed { seq, data });
+                        gate.result(seq, raw, body.as_ref().map(WriteBody::wire_len));
+                        sender.handle(now(t0), SenderEvent::Compressed { seq, body });
                     }
                 }
             }
@@ -807,6 +872,8 @@ fn on_progress(p: &ProgressEvent, sender: &Sender, ctx: &mut Ctx) {
             SkipKind::Zero => ctx.skips.zero += bytes,
             SkipKind::Identical => ctx.skips.identical += bytes,
             SkipKind::Compressed => ctx.skips.compressed += bytes,
+            SkipKind::Patched => ctx.skips.patched += bytes,
+            SkipKind::Derived => ctx.skips.derived += bytes,
         },
         _ => {}
     }

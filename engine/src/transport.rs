@@ -6,9 +6,11 @@
 //! | `tcp:HOST:PORT`           | a TCP socket (QEMU `-chardev socket,host=…,port=…`)       |
 //! | `serial:/dev/ttyX[@BAUD]` | a real UART or a QEMU `pty` chardev (default 115200 baud)  |
 
+pub use proto::ident::Daemon;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Default baud rate for `serial:` ports without `@BAUD`.
@@ -41,6 +43,35 @@ pub enum PortSpecError {
 /// Why a target could not be reached (the message says what to check).
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    #[error(
+        "cannot connect to {spec}: no such file: is QEMU running? start it with `just recovery` \
+         (or pass --port)"
+    )]
+    NoSuchFile { spec: String },
+    #[error(
+        "cannot connect to {spec}: it is not a socket ({kind}): --port wants the socket QEMU's \
+         chardev listens on, e.g. unix:{example}"
+    )]
+    NotASocket {
+        spec: String,
+        kind: &'static str,
+        example: String,
+    },
+    #[error(
+        "cannot connect to {spec}: nobody listening (the socket file is left from a QEMU that \
+         stopped): start the guest again with `just recovery`"
+    )]
+    NobodyListening { spec: String },
+    #[error("this port is {found}, not {expected}: use {suggest} (--port was {spec})")]
+    WrongDaemon {
+        spec: String,
+        /// What answered the probe.
+        found: String,
+        /// Who the command talks to.
+        expected: Daemon,
+        /// The socket to use instead.
+        suggest: String,
+    },
     #[error(
         "cannot connect to {spec}: is QEMU running? start it with `just recovery` (or pass --port)"
     )]
@@ -144,16 +175,118 @@ impl fmt::Display for PortSpec {
 pub trait Link: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Link for T {}
 
+/// How long [`connect_to`] waits for the answer to its probe. A daemon answers at once; a
+/// target that is still booting (nobody reads the port yet) does not, and the connection is
+/// then used unidentified (the protocol's own timeouts apply).
+pub const PROBE_WAIT: Duration = Duration::from_millis(800);
+
+/// Why a unix socket `path` cannot be connected: no such file, not a socket, nobody
+/// listening, or another error.
+fn unix_error(spec: &PortSpec, path: &Path, source: std::io::Error) -> TransportError {
+    use std::os::unix::fs::FileTypeExt as _;
+    let spec_s = spec.to_string();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return TransportError::NoSuchFile { spec: spec_s }
+        }
+        Ok(m) if !m.file_type().is_socket() => {
+            let kind = if m.is_dir() {
+                "a directory"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "not a socket file"
+            };
+            return TransportError::NotASocket {
+                spec: spec_s,
+                kind,
+                example: Daemon::Flashd.default_socket(),
+            };
+        }
+        _ => {}
+    }
+    if source.kind() == std::io::ErrorKind::ConnectionRefused {
+        return TransportError::NobodyListening { spec: spec_s };
+    }
+    TransportError::Unix {
+        spec: spec_s,
+        source,
+    }
+}
+
+/// Connect to `spec` and check that `expected` answers there ([`proto::ident`]): another
+/// daemon fails at once with [`TransportError::WrongDaemon`]. No answer within
+/// [`PROBE_WAIT`] (a target still booting, a daemon that does not identify itself) is not an
+/// error: the link is returned and the caller's protocol goes on.
+pub async fn connect_to(
+    spec: &PortSpec,
+    expected: Daemon,
+) -> Result<Box<dyn Link>, TransportError> {
+    let mut link = connect(spec).await?;
+    match identify(&mut link, PROBE_WAIT).await {
+        Some(id) if id.daemon != Some(expected) => Err(TransportError::WrongDaemon {
+            spec: spec.to_string(),
+            found: id.name,
+            expected,
+            suggest: suggest_socket(spec, expected),
+        }),
+        _ => Ok(link),
+    }
+}
+
+/// The socket of `daemon` next to `spec`'s (same run directory), or its default.
+fn suggest_socket(spec: &PortSpec, daemon: Daemon) -> String {
+    if let PortSpec::Unix(path) = spec {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            return dir.join(daemon.port().socket).display().to_string();
+        }
+    }
+    daemon.default_socket()
+}
+
+/// Send the probe and wait up to `wait` for a reply; `None` when nothing (or nothing
+/// understandable) came back. Bytes read before the reply are dropped: a daemon sends nothing
+/// unasked, so they can only be stale output of an earlier connection.
+pub async fn identify(link: &mut Box<dyn Link>, wait: Duration) -> Option<proto::ident::Ident> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    link.write_all(&proto::ident::probe()).await.ok()?;
+    link.flush().await.ok()?;
+    let read = async {
+        let mut dec = proto::frame::FrameDecoder::new();
+        let mut buf = bytes::BytesMut::with_capacity(256);
+        let mut scratch = [0u8; 256];
+        loop {
+            loop {
+                match dec.decode(&mut buf) {
+                    Ok(Some(f)) => {
+                        if let Some(id) = proto::ident::parse_reply(&f) {
+                            return Some(id);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => continue,
+                }
+            }
+            // Bounded: nothing but a short reply is expected.
+            if buf.len() > 64 * 1024 {
+                buf.clear();
+            }
+            match link.read(&mut scratch).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&scratch[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok().flatten()
+}
+
 /// Connect to `spec`. The error says what to check ("is QEMU running? …").
 pub async fn connect(spec: &PortSpec) -> Result<Box<dyn Link>, TransportError> {
     match spec {
         PortSpec::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path)
                 .await
-                .map_err(|source| TransportError::Unix {
-                    spec: spec.to_string(),
-                    source,
-                })?;
+                .map_err(|source| unix_error(spec, path, source))?;
             Ok(Box::new(stream))
         }
         PortSpec::Tcp(addr) => {
@@ -237,6 +370,68 @@ mod tests {
         for s in ["unix:/a/b", "tcp:localhost:1", "serial:/dev/ttyS0@115200"] {
             assert_eq!(s.parse::<PortSpec>().unwrap().to_string(), s);
         }
+    }
+
+    #[tokio::test]
+    async fn missing_file_regular_file_and_dead_socket_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        let dead = dir.path().join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        async fn msg(p: &Path) -> String {
+            let spec = PortSpec::Unix(p.to_path_buf());
+            crate::error_chain(&connect(&spec).await.err().unwrap())
+        }
+        let none = msg(&dir.path().join("none.sock")).await;
+        assert!(none.contains("no such file"), "{none}");
+        let plain = msg(&file).await;
+        assert!(plain.contains("not a socket (a regular file)"), "{plain}");
+        let gone = msg(&dead).await;
+        assert!(gone.contains("nobody listening"), "{gone}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_used_unidentified_and_a_wrong_one_is_named() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let silent = dir.path().join("silent.sock");
+        let l = tokio::net::UnixListener::bind(&silent).unwrap();
+        let hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            drop(s);
+        });
+        let t = std::time::Instant::now();
+        let spec = PortSpec::Unix(silent.clone());
+        assert!(connect_to(&spec, Daemon::Flashd).await.is_ok());
+        assert!(t.elapsed() >= PROBE_WAIT);
+        hold.abort();
+
+        let other = dir.path().join("x").join("reboot.sock");
+        std::fs::create_dir(other.parent().unwrap()).unwrap();
+        let l = tokio::net::UnixListener::bind(&other).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"stale bytes of an old session").await.unwrap();
+            s.write_all(&proto::ident::reply(Daemon::Rebootd))
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        });
+        let spec = PortSpec::Unix(other.clone());
+        let err = connect_to(&spec, Daemon::Flashd)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        let want = format!(
+            "this port is rebootd, not flashd: use {}",
+            other.with_file_name("flash.sock").display()
+        );
+        assert!(err.contains(&want), "{err}");
     }
 
     #[tokio::test]

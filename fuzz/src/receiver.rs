@@ -225,6 +225,40 @@ impl Target {
                     return;
                 }
             },
+            // The harness's receiver does not offer DERIVE.
+            WriteBody::Derive => panic!("DERIVE passed the receiver though it was not negotiated"),
+            WriteBody::Patch {
+                source,
+                ref_offset,
+                ref_len,
+                frame,
+            } => {
+                // The harness offers no base: the receiver must only let staging patches
+                // through, and only with a reference before the chunk.
+                assert_eq!(
+                    source,
+                    proto::msg::PatchSource::Staging,
+                    "PATCH from {source:?} passed the receiver without a base"
+                );
+                let end = ref_offset + u64::from(ref_len);
+                assert!(
+                    end <= offset,
+                    "PATCH reference {ref_offset}+{ref_len} is not before {offset}"
+                );
+                let prefix = &self.staging[ref_offset as usize..end as usize];
+                let mut d = zstd::zstd_safe::DCtx::create();
+                let mut out = Vec::with_capacity(n);
+                let ok = d.ref_prefix(prefix).is_ok()
+                    && matches!(d.decompress(&mut out, &frame), Ok(k) if k == n);
+                if !ok {
+                    self.rx.handle(ReceiverEvent::ActionFailed {
+                        code: proto::msg::ErrorCode::BadWrite,
+                        text: "bad patch data".into(),
+                    });
+                    return;
+                }
+                out
+            }
             WriteBody::Copy { src_offset, hash } => {
                 let inst = self
                     .installed
@@ -316,9 +350,11 @@ fn host_run(tx: &mut Sender, now: Duration, img: &[u8], out: &mut VecDeque<Frame
                     },
                 );
             }
-            SenderAction::Compress { seq, data } => {
-                let c = zstd::bulk::compress(&data, 1).ok().map(Bytes::from);
-                tx.handle(now, SenderEvent::Compressed { seq, data: c });
+            SenderAction::Compress { seq, data, .. } => {
+                let c = zstd::bulk::compress(&data, 1)
+                    .ok()
+                    .map(|z| WriteBody::Zstd(Bytes::from(z)));
+                tx.handle(now, SenderEvent::Compressed { seq, body: c });
             }
             SenderAction::Progress(_) | SenderAction::Finished(_) | SenderAction::Failed(_) => {}
         }

@@ -7,12 +7,12 @@
 //! nx boot mark-bad <a|b>
 //! nx boot reboot
 //! ```
-//! Every verb takes `--port SPEC` (default `unix:build/qemu/bootctl.sock`) and
+//! Every verb takes `--port PORT` (default: bootctld's port of [`crate::target`]) and
 //! `--timeout SECS`. bootctld is the only authority: `nx` never edits the slot
 //! table itself, it asks and prints the answer (or bootctld's refusal).
 
 use anyhow::Context;
-use nx_engine::rpc_client::{self, Daemon, DEFAULT_BOOTCTL_PORT};
+use nx_engine::rpc_client::{self, Daemon};
 use proto::rpc::bootctl_capnp::{self as bc, boot_ctl};
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -20,6 +20,15 @@ use std::time::Duration;
 
 /// `nx boot …`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = concat!(
+    "Examples:\n  \
+    nx boot status\n  \
+    nx boot set-active b --trial --tries 3\n  \
+    nx boot reboot\n  \
+    nx boot confirm\n  \
+    nx boot status --json --port unix:/tmp/bootctl.sock\n\n",
+    crate::exit_table!()
+))]
 pub struct BootArgs {
     #[command(subcommand)]
     cmd: BootCmd,
@@ -29,10 +38,10 @@ pub struct BootArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PortArgs {
     /// bootctld's port: unix:PATH (or a bare path), tcp:HOST:PORT, serial:DEV[@BAUD].
-    #[arg(long, default_value = DEFAULT_BOOTCTL_PORT)]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Bootctld), value_name = "PORT")]
     port: String,
     /// Seconds to wait for bootctld's answer.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
     timeout: u64,
 }
 
@@ -217,7 +226,7 @@ async fn run_async(cmd: BootCmd) -> anyhow::Result<String> {
     }
 }
 
-fn slot_name(s: Result<bc::Slot, capnp::NotInSchema>) -> &'static str {
+pub(crate) fn slot_name(s: Result<bc::Slot, capnp::NotInSchema>) -> &'static str {
     match s {
         Ok(bc::Slot::A) => "a",
         Ok(bc::Slot::B) => "b",
@@ -225,7 +234,7 @@ fn slot_name(s: Result<bc::Slot, capnp::NotInSchema>) -> &'static str {
     }
 }
 
-fn health_name(h: Result<bc::Health, capnp::NotInSchema>) -> &'static str {
+pub(crate) fn health_name(h: Result<bc::Health, capnp::NotInSchema>) -> &'static str {
     match h {
         Ok(bc::Health::Empty) => "empty",
         Ok(bc::Health::Unknown) => "unknown",
@@ -245,7 +254,7 @@ fn clean(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
 }
 
 /// `s` bounded to 64 characters, control characters replaced.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .take(64)
         .map(|c| if c.is_control() { '?' } else { c })

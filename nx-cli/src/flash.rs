@@ -20,51 +20,49 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod fanout;
+pub mod plan;
 pub mod query;
 pub mod render;
 
 use render::{human_bytes, rate_mb_s, OutputMode, Renderer};
 
-/// `--chunk`'s default as the user writes it: `nx_contract::defaults::CHUNK` (a test checks).
-const DEFAULT_CHUNK_ARG: &str = "1M";
-
-/// Default port of flashd (QEMU's chardev for `com.nexus.flash`).
-pub const DEFAULT_PORT: &str = "unix:build/qemu/flash.sock";
-/// Default port of rebootd.
-pub const DEFAULT_REBOOT_PORT: &str = "unix:build/qemu/reboot.sock";
-
-/// Exit codes of `nx flash …` (documented in `docs/tools/nx-flash.md`).
+/// Exit codes of `nx flash …`: the rows of the one table ([`crate::exit::Exit`]) this group
+/// uses (documented in `docs/tools/nx.md` and `docs/tools/nx-flash.md`).
 pub mod exit {
+    use crate::exit::Exit;
     /// Installed (or already installed), info printed, image matches.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = Exit::Ok.code();
     /// Local error: I/O, bad argument value, cannot write the receipt.
-    pub const ERROR: u8 = 1;
+    pub const ERROR: u8 = Exit::Error.code();
     /// Command-line usage error (reported by the argument parser).
-    pub const USAGE: u8 = 2;
+    pub const USAGE: u8 = Exit::Usage.code();
     /// The image file is invalid (head, size, a segment hash): nothing was installed.
-    pub const IMAGE_INVALID: u8 = 3;
+    pub const IMAGE_INVALID: u8 = Exit::Invalid.code();
+    /// The target refused the image's signature or security version: nothing was written.
+    pub const TRUST: u8 = Exit::Trust.code();
     /// The target refused the image or its verification/install failed; or `verify` found
     /// another image installed.
-    pub const TARGET_REFUSED: u8 = 4;
+    pub const TARGET_REFUSED: u8 = Exit::Refused.code();
     /// Cannot reach the target, the link was lost for good, or it stopped answering. The
     /// transfer is resumable: run the same command again.
-    pub const LINK_LOST: u8 = 5;
+    pub const LINK_LOST: u8 = Exit::Unreachable.code();
     /// Interrupted (Ctrl-C). Resumable: run the same command again.
-    pub const INTERRUPTED: u8 = 130;
+    pub const INTERRUPTED: u8 = Exit::Interrupted.code();
 }
 
 /// Arguments of `nx flash`.
 #[derive(clap::Args)]
 #[command(
     about = "Flash an image to a target over its flash port; query and verify the install",
-    after_help = "Examples:\n  \
+    after_help = concat!(
+        "Examples:\n  \
         nx flash send build/nexus-os.img\n  \
         nx flash send build/nexus-os.img --port unix:/tmp/flash.sock --json\n  \
         nx flash send build/nexus-os.img --port unix:/tmp/a.sock --port unix:/tmp/b.sock\n  \
         nx flash info\n  \
-        nx flash verify build/nexus-os.img\n\n\
-        Exit codes: 0 ok, 1 error, 2 usage, 3 image invalid, 4 target refused or verify failed, \
-        5 link lost or timeout (resumable), 130 interrupted (resumable)."
+        nx flash verify build/nexus-os.img\n\n",
+        crate::exit_table!()
+    )
 )]
 pub struct FlashArgs {
     #[command(subcommand)]
@@ -77,6 +75,9 @@ enum FlashCommand {
     Send(SendArgs),
     /// Ask flashd what is installed and what is staged (INFO?).
     Info(InfoArgs),
+    /// Before sending: what the target holds, what would be skipped / patched / compressed /
+    /// sent, the bytes on the wire and an ETA from the measured link.
+    Plan(plan::PlanArgs),
     /// Check that the target's install is exactly this image (and the file is intact).
     Verify(VerifyArgs),
     /// Reboot the guest into `normal` or `recovery` (asks rebootd).
@@ -92,7 +93,7 @@ enum FlashCommand {
     others. Lines are prefixed with [TARGET], NDJSON events carry \"target\", stdout ends with \
     one receipt per target (--port order), --receipt FILE gets a JSON array of them, and a \
     per-target summary ends the output. Exit code: 0 if every target succeeded, else the most \
-    specific failure: 130 > 3 > 4 > 5 > 1."
+    specific failure: 130 > 3 > 4 > 6 > 5 > 1."
 )]
 pub struct SendArgs {
     /// The image file (`nx image build` writes one).
@@ -101,19 +102,22 @@ pub struct SendArgs {
     /// Repeat to flash several targets concurrently.
     #[arg(
         long = "port",
-        default_value = DEFAULT_PORT,
-        value_name = "SPEC",
+        default_value = crate::target::default_port(crate::target::Daemon::Flashd),
+        value_name = "PORT",
         action = clap::ArgAction::Append
     )]
     pub ports: Vec<PortSpec>,
-    /// WRITE frames in flight (1..=256). The default keeps 4 MiB in flight with the default
-    /// chunk: enough to keep the link busy, and what a resume may have to send again.
-    #[arg(long, default_value_t = nx_contract::defaults::WINDOW, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub window: u16,
-    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536). Large chunks cost the
-    /// target less per byte (fewer frames, writes, ACKs and journal syncs).
-    #[arg(long, default_value = DEFAULT_CHUNK_ARG, value_parser = parse_chunk)]
-    pub chunk: u32,
+    /// WRITE frames in flight (1..=256; default 4). The default keeps 4 MiB in flight with the
+    /// default chunk: enough to keep the link busy, and what a resume may have to send again.
+    /// The target may lower it to its maximum (a note says so).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub window: Option<u16>,
+    /// Chunk size: a power of two from 4K to 1M (e.g. 256K, 1M, 65536; default 1M). Large
+    /// chunks cost the target less per byte (fewer frames, writes, ACKs and journal syncs).
+    /// Given explicitly it wins over the chunk size of the target's skip index; the default
+    /// gives way to it (a note says so).
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk)]
+    pub chunk: Option<u32>,
     /// Compression of chunks: auto (zstd where it pays and the link is the bottleneck),
     /// zstd (whenever it shrinks a chunk), none.
     #[arg(
@@ -126,6 +130,15 @@ pub struct SendArgs {
     /// Send every data chunk, even those the target already holds.
     #[arg(long)]
     pub no_skip: bool,
+    /// An image the target may be running (repeatable). When the target offers its
+    /// running image as a base and it is one of these, only the changes are sent (zstd
+    /// patches against it). Every `*.img` beside IMAGE is a candidate too, unless
+    /// --no-base-search.
+    #[arg(long, value_name = "IMG")]
+    pub base: Vec<std::path::PathBuf>,
+    /// Do not look beside IMAGE for base images (only --base).
+    #[arg(long)]
+    pub no_base_search: bool,
     /// Install even if the image's security version is below the target's anti-rollback
     /// floor. The target honours it only for images signed with one of its development keys
     /// (trust/dev-keys); a release-signed older image is always refused.
@@ -133,11 +146,8 @@ pub struct SendArgs {
     pub allow_downgrade: bool,
     /// NDJSON events on stdout (start, progress, segment_verified, resumed, done, error,
     /// receipt).
-    #[arg(long, conflicts_with = "quiet")]
-    pub json: bool,
-    /// No progress output: errors and the final receipt line only.
     #[arg(long)]
-    pub quiet: bool,
+    pub json: bool,
     /// Also write the install receipt (JSON) to FILE; with several targets a JSON array of
     /// their receipts, in --port order.
     #[arg(long, value_name = "FILE")]
@@ -145,15 +155,23 @@ pub struct SendArgs {
     /// Connections tried in a row without progress before giving up.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub retries: u32,
-    /// Seconds without an answer before frames are sent again (10 times in a row = link lost).
-    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
-    pub timeout: f64,
+    /// Retransmission timeout: seconds without an answer before frames are sent again (10
+    /// times in a row = link lost). Not a wait for the whole command (`--timeout` of
+    /// `nx boot`/`nx reset` is); `--timeout` is still accepted here as an old name.
+    #[arg(
+        long = "rto",
+        alias = "timeout",
+        default_value_t = 2.0,
+        value_name = "SECS"
+    )]
+    pub rto: f64,
 }
 
 /// `nx flash info`.
 #[derive(clap::Args)]
 pub struct InfoArgs {
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    /// Where flashd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "PORT")]
     pub port: PortSpec,
     /// Print JSON.
     #[arg(long)]
@@ -165,7 +183,8 @@ pub struct InfoArgs {
 pub struct VerifyArgs {
     /// The image the target should hold.
     pub image: PathBuf,
-    #[arg(long, default_value = DEFAULT_PORT, value_name = "SPEC")]
+    /// Where flashd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Flashd), value_name = "PORT")]
     pub port: PortSpec,
     /// Print JSON.
     #[arg(long)]
@@ -178,9 +197,14 @@ pub struct RebootArgs {
     /// `normal` or `recovery`.
     #[arg(value_parser = ["normal", "recovery"])]
     pub target: String,
-    /// Where rebootd listens.
-    #[arg(long, default_value = DEFAULT_REBOOT_PORT, value_name = "SPEC")]
+    /// Where rebootd listens: unix:PATH, a bare path, tcp:HOST:PORT or serial:/dev/ttyX[@BAUD].
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Rebootd), value_name = "PORT")]
     pub port: String,
+}
+
+/// `--chunk SIZE` (also `nx flash plan --chunk`).
+pub(crate) fn parse_chunk_arg(s: &str) -> Result<u32, String> {
+    parse_chunk(s)
 }
 
 fn parse_chunk(s: &str) -> Result<u32, String> {
@@ -228,6 +252,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
     match args.cmd {
         FlashCommand::Send(a) => Ok(ExitCode::from(run_send(a)?)),
         FlashCommand::Info(a) => runtime()?.block_on(query::run_info(a)),
+        FlashCommand::Plan(a) => plan::run(a),
         FlashCommand::Verify(a) => runtime()?.block_on(query::run_verify(a)),
         FlashCommand::Reboot(a) => {
             let real = runtime()?.block_on(nx_engine::rpc_client::reboot(&a.port, &a.target))?;
@@ -248,12 +273,19 @@ pub fn run(args: FlashArgs) -> anyhow::Result<ExitCode> {
 /// `nx flash send`; returns the exit code.
 pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     let port = match a.ports.as_slice() {
-        [] => DEFAULT_PORT.parse::<PortSpec>()?,
+        [] => crate::target::default_port(crate::target::Daemon::Flashd).parse::<PortSpec>()?,
         [one] => one.clone(),
         _ => return fanout::run(a),
     };
-    let mode = OutputMode::choose(a.json, a.quiet);
+    let mode = OutputMode::choose(a.json, !crate::verbosity::notes());
     let mut r = Renderer::new(mode);
+    r.set_asked(asked(&a));
+    if let Some(p) = &a.receipt {
+        if let Err(e) = crate::outpath::check(p, "the receipt") {
+            report_error(&r, e.exit.code(), &e.message, None);
+            return Ok(e.exit.code());
+        }
+    }
     let img = match open_image(&a.image) {
         Ok(i) => i,
         Err((code, text)) => {
@@ -261,8 +293,15 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
             return Ok(code);
         }
     };
-    let opts = send_options(&a);
+    let opts = match send_options(&a, &img) {
+        Ok(o) => o,
+        Err(e) => {
+            report_error(&r, exit::IMAGE_INVALID, &e.to_string(), None);
+            return Ok(exit::IMAGE_INVALID);
+        }
+    };
     let again = again_command(&a.image, std::slice::from_ref(&port));
+    let port_name = port.to_string();
     let rt = runtime()?;
     let mut port = port;
     let result = rt.block_on(async {
@@ -273,6 +312,7 @@ pub fn run_send(a: SendArgs) -> anyhow::Result<u8> {
     rt.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(rep) => {
+            plan::record_rate(&port_name, rep.receipt.wire_bytes, rep.elapsed);
             let receipt_json = serde_json::to_string(&rep.receipt).context("receipt")?;
             if let Some(path) = &a.receipt {
                 write_receipt(path, &receipt_json)?;
@@ -304,16 +344,40 @@ fn open_image(path: &std::path::Path) -> Result<Arc<ImageFile>, (u8, String)> {
     })
 }
 
-fn send_options(a: &SendArgs) -> SendOptions {
+fn send_options(a: &SendArgs, img: &ImageFile) -> Result<SendOptions, nx_engine::delta::BaseError> {
     let mut opts = SendOptions::new(host_name());
-    opts.window = a.window;
-    opts.chunk_size = a.chunk;
+    if !a.no_skip {
+        opts.bases = nx_engine::delta::Bases::discover(img, &a.base, !a.no_base_search)?;
+    }
+    let (chunk, window) = chunk_and_window(a);
+    opts.window = window;
+    opts.chunk_size = chunk;
+    opts.exact_chunk = a.chunk.is_some();
     opts.compress = a.compress;
     opts.skip = !a.no_skip;
     opts.allow_downgrade = a.allow_downgrade;
     opts.attempts = a.retries.max(1);
-    opts.rto = Duration::from_secs_f64(a.timeout.clamp(0.05, 600.0));
-    opts
+    opts.rto = Duration::from_secs_f64(a.rto.clamp(0.05, 600.0));
+    Ok(opts)
+}
+
+/// The chunk size and window to offer: the flags, else the defaults.
+fn chunk_and_window(a: &SendArgs) -> (u32, u16) {
+    (
+        a.chunk.unwrap_or(nx_contract::defaults::CHUNK),
+        a.window.unwrap_or(nx_contract::defaults::WINDOW),
+    )
+}
+
+/// What the user asked for, for the renderer's notes.
+pub(crate) fn asked(a: &SendArgs) -> render::Asked {
+    let (chunk, window) = chunk_and_window(a);
+    render::Asked {
+        chunk,
+        chunk_explicit: a.chunk.is_some(),
+        window,
+        window_explicit: a.window.is_some(),
+    }
 }
 
 /// The command that continues a transfer to `ports`.
@@ -330,9 +394,10 @@ fn say_installed(r: &Renderer, rep: &SendReport, image_len: u64) {
     let st = rep.outcome.stats;
     let skips = rep.skips;
     r.say(&format!(
-        "nx: skipped {} of zeros, {} identical, {} saved by compression",
+        "nx: skipped {} of zeros, {} identical, {} patched (already on the target), {} saved by compression",
         human_bytes(skips.zero),
         human_bytes(skips.identical),
+        human_bytes(skips.patched),
         human_bytes(skips.compressed)
     ));
     r.say(&format!(
@@ -385,7 +450,7 @@ fn failure(e: &SendError, again: &str) -> (u8, Option<String>) {
             code: ErrorCode::Signature,
             ..
         } => (
-            exit::TARGET_REFUSED,
+            exit::TRUST,
             Some(
                 "nothing was written; the device installs only images signed with a key it \
                  trusts: sign with `nx image build --sign KEY` (docs/tools/trust.md)"
@@ -396,7 +461,7 @@ fn failure(e: &SendError, again: &str) -> (u8, Option<String>) {
             code: ErrorCode::Rollback,
             ..
         } => (
-            exit::TARGET_REFUSED,
+            exit::TRUST,
             Some(
                 "nothing was written; build the image with a --security-version at or above \
                  the device's floor (`--allow-downgrade` works only for images signed with a \
@@ -457,7 +522,8 @@ mod default_tests {
     #[test]
     fn the_chunk_default_is_the_contract_default() {
         assert_eq!(
-            parse_chunk(DEFAULT_CHUNK_ARG),
+            // `--chunk`'s help says "default 1M".
+            parse_chunk("1M"),
             Ok(nx_contract::defaults::CHUNK)
         );
     }

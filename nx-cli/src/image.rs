@@ -26,19 +26,21 @@ pub mod keygen;
 pub mod rootfs;
 pub mod verify;
 
-/// Exit codes of `nx image …` (documented in `docs/tools/nx-image.md`).
+/// Exit codes of `nx image …`: the rows of the one table ([`crate::exit::Exit`]) this group
+/// uses (documented in `docs/tools/nx.md` and `docs/tools/nx-image.md`).
 pub mod exit {
+    use crate::exit::Exit;
     /// Success.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = Exit::Ok.code();
     /// I/O error, unreadable key, bad argument value, build failure.
-    pub const ERROR: u8 = 1;
+    pub const ERROR: u8 = Exit::Error.code();
     /// Command-line usage error (reported by the argument parser).
-    pub const USAGE: u8 = 2;
+    pub const USAGE: u8 = Exit::Usage.code();
     /// The image is malformed (or of an older format), truncated, or a hash (sha256 or
     /// data_sha256), padding or data-range check failed.
-    pub const VERIFY_FAILED: u8 = 3;
+    pub const VERIFY_FAILED: u8 = Exit::Invalid.code();
     /// A signature was required (`--pub`) and is missing, invalid or made with another key.
-    pub const SIGNATURE_FAILED: u8 = 4;
+    pub const SIGNATURE_FAILED: u8 = Exit::Trust.code();
 }
 
 /// Arguments of `nx image`.
@@ -49,13 +51,14 @@ pub mod exit {
         An image is a 4 KiB header, a canonical JSON manifest (with an optional Ed25519 \
         signature), then the segments (rootfs, kernel, ...), each 4 KiB aligned. \
         See docs/provisioning/overview.md for the byte layout.",
-    after_help = "Examples:\n  \
+    after_help = concat!(
+        "Examples:\n  \
         nx image keygen --out keys/release\n  \
         nx image build --rootfs rootfs/ --version 1 --out build/nexus-os.img --sign keys/release\n  \
         nx image verify build/nexus-os.img --pub keys/release.pub\n  \
-        nx image inspect build/nexus-os.img --json\n\n\
-        Exit codes: 0 ok, 1 error (I/O, bad argument value), 2 usage, 3 verification failed, \
-        4 signature check failed."
+        nx image inspect build/nexus-os.img --json\n\n",
+        crate::exit_table!()
+    )
 )]
 pub struct ImageArgs {
     #[command(subcommand)]

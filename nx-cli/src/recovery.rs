@@ -1,7 +1,7 @@
 //! `nx recovery …`: recovery tools on the host.
 //!
 //! ```text
-//! nx recovery diag [--out FILE] [--new] [--json] [--port SPEC] [--timeout SECS]
+//! nx recovery diag [--out FILE] [--new] [--json] [--port PORT] [--timeout SECS]
 //! ```
 //!
 //! Fetches the newest diagnostics bundle `STATE/recovery/diag-<n>.tar.zst` (written by
@@ -28,6 +28,13 @@ const MAX_TAR_BYTES: u64 = 1024 * 1024;
 
 /// `nx recovery …`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = concat!(
+    "Examples:\n  \
+    nx recovery diag\n  \
+    nx recovery diag --new --out /tmp/diag.tar.zst\n  \
+    nx recovery diag --json --port unix:/tmp/reboot.sock\n\n",
+    crate::exit_table!()
+))]
 pub struct RecoveryArgs {
     #[command(subcommand)]
     cmd: RecoveryCmd,
@@ -39,7 +46,7 @@ enum RecoveryCmd {
     /// record, /state listing, flashd journal) from the guest.
     Diag {
         /// Where to save it (default: ./diag-<n>.tar.zst, the guest's name).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         /// Ask the guest to write a new bundle first.
         #[arg(long)]
@@ -170,6 +177,9 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<ExitCode> {
         json,
         port,
     } = args.cmd;
+    if let Some(p) = &out {
+        crate::outpath::check(p, "--out")?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -207,10 +217,10 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<ExitCode> {
     } else {
         writeln!(
             stdout,
-            "wrote {} ({} bytes, the guest's {name}; {} members: {})",
+            "wrote {} ({} bytes, the guest's {name}; {}: {})",
             path.display(),
             data.len(),
-            checked.members.len(),
+            crate::plural(checked.members.len() as u64, "member"),
             checked
                 .members
                 .iter()

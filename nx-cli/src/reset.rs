@@ -3,7 +3,7 @@
 //! ```text
 //! nx reset factory --dry-run [--json]   # the exact plan; changes nothing
 //! nx reset factory [--yes] [--json]     # double confirmation, then rebootd.factoryWipe()
-//!   --port SPEC (default unix:build/qemu/reboot.sock), --timeout SECS (default 15)
+//!   --port PORT (default unix:build/qemu/reboot.sock), --timeout SECS (default 15)
 //! ```
 //!
 //! The plan is computed in the guest (rebootd `resetPlan()`, the `nx-reset` plan JSON):
@@ -17,7 +17,7 @@
 //! wiped trees), every shown string is stripped of control characters and bounded.
 
 use anyhow::{bail, Context};
-use nx_engine::rpc_client::{self, Daemon, DEFAULT_REBOOT_PORT};
+use nx_engine::rpc_client::{self, Daemon};
 use proto::rpc::reboot_capnp::reboot;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -32,6 +32,13 @@ const MAX_ANSWER: usize = 256;
 
 /// `nx reset …`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = concat!(
+    "Examples:\n  \
+    nx reset factory --dry-run\n  \
+    nx reset factory\n  \
+    nx reset factory --yes --json --port unix:/tmp/reboot.sock\n\n",
+    crate::exit_table!()
+))]
 pub struct ResetArgs {
     #[command(subcommand)]
     cmd: ResetCmd,
@@ -41,10 +48,10 @@ pub struct ResetArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RebootPort {
     /// rebootd's port: unix:PATH (or a bare path), tcp:HOST:PORT, serial:DEV[@BAUD].
-    #[arg(long, default_value = DEFAULT_REBOOT_PORT)]
+    #[arg(long, default_value = crate::target::default_port(crate::target::Daemon::Rebootd), value_name = "PORT")]
     pub port: String,
     /// Seconds to wait for rebootd's answer.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
     pub timeout: u64,
 }
 

@@ -28,9 +28,17 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `nx args…` fails with `code` (the exit-code table: 5 unreachable, 6 refused).
+fn fails_with(code: i32, args: &[&str]) -> String {
+    let out = nx(args);
+    assert_eq!(out.status.code(), Some(code), "nx {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// bootctld refused: exit 6.
 fn fails(args: &[&str]) -> String {
     let out = nx(args);
-    assert_eq!(out.status.code(), Some(1), "nx {args:?} should fail");
+    assert_eq!(out.status.code(), Some(6), "nx {args:?} should be refused");
     String::from_utf8(out.stderr).unwrap()
 }
 
@@ -147,8 +155,8 @@ fn nx_boot_drives_bootctld() {
 fn nx_boot_without_a_guest_says_how_to_start_one() {
     let dir = tempfile::tempdir().unwrap();
     let port = format!("unix:{}", dir.path().join("bootctl.sock").display());
-    let err = fails(&["boot", "status", "--port", &port]);
-    assert!(err.contains("is the guest running?"), "{err}");
+    let err = fails_with(5, &["boot", "status", "--port", &port]);
+    assert!(err.contains("no such file: is QEMU running?"), "{err}");
     assert!(err.contains("just recovery"), "{err}");
 }
 

@@ -314,7 +314,7 @@ fn identical_reflash_is_a_no_op_and_info_and_verify_agree() {
     assert!(verify.status.success(), "{}", text(&verify.stderr));
     assert!(text(&verify.stdout).contains("stub/placeholder"));
 
-    // Another image is reported as a mismatch (exit 4).
+    // Another image is reported as a mismatch (exit 6).
     let other = rig.dir.path().join("other.img");
     std::fs::write(&other, test_image(99, 1)).unwrap();
     let verify = Command::new(NX)
@@ -323,7 +323,8 @@ fn identical_reflash_is_a_no_op_and_info_and_verify_agree() {
         .args(["--port", &rig.port()])
         .output()
         .unwrap();
-    assert_eq!(verify.status.code(), Some(4));
+    // Another image installed: "target refused" (6) in the exit-code table.
+    assert_eq!(verify.status.code(), Some(6));
     srv.kill();
 }
 

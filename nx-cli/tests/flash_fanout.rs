@@ -53,7 +53,7 @@ impl Fleet {
         self.start(name, state)
     }
 
-    /// A flashd without a usable state dir: it refuses every image (ERROR, exit 4).
+    /// A flashd without a usable state dir: it refuses every image (ERROR, exit 6).
     fn refusing(&self, name: &str) -> Target {
         self.start(name, self.dir.path().join(format!("{name}-no-such-state")))
     }
@@ -289,8 +289,8 @@ fn a_refusing_target_outranks_a_dead_one_and_quiet_shows_only_failures() {
     let refusing = fleet.refusing("refusing");
     let out = fleet.nx_send(&fleet.img_path, &[&good, &dead, &refusing], &["--quiet"]);
     let stderr = text(&out.stderr);
-    // 4 (refused: a re-run does not help) is more specific than 5 (a re-run resumes).
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    // 6 (refused: a re-run does not help) is more specific than 5 (a re-run resumes).
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
     fleet.assert_installed(&good);
     assert!(!refusing.out.exists());
     assert!(
@@ -309,7 +309,7 @@ fn a_refusing_target_outranks_a_dead_one_and_quiet_shows_only_failures() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("nx: summary: 1 of 3 targets installed, 2 failed (exit 4)"),
+        stderr.contains("nx: summary: 1 of 3 targets installed, 2 failed (exit 6)"),
         "{stderr}"
     );
     // --quiet: no progress, no line for the installed target.

@@ -51,7 +51,8 @@ fn fetch_new_and_newest_bundle() {
 
     // Nothing yet.
     let out = nx(&["recovery", "diag", "--port", &port], &work);
-    assert_eq!(out.status.code(), Some(1));
+    // rebootd refused: exit 6 (the exit-code table).
+    assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("no diag bundle"), "{err}");
     assert!(err.contains("--new"), "{err}");

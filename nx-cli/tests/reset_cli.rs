@@ -251,9 +251,10 @@ fn no_guest_says_so() {
         ],
         "",
     );
-    assert_eq!(out.status.code(), Some(1));
+    // Unreachable: exit 5 (the exit-code table).
+    assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("is the guest running?"), "{err}");
+    assert!(err.contains("no such file: is QEMU running?"), "{err}");
     let out = nx(&["reset", "factory", "--dry-run", "--yes"], "");
     assert_eq!(out.status.code(), Some(2), "--yes conflicts with --dry-run");
 }
@@ -274,7 +275,8 @@ fn ram_only_rebootd_refuses() {
     .unwrap();
     let port = format!("unix:{}", sock.display());
     let out = nx(&["reset", "factory", "--dry-run", "--port", &port], "");
-    assert_eq!(out.status.code(), Some(1));
+    // rebootd refused: exit 6 (the exit-code table).
+    assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("stub/placeholder"), "{err}");
 }

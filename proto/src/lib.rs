@@ -4,6 +4,7 @@
 //! values, so the host (`nx`), the guest (`flashd`) and the tests drive the
 //! same code.
 //!
+//! * [`ident`]: the "who are you?" probe every guest daemon answers before its protocol.
 //! * [`frame`]: the wire frame (magic, header, seq, len, payload, crc32) and its
 //!   streaming decoder.
 //! * [`msg`]: the messages of the flashing conversation carried in frames.
@@ -14,6 +15,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod frame;
+pub mod ident;
 pub mod image;
 pub mod manifest;
 pub mod msg;

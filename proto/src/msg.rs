@@ -47,18 +47,34 @@ pub const MAX_TEXT_LEN: usize = 512;
 
 /// Compression set bit: zstd.
 pub const COMPRESS_ZSTD: u8 = 0x01;
+/// Compression set bit: zstd frames that reference earlier bytes (`PATCH` writes: a zstd
+/// frame compressed against a range of the target's base image or of the staging bytes
+/// already written, like `zstd --patch-from`). Only together with [`COMPRESS_ZSTD`].
+pub const COMPRESS_PATCH: u8 = 0x02;
+/// Compression set bit: the target computes derived segments itself (`DERIVE` writes: the
+/// dm-verity hash tree of a manifest `verity` entry, from the data segment it already holds).
+pub const COMPRESS_DERIVE: u8 = 0x04;
+/// Largest derived segment (the target holds it in memory while it writes it).
+pub const MAX_DERIVED: u64 = 8 * 1024 * 1024;
+/// Largest reference range of a `PATCH` write (the target maps it read-only).
+pub const MAX_PATCH_REF: u32 = 64 * 1024 * 1024;
 
 /// HELLO flag: the host forbids skipping (`--no-skip`): send every data chunk.
 pub const HELLO_NO_SKIP: u8 = 0x01;
 /// HELLO flag: `--allow-downgrade`: install even below the target's security-version floor.
 /// The target honours it only for an image signed with one of its development keys.
 pub const HELLO_ALLOW_DOWNGRADE: u8 = 0x02;
+/// HELLO flag: the host's chunk size was chosen explicitly (`--chunk`): the target uses it
+/// (or its own maximum) and does not adopt its skip index's chunk size instead.
+pub const HELLO_EXACT_CHUNK: u8 = 0x04;
 /// HELLO_REPLY flag: the target already has exactly this image installed.
 pub const REPLY_ALREADY_INSTALLED: u8 = 0x01;
 /// HELLO_REPLY flag: the target holds a partial transfer of this image.
 pub const REPLY_RESUMED: u8 = 0x02;
 /// HELLO_REPLY flag: the target has no trust key provisioned and accepts unsigned images.
 pub const REPLY_UNPROVISIONED: u8 = 0x04;
+/// HELLO_REPLY flag: a [`BaseImage`] follows `verified`: the image the target can patch from.
+pub const REPLY_BASE: u8 = 0x08;
 
 // Every message fits a frame: the largest fixed HELLO part is far below the slack.
 const _: () = assert!(MAX_HEAD + 4096 <= MAX_PAYLOAD);
@@ -244,6 +260,8 @@ pub struct Hello {
     pub skip: bool,
     /// `--allow-downgrade` ([`HELLO_ALLOW_DOWNGRADE`]).
     pub allow_downgrade: bool,
+    /// The chunk size is the user's choice ([`HELLO_EXACT_CHUNK`]).
+    pub exact_chunk: bool,
     /// Host name, `[A-Za-z0-9._-]{1,64}`.
     pub host: String,
     /// The image head: every byte before the first segment (header, manifest,
@@ -288,6 +306,31 @@ pub struct HelloReply {
     pub verified: u64,
     /// Chunks of the installed image (empty when skipping is off or impossible).
     pub index: Vec<IndexEntry>,
+    /// The image `PATCH` writes with [`PatchSource::Base`] may reference (only when the
+    /// HELLO offered [`COMPRESS_PATCH`] and skipping is allowed).
+    pub base: Option<BaseImage>,
+}
+
+/// The image a target holds intact while it receives a new one (its active slot, or the
+/// installed file): the base of `PATCH` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseImage {
+    /// Manifest id of the base image.
+    pub image_id: [u8; 32],
+    /// Its total size: every `PATCH` reference lies inside.
+    pub total_size: u64,
+}
+
+wire_enum! {
+    /// What a `PATCH` write references.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum PatchSource: u8 {
+        /// 1: the target's base image ([`HelloReply::base`]), absolute offsets.
+        Base = 1 => "base",
+        /// 2: the staging bytes of this image already accepted (before the chunk).
+        Staging = 2 => "staging",
+    }
+    unknown: Unknown => "unknown", "Unknown value, kept verbatim."
 }
 
 /// What an INFO_REPLY says about the installed image.
@@ -321,6 +364,9 @@ pub struct InfoReply {
     pub compression: u8,
     pub installed: Option<InstalledInfo>,
     pub transfer: Option<TransferInfo>,
+    /// The image the target would patch from ([`HelloReply::base`]); encoded after
+    /// `transfer` (absent in replies of older targets).
+    pub base: Option<BaseImage>,
 }
 
 /// The body kind of a WRITE, carried in the frame flags.
@@ -331,6 +377,8 @@ pub enum WriteKind {
     Zero = 1,
     Zstd = 2,
     Copy = 3,
+    Patch = 4,
+    Derive = 5,
 }
 
 /// The data of a WRITE.
@@ -345,6 +393,17 @@ pub enum WriteBody {
     /// Copy `len` bytes from the installed image at absolute `src_offset`; they hash
     /// to `hash`.
     Copy { src_offset: u64, hash: ChunkHash },
+    /// A zstd frame (1..=`len` bytes) that decompresses to exactly `len` bytes with
+    /// `ref_len` bytes at `ref_offset` of `source` as its prefix (`zstd --patch-from`).
+    Patch {
+        source: PatchSource,
+        ref_offset: u64,
+        ref_len: u32,
+        frame: Bytes,
+    },
+    /// `len` bytes the target computes itself (the dm-verity hash tree of its segment, from
+    /// the data segment already received); nothing on the wire.
+    Derive,
 }
 
 impl WriteBody {
@@ -354,14 +413,17 @@ impl WriteBody {
             WriteBody::Zero => WriteKind::Zero,
             WriteBody::Zstd(_) => WriteKind::Zstd,
             WriteBody::Copy { .. } => WriteKind::Copy,
+            WriteBody::Patch { .. } => WriteKind::Patch,
+            WriteBody::Derive => WriteKind::Derive,
         }
     }
     /// Bytes this body occupies on the wire.
     pub fn wire_len(&self) -> usize {
         match self {
             WriteBody::Raw(b) | WriteBody::Zstd(b) => b.len(),
-            WriteBody::Zero => 0,
+            WriteBody::Zero | WriteBody::Derive => 0,
             WriteBody::Copy { .. } => 24,
+            WriteBody::Patch { frame, .. } => 13 + frame.len(),
         }
     }
 }
@@ -720,8 +782,11 @@ fn check_chunk(c: u32) -> Result<(), String> {
 }
 
 fn check_compression_set(c: u8) -> Result<(), String> {
-    if c & !COMPRESS_ZSTD != 0 {
+    if c & !(COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE) != 0 {
         return Err(format!("unknown compression bits {c:#04x}"));
+    }
+    if c & COMPRESS_PATCH != 0 && c & COMPRESS_ZSTD == 0 {
+        return Err(format!("patch needs zstd, got {c:#04x}"));
     }
     Ok(())
 }
@@ -786,7 +851,8 @@ impl Message {
                             HELLO_ALLOW_DOWNGRADE
                         } else {
                             0
-                        },
+                        }
+                        | if h.exact_chunk { HELLO_EXACT_CHUNK } else { 0 },
                 );
                 put_str8(&mut b, &h.host);
                 b.put_u32_le(h.head.len() as u32);
@@ -826,9 +892,16 @@ impl Message {
                 if r.unprovisioned {
                     f |= REPLY_UNPROVISIONED;
                 }
+                if r.base.is_some() {
+                    f |= REPLY_BASE;
+                }
                 b.put_u8(f);
                 b.put_u32_le(r.resume_seq);
                 b.put_u64_le(r.verified);
+                if let Some(base) = &r.base {
+                    b.put_slice(&base.image_id);
+                    b.put_u64_le(base.total_size);
+                }
                 b.put_u32_le(r.index.len() as u32);
                 for e in &r.index {
                     b.put_u64_le(e.offset);
@@ -876,6 +949,14 @@ impl Message {
                         b.put_u64_le(t.verified);
                     }
                 }
+                match &r.base {
+                    None => b.put_u8(0),
+                    Some(base) => {
+                        b.put_u8(1);
+                        b.put_slice(&base.image_id);
+                        b.put_u64_le(base.total_size);
+                    }
+                }
             }
             Message::Write(w) => {
                 if w.seq == 0 {
@@ -892,10 +973,21 @@ impl Message {
                 b.put_u32_le(w.len);
                 match &w.body {
                     WriteBody::Raw(d) | WriteBody::Zstd(d) => b.put_slice(d),
-                    WriteBody::Zero => {}
+                    WriteBody::Zero | WriteBody::Derive => {}
                     WriteBody::Copy { src_offset, hash } => {
                         b.put_u64_le(*src_offset);
                         b.put_slice(hash);
+                    }
+                    WriteBody::Patch {
+                        source,
+                        ref_offset,
+                        ref_len,
+                        frame,
+                    } => {
+                        b.put_u8(source.code());
+                        b.put_u64_le(*ref_offset);
+                        b.put_u32_le(*ref_len);
+                        b.put_slice(frame);
                     }
                 }
             }
@@ -963,7 +1055,7 @@ impl Message {
                 let compression = r.u8("compression")?;
                 r.check(check_compression_set(compression), "compression")?;
                 let fl = r.u8("flags")?;
-                if fl & !(HELLO_NO_SKIP | HELLO_ALLOW_DOWNGRADE) != 0 {
+                if fl & !(HELLO_NO_SKIP | HELLO_ALLOW_DOWNGRADE | HELLO_EXACT_CHUNK) != 0 {
                     return Err(MsgError::invalid(
                         m,
                         "flags",
@@ -983,6 +1075,7 @@ impl Message {
                     compression,
                     skip: fl & HELLO_NO_SKIP == 0,
                     allow_downgrade: fl & HELLO_ALLOW_DOWNGRADE != 0,
+                    exact_chunk: fl & HELLO_EXACT_CHUNK != 0,
                     host,
                     head,
                 })
@@ -1001,7 +1094,10 @@ impl Message {
                 let compression = r.u8("compression")?;
                 r.check(check_reply_compression(compression), "compression")?;
                 let fl = r.u8("flags")?;
-                if fl & !(REPLY_ALREADY_INSTALLED | REPLY_RESUMED | REPLY_UNPROVISIONED) != 0 {
+                if fl
+                    & !(REPLY_ALREADY_INSTALLED | REPLY_RESUMED | REPLY_UNPROVISIONED | REPLY_BASE)
+                    != 0
+                {
                     return Err(MsgError::invalid(
                         m,
                         "flags",
@@ -1010,6 +1106,14 @@ impl Message {
                 }
                 let resume_seq = r.u32("resume_seq")?;
                 let verified = r.u64("verified")?;
+                let base = if fl & REPLY_BASE != 0 {
+                    Some(BaseImage {
+                        image_id: r.arr::<32>("base.image_id")?,
+                        total_size: r.u64("base.total_size")?,
+                    })
+                } else {
+                    None
+                };
                 let n = r.u32("index_count")? as usize;
                 if n > MAX_INDEX_ENTRIES {
                     return Err(MsgError::invalid(
@@ -1051,6 +1155,7 @@ impl Message {
                     resume_seq,
                     verified,
                     index,
+                    base,
                 })
             }
             MsgType::Info => Message::Info,
@@ -1101,6 +1206,14 @@ impl Message {
                 } else {
                     None
                 };
+                let base = if r.remaining() > 0 && r.flag("has_base")? {
+                    Some(BaseImage {
+                        image_id: r.arr::<32>("base.image_id")?,
+                        total_size: r.u64("base.total_size")?,
+                    })
+                } else {
+                    None
+                };
                 Message::InfoReply(InfoReply {
                     proto,
                     device,
@@ -1110,6 +1223,7 @@ impl Message {
                     compression,
                     installed,
                     transfer,
+                    base,
                 })
             }
             MsgType::Write => {
@@ -1121,6 +1235,8 @@ impl Message {
                     1 => WriteKind::Zero,
                     2 => WriteKind::Zstd,
                     3 => WriteKind::Copy,
+                    4 => WriteKind::Patch,
+                    5 => WriteKind::Derive,
                     flags => return Err(MsgError::BadFlags { msg: m, flags }),
                 };
                 let segment = r.str8("segment")?;
@@ -1131,10 +1247,17 @@ impl Message {
                 let body = match kind {
                     WriteKind::Raw => WriteBody::Raw(r.rest()),
                     WriteKind::Zero => WriteBody::Zero,
+                    WriteKind::Derive => WriteBody::Derive,
                     WriteKind::Zstd => WriteBody::Zstd(r.rest()),
                     WriteKind::Copy => WriteBody::Copy {
                         src_offset: r.u64("src_offset")?,
                         hash: r.arr::<16>("hash")?,
+                    },
+                    WriteKind::Patch => WriteBody::Patch {
+                        source: PatchSource::from_code(r.u8("source")?),
+                        ref_offset: r.u64("ref_offset")?,
+                        ref_len: r.u32("ref_len")?,
+                        frame: r.rest(),
                     },
                 };
                 check_body(m, len, &body)?;
@@ -1197,7 +1320,7 @@ impl Message {
 
 fn check_reply_compression(c: u8) -> Result<(), String> {
     check_compression_set(c)?;
-    if c.count_ones() > 1 {
+    if (c & !(COMPRESS_PATCH | COMPRESS_DERIVE)).count_ones() > 1 {
         return Err(format!(
             "at most one algorithm may be accepted, got {c:#04x}"
         ));
@@ -1216,6 +1339,37 @@ fn check_body(m: &'static str, len: u32, body: &WriteBody) -> Result<(), MsgErro
             m,
             "data",
             format!("compressed data must be 1..={len} bytes, got {}", d.len()),
+        )),
+        WriteBody::Patch { frame, .. } if frame.is_empty() || frame.len() > len as usize => {
+            Err(MsgError::invalid(
+                m,
+                "data",
+                format!("patch frame must be 1..={len} bytes, got {}", frame.len()),
+            ))
+        }
+        WriteBody::Patch { ref_len, .. } if *ref_len == 0 || *ref_len > MAX_PATCH_REF => {
+            Err(MsgError::invalid(
+                m,
+                "ref_len",
+                format!("patch reference must be 1..={MAX_PATCH_REF} bytes, got {ref_len}"),
+            ))
+        }
+        WriteBody::Patch {
+            source: PatchSource::Unknown(c),
+            ..
+        } => Err(MsgError::invalid(
+            m,
+            "source",
+            format!("unknown patch source {c}"),
+        )),
+        WriteBody::Patch {
+            ref_offset,
+            ref_len,
+            ..
+        } if ref_offset.checked_add(u64::from(*ref_len)).is_none() => Err(MsgError::invalid(
+            m,
+            "ref_offset",
+            "patch reference overflows".to_string(),
         )),
         _ => Ok(()),
     }

@@ -24,6 +24,13 @@ pub struct SegmentReceipt {
     pub zero_bytes: u64,
     /// Bytes saved by compression (decoded length − wire length).
     pub compressed_bytes: u64,
+    /// Bytes saved by `PATCH` writes against the target's base image (decoded length − wire
+    /// length): what the target already had, wherever it was.
+    #[serde(default)]
+    pub patched_bytes: u64,
+    /// Bytes the target computed itself (`DERIVE`: the dm-verity hash tree), never sent.
+    #[serde(default)]
+    pub derived_bytes: u64,
     /// Data bytes held from an earlier session whose breakdown this side did not see.
     pub resumed_bytes: u64,
 }

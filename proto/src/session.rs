@@ -47,7 +47,9 @@
 //!             SenderAction::ReadChunk { seq, offset, len, hash } => {
 //!                 /* read the image; later: s.handle(now, SenderEvent::ChunkRead {..}) */
 //!             }
-//!             SenderAction::Compress { seq, data } => { /* zstd; SenderEvent::Compressed */ }
+//!             SenderAction::Compress { seq, data, .. } => {
+//!                 /* zstd (against a prefix for PATCH); SenderEvent::Compressed */
+//!             }
 //!             SenderAction::Progress(p) => { /* render bars / NDJSON */ }
 //!             SenderAction::Finished(_) | SenderAction::Failed(_) => return,
 //!         }
@@ -158,6 +160,11 @@ pub enum SkipKind {
     Identical,
     /// Bytes saved by compression (raw length − compressed length).
     Compressed,
+    /// Bytes saved by `PATCH` writes against the target's base image (raw length − wire
+    /// length): the bytes the target already had, wherever they were.
+    Patched,
+    /// Bytes the target computed itself (`DERIVE`: the dm-verity hash tree).
+    Derived,
 }
 
 /// One segment in [`ProgressEvent::Start`].
@@ -195,6 +202,10 @@ pub enum ProgressEvent {
     /// The target has no trust key provisioned: it accepts unsigned images (right after
     /// [`ProgressEvent::Start`]; the CLI warns).
     Unprovisioned { device: String },
+    /// The target offers a base image to patch from (right after [`ProgressEvent::Start`]):
+    /// `held`: the host holds it too and sends only the changes; otherwise the image is
+    /// sent whole (pass the base image with `--base`).
+    Base { image_id: String, held: bool },
     /// The target already held part of the image.
     Resumed {
         /// Next chunk to send.

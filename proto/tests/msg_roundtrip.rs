@@ -41,6 +41,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 |(nonce, window, chunk_size, compression, skip, host, head, proto)| {
                     Message::Hello(Hello {
                         allow_downgrade: false,
+                        exact_chunk: !skip,
                         proto,
                         nonce,
                         window,
@@ -61,7 +62,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
             0u8..=1,
             any::<(bool, bool)>(),
             any::<(u32, u64)>(),
-            proptest::collection::vec((any::<u64>(), 1u32..=MAX_CHUNK, any::<[u8; 16]>()), 0..50)
+            (
+                proptest::collection::vec(
+                    (any::<u64>(), 1u32..=MAX_CHUNK, any::<[u8; 16]>()),
+                    0..50
+                ),
+                proptest::option::of(any::<([u8; 32], u64)>())
+            )
         )
             .prop_map(
                 |(
@@ -73,7 +80,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     compression,
                     (ai, res),
                     (rs, ver),
-                    idx,
+                    (idx, base),
                 )| {
                     Message::HelloReply(HelloReply {
                         unprovisioned: false,
@@ -92,6 +99,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                             .into_iter()
                             .map(|(offset, len, hash)| IndexEntry { offset, len, hash })
                             .collect(),
+                        base: base.map(|(image_id, total_size)| BaseImage {
+                            image_id,
+                            total_size,
+                        }),
                     })
                 }
             ),
@@ -107,9 +118,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 any::<u64>(),
                 "[0-9.]{1,64}"
             )),
-            proptest::option::of((any::<[u8; 32]>(), chunk_size(), any::<(u32, u32, u64)>()))
+            proptest::option::of((any::<[u8; 32]>(), chunk_size(), any::<(u32, u32, u64)>())),
+            proptest::option::of(any::<([u8; 32], u64)>())
         )
-            .prop_map(|(device, info, max_window, max_chunk, inst, xfer)| {
+            .prop_map(|(device, info, max_window, max_chunk, inst, xfer, base)| {
                 Message::InfoReply(InfoReply {
                     proto: PROTO_VERSION,
                     device,
@@ -134,6 +146,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                             verified,
                         },
                     ),
+                    base: base.map(|(image_id, total_size)| BaseImage {
+                        image_id,
+                        total_size,
+                    }),
                 })
             }),
         (
@@ -141,25 +157,46 @@ fn arb_message() -> impl Strategy<Value = Message> {
             seg_name(),
             any::<u64>(),
             bytes(4096),
-            0u8..4,
-            any::<(u64, [u8; 16])>()
+            0u8..5,
+            any::<(u64, [u8; 16])>(),
+            (any::<bool>(), 0u64..u64::MAX / 2, 1u32..=MAX_PATCH_REF)
         )
-            .prop_map(|(seq, segment, offset, data, kind, (src_offset, hash))| {
-                let len = data.len() as u32;
-                let body = match kind {
-                    0 => WriteBody::Raw(data),
-                    1 => WriteBody::Zero,
-                    2 => WriteBody::Zstd(data.slice(..data.len().div_ceil(2))),
-                    _ => WriteBody::Copy { src_offset, hash },
-                };
-                Message::Write(Write {
+            .prop_map(
+                |(
                     seq,
                     segment,
                     offset,
-                    len,
-                    body,
-                })
-            }),
+                    data,
+                    kind,
+                    (src_offset, hash),
+                    (base, ref_offset, ref_len),
+                )| {
+                    let len = data.len() as u32;
+                    let body = match kind {
+                        0 => WriteBody::Raw(data),
+                        1 => WriteBody::Zero,
+                        2 => WriteBody::Zstd(data.slice(..data.len().div_ceil(2))),
+                        3 => WriteBody::Patch {
+                            source: if base {
+                                PatchSource::Base
+                            } else {
+                                PatchSource::Staging
+                            },
+                            ref_offset,
+                            ref_len,
+                            frame: data.slice(..data.len().div_ceil(3)),
+                        },
+                        _ => WriteBody::Copy { src_offset, hash },
+                    };
+                    Message::Write(Write {
+                        seq,
+                        segment,
+                        offset,
+                        len,
+                        body,
+                    })
+                }
+            ),
         any::<u32>().prop_map(|ack| Message::Ack(Ack { ack })),
         (any::<u32>(), 1u8..=2).prop_map(|(seq, r)| Message::Nak(Nak {
             seq,
@@ -203,8 +240,13 @@ proptest! {
             let g = Frame::new(f.msg_type(), f.flags(), f.seq(), p.slice(..n)).unwrap();
             // Most cuts are errors; a cut inside a raw/zstd body may still be a valid
             // (different) message — never a panic, and never the same message.
+            // The one exception: INFO_REPLY's trailing `has_base = 0` byte may be absent (replies
+            // of older targets), so cutting exactly that byte leaves the same message.
+            let old_info = matches!(&m, Message::InfoReply(r) if r.base.is_none()) && n + 1 == p.len();
             if let Ok(m2) = Message::from_frame(&g) {
-                prop_assert_ne!(m2, m);
+                if !old_info {
+                    prop_assert_ne!(m2, m);
+                }
             }
         }
     }
@@ -286,7 +328,7 @@ fn write_body_rules() {
     assert!(Message::from_frame(&write_frame(b"rootfs", 0, MAX_CHUNK + 1, b"", 1, 1)).is_err());
     // unknown kind flag, seq 0
     assert!(matches!(
-        Message::from_frame(&write_frame(b"rootfs", 0, 1, b"x", 4, 1)),
+        Message::from_frame(&write_frame(b"rootfs", 0, 1, b"x", 6, 1)),
         Err(MsgError::BadFlags { .. })
     ));
     assert!(matches!(
@@ -316,6 +358,7 @@ fn non_write_frames_need_zero_flags_and_seq() {
 fn hello_bounds() {
     let ok = Hello {
         allow_downgrade: false,
+        exact_chunk: false,
         proto: 1,
         nonce: 1,
         window: 16,
@@ -418,6 +461,7 @@ fn hello_reply_index_count_is_checked_against_the_payload() {
             len: 4096,
             hash: [1; 16],
         }],
+        base: None,
     };
     let f = Message::HelloReply(r.clone()).to_frame().unwrap();
     let mut p = f.payload().to_vec();
@@ -425,12 +469,19 @@ fn hello_reply_index_count_is_checked_against_the_payload() {
     p[at..at + 4].copy_from_slice(&(u32::MAX).to_le_bytes());
     let g = Frame::new(f.msg_type(), 0, 0, Bytes::from(p)).unwrap();
     assert!(Message::from_frame(&g).is_err());
-    // two accepted compression bits are not a choice
-    let bad = HelloReply {
-        compression: 0x03,
+    // PATCH without zstd, and an unknown bit, are refused; zstd with PATCH and DERIVE is fine
+    for c in [0x02u8, 0x08] {
+        let bad = HelloReply {
+            compression: c,
+            ..r.clone()
+        };
+        assert!(Message::HelloReply(bad).to_frame().is_err(), "{c:#x}");
+    }
+    let ok = HelloReply {
+        compression: COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE,
         ..r
     };
-    assert!(Message::HelloReply(bad).to_frame().is_err());
+    assert!(Message::HelloReply(ok).to_frame().is_ok());
 }
 
 #[test]

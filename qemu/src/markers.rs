@@ -393,6 +393,7 @@ mod tests {
         assert!(st.present.iter().any(|m| m == "init: ready"));
         for name in [
             "update",
+            "update-cut",
             "rollback",
             "update-powercut",
             "reset",

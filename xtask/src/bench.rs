@@ -16,6 +16,7 @@
 //!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
 
 mod boot;
+mod delta;
 mod fanout;
 mod guest;
 mod report;
@@ -45,6 +46,10 @@ enum Which {
     /// Host-run flashd over a unix socket vs a raw copy (dense, 10% data, identical re-flash,
     /// peak RSS for a 1 GiB image).
     Flash(FlashArgs),
+    /// Delta updates (issue 15): bytes on the wire for realistic v1 → v2 pairs (a changed
+    /// service, a changed kernel, rootfs +10%): ours vs today's skip, casync, zstd
+    /// --patch-from, xdelta3, 4 KiB block hashes; writes its block of docs/benchmarks.md.
+    Delta(delta::DeltaArgs),
     /// Several QEMU guests at once (default 4): one alone, then all with one nx flash send;
     /// aggregate MB/s vs n × single; writes its block of docs/benchmarks.md.
     Fanout(fanout::FanoutArgs),
@@ -82,6 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(Which::Guest(a)) => guest::run(a),
         Some(Which::Flash(a)) => flash(a),
         Some(Which::Fanout(a)) => fanout::run(a),
+        Some(Which::Delta(a)) => delta::run(a),
         Some(Which::Boot) => {
             crate::guest::build(&crate::guest::Args::default())?;
             let chain = boot::measure(&crate::util::build_dir().join("bench/boot"))?;

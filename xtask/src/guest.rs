@@ -343,12 +343,9 @@ pub fn guest_crates() -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     Ok(out)
 }
 
-/// Build every guest binary statically; returns binary name → path.
-fn build_guest_binaries() -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    let crates = guest_crates()?;
-    if crates.is_empty() {
-        bail!("no guest crates with binaries under guest/");
-    }
+/// `cargo build` of static guest binaries (add `-p CRATE` arguments): release, `+crt-static`,
+/// stripped, in `target/guest`.
+pub fn guest_cargo_build() -> std::process::Command {
     let mut cmd = cargo();
     cmd.args([
         "build",
@@ -358,9 +355,6 @@ fn build_guest_binaries() -> anyhow::Result<BTreeMap<String, PathBuf>> {
         "--target-dir",
         "target/guest",
     ]);
-    for pkg in crates.keys() {
-        cmd.args(["-p", pkg]);
-    }
     cmd.env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env(
@@ -369,11 +363,29 @@ fn build_guest_binaries() -> anyhow::Result<BTreeMap<String, PathBuf>> {
         )
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
-    run_cmd(&mut cmd).context("static guest build failed")?;
-    let dir = util::root()
+    cmd
+}
+
+/// Where [`guest_cargo_build`] puts the binaries.
+pub fn guest_release_dir() -> PathBuf {
+    util::root()
         .join("target/guest")
         .join(TARGET)
-        .join("release");
+        .join("release")
+}
+
+/// Build every guest binary statically; returns binary name → path.
+fn build_guest_binaries() -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let crates = guest_crates()?;
+    if crates.is_empty() {
+        bail!("no guest crates with binaries under guest/");
+    }
+    let mut cmd = guest_cargo_build();
+    for pkg in crates.keys() {
+        cmd.args(["-p", pkg]);
+    }
+    run_cmd(&mut cmd).context("static guest build failed")?;
+    let dir = guest_release_dir();
     let mut out = BTreeMap::new();
     for bins in crates.values() {
         for b in bins {

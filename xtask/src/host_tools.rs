@@ -95,6 +95,16 @@ pub const HOST_TOOLS: &[Tool] = &[
         used_by: "nx-cli tests: `bash -n` on the completion script",
     },
     Tool {
+        bin: "sh",
+        package: "dash",
+        used_by: "xtask e2e quickstart: runs each README tour line as a shell command",
+    },
+    Tool {
+        bin: "script",
+        package: "bsdutils",
+        used_by: "nx-cli test output_cli: a pseudo-terminal for TERM=dumb progress",
+    },
+    Tool {
         bin: "mkfs.vfat",
         package: "dosfstools",
         used_by: "xtask guest: the EFI system partition",
@@ -124,6 +134,26 @@ pub const HOST_TOOLS: &[Tool] = &[
         bin: "veritysetup",
         package: "cryptsetup-bin",
         used_by: "nx-cli test image_verity: the reference dm-verity hash tree",
+    },
+    Tool {
+        bin: "tar",
+        package: "tar",
+        used_by: "xtask bench delta: the uncompressed trees of the delta references",
+    },
+    Tool {
+        bin: "zstd",
+        package: "zstd",
+        used_by: "xtask bench delta: the zstd --patch-from reference",
+    },
+    Tool {
+        bin: "casync",
+        package: "casync",
+        used_by: "xtask bench delta: the content-defined chunk store reference",
+    },
+    Tool {
+        bin: "xdelta3",
+        package: "xdelta3",
+        used_by: "xtask bench delta: the binary-delta reference",
     },
     Tool {
         bin: "qemu-io",

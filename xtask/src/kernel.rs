@@ -82,7 +82,7 @@ pub fn ensure(build: &Path, fresh: bool) -> anyhow::Result<Kernel> {
 }
 
 /// Candidate package names from `apt-cache search`, newest first.
-fn candidates() -> anyhow::Result<Vec<String>> {
+pub fn candidates() -> anyhow::Result<Vec<String>> {
     let search = || -> anyhow::Result<Vec<String>> {
         let out = capture(Command::new("apt-cache").args([
             "search",
@@ -143,7 +143,7 @@ fn fetch(kdir: &Path) -> anyhow::Result<String> {
     }
 }
 
-fn find_vmlinuz(boot: &Path) -> anyhow::Result<PathBuf> {
+pub fn find_vmlinuz(boot: &Path) -> anyhow::Result<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(boot)
         .with_context(|| format!("list {}", boot.display()))?
         .filter_map(|e| e.ok())

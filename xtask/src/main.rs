@@ -18,6 +18,7 @@ mod fuzz;
 mod guest;
 mod host_tools;
 mod initramfs;
+mod install;
 mod kernel;
 mod keys;
 mod qemu_test;
@@ -44,11 +45,15 @@ enum Cmd {
     QemuTest(qemu_test::Args),
     /// End-to-end scenarios in QEMU: flash, cut + resume, power cut + resume, the A/B
     /// update flow (update, rollback, update-powercut), factory reset (reset,
-    /// reset-powercut), the recovery console (recovery-console) and two guests flashed by one
-    /// `nx flash send --port A --port B` (fanout); `--only NAME` runs one.
+    /// reset-powercut), the recovery console (recovery-console), two guests flashed by one
+    /// `nx flash send --port A --port B` (fanout) and README's tour (quickstart); `--only NAME`
+    /// runs one.
     E2e(e2e::Args),
-    /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up.
+    /// Boot the recovery ramdisk, flash build/nexus-os.img, leave the guest up
+    /// (`--no-flash`: stay in recovery, as the README's quickstart does).
     Recovery(recovery::Args),
+    /// Install `nx` (cargo install --path nx-cli) with its man page and shell completions.
+    Install(install::Args),
     /// Benchmarks (not tests): `cargo xtask bench [flash|fanout]`.
     Bench(bench::Args),
     /// Regenerate checked-in Cap'n Proto code (`--check` fails when stale).
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         Cmd::Guest(a) => guest::run(a),
         Cmd::QemuTest(a) => qemu_test::run(a),
         Cmd::Recovery(a) => recovery::run(a),
+        Cmd::Install(a) => install::run(a),
         Cmd::E2e(a) => e2e::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Codegen(a) => codegen::run(a),

@@ -41,6 +41,7 @@ pub mod cpustat;
 pub mod error;
 pub mod install;
 pub mod link;
+pub mod patch;
 pub mod records;
 pub mod runtime;
 pub mod server;

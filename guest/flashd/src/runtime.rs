@@ -153,6 +153,16 @@ pub(crate) struct Runtime {
     hello: HelloSeen,
     /// What the install target is called in receipts (resolved at each install).
     install_target: String,
+    /// Where the base image of `PATCH` writes is read (the active slot, or the installed
+    /// file); refreshed at every HELLO, `None` when there is none.
+    base_path: Option<PathBuf>,
+    /// The dm-verity tree computed for `DERIVE` writes: (image id, segment, bytes).
+    derived_tree: Option<([u8; 32], String, Arc<Vec<u8>>)>,
+    /// The base offered at the last HELLO (its manifest id).
+    last_base: Option<[u8; 32]>,
+    /// A base whose bytes did not verify as patch source: never offered again by this
+    /// process (the host then sends real data).
+    bad_base: Option<[u8; 32]>,
 }
 
 /// The trust policy of `cfg.state_dir` (`/state/trust`), plus the `--require-signed` key.
@@ -236,6 +246,8 @@ impl Runtime {
         let mut rcfg = ReceiverConfig::new(cfg.device.clone());
         rcfg.max_window = cfg.max_window;
         rcfg.max_chunk = cfg.max_chunk;
+        // flashd computes the dm-verity tree itself (`DERIVE` writes).
+        rcfg.derive = true;
         rcfg.trust = load_trust(&cfg, out.as_ref());
         announce_trust(&rcfg.trust, out.as_ref());
         let rx = Receiver::new(rcfg.clone(), journal, installed);
@@ -268,6 +280,10 @@ impl Runtime {
                 cpu_mark: crate::cpustat::Snapshot::default(),
             },
             install_target,
+            base_path: None,
+            derived_tree: None,
+            last_base: None,
+            bad_base: None,
         })
     }
 
@@ -430,7 +446,11 @@ impl Runtime {
                 };
                 self.forget_vanished_install();
                 self.forget_overwritten_install();
+                self.refresh_base();
             }
+        }
+        if t == Some(MsgType::Info) && !matches!(self.phase, Phase::Receiving(_)) {
+            self.refresh_base();
         }
         self.rx.handle(ReceiverEvent::Frame(f));
         self.run_actions(Some(conn));

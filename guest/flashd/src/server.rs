@@ -16,6 +16,9 @@ use proto::msg::{self, ErrorCode, ErrorMsg, Message, MsgType};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// What flashd answers to a probe (`proto::ident`).
+const IDENT: proto::ident::Daemon = proto::ident::Daemon::Flashd;
+
 pub use crate::console::{Output, StdOutput};
 
 /// How long the loop waits between checks while background work is outstanding.
@@ -176,6 +179,15 @@ impl Server {
                 }
                 Recv::Event(ev) => {
                     last = Instant::now();
+                    if let LinkEvent::Frame(f) = &ev {
+                        // "Who are you?" (proto::ident): answered in any mode, at any point.
+                        if proto::ident::is_probe(f) {
+                            if let Some(reply) = proto::ident::reply_frame(IDENT) {
+                                let _ = conn.send(&reply);
+                            }
+                            continue;
+                        }
+                    }
                     match (ev, &mut self.mode) {
                         (LinkEvent::Closed(why), mode) => {
                             if let Mode::Active(rt) = mode {

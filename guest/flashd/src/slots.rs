@@ -90,6 +90,12 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, SlotError> {
     Ok(rt.block_on(f))
 }
 
+/// The slot an install would go to, asked without preparing it (nothing changes on the
+/// device): for questions such as "which slot is the base of a patch".
+pub fn inactive_slot_in(env: &SlotEnv) -> Result<Slot, SlotError> {
+    Ok(block_on(update::install_target(&env.bootctld))??)
+}
+
 /// The install target: the slot that is not active (bootctld decides, see
 /// `bootctld::update::choose_target`) and its partition device, e.g. `(B, /dev/vdb2)`.
 pub fn resolve_inactive_slot_in(env: &SlotEnv) -> Result<(Slot, PathBuf), SlotError> {

@@ -365,6 +365,13 @@ pub(crate) async fn serve_link<R, W>(
                 }
                 // Resets go from server to client only.
                 link::Event::Reset { .. } => continue,
+                link::Event::Probe => {
+                    // "Who are you?" (proto::ident): answered at any point of the stream.
+                    if let Some(d) = proto::ident::Daemon::from_name(who) {
+                        let _ = tx.try_send(proto::ident::reply(d));
+                    }
+                    continue;
+                }
             };
             let id = chunk.session;
             if seen.ended.contains(id) {

@@ -8,7 +8,7 @@ use selftest_client::{confirm_slot, run_all, Ctx, Mode};
 
 /// In-guest selftest: prints a SELFTEST marker after each real check.
 #[derive(Parser)]
-#[command(name = "selftest-client")]
+#[command(name = "selftest-client", version = BUILD)]
 struct Args {
     /// Which boot this is (recovery-init passes recovery, init passes normal).
     #[arg(long, value_enum)]
@@ -25,6 +25,13 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     wait: u64,
 }
+
+/// `--version`: the package version, or the build note a build sets (`NX_BUILD_NOTE`; the
+/// delta benchmark rebuilds this binary with one to make a realistic "changed service").
+const BUILD: &str = match option_env!("NX_BUILD_NOTE") {
+    Some(n) => n,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 use nx_contract::markers::selftest as m;
 use nx_guest::marker::show;

@@ -66,16 +66,18 @@ impl TargetResult {
 
 /// The exit code of several targets: 0 if every target succeeded, otherwise the most specific
 /// failure among them, in this order: 130 (interrupted: the user stopped the run) > 3 (the
-/// image is invalid: no target can take it) > 4 (a target refused: needs a look, a re-run does
-/// not help) > 5 (unreachable or link lost: a re-run resumes) > 1 (local error).
+/// image is invalid: no target can take it) > 4 (a target does not trust the image) > 6 (a
+/// target refused: needs a look, a re-run does not help) > 5 (unreachable or link lost: a
+/// re-run resumes) > 1 (local error).
 pub fn combine_exit(codes: impl IntoIterator<Item = u8>) -> u8 {
     fn rank(code: u8) -> u8 {
         match code {
             exit::OK => 0,
             exit::LINK_LOST => 2,
             exit::TARGET_REFUSED => 3,
-            exit::IMAGE_INVALID => 4,
-            exit::INTERRUPTED => 5,
+            exit::TRUST => 4,
+            exit::IMAGE_INVALID => 5,
+            exit::INTERRUPTED => 6,
             // ERROR and anything unforeseen.
             _ => 1,
         }
@@ -97,7 +99,13 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
             return Ok(exit::USAGE);
         }
     }
-    let mode = OutputMode::choose(a.json, a.quiet);
+    if let Some(p) = &a.receipt {
+        if let Err(e) = crate::outpath::check(p, "the receipt") {
+            eprintln!("nx: error: {e}");
+            return Ok(e.exit.code());
+        }
+    }
+    let mode = OutputMode::choose(a.json, !crate::verbosity::notes());
     let bars = (mode == OutputMode::Bars).then(|| {
         let width = ids.iter().map(|i| i.chars().count()).max().unwrap_or(0);
         SharedBars::new(ids.len(), width)
@@ -110,7 +118,9 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
                 id: id.clone(),
                 index,
             };
-            Renderer::for_target(mode, tag, bars.as_ref())
+            let mut r = Renderer::for_target(mode, tag, bars.as_ref());
+            r.set_asked(super::asked(&a));
+            r
         })
         .collect();
 
@@ -142,7 +152,10 @@ pub(super) fn run(a: SendArgs) -> anyhow::Result<u8> {
                 .collect()
         }
         Ok(img) => {
-            let opts = send_options(&a);
+            let opts = match send_options(&a, &img) {
+                Ok(o) => o,
+                Err(e) => anyhow::bail!("{e}"),
+            };
             let rt = runtime()?;
             let image_path = a.image.clone();
             let image_len = img.len();
@@ -338,6 +351,8 @@ mod tests {
         assert_eq!(combine_exit([0, 5]), 5);
         assert_eq!(combine_exit([1, 5, 0]), 5);
         assert_eq!(combine_exit([5, 4, 0]), 4);
+        assert_eq!(combine_exit([5, 6, 0]), 6);
+        assert_eq!(combine_exit([6, 4]), 4);
         assert_eq!(combine_exit([4, 3, 5]), 3);
         assert_eq!(combine_exit([3, 130, 0]), 130);
         assert_eq!(combine_exit([0, 1]), 1);

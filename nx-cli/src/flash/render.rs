@@ -37,12 +37,17 @@ impl OutputMode {
             OutputMode::Json
         } else if quiet {
             OutputMode::Quiet
-        } else if std::io::stderr().is_terminal() {
+        } else if std::io::stderr().is_terminal() && !dumb_terminal() {
             OutputMode::Bars
         } else {
             OutputMode::Plain
         }
     }
+}
+
+/// `TERM=dumb` (or no TERM): a terminal that cannot redraw bars; it gets plain lines.
+fn dumb_terminal() -> bool {
+    std::env::var("TERM").map_or(true, |t| t.is_empty() || t == "dumb")
 }
 
 /// Which target a renderer speaks for when `nx flash send` flashes several.
@@ -69,7 +74,7 @@ impl SharedBars {
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let w = id_width.clamp(5, 48);
         let style = ProgressStyle::with_template(&format!(
-            "{{prefix:>{w}}} [{{bar:32.cyan/blue}}] {{bytes:>10}}/{{total_bytes:<10}} {{binary_bytes_per_sec:>12}} eta {{eta:>4}} {{msg}}"
+            "{{prefix:>{w}}} [{{bar:32.cyan/blue}}] {{bytes:>10}}/{{total_bytes:<10}} {{decimal_bytes_per_sec:>12}} eta {{eta:>4}} {{msg}}"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -125,6 +130,61 @@ pub struct Renderer {
     pending_json_progress: Option<ProgressEvent>,
     session_start: Option<(Instant, u64)>,
     retransmits: u64,
+    asked: Option<Asked>,
+}
+
+/// What the user asked for (`--chunk`, `--window`) and whether explicitly: a session that
+/// starts with other values gets one line saying so and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    /// Chunk size offered.
+    pub chunk: u32,
+    /// `--chunk` was given.
+    pub chunk_explicit: bool,
+    /// Window offered.
+    pub window: u16,
+    /// `--window` was given.
+    pub window_explicit: bool,
+}
+
+impl Asked {
+    /// The lines explaining how the session's `chunk` and `window` differ from what was asked.
+    pub fn notes(&self, chunk: u32, window: u16) -> Vec<String> {
+        let mut out = Vec::new();
+        let kib = |c: u32| format!("{} KiB", c / 1024);
+        if chunk != self.chunk {
+            out.push(if self.chunk_explicit {
+                format!(
+                    "nx: note: chunk {}, not --chunk {}: the target's limit, or it resumes a \
+                     staged transfer of this image made with {} chunks",
+                    kib(chunk),
+                    kib(self.chunk),
+                    kib(chunk)
+                )
+            } else {
+                format!(
+                    "nx: note: chunk {}, not the default {}: the target chose it (its skip index \
+                     of the installed image or a staged transfer uses {} chunks, so identical \
+                     chunks are copied, not sent); pass --chunk to choose",
+                    kib(chunk),
+                    kib(self.chunk),
+                    kib(chunk)
+                )
+            });
+        }
+        if window != self.window {
+            out.push(format!(
+                "nx: note: window {window}, not {}{}: the target's maximum",
+                if self.window_explicit {
+                    "--window "
+                } else {
+                    "the default "
+                },
+                self.window
+            ));
+        }
+        out
+    }
 }
 
 fn mib(b: u64) -> String {
@@ -166,7 +226,13 @@ impl Renderer {
             pending_json_progress: None,
             session_start: None,
             retransmits: 0,
+            asked: None,
         }
+    }
+
+    /// Remember what the user asked for (see [`Asked`]).
+    pub fn set_asked(&mut self, asked: Asked) {
+        self.asked = Some(asked);
     }
 
     /// The renderer of one of several targets: lines prefixed with `[<target>] `, NDJSON events
@@ -278,7 +344,7 @@ impl Renderer {
         match ev {
             EngineEvent::Connecting { port, attempt } => {
                 self.json(&json!({"event": "connecting", "port": port, "attempt": attempt}));
-                if *attempt > 1 {
+                if *attempt > 1 || crate::verbosity::verbose() {
                     self.say(&format!("nx: connecting to {port} (attempt {attempt})"));
                 }
             }
@@ -304,9 +370,11 @@ impl Renderer {
     }
 
     fn session(&mut self, ev: &ProgressEvent) {
-        match ev {
-            ProgressEvent::Progress { .. } => {}
-            _ => self.flush_json_progress(),
+        // The last progress held back by the throttle goes out before the session's end event
+        // (so the final figures are seen), never before other events: per-chunk events
+        // (skips, retransmits) would otherwise defeat the throttle.
+        if matches!(ev, ProgressEvent::Done { .. } | ProgressEvent::Error { .. }) {
+            self.flush_json_progress();
         }
         match ev {
             ProgressEvent::Start {
@@ -322,6 +390,13 @@ impl Renderer {
             } => {
                 self.json(&serde_json::to_value(ev).unwrap_or_default());
                 self.session_start = Some((Instant::now(), 0));
+                for note in self
+                    .asked
+                    .map(|a| a.notes(*chunk_size, *window))
+                    .unwrap_or_default()
+                {
+                    self.say(&note);
+                }
                 self.say(&format!(
                     "nx: flashing version {version} to {device}: {} image, {} of data, {} segment(s), chunk {} KiB, window {window}, compression {compression}",
                     human_bytes(*image_size),
@@ -340,6 +415,19 @@ impl Renderer {
                     f.set_position(0);
                 } else if self.mode == OutputMode::Bars {
                     self.setup_bars(*data_bytes, segments);
+                }
+            }
+            ProgressEvent::Base { image_id, held } => {
+                self.json(&serde_json::to_value(ev).unwrap_or_default());
+                let short = image_id.get(..16).unwrap_or(image_id);
+                if *held {
+                    self.say(&format!(
+                        "nx: the target runs image {short}…, which this host holds: sending only the changes"
+                    ));
+                } else {
+                    self.say(&format!(
+                        "nx: the target runs image {short}…; pass it with --base IMG to send only the changes"
+                    ));
                 }
             }
             ProgressEvent::Unprovisioned { device } => {
@@ -452,6 +540,7 @@ impl Renderer {
 
     fn flush_json_progress(&mut self) {
         if let Some(p) = self.pending_json_progress.take() {
+            self.last_json_progress = Some(Instant::now());
             self.json(&serde_json::to_value(&p).unwrap_or_default());
         }
     }
@@ -485,7 +574,7 @@ impl Renderer {
         self.clear_bars();
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let style = ProgressStyle::with_template(
-            "{prefix:>12} [{bar:32.cyan/blue}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>4} {msg}",
+            "{prefix:>12} [{bar:32.cyan/blue}] {bytes:>10}/{total_bytes:<10} {decimal_bytes_per_sec:>12} eta {eta:>4} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");

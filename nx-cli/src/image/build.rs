@@ -60,6 +60,12 @@ pub struct BuildArgs {
     /// Without it the device hashes the whole rootfs at every boot instead.
     #[arg(long)]
     no_verity: bool,
+    /// How the rootfs squashfs stores its blocks: `stored` (default: uncompressed, so that
+    /// `nx flash send` can send only what changed against the running image and compress on
+    /// the wire) or `zstd` (smaller on disk, but every change reshuffles the compressed
+    /// blocks).
+    #[arg(long, value_name = "HOW", default_value = "stored", value_parser = ["stored", "zstd"])]
+    rootfs_compression: String,
 }
 
 fn parse_segment_spec(s: &str) -> Result<(String, PathBuf), String> {
@@ -92,6 +98,8 @@ pub struct BuildOptions {
     pub verity: bool,
     /// Timestamp written into the squashfs (0 unless `SOURCE_DATE_EPOCH` is set).
     pub mtime: u32,
+    /// Compress the squashfs blocks (zstd) instead of storing them.
+    pub rootfs_zstd: bool,
 }
 
 /// What `build_image` produced.
@@ -114,12 +122,15 @@ pub const VERITY_DATA_SEGMENT: &str = "rootfs";
 /// The segment holding its hash tree.
 pub const VERITY_SEGMENT: &str = "rootfs-verity";
 
-/// The verity salt of a data segment: derived from its content, so builds stay deterministic
-/// and two different rootfs never share a salt.
-fn verity_salt(data_sha256: &[u8; 32]) -> Vec<u8> {
+/// The verity salt of a data segment: fixed per segment name (not derived from the content),
+/// so builds stay deterministic and the hash tree of an update changes only where its data
+/// blocks (and the levels above them) change — an update then sends only those hashes. The
+/// salt is public by design (it is in the manifest); dm-verity's security rests on the signed
+/// root hash.
+fn verity_salt(segment: &str) -> Vec<u8> {
     let mut h = Sha256::new();
-    h.update(b"nexus dm-verity salt v1\0");
-    h.update(data_sha256);
+    h.update(b"nexus dm-verity salt v2\0");
+    h.update(segment.as_bytes());
     h.finalize().to_vec()
 }
 
@@ -204,7 +215,7 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
                 .with_context(|| {
                     format!("cannot create a temporary file in {}", out_dir.display())
                 })?;
-            let stats = pack_squashfs(dir, tmp.as_file(), opts.mtime)?;
+            let stats = pack_squashfs(dir, tmp.as_file(), opts.mtime, opts.rootfs_zstd)?;
             rootfs_stats = Some(stats);
             let file = tmp.reopen().context("cannot reopen the packed rootfs")?;
             sources.push(Source {
@@ -254,8 +265,8 @@ pub fn build_image(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
                 verity_skipped = Some("the rootfs is a single 4 KiB block");
                 continue;
             }
-            // The salt depends on the content: a second read builds the tree with it.
-            let salt = verity_salt(&d.sha256);
+            // A second read builds the tree.
+            let salt = verity_salt(&src.name);
             src.file
                 .seek(SeekFrom::Start(0))
                 .with_context(|| format!("cannot rewind {}", src.label))?;
@@ -460,6 +471,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         security_version: args.security_version,
         verity: !args.no_verity,
         mtime,
+        rootfs_zstd: args.rootfs_compression == "zstd",
     };
     let r = build_image(&opts)?;
     print_summary(&opts.out, &r);

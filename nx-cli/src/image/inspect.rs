@@ -116,7 +116,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             })).collect::<Vec<_>>(),
         });
         say!("{v}");
-        return Ok(ExitCode::from(exit::OK));
+        return Ok(size_verdict(file_len, m.total_size));
     }
     say!("image        {}", args.path.display());
     say!("format       {}", m.format);
@@ -183,5 +183,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     for s in &m.segments {
         say!("  {:<12} {}", s.name, hex::encode(s.data_sha256));
     }
-    Ok(ExitCode::from(exit::OK))
+    Ok(size_verdict(file_len, m.total_size))
+}
+
+/// Exit 0, or 3 (verification failed) with an error line when the file is not as long as its
+/// manifest says: a truncated image is a bad image, whatever else it shows.
+fn size_verdict(file_len: u64, total_size: u64) -> ExitCode {
+    if file_len == total_size {
+        return ExitCode::from(exit::OK);
+    }
+    eprintln!(
+        "nx: error: the file is {file_len} bytes, the manifest says {total_size}: truncated or \
+         extended (a bad image; rebuild or copy it again)"
+    );
+    ExitCode::from(exit::VERIFY_FAILED)
 }

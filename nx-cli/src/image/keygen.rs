@@ -54,7 +54,12 @@ fn write_atomic(path: &Path, text: &str, mode: u32, force: bool) -> anyhow::Resu
                 path.display()
             )
         } else {
-            anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
+            // The OS's reason only: the error of the hardened writer names its temp file.
+            anyhow::anyhow!(
+                "cannot write {}: {}",
+                path.display(),
+                crate::outpath::os_reason(&e)
+            )
         }
     })
 }
@@ -71,6 +76,9 @@ pub fn run(args: KeygenArgs) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+    }
+    for p in [&args.out, &pub_path] {
+        crate::outpath::check(p, "the key")?;
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed)
@@ -110,5 +118,26 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret\n");
         write_atomic(&key, "other\n", 0o644, true).unwrap();
         assert_eq!(std::fs::read_to_string(&key).unwrap(), "other\n");
+    }
+
+    #[test]
+    fn a_failed_write_names_the_key_not_the_temp_file() {
+        // A parent that is a file: fails for root too.
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("notdir");
+        std::fs::write(&file, b"x").unwrap();
+        let key = file.join("k");
+        let msg = format!(
+            "{:#}",
+            write_atomic(&key, "secret\n", 0o600, false).unwrap_err()
+        );
+        // Exactly the key and the OS's reason: no temp-file name.
+        assert_eq!(
+            msg,
+            format!(
+                "cannot write {}: Not a directory (os error 20)",
+                key.display()
+            )
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! Pack a directory into a deterministic squashfs (the `rootfs` segment).
 //!
-//! squashfs 4.0, zstd (level 3), 128 KiB blocks, padded to 4 KiB, written by `backhand`
-//! (pure Rust). Determinism: entries are added in byte-sorted order, every owner is 0:0, every
+//! squashfs 4.0, 128 KiB blocks, padded to 4 KiB, written by `backhand` (pure Rust). Blocks
+//! are **stored** (uncompressed; the superblock still names zstd, the kernel reads stored
+//! blocks as they are) unless zstd (level 3) is asked for: a stored filesystem changes only
+//! where its files change, so an update can be sent as patches against the running image and
+//! compressed on the wire (docs/provisioning/protocol.md, "Skip, patch and compression"). Determinism: entries are added in byte-sorted order, every owner is 0:0, every
 //! time (inodes and superblock) is the fixed `mtime` (0, or `SOURCE_DATE_EPOCH`; the root
 //! directory's own mtime is always 0, a backhand limitation), the id table holds only 0, no
 //! host data (hostnames, UUIDs, inode numbers of the host) is recorded. Permission bits
@@ -32,7 +35,12 @@ pub struct PackStats {
 
 /// Pack `dir` into a squashfs written to `out` (from its current position 0) with every
 /// timestamp set to `mtime`. Returns what was packed; the filesystem size is `out`'s length.
-pub fn pack_squashfs<W: Write + Seek>(dir: &Path, out: W, mtime: u32) -> anyhow::Result<PackStats> {
+pub fn pack_squashfs<W: Write + Seek>(
+    dir: &Path,
+    out: W,
+    mtime: u32,
+    zstd: bool,
+) -> anyhow::Result<PackStats> {
     let meta = fs::metadata(dir)
         .with_context(|| format!("cannot read rootfs directory {}", dir.display()))?;
     if !meta.is_dir() {
@@ -48,12 +56,49 @@ pub fn pack_squashfs<W: Write + Seek>(dir: &Path, out: W, mtime: u32) -> anyhow:
     let compressor = FilesystemCompressor::new(Compressor::Zstd, None)
         .map_err(|e| anyhow::anyhow!("cannot set up zstd compression for squashfs: {e}"))?;
     fs.set_compressor(compressor);
+    if !zstd {
+        fs.set_kind(backhand::kind::Kind::new_v4(&STORED));
+    }
 
     let mut stats = PackStats::default();
     add_dir(&mut fs, dir, Path::new("/"), mtime, &mut stats)?;
     fs.write(out)
         .map_err(|e| anyhow::anyhow!("cannot write the squashfs for {}: {e}", dir.display()))?;
     Ok(stats)
+}
+
+/// A "compressor" whose output is always one byte longer than its input: backhand then keeps
+/// every data block, fragment block and metadata block uncompressed (flagged as such in the
+/// filesystem, which any squashfs reader handles).
+struct Stored;
+static STORED: Stored = Stored;
+
+impl backhand::traits::CompressionAction for Stored {
+    type Error = backhand::BackhandError;
+    type Compressor = Compressor;
+    type FilesystemCompressor = FilesystemCompressor;
+    type SuperBlock = backhand::SuperBlock;
+
+    fn decompress(
+        &self,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        compressor: Self::Compressor,
+    ) -> Result<(), Self::Error> {
+        backhand::compression::DefaultCompressor.decompress(bytes, out, compressor)
+    }
+
+    fn compress(
+        &self,
+        bytes: &[u8],
+        _fc: Self::FilesystemCompressor,
+        _block_size: u32,
+    ) -> Result<Vec<u8>, Self::Error> {
+        let mut v = Vec::with_capacity(bytes.len() + 1);
+        v.extend_from_slice(bytes);
+        v.push(0);
+        Ok(v)
+    }
 }
 
 fn mode_bits(meta: &fs::Metadata) -> u16 {

@@ -195,10 +195,10 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             say!("image sha256 {}", hex::encode(m.image_sha256));
             say!("{sig}");
             say!(
-                "verify ok: {} (version {}, {} segments, {})",
+                "verify ok: {} (version {}, {}, {})",
                 args.path.display(),
                 m.version,
-                m.segments.len(),
+                crate::plural(m.segments.len() as u64, "segment"),
                 human_bytes(m.total_size)
             );
             Ok(ExitCode::from(exit::OK))

@@ -154,6 +154,8 @@ pub enum Event {
         /// Why.
         reason: ResetReason,
     },
+    /// A client asked who this is ([`crate::ident`]): the server answers with its reply.
+    Probe,
     /// Bytes that were not a valid RPC frame were discarded (the stream goes on).
     Skipped {
         /// How many.
@@ -212,6 +214,9 @@ impl LinkDecoder {
                         reason: ResetReason::from_u8(p[SESSION_LEN]),
                     });
                 }
+                if crate::ident::is_probe(&frame) {
+                    return Some(Event::Probe);
+                }
                 if frame.msg_type() != RPC_DATA || p.len() <= SESSION_LEN {
                     return Some(Event::Skipped {
                         bytes: frame.encoded_len(),
@@ -267,7 +272,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 Event::Chunk(c) => Some((c.session, c.seq, c.data.to_vec())),
-                Event::Skipped { .. } | Event::Reset { .. } => None,
+                Event::Skipped { .. } | Event::Reset { .. } | Event::Probe => None,
             })
             .collect();
         assert_eq!(
@@ -276,6 +281,19 @@ mod tests {
         );
         assert!(events.iter().any(|e| matches!(e, Event::Skipped { .. })));
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn a_probe_between_chunks_is_reported() {
+        let mut wire = Vec::new();
+        encode(7, 0, b"a", &mut wire).unwrap();
+        wire.extend_from_slice(&crate::ident::probe());
+        encode(7, 1, b"b", &mut wire).unwrap();
+        let mut dec = LinkDecoder::new();
+        dec.push(&wire);
+        assert!(matches!(dec.next_event(), Some(Event::Chunk(_))));
+        assert_eq!(dec.next_event(), Some(Event::Probe));
+        assert!(matches!(dec.next_event(), Some(Event::Chunk(c)) if c.seq == 1));
     }
 
     #[test]

@@ -10,9 +10,10 @@ use crate::frame::Frame;
 use crate::image::ImageHead;
 use crate::manifest::Manifest;
 use crate::msg::{
-    self, Ack, DoneReply, DoneStatus, ErrorCode, ErrorMsg, Hello, HelloReply, InfoReply,
-    InstalledInfo, Message, MsgType, Nak, NakReason, TransferInfo, Verified, Write, WriteBody,
-    COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
+    self, Ack, BaseImage, DoneReply, DoneStatus, ErrorCode, ErrorMsg, Hello, HelloReply, InfoReply,
+    InstalledInfo, Message, MsgType, Nak, NakReason, PatchSource, TransferInfo, Verified, Write,
+    WriteBody, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW,
+    PROTO_VERSION,
 };
 use crate::trust::TrustPolicy;
 
@@ -33,6 +34,9 @@ pub struct ReceiverConfig {
     pub max_chunk: u32,
     /// The shell can decompress zstd.
     pub zstd: bool,
+    /// The shell can compute derived segments (`DERIVE` writes: the dm-verity hash tree of
+    /// a `verity` entry from its data segment). Default off.
+    pub derive: bool,
     /// The keys and anti-rollback floor (see [`crate::trust`]); the shell refreshes it with
     /// [`Receiver::set_trust`] whenever its trust store may have changed.
     pub trust: TrustPolicy,
@@ -55,6 +59,7 @@ impl ReceiverConfig {
             max_window: 64,
             max_chunk: MAX_CHUNK,
             zstd: true,
+            derive: false,
             trust: TrustPolicy::default(),
             max_image_size: 1 << 40,
             checkpoint_chunks: None,
@@ -136,7 +141,8 @@ pub enum ReceiverReport {
     StagingLost,
     /// The host sent ABORT.
     HostAborted { code: ErrorCode, reason: String },
-    /// A copied chunk did not verify: the skip index of the installed image was dropped.
+    /// A copied or patched chunk did not verify: the skip index of the installed image and
+    /// the base image were dropped (the next session sends real data).
     SkipIndexDropped,
     /// Internal: a message could not be encoded (it was not sent).
     EncodeFailed {
@@ -315,6 +321,8 @@ pub struct Receiver {
     xfer: Option<Xfer>,
     journal: Option<Journal>,
     installed: Option<InstalledImage>,
+    /// The image `PATCH` writes may reference (the shell sets it, see [`Receiver::set_base`]).
+    base: Option<BaseImage>,
     deferred_hello: Option<Hello>,
     /// The HELLO of the current session (to restart it if staging is lost).
     last_hello: Option<Hello>,
@@ -364,6 +372,7 @@ impl Receiver {
             xfer: None,
             journal: journal.filter(|j| j.version == JOURNAL_VERSION),
             installed,
+            base: None,
             deferred_hello: None,
             last_hello: None,
             next_ticket: 1,
@@ -398,6 +407,18 @@ impl Receiver {
     /// The trust policy in force.
     pub fn trust(&self) -> &TrustPolicy {
         &self.cfg.trust
+    }
+
+    /// The base image the shell can read while a new image is received (the active slot,
+    /// or the installed file), offered to hosts that can send `PATCH` writes; `None`: none.
+    /// Dropped by the receiver when a segment patched from it fails verification.
+    pub fn set_base(&mut self, base: Option<BaseImage>) {
+        self.base = base;
+    }
+
+    /// The current base image (see [`Receiver::set_base`]).
+    pub fn base(&self) -> Option<&BaseImage> {
+        self.base.as_ref()
     }
 
     /// Replaces the install record (e.g. once the shell has built a skip index for
@@ -571,9 +592,14 @@ impl Receiver {
             info: msg::sanitize_text(&self.cfg.info, msg::MAX_INFO_LEN),
             max_window: self.cfg.max_window,
             max_chunk: self.cfg.max_chunk,
-            compression: if self.cfg.zstd { COMPRESS_ZSTD } else { 0 },
+            compression: if self.cfg.zstd {
+                COMPRESS_ZSTD | COMPRESS_PATCH
+            } else {
+                0
+            } | if self.cfg.derive { COMPRESS_DERIVE } else { 0 },
             installed,
             transfer,
+            base: self.base,
         };
         self.send(Message::InfoReply(r));
     }
@@ -654,8 +680,12 @@ impl Receiver {
             nonce: h.nonce,
             host: h.host.clone(),
             window: h.window.min(self.cfg.max_window),
-            compression: if self.cfg.zstd {
-                h.compression & COMPRESS_ZSTD
+            compression: if self.cfg.zstd && h.compression & COMPRESS_ZSTD != 0 {
+                h.compression & (COMPRESS_ZSTD | COMPRESS_PATCH)
+            } else {
+                0
+            } | if self.cfg.derive {
+                h.compression & COMPRESS_DERIVE
             } else {
                 0
             },
@@ -716,9 +746,10 @@ impl Receiver {
                 x.head = h.head.clone();
             }
         } else {
-            // Fresh staging. Prefer the skip index's chunk size so COPY hits line up.
+            // Fresh staging. Prefer the skip index's chunk size so COPY hits line up — unless
+            // the host's chunk size is the user's explicit choice.
             let mut chunk = host_chunk;
-            if h.skip {
+            if h.skip && !h.exact_chunk {
                 if let Some(ix) = self.installed.as_ref().and_then(|i| i.index.as_ref()) {
                     if msg::valid_chunk_size(ix.chunk_size) && ix.chunk_size <= host_chunk {
                         chunk = ix.chunk_size;
@@ -781,6 +812,14 @@ impl Receiver {
                 x.verified_mask()
             },
             index,
+            base: if self.link.skip
+                && !already_installed
+                && self.link.compression & COMPRESS_PATCH != 0
+            {
+                self.base
+            } else {
+                None
+            },
         };
         self.send(Message::HelloReply(r));
     }
@@ -846,7 +885,14 @@ impl Receiver {
             self.fail(ErrorCode::BadWrite, &text);
             return;
         }
-        if matches!(w.body, WriteBody::Copy { .. }) {
+        if matches!(
+            w.body,
+            WriteBody::Copy { .. }
+                | WriteBody::Patch {
+                    source: PatchSource::Base,
+                    ..
+                }
+        ) {
             x.used_copy[c.segment] = true;
         }
         x.received = w.seq;
@@ -903,6 +949,77 @@ impl Receiver {
                         "COPY source {}+{} is outside the installed image ({} bytes)",
                         src_offset, w.len, i.total_size
                     ));
+                }
+                Ok(())
+            }
+            WriteBody::Derive => {
+                if self.link.compression & COMPRESS_DERIVE == 0 {
+                    return Err("DERIVE write but deriving was not negotiated".to_string());
+                }
+                let m = &x.manifest;
+                let Some(v) = m.verity.iter().find(|v| v.hash == w.segment) else {
+                    return Err(format!(
+                        "DERIVE write to segment {:?}, which is no dm-verity hash segment",
+                        w.segment
+                    ));
+                };
+                let data_index = m.segments.iter().position(|s| s.name == v.data);
+                let hash_index = m.segments.iter().position(|s| s.name == v.hash);
+                if !matches!((data_index, hash_index), (Some(d), Some(h)) if d < h) {
+                    return Err(format!(
+                        "DERIVE of {:?}: its data segment {:?} does not come before it",
+                        v.hash, v.data
+                    ));
+                }
+                if seg.size > msg::MAX_DERIVED {
+                    return Err(format!(
+                        "DERIVE of {:?}: {} bytes is more than {} a target derives",
+                        v.hash,
+                        seg.size,
+                        msg::MAX_DERIVED
+                    ));
+                }
+                Ok(())
+            }
+            WriteBody::Patch { .. } if self.link.compression & COMPRESS_PATCH == 0 => {
+                Err("PATCH write but patching was not negotiated".to_string())
+            }
+            WriteBody::Patch {
+                source,
+                ref_offset,
+                ref_len,
+                ..
+            } => {
+                let end = ref_offset.checked_add(u64::from(*ref_len));
+                match source {
+                    PatchSource::Base => {
+                        if !self.link.skip {
+                            return Err(
+                                "PATCH from the base but skipping is off (--no-skip)".to_string()
+                            );
+                        }
+                        let Some(b) = &self.base else {
+                            return Err(
+                                "PATCH from the base but the target offered none".to_string()
+                            );
+                        };
+                        if end.is_none_or(|e| e > b.total_size) {
+                            return Err(format!(
+                                "PATCH reference {ref_offset}+{ref_len} is outside the base image ({} bytes)",
+                                b.total_size
+                            ));
+                        }
+                    }
+                    PatchSource::Staging => {
+                        // Only bytes already accepted: everything before this chunk.
+                        let at = seg.offset.saturating_add(w.offset);
+                        if end.is_none_or(|e| e > at) {
+                            return Err(format!(
+                                "PATCH reference {ref_offset}+{ref_len} is not before the chunk at {at}"
+                            ));
+                        }
+                    }
+                    PatchSource::Unknown(c) => return Err(format!("unknown PATCH source {c}")),
                 }
                 Ok(())
             }
@@ -1042,6 +1159,7 @@ impl Receiver {
             if let Some(inst) = &mut self.installed {
                 inst.index = None;
             }
+            self.base = None;
             self.push(ReceiverAction::Report(ReceiverReport::SkipIndexDropped));
         }
         self.push(ReceiverAction::Report(ReceiverReport::VerifyFailed {

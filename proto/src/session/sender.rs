@@ -12,7 +12,8 @@ use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
-    WriteBody, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW, PROTO_VERSION,
+    WriteBody, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK, MAX_WINDOW,
+    PROTO_VERSION,
 };
 
 use super::plan::Plan;
@@ -36,6 +37,9 @@ pub struct SenderConfig {
     /// `--allow-downgrade`: ask the target to install below its anti-rollback floor (honoured
     /// only for images signed with one of its development keys).
     pub allow_downgrade: bool,
+    /// `chunk_size` is the user's explicit choice: the target must not replace it with its
+    /// skip index's chunk size ([`msg::HELLO_EXACT_CHUNK`]).
+    pub exact_chunk: bool,
     /// Retransmission timeout: no ACK progress for this long → resend from the last
     /// acknowledged seq (and resend HELLO/DONE while waiting for their replies).
     /// Default 2 s.
@@ -45,6 +49,10 @@ pub struct SenderConfig {
     /// Chunks read ahead beyond the window (memory: (window + read_ahead) × chunk).
     /// Default 4.
     pub read_ahead: u16,
+    /// Manifest ids of the images the shell can read as a patch base (`--base`, or images
+    /// found beside the one being sent): if the target offers one of them, chunks are
+    /// sent as `PATCH` writes against it.
+    pub bases: Vec<[u8; 32]>,
 }
 
 impl SenderConfig {
@@ -58,9 +66,11 @@ impl SenderConfig {
             compress: CompressMode::Auto,
             skip: true,
             allow_downgrade: false,
+            exact_chunk: false,
             rto: Duration::from_secs(2),
             max_retries: 10,
             read_ahead: 4,
+            bases: Vec::new(),
         }
     }
 }
@@ -80,9 +90,9 @@ pub enum SenderEvent {
     },
     /// Reading failed (the session fails; the transfer stays resumable).
     ReadFailed { seq: u32, detail: String },
-    /// Answer to [`SenderAction::Compress`]: a zstd frame of the data, or `None`
-    /// (compression failed or did not help).
-    Compressed { seq: u32, data: Option<Bytes> },
+    /// Answer to [`SenderAction::Compress`]: a [`WriteBody::Zstd`] or [`WriteBody::Patch`]
+    /// body for the chunk, or `None` (compression failed or did not help).
+    Compressed { seq: u32, body: Option<WriteBody> },
     /// Time passed (call when [`Sender::next_deadline`] is reached; extra ticks are
     /// harmless).
     Tick,
@@ -102,9 +112,18 @@ pub enum SenderAction {
         len: u32,
         hash: bool,
     },
-    /// Compress `data` with zstd (one frame, any level; 3 is a good default);
-    /// answer with [`SenderEvent::Compressed`].
-    Compress { seq: u32, data: Bytes },
+    /// Compress `data` (the chunk at absolute image `offset`) with zstd (one frame);
+    /// answer with [`SenderEvent::Compressed`]. The shell may answer a
+    /// [`WriteBody::Patch`] instead of a plain zstd frame: against the base image
+    /// `base` (when set: the shell holds it) or against the image's own bytes before
+    /// `offset` (when `staging`).
+    Compress {
+        seq: u32,
+        offset: u64,
+        data: Bytes,
+        base: Option<[u8; 32]>,
+        staging: bool,
+    },
     /// Progress for the user.
     Progress(ProgressEvent),
     /// Terminal: installed (or unchanged).
@@ -130,6 +149,12 @@ pub struct Stats {
     pub identical_bytes: u64,
     /// Bytes saved by compression.
     pub compressed_saved: u64,
+    /// Bytes saved by `PATCH` writes against the target's base image.
+    #[serde(default)]
+    pub patched_saved: u64,
+    /// Bytes the target computed itself (`DERIVE`: the dm-verity hash tree).
+    #[serde(default)]
+    pub derived_bytes: u64,
     /// WRITE frames sent again after a NAK or timeout.
     pub retransmitted_frames: u64,
 }
@@ -175,6 +200,12 @@ pub struct Sender {
     device: String,
     window: u32,
     zstd: bool,
+    /// `PATCH` writes were negotiated.
+    patch: bool,
+    /// `DERIVE` writes were negotiated.
+    derive: bool,
+    /// The target's base image, when the shell holds it too.
+    base: Option<[u8; 32]>,
     skip_map: HashMap<(u32, ChunkHash), u64>,
     plan: Option<Plan>,
     // window
@@ -221,6 +252,9 @@ impl Sender {
             device: String::new(),
             window: 1,
             zstd: false,
+            patch: false,
+            derive: false,
+            base: None,
             skip_map: HashMap::new(),
             plan: None,
             acked: 0,
@@ -313,7 +347,7 @@ impl Sender {
             SenderEvent::ReadFailed { seq, detail } => {
                 self.fail(SessionError::Read { seq, detail });
             }
-            SenderEvent::Compressed { seq, data } => self.on_compressed(seq, data),
+            SenderEvent::Compressed { seq, body } => self.on_compressed(seq, body),
             SenderEvent::Tick => self.on_tick(),
         }
     }
@@ -348,7 +382,9 @@ impl Sender {
     fn send_hello(&mut self) {
         let compression = match self.cfg.compress {
             CompressMode::None => 0,
-            CompressMode::Auto | CompressMode::Zstd => COMPRESS_ZSTD,
+            CompressMode::Auto | CompressMode::Zstd => {
+                COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE
+            }
         };
         let hello = Message::Hello(Hello {
             proto: PROTO_VERSION,
@@ -358,6 +394,7 @@ impl Sender {
             compression,
             skip: self.cfg.skip,
             allow_downgrade: self.cfg.allow_downgrade,
+            exact_chunk: self.cfg.exact_chunk,
             host: self.cfg.host.clone(),
             head: self.head.clone(),
         });
@@ -471,7 +508,7 @@ impl Sender {
         }
         let offered = match self.cfg.compress {
             CompressMode::None => 0,
-            _ => COMPRESS_ZSTD,
+            _ => COMPRESS_ZSTD | COMPRESS_PATCH | COMPRESS_DERIVE,
         };
         if r.compression & !offered != 0 {
             self.fail(SessionError::Protocol(
@@ -480,6 +517,12 @@ impl Sender {
             return;
         }
         self.zstd = r.compression & COMPRESS_ZSTD != 0;
+        self.patch = self.zstd && r.compression & COMPRESS_PATCH != 0;
+        self.derive = r.compression & COMPRESS_DERIVE != 0;
+        self.base = r
+            .base
+            .filter(|b| self.patch && self.cfg.bases.contains(&b.image_id))
+            .map(|b| b.image_id);
         if self.cfg.compress == CompressMode::Zstd && !self.zstd {
             self.fail(SessionError::Capability(
                 "--compress zstd was requested but the target does not support zstd; use --compress auto or none".to_string(),
@@ -531,6 +574,12 @@ impl Sender {
             skip: self.cfg.skip,
             segments,
         });
+        if let Some(b) = r.base.filter(|_| self.patch) {
+            self.progress(ProgressEvent::Base {
+                image_id: hex::encode(b.image_id),
+                held: self.base.is_some(),
+            });
+        }
         if r.unprovisioned {
             self.progress(ProgressEvent::Unprovisioned {
                 device: r.device.clone(),
@@ -661,7 +710,18 @@ impl Sender {
             });
             return;
         }
-        let body = if is_all_zero(&data) {
+        let derived = self.derive
+            && self.manifest.segments.get(c.segment).is_some_and(|s| {
+                s.size <= msg::MAX_DERIVED && self.manifest.verity.iter().any(|v| v.hash == s.name)
+            });
+        let body = if derived {
+            self.stats.derived_bytes += u64::from(c.len);
+            self.progress(ProgressEvent::Skipped {
+                kind: SkipKind::Derived,
+                bytes: u64::from(c.len),
+            });
+            WriteBody::Derive
+        } else if is_all_zero(&data) {
             self.stats.zero_bytes += u64::from(c.len);
             self.progress(ProgressEvent::Skipped {
                 kind: SkipKind::Zero,
@@ -679,7 +739,13 @@ impl Sender {
             if let Some(slot) = self.slot_mut(seq) {
                 *slot = Slot::Compressing(data.clone());
             }
-            self.actions.push_back(SenderAction::Compress { seq, data });
+            self.actions.push_back(SenderAction::Compress {
+                seq,
+                offset: c.offset,
+                data,
+                base: self.base,
+                staging: self.patch,
+            });
             return;
         } else {
             WriteBody::Raw(data)
@@ -698,26 +764,50 @@ impl Sender {
         })
     }
 
-    fn on_compressed(&mut self, seq: u32, data: Option<Bytes>) {
+    fn on_compressed(&mut self, seq: u32, body: Option<WriteBody>) {
         let raw = match self.slot_mut(seq) {
             Some(Slot::Compressing(raw)) => raw.clone(),
             _ => return,
         };
-        let worth = |c: &Bytes| match self.cfg.compress {
-            CompressMode::Zstd => !c.is_empty() && c.len() < raw.len(),
-            _ => !c.is_empty() && c.len() <= raw.len() - raw.len() / 16,
+        let worth = |n: usize| match self.cfg.compress {
+            CompressMode::Zstd => n > 0 && n < raw.len(),
+            _ => n > 0 && n <= raw.len() - raw.len() / 16,
         };
-        let body = match data {
-            Some(c) if worth(&c) => {
-                let saved = (raw.len() - c.len()) as u64;
-                self.stats.compressed_saved += saved;
-                self.progress(ProgressEvent::Skipped {
-                    kind: SkipKind::Compressed,
-                    bytes: saved,
-                });
-                WriteBody::Zstd(c)
+        // Only what was negotiated: a shell answer outside it is sent raw.
+        let body = body.filter(|b| match b {
+            WriteBody::Zstd(c) => self.zstd && worth(c.len()),
+            WriteBody::Patch { source, frame, .. } => {
+                self.patch
+                    && worth(frame.len())
+                    && (*source != msg::PatchSource::Base || self.base.is_some())
+                    && matches!(source, msg::PatchSource::Base | msg::PatchSource::Staging)
             }
-            _ => WriteBody::Raw(raw),
+            _ => false,
+        });
+        let body = match body {
+            Some(b) => {
+                let wire = match &b {
+                    WriteBody::Patch { frame, .. } => frame.len(),
+                    other => other.wire_len(),
+                };
+                let saved = raw.len().saturating_sub(wire) as u64;
+                let kind = match &b {
+                    WriteBody::Patch {
+                        source: msg::PatchSource::Base,
+                        ..
+                    } => {
+                        self.stats.patched_saved += saved;
+                        SkipKind::Patched
+                    }
+                    _ => {
+                        self.stats.compressed_saved += saved;
+                        SkipKind::Compressed
+                    }
+                };
+                self.progress(ProgressEvent::Skipped { kind, bytes: saved });
+                b
+            }
+            None => WriteBody::Raw(raw),
         };
         self.make_ready(seq, body);
     }

@@ -30,6 +30,7 @@ fn rcfg() -> ReceiverConfig {
 fn hello(img: &TestImage, nonce: u64, skip: bool) -> Frame {
     Message::Hello(Hello {
         allow_downgrade: false,
+        exact_chunk: false,
         proto: PROTO_VERSION,
         nonce,
         window: 8,
@@ -157,6 +158,7 @@ fn wrong_proto_bad_head_unsigned_and_too_large_are_refused() {
     head[proto::image::HEADER_LEN + 5] ^= 0x20; // corrupt the manifest text
     let f = Message::Hello(Hello {
         allow_downgrade: false,
+        exact_chunk: false,
         proto: 1,
         nonce: 2,
         window: 4,
@@ -979,6 +981,22 @@ fn no_skip_forces_a_full_transfer_without_index() {
     assert!(!r.already_installed);
     assert!(r.index.is_empty());
     assert_eq!(r.resume_seq, 0);
+}
+
+#[test]
+fn an_explicit_chunk_size_is_kept_despite_the_skip_index() {
+    let old = image();
+    let new = build_image("2", &[("kernel", vec![7u8; 40 * 1024])]);
+    let mut rx = Receiver::new(rcfg(), None, Some(installed_of(&old, 4096)));
+    let Message::Hello(mut h) = Message::from_frame(&hello(&new, 1, true)).unwrap() else {
+        panic!("not a hello")
+    };
+    h.exact_chunk = true;
+    rx.handle(ReceiverEvent::Frame(Message::Hello(h).to_frame().unwrap()));
+    let r = reply_of(&drain_rx(&mut rx));
+    // The index still helps (COPY by content), but the plan uses the host's chunk size.
+    assert_eq!(r.chunk_size, CHUNK);
+    assert_ne!(CHUNK, 4096);
 }
 
 #[test]

@@ -47,6 +47,7 @@ fn reply(window: u16, chunk: u32) -> HelloReply {
         resume_seq: 0,
         verified: 0,
         index: vec![],
+        base: None,
     }
 }
 
@@ -670,7 +671,7 @@ fn compression_is_used_only_when_it_helps() {
         },
     );
     let b = drain_tx(&mut tx);
-    let Some(SenderAction::Compress { seq, data }) = b.first() else {
+    let Some(SenderAction::Compress { seq, data, .. }) = b.first() else {
         panic!("{b:?}")
     };
     assert_eq!((*seq, data.len()), (1, 8192));
@@ -678,7 +679,7 @@ fn compression_is_used_only_when_it_helps() {
         MS,
         SenderEvent::Compressed {
             seq: 1,
-            data: Some(Bytes::from(vec![1u8; 100])),
+            body: Some(WriteBody::Zstd(Bytes::from(vec![1u8; 100]))),
         },
     );
     let c = drain_tx(&mut tx);
@@ -704,7 +705,7 @@ fn compression_is_used_only_when_it_helps() {
         MS,
         SenderEvent::Compressed {
             seq: 2,
-            data: Some(Bytes::from(vec![1u8; 8000])),
+            body: Some(WriteBody::Zstd(Bytes::from(vec![1u8; 8000]))),
         },
     );
     let d = sent(&drain_tx(&mut tx));

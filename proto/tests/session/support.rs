@@ -271,6 +271,9 @@ impl Target {
                                 continue;
                             }
                         },
+                        WriteBody::Patch { .. } | WriteBody::Derive => {
+                            unreachable!("this harness negotiates neither PATCH nor DERIVE")
+                        }
                         WriteBody::Copy { src_offset, .. } => {
                             self.copies += 1;
                             let s = src_offset as usize;
@@ -374,13 +377,13 @@ pub fn host_run(
                     },
                 );
             }
-            SenderAction::Compress { seq, data } => {
+            SenderAction::Compress { seq, data, .. } => {
                 let c = rle_encode(&data);
                 tx.handle(
                     now,
                     SenderEvent::Compressed {
                         seq,
-                        data: Some(Bytes::from(c)),
+                        body: Some(WriteBody::Zstd(Bytes::from(c))),
                     },
                 );
             }

@@ -302,7 +302,7 @@ fn send(nx: &Path, img: &Path, ports: &[String]) -> anyhow::Result<Run> {
     Ok(Run { wall, targets })
 }
 
-fn chrono_now() -> String {
+pub(super) fn chrono_now() -> String {
     util::capture(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -310,16 +310,5 @@ fn chrono_now() -> String {
 
 /// Replace (or append) the fan-out block of docs/benchmarks.md.
 fn write_docs(md_path: &Path, body: &str) -> anyhow::Result<()> {
-    let block = format!("{BEGIN}\n{body}{END}\n");
-    let old = std::fs::read_to_string(md_path).unwrap_or_default();
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if e > b => {
-            let tail = old.get(e + END.len()..).unwrap_or("");
-            let tail = tail.strip_prefix('\n').unwrap_or(tail);
-            format!("{}{block}{tail}", old.get(..b).unwrap_or(""))
-        }
-        _ if old.contains(HEADING) => format!("{}\n\n{block}", old.trim_end()),
-        _ => format!("{}\n\n{HEADING}\n\n{block}", old.trim_end()),
-    };
-    std::fs::write(md_path, new).with_context(|| format!("write {}", md_path.display()))
+    super::report::write_block(md_path, BEGIN, END, HEADING, body)
 }

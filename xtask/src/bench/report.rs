@@ -494,6 +494,29 @@ fn nice_step(max: f64) -> f64 {
         .max(1.0)
 }
 
+/// Replace the generated block `begin … end` of the markdown file `md_path` with `body`, or
+/// append it (under `heading`, added when missing). One writer for every bench's block.
+pub fn write_block(
+    md_path: &Path,
+    begin: &str,
+    end: &str,
+    heading: &str,
+    body: &str,
+) -> anyhow::Result<()> {
+    let block = format!("{begin}\n{body}{end}\n");
+    let old = std::fs::read_to_string(md_path).unwrap_or_default();
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if e > b => {
+            let tail = old.get(e + end.len()..).unwrap_or("");
+            let tail = tail.strip_prefix('\n').unwrap_or(tail);
+            format!("{}{block}{tail}", old.get(..b).unwrap_or(""))
+        }
+        _ if old.contains(heading) => format!("{}\n\n{block}", old.trim_end()),
+        _ => format!("{}\n\n{heading}\n\n{block}", old.trim_end()),
+    };
+    std::fs::write(md_path, new).with_context(|| format!("write {}", md_path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

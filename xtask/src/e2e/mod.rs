@@ -16,10 +16,12 @@
 //! `update-powercut`), [`reset`] (the factory-reset and recovery-console scenarios of issue 6:
 //! `reset`, `reset-powercut`, `reset-normal-guard`, `recovery-console`) and [`fanout`] (issue
 //! 7: two guests flashed by one `nx flash send --port A --port B`) and [`verity`] (issue 14:
-//! a flipped byte in the rootfs of the booted slot is refused by dm-verity).
+//! a flipped byte in the rootfs of the booted slot is refused by dm-verity) and [`quickstart`]
+//! (issue 16: README's tour, extracted from README and run as written, `nx status` / `nx devices`).
 
 mod fanout;
 mod flash;
+mod quickstart;
 mod reset;
 mod slots;
 mod support;
@@ -28,16 +30,50 @@ mod verity;
 
 pub use reset::{compare_seeded, ls_names, write_seeded_state};
 
+/// Seconds `nx flash send IMAGE EXTRA…` takes into a fresh recovery guest (factory slot a =
+/// `build/nexus-os.img`) over virtio-serial, with its JSON receipt (for `cargo xtask bench`).
+pub fn timed_recovery_send(
+    name: &str,
+    image: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(f64, String)> {
+    let ctx = Ctx::new(name, false)?;
+    let mut runner = ctx.boot_recovery()?;
+    let port = ctx.port(&runner, nx_contract::ports::FLASH.name)?;
+    let t = Instant::now();
+    let out = std::process::Command::new(&ctx.nx)
+        .args(["flash", "send", "--json", "--port", &port])
+        .args(extra)
+        .arg(image)
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let secs = t.elapsed().as_secs_f64();
+    runner.stop();
+    ensure!(
+        out.status.success(),
+        "nx flash send {} failed: {}",
+        image.display(),
+        out.status
+    );
+    let receipt = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    Ok((secs, receipt))
+}
+
 use anyhow::{bail, ensure};
 use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 15] = [
+pub const SCENARIOS: [&str; 17] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
     "update",
+    "update-cut",
     "rollback",
     "badkernel",
     "verity",
@@ -49,6 +85,7 @@ pub const SCENARIOS: [&str; 15] = [
     "reset-normal-guard",
     "recovery-console",
     "fanout",
+    "quickstart",
 ];
 
 /// Arguments of `cargo xtask e2e`.
@@ -102,6 +139,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "flash-cut-resume" => flash::flash_cut_resume(&ctx)?,
         "flash-powercut-resume" => flash::flash_powercut_resume(&ctx)?,
         "update" => slots::update(&ctx)?,
+        "update-cut" => slots::update_cut(&ctx)?,
         "rollback" => slots::rollback(&ctx)?,
         "badkernel" => slots::badkernel(&ctx)?,
         "verity" => verity::verity(&ctx)?,
@@ -113,6 +151,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "reset-normal-guard" => reset::reset_normal_guard(&ctx)?,
         "recovery-console" => reset::recovery_console(&ctx)?,
         "fanout" => fanout::fanout(&ctx)?,
+        "quickstart" => quickstart::quickstart(&ctx)?,
         other => bail!("unknown scenario {other}"),
     }
     eprintln!("[ok] e2e {name} ({:.1} s)", started.elapsed().as_secs_f64());

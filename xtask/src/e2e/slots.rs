@@ -7,6 +7,10 @@
 //!   `init: booted slot=b version=2 trial=true` → confirm → `nx boot reboot` → slot b boots
 //!   again, not on trial; `nx boot status --json` shows b active and good at each step, and the
 //!   snapshot read offline from state.img after the run says the same.
+//!   v1 lies beside v2 in build/: the transfer must be a delta against the active slot (most
+//!   data bytes patched, checked in nx's receipt).
+//! - `update-cut`: the same delta update cut at 50 % (nx killed); the next `nx flash send`
+//!   resumes it, v2 boots on trial and confirms.
 //! - `rollback`: recovery → `nx flash send build/nexus-os-broken.img` (its rootfs is junk) →
 //!   three trial boots of b that never mount: init resets at once, systemd-boot counts each
 //!   try (`nexus-2-b+3.conf` → `+2-1` → `+1-2` → `+0-3`) → the bootloader boots slot a by
@@ -180,6 +184,7 @@ pub fn update(ctx: &Ctx) -> anyhow::Result<()> {
         receipt_installed(&lines),
         "no installed receipt from nx: {lines:?}"
     );
+    expect_delta(&lines)?;
     wait_activation(&runner, "2")?;
     wait(
         &runner,
@@ -384,6 +389,73 @@ fn wait_for_write_start(disk: &Path, image: &Path, max: Duration) {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// v1 (the running slot's image) sits beside v2 in build/: the transfer must have been a delta
+/// against the active slot — most data bytes patched, not sent.
+fn expect_delta(lines: &[String]) -> anyhow::Result<()> {
+    expect_patched(lines, 0.5)
+}
+
+/// At least `fraction` of the data bytes not held from an earlier session were patched.
+fn expect_patched(lines: &[String], fraction: f64) -> anyhow::Result<()> {
+    let receipt = lines.last().map(String::as_str).unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(receipt).context("nx's receipt is not JSON")?;
+    let segs = v["segments"].as_array().cloned().unwrap_or_default();
+    let sum = |k: &str| segs.iter().filter_map(|s| s[k].as_u64()).sum::<u64>();
+    let (patched, size, zero) = (
+        sum("patched_bytes"),
+        sum("size"),
+        sum("zero_bytes") + sum("resumed_bytes"),
+    );
+    eprintln!(
+        "xtask: e2e: delta update: {patched} of {} data bytes patched against the active slot, {} bytes on the wire",
+        size - zero,
+        v["wire_bytes"]
+    );
+    ensure!(
+        patched as f64 >= (size - zero) as f64 * fraction && patched > 0,
+        "the update was not sent as a delta against the active slot: {patched} of {} data bytes patched",
+        size - zero
+    );
+    Ok(())
+}
+
+/// Scenario `update-cut`: like `update`, but the delta transfer is cut at 50 % (nx killed);
+/// the next `nx flash send` resumes it and v2 boots.
+pub fn update_cut(ctx: &Ctx) -> anyhow::Result<()> {
+    let v2 = built_image("nexus-os-v2.img")?;
+    let mut runner = ctx.boot(false)?;
+    wait(
+        &runner,
+        &[
+            markers::init::booted("a", "1", false).as_str(),
+            markers::init::ready().as_str(),
+        ],
+    )?;
+    ctx.reboot_to_recovery(&runner)?;
+    ctx.send_and_cut(&runner, &v2, 0.5, &|| {})?;
+    let lines = ctx.send(&runner, &v2)?;
+    ensure!(
+        lines.iter().any(|l| l.contains("\"event\":\"resumed\"")),
+        "the delta transfer did not resume (no `resumed` event)"
+    );
+    expect_patched(&lines, 0.5)?;
+    ensure!(
+        receipt_installed(&lines),
+        "no installed receipt from nx: {lines:?}"
+    );
+    wait_activation(&runner, "2")?;
+    wait(
+        &runner,
+        &[
+            markers::init::booted("b", "2", true).as_str(),
+            markers::init::confirmed("b").as_str(),
+            markers::init::ready().as_str(),
+        ],
+    )?;
+    runner.stop();
+    check_console(ctx, &runner)
 }
 
 /// Scenario `update-powercut`.

@@ -25,6 +25,8 @@ fn storage(e: store::StoreError) -> ActionError {
 enum Kind {
     Raw,
     Zstd { wire: u64 },
+    Patch { wire: u64, base: bool },
+    Derived,
     Zero,
     Copy,
 }
@@ -38,7 +40,15 @@ impl Runtime {
     ) -> Result<(), ActionError> {
         match a {
             ReceiverAction::Send(f) => self.send(&f, conn),
-            ReceiverAction::Report(r) => self.report(&r),
+            ReceiverAction::Report(r) => {
+                if r == proto::session::ReceiverReport::SkipIndexDropped {
+                    // The receiver dropped the base too: do not offer it again.
+                    if let Some(id) = self.last_base {
+                        self.bad_base = Some(id);
+                    }
+                }
+                self.report(&r)
+            }
             ReceiverAction::OpenStaging {
                 image_id,
                 total_size,
@@ -373,6 +383,26 @@ impl Runtime {
                 let d = self.copy_from_installed(src_offset, len, hash)?;
                 (Some(d), Kind::Copy)
             }
+            WriteBody::Derive => {
+                let d = self.derived(seg_index, offset - seg_offset, len)?;
+                (Some(d), Kind::Derived)
+            }
+            WriteBody::Patch {
+                source,
+                ref_offset,
+                ref_len,
+                frame,
+            } => {
+                let wire = frame.len() as u64;
+                let d = self.unpatch(source, ref_offset, ref_len, &frame, len)?;
+                (
+                    Some(d),
+                    Kind::Patch {
+                        wire,
+                        base: source == msg::PatchSource::Base,
+                    },
+                )
+            }
         };
         let readback = self.staging_ref()?.staging.is_device();
         if let Some(d) = &data {
@@ -452,7 +482,16 @@ impl Runtime {
                 c.sent_bytes += n;
                 c.compressed_bytes += n.saturating_sub(wire);
             }
+            Kind::Patch { wire, base } => {
+                c.sent_bytes += n;
+                if base {
+                    c.patched_bytes += n.saturating_sub(wire);
+                } else {
+                    c.compressed_bytes += n.saturating_sub(wire);
+                }
+            }
             Kind::Zero => c.zero_bytes += n,
+            Kind::Derived => c.derived_bytes += n,
             Kind::Copy => c.skipped_bytes += n,
         }
     }
@@ -520,6 +559,154 @@ impl Runtime {
             ));
         }
         Ok(Bytes::from(buf))
+    }
+
+    /// `DERIVE`: `len` bytes at `rel` of the dm-verity hash segment `seg`, computed here from
+    /// its data segment in staging (the receiver checked that it was received before). The
+    /// whole tree is built once per image and kept until the transfer ends.
+    fn derived(&mut self, seg: usize, rel: u64, len: u32) -> Result<Bytes, ActionError> {
+        let (image_id, name, data, size, salt) = {
+            let r = self.staging_ref()?;
+            let m = r.manifest.as_ref().ok_or((
+                ErrorCode::Storage,
+                "DERIVE before the image head".to_string(),
+            ))?;
+            let s = m
+                .segments
+                .get(seg)
+                .ok_or((ErrorCode::BadWrite, format!("DERIVE: no segment {seg}")))?;
+            let v = m.verity.iter().find(|v| v.hash == s.name).ok_or((
+                ErrorCode::BadWrite,
+                format!("DERIVE: {:?} is no dm-verity hash segment", s.name),
+            ))?;
+            let d = m.segment(&v.data).ok_or((
+                ErrorCode::BadWrite,
+                format!("DERIVE: no data segment {:?}", v.data),
+            ))?;
+            (
+                r.image_id,
+                s.name.clone(),
+                (d.offset, d.size),
+                s.size,
+                v.salt.clone(),
+            )
+        };
+        let cached =
+            matches!(&self.derived_tree, Some((id, n, _)) if *id == image_id && *n == name);
+        if !cached {
+            if size > msg::MAX_DERIVED {
+                return Err((
+                    ErrorCode::BadWrite,
+                    format!(
+                        "DERIVE: segment {name:?} is larger than {}",
+                        msg::MAX_DERIVED
+                    ),
+                ));
+            }
+            let staging = &self.staging_ref()?.staging;
+            let mut t = proto::verity::TreeBuilder::new(&salt);
+            let mut buf = vec![0u8; 1 << 20];
+            let (start, total) = data;
+            let mut done = 0u64;
+            while done < total {
+                let n = (total - done).min(buf.len() as u64) as usize;
+                staging
+                    .read_at(start + done, &mut buf[..n])
+                    .map_err(storage)?;
+                t.update(&buf[..n]);
+                done += n as u64;
+            }
+            self.progress += 1;
+            let tree = t.finish().bytes;
+            self.out.log(&format!(
+                "derived {name}: {} bytes of dm-verity hash tree from {total} bytes of data",
+                tree.len()
+            ));
+            self.derived_tree = Some((image_id, name.clone(), Arc::new(tree)));
+        }
+        let tree = self
+            .derived_tree
+            .as_ref()
+            .map(|(_, _, t)| t.clone())
+            .ok_or((ErrorCode::Storage, "no derived tree".to_string()))?;
+        // The segment is the tree padded with zeros to its size.
+        let mut out = vec![0u8; len as usize];
+        let from = usize::try_from(rel).unwrap_or(usize::MAX);
+        if let Some(src) = tree.get(from..) {
+            let n = src.len().min(out.len());
+            out[..n].copy_from_slice(&src[..n]);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// `PATCH`: decompress `frame` with `ref_len` bytes at `ref_offset` of the base image (the
+    /// active slot or the installed file) or of the staging bytes already written as its
+    /// prefix. The prefix is mapped read-only (page cache, not this process's heap); the
+    /// output is exactly `len` bytes.
+    fn unpatch(
+        &mut self,
+        source: msg::PatchSource,
+        ref_offset: u64,
+        ref_len: u32,
+        frame: &[u8],
+        len: u32,
+    ) -> Result<Bytes, ActionError> {
+        let (file, path) = match source {
+            msg::PatchSource::Base => {
+                let p = self.base_path.clone().ok_or((
+                    ErrorCode::Storage,
+                    "PATCH from the base image, but no base image is open".to_string(),
+                ))?;
+                let f = File::open(&p).map_err(|e| {
+                    (
+                        ErrorCode::Storage,
+                        format!("cannot open the base image {}: {e}", p.display()),
+                    )
+                })?;
+                (f, p)
+            }
+            msg::PatchSource::Staging => {
+                let s = &self.staging_ref()?.staging;
+                (s.file_handle().map_err(storage)?, s.path().to_path_buf())
+            }
+            msg::PatchSource::Unknown(c) => {
+                return Err((ErrorCode::BadWrite, format!("unknown PATCH source {c}")))
+            }
+        };
+        let end = ref_offset.checked_add(u64::from(ref_len));
+        let size = crate::install::block_capacity(&path).unwrap_or(0);
+        if end.is_none_or(|e| e > size) {
+            return Err((
+                ErrorCode::BadWrite,
+                format!(
+                    "PATCH reference {ref_offset}+{ref_len} is outside {} ({size} bytes)",
+                    path.display()
+                ),
+            ));
+        }
+        // SAFETY: a read-only private view of a range checked to lie inside the file or
+        // device; flashd is the only writer of staging and never truncates it while a
+        // transfer is open, and slot partitions cannot shrink.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(ref_offset)
+                .len(ref_len as usize)
+                .map(&file)
+        }
+        .map_err(|e| {
+            (
+                ErrorCode::Storage,
+                format!("cannot map {} for a PATCH: {e}", path.display()),
+            )
+        })?;
+        crate::patch::decode(&map, frame, len as usize)
+            .map(Bytes::from)
+            .map_err(|e| {
+                (
+                    ErrorCode::BadWrite,
+                    format!("PATCH data does not decode: {e}"),
+                )
+            })
     }
 
     /// The manifest of the image in the open staging.

@@ -63,6 +63,71 @@ impl Runtime {
         self.drop_installed_record();
     }
 
+    /// The image `PATCH` writes may reference for the HELLO being answered: in slot mode the
+    /// active slot (the one not being written; its head says what it holds), for a file
+    /// target the installed file (replaced only by the final rename). A direct transfer into
+    /// a device overwrites what is there: no base.
+    pub(super) fn refresh_base(&mut self) {
+        let base = self
+            .find_base()
+            .filter(|(_, b)| self.bad_base != Some(b.image_id));
+        self.last_base = base.as_ref().map(|(_, b)| b.image_id);
+        if let Some((p, b)) = &base {
+            if self.rx.base() != Some(b) {
+                self.out.log(&format!(
+                    "patch base: {} (image {})",
+                    p.display(),
+                    &hex::encode(b.image_id)[..16]
+                ));
+            }
+        }
+        self.base_path = base.as_ref().map(|(p, _)| p.clone());
+        self.rx.set_base(base.map(|(_, b)| b));
+    }
+
+    fn find_base(&self) -> Option<(std::path::PathBuf, proto::msg::BaseImage)> {
+        match self.dest.spec() {
+            InstallSpec::Slot { env } => {
+                let slot = match self.dest.chosen_slot() {
+                    Some((slot, _)) => slot,
+                    None => crate::slots::inactive_slot_in(env).ok()?,
+                };
+                let active = crate::slots::partition_name(slot.other());
+                let dev = nx_guest::blockdev::find_partition(&env.sys_dir, &env.dev_dir, &active)
+                    .ok()??;
+                let size = crate::install::block_capacity(&dev)?;
+                let f = std::fs::File::open(&dev).ok()?;
+                let head = nx_guest::slotfs::read_head(&f, &dev, size).ok()?;
+                let m = head.manifest;
+                (m.total_size <= size).then_some((
+                    dev,
+                    proto::msg::BaseImage {
+                        image_id: m.id(),
+                        total_size: m.total_size,
+                    },
+                ))
+            }
+            InstallSpec::Path(_) => {
+                if self.direct_device().is_some() {
+                    return None;
+                }
+                let inst = self.rx.installed()?;
+                let Ok(InstallTarget::File(p)) = self.dest.resolve() else {
+                    return None;
+                };
+                let len = std::fs::metadata(&p).ok()?.len();
+                (len == inst.total_size).then_some((
+                    p,
+                    proto::msg::BaseImage {
+                        image_id: inst.image_id,
+                        total_size: inst.total_size,
+                    },
+                ))
+            }
+            InstallSpec::Partition { .. } => None,
+        }
+    }
+
     /// Forget the install record (in the receiver and on disk).
     fn drop_installed_record(&mut self) {
         self.rx.set_installed(None);

@@ -102,6 +102,7 @@ impl Client {
 pub fn hello(head: &[u8], window: u16, chunk: u32) -> Message {
     Message::Hello(Hello {
         allow_downgrade: false,
+        exact_chunk: false,
         proto: PROTO_VERSION,
         nonce: 7,
         window,
