@@ -232,6 +232,9 @@ wire_enum! {
         Timeout = 15 => "timeout",
         /// 16: the image's security version is below the target's anti-rollback floor.
         Rollback = 16 => "rollback",
+        /// 17: another link of the target is flashing right now (flashd serves one link at a
+        /// time: the virtio-serial port and the UART); retry when it is done.
+        Busy = 17 => "busy",
     }
     unknown: Unknown => "unknown", "A code this version does not know (kept verbatim)."
 }

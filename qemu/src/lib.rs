@@ -114,6 +114,11 @@ pub struct Config {
     /// The second 16550 (`/dev/ttyS1` in the guest): QEMU listens on this unix socket for it
     /// ([`nx_contract::ports::UART`]); `None` leaves the guest with the console UART only.
     pub uart: Option<PathBuf>,
+    /// Put the second 16550 on a host pseudo-terminal (`-chardev pty`) instead of the `uart`
+    /// socket, for hosts that open it as a serial device (`nx … --port serial:/dev/pts/N`):
+    /// QEMU prints `char device redirected to /dev/pts/N (label uart1)` on the console at
+    /// every power-on ([`Runner::uart_pty`] finds it). Needs `uart` to be `Some`.
+    pub uart_pty: bool,
     /// First boot into recovery (`RECOVERY=1`): the runner writes the bootloader's one-shot
     /// entry `recovery.conf` into the variable store before powering on.
     pub recovery: bool,
@@ -176,6 +181,7 @@ impl Config {
             state_img: Some(build_dir.join("state.img")),
             disk_img: Some(build_dir.join("disk.img")),
             uart: Some(run_dir.join(nx_contract::ports::UART.socket)),
+            uart_pty: false,
             run_dir,
             ports,
             recovery: false,
@@ -346,12 +352,16 @@ impl Config {
         if let Some(sock) = &self.uart {
             // After the console's -serial: this one is ttyS1.
             push("-chardev");
-            push(&format!(
-                "socket,id=uart1,server=on,wait=off,path={}",
-                sock.display()
-            ));
+            if self.uart_pty {
+                push(&format!("pty,id={UART_CHARDEV}"));
+            } else {
+                push(&format!(
+                    "socket,id={UART_CHARDEV},server=on,wait=off,path={}",
+                    sock.display()
+                ));
+            }
             push("-serial");
-            push("chardev:uart1");
+            push(&format!("chardev:{UART_CHARDEV}"));
         }
         match (&self.uefi, self.boots_uefi()) {
             (Some(u), true) => {
@@ -533,6 +543,18 @@ pub fn plain_args(vars: &str, disk: &str, state: &str) -> Vec<String> {
     .collect()
 }
 
+/// QEMU's chardev id of the second 16550 (the label in `char device redirected to … (label
+/// uart1)`).
+pub const UART_CHARDEV: &str = "uart1";
+
+/// The pseudo-terminal of a `char device redirected to /dev/pts/N (label uart1)` console line.
+pub fn uart_pty_of_line(line: &str) -> Option<PathBuf> {
+    let rest = line.split("char device redirected to ").nth(1)?;
+    let (path, label) = rest.split_once(" (label ")?;
+    (label.trim_end().trim_end_matches(')') == UART_CHARDEV && path.starts_with("/dev/"))
+        .then(|| PathBuf::from(path))
+}
+
 /// The QEMU firmware config file that carries [`Config::extra_cmdline`] to the guest
 /// (`/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`, read by `nx_guest::cmdline`).
 pub const FW_CFG_CMDLINE: &str = nx_contract::loader::FW_CFG_CMDLINE;
@@ -580,6 +602,14 @@ mod tests {
             .find("-chardev socket,id=uart1,server=on,wait=off,path=/b/qemu/uart.sock -serial chardev:uart1")
             .unwrap();
         assert!(console < uart, "the console must stay ttyS0");
+        assert_eq!(
+            uart_pty_of_line("char device redirected to /dev/pts/7 (label uart1)"),
+            Some(PathBuf::from("/dev/pts/7"))
+        );
+        assert_eq!(
+            uart_pty_of_line("char device redirected to /dev/pts/7 (label other)"),
+            None
+        );
         assert!(joined.contains("file=/b/state.img"));
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(

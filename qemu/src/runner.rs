@@ -436,6 +436,15 @@ impl Runner {
             .any(|l| l.text.contains(text))
     }
 
+    /// The host pseudo-terminal of the guest's second UART in the current power-on (with
+    /// [`crate::Config::uart_pty`]), from QEMU's `char device redirected to …` line.
+    pub fn uart_pty(&self) -> Option<std::path::PathBuf> {
+        self.grep("char device redirected to ")
+            .iter()
+            .rev()
+            .find_map(|l| crate::uart_pty_of_line(l))
+    }
+
     /// Every console line so far containing `text`, in order.
     pub fn grep(&self, text: &str) -> Vec<String> {
         lock(&self.shared.inner)

@@ -92,6 +92,8 @@ impl Ctx {
                 p
             })
             .collect();
+        // The UART's socket in the scenario's run directory too (scenarios never share one).
+        cfg.uart = Some(cfg.run_dir.join(nx_contract::ports::UART.socket));
         cfg.recovery = recovery;
         cfg.echo = self.echo;
         Ok(cfg)
