@@ -44,7 +44,8 @@ pub fn is_tty_s_name(s: &str) -> bool {
 /// Open `dev` read-write, non-blocking, never as a controlling terminal, and make it a raw
 /// 8N1 line at 115200 baud: `cfmakeraw` (no echo, no line discipline, no CR/LF mapping), no
 /// software or hardware flow control, `CLOCAL | CREAD` (ignore modem lines: a read never sees
-/// a hangup), `VMIN = VTIME = 0`. Bytes that arrived before are flushed.
+/// a hangup), `VMIN = 1, VTIME = 0` (with `O_NONBLOCK` an empty read is `EAGAIN`, never a
+/// 0 that would read as end of file). Bytes that arrived before are flushed.
 pub fn open_raw(dev: &Path) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
@@ -72,10 +73,12 @@ pub fn open_raw(dev: &Path) -> Result<File> {
         t.c_iflag &= !(libc::IXON | libc::IXOFF | libc::IXANY);
         t.c_cflag &= !libc::CRTSCTS;
         t.c_cflag |= libc::CLOCAL | libc::CREAD;
-        t.c_cc[libc::VMIN] = 0;
+        // VMIN = 1: an empty non-blocking read fails with EAGAIN (with VMIN = 0 it returns 0,
+        // which reads as end of file).
+        t.c_cc[libc::VMIN] = 1;
         t.c_cc[libc::VTIME] = 0;
-        sys("cfsetispeed", libc::cfsetispeed(&mut t, libc::B115200))?;
-        sys("cfsetospeed", libc::cfsetospeed(&mut t, libc::B115200))?;
+        // The speed lives in CBAUD (cfsetspeed(3) is not linkable in the static guest).
+        t.c_cflag = (t.c_cflag & !libc::CBAUD) | libc::B115200;
         sys("tcsetattr", libc::tcsetattr(fd, libc::TCSANOW, &t))?;
         sys("tcflush", libc::tcflush(fd, libc::TCIOFLUSH))?;
     }

@@ -5,16 +5,27 @@
 //! `system_b` holds the image byte for byte. The console is checked against `[e2e.uart]`.
 
 use super::flash::verify_installed;
-use super::support::{check_console, demo_image, fail, receipt_installed, Ctx, STEP_TIMEOUT};
+use super::support::{check_console, fail, payload_image, receipt_installed, Ctx, STEP_TIMEOUT};
 use anyhow::{ensure, Context};
 use nx_contract::{markers, ports};
 use nx_qemu::Runner;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+/// Incompressible rootfs payload of the UART image: at ≈ 100 KB/s the whole
+/// `build/nexus-os.img` (38 MB, nothing of it skippable on a factory slot) would take minutes.
+const PAYLOAD: usize = 256 << 10;
+
+/// `nx flash send` flags of the scenario (besides `--json --port`).
+fn send_flags() -> Vec<String> {
+    std::env::var("NX_E2E_UART_FLAGS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_else(|_| vec!["--chunk".into(), "4K".into()])
+}
+
 /// Scenario `uart`.
 pub fn uart(ctx: &Ctx) -> anyhow::Result<()> {
-    let image = demo_image()?;
+    let image = payload_image("uart", PAYLOAD, 0x5DEE_CE66_D1CE_4E5B)?;
     let mut cfg = ctx.config(true)?;
     cfg.uart_pty = true;
     let mut runner = Runner::start(cfg)?;
@@ -36,10 +47,14 @@ pub fn uart(ctx: &Ctx) -> anyhow::Result<()> {
         .uart_pty()
         .context("QEMU did not say which pseudo-terminal the UART is on (`char device redirected to … (label uart1)`)")?;
     let port = format!("serial:{}", pty.display());
-    eprintln!("xtask: e2e uart: nx flash send --port {port}");
+    eprintln!(
+        "xtask: e2e uart: nx flash send --port {port} {}",
+        send_flags().join(" ")
+    );
     let t = Instant::now();
     let out = Command::new(&ctx.nx)
         .args(["flash", "send", "--json", "--port", &port])
+        .args(send_flags())
         .arg(&image)
         .stderr(Stdio::inherit())
         .output()
