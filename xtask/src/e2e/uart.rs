@@ -16,11 +16,12 @@ use std::time::Instant;
 /// `build/nexus-os.img` (38 MB, nothing of it skippable on a factory slot) would take minutes.
 const PAYLOAD: usize = 256 << 10;
 
-/// `nx flash send` flags of the scenario (besides `--json --port`).
+/// Extra `nx flash send` flags (besides `--json --port`): none — the defaults must get
+/// through the line. `NX_E2E_UART_FLAGS="--chunk 4K"` tries others (measurements).
 fn send_flags() -> Vec<String> {
     std::env::var("NX_E2E_UART_FLAGS")
         .map(|v| v.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_else(|_| vec!["--chunk".into(), "4K".into()])
+        .unwrap_or_default()
 }
 
 /// Scenario `uart`.
