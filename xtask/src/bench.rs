@@ -14,6 +14,7 @@
 //!   normal and padded rootfs. See [`rootfs`].
 //! * `fanout` (issue 7): several recovery guests at once (default 4): one guest alone, then one
 //!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
+//! * `uart` (issue 15 (c)): the guest's UART, raw copy vs `nx flash send`. See [`uart`].
 
 mod boot;
 mod delta;
@@ -21,6 +22,7 @@ mod fanout;
 mod guest;
 mod report;
 mod rootfs;
+mod uart;
 
 use crate::util::{cargo, root, run_cmd};
 use anyhow::{bail, Context};
@@ -53,6 +55,9 @@ enum Which {
     /// Several QEMU guests at once (default 4): one alone, then all with one nx flash send;
     /// aggregate MB/s vs n × single; writes its block of docs/benchmarks.md.
     Fanout(fanout::FanoutArgs),
+    /// The guest's UART (issue 15 (c)): raw copy vs nx flash send over serial:/dev/pts/N;
+    /// writes its block of docs/benchmarks.md.
+    Uart(uart::UartArgs),
     /// Only (g) of the guest benchmark: the boot chain of a fresh device, stage by stage
     /// (firmware, bootloader, kernel, userspace), normal and recovery; prints, writes no docs.
     Boot,
@@ -88,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(Which::Flash(a)) => flash(a),
         Some(Which::Fanout(a)) => fanout::run(a),
         Some(Which::Delta(a)) => delta::run(a),
+        Some(Which::Uart(a)) => uart::run(a),
         Some(Which::Boot) => {
             crate::guest::build(&crate::guest::Args::default())?;
             let chain = boot::measure(&crate::util::build_dir().join("bench/boot"))?;

@@ -32,6 +32,7 @@ mod uart;
 mod verity;
 
 pub use reset::{compare_seeded, ls_names, write_seeded_state};
+pub use uart::{bench as uart_bench, UartBench};
 
 /// Seconds `nx flash send IMAGE EXTRA…` takes into a fresh recovery guest (factory slot a =
 /// `build/nexus-os.img`) over virtio-serial, with its JSON receipt (for `cargo xtask bench`).

@@ -88,3 +88,133 @@ pub fn uart(ctx: &Ctx) -> anyhow::Result<()> {
     check_console(ctx, &runner)?;
     verify_installed(&ctx.dir.join("disk.img"), &image)
 }
+
+/// What `cargo xtask bench uart` measured on one recovery guest, over one UART.
+#[derive(Debug, Clone)]
+pub struct UartBench {
+    /// Raw copy: bytes of one frame the host wrote (an identification probe carrying junk).
+    pub raw_bytes: u64,
+    /// From the first byte written to flashd's answer, which needs every byte intact (CRC).
+    pub raw_secs: f64,
+    /// The image `nx flash send` installed: file size, bytes on the wire (receipt), time.
+    pub image_bytes: u64,
+    pub wire_bytes: u64,
+    pub nx_secs: f64,
+    /// Frames flashd dropped as corrupt during the whole run (`link: skipped` lines).
+    pub corrupt_events: usize,
+}
+
+/// Boot recovery with the UART on a pseudo-terminal; time a raw copy of `raw_len` bytes and
+/// then `nx flash send` (defaults) of an image with `payload` bytes of incompressible data.
+pub fn bench(raw_len: usize, payload: usize) -> anyhow::Result<UartBench> {
+    let image = payload_image("uart-bench", payload, 0x2545_F491_4F6C_DD1D)?;
+    let ctx = Ctx::new("bench-uart", false)?;
+    let mut cfg = ctx.config(true)?;
+    cfg.uart_pty = true;
+    let mut runner = Runner::start(cfg)?;
+    ctx.wait_ready(&runner)?;
+    runner.wait_for(
+        markers::flashd::serving_on(ports::UART.device).as_str(),
+        STEP_TIMEOUT,
+    )?;
+    let pty = runner
+        .uart_pty()
+        .context("QEMU did not say which pseudo-terminal the UART is on")?;
+    let raw_secs = raw_copy(&pty, raw_len)
+        .map_err(|e| fail(&runner, &format!("raw copy over {}: {e:#}", pty.display())))?;
+    let port = format!("serial:{}", pty.display());
+    let t = Instant::now();
+    let out = Command::new(&ctx.nx)
+        .args(["flash", "send", "--json", "--port", &port])
+        .arg(&image)
+        .stderr(Stdio::null())
+        .output()
+        .context("could not run nx")?;
+    let nx_secs = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let receipt = stdout.lines().last().unwrap_or_default().to_string();
+    ensure!(
+        out.status.success() && receipt.contains("\"state\":\"installed\""),
+        "nx flash send over {port} failed ({}): {receipt}",
+        out.status
+    );
+    let corrupt_events = runner.grep("link: skipped").len();
+    runner.stop();
+    Ok(UartBench {
+        raw_bytes: raw_len as u64,
+        raw_secs,
+        image_bytes: std::fs::metadata(&image)?.len(),
+        wire_bytes: super::support::json_u64(&receipt, "wire_bytes").unwrap_or(0),
+        nx_secs,
+        corrupt_events,
+    })
+}
+
+/// Write one identification probe whose payload is `len` bytes of junk to the UART's
+/// pseudo-terminal and wait for flashd's answer: flashd answers only once the whole frame
+/// arrived with a good CRC. A small probe first waits out QEMU noticing the terminal
+/// (it polls a pseudo-terminal once a second).
+fn raw_copy(pty: &std::path::Path, len: usize) -> anyhow::Result<f64> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(pty)
+        .with_context(|| format!("open {}", pty.display()))?;
+    // SAFETY: plain termios calls on a descriptor we own; `t` is filled by tcgetattr.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        ensure!(libc::tcgetattr(f.as_raw_fd(), &mut t) == 0, "tcgetattr");
+        libc::cfmakeraw(&mut t);
+        t.c_cflag |= libc::CLOCAL | libc::CREAD;
+        ensure!(
+            libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t) == 0,
+            "tcsetattr"
+        );
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = f.try_clone()?;
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut dec = proto::frame::FrameDecoder::new();
+        let mut buf = bytes::BytesMut::new();
+        let mut b = [0u8; 4096];
+        loop {
+            loop {
+                match dec.decode(&mut buf) {
+                    Ok(Some(fr)) => {
+                        if fr.msg_type() == proto::ident::REPLY && tx.send(Instant::now()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            match reader.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&b[..n]),
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(10);
+    for _ in 0..5 {
+        f.write_all(&proto::ident::probe())?;
+        if rx.recv_timeout(wait).is_ok() {
+            break;
+        }
+    }
+    let junk = crate::guest::junk(len, 0x9E37_79B9_7F4A_7C15);
+    let frame =
+        proto::frame::Frame::new(proto::ident::PROBE, 0, 0, bytes::Bytes::from(junk))?.to_bytes();
+    let t = Instant::now();
+    f.write_all(&frame)?;
+    let done = rx
+        .recv_timeout(std::time::Duration::from_secs(600))
+        .context("no answer to the raw probe: bytes were lost on the line (its CRC failed)")?;
+    Ok(done.duration_since(t).as_secs_f64())
+}
