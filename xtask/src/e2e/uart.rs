@@ -122,12 +122,16 @@ pub fn bench(raw_len: usize, payload: usize) -> anyhow::Result<UartBench> {
         .context("QEMU did not say which pseudo-terminal the UART is on")?;
     let raw_secs = raw_copy(&pty, raw_len)
         .map_err(|e| fail(&runner, &format!("raw copy over {}: {e:#}", pty.display())))?;
+    eprintln!(
+        "xtask: bench uart: raw copy of {raw_len} bytes in {raw_secs:.2} s ({:.1} kB/s)",
+        raw_len as f64 / raw_secs.max(1e-9) / 1000.0
+    );
     let port = format!("serial:{}", pty.display());
     let t = Instant::now();
     let out = Command::new(&ctx.nx)
         .args(["flash", "send", "--json", "--port", &port])
         .arg(&image)
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .output()
         .context("could not run nx")?;
     let nx_secs = t.elapsed().as_secs_f64();
@@ -135,8 +139,13 @@ pub fn bench(raw_len: usize, payload: usize) -> anyhow::Result<UartBench> {
     let receipt = stdout.lines().last().unwrap_or_default().to_string();
     ensure!(
         out.status.success() && receipt.contains("\"state\":\"installed\""),
-        "nx flash send over {port} failed ({}): {receipt}",
-        out.status
+        "nx flash send over {port} failed ({}): {}",
+        out.status,
+        stdout
+            .lines()
+            .filter(|l| !l.contains("\"progress\""))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let corrupt_events = runner.grep("link: skipped").len();
     runner.stop();
@@ -177,12 +186,27 @@ fn raw_copy(pty: &std::path::Path, len: usize) -> anyhow::Result<f64> {
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let mut reader = f.try_clone()?;
-    std::thread::spawn(move || {
+    // The reader must be gone before nx opens the terminal (it would take nx's bytes).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let handle = std::thread::spawn(move || {
         use std::io::Read;
         let mut dec = proto::frame::FrameDecoder::new();
         let mut buf = bytes::BytesMut::new();
         let mut b = [0u8; 4096];
         loop {
+            if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd: reader.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
             loop {
                 match dec.decode(&mut buf) {
                     Ok(Some(fr)) => {
@@ -213,8 +237,10 @@ fn raw_copy(pty: &std::path::Path, len: usize) -> anyhow::Result<f64> {
         proto::frame::Frame::new(proto::ident::PROBE, 0, 0, bytes::Bytes::from(junk))?.to_bytes();
     let t = Instant::now();
     f.write_all(&frame)?;
-    let done = rx
-        .recv_timeout(std::time::Duration::from_secs(600))
-        .context("no answer to the raw probe: bytes were lost on the line (its CRC failed)")?;
+    let done = rx.recv_timeout(std::time::Duration::from_secs(600));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = handle.join();
+    let done =
+        done.context("no answer to the raw probe: bytes were lost on the line (its CRC failed)")?;
     Ok(done.duration_since(t).as_secs_f64())
 }
