@@ -1413,7 +1413,7 @@ mod tests {
             assert_eq!(ErrorCode::from_code(e.code()), *e);
             assert_ne!(e.name(), "unknown");
         }
-        assert_eq!(ErrorCode::ALL.len(), 16);
+        assert_eq!(ErrorCode::ALL.len(), 17);
         assert_eq!(ErrorCode::from_code(999), ErrorCode::Unknown(999));
         assert_eq!(ErrorCode::Unknown(999).code(), 999);
         assert_eq!(ErrorCode::TooLarge.to_string(), "13 (too_large)");
