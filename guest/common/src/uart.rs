@@ -135,6 +135,11 @@ mod tests {
         assert_eq!(t.c_lflag & libc::ICANON, 0);
         assert_ne!(t.c_cflag & libc::CLOCAL, 0);
         assert_eq!(t.c_iflag & libc::IXON, 0);
+        // Nothing to read is EAGAIN, not a 0 that would read as end of file.
+        use std::io::Read;
+        let mut b = [0u8; 8];
+        let err = (&f).read(&mut b).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
         // SAFETY: closing the descriptor we opened.
         unsafe { libc::close(master) };
     }

@@ -34,7 +34,11 @@ fn send_flags() -> Vec<String> {
 pub fn uart(ctx: &Ctx) -> anyhow::Result<()> {
     let image = payload_image("uart", PAYLOAD, 0x5DEE_CE66_D1CE_4E5B)?;
     let mut cfg = ctx.config(true)?;
-    cfg.uart_pty = true;
+    // `NX_E2E_UART_SOCKET=1`: QEMU's unix-socket chardev and `--port unix:` instead (the
+    // same guest UART; for comparing the two host sides).
+    let socket = std::env::var_os("NX_E2E_UART_SOCKET").is_some();
+    cfg.uart_pty = !socket;
+    let sock = cfg.uart.clone();
     let mut runner = Runner::start(cfg)?;
     ctx.wait_ready(&runner)?;
     runner
@@ -50,10 +54,15 @@ pub fn uart(ctx: &Ctx) -> anyhow::Result<()> {
             STEP_TIMEOUT,
         )
         .map_err(|e| fail(&runner, &format!("flashd does not serve the UART: {e}")))?;
-    let pty = runner
-        .uart_pty()
-        .context("QEMU did not say which pseudo-terminal the UART is on (`char device redirected to … (label uart1)`)")?;
-    let port = format!("serial:{}", pty.display());
+    let port = match (socket, sock) {
+        (true, Some(sock)) => format!("unix:{}", sock.display()),
+        _ => {
+            let pty = runner.uart_pty().context(
+                "QEMU did not say which pseudo-terminal the UART is on (`char device redirected to … (label uart1)`)",
+            )?;
+            format!("serial:{}", pty.display())
+        }
+    };
     eprintln!(
         "xtask: e2e uart: nx flash send --port {port} {}",
         send_flags().join(" ")
