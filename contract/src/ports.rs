@@ -34,6 +34,22 @@ pub const BENCH: PortSpec = PortSpec {
 /// The ports every guest boot has, in QEMU order (flash first: `/dev/vport0p1`).
 pub const STANDARD: [PortSpec; 3] = [FLASH, REBOOT, BOOTCTL];
 
+/// The guest's second 16550 UART and the host socket QEMU's chardev for it listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UartSpec {
+    /// The guest device (`/dev/ttyS1`; `ttyS0` is the console).
+    pub device: &'static str,
+    /// The host socket file name in the run directory (`uart.sock`).
+    pub socket: &'static str,
+}
+
+/// The flashing UART every guest boot has: a lossy line (no flow control, FIFO overruns
+/// drop bytes), made reliable only by the protocol's CRC and retransmission.
+pub const UART: UartSpec = UartSpec {
+    device: "/dev/ttyS1",
+    socket: "uart.sock",
+};
+
 /// The host run directory of the standard guest, relative to the project root.
 pub const HOST_RUN_DIR: &str = "build/qemu";
 
@@ -56,6 +72,9 @@ mod tests {
                 assert_ne!(a.name, b.name);
                 assert_ne!(a.socket, b.socket);
             }
+        }
+        for p in all {
+            assert_ne!(p.socket, UART.socket);
         }
         assert_eq!(by_name("com.nexus.reboot"), Some(REBOOT));
         assert_eq!(by_name("com.nexus.none"), None);

@@ -234,6 +234,9 @@ wire_enum! {
         Timeout = 15 => "timeout",
         /// 16: the image's security version is below the target's anti-rollback floor.
         Rollback = 16 => "rollback",
+        /// 17: another link of the target is flashing right now (flashd serves one link at a
+        /// time: the virtio-serial port and the UART); retry when it is done.
+        Busy = 17 => "busy",
     }
     unknown: Unknown => "unknown", "A code this version does not know (kept verbatim)."
 }
@@ -1530,7 +1533,7 @@ mod tests {
             assert_eq!(ErrorCode::from_code(e.code()), *e);
             assert_ne!(e.name(), "unknown");
         }
-        assert_eq!(ErrorCode::ALL.len(), 16);
+        assert_eq!(ErrorCode::ALL.len(), 17);
         assert_eq!(ErrorCode::from_code(999), ErrorCode::Unknown(999));
         assert_eq!(ErrorCode::Unknown(999).code(), 999);
         assert_eq!(ErrorCode::TooLarge.to_string(), "13 (too_large)");

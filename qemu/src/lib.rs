@@ -111,6 +111,14 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// virtio-serial ports, in order: the first is `vport0p1`.
     pub ports: Vec<Port>,
+    /// The second 16550 (`/dev/ttyS1` in the guest): QEMU listens on this unix socket for it
+    /// ([`nx_contract::ports::UART`]); `None` leaves the guest with the console UART only.
+    pub uart: Option<PathBuf>,
+    /// Put the second 16550 on a host pseudo-terminal (`-chardev pty`) instead of the `uart`
+    /// socket, for hosts that open it as a serial device (`nx … --port serial:/dev/pts/N`):
+    /// QEMU prints `char device redirected to /dev/pts/N (label uart1)` on the console at
+    /// every power-on ([`Runner::uart_pty`] finds it). Needs `uart` to be `Some`.
+    pub uart_pty: bool,
     /// First boot into recovery (`RECOVERY=1`): the runner writes the bootloader's one-shot
     /// entry `recovery.conf` into the variable store before powering on.
     pub recovery: bool,
@@ -172,6 +180,8 @@ impl Config {
             normal_initrd: build_dir.join("initrd.cpio"),
             state_img: Some(build_dir.join("state.img")),
             disk_img: Some(build_dir.join("disk.img")),
+            uart: Some(run_dir.join(nx_contract::ports::UART.socket)),
+            uart_pty: false,
             run_dir,
             ports,
             recovery: false,
@@ -338,6 +348,20 @@ impl Config {
             ] {
                 push(s);
             }
+        }
+        if let Some(sock) = &self.uart {
+            // After the console's -serial: this one is ttyS1.
+            push("-chardev");
+            if self.uart_pty {
+                push(&format!("pty,id={UART_CHARDEV}"));
+            } else {
+                push(&format!(
+                    "socket,id={UART_CHARDEV},server=on,wait=off,path={}",
+                    sock.display()
+                ));
+            }
+            push("-serial");
+            push(&format!("chardev:{UART_CHARDEV}"));
         }
         match (&self.uefi, self.boots_uefi()) {
             (Some(u), true) => {
@@ -519,6 +543,18 @@ pub fn plain_args(vars: &str, disk: &str, state: &str) -> Vec<String> {
     .collect()
 }
 
+/// QEMU's chardev id of the second 16550 (the label in `char device redirected to … (label
+/// uart1)`).
+pub const UART_CHARDEV: &str = "uart1";
+
+/// The pseudo-terminal of a `char device redirected to /dev/pts/N (label uart1)` console line.
+pub fn uart_pty_of_line(line: &str) -> Option<PathBuf> {
+    let rest = line.split("char device redirected to ").nth(1)?;
+    let (path, label) = rest.split_once(" (label ")?;
+    (label.trim_end().trim_end_matches(')') == UART_CHARDEV && path.starts_with("/dev/"))
+        .then(|| PathBuf::from(path))
+}
+
 /// The QEMU firmware config file that carries [`Config::extra_cmdline`] to the guest
 /// (`/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`, read by `nx_guest::cmdline`).
 pub const FW_CFG_CMDLINE: &str = nx_contract::loader::FW_CFG_CMDLINE;
@@ -561,6 +597,19 @@ mod tests {
             joined.contains("virtserialport,bus=vser0.0,nr=1,chardev=port0,name=com.nexus.flash")
         );
         assert!(joined.contains("name=com.nexus.reboot"));
+        let console = joined.find("-serial chardev:con0").unwrap();
+        let uart = joined
+            .find("-chardev socket,id=uart1,server=on,wait=off,path=/b/qemu/uart.sock -serial chardev:uart1")
+            .unwrap();
+        assert!(console < uart, "the console must stay ttyS0");
+        assert_eq!(
+            uart_pty_of_line("char device redirected to /dev/pts/7 (label uart1)"),
+            Some(PathBuf::from("/dev/pts/7"))
+        );
+        assert_eq!(
+            uart_pty_of_line("char device redirected to /dev/pts/7 (label other)"),
+            None
+        );
         assert!(joined.contains("file=/b/state.img"));
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(

@@ -372,6 +372,7 @@ mod tests {
                 "recovery: init start",
                 "recovery: services ready",
                 "recovery: ready (serial=@/dev/vport0p1)",
+                "recovery: ready (serial=@/dev/ttyS1)",
                 "recovery: shell ready",
             ]
         );

@@ -315,6 +315,9 @@ impl Runner {
         for p in &config.ports {
             let _ = std::fs::remove_file(&p.socket);
         }
+        if let Some(sock) = &config.uart {
+            let _ = std::fs::remove_file(sock);
+        }
         let log_path = config.console_log();
         let log = std::fs::File::create(&log_path).map_err(|e| {
             Error::Io(nx_contract::PathIoError {
@@ -431,6 +434,15 @@ impl Runner {
             .lines
             .iter()
             .any(|l| l.text.contains(text))
+    }
+
+    /// The host pseudo-terminal of the guest's second UART in the current power-on (with
+    /// [`crate::Config::uart_pty`]), from QEMU's `char device redirected to …` line.
+    pub fn uart_pty(&self) -> Option<std::path::PathBuf> {
+        self.grep("char device redirected to ")
+            .iter()
+            .rev()
+            .find_map(|l| crate::uart_pty_of_line(l))
     }
 
     /// Every console line so far containing `text`, in order.

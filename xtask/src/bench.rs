@@ -16,6 +16,7 @@
 //!   `nx flash send` with a `--port` per guest; aggregate MB/s vs n × single. See [`fanout`].
 //! * `link` (issue 15, 6(b)): goodput vs bit error rate through a fault-injecting relay
 //!   ([`relay`]) in front of a host flashd, nx defaults. See [`link`].
+//! * `uart` (issue 15 (c)): the guest's UART, raw copy vs `nx flash send`. See [`uart`].
 
 mod boot;
 mod delta;
@@ -25,6 +26,7 @@ mod link;
 mod relay;
 mod report;
 mod rootfs;
+mod uart;
 
 use crate::util::{cargo, root, run_cmd};
 use anyhow::{bail, Context};
@@ -61,6 +63,9 @@ enum Which {
     /// 0 / 1e-6 / 1e-5 / 1e-4 bit flips per byte, nx defaults; writes its block of
     /// docs/benchmarks.md.
     Link(link::LinkArgs),
+    /// The guest's UART (issue 15 (c)): raw copy vs nx flash send over serial:/dev/pts/N;
+    /// writes its block of docs/benchmarks.md.
+    Uart(uart::UartArgs),
     /// Only (g) of the guest benchmark: the boot chain of a fresh device, stage by stage
     /// (firmware, bootloader, kernel, userspace), normal and recovery; prints, writes no docs.
     Boot,
@@ -97,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(Which::Fanout(a)) => fanout::run(a),
         Some(Which::Delta(a)) => delta::run(a),
         Some(Which::Link(a)) => link::run(a),
+        Some(Which::Uart(a)) => uart::run(a),
         Some(Which::Boot) => {
             crate::guest::build(&crate::guest::Args::default())?;
             let chain = boot::measure(&crate::util::build_dir().join("bench/boot"))?;

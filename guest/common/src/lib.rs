@@ -26,6 +26,7 @@ pub mod state;
 pub mod supervisor;
 pub mod sys;
 pub mod trust;
+pub mod uart;
 pub mod unixsock;
 
 use std::path::PathBuf;

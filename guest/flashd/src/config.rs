@@ -17,13 +17,18 @@ pub struct Args {
     #[arg(
         long,
         value_name = "SOCK",
-        conflicts_with = "port_name",
-        required_unless_present = "port_name"
+        conflicts_with_all = ["port_name", "uart"],
+        required_unless_present_any = ["port_name", "uart"]
     )]
     pub listen: Option<PathBuf>,
     /// Serve the virtio-serial port with this name (found under /sys/class/virtio-ports/*/name).
     #[arg(long, value_name = "NAME")]
     pub port_name: Option<String>,
+    /// Also serve this UART (`/dev/ttyS1`), opened as a raw line (no echo, no flow control,
+    /// 115200 8N1). With --port-name both links are served, one at a time: the other gets
+    /// `ERROR busy`. A missing UART is logged and skipped when --port-name is given.
+    #[arg(long, value_name = "DEV")]
+    pub uart: Option<PathBuf>,
     /// State directory (staging file, journal, install records under DIR/flash/).
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
@@ -86,7 +91,9 @@ fn examples() -> String {
         "Examples:\n  \
         flashd --listen /tmp/flash.sock --state /tmp/state --install /tmp/os.img\n  \
         flashd --port-name {port} --state {state} --install-partition system_b\n  \
-        flashd --port-name {port} --state {state} --install-slot auto"
+        flashd --port-name {port} --state {state} --install-slot auto\n  \
+        flashd --port-name {port} --uart {uart} --state {state} --install-slot auto",
+        uart = nx_contract::ports::UART.device
     )
 }
 
@@ -95,6 +102,11 @@ fn examples() -> String {
 pub enum Source {
     Listen(PathBuf),
     Port(String),
+    /// `--uart DEV`, with or without `--port-name`: every link, served one at a time.
+    Links {
+        port: Option<String>,
+        uart: PathBuf,
+    },
 }
 
 /// Where a verified image goes.
@@ -170,12 +182,16 @@ impl Config {
 impl Args {
     /// Resolve into a [`Source`] and a [`Config`] (reads the public key file).
     pub fn resolve(&self) -> Result<(Source, Config), FlashdError> {
-        let source = match (&self.listen, &self.port_name) {
-            (Some(p), None) => Source::Listen(p.clone()),
-            (None, Some(n)) => Source::Port(n.clone()),
+        let source = match (&self.listen, &self.port_name, &self.uart) {
+            (Some(p), None, None) => Source::Listen(p.clone()),
+            (None, Some(n), None) => Source::Port(n.clone()),
+            (None, port, Some(u)) => Source::Links {
+                port: port.clone(),
+                uart: u.clone(),
+            },
             _ => {
                 return Err(FlashdError::Usage(
-                    "give exactly one of --listen SOCK or --port-name NAME".into(),
+                    "give --listen SOCK, or --port-name NAME and/or --uart DEV".into(),
                 ))
             }
         };
@@ -211,7 +227,7 @@ impl Args {
             .unwrap_or(matches!(install, InstallSpec::Slot { .. }));
         let require_mountpoint = self
             .require_mount
-            .unwrap_or(matches!(source, Source::Port(_)));
+            .unwrap_or(matches!(source, Source::Port(_) | Source::Links { .. }));
         Ok((
             source,
             Config {
@@ -278,5 +294,50 @@ mod tests {
         assert!(parse(&["--install-slot", "auto", "--install", "/x"]).is_err());
         assert!(parse(&["--install-slot", "auto", "--install-partition", "system_b"]).is_err());
         assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn uart_with_or_without_the_port() {
+        let (src, cfg) = parse(&["--install-slot", "auto", "--uart", "/dev/ttyS1"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            src,
+            Source::Links {
+                port: Some("p".into()),
+                uart: "/dev/ttyS1".into()
+            }
+        );
+        assert!(cfg.require_mountpoint);
+        let only = Args::try_parse_from([
+            "flashd",
+            "--uart",
+            "/dev/ttyS1",
+            "--state",
+            "/s",
+            "--install",
+            "/x",
+        ])
+        .unwrap();
+        assert_eq!(
+            only.resolve().unwrap().0,
+            Source::Links {
+                port: None,
+                uart: "/dev/ttyS1".into()
+            }
+        );
+        assert!(Args::try_parse_from([
+            "flashd",
+            "--listen",
+            "/l",
+            "--uart",
+            "/dev/ttyS1",
+            "--state",
+            "/s",
+            "--install",
+            "/x",
+        ])
+        .is_err());
     }
 }

@@ -15,6 +15,7 @@
 
 use bytes::BytesMut;
 use proto::frame::{Frame, FrameDecoder, FrameError, SkipReason};
+use proto::msg;
 use rustix::event::{PollFd, PollFlags};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -23,7 +24,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -110,8 +111,12 @@ pub enum Recv {
 
 /// One connection: decoded frames in, encoded frames out.
 pub struct Conn {
-    writer: File,
+    /// Where frames go; `None` while a connection of a [`MultiAcceptor`] has no link yet
+    /// (frames sent then, e.g. a result of background work, go nowhere).
+    writer: Option<File>,
     events: Arc<Mutex<Receiver<LinkEvent>>>,
+    /// Set for a connection of a [`MultiAcceptor`]: its events come from there instead.
+    multi: Option<MultiConn>,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     /// A port connection shares its reader with later connections: dropping it does not stop it.
@@ -140,14 +145,15 @@ impl Conn {
         let stop2 = stop.clone();
         let reader = std::thread::Builder::new()
             .name("flashd-rx".into())
-            .spawn(move || reader_loop(read_half, tx, stop2, false))
+            .spawn(move || reader_loop(read_half, move |ev| tx.send(ev).is_ok(), stop2, false))
             .map_err(|source| LinkError::Io {
                 what: "spawn reader thread",
                 source,
             })?;
         Ok(Conn {
-            writer: file,
+            writer: Some(file),
             events: Arc::new(Mutex::new(rx)),
+            multi: None,
             stop,
             reader: Some(reader),
             owns_reader: true,
@@ -166,6 +172,9 @@ impl Conn {
     pub fn recv(&mut self, timeout: Duration) -> Recv {
         if self.closed {
             return Recv::Event(LinkEvent::Closed(None));
+        }
+        if self.multi.is_some() {
+            return self.recv_multi(timeout);
         }
         let got = match self.events.lock() {
             Ok(rx) => rx.recv_timeout(timeout),
@@ -190,9 +199,12 @@ impl Conn {
         if self.closed {
             return Err(LinkError::Closed);
         }
+        let Some(writer) = self.writer.as_mut() else {
+            return Ok(());
+        };
         let mut buf = Vec::with_capacity(frame.encoded_len());
         frame.encode_to_vec(&mut buf);
-        match write_all_bounded(&mut self.writer, &buf, WRITE_TIMEOUT) {
+        match write_all_bounded(writer, &buf, WRITE_TIMEOUT) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.closed = true;
@@ -212,7 +224,9 @@ impl Drop for Conn {
         if self.owns_reader {
             self.stop.store(true, Ordering::Relaxed);
             // Wake a reader blocked in poll: shut the socket down (harmless on a port).
-            let _ = rustix::net::shutdown(self.writer.as_fd(), rustix::net::Shutdown::Both);
+            if let Some(w) = &self.writer {
+                let _ = rustix::net::shutdown(w.as_fd(), rustix::net::Shutdown::Both);
+            }
             // Drop our end of the queue first: a reader blocked on a full queue then fails
             // its send and exits instead of waiting for us forever.
             let (_, dummy) = mpsc::sync_channel(1);
@@ -280,7 +294,12 @@ fn wait_fd(fd: &impl AsFd, flags: PollFlags, timeout: Duration) -> bool {
 
 /// Reader thread: read, decode, queue. `persistent`: a port — EOF means "no host right now",
 /// report `Closed` once and keep polling for the next host.
-fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, persistent: bool) {
+fn reader_loop(
+    mut src: File,
+    mut send: impl FnMut(LinkEvent) -> bool,
+    stop: Arc<AtomicBool>,
+    persistent: bool,
+) {
     let mut dec = FrameDecoder::new();
     let mut buf = BytesMut::with_capacity(READ_BLOCK);
     let mut scratch = vec![0u8; SCRATCH];
@@ -307,7 +326,7 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                             buf.len()
                         ))
                     };
-                    let _ = tx.send(LinkEvent::Closed(why));
+                    send(LinkEvent::Closed(why));
                     return;
                 }
                 // A port reads EOF whenever it holds no data and the host is not marked
@@ -319,7 +338,7 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                     connected = false;
                     buf.clear();
                     dec = FrameDecoder::new();
-                    if tx.send(LinkEvent::Closed(None)).is_err() {
+                    if !send(LinkEvent::Closed(None)) {
                         return;
                     }
                 }
@@ -352,13 +371,10 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                 stalled = Duration::ZERO;
                 let n = find_next_magic(&buf).unwrap_or(buf.len());
                 bytes::Buf::advance(&mut buf, n);
-                if tx
-                    .send(LinkEvent::Skipped {
-                        bytes: n,
-                        reason: SkipReason::Garbage,
-                    })
-                    .is_err()
-                {
+                if !send(LinkEvent::Skipped {
+                    bytes: n,
+                    reason: SkipReason::Garbage,
+                }) {
                     return;
                 }
             }
@@ -370,14 +386,14 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                         connected = false;
                         buf.clear();
                         dec = FrameDecoder::new();
-                        if tx.send(LinkEvent::Closed(Some(e.to_string()))).is_err() {
+                        if !send(LinkEvent::Closed(Some(e.to_string()))) {
                             return;
                         }
                     }
                     std::thread::sleep(HOST_POLL);
                     continue;
                 }
-                let _ = tx.send(LinkEvent::Closed(Some(e.to_string())));
+                send(LinkEvent::Closed(Some(e.to_string())));
                 return;
             }
         }
@@ -388,7 +404,7 @@ fn reader_loop(mut src: File, tx: SyncSender<LinkEvent>, stop: Arc<AtomicBool>, 
                 Err(FrameError::Skipped { bytes, reason }) => LinkEvent::Skipped { bytes, reason },
                 Err(e) => LinkEvent::Closed(Some(e.to_string())),
             };
-            if tx.send(ev).is_err() {
+            if !send(ev) {
                 return;
             }
         }
@@ -483,6 +499,20 @@ impl Acceptor for UnixAcceptor {
     }
 }
 
+/// Open a virtio-serial port device (e.g. `/dev/vport0p1`) read-write, non-blocking: once
+/// for the daemon's life (a second `open()` fails with EBUSY).
+pub fn open_port_device(path: &Path) -> Result<File, LinkError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| LinkError::OpenPort {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// `--port-name NAME`: the guest's virtio-serial port, opened once for the daemon's life.
 ///
 /// The port is one long-lived descriptor: a "connection" is the span between two host
@@ -499,16 +529,7 @@ pub struct PortAcceptor {
 impl PortAcceptor {
     /// Open the port device (e.g. `/dev/vport0p1`) once, read-write, non-blocking.
     pub fn open(path: &Path) -> Result<PortAcceptor, LinkError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| LinkError::OpenPort {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        PortAcceptor::from_file(file, path)
+        PortAcceptor::from_file(open_port_device(path)?, path)
     }
 
     /// Serve an already open, non-blocking port descriptor (`path` is for messages).
@@ -523,7 +544,7 @@ impl PortAcceptor {
         let stop2 = stop.clone();
         let reader = std::thread::Builder::new()
             .name("flashd-port".into())
-            .spawn(move || reader_loop(read_half, tx, stop2, true))
+            .spawn(move || reader_loop(read_half, move |ev| tx.send(ev).is_ok(), stop2, true))
             .map_err(|source| LinkError::Io {
                 what: "spawn reader thread",
                 source,
@@ -547,8 +568,9 @@ impl Acceptor for PortAcceptor {
         })?;
         self.count += 1;
         Ok(Some(Conn {
-            writer,
+            writer: Some(writer),
             events: self.events.clone(),
+            multi: None,
             stop: self.stop.clone(),
             reader: None,
             owns_reader: false,
@@ -568,6 +590,253 @@ impl Drop for PortAcceptor {
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// How long the link of a connection must be silent before a frame on another link of a
+/// [`MultiAcceptor`] takes the server over (ending the quiet connection). Until then that
+/// frame is refused with `ERROR busy`. A UART never reports its host gone: without this a
+/// finished UART session would keep every other link out until `--idle-timeout`.
+pub const HANDOVER_QUIET: Duration = Duration::from_secs(5);
+/// How long the answer to a refused frame may wait for its link to take it.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The links of a [`MultiAcceptor`], shared with its current connection.
+struct Links {
+    /// Every reader's events, tagged with the link's index.
+    events: Mutex<Receiver<(usize, LinkEvent)>>,
+    /// The frame that ended the previous connection by taking the server over: it starts
+    /// the next connection.
+    pending: Mutex<Option<(usize, LinkEvent)>>,
+    writers: Vec<File>,
+    names: Vec<String>,
+    /// [`HANDOVER_QUIET`] (shorter in tests).
+    handover: Duration,
+}
+
+/// The part of a [`Conn`] that belongs to a [`MultiAcceptor`].
+struct MultiConn {
+    links: Arc<Links>,
+    /// The link this connection serves, once its first frame arrived.
+    bound: Option<usize>,
+    /// When the bound link last delivered an event.
+    last: Instant,
+    /// Whether a frame that is not a request was already refused (a flood of WRITEs gets
+    /// one answer).
+    refused_data: bool,
+    number: u64,
+}
+
+impl Conn {
+    /// [`Conn::recv`] of a [`MultiAcceptor`] connection: the first frame on any link binds
+    /// the connection to that link; frames on the other links are answered (identification
+    /// probes) or refused with `ERROR busy`, unless the bound link is quiet for
+    /// [`HANDOVER_QUIET`]: then this connection ends and the next one starts with that frame.
+    fn recv_multi(&mut self, timeout: Duration) -> Recv {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(mc) = self.multi.as_mut() else {
+                return Recv::Timeout;
+            };
+            let links = Arc::clone(&mc.links);
+            let pending = if mc.bound.is_none() {
+                links.pending.lock().ok().and_then(|mut p| p.take())
+            } else {
+                None
+            };
+            let (i, ev) = match pending {
+                Some(p) => p,
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let got = match links.events.lock() {
+                        Ok(rx) => rx.recv_timeout(left),
+                        Err(_) => Err(RecvTimeoutError::Disconnected),
+                    };
+                    match got {
+                        Ok(x) => x,
+                        Err(RecvTimeoutError::Timeout) => return Recv::Timeout,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            self.closed = true;
+                            return Recv::Event(LinkEvent::Closed(Some("reader stopped".into())));
+                        }
+                    }
+                }
+            };
+            match mc.bound {
+                None => {
+                    // Only a frame starts a connection: a closed or noisy idle link does not.
+                    if !matches!(ev, LinkEvent::Frame(_)) {
+                        continue;
+                    }
+                    let Some(w) = links.writers.get(i).and_then(|w| w.try_clone().ok()) else {
+                        continue;
+                    };
+                    mc.bound = Some(i);
+                    mc.last = Instant::now();
+                    self.writer = Some(w);
+                    self.peer = format!(
+                        "{}#{}",
+                        links.names.get(i).map(String::as_str).unwrap_or("link"),
+                        mc.number
+                    );
+                    return Recv::Event(ev);
+                }
+                Some(b) if b == i => {
+                    mc.last = Instant::now();
+                    if matches!(ev, LinkEvent::Closed(_)) {
+                        self.closed = true;
+                    }
+                    return Recv::Event(ev);
+                }
+                Some(b) => {
+                    let LinkEvent::Frame(f) = ev else {
+                        continue;
+                    };
+                    let mine = links.names.get(b).cloned().unwrap_or_default();
+                    let other = links.names.get(i).cloned().unwrap_or_default();
+                    if proto::ident::is_probe(&f) {
+                        if let Some(reply) = proto::ident::reply_frame(crate::server::IDENT) {
+                            refuse_write(&links, i, &reply);
+                        }
+                        continue;
+                    }
+                    if mc.last.elapsed() >= links.handover {
+                        if let Ok(mut p) = links.pending.lock() {
+                            *p = Some((i, LinkEvent::Frame(f)));
+                        }
+                        self.closed = true;
+                        return Recv::Event(LinkEvent::Closed(Some(format!(
+                            "{mine} quiet for {} s; {other} takes over",
+                            mc.last.elapsed().as_secs()
+                        ))));
+                    }
+                    let request = matches!(
+                        msg::MsgType::from_u8(f.msg_type()),
+                        Some(msg::MsgType::Hello | msg::MsgType::Info | msg::MsgType::Done)
+                    );
+                    if request || !mc.refused_data {
+                        mc.refused_data |= !request;
+                        let e = msg::ErrorMsg::new(
+                            msg::ErrorCode::Busy,
+                            format!("busy: flashing over {mine}; retry when it is done"),
+                        );
+                        if let Ok(frame) = msg::Message::Error(e).to_frame() {
+                            refuse_write(&links, i, &frame);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answer on link `i` that is not the connection's (bounded wait; a failure is ignored: the
+/// host there retries or gives up on its own).
+fn refuse_write(links: &Links, i: usize, frame: &Frame) {
+    let Some(mut w) = links.writers.get(i).and_then(|w| w.try_clone().ok()) else {
+        return;
+    };
+    let mut buf = Vec::with_capacity(frame.encoded_len());
+    frame.encode_to_vec(&mut buf);
+    let _ = write_all_bounded(&mut w, &buf, REFUSE_WRITE_TIMEOUT);
+}
+
+/// Several long-lived links served by one flashd, one at a time: the virtio-serial port
+/// (`--port-name`) and the UART (`--uart`). Each link is one descriptor opened once, with
+/// its own reader thread; the readers share one bounded event queue. A connection belongs to
+/// the link its first frame came from; the others get `ERROR busy` (see
+/// [`HANDOVER_QUIET`]), so two hosts can never drive one transfer or install at once.
+pub struct MultiAcceptor {
+    links: Arc<Links>,
+    stop: Arc<AtomicBool>,
+    count: u64,
+}
+
+impl MultiAcceptor {
+    /// Serve these open, non-blocking descriptors (`name`: the device path, for messages).
+    pub fn new(links: Vec<(File, String)>) -> Result<MultiAcceptor, LinkError> {
+        let (tx, rx) = mpsc::sync_channel::<(usize, LinkEvent)>(QUEUE_FRAMES);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        let mut names = Vec::new();
+        for (i, (file, name)) in links.into_iter().enumerate() {
+            let read_half = file.try_clone().map_err(|source| LinkError::Io {
+                what: "dup link descriptor",
+                source,
+            })?;
+            let tx = tx.clone();
+            let stop2 = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("flashd-link{i}"))
+                .spawn(move || {
+                    reader_loop(read_half, move |ev| tx.send((i, ev)).is_ok(), stop2, true)
+                })
+                .map_err(|source| LinkError::Io {
+                    what: "spawn reader thread",
+                    source,
+                })?;
+            writers.push(file);
+            names.push(name);
+        }
+        Ok(MultiAcceptor {
+            links: Arc::new(Links {
+                events: Mutex::new(rx),
+                pending: Mutex::new(None),
+                writers,
+                names,
+                handover: HANDOVER_QUIET,
+            }),
+            stop,
+            count: 0,
+        })
+    }
+
+    /// Hand over after `quiet` instead of [`HANDOVER_QUIET`] (tests).
+    pub fn with_handover(mut self, quiet: Duration) -> MultiAcceptor {
+        if let Some(links) = Arc::get_mut(&mut self.links) {
+            links.handover = quiet;
+        }
+        self
+    }
+
+    /// The device names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.links.names
+    }
+}
+
+impl Acceptor for MultiAcceptor {
+    fn accept(&mut self) -> Result<Option<Conn>, LinkError> {
+        self.count += 1;
+        let (_, dummy) = mpsc::sync_channel(1);
+        Ok(Some(Conn {
+            writer: None,
+            events: Arc::new(Mutex::new(dummy)),
+            multi: Some(MultiConn {
+                links: Arc::clone(&self.links),
+                bound: None,
+                last: Instant::now(),
+                refused_data: false,
+                number: self.count,
+            }),
+            stop: self.stop.clone(),
+            reader: None,
+            owns_reader: false,
+            closed: false,
+            peer: format!("link#{}", self.count),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        self.links.names.join(" and ")
+    }
+}
+
+impl Drop for MultiAcceptor {
+    fn drop(&mut self) {
+        // The readers stop at their next poll; they are not joined (one may wait on the
+        // shared queue, which its connection may still hold).
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -636,6 +905,77 @@ mod tests {
             LinkEvent::Frame(f) => assert_eq!(Message::from_frame(&f).unwrap(), Message::Info),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn socket_link() -> (File, UnixStream) {
+        let (ours, host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (File::from(OwnedFd::from(ours)), host)
+    }
+
+    fn read_frame(host: &mut UnixStream) -> Frame {
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut dec = FrameDecoder::new();
+        let mut buf = BytesMut::new();
+        let mut b = [0u8; 4096];
+        loop {
+            if let Some(f) = dec.decode(&mut buf).unwrap() {
+                return f;
+            }
+            let n = host.read(&mut b).unwrap();
+            assert!(n > 0, "link closed");
+            buf.extend_from_slice(&b[..n]);
+        }
+    }
+
+    #[test]
+    fn two_links_one_at_a_time_busy_then_handover() {
+        let (port, mut port_host) = socket_link();
+        let (uart, mut uart_host) = socket_link();
+        let mut acc = MultiAcceptor::new(vec![(port, "port".into()), (uart, "uart".into())])
+            .unwrap()
+            .with_handover(Duration::from_millis(600));
+        let mut c = acc.accept().unwrap().unwrap();
+        assert!(matches!(c.recv(Duration::from_millis(100)), Recv::Timeout));
+        // The first frame binds the connection to the UART.
+        uart_host
+            .write_all(&Message::Info.to_frame().unwrap().to_bytes())
+            .unwrap();
+        assert!(matches!(next_event(&mut c), LinkEvent::Frame(_)));
+        assert!(c.peer().starts_with("uart#"), "{}", c.peer());
+        c.send(&Message::Info.to_frame().unwrap()).unwrap();
+        assert_eq!(
+            Message::from_frame(&read_frame(&mut uart_host)).unwrap(),
+            Message::Info
+        );
+        // A request on the port while the UART is busy: refused, nothing reaches the server.
+        port_host
+            .write_all(&Message::Info.to_frame().unwrap().to_bytes())
+            .unwrap();
+        assert!(matches!(c.recv(Duration::from_millis(200)), Recv::Timeout));
+        match Message::from_frame(&read_frame(&mut port_host)).unwrap() {
+            Message::Error(e) => {
+                assert_eq!(e.code, msg::ErrorCode::Busy);
+                assert!(e.text.contains("uart"), "{}", e.text);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The UART goes quiet: the port's next frame ends this connection and starts the next.
+        std::thread::sleep(Duration::from_millis(700));
+        port_host
+            .write_all(&Message::Info.to_frame().unwrap().to_bytes())
+            .unwrap();
+        match next_event(&mut c) {
+            LinkEvent::Closed(Some(why)) => assert!(why.contains("takes over"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        drop(c);
+        let mut c2 = acc.accept().unwrap().unwrap();
+        match next_event(&mut c2) {
+            LinkEvent::Frame(f) => assert_eq!(Message::from_frame(&f).unwrap(), Message::Info),
+            other => panic!("{other:?}"),
+        }
+        assert!(c2.peer().starts_with("port#"), "{}", c2.peer());
     }
 
     #[test]

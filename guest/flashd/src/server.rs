@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What flashd answers to a probe (`proto::ident`).
-const IDENT: proto::ident::Daemon = proto::ident::Daemon::Flashd;
+pub(crate) const IDENT: proto::ident::Daemon = proto::ident::Daemon::Flashd;
 
 pub use crate::console::{Output, StdOutput};
 

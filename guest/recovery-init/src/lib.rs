@@ -7,7 +7,9 @@
 //! and supervise until a shutdown signal (see `nx_guest::sys` for the PID 1 signal contract).
 //! Markers, exact and in order:
 //! `recovery: boot target selected`, `recovery: init start`, `recovery: services ready`,
-//! `recovery: ready (serial=@/dev/vport0p1)`, `recovery: shell ready` (printed by recovery-sh).
+//! `recovery: ready (serial=@/dev/vport0p1)`, then — when the guest has the flashing UART
+//! (`nx_contract::ports::UART`, which flashd also serves) — `recovery: ready
+//! (serial=@/dev/ttyS1)`, and `recovery: shell ready` (printed by recovery-sh).
 //!
 //! After a completed factory wipe (`nx: reset factory wipe start` … `nx: reset factory wipe
 //! done`) recovery-init does not start the shell: it asks rebootd — the one reboot authority —
@@ -75,7 +77,8 @@ pub fn select_target(cmdline: &Cmdline, record: Option<NextBoot>) -> (NextBoot, 
 }
 
 /// The minimal service graph. `present(path)` tells whether a binary is in the ramdisk.
-/// flashd is always part of it, installing into the inactive A/B slot (`--install-slot auto`:
+/// flashd is always part of it, serving the virtio-serial flash port and the UART `/dev/ttyS1`
+/// (one link at a time; without a UART it serves the port alone), installing into the inactive A/B slot (`--install-slot auto`:
 /// bootctld at /run/bootctld.sock picks the slot; after a verified install flashd activates it
 /// on trial and rebootd reboots into it); without /state it refuses with its own
 /// stub/placeholder marker; rebootd and bootctld only when present; selftest-client only with
@@ -87,6 +90,8 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
         &[
             "--port-name",
             ports::FLASH.name,
+            "--uart",
+            ports::UART.device,
             "--state",
             nx_contract::state::STATE_MOUNT,
             "--install-slot",
@@ -247,6 +252,8 @@ mod tests {
             [
                 "--port-name",
                 "com.nexus.flash",
+                "--uart",
+                "/dev/ttyS1",
                 "--state",
                 "/state",
                 "--install-slot",

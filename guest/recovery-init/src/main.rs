@@ -80,6 +80,10 @@ fn main() {
         Ok(dev) => show(&m::ready(dev.display())),
         Err(e) => show(&m::flash_port_missing(e, ports::FLASH.name)),
     }
+    // flashd serves the UART too when there is one (`--uart`, see `services`).
+    if nx_guest::uart::present(Path::new(ports::UART.device)) {
+        show(&m::ready(ports::UART.device));
+    }
     if let Some(up) = pid1::uptime() {
         show(&markers::pid1::uptime_at_ready(P, up));
     }

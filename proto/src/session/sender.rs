@@ -484,6 +484,10 @@ impl Sender {
             return;
         }
         match ev {
+            // A late answer to the connection's identification probe (`crate::ident`): on a
+            // slow link (a UART, a pseudo-terminal QEMU polls once a second) it can arrive
+            // after the probe's wait, in the middle of the session.
+            SenderEvent::Frame(f) if f.msg_type() == crate::ident::REPLY => {}
             SenderEvent::Frame(f) => match Message::from_frame(&f) {
                 Ok(m) => self.on_message(m),
                 Err(e) => self.fail(SessionError::Protocol(format!(

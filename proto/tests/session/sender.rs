@@ -985,3 +985,17 @@ fn undecodable_frame_from_target_fails() {
         Some(SenderAction::Failed(SessionError::Protocol(_)))
     ));
 }
+
+#[test]
+fn a_late_identification_reply_is_ignored() {
+    let img = image();
+    let (mut tx, _) = negotiated(&img, reply(4, 8192), cfg());
+    let late = proto::ident::reply_frame(proto::ident::Daemon::Flashd).unwrap();
+    tx.handle(MS, SenderEvent::Frame(late));
+    assert!(
+        !drain_tx(&mut tx)
+            .iter()
+            .any(|a| matches!(a, SenderAction::Failed(_))),
+        "a late probe reply ended the session"
+    );
+}

@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// The first `len(image)` bytes of `system_b` equal the image file.
-fn verify_installed(disk: &Path, image: &Path) -> anyhow::Result<()> {
+pub(super) fn verify_installed(disk: &Path, image: &Path) -> anyhow::Result<()> {
     let want = std::fs::read(image)?;
     let off = partition_offset(disk, "system_b")?;
     let mut f = std::fs::File::open(disk)?;

@@ -17,7 +17,9 @@
 //! `reset`, `reset-powercut`, `reset-normal-guard`, `recovery-console`) and [`fanout`] (issue
 //! 7: two guests flashed by one `nx flash send --port A --port B`) and [`verity`] (issue 14:
 //! a flipped byte in the rootfs of the booted slot is refused by dm-verity) and [`quickstart`]
-//! (issue 16: README's tour, extracted from README and run as written, `nx status` / `nx devices`).
+//! (issue 16: README's tour, extracted from README and run as written, `nx status` / `nx devices`)
+//! and [`uart`] (issue 15: `nx flash send --port serial:/dev/pts/N` over the guest's lossy
+//! second 16550, `/dev/ttyS1`).
 
 mod fanout;
 mod flash;
@@ -26,9 +28,11 @@ mod reset;
 mod slots;
 mod support;
 mod trust;
+mod uart;
 mod verity;
 
 pub use reset::{compare_seeded, ls_names, write_seeded_state};
+pub use uart::{bench as uart_bench, UartBench};
 
 /// Seconds `nx flash send IMAGE EXTRA…` takes into a fresh recovery guest (factory slot a =
 /// `build/nexus-os.img`) over virtio-serial, with its JSON receipt (for `cargo xtask bench`).
@@ -68,10 +72,11 @@ use std::time::Instant;
 use support::Ctx;
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 17] = [
+pub const SCENARIOS: [&str; 18] = [
     "flash",
     "flash-cut-resume",
     "flash-powercut-resume",
+    "uart",
     "update",
     "update-cut",
     "rollback",
@@ -138,6 +143,7 @@ pub fn run_scenario(name: &str, echo: bool) -> anyhow::Result<()> {
         "flash" => flash::flash_basic(&ctx)?,
         "flash-cut-resume" => flash::flash_cut_resume(&ctx)?,
         "flash-powercut-resume" => flash::flash_powercut_resume(&ctx)?,
+        "uart" => uart::uart(&ctx)?,
         "update" => slots::update(&ctx)?,
         "update-cut" => slots::update_cut(&ctx)?,
         "rollback" => slots::rollback(&ctx)?,

@@ -92,6 +92,8 @@ impl Ctx {
                 p
             })
             .collect();
+        // The UART's socket in the scenario's run directory too (scenarios never share one).
+        cfg.uart = Some(cfg.run_dir.join(nx_contract::ports::UART.socket));
         cfg.recovery = recovery;
         cfg.echo = self.echo;
         Ok(cfg)
@@ -294,14 +296,20 @@ fn current_signed_image(path: &Path) -> bool {
 
 /// A deterministic image big enough to cut mid-transfer (incompressible payload).
 pub fn big_image() -> anyhow::Result<PathBuf> {
+    payload_image("big", BIG_PAYLOAD_MIB << 20, 0x9E37_79B9_7F4A_7C15)
+}
+
+/// `build/e2e/<name>.img`: a signed image (version 2.0.0, security version 2) whose rootfs
+/// holds `payload` bytes of incompressible junk from `seed`; rebuilt when stale.
+pub fn payload_image(name: &str, payload: usize, seed: u64) -> anyhow::Result<PathBuf> {
     let dir = util::build_dir().join("e2e");
-    let out = dir.join("big.img");
-    if current_signed_image(&out) {
+    let out = dir.join(format!("{name}.img"));
+    let rootfs = dir.join(format!("{name}-rootfs"));
+    let data = crate::guest::junk(payload, seed);
+    let changed = util::write_if_changed(&rootfs.join("opt/payload.bin"), &data)?;
+    if !changed && current_signed_image(&out) {
         return Ok(out);
     }
-    let rootfs = dir.join("big-rootfs");
-    let data = crate::guest::junk(BIG_PAYLOAD_MIB << 20, 0x9E37_79B9_7F4A_7C15);
-    util::write_if_changed(&rootfs.join("opt/payload.bin"), &data)?;
     util::write_if_changed(
         &rootfs.join("etc/os-release"),
         b"NAME=\"nexus\"\nID=nexus\nVERSION=\"2.0.0\"\nVERSION_ID=2.0.0\n",
