@@ -57,6 +57,10 @@ pub struct SendOptions {
     pub adaptive_rto: bool,
     /// Timeouts in a row before a session gives up.
     pub max_timeouts: u32,
+    /// Largest frame payload (see [`proto::session::SenderConfig::max_frame`]); `None`
+    /// picks by port: [`nx_contract::defaults::SERIAL_FRAME`] on `serial:` ports, whole
+    /// chunks elsewhere.
+    pub max_frame: Option<u32>,
     /// Connections tried in a row without progress before giving up.
     pub attempts: u32,
     /// Wait before reconnecting: this × the number of failures in a row (max 20×).
@@ -78,6 +82,7 @@ impl SendOptions {
             rto: Duration::from_secs(2),
             adaptive_rto: true,
             max_timeouts: 10,
+            max_frame: None,
             attempts: 10,
             backoff: Duration::from_millis(100),
             bases: crate::delta::Bases::none(),
@@ -251,6 +256,7 @@ pub async fn send_image_with(
         done_sent: false,
         peaks: BufferPeaks::default(),
         skips: Skips::default(),
+        serial: matches!(port.parse::<PortSpec>(), Ok(PortSpec::Serial { .. })),
     };
     match send_loop(&mut ctx, connector, opts, r, interrupt, started).await {
         Ok(rep) => Ok(rep),
@@ -316,6 +322,9 @@ async fn send_loop(
         cfg.rto = opts.rto;
         cfg.adaptive_rto = opts.adaptive_rto;
         cfg.max_retries = opts.max_timeouts;
+        cfg.max_frame = opts
+            .max_frame
+            .or_else(|| ctx.serial.then_some(nx_contract::defaults::SERIAL_FRAME));
         cfg.bases = opts.bases.ids();
         let sender = Sender::new(cfg, img.head()).map_err(|e| match e {
             SessionError::BadImage(e) => {
@@ -425,6 +434,8 @@ struct Ctx {
     done_sent: bool,
     peaks: BufferPeaks,
     skips: Skips,
+    /// The port is a `serial:` line (small frames from the start).
+    serial: bool,
 }
 
 enum End {

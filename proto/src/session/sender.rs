@@ -84,6 +84,11 @@ pub struct SenderConfig {
     /// without progress) instead of always `rto`: a noisy line then costs a round trip per
     /// lost frame, not seconds. Default on.
     pub adaptive_rto: bool,
+    /// Largest WRITE payload per frame from the start, and the most it grows back to
+    /// (`None`: whole WRITEs until the line shows errors). A slow line (a UART) wants
+    /// small frames from the first byte: a lost byte then costs one small frame, and
+    /// the first acknowledgement comes after a fraction of a second, not a whole chunk.
+    pub max_frame: Option<u32>,
     /// Consecutive timeouts without progress before giving up. Default 10.
     pub max_retries: u32,
     /// Chunks read ahead beyond the window (memory: (window + read_ahead) × chunk).
@@ -109,6 +114,7 @@ impl SenderConfig {
             exact_chunk: false,
             rto: Duration::from_secs(2),
             adaptive_rto: true,
+            max_frame: None,
             max_retries: 10,
             read_ahead: 4,
             bases: Vec::new(),
@@ -375,6 +381,7 @@ impl Sender {
         }
         msg::validate_peer_name(&cfg.host).map_err(SessionError::Capability)?;
         let manifest = parsed.manifest;
+        let first_part = cfg.max_frame.map(|m| m.max(MIN_PART));
         Ok(Sender {
             image_id: manifest.id(),
             manifest,
@@ -401,7 +408,7 @@ impl Sender {
             next_at: 0,
             highest_part: (0, 0),
             line: Line {
-                part: None,
+                part: first_part,
                 cwnd: 1,
                 clean: 0,
                 armed: true,
@@ -1046,6 +1053,7 @@ impl Sender {
     /// Progress without error: grow back (part size first, then the window).
     fn line_progress(&mut self) {
         let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let max_frame = self.cfg.max_frame;
         let window = self.window.max(1);
         let l = &mut self.line;
         l.armed = true;
@@ -1054,10 +1062,11 @@ impl Sender {
             return;
         }
         l.clean = 0;
+        let most = max_frame.unwrap_or(chunk).min(chunk);
         match l.part {
-            Some(p) if p < chunk => l.part = Some(p * 2),
-            Some(_) => l.part = None,
-            None => {}
+            Some(p) if p < most => l.part = Some((p * 2).min(most)),
+            Some(_) if max_frame.is_none() => l.part = None,
+            _ => {}
         }
         l.cap = l
             .cap

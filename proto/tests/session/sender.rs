@@ -432,6 +432,28 @@ fn the_timeout_follows_the_measured_round_trip() {
 }
 
 #[test]
+fn max_frame_cuts_parts_from_the_first_write_and_caps_their_growth() {
+    let img = image();
+    let c = SenderConfig {
+        max_frame: Some(4096),
+        ..cfg()
+    };
+    let (mut tx, a) = negotiated(&img, reply(4, 8192), c);
+    let b = pieces(&answer_reads(&mut tx, &img, &a, MS));
+    assert!(!b.is_empty());
+    assert!(b.iter().all(|p| p.2.is_some_and(|n| n <= 4096)), "{b:?}");
+    assert_eq!(b[0], (1, 0, Some(4096)));
+    // a long clean run does not grow frames past the limit
+    for ack in 1..=4u32 {
+        tx.handle(2 * MS, frame(Message::Ack(Ack { ack })));
+        let mut d = drain_tx(&mut tx);
+        d.extend(answer_reads(&mut tx, &img, &d, 2 * MS));
+        let p = pieces(&d);
+        assert!(p.iter().all(|p| p.2.is_some_and(|n| n <= 4096)), "{p:?}");
+    }
+}
+
+#[test]
 fn draining_restarts_the_timer_instead_of_resending() {
     let img = image();
     let (mut tx, a) = negotiated(&img, reply(4, 8192), cfg());

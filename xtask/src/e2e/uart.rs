@@ -16,18 +16,14 @@ use std::time::Instant;
 /// `build/nexus-os.img` (38 MB, nothing of it skippable on a factory slot) would take minutes.
 const PAYLOAD: usize = 256 << 10;
 
-/// Extra `nx flash send` flags (besides `--json --port`). `--chunk 4K` is a stopgap: with the
-/// defaults (1 MiB chunks) the image is one 266 KB frame that takes 13–25 s on this line, longer
-/// than the sender's acknowledgement timeout, so nx retransmits it over and over; the frame
-/// does arrive and verify, but the retransmissions keep the line busy past flashd's
-/// `--stall-timeout` (30 s without progress), which drops the session (`WRITE before HELLO`).
-/// Measured: 1 pass, 1 failure with the defaults; no frame was ever corrupt. The sender that
-/// adapts its frame size to the link (issue 15 item 4) is to remove the flag.
-/// `NX_E2E_UART_FLAGS` replaces the flags (measurements; `NX_E2E_UART_FLAGS=" "` = defaults).
+/// Extra `nx flash send` flags (besides `--json --port`): none — nx's defaults must work on
+/// a UART (on a `serial:` port it sends frames of at most
+/// `nx_contract::defaults::SERIAL_FRAME` bytes and times out by the measured round trip, and
+/// only once its frames are out). `NX_E2E_UART_FLAGS` adds flags for measurements.
 fn send_flags() -> Vec<String> {
     std::env::var("NX_E2E_UART_FLAGS")
         .map(|v| v.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_else(|_| vec!["--chunk".into(), "4K".into()])
+        .unwrap_or_default()
 }
 
 /// Scenario `uart`.
