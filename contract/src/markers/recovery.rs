@@ -162,6 +162,7 @@ pub fn samples() -> Vec<Marker> {
         init_start(),
         services_ready(),
         ready("/dev/vport0p1"),
+        ready(crate::ports::UART.device),
         shell_ready(),
         menu_ready(),
         diag_written(10),
