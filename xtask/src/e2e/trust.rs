@@ -132,9 +132,15 @@ pub fn trust(ctx: &Ctx) -> anyhow::Result<()> {
         &v1,
         "image security version 1 is below this device's anti-rollback floor 2",
     )?;
+    // Both lines, the ERROR after the refusal: stopping QEMU as soon as nx exits can cut
+    // the second one off the console (seen once in CI).
+    let error = markers::flashd::error(16, "refused image: image security version 1");
     wait(
         &runner,
-        &["flashd: refused image: image security version 1 is below"],
+        &[
+            "flashd: refused image: image security version 1 is below",
+            error.as_str(),
+        ],
     )?;
     runner.stop();
     check_console(ctx, &runner)?;
