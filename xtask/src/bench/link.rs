@@ -1,7 +1,7 @@
 //! `cargo xtask bench link` (issue 15, item 6(b)): goodput vs bit error rate. A host-run
 //! flashd behind the fault-injecting [`Relay`](super::relay::Relay); for each rate `p` of bit
 //! flips per byte (0, 1e-6, 1e-5, 1e-4; both directions, one random bit of a byte flipped with
-//! probability `p`), a fresh state dir and install file, then `nx flash send --quiet` with its
+//! probability `p`), a fresh state dir and install file, then `nx flash send --json` with its
 //! **default** flags through the relay. Timed (wall clock of nx), exit status checked, the
 //! installed file compared with the image by SHA-256. Goodput = image bytes / seconds.
 //! Targets (informational, never asserted): ≥ 50% of clean at 1e-5, ≥ 20% at 1e-4. Writes a
@@ -151,7 +151,7 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
     };
     let mut md = String::new();
     md.push_str(&format!(
-        "Last run: **{}** on {}. Host-run flashd (release) behind a fault-injecting relay (unix sockets, `xtask/src/bench/relay.rs`): every byte, in both directions, gets one random bit flipped with probability *p* (seeded xorshift, deterministic per seed). One image of {} MiB of incompressible data ({img_bytes} bytes), sent by `nx flash send --quiet` with its default flags, a fresh state dir and install file per row (no base); timeout {} s per send.\n\n",
+        "Last run: **{}** on {}. Host-run flashd (release) behind a fault-injecting relay (unix sockets, `xtask/src/bench/relay.rs`): every byte, in both directions, gets one random bit flipped with probability *p* (seeded xorshift, deterministic per seed). One image of {} MiB of incompressible data ({img_bytes} bytes), sent by `nx flash send --json` (progress log only) with its default flags, a fresh state dir and install file per row (no base); timeout {} s per send.\n\n",
         now(),
         report::machine(),
         a.size_mib,
