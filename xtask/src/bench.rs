@@ -22,6 +22,7 @@ mod boot;
 mod delta;
 mod fanout;
 mod guest;
+mod host_flashd;
 mod link;
 mod relay;
 mod report;

@@ -939,52 +939,46 @@ impl Sender {
         }
     }
 
-    /// Frames between the acknowledged point (`acked + 1`, `part_have`) and the send
-    /// point (`next_send`, `next_at`), counting a whole WRITE as one frame and parts by
-    /// the current part size.
-    fn bytes_in_flight(&self) -> u32 {
-        let mut bytes = 0u32;
-        for (i, slot) in self.slots.iter().enumerate() {
-            let seq = self.acked + 1 + i as u32;
-            if seq > self.next_send {
-                break;
-            }
-            let Slot::Ready(f) = slot else { break };
-            let from = if i == 0 { self.part_have } else { 0 };
-            let to = if seq == self.next_send {
-                self.next_at
-            } else {
-                f.payload().len() as u32
-            };
-            bytes = bytes.saturating_add(to.saturating_sub(from));
-        }
-        bytes
+    /// The payload spans in flight: for each WRITE from the acknowledged point
+    /// (`acked + 1`, `part_have`) to the send point (`next_send`, `next_at`), the bytes
+    /// `[from, to)` of its payload that were sent and not acknowledged.
+    fn spans_in_flight(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .map_while(move |(i, slot)| {
+                let seq = self.acked + 1 + i as u32;
+                let Slot::Ready(f) = slot else { return None };
+                (seq <= self.next_send).then_some((i, seq, f))
+            })
+            .map(move |(i, seq, f)| {
+                let from = if i == 0 { self.part_have } else { 0 };
+                let to = if seq == self.next_send {
+                    self.next_at
+                } else {
+                    f.payload().len() as u32
+                };
+                (from, to)
+            })
     }
 
+    /// Payload bytes in flight (what the byte cap limits).
+    fn bytes_in_flight(&self) -> u32 {
+        self.spans_in_flight().fold(0u32, |n, (from, to)| {
+            n.saturating_add(to.saturating_sub(from))
+        })
+    }
+
+    /// Frames in flight: a whole WRITE is one frame, parts count by the current part size.
     fn frames_in_flight(&self) -> u32 {
-        let mut frames = 0u32;
         let part = self.line.part;
-        for (i, slot) in self.slots.iter().enumerate() {
-            let seq = self.acked + 1 + i as u32;
-            if seq > self.next_send {
-                break;
-            }
-            let Slot::Ready(f) = slot else { break };
-            let from = if i == 0 { self.part_have } else { 0 };
-            let to = if seq == self.next_send {
-                self.next_at
-            } else {
-                f.payload().len() as u32
-            };
-            if to <= from {
-                continue;
-            }
-            frames += match part {
+        self.spans_in_flight()
+            .filter(|(from, to)| to > from)
+            .map(|(from, to)| match part {
                 Some(p) if p > 0 => (to - from).div_ceil(p),
                 _ => 1,
-            };
-        }
-        frames
+            })
+            .sum()
     }
 
     /// Rewinds the send point to (`seq`, `at`) if it is beyond it.

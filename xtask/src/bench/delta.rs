@@ -642,41 +642,6 @@ fn casync_missing(dir: &Path, v1: &Path, v2: &Path) -> anyhow::Result<u64> {
         .sum())
 }
 
-/// A host flashd on `sock`, once it printed `flashd: ready` (its output keeps draining).
-fn spawn_flashd(
-    flashd: &Path,
-    sock: &Path,
-    state: &Path,
-    out: &Path,
-) -> anyhow::Result<std::process::Child> {
-    use std::io::BufRead;
-    let mut child = Command::new(flashd)
-        .arg("--listen")
-        .arg(sock)
-        .arg("--state")
-        .arg(state)
-        .arg("--install")
-        .arg(out)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start flashd")?;
-    let stdout = child.stdout.take().context("flashd stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l == "flashd: ready" => break,
-            Some(Ok(_)) => {}
-            other => {
-                let _ = child.kill();
-                bail!("flashd did not start: {other:?}");
-            }
-        }
-    }
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Ok(child)
-}
-
 /// Seconds for a full flash of v2 to a fresh host flashd, and for v2 to one that holds v1
 /// (a delta), with the real binaries and default flags over a unix socket.
 fn timed_flashes(
@@ -692,7 +657,7 @@ fn timed_flashes(
         let _ = std::fs::remove_file(out);
         let sock = dir.join("flashd.sock");
         let _ = std::fs::remove_file(&sock);
-        let mut d = spawn_flashd(flashd, &sock, state, out)?;
+        let d = super::host_flashd::HostFlashd::start(flashd, &sock, state, out)?;
         let mut last = 0.0;
         for img in imgs {
             let t = Instant::now();
@@ -705,12 +670,10 @@ fn timed_flashes(
                 .context("run nx")?;
             last = t.elapsed().as_secs_f64();
             if !st.success() {
-                let _ = d.kill();
                 bail!("nx flash send {} failed: {st}", img.display());
             }
         }
-        let _ = d.kill();
-        let _ = d.wait();
+        drop(d);
         let got = std::fs::read(out)?;
         if Sha256::digest(&got) != Sha256::digest(std::fs::read(v2)?) {
             bail!("the installed image differs from v2");

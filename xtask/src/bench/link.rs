@@ -7,16 +7,15 @@
 //! Targets (informational, never asserted): ≥ 50% of clean at 1e-5, ≥ 20% at 1e-4. Writes a
 //! generated block into docs/benchmarks.md.
 
+use super::host_flashd::HostFlashd;
 use super::relay::Relay;
 use super::{make_image, report, Bins, MIB};
 use crate::util::{self, cargo, run_cmd};
-use anyhow::{bail, ensure, Context};
-use nx_contract::markers;
+use anyhow::{ensure, Context};
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BEGIN: &str =
@@ -25,8 +24,6 @@ const END: &str = "<!-- bench-link:end -->";
 const HEADING: &str = "## Goodput on a noisy line (`cargo xtask bench link`)";
 /// Bit flips per byte, in table order (0 = the clean reference).
 const RATES: [f64; 4] = [0.0, 1e-6, 1e-5, 1e-4];
-/// How long flashd may take to print `flashd: ready`.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `cargo xtask bench link`.
 #[derive(clap::Args, Debug, Clone)]
@@ -235,7 +232,7 @@ fn one_rate(
     let out = rdir.join("out.img");
     let sock = rdir.join("flash.sock");
     let relay_sock = rdir.join("relay.sock");
-    let _fd = Flashd::start(&bins.flashd, &sock, &rdir.join("state"), &out)?;
+    let _fd = HostFlashd::start(&bins.flashd, &sock, &rdir.join("state"), &out)?;
     let relay = Relay::start(&relay_sock, &sock, p, seed)?;
     let log = rdir.join("nx.stderr");
     let t = Instant::now();
@@ -294,58 +291,6 @@ fn sha256(p: &Path) -> anyhow::Result<Vec<u8>> {
         h.update(buf.get(..n).unwrap_or_default());
     }
     Ok(h.finalize().to_vec())
-}
-
-/// A host flashd; killed when dropped.
-struct Flashd(Child);
-
-impl Flashd {
-    /// Start flashd and wait for its `flashd: ready` line (other lines may come first); its
-    /// stdout is drained for as long as it runs.
-    fn start(bin: &Path, sock: &Path, state: &Path, out: &Path) -> anyhow::Result<Flashd> {
-        std::fs::create_dir_all(state)?;
-        let mut child = Command::new(bin)
-            .arg("--listen")
-            .arg(sock)
-            .arg("--state")
-            .arg(state)
-            .arg("--install")
-            .arg(out)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start flashd")?;
-        let stdout = child.stdout.take().context("flashd stdout")?;
-        let ready = markers::flashd::ready().as_str().to_string();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for l in BufReader::new(stdout).lines() {
-                let Ok(l) = l else { break };
-                if l == ready {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        let fd = Flashd(child);
-        if rx.recv_timeout(READY_TIMEOUT).is_err() {
-            bail!(
-                "flashd did not print `flashd: ready` within {} s (listening on {})",
-                READY_TIMEOUT.as_secs(),
-                sock.display()
-            );
-        }
-        Ok(fd)
-    }
-}
-
-impl Drop for Flashd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn now() -> String {
