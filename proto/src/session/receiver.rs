@@ -848,13 +848,16 @@ impl Receiver {
 
     // ------------------------------------------------------------ WRITE
 
-    fn on_write(&mut self, w: Write) {
+    /// Whether data for `seq` (a WRITE or WRITE_PART, named `what`) is taken in this phase;
+    /// otherwise it was answered here (a late retransmission is acknowledged, data before
+    /// HELLO or beyond DONE is a protocol error, after an ERROR it is noise).
+    fn data_phase(&mut self, seq: u32, what: &str) -> bool {
         match self.phase {
-            Phase::Transfer => {}
-            Phase::Failed => return, // ERROR already sent; the rest of the window is noise
+            Phase::Transfer => true,
+            Phase::Failed => false, // ERROR already sent; the rest of the window is noise
             Phase::Idle => {
-                self.fail(ErrorCode::Protocol, "WRITE before HELLO");
-                return;
+                self.fail(ErrorCode::Protocol, &format!("{what} before HELLO"));
+                false
             }
             Phase::Unchanged
             | Phase::Finishing
@@ -862,13 +865,19 @@ impl Receiver {
             | Phase::Installed { .. } => {
                 // A late retransmission: acknowledge what we have.
                 let r = self.received();
-                if w.seq <= r {
+                if seq <= r {
                     self.send(Message::Ack(Ack { ack: r }));
                 } else {
-                    self.fail(ErrorCode::Protocol, "WRITE after DONE");
+                    self.fail(ErrorCode::Protocol, &format!("{what} after DONE"));
                 }
-                return;
+                false
             }
+        }
+    }
+
+    fn on_write(&mut self, w: Write) {
+        if !self.data_phase(w.seq, "WRITE") {
+            return;
         }
         if let Err(text) = self.check_write(&w) {
             self.fail(ErrorCode::BadWrite, &text);
@@ -935,25 +944,8 @@ impl Receiver {
     /// A part of the WRITE of chunk `received + 1`: reassembled in order (bounded by
     /// the planned chunk), then handled exactly like a WRITE that arrived whole.
     fn on_write_part(&mut self, p: WritePart) {
-        match self.phase {
-            Phase::Transfer => {}
-            Phase::Failed => return,
-            Phase::Idle => {
-                self.fail(ErrorCode::Protocol, "WRITE_PART before HELLO");
-                return;
-            }
-            Phase::Unchanged
-            | Phase::Finishing
-            | Phase::Installing { .. }
-            | Phase::Installed { .. } => {
-                let r = self.received();
-                if p.seq <= r {
-                    self.send(Message::Ack(Ack { ack: r }));
-                } else {
-                    self.fail(ErrorCode::Protocol, "WRITE_PART after DONE");
-                }
-                return;
-            }
+        if !self.data_phase(p.seq, "WRITE_PART") {
+            return;
         }
         let Some(x) = &self.xfer else { return };
         let r = x.received;
