@@ -136,8 +136,20 @@ impl Ctx {
 
     /// `nx flash send --json`; returns its stdout lines.
     pub fn send(&self, runner: &Runner, image: &Path) -> anyhow::Result<Vec<String>> {
+        self.send_over(runner, &self.sock(runner)?, &[], image)
+    }
+
+    /// [`Self::send`] over `port` (any `nx --port` spec) with `flags` added.
+    pub fn send_over(
+        &self,
+        runner: &Runner,
+        port: &str,
+        flags: &[String],
+        image: &Path,
+    ) -> anyhow::Result<Vec<String>> {
         let out = Command::new(&self.nx)
-            .args(["flash", "send", "--json", "--port", &self.sock(runner)?])
+            .args(["flash", "send", "--json", "--port", port])
+            .args(flags)
             .arg(image)
             .stderr(Stdio::inherit())
             .output()

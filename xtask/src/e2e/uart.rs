@@ -64,28 +64,8 @@ pub fn uart(ctx: &Ctx) -> anyhow::Result<()> {
         send_flags().join(" ")
     );
     let t = Instant::now();
-    let out = Command::new(&ctx.nx)
-        .args(["flash", "send", "--json", "--port", &port])
-        .args(send_flags())
-        .arg(&image)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("could not run nx")?;
+    let lines = ctx.send_over(&runner, &port, &send_flags(), &image)?;
     let secs = t.elapsed().as_secs_f64();
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    if !out.status.success() {
-        return Err(fail(
-            &runner,
-            &format!(
-                "nx flash send over the UART failed ({}): {}",
-                out.status,
-                lines.join("\n")
-            ),
-        ));
-    }
     ensure!(
         receipt_installed(&lines),
         "no installed receipt from nx: {lines:?}"
