@@ -399,6 +399,7 @@ mod tests {
                             size: 4096,
                             sha256: [0; 32],
                             data_sha256: [0; 32],
+                            chunk_sha256: vec![],
                             data_ranges: vec![],
                         },
                         salt: vec![1],
