@@ -1160,24 +1160,6 @@ impl SegmentHasher {
     /// Feed the next bytes.
     pub fn update(&mut self, mut data: &[u8]) {
         self.sha.update(data);
-        let mut rest = data;
-        while !rest.is_empty() {
-            let room = HASH_CHUNK - self.piece_len;
-            let n = usize::try_from(room).unwrap_or(usize::MAX).min(rest.len());
-            let (now, later) = rest.split_at(n);
-            self.piece.update(now);
-            self.piece_len += n as u64;
-            self.piece_nonzero = self.piece_nonzero || !is_all_zero(now);
-            rest = later;
-            if self.piece_len == HASH_CHUNK {
-                let done = std::mem::take(&mut self.piece);
-                if self.piece_nonzero {
-                    self.pieces.push(done.finalize().into());
-                }
-                self.piece_len = 0;
-                self.piece_nonzero = false;
-            }
-        }
         while !data.is_empty() {
             let block = ALIGN as usize;
             let n = (block - self.pending.len()).min(data.len());
@@ -1185,6 +1167,8 @@ impl SegmentHasher {
             data = rest;
             let nonzero = !is_all_zero(now);
             self.ranges.advance(n as u64, nonzero);
+            // `now` never crosses a 4 KiB block boundary, so never a piece boundary either.
+            self.piece_update(now, nonzero);
             if self.pending.is_empty() && n == block {
                 // A whole block in one piece: hash it in place.
                 if nonzero {
@@ -1200,6 +1184,22 @@ impl SegmentHasher {
             if self.pending.len() == block {
                 self.flush_pending();
             }
+        }
+    }
+
+    /// Feed `now` (inside one piece) to the current piece's hash; close the piece at a
+    /// [`HASH_CHUNK`] boundary (an all-zero piece gets no entry).
+    fn piece_update(&mut self, now: &[u8], nonzero: bool) {
+        self.piece.update(now);
+        self.piece_len += now.len() as u64;
+        self.piece_nonzero |= nonzero;
+        if self.piece_len == HASH_CHUNK {
+            let done = std::mem::take(&mut self.piece);
+            if self.piece_nonzero {
+                self.pieces.push(done.finalize().into());
+            }
+            self.piece_len = 0;
+            self.piece_nonzero = false;
         }
     }
 
