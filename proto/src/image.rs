@@ -174,6 +174,14 @@ pub enum ImageError {
         /// Computed data hash (hex).
         found: String,
     },
+    /// A `chunk_sha256` entry differs from the hash of that 1 MiB piece of the content.
+    #[error("segment {segment:?}: chunk_sha256 entry #{piece} does not match the content")]
+    SegmentChunkHash {
+        /// Segment name.
+        segment: String,
+        /// Index of the first differing piece.
+        piece: usize,
+    },
     /// Data ranges do not describe the content.
     #[error("segment {segment:?}: data ranges do not match the content: {detail}")]
     DataRanges {
@@ -582,6 +590,7 @@ pub fn layout_with(
                 size: d.size,
                 sha256: d.sha256,
                 data_sha256: d.data_sha256,
+                chunk_sha256: d.chunk_sha256.clone(),
                 data_ranges: d.data_ranges.clone(),
             });
             offset = offset
@@ -660,6 +669,16 @@ impl Segment {
                 segment: self.name.clone(),
                 expected: hex::encode(self.data_sha256),
                 found: hex::encode(d.data_sha256),
+            });
+        }
+        // Likewise for the per-piece hashes: the content is right, so a difference here means
+        // the manifest's chunk_sha256 list is wrong (a target would reject those pieces).
+        if let Some(k) = (0..self.chunk_sha256.len().max(d.chunk_sha256.len()))
+            .find(|k| self.chunk_sha256.get(*k) != d.chunk_sha256.get(*k))
+        {
+            return Err(ImageError::SegmentChunkHash {
+                segment: self.name.clone(),
+                piece: k,
             });
         }
         Ok(())

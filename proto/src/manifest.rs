@@ -24,8 +24,18 @@ use sha2::{Digest, Sha256};
 /// Manifest (and image header) format version written by this crate; the only one it accepts.
 ///
 /// Format 2 added the per-segment `data_sha256`; format 3 added `security_version` (anti-rollback)
-/// and `verity` (dm-verity hash trees). Older images must be rebuilt.
-pub const FORMAT_VERSION: u32 = 3;
+/// and `verity` (dm-verity hash trees); format 4 added the per-segment `chunk_sha256` list
+/// (SHA-256 of every [`HASH_CHUNK`] piece, so chunks verify independently). Older images must be
+/// rebuilt.
+pub const FORMAT_VERSION: u32 = 4;
+/// Size of the pieces `chunk_sha256` hashes: the protocol's largest (and default) chunk
+/// ([`nx_contract::defaults::CHUNK`]). WRITE chunks never cross a multiple of the chunk size
+/// (a power of two ≤ this) relative to the segment start, so a whole 1 MiB WRITE is exactly
+/// one hash piece.
+pub const HASH_CHUNK: u64 = nx_contract::defaults::CHUNK as u64;
+/// Most `chunk_sha256` entries over all segments: 64 hex digits each must fit in
+/// [`MAX_MANIFEST_LEN`], so images above ~16 GiB cannot be described.
+pub const MAX_CHUNK_HASHES: usize = MAX_MANIFEST_LEN / 64;
 /// Most `verity` entries (each names two segments).
 pub const MAX_VERITY: usize = MAX_SEGMENTS / 2;
 /// Segment alignment in the image file and granularity of data ranges.
@@ -198,6 +208,19 @@ pub enum ManifestError {
         /// What is wrong.
         reason: String,
     },
+    /// A segment's `chunk_sha256` list does not have one entry per [`HASH_CHUNK`] piece.
+    #[error(
+        "segment {segment:?} lists {found} chunk hashes, expected {expected} (one per 1 MiB \
+         piece); rebuild the image with `nx image build`"
+    )]
+    ChunkHashes {
+        /// Segment name.
+        segment: String,
+        /// Pieces of the segment that hold data.
+        expected: usize,
+        /// Entries found.
+        found: usize,
+    },
     /// `image_sha256` does not match the segment table.
     #[error("image_sha256 is {found}, but the segment table hashes to {expected}")]
     ImageHash {
@@ -246,8 +269,30 @@ pub struct Segment {
     /// ranges are part of the (signed) manifest, `data_sha256` plus "every byte outside the
     /// data ranges is zero" pins the whole content just as `sha256` does.
     pub data_sha256: [u8; 32],
+    /// SHA-256 of each [`HASH_CHUNK`] piece of the content that holds data (overlaps a data
+    /// range), in order; the last piece may be short. All-zero pieces are never sent and have
+    /// no entry, so a sparse segment needs few. Exactly [`Segment::data_pieces`] entries. A
+    /// receiver checks a whole piece against it before writing it; `sha256` stays the final
+    /// check of the assembled segment.
+    pub chunk_sha256: Vec<[u8; 32]>,
     /// The parts that are not all-zero, exactly the maximal runs of non-zero 4 KiB blocks.
     pub data_ranges: Vec<DataRange>,
+}
+
+/// Indexes of the [`HASH_CHUNK`] pieces that overlap `ranges` (sorted, merged), in order,
+/// each once; stops after `limit` of them.
+fn data_piece_indexes(ranges: &[DataRange], limit: usize) -> impl Iterator<Item = u64> + '_ {
+    let mut last: Option<u64> = None;
+    ranges
+        .iter()
+        .filter(|r| r.len > 0)
+        .flat_map(|r| (r.offset / HASH_CHUNK)..=((r.end() - 1) / HASH_CHUNK))
+        .filter(move |k| {
+            let new = last != Some(*k);
+            last = Some(*k);
+            new
+        })
+        .take(limit)
 }
 
 impl Segment {
@@ -269,6 +314,29 @@ impl Segment {
     /// Whether the byte at `rel` (relative to the segment start) lies inside a data range.
     pub fn is_data(&self, rel: u64) -> bool {
         covered(&self.data_ranges, rel)
+    }
+
+    /// The signed hash of the piece `[rel_offset, rel_offset + len)` when that range is exactly
+    /// one whole [`HASH_CHUNK`] piece (aligned, full length, or the short last piece); `None`
+    /// for any other range (it is checked by the segment hash only).
+    pub fn piece_hash(&self, rel_offset: u64, len: u64) -> Option<[u8; 32]> {
+        if !rel_offset.is_multiple_of(HASH_CHUNK) || len == 0 {
+            return None;
+        }
+        let whole = HASH_CHUNK.min(self.size.checked_sub(rel_offset)?);
+        if len != whole {
+            return None;
+        }
+        let k = rel_offset / HASH_CHUNK;
+        let rank =
+            data_piece_indexes(&self.data_ranges, self.chunk_sha256.len()).position(|p| p == k)?;
+        self.chunk_sha256.get(rank).copied()
+    }
+
+    /// Number of [`HASH_CHUNK`] pieces that hold data (the `chunk_sha256` entries), counting
+    /// at most `limit`.
+    pub fn data_pieces(&self, limit: usize) -> usize {
+        data_piece_indexes(&self.data_ranges, limit).count()
     }
 }
 
@@ -426,6 +494,10 @@ impl Manifest {
             s.push_str(&hex::encode(seg.sha256));
             s.push_str("\",\"data_sha256\":\"");
             s.push_str(&hex::encode(seg.data_sha256));
+            s.push_str("\",\"chunk_sha256\":\"");
+            for h in &seg.chunk_sha256 {
+                s.push_str(&hex::encode(h));
+            }
             s.push_str("\",\"data_ranges\":[");
             for (j, r) in seg.data_ranges.iter().enumerate() {
                 if j > 0 {
@@ -486,22 +558,26 @@ impl Manifest {
             }
         };
         let mut segments = Vec::with_capacity(raw.segments.0.len());
+        let mut hashes_left = MAX_CHUNK_HASHES;
         for (i, rs) in raw.segments.0.into_iter().enumerate() {
             let sha256 = parse_hash(&rs.sha256, || format!("sha256 of segment #{i}"))?;
             let data_sha256 =
                 parse_hash(&rs.data_sha256, || format!("data_sha256 of segment #{i}"))?;
-            let data_ranges = rs
+            let data_ranges: Vec<DataRange> = rs
                 .data_ranges
                 .0
                 .into_iter()
                 .map(|(offset, len)| DataRange { offset, len })
                 .collect();
+            let expected = data_piece_indexes(&data_ranges, MAX_CHUNK_HASHES + 1).count();
+            let chunk_sha256 = parse_hash_list(&rs.chunk_sha256, expected, &mut hashes_left, i)?;
             segments.push(Segment {
                 name: rs.name,
                 offset: rs.offset,
                 size: rs.size,
                 sha256,
                 data_sha256,
+                chunk_sha256,
                 data_ranges,
             });
         }
@@ -597,6 +673,14 @@ impl Manifest {
                 })?;
             expected_offset = Some(end);
             validate_data_ranges(seg)?;
+            let pieces = seg.data_pieces(MAX_CHUNK_HASHES + 1);
+            if seg.chunk_sha256.len() != pieces {
+                return Err(ManifestError::ChunkHashes {
+                    segment: seg.name.clone(),
+                    expected: pieces,
+                    found: seg.chunk_sha256.len(),
+                });
+            }
         }
         if self.total_size != end {
             return Err(ManifestError::TotalSize {
@@ -842,6 +926,38 @@ impl BoundedItem for RawVerity {
     const WHAT: &'static str = "verity entries";
 }
 
+/// Parse a `chunk_sha256` string (64 hex digits per entry, concatenated) of a segment with
+/// `expected` data pieces: the entry count is checked against it and against `left` (what
+/// remains of [`MAX_CHUNK_HASHES`]) before anything is allocated.
+fn parse_hash_list(
+    hex_list: &str,
+    expected: usize,
+    left: &mut usize,
+    i: usize,
+) -> Result<Vec<[u8; 32]>, ManifestError> {
+    let field = || format!("chunk_sha256 of segment #{i}");
+    if !hex_list.len().is_multiple_of(64) {
+        return Err(ManifestError::BadHex { field: field() });
+    }
+    let found = hex_list.len() / 64;
+    if found != expected || found > *left {
+        return Err(ManifestError::ChunkHashes {
+            segment: format!("#{i}"),
+            expected,
+            found,
+        });
+    }
+    *left -= found;
+    let mut out = Vec::with_capacity(found);
+    for k in 0..found {
+        let part = hex_list
+            .get(k * 64..(k + 1) * 64)
+            .ok_or_else(|| ManifestError::BadHex { field: field() })?;
+        out.push(parse_hash(part, field)?);
+    }
+    Ok(out)
+}
+
 fn parse_salt(s: &str, i: usize) -> Result<Vec<u8>, ManifestError> {
     let field = || format!("salt of verity #{i}");
     if s.len() > 2 * crate::verity::MAX_SALT
@@ -863,6 +979,7 @@ struct RawSegment {
     size: u64,
     sha256: String,
     data_sha256: String,
+    chunk_sha256: String,
     data_ranges: Bounded<(u64, u64)>,
 }
 
@@ -1008,6 +1125,8 @@ pub struct SegmentDigest {
     /// SHA-256 of the non-zero 4 KiB blocks of the content, in order (the bytes of the data
     /// ranges concatenated; see [`Segment::data_sha256`]).
     pub data_sha256: [u8; 32],
+    /// SHA-256 of each [`HASH_CHUNK`] piece (see [`Segment::chunk_sha256`]).
+    pub chunk_sha256: Vec<[u8; 32]>,
     /// Maximal runs of non-zero 4 KiB blocks.
     pub data_ranges: Vec<DataRange>,
 }
@@ -1023,6 +1142,13 @@ pub struct SegmentHasher {
     pending: Vec<u8>,
     /// Whether `pending` holds a non-zero byte.
     pending_nonzero: bool,
+    /// SHA-256 of the current [`HASH_CHUNK`] piece, its bytes so far and whether one is
+    /// non-zero (only pieces with data get an entry).
+    piece: Sha256,
+    piece_len: u64,
+    piece_nonzero: bool,
+    /// Hashes of the completed pieces.
+    pieces: Vec<[u8; 32]>,
 }
 
 impl SegmentHasher {
@@ -1041,6 +1167,8 @@ impl SegmentHasher {
             data = rest;
             let nonzero = !is_all_zero(now);
             self.ranges.advance(n as u64, nonzero);
+            // `now` never crosses a 4 KiB block boundary, so never a piece boundary either.
+            self.piece_update(now, nonzero);
             if self.pending.is_empty() && n == block {
                 // A whole block in one piece: hash it in place.
                 if nonzero {
@@ -1056,6 +1184,22 @@ impl SegmentHasher {
             if self.pending.len() == block {
                 self.flush_pending();
             }
+        }
+    }
+
+    /// Feed `now` (inside one piece) to the current piece's hash; close the piece at a
+    /// [`HASH_CHUNK`] boundary (an all-zero piece gets no entry).
+    fn piece_update(&mut self, now: &[u8], nonzero: bool) {
+        self.piece.update(now);
+        self.piece_len += now.len() as u64;
+        self.piece_nonzero |= nonzero;
+        if self.piece_len == HASH_CHUNK {
+            let done = std::mem::take(&mut self.piece);
+            if self.piece_nonzero {
+                self.pieces.push(done.finalize().into());
+            }
+            self.piece_len = 0;
+            self.piece_nonzero = false;
         }
     }
 
@@ -1083,7 +1227,11 @@ impl SegmentHasher {
         // The final short block counts like any other.
         self.flush_pending();
         let size = self.ranges.position();
+        if self.piece_len > 0 && self.piece_nonzero {
+            self.pieces.push(self.piece.finalize().into());
+        }
         SegmentDigest {
+            chunk_sha256: self.pieces,
             size,
             sha256: self.sha.finalize().into(),
             data_sha256: self.data_sha.finalize().into(),

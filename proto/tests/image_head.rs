@@ -27,8 +27,8 @@ fn header_layout_is_byte_exact() {
     let h = ImageHead::build(&manifest(), None).unwrap().header;
     let b = h.to_bytes();
     assert_eq!(&b[..8], &MAGIC);
-    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 3);
-    assert_eq!(FORMAT_VERSION, 3);
+    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 4);
+    assert_eq!(FORMAT_VERSION, 4);
     assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 4096);
     assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 4096);
     assert_eq!(
@@ -156,10 +156,10 @@ fn header_corruption_is_rejected() {
     assert_eq!(Header::parse(&b), Err(ImageError::BadMagic));
 
     let mut b = good.clone();
-    b[8] = 4;
+    b[8] = 5;
     assert!(matches!(
         Header::parse(&b),
-        Err(ImageError::UnsupportedFormat { found: 4 })
+        Err(ImageError::UnsupportedFormat { found: 5 })
     ));
 
     // A format-1 image (valid crc) is refused with the advice to rebuild it.
@@ -169,7 +169,7 @@ fn header_corruption_is_rejected() {
     assert_eq!(e, ImageError::UnsupportedFormat { found: 1 });
     assert!(
         e.to_string()
-            .contains("understands format 3); rebuild the image with `nx image build`"),
+            .contains("understands format 4); rebuild the image with `nx image build`"),
         "{e}"
     );
 

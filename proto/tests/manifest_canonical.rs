@@ -96,8 +96,8 @@ fn whitespace_reordering_and_uppercase_hex_are_rejected() {
     expect_non_canonical(&canon.replacen(",\"version\"", ", \"version\"", 1));
     // fields in another order
     let reordered = canon.replacen(
-        "{\"format\":3,\"version\":\"2.0.1\",",
-        "{\"version\":\"2.0.1\",\"format\":3,",
+        "{\"format\":4,\"version\":\"2.0.1\",",
+        "{\"version\":\"2.0.1\",\"format\":4,",
         1,
     );
     assert_ne!(reordered, canon);
@@ -120,10 +120,11 @@ fn data_sha256_field_is_checked() {
     let seg = &m.segments[0];
     let sha = hex::encode(seg.sha256);
     let data_sha = hex::encode(seg.data_sha256);
-    // field order: sha256, then data_sha256, then data_ranges
+    // field order: sha256, then data_sha256, then chunk_sha256, then data_ranges
+    let chunks: String = seg.chunk_sha256.iter().map(hex::encode).collect();
     assert!(
         canon.contains(&format!(
-            "\"sha256\":\"{sha}\",\"data_sha256\":\"{data_sha}\",\"data_ranges\":[[0,4096],[8192,4196]]"
+            "\"sha256\":\"{sha}\",\"data_sha256\":\"{data_sha}\",\"chunk_sha256\":\"{chunks}\",\"data_ranges\":[[0,4096],[8192,4196]]"
         )),
         "{canon}"
     );
@@ -171,24 +172,24 @@ fn format_1_manifest_is_unsupported_with_rebuild_advice() {
         );
     }
     assert!(!canon.contains("data_sha256"));
-    let v1 = canon.replacen("{\"format\":3,", "{\"format\":1,", 1);
+    let v1 = canon.replacen("{\"format\":4,", "{\"format\":1,", 1);
     let e = Manifest::from_bytes(v1.as_bytes()).unwrap_err();
     assert_eq!(e, ManifestError::UnsupportedFormat { found: 1 });
     assert_eq!(
         e.to_string(),
-        "unsupported manifest format 1 (this build understands format 3); rebuild the image \
+        "unsupported manifest format 1 (this build understands format 4); rebuild the image \
          with `nx image build`"
     );
     // A future format is named too, whatever its fields.
-    let v4 = canon.replacen("{\"format\":3,", "{\"format\":4,\"new_field\":[],", 1);
+    let v5 = canon.replacen("{\"format\":4,", "{\"format\":5,\"new_field\":[],", 1);
     assert_eq!(
-        Manifest::from_bytes(v4.as_bytes()),
-        Err(ManifestError::UnsupportedFormat { found: 4 })
+        Manifest::from_bytes(v5.as_bytes()),
+        Err(ManifestError::UnsupportedFormat { found: 5 })
     );
     // Format 1 with the current fields: rejected by validation, same error.
     let v1_fields = String::from_utf8(sample().to_canonical_bytes())
         .unwrap()
-        .replacen("{\"format\":3,", "{\"format\":1,", 1);
+        .replacen("{\"format\":4,", "{\"format\":1,", 1);
     assert_eq!(
         Manifest::from_bytes(v1_fields.as_bytes()),
         Err(ManifestError::UnsupportedFormat { found: 1 })
@@ -199,11 +200,11 @@ fn format_1_manifest_is_unsupported_with_rebuild_advice() {
 fn non_integer_numbers_and_unknown_fields_are_rejected() {
     let canon = String::from_utf8(sample().to_canonical_bytes()).unwrap();
     for bad in [
-        canon.replacen("\"format\":3", "\"format\":3.0", 1),
-        canon.replacen("\"format\":3", "\"format\":3e0", 1),
+        canon.replacen("\"format\":4", "\"format\":4.0", 1),
+        canon.replacen("\"format\":4", "\"format\":4e0", 1),
         canon.replacen("\"offset\":8192", "\"offset\":-8192", 1),
-        canon.replacen("{\"format\":3,", "{\"format\":3,\"extra\":0,", 1),
-        canon.replacen("{\"format\":3,", "{\"format\":3,\"format\":3,", 1),
+        canon.replacen("{\"format\":4,", "{\"format\":4,\"extra\":0,", 1),
+        canon.replacen("{\"format\":4,", "{\"format\":4,\"format\":3,", 1),
         canon[..canon.len() - 1].to_string(),
     ] {
         assert!(
@@ -228,9 +229,9 @@ fn oversized_manifest_is_rejected_before_parsing() {
 #[test]
 fn huge_segment_count_is_rejected_while_parsing() {
     // 50 000 tiny segment objects (~1 MiB); the parser must stop at 65.
-    let seg = r#"{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":[]}"#;
+    let seg = r#"{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","chunk_sha256":"","data_ranges":[]}"#;
     let mut s = String::from(
-        r#"{"format":3,"version":"1","security_version":0,"total_size":0,"segments":["#,
+        r#"{"format":4,"version":"1","security_version":0,"total_size":0,"segments":["#,
     );
     while s.len() + seg.len() + 100 < MAX_MANIFEST_LEN {
         s.push_str(seg);
@@ -249,7 +250,7 @@ fn huge_segment_count_is_rejected_while_parsing() {
 #[test]
 fn huge_data_range_count_is_rejected_while_parsing() {
     let mut s = String::from(
-        r#"{"format":3,"version":"1","security_version":0,"total_size":0,"segments":[{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","data_ranges":["#,
+        r#"{"format":4,"version":"1","security_version":0,"total_size":0,"segments":[{"name":"a","offset":0,"size":1,"sha256":"","data_sha256":"","chunk_sha256":"","data_ranges":["#,
     );
     for i in 0..70_000u32 {
         if i > 0 {
@@ -453,4 +454,20 @@ fn verity_and_security_version_are_pinned_and_checked() {
     ));
     let missing = text.replacen("\"security_version\":7,", "", 1);
     assert!(Manifest::from_bytes(missing.as_bytes()).is_err());
+}
+
+#[test]
+fn format_3_manifest_without_chunk_hashes_is_unsupported_with_rebuild_advice() {
+    // What format 3 looked like: no chunk_sha256 field.
+    let m = sample();
+    let mut canon = String::from_utf8(m.to_canonical_bytes()).unwrap();
+    for seg in &m.segments {
+        let list: String = seg.chunk_sha256.iter().map(hex::encode).collect();
+        canon = canon.replacen(&format!(",\"chunk_sha256\":\"{list}\""), "", 1);
+    }
+    assert!(!canon.contains("chunk_sha256"));
+    let v3 = canon.replacen("{\"format\":4,", "{\"format\":3,", 1);
+    let e = Manifest::from_bytes(v3.as_bytes()).unwrap_err();
+    assert_eq!(e, ManifestError::UnsupportedFormat { found: 3 });
+    assert!(e.to_string().contains("rebuild the image"), "{e}");
 }

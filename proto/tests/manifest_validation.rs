@@ -81,7 +81,7 @@ fn bad_versions_are_rejected() {
 
 #[test]
 fn wrong_format_is_rejected() {
-    for format in [0, 1, 2, 4] {
+    for format in [0, 1, 2, 3, 5] {
         let e = broken(&[10], |m| m.format = format);
         assert_eq!(e, ManifestError::UnsupportedFormat { found: format });
     }

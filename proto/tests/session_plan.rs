@@ -39,6 +39,7 @@ fn manifest(segs: Vec<(u64, Vec<(u64, u64)>)>) -> Manifest {
             size,
             sha256: [i as u8; 32],
             data_sha256: [!(i as u8); 32],
+            chunk_sha256: Vec::new(),
             data_ranges,
         });
         offset += blocks * ALIGN;

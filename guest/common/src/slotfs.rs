@@ -142,8 +142,8 @@ impl SlotFsError {
 pub enum RootfsCheck {
     /// dm-verity checks every block as it is read against the tree in segment `hash`.
     Verity {
-        /// The segment holding the hash tree.
-        hash: Segment,
+        /// The segment holding the hash tree (boxed: a segment carries its chunk hash list).
+        hash: Box<Segment>,
         /// The manifest's salt.
         salt: Vec<u8>,
         /// The manifest's root hash.
@@ -368,7 +368,7 @@ pub fn rootfs_check(head: &ImageHead) -> RootfsCheck {
         .and_then(|v| Some((v, m.segment(&v.hash)?)))
     {
         Some((v, hash)) => RootfsCheck::Verity {
-            hash: hash.clone(),
+            hash: Box::new(hash.clone()),
             salt: v.salt.clone(),
             root_hash: v.root_hash,
         },

@@ -22,6 +22,7 @@ fn zero_head(size: u64) -> (Vec<u8>, u64) {
         size,
         sha256: [0; 32],
         data_sha256: [0; 32],
+        chunk_sha256: Vec::new(),
         data_ranges: Vec::<DataRange>::new(),
     };
     let m = layout("1.0.0", &[("rootfs".to_string(), digest)]).unwrap();

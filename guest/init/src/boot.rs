@@ -393,14 +393,15 @@ mod tests {
                     rootfs_bytes: 4096,
                     security_version: 2,
                     check: RootfsCheck::Verity {
-                        hash: Segment {
+                        hash: Box::new(Segment {
                             name: "rootfs-verity".into(),
                             offset: 8192,
                             size: 4096,
                             sha256: [0; 32],
                             data_sha256: [0; 32],
+                            chunk_sha256: vec![],
                             data_ranges: vec![],
-                        },
+                        }),
                         salt: vec![1],
                         root_hash: [0xab; 32],
                     },

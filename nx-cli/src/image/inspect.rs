@@ -22,8 +22,10 @@ use super::{exit, human_bytes, percent, read_full};
         \"security_version\", \"total_size\", \
         \"file_size\", \"data_offset\", \"signed\", \"manifest_id\", \"image_sha256\", \
         \"data_bytes\", \"segments\": [{\"name\", \"offset\", \"size\", \"sha256\", \
-        \"data_sha256\", \"data_bytes\", \"data_ranges\"}], \"verity\": [{\"data\", \"hash\", \
-        \"salt\", \"root_hash\"}]} where data_ranges is the number of ranges.\n\n\
+        \"data_sha256\", \"chunk_sha256\", \"data_bytes\", \"data_ranges\"}], \"verity\": [{\"data\", \
+        \"hash\", \"salt\", \"root_hash\"}]} where data_ranges is the number of ranges and \
+        chunk_sha256 the list of per-piece hashes (one per 1 MiB piece holding data, which a \
+        target checks before writing the piece).\n\n\
         Exit codes: 0 ok; 1 I/O error; 2 usage; 3 the head is malformed.",
     after_help = "Examples:\n  \
         nx image inspect build/nexus-os.img\n  \
@@ -90,6 +92,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
                     "size": s.size,
                     "sha256": hex::encode(s.sha256),
                     "data_sha256": hex::encode(s.data_sha256),
+                    "chunk_sha256": s.chunk_sha256.iter().map(hex::encode).collect::<Vec<_>>(),
                     "data_bytes": s.data_bytes(),
                     "data_ranges": s.data_ranges.len(),
                 })
@@ -182,6 +185,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     say!("data sha256  (SHA-256 of the data ranges only, zero runs skipped)");
     for s in &m.segments {
         say!("  {:<12} {}", s.name, hex::encode(s.data_sha256));
+    }
+    say!("chunk sha256 (one SHA-256 per 1 MiB piece holding data, checked piece by piece)");
+    for s in &m.segments {
+        say!("  {:<12} {} pieces", s.name, s.chunk_sha256.len());
     }
     Ok(size_verdict(file_len, m.total_size))
 }
