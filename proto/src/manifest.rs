@@ -333,11 +333,40 @@ impl Segment {
         self.chunk_sha256.get(rank).copied()
     }
 
+    /// The pieces `chunk_sha256` covers, in order: (offset relative to the segment, length —
+    /// [`HASH_CHUNK`], or less for the last piece of the segment — and the signed hash). A
+    /// receiver that checked every one of them (and wrote zeros everywhere else, as the data
+    /// ranges say) holds the segment: the pieces verify independently, in any order.
+    pub fn hashed_pieces(&self) -> impl Iterator<Item = HashedPiece> + '_ {
+        data_piece_indexes(&self.data_ranges, self.chunk_sha256.len())
+            .zip(self.chunk_sha256.iter())
+            .filter_map(|(k, h)| {
+                let rel = k.checked_mul(HASH_CHUNK)?;
+                let len = HASH_CHUNK.min(self.size.checked_sub(rel)?);
+                (len > 0).then_some(HashedPiece {
+                    rel_offset: rel,
+                    len,
+                    sha256: *h,
+                })
+            })
+    }
+
     /// Number of [`HASH_CHUNK`] pieces that hold data (the `chunk_sha256` entries), counting
     /// at most `limit`.
     pub fn data_pieces(&self, limit: usize) -> usize {
         data_piece_indexes(&self.data_ranges, limit).count()
     }
+}
+
+/// One entry of [`Segment::chunk_sha256`] with the range it covers ([`Segment::hashed_pieces`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashedPiece {
+    /// Offset relative to the segment start (a multiple of [`HASH_CHUNK`]).
+    pub rel_offset: u64,
+    /// Length: [`HASH_CHUNK`], or less for the segment's last piece.
+    pub len: u64,
+    /// The signed SHA-256 of these bytes.
+    pub sha256: [u8; 32],
 }
 
 /// An image manifest. See the module docs and `docs/provisioning/overview.md`.

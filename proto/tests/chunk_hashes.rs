@@ -106,3 +106,25 @@ fn the_signature_covers_the_list() {
     forged_head.signature = Some(sig);
     assert!(forged_head.verify_signature(&key).is_err());
 }
+
+#[test]
+fn hashed_pieces_lists_every_entry_with_its_range() {
+    let v = content();
+    let m = manifest_of(&v);
+    let seg = &m.segments[0];
+    let got: Vec<_> = seg
+        .hashed_pieces()
+        .map(|p| (p.rel_offset, p.len, p.sha256))
+        .collect();
+    let want: Vec<_> = [0usize, 1, 2, 4]
+        .iter()
+        .map(|k| {
+            let rel = k * MIB;
+            let bytes = &v[rel..(rel + MIB).min(v.len())];
+            (rel as u64, bytes.len() as u64, <[u8; 32]>::from(Sha256::digest(bytes)))
+        })
+        .collect();
+    assert_eq!(got, want);
+    // The short last piece is listed with its true length.
+    assert_eq!(got.last().unwrap().1, 1000);
+}

@@ -162,6 +162,25 @@ impl Plan {
         self.segs.get(segment).copied()
     }
 
+    /// The index (seq − 1) of the first chunk of `segment` that ends after `rel_offset`
+    /// (relative to the segment): where to resume so that the byte at `rel_offset` and
+    /// everything after it is sent again. `None` past the segment's last chunk.
+    pub fn chunk_index_at(&self, segment: usize, rel_offset: u64) -> Option<u32> {
+        let (first, count) = self.segment_chunks(segment)?;
+        // Chunks are in offset order: binary search on their ends.
+        let (mut lo, mut hi) = (first, first.checked_add(count)?);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let c = self.chunk(mid + 1)?;
+            if c.rel_offset + u64::from(c.len) > rel_offset {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        (lo < first + count).then_some(lo)
+    }
+
     /// Whether every chunk of `segment` has seq ≤ `done`.
     pub fn segment_complete(&self, segment: usize, done: u32) -> bool {
         self.segs

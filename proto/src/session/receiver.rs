@@ -97,6 +97,12 @@ pub enum ReceiverEvent {
     StagingSynced { upto_seq: u32 },
     /// Answer to [`ReceiverAction::VerifySegment`].
     SegmentVerified { ticket: u64, ok: bool },
+    /// Answer to [`ReceiverAction::VerifySegment`] when the shell checked the segment piece
+    /// by piece (`chunk_sha256`) and the piece at `rel_offset` (relative to the segment) was
+    /// the first that did not match: as `SegmentVerified { ok: false }`, but the transfer
+    /// resumes from that piece instead of the segment's start (a bad 1 MiB piece costs
+    /// 1 MiB, not the whole segment).
+    SegmentRejected { ticket: u64, rel_offset: u64 },
     /// Answer to [`ReceiverAction::Install`]. `detail` says what failed.
     Installed { ok: bool, detail: String },
     /// An action failed in the shell (write, copy, decompress, sync, journal).
@@ -467,7 +473,10 @@ impl Receiver {
             }
             ReceiverEvent::LinkDown => self.on_link_down(),
             ReceiverEvent::StagingSynced { upto_seq } => self.on_synced(upto_seq),
-            ReceiverEvent::SegmentVerified { ticket, ok } => self.on_verified(ticket, ok),
+            ReceiverEvent::SegmentVerified { ticket, ok } => self.on_verified(ticket, ok, None),
+            ReceiverEvent::SegmentRejected { ticket, rel_offset } => {
+                self.on_verified(ticket, false, Some(rel_offset))
+            }
             ReceiverEvent::Installed { ok, detail } => self.on_installed(ok, &detail),
             ReceiverEvent::StagingLost => {
                 self.actions.clear();
@@ -1284,7 +1293,7 @@ impl Receiver {
         }
     }
 
-    fn on_verified(&mut self, ticket: u64, ok: bool) {
+    fn on_verified(&mut self, ticket: u64, ok: bool, bad_at: Option<u64>) {
         let Some(x) = &mut self.xfer else { return };
         let Some(i) = x.verifying.iter().position(|t| *t == Some(ticket)) else {
             return; // stale (transfer rewound or restarted meanwhile)
@@ -1311,10 +1320,17 @@ impl Receiver {
             }
             return;
         }
-        // Bad segment: rewind to its first chunk so a new session re-sends it.
+        // Bad segment: rewind to its first chunk so a new session re-sends it — or, when the
+        // shell named the first bad piece, to that piece (the pieces before it matched their
+        // signed hashes). Not for a segment assembled from the installed image: none of it is
+        // trusted any more.
         let (first, _) = x.plan.segment_chunks(i).unwrap_or((0, 0));
         let copied = x.used_copy[i];
-        x.rewind(first);
+        let from = match bad_at {
+            Some(rel) if !copied => x.plan.chunk_index_at(i, rel).unwrap_or(first).max(first),
+            _ => first,
+        };
+        x.rewind(from);
         x.verified[i] = false;
         x.announced[i] = false;
         let j = x.journal();

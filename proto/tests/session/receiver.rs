@@ -740,6 +740,71 @@ fn done_waits_for_pending_verifications() {
     assert_eq!(markers_of(&c), vec!["flashd: verify ok"]);
 }
 
+/// Verify both segments of a fully received and synced image: the kernel passes, the rootfs
+/// fails with `bad`; the journal persisted after that failure.
+fn journal_after_rootfs_failure(bad: impl FnOnce(u64) -> ReceiverEvent) -> proto::session::Journal {
+    let img = image();
+    let mut rx = started(&img);
+    let a = feed(&mut rx, &img, 1, 11);
+    let t: Vec<u64> = a
+        .iter()
+        .filter_map(|x| match x {
+            ReceiverAction::VerifySegment { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .collect();
+    rx.handle(ReceiverEvent::StagingSynced { upto_seq: 11 });
+    drain_rx(&mut rx);
+    rx.handle(ReceiverEvent::SegmentVerified {
+        ticket: t[0],
+        ok: true,
+    });
+    drain_rx(&mut rx);
+    rx.handle(bad(t[1]));
+    let b = drain_rx(&mut rx);
+    assert_eq!(
+        errors(&b)[0].code,
+        ErrorCode::VerifyFailed,
+        "either way the session fails"
+    );
+    b.iter()
+        .rev()
+        .find_map(|x| match x {
+            ReceiverAction::PersistJournal(j) => Some(j.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_rejected_piece_rewinds_to_that_piece_not_the_segment_start() {
+    // rootfs (chunks 6..=11 of 8 KiB): data at 0..16K (6, 7) and 32K..64K (8..=11).
+    let whole = journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentVerified {
+        ticket,
+        ok: false,
+    });
+    assert_eq!(whole.durable_seq, 5, "unknown bad piece: from the segment's start");
+    // The piece holding rootfs byte 40960 (chunk 9) was the first bad one: chunks up to 8 stay.
+    let piece = journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentRejected {
+        ticket,
+        rel_offset: 40 * 1024,
+    });
+    assert_eq!(piece.durable_seq, 8);
+    assert_eq!(piece.verified, vec![true, false]);
+    // An offset inside a zero run resumes at the next chunk with data; one past the end
+    // falls back to the segment's start.
+    let gap = journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentRejected {
+        ticket,
+        rel_offset: 20 * 1024,
+    });
+    assert_eq!(gap.durable_seq, 7);
+    let past = journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentRejected {
+        ticket,
+        rel_offset: 1 << 40,
+    });
+    assert_eq!(past.durable_seq, 5);
+}
+
 #[test]
 fn verify_failure_reports_the_segment_and_never_installs() {
     let img = image();
