@@ -121,7 +121,11 @@ fn hashed_pieces_lists_every_entry_with_its_range() {
         .map(|k| {
             let rel = k * MIB;
             let bytes = &v[rel..(rel + MIB).min(v.len())];
-            (rel as u64, bytes.len() as u64, <[u8; 32]>::from(Sha256::digest(bytes)))
+            (
+                rel as u64,
+                bytes.len() as u64,
+                <[u8; 32]>::from(Sha256::digest(bytes)),
+            )
         })
         .collect();
     assert_eq!(got, want);

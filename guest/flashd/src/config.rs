@@ -81,6 +81,10 @@ pub struct Args {
     /// Largest chunk accepted (bytes, power of two, 4096..=1048576).
     #[arg(long, default_value_t = nx_contract::defaults::CHUNK)]
     pub max_chunk: u32,
+    /// Threads that verify the 1 MiB pieces of each segment against their signed hashes
+    /// (`chunk_sha256`), reading them back right behind the writes. 0: one per vCPU.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub verify_threads: usize,
 }
 
 /// The examples of `--help`, with the guest's port name and state mount.
@@ -159,6 +163,8 @@ pub struct Config {
     pub max_chunk: u32,
     /// Stream into the install target itself when it is a block device (`--direct`).
     pub direct: bool,
+    /// Piece verification threads (`--verify-threads`, resolved: at least 1).
+    pub verify_threads: usize,
 }
 
 impl Config {
@@ -175,6 +181,7 @@ impl Config {
             max_window: 64,
             max_chunk: nx_contract::defaults::CHUNK,
             direct: false,
+            verify_threads: verify_threads(0),
         }
     }
 }
@@ -241,9 +248,23 @@ impl Args {
                 max_window: self.max_window,
                 max_chunk: self.max_chunk,
                 direct,
+                verify_threads: verify_threads(self.verify_threads),
             },
         ))
     }
+}
+
+/// Most piece verification threads (each holds a read buffer; flashd's memory stays bounded).
+pub const MAX_VERIFY_THREADS: usize = 8;
+
+/// `--verify-threads N` resolved: 0 means one per vCPU; always 1..=[`MAX_VERIFY_THREADS`].
+pub fn verify_threads(n: usize) -> usize {
+    let n = if n == 0 {
+        std::thread::available_parallelism().map_or(1, |p| p.get())
+    } else {
+        n
+    };
+    n.clamp(1, MAX_VERIFY_THREADS)
 }
 
 /// Read an Ed25519 public key file (`nexus-ed25519-public-v1 <hex>`), bounded.

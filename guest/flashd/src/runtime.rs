@@ -252,7 +252,8 @@ impl Runtime {
         announce_trust(&rcfg.trust, out.as_ref());
         let rx = Receiver::new(rcfg.clone(), journal, installed);
         let (results_tx, results) = mpsc::channel();
-        let hasher = Hasher::spawn(results_tx.clone()).map_err(FlashdError::Thread)?;
+        let hasher =
+            Hasher::spawn(results_tx.clone(), cfg.verify_threads).map_err(FlashdError::Thread)?;
         let durable =
             Durable::spawn(state.clone(), results_tx.clone()).map_err(FlashdError::Thread)?;
         let dest = Destination::new(cfg.install.clone());
@@ -367,14 +368,23 @@ impl Runtime {
                 ticket,
                 ok,
                 streamed,
+                bad_piece,
             } => {
                 self.out.log(&format!(
-                    "verification #{ticket}: {} ({})",
+                    "verification #{ticket}: {} ({}{})",
                     if ok { "ok" } else { "MISMATCH" },
-                    if streamed { "streamed" } else { "read back" }
+                    if streamed { "streamed" } else { "read back" },
+                    match bad_piece {
+                        Some(at) => format!(", first bad 1 MiB piece at segment offset {at}"),
+                        None => String::new(),
+                    }
                 ));
-                self.rx
-                    .handle(ReceiverEvent::SegmentVerified { ticket, ok });
+                self.rx.handle(match bad_piece {
+                    Some(rel_offset) if !ok => {
+                        ReceiverEvent::SegmentRejected { ticket, rel_offset }
+                    }
+                    _ => ReceiverEvent::SegmentVerified { ticket, ok },
+                });
             }
             WorkResult::Synced { upto_seq } => {
                 self.rx.handle(ReceiverEvent::StagingSynced { upto_seq });

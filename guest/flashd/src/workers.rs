@@ -1,7 +1,13 @@
 //! Background work of the server, so receiving never waits for hashing or fsync:
 //!
-//! * the **hasher** thread hashes each segment while it streams in (the data of every WRITE,
-//!   zero runs filled in), so a segment is verified the moment its last chunk lands; it falls
+//! * the **hasher** thread follows each segment while it streams in. Every segment of a
+//!   format-4 manifest carries the signed SHA-256 of each 1 MiB piece that holds data
+//!   (`chunk_sha256`): as soon as a piece is completely written, the hasher hands it to the
+//!   **piece pool** ([`PiecePool`], `--verify-threads`, one thread per vCPU by default), whose
+//!   threads read it back and check it independently and in parallel. The segment is verified
+//!   when its last piece is; the first bad piece is named, and the transfer resumes from it.
+//!   Without piece hashes (no manifest yet) the hasher hashes the segment itself as it
+//!   streams in (the data of every WRITE, zero runs filled in); it falls
 //!   back to reading the staging file back when it did not see the whole segment (resume,
 //!   rewind, segments without data). When the transfer streams straight into a block device
 //!   (the inactive slot, see [`crate::store::Staging::create`]) it hashes what it reads back
@@ -20,15 +26,16 @@
 use crate::records::{self, Counters};
 use crate::store::{self, Staging, StateDir};
 use bytes::Bytes;
-use proto::manifest::DataRange;
+use proto::manifest::{DataRange, HashedPiece};
 use proto::session::Journal;
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// Jobs queued to the hasher thread (more wait in the backlog, see the module docs).
@@ -45,6 +52,9 @@ pub enum WorkResult {
         ticket: u64,
         ok: bool,
         streamed: bool,
+        /// Checked piece by piece: the offset (relative to the segment) of the first piece
+        /// that did not match, if one did not.
+        bad_piece: Option<u64>,
     },
     Synced {
         upto_seq: u32,
@@ -71,6 +81,9 @@ pub enum HashJob {
         segment: usize,
         offset: u64,
         data: Option<Arc<[DataRange]>>,
+        /// The segment's signed pieces: verify them on the pool instead of hashing the
+        /// segment here.
+        pieces: Option<Arc<[HashedPiece]>>,
     },
     /// The next bytes of the current segment, in order.
     Data(Bytes),
@@ -90,6 +103,8 @@ pub enum HashJob {
         streamed: bool,
         /// As in [`HashJob::Begin`]: `sha256` is then the `data_sha256` of these ranges.
         data: Option<Arc<[DataRange]>>,
+        /// As in [`HashJob::Begin`]: check these pieces (`sha256` is then not used).
+        pieces: Option<Arc<[HashedPiece]>>,
     },
     /// The staging file to read back from (or none). `readback`: the transfer streams into a
     /// block device and [`HashJob::Written`]/[`HashJob::Zeros`] are read back from `file`.
@@ -167,11 +182,13 @@ pub struct Hasher {
 }
 
 impl Hasher {
-    pub fn spawn(results: Sender<WorkResult>) -> std::io::Result<Hasher> {
+    /// The hasher thread and its piece pool of `verify_threads` threads (at least one).
+    pub fn spawn(results: Sender<WorkResult>, verify_threads: usize) -> std::io::Result<Hasher> {
         let (tx, rx) = mpsc::sync_channel(HASH_QUEUE);
+        let pool = PiecePool::spawn(verify_threads)?;
         let handle = std::thread::Builder::new()
             .name("flashd-hash".into())
-            .spawn(move || hasher_loop(rx, results))?;
+            .spawn(move || hasher_loop(rx, results, pool))?;
         Ok(Hasher {
             q: JobQueue::new(tx),
             handle: Some(handle),
@@ -208,6 +225,186 @@ impl Drop for Hasher {
     }
 }
 
+/// Read size of the pool threads (a piece is read back in reads of this size).
+const PIECE_READ: usize = 256 * 1024;
+
+/// One piece to check: read it back from `file` (the segment starts at absolute `base`),
+/// compare its SHA-256 with the signed one, report to `check`.
+struct PieceJob {
+    file: Arc<File>,
+    base: u64,
+    piece: HashedPiece,
+    check: Arc<SegmentCheck>,
+}
+
+/// The piece checks of one segment, shared by the hasher and the pool threads. `pending`
+/// counts the pieces in flight, plus one until the hasher seals the segment (it queued every
+/// piece); whoever brings it to zero reports the segment, so nobody ever waits for it.
+struct SegmentCheck {
+    pending: AtomicUsize,
+    state: Mutex<CheckState>,
+    results: Sender<WorkResult>,
+}
+
+#[derive(Default)]
+struct CheckState {
+    ticket: u64,
+    streamed: bool,
+    /// The lowest offset of a piece that did not match (or could not be read).
+    bad: Option<u64>,
+}
+
+impl SegmentCheck {
+    fn new(results: Sender<WorkResult>) -> Arc<SegmentCheck> {
+        Arc::new(SegmentCheck {
+            pending: AtomicUsize::new(1),
+            state: Mutex::new(CheckState::default()),
+            results,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CheckState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn piece_done(&self, rel_offset: u64, ok: bool) {
+        if !ok {
+            let mut s = self.state();
+            s.bad = Some(s.bad.map_or(rel_offset, |b| b.min(rel_offset)));
+        }
+        self.release();
+    }
+
+    /// Every piece was queued: the result is due when the last one is checked.
+    fn seal(&self, ticket: u64, streamed: bool) {
+        {
+            let mut s = self.state();
+            s.ticket = ticket;
+            s.streamed = streamed;
+        }
+        self.release();
+    }
+
+    fn release(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let s = self.state();
+            let _ = self.results.send(WorkResult::Verified {
+                ticket: s.ticket,
+                ok: s.bad.is_none(),
+                streamed: s.streamed,
+                bad_piece: s.bad,
+            });
+        }
+    }
+}
+
+/// The threads that check pieces (`--verify-threads`). Its queue is bounded (two pieces
+/// per thread): a full queue makes the hasher wait, and that backs up to the server loop
+/// like any other hasher backlog, so memory stays bounded.
+struct PiecePool {
+    tx: Option<SyncSender<PieceJob>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl PiecePool {
+    fn spawn(threads: usize) -> std::io::Result<PiecePool> {
+        let n = threads.max(1);
+        let (tx, rx) = mpsc::sync_channel::<PieceJob>(2 * n);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut pool = PiecePool {
+            tx: Some(tx),
+            handles: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            let rx = rx.clone();
+            pool.handles.push(
+                std::thread::Builder::new()
+                    .name("flashd-verify".into())
+                    .spawn(move || piece_loop(&rx))?,
+            );
+        }
+        Ok(pool)
+    }
+
+    /// Queue a piece (waits while the queue is full).
+    fn submit(&self, job: PieceJob) {
+        let Some(tx) = &self.tx else {
+            job.check.piece_done(job.piece.rel_offset, false);
+            return;
+        };
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
+            // No pool thread left: the piece cannot be vouched for.
+            job.check.piece_done(job.piece.rel_offset, false);
+        }
+    }
+}
+
+impl Drop for PiecePool {
+    fn drop(&mut self) {
+        self.tx = None;
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn piece_loop(rx: &Mutex<Receiver<PieceJob>>) {
+    let mut buf = crate::blockio::AlignedBuf::new(PIECE_READ);
+    loop {
+        let job = {
+            let q = rx.lock().unwrap_or_else(|e| e.into_inner());
+            q.recv()
+        };
+        let Ok(job) = job else { return };
+        let mut sha = Sha256::new();
+        let ok = job
+            .base
+            .checked_add(job.piece.rel_offset)
+            .and_then(|at| hash_range(&job.file, at, job.piece.len, &mut sha, &mut buf))
+            .is_some()
+            && <[u8; 32]>::from(sha.finalize()) == job.piece.sha256;
+        job.check.piece_done(job.piece.rel_offset, ok);
+    }
+}
+
+/// A segment checked piece by piece: the pieces, how many were queued, their check.
+struct PieceStream {
+    list: Arc<[HashedPiece]>,
+    next: usize,
+    check: Arc<SegmentCheck>,
+}
+
+impl PieceStream {
+    fn new(list: Arc<[HashedPiece]>, results: &Sender<WorkResult>) -> PieceStream {
+        PieceStream {
+            list,
+            next: 0,
+            check: SegmentCheck::new(results.clone()),
+        }
+    }
+
+    /// Queue every piece that ends at or before `upto` (relative to the segment) and was
+    /// not queued yet. Without a file to read back from, they count as bad.
+    fn dispatch(&mut self, pool: &PiecePool, file: Option<&Arc<File>>, base: u64, upto: u64) {
+        while let Some(p) = self.list.get(self.next) {
+            if p.rel_offset.saturating_add(p.len) > upto {
+                break;
+            }
+            self.next += 1;
+            self.check.pending.fetch_add(1, Ordering::AcqRel);
+            match file {
+                Some(f) => pool.submit(PieceJob {
+                    file: f.clone(),
+                    base,
+                    piece: *p,
+                    check: self.check.clone(),
+                }),
+                None => self.check.piece_done(p.rel_offset, false),
+            }
+        }
+    }
+}
+
 struct Current {
     segment: usize,
     /// Absolute offset of the segment.
@@ -215,9 +412,11 @@ struct Current {
     pos: u64,
     sha: Sha256,
     data: Option<Arc<[DataRange]>>,
+    /// Checked piece by piece on the pool (then `sha` is not used).
+    pieces: Option<PieceStream>,
 }
 
-fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
+fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>, pool: PiecePool) {
     let mut cur: Option<Current> = None;
     let mut file: Option<Arc<File>> = None;
     let mut readback = false;
@@ -230,6 +429,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                 segment,
                 offset,
                 data,
+                pieces,
             } => {
                 failed = false;
                 cur = Some(Current {
@@ -238,7 +438,24 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                     pos: 0,
                     sha: Sha256::new(),
                     data,
+                    pieces: pieces.map(|l| PieceStream::new(l, &results)),
                 })
+            }
+            // Piece mode: the bytes are in the file now; queue the pieces they complete.
+            HashJob::Data(_) | HashJob::Written(_) | HashJob::Zeros(_)
+                if cur.as_ref().is_some_and(|c| c.pieces.is_some()) =>
+            {
+                let n = match &job {
+                    HashJob::Data(b) => b.len() as u64,
+                    HashJob::Written(n) | HashJob::Zeros(n) => *n,
+                    _ => 0,
+                };
+                if let Some(c) = &mut cur {
+                    c.pos = c.pos.saturating_add(n);
+                    if let Some(ps) = &mut c.pieces {
+                        ps.dispatch(&pool, file.as_ref(), c.base, c.pos);
+                    }
+                }
             }
             HashJob::Data(b) => {
                 if let Some(c) = &mut cur {
@@ -285,8 +502,33 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                 sha256,
                 streamed,
                 data,
+                pieces,
             } => {
                 let taken = cur.take();
+                if let Some(list) = pieces {
+                    // Piece mode: queue what is left (the streamed tail, or every piece when
+                    // the segment did not stream in), then seal; the pool reports.
+                    let (mut ps, base, streamed) = match taken {
+                        Some(Current {
+                            segment: s,
+                            pos,
+                            base,
+                            pieces: Some(ps),
+                            ..
+                        }) if streamed && s == segment && pos <= size => (ps, base, true),
+                        other => {
+                            if let Some(c) = other {
+                                if c.segment != segment {
+                                    cur = Some(c);
+                                }
+                            }
+                            (PieceStream::new(list, &results), offset, false)
+                        }
+                    };
+                    ps.dispatch(&pool, file.as_ref(), base, u64::MAX);
+                    ps.check.seal(ticket, streamed);
+                    continue;
+                }
                 let b = buf.get_or_insert_with(|| {
                     crate::blockio::AlignedBuf::new(crate::blockio::COPY_BLOCK)
                 });
@@ -329,6 +571,7 @@ fn hasher_loop(rx: Receiver<HashJob>, results: Sender<WorkResult>) {
                     ticket,
                     ok,
                     streamed: streamed && digest.is_some(),
+                    bad_piece: None,
                 });
             }
         }
@@ -699,6 +942,116 @@ mod tests {
     }
     use proto::manifest::SegmentHasher;
     use sha2::{Digest, Sha256};
+
+    /// A 5.5 MiB segment (piece 3 all zero) at offset 4096 of a file; its manifest segment.
+    fn piece_fixture(dir: &std::path::Path) -> (std::path::PathBuf, proto::manifest::Segment) {
+        const MIB: usize = 1 << 20;
+        let mut seg: Vec<u8> = (0..MIB * 11 / 2).map(|i| (i % 253) as u8 | 1).collect();
+        seg[3 * MIB..4 * MIB].fill(0);
+        let mut h = SegmentHasher::new();
+        h.update(&seg);
+        let m = proto::image::layout("1", &[("rootfs".to_string(), h.finish())]).unwrap();
+        let s = m.segments[0].clone();
+        let mut file = vec![0u8; s.offset as usize];
+        file.extend_from_slice(&seg);
+        let path = dir.join("staging");
+        std::fs::write(&path, &file).unwrap();
+        (path, s)
+    }
+
+    fn verify(
+        hasher: &mut super::Hasher,
+        rx: &std::sync::mpsc::Receiver<super::WorkResult>,
+        s: &proto::manifest::Segment,
+        ticket: u64,
+        streamed: bool,
+    ) -> (bool, bool, Option<u64>) {
+        hasher.send(super::HashJob::Verify {
+            ticket,
+            segment: 0,
+            offset: s.offset,
+            size: s.size,
+            sha256: s.data_sha256,
+            streamed,
+            data: Some(std::sync::Arc::from(s.data_ranges.as_slice())),
+            pieces: Some(s.hashed_pieces().collect()),
+        });
+        // As the server loop does: move the backlog on while waiting.
+        let t = std::time::Instant::now();
+        let got = loop {
+            hasher.flush();
+            match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                Ok(r) => break r,
+                Err(_) => assert!(t.elapsed().as_secs() < 20, "no verification result"),
+            }
+        };
+        match got {
+            super::WorkResult::Verified {
+                ticket: t,
+                ok,
+                streamed,
+                bad_piece,
+            } => {
+                assert_eq!(t, ticket);
+                (ok, streamed, bad_piece)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pieces_verify_on_the_pool_and_the_first_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, s) = piece_fixture(dir.path());
+        assert_eq!(s.hashed_pieces().count(), 5, "pieces 0, 1, 2, 4, 5");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut hasher = super::Hasher::spawn(tx, 3).unwrap();
+        let file = std::sync::Arc::new(std::fs::File::open(&path).unwrap());
+        hasher.send(super::HashJob::SetFile {
+            file: Some(file),
+            readback: true,
+        });
+        // Streamed: written in odd steps, zeros in between; the pool checks what completes.
+        hasher.send(super::HashJob::Begin {
+            segment: 0,
+            offset: s.offset,
+            data: Some(std::sync::Arc::from(s.data_ranges.as_slice())),
+            pieces: Some(s.hashed_pieces().collect()),
+        });
+        // Pieces 0..=2 written, piece 3 zeros; the tail (4, 5) is queued by the Verify.
+        for step in [300_000u64, 1 << 20, 2 * (1 << 20) - 300_000] {
+            hasher.send(super::HashJob::Written(step));
+        }
+        hasher.send(super::HashJob::Zeros(1 << 20));
+        assert_eq!(verify(&mut hasher, &rx, &s, 7, true), (true, true, None));
+        // Not streamed (e.g. after a resume): every piece is read back.
+        assert_eq!(verify(&mut hasher, &rx, &s, 8, false), (true, false, None));
+        // Flip a byte in piece 4 and one in piece 1 (as a bad disk would): piece 1 is named.
+        let mut bytes = std::fs::read(&path).unwrap();
+        for rel in [4 * (1 << 20) + 5, (1 << 20) + 77] {
+            bytes[s.offset as usize + rel] ^= 0x10;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            verify(&mut hasher, &rx, &s, 9, false),
+            (false, false, Some(1 << 20))
+        );
+        // A non-zero byte in the all-zero piece 3 is outside every hashed piece: flashd
+        // never writes there (writes outside the data ranges must be zero), so the pieces
+        // alone decide.
+        bytes[s.offset as usize + 3 * (1 << 20) + 1] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(verify(&mut hasher, &rx, &s, 10, false).2, Some(1 << 20));
+        // Without a file to read back from, nothing can be vouched for.
+        hasher.send(super::HashJob::SetFile {
+            file: None,
+            readback: true,
+        });
+        assert_eq!(
+            verify(&mut hasher, &rx, &s, 11, false),
+            (false, false, Some(0))
+        );
+    }
 
     #[test]
     fn data_sha256_is_computed_from_data_and_zeros_without_hashing_zero_runs() {

@@ -779,11 +779,12 @@ fn journal_after_rootfs_failure(bad: impl FnOnce(u64) -> ReceiverEvent) -> proto
 #[test]
 fn a_rejected_piece_rewinds_to_that_piece_not_the_segment_start() {
     // rootfs (chunks 6..=11 of 8 KiB): data at 0..16K (6, 7) and 32K..64K (8..=11).
-    let whole = journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentVerified {
-        ticket,
-        ok: false,
-    });
-    assert_eq!(whole.durable_seq, 5, "unknown bad piece: from the segment's start");
+    let whole =
+        journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentVerified { ticket, ok: false });
+    assert_eq!(
+        whole.durable_seq, 5,
+        "unknown bad piece: from the segment's start"
+    );
     // The piece holding rootfs byte 40960 (chunk 9) was the first bad one: chunks up to 8 stay.
     let piece = journal_after_rootfs_failure(|ticket| ReceiverEvent::SegmentRejected {
         ticket,

@@ -270,6 +270,7 @@ impl Runtime {
                         segment,
                         offset,
                         data,
+                        pieces: self.pieces(segment),
                     });
                 }
                 no_data
@@ -291,6 +292,7 @@ impl Runtime {
             sha256,
             streamed,
             data,
+            pieces: self.pieces(segment),
         });
     }
 
@@ -441,6 +443,7 @@ impl Runtime {
                 segment: seg_index,
                 offset: seg_offset,
                 data,
+                pieces: self.pieces(seg_index),
             });
             Some(seg_offset)
         } else {
@@ -720,6 +723,14 @@ impl Runtime {
         let r = self.open()?;
         let seg = r.manifest.as_ref()?.segments.get(segment)?;
         Some(Arc::from(seg.data_ranges.as_slice()))
+    }
+
+    /// The signed 1 MiB pieces of `segment` (`chunk_sha256`): the hasher checks them on its
+    /// pool, in parallel and as each is written. `None` without a manifest.
+    fn pieces(&self, segment: usize) -> Option<Arc<[proto::manifest::HashedPiece]>> {
+        let r = self.open()?;
+        let seg = r.manifest.as_ref()?.segments.get(segment)?;
+        Some(seg.hashed_pieces().collect())
     }
 
     fn staging_ref(&self) -> Result<&Receiving, ActionError> {
