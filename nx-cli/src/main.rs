@@ -52,6 +52,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    nx_guest::alloc::fix_mmap_threshold();
     let cli = Cli::parse();
     nx_cli::verbosity::set(if cli.quiet {
         nx_cli::verbosity::Level::Quiet

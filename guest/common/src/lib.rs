@@ -9,6 +9,7 @@
 //! name is validated before it becomes part of a path.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod alloc;
 pub mod blockdev;
 pub mod bounded;
 pub mod cmdline;

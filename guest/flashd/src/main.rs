@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    tune_malloc();
+    nx_guest::alloc::fix_mmap_threshold();
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,17 +105,5 @@ fn wait_for_port(name: &str) -> std::path::PathBuf {
                 }
             }
         }
-    }
-}
-
-/// Fix glibc's mmap threshold at 512 KiB: the install's 1 MiB blocks then come from mmap and
-/// go back to the kernel when freed, while frames (a 256 KiB chunk + header by default) stay
-/// on the heap and are reused. Left dynamic, glibc raises the threshold after the first large
-/// free and keeps every MiB ever used resident (peak RSS creeping up with each install).
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
     }
 }
