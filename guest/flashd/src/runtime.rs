@@ -145,6 +145,11 @@ pub(crate) struct Runtime {
     /// Bumped for every chunk of image data written and every background result: the server
     /// drops a session whose count stops moving (see [`crate::config::Config::stall_timeout`]).
     progress: u64,
+    /// The furthest (seq, bytes held) a PART_ACK reported: parts of a WRITE still being
+    /// reassembled are progress too (a 1 MiB WRITE in 4 KiB parts takes half a minute on a
+    /// UART), but only parts beyond what was held before (a host that repeats the same part
+    /// makes none).
+    part_mark: (u32, u32),
     /// Receipt counters of the image in staging.
     counters: Option<Counters>,
     /// Chunk size of the last journal (the skip index is built with it).
@@ -272,6 +277,7 @@ impl Runtime {
             durable,
             outstanding: 0,
             progress: 0,
+            part_mark: (0, 0),
             counters,
             plan_chunk: None,
             zstd: None,

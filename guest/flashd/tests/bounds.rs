@@ -114,3 +114,100 @@ fn a_client_that_only_sends_info_is_dropped_after_the_stall_timeout_and_a_second
     assert!(dropped, "the first client was never dropped");
     srv.kill();
 }
+
+#[test]
+fn parts_of_one_write_arriving_slowly_are_progress_but_a_repeated_part_is_not() {
+    // A WRITE sent in parts over a slow line (a UART) takes longer than the stall timeout
+    // before a whole chunk is written: new parts must count as progress.
+    let stall = Duration::from_secs(2);
+    let (dir, srv, sock) = server(|c| c.stall_timeout = stall);
+    let img = build_image("1.0.2", &[("rootfs", noise(9, 64 * 1024))], None).unwrap();
+    let (parsed, head) = common::head_of(&img);
+    let m = parsed.manifest;
+    let mut c = Client::connect(&sock);
+    c.send(hello(&head, 4, 64 * 1024));
+    let reply = match c.expect("HELLO_REPLY", |m| matches!(m, Message::HelloReply(_))) {
+        Message::HelloReply(r) => r,
+        _ => unreachable!(),
+    };
+    let plan = proto::session::Plan::new(&m, reply.chunk_size).unwrap();
+    assert_eq!(plan.total(), 1, "one WRITE");
+    let ch = plan.chunk(1).unwrap();
+    let data = &img[ch.offset as usize..(ch.offset + u64::from(ch.len)) as usize];
+    let write = Message::Write(proto::msg::Write {
+        seq: 1,
+        segment: m.segments[ch.segment].name.clone(),
+        offset: ch.rel_offset,
+        len: ch.len,
+        body: proto::msg::WriteBody::Raw(bytes::Bytes::copy_from_slice(data)),
+    })
+    .to_frame()
+    .unwrap();
+    let payload = write.payload().clone();
+    let total = payload.len() as u32;
+    let part = |at: u32, len: u32| {
+        Message::WritePart(proto::msg::WritePart {
+            seq: 1,
+            kind: proto::msg::WriteKind::Raw,
+            total,
+            at,
+            data: payload.slice(at as usize..(at + len).min(total) as usize),
+        })
+    };
+    // 8 KiB every 400 ms: the WRITE completes after ~3.2 s, well past the 2 s stall timeout.
+    let step = 8 * 1024;
+    let mut at = 0;
+    while at < total {
+        c.send(part(at, step));
+        at = (at + step).min(total);
+        if at < total {
+            match c.expect("PART_ACK", |m| matches!(m, Message::PartAck(_))) {
+                Message::PartAck(a) => assert_eq!(a.have, at),
+                _ => unreachable!(),
+            }
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    }
+    match c.expect("ACK", |m| matches!(m, Message::Ack(_))) {
+        Message::Ack(a) => assert_eq!(a.ack, 1),
+        _ => unreachable!(),
+    }
+    c.send(Message::Done(proto::msg::Done {
+        image_sha256: m.image_sha256,
+    }));
+    c.expect(
+        "DONE_REPLY installed",
+        |m| matches!(m, Message::DoneReply(d) if d.status != proto::msg::DoneStatus::Pending),
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("out.img")).unwrap(),
+        img[..m.total_size as usize],
+        "installed"
+    );
+
+    // A client that repeats one part it already had acknowledged makes no progress: dropped.
+    let img2 = build_image("1.0.3", &[("rootfs", noise(10, 64 * 1024))], None).unwrap();
+    let (_, head2) = common::head_of(&img2);
+    let mut c2 = Client::connect(&sock);
+    c2.send(hello(&head2, 4, 64 * 1024));
+    c2.expect("HELLO_REPLY", |m| matches!(m, Message::HelloReply(_)));
+    let first = part(0, step); // the same part again and again, never more
+    let repeater = std::thread::spawn(move || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(8) {
+            c2.send(first.clone());
+            if c2.recv(Duration::from_millis(300)).is_none()
+                && t.elapsed() > stall
+                && !info_reply(&mut c2, Duration::from_millis(500))
+            {
+                return true; // no answer any more: dropped
+            }
+        }
+        false
+    });
+    // Dropped: unanswered, or sending hit the closed socket (the test client panics on a
+    // broken pipe).
+    let dropped = repeater.join().unwrap_or(true);
+    assert!(dropped, "a repeated part kept the session alive");
+    srv.kill();
+}

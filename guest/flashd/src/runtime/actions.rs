@@ -90,7 +90,17 @@ impl Runtime {
     /// `Send`: write the frame to the link (a lost link is reported by the reader; the
     /// receiver keeps its state).
     fn send(&mut self, f: &Frame, conn: Option<&mut Conn>) {
+        if f.msg_type() == MsgType::PartAck as u8 {
+            if let Ok(Message::PartAck(a)) = Message::from_frame(f) {
+                if !a.gap && (a.seq, a.have) > self.part_mark {
+                    self.part_mark = (a.seq, a.have);
+                    self.progress = self.progress.wrapping_add(1);
+                }
+            }
+        }
         if f.msg_type() == MsgType::HelloReply as u8 {
+            // A new session: its parts start from the beginning again.
+            self.part_mark = (0, 0);
             if let Ok(Message::HelloReply(r)) = Message::from_frame(f) {
                 if r.resumed {
                     if let Some(c) = &mut self.counters {
