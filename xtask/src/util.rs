@@ -248,3 +248,13 @@ pub fn download_deb(package: &str, dl: &Path, root: &Path) -> anyhow::Result<Pat
     run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(root))?;
     Ok(deb)
 }
+
+/// The release dir of this build: `$CARGO_TARGET_DIR/release` when set, else `target/release`
+/// (where the benchmarks take the binaries they measure from).
+pub fn release_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_relative() { root().join(t) } else { t })
+        .unwrap_or_else(|| root().join("target"))
+        .join("release")
+}

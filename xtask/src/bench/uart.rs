@@ -16,10 +16,10 @@ const HEADING: &str = "## UART throughput (`cargo xtask bench uart`)";
 #[derive(clap::Args)]
 pub struct UartArgs {
     /// Bytes of the raw copy, KiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     raw_kib: usize,
     /// Incompressible payload of the image nx sends, KiB.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 512)]
     image_kib: usize,
     /// Do not rewrite the UART block of docs/benchmarks.md.
     #[arg(long)]
@@ -32,8 +32,23 @@ pub struct UartArgs {
 pub fn run(a: UartArgs) -> anyhow::Result<()> {
     if !a.no_build {
         crate::guest::build(&crate::guest::Args::default())?;
+        crate::util::run_cmd(crate::util::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "nx-cli",
+            "--bin",
+            "nx",
+        ]))?;
     }
-    let b = crate::e2e::uart_bench(a.raw_kib << 10, a.image_kib << 10)?;
+    // The release nx, as users run it (a debug build compresses at a fraction of the speed).
+    let nx = crate::util::release_dir().join("nx");
+    anyhow::ensure!(
+        nx.exists(),
+        "{} is missing: run without --no-build",
+        nx.display()
+    );
+    let b = crate::e2e::uart_bench(a.raw_kib << 10, a.image_kib << 10, &nx)?;
     let md = render(&b);
     print!("{md}");
     if !a.no_docs {
@@ -55,6 +70,23 @@ fn render(b: &crate::e2e::UartBench) -> String {
     let raw = kbps(b.raw_bytes, b.raw_secs);
     let nx = kbps(b.image_bytes, b.nx_secs);
     let ratio = if raw > 0.0 { nx / raw } else { 0.0 };
+    let data = b.data_secs.map(|s| kbps(b.data_wire, s));
+    let data_row = match (data, b.data_secs) {
+        (Some(r), Some(s)) => format!(
+            "| `nx flash send`, data phase (its `start` event → every byte acknowledged; frames, \
+             headers and resends on the wire count, as in the raw copy) | | {} | {s:.1} s | {r:.1} kB/s |\n",
+            b.data_wire
+        ),
+        _ => "| `nx flash send`, data phase | | | not seen in nx's events | |\n".to_string(),
+    };
+    let data_ratio = data.filter(|_| raw > 0.0).map(|r| r / raw);
+    let data_line = match data_ratio {
+        Some(x) => format!(
+            "; the data phase alone **{x:.2}×** (target ≥ 0.9×: {})",
+            if x >= 0.9 { "met" } else { "missed" }
+        ),
+        None => String::new(),
+    };
     format!(
         "One recovery guest under TCG, the UART on a host pseudo-terminal (`-chardev pty`), host \
          side `serial:/dev/pts/N` (tokio-serial). Frames flashd dropped as corrupt during the \
@@ -62,8 +94,11 @@ fn render(b: &crate::e2e::UartBench) -> String {
          | case | useful bytes | bytes on the wire | time | goodput |\n\
          |---|---:|---:|---:|---:|\n\
          | raw copy (one frame of junk, answered once it arrived intact) | {rb} | {rb} | {rs:.1} s | {raw:.1} kB/s |\n\
-         | `nx flash send`, defaults (the image; wire bytes from the receipt; connect to receipt) | {ib} | {wb} | {ns:.1} s | {nx:.1} kB/s |\n\n\
-         nx / raw = **{ratio:.2}×** (target ≥ 0.9×: {verdict}).\n",
+         | `nx flash send`, defaults (the image; wire bytes from the receipt; connect to receipt) | {ib} | {wb} | {ns:.1} s | {nx:.1} kB/s |\n\
+         {data_row}\n\
+         nx / raw over the whole command = **{ratio:.2}×** (target ≥ 0.9×: {verdict}){data_line}. \
+         The command's fixed costs (QEMU notices a newly opened pseudo-terminal within a second, \
+         HELLO, DONE, the install) weigh less the larger the image.\n",
         corrupt = b.corrupt_events,
         rb = b.raw_bytes,
         rs = b.raw_secs,
@@ -86,12 +121,21 @@ mod tests {
             image_bytes: 95_000,
             wire_bytes: 120_000,
             nx_secs: 1.0,
+            data_secs: Some(0.5),
+            data_wire: 46_000,
             corrupt_events: 0,
         };
         let md = render(&b);
         assert!(md.contains("100.0 kB/s"), "{md}");
-        assert!(md.contains("0.95×") && md.contains("met"), "{md}");
+        assert!(md.contains("**0.95×** (target ≥ 0.9×: met)"), "{md}");
+        assert!(md.contains("92.0 kB/s"), "{md}");
+        assert!(md.contains("**0.92×** (target ≥ 0.9×: met)"), "{md}");
         b.nx_secs = 2.0;
-        assert!(render(&b).contains("missed"));
+        b.data_secs = Some(1.0);
+        let md = render(&b);
+        assert!(md.contains("**0.47×** (target ≥ 0.9×: missed)"), "{md}");
+        assert!(md.contains("**0.46×** (target ≥ 0.9×: missed)"), "{md}");
+        b.data_secs = None;
+        assert!(render(&b).contains("not seen"));
     }
 }

@@ -115,13 +115,19 @@ pub struct UartBench {
     pub image_bytes: u64,
     pub wire_bytes: u64,
     pub nx_secs: f64,
+    /// The data phase alone, from nx's own events as they were printed: the `start` event
+    /// (HELLO answered) to the progress event that reports every byte acknowledged; the
+    /// bytes on the wire by then. Without it, the command's fixed costs (QEMU notices a
+    /// newly opened pseudo-terminal within a second, HELLO, DONE, install) hide the rate.
+    pub data_secs: Option<f64>,
+    pub data_wire: u64,
     /// Frames flashd dropped as corrupt during the whole run (`link: skipped` lines).
     pub corrupt_events: usize,
 }
 
 /// Boot recovery with the UART on a pseudo-terminal; time a raw copy of `raw_len` bytes and
 /// then `nx flash send` (defaults) of an image with `payload` bytes of incompressible data.
-pub fn bench(raw_len: usize, payload: usize) -> anyhow::Result<UartBench> {
+pub fn bench(raw_len: usize, payload: usize, nx: &std::path::Path) -> anyhow::Result<UartBench> {
     let image = payload_image("uart-bench", payload, 0x2545_F491_4F6C_DD1D)?;
     let ctx = Ctx::new("bench-uart", false)?;
     let mut cfg = ctx.config(true)?;
@@ -143,19 +149,34 @@ pub fn bench(raw_len: usize, payload: usize) -> anyhow::Result<UartBench> {
     );
     let port = format!("serial:{}", pty.display());
     let t = Instant::now();
-    let out = Command::new(&ctx.nx)
+    let mut child = Command::new(nx)
         .args(["flash", "send", "--json", "--port", &port])
         .arg(&image)
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .context("could not run nx")?;
+    // Each line of nx's NDJSON with the moment it was printed.
+    let mut lines: Vec<(Instant, String)> = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            lines.push((Instant::now(), line.context("reading nx's output")?));
+        }
+    }
+    let status = child.wait().context("waiting for nx")?;
     let nx_secs = t.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (data_secs, data_wire) = data_phase(&lines);
+    let stdout = lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
     let receipt = stdout.lines().last().unwrap_or_default().to_string();
     ensure!(
-        out.status.success() && receipt.contains("\"state\":\"installed\""),
+        status.success() && receipt.contains("\"state\":\"installed\""),
         "nx flash send over {port} failed ({}): {}",
-        out.status,
+        status,
         stdout
             .lines()
             .filter(|l| !l.contains("\"progress\""))
@@ -170,8 +191,32 @@ pub fn bench(raw_len: usize, payload: usize) -> anyhow::Result<UartBench> {
         image_bytes: std::fs::metadata(&image)?.len(),
         wire_bytes: super::support::json_u64(&receipt, "wire_bytes").unwrap_or(0),
         nx_secs,
+        data_secs,
+        data_wire,
         corrupt_events,
     })
+}
+
+/// The data phase in nx's timestamped NDJSON lines: from the `start` event to the first
+/// progress event with every data byte acknowledged, and the bytes on the wire by then.
+fn data_phase(lines: &[(Instant, String)]) -> (Option<f64>, u64) {
+    use super::support::json_u64;
+    let start = lines
+        .iter()
+        .find(|(_, l)| l.contains("\"event\":\"start\""))
+        .map(|(t, _)| *t);
+    let end = lines.iter().find(|(_, l)| {
+        l.contains("\"event\":\"progress\"")
+            && json_u64(l, "done_bytes").is_some()
+            && json_u64(l, "done_bytes") == json_u64(l, "total_bytes")
+    });
+    match (start, end) {
+        (Some(s), Some((e, l))) if *e > s => (
+            Some(e.duration_since(s).as_secs_f64()),
+            json_u64(l, "wire_bytes").unwrap_or(0),
+        ),
+        _ => (None, 0),
+    }
 }
 
 /// Write one identification probe whose payload is `len` bytes of junk to the UART's
@@ -258,4 +303,40 @@ fn raw_copy(pty: &std::path::Path, len: usize) -> anyhow::Result<f64> {
     let done =
         done.context("no answer to the raw probe: bytes were lost on the line (its CRC failed)")?;
     Ok(done.duration_since(t).as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_phase;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_data_phase_runs_from_start_to_the_first_complete_progress() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        let lines = vec![
+            (at(0), r#"{"event":"connecting"}"#.to_string()),
+            (at(900), r#"{"event":"start","chunks":2}"#.to_string()),
+            (
+                at(1500),
+                r#"{"done_bytes":10,"event":"progress","total_bytes":20,"wire_bytes":11}"#
+                    .to_string(),
+            ),
+            (
+                at(2900),
+                r#"{"done_bytes":20,"event":"progress","total_bytes":20,"wire_bytes":23}"#
+                    .to_string(),
+            ),
+            (
+                at(3000),
+                r#"{"done_bytes":20,"event":"progress","total_bytes":20,"wire_bytes":25}"#
+                    .to_string(),
+            ),
+            (at(3500), r#"{"event":"receipt"}"#.to_string()),
+        ];
+        let (secs, wire) = data_phase(&lines);
+        assert!((secs.unwrap() - 2.0).abs() < 1e-6);
+        assert_eq!(wire, 23);
+        assert_eq!(data_phase(&lines[..3]), (None, 0), "never complete");
+    }
 }
