@@ -81,6 +81,9 @@ pub struct Args {
     /// Largest chunk accepted (bytes, power of two, 4096..=1048576).
     #[arg(long, default_value_t = nx_contract::defaults::CHUNK)]
     pub max_chunk: u32,
+    /// Threads that verify the 1 MiB pieces of a segment (0: one per vCPU).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub verify_threads: usize,
 }
 
 /// The examples of `--help`, with the guest's port name and state mount.
