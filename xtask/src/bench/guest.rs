@@ -111,7 +111,7 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     let root = util::root();
     let build = util::build_dir();
     let bins = Bins {
-        nx: root.join("target/release/nx"),
+        nx: util::host_release_dir().join("nx"),
         flashd: PathBuf::new(),
     };
     let guest_bin = root

@@ -14,7 +14,7 @@ use crate::util::{self, cargo, run_cmd};
 use anyhow::{ensure, Context};
 use sha2::{Digest, Sha256};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -55,21 +55,6 @@ enum Outcome {
     TimedOut,
 }
 
-/// The release dir of this build: `$CARGO_TARGET_DIR/release` when set, else `target/release`.
-fn release_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| {
-            if t.is_relative() {
-                util::root().join(t)
-            } else {
-                t
-            }
-        })
-        .unwrap_or_else(|| util::root().join("target"))
-        .join("release")
-}
-
 pub fn run(a: LinkArgs) -> anyhow::Result<()> {
     ensure!(
         (1..=1024).contains(&a.size_mib),
@@ -79,7 +64,7 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
     if !a.no_build {
         run_cmd(cargo().args(["build", "--release", "-p", "nx-cli", "-p", "flashd"]))?;
     }
-    let rel = release_dir();
+    let rel = util::host_release_dir();
     let bins = Bins {
         nx: rel.join("nx"),
         flashd: rel.join("flashd"),
