@@ -170,16 +170,8 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     cfg.uefi = None;
     cfg.state_img = Some(state_img.clone());
     cfg.disk_img = Some(disk_img.clone());
-    cfg.run_dir = dir.join("qemu");
-    let run_dir = cfg.run_dir.clone();
-    for p in &mut cfg.ports {
-        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
-    }
-    // The UART's socket too (Config::new puts it under build/qemu, which a fresh checkout
-    // does not have: QEMU would fail to bind it).
-    if let Some(u) = &mut cfg.uart {
-        *u = run_dir.join(u.file_name().unwrap_or_default());
-    }
+    // Sockets (ports and the UART) follow the run dir.
+    cfg.move_run_dir(dir.join("qemu"));
     cfg = cfg.with_port(BENCH_PORT.name, BENCH_PORT.socket);
     cfg.recovery = true;
     // A reboot would boot without rdinit's target: end the run instead.
