@@ -224,13 +224,13 @@ pub fn table(m: &Measured) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<3} {:<46} {:>9} {:>9} {:>12} {:>8} {:>10} {:>10}",
+        "{:<3} {:<52} {:>9} {:>9} {:>12} {:>8} {:>10} {:>10}",
         "", "case", "time", "MB/s", "wire", "vs raw", "flashd", "nx"
     );
     for c in &m.cases {
         let _ = writeln!(
             s,
-            "{:<3} {:<46} {:>7.2} s {:>9.1} {:>12} {:>8} {:>10} {:>10}",
+            "{:<3} {:<52} {:>7.2} s {:>9.1} {:>12} {:>8} {:>10} {:>10}",
             c.key,
             c.name,
             c.time.as_secs_f64(),
