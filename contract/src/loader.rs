@@ -62,6 +62,13 @@ pub const FW_CFG_CMDLINE: &str = "opt/com.nexus/cmdline";
 /// The kernel command-line key naming the slot an entry boots.
 pub const SLOT_OPTION: &str = "nexus.slot";
 
+/// The kernel command-line key recovery-init turns into flashd's `--verify-threads N` (the
+/// threads that verify the 1 MiB pieces of a segment; 0 = one per vCPU, flashd's default).
+/// The guest benchmark boots with `nexus.verify_threads=1` for its one-thread row (b1).
+pub const VERIFY_THREADS_OPTION: &str = "nexus.verify_threads";
+/// Largest [`VERIFY_THREADS_OPTION`] value recovery-init accepts (anything else is ignored).
+pub const MAX_VERIFY_THREADS: u32 = 256;
+
 /// The directory of slot `slot`'s kernel and initramfs on the ESP (`nexus/a`).
 pub fn slot_dir(slot: char) -> String {
     format!("nexus/{slot}")

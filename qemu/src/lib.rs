@@ -235,6 +235,19 @@ impl Config {
         }
     }
 
+    /// Move the run dir (console log, sockets) to `dir`: every port's socket and the UART's
+    /// socket follow it (kept under their file names), so nothing is left under the default
+    /// run dir (which may not exist).
+    pub fn move_run_dir(&mut self, dir: PathBuf) {
+        for p in &mut self.ports {
+            p.socket = dir.join(p.socket.file_name().unwrap_or_default());
+        }
+        if let Some(u) = &mut self.uart {
+            *u = dir.join(u.file_name().unwrap_or_default());
+        }
+        self.run_dir = dir;
+    }
+
     /// Apply the environment: `RECOVERY=1`, `NX_QEMU_KVM=1`, `NX_QEMU_APPEND="k=v …"`,
     /// `NX_QEMU_VERBOSE=1` (kernel messages on the console), `NX_QEMU_SMP=n`.
     pub fn apply_env(mut self) -> Self {
@@ -572,6 +585,28 @@ pub fn find_tool(bin: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moving_the_run_dir_moves_every_socket() {
+        let mut c = Config::new(Path::new("/b"));
+        assert!(c.uart.as_ref().unwrap().starts_with("/b/qemu"));
+        c.move_run_dir(PathBuf::from("/x/run"));
+        assert_eq!(c.run_dir, PathBuf::from("/x/run"));
+        assert_eq!(
+            c.uart.as_deref(),
+            Some(
+                Path::new("/x/run")
+                    .join(nx_contract::ports::UART.socket)
+                    .as_path()
+            )
+        );
+        assert!(!c.ports.is_empty());
+        for p in &c.ports {
+            assert_eq!(p.socket.parent(), Some(Path::new("/x/run")), "{p:?}");
+        }
+        let joined = args(&c).join(" ");
+        assert!(!joined.contains("/b/qemu/"), "{joined}");
+    }
 
     fn args(c: &Config) -> Vec<String> {
         c.qemu_args()

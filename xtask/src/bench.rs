@@ -154,7 +154,7 @@ fn flash(a: FlashArgs) -> anyhow::Result<()> {
     if !a.no_build {
         run_cmd(cargo().args(["build", "--release", "-p", "nx-cli", "-p", "flashd"]))?;
     }
-    let rel = root().join("target/release");
+    let rel = crate::util::host_release_dir();
     let bins = Bins {
         nx: rel.join("nx"),
         flashd: rel.join("flashd"),

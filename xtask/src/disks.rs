@@ -304,11 +304,8 @@ pub fn fresh_device(dir: &Path, seed: Option<&Path>) -> anyhow::Result<nx_qemu::
     cfg.qemu = tool("qemu-system-x86_64")?;
     cfg.state_img = Some(dir.join("state.img"));
     cfg.disk_img = Some(dir.join("disk.img"));
-    cfg.run_dir = dir.join("qemu");
+    // Sockets (ports and the UART) follow the run dir.
+    cfg.move_run_dir(dir.join("qemu"));
     cfg.fresh_vars(dir.join("ovmf-vars.fd"));
-    let run_dir = cfg.run_dir.clone();
-    for p in &mut cfg.ports {
-        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
-    }
     Ok(cfg)
 }

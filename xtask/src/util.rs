@@ -11,14 +11,25 @@ pub fn root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// The host target dir of this build: `$CARGO_TARGET_DIR` when set, else `target/` of the
+/// workspace.
+fn host_target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_relative() { root().join(t) } else { t })
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// A host binary of this workspace built by `cargo build -p …` (debug profile): under
 /// `$CARGO_TARGET_DIR` when set, else `target/` of the workspace.
 pub fn host_bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_relative() { root().join(t) } else { t })
-        .unwrap_or_else(|| root().join("target"));
-    target.join("debug").join(name)
+    host_target_dir().join("debug").join(name)
+}
+
+/// Where `cargo build --release -p …` puts host binaries: `$CARGO_TARGET_DIR/release` when
+/// set, else `target/release`.
+pub fn host_release_dir() -> PathBuf {
+    host_target_dir().join("release")
 }
 
 /// `build/` under the workspace root (ignored by git).
@@ -247,14 +258,4 @@ pub fn download_deb(package: &str, dl: &Path, root: &Path) -> anyhow::Result<Pat
         })?;
     run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(root))?;
     Ok(deb)
-}
-
-/// The release dir of this build: `$CARGO_TARGET_DIR/release` when set, else `target/release`
-/// (where the benchmarks take the binaries they measure from).
-pub fn release_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_relative() { root().join(t) } else { t })
-        .unwrap_or_else(|| root().join("target"))
-        .join("release")
 }

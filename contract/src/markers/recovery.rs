@@ -154,8 +154,26 @@ pub fn wipe_oneshot_failed(e: impl Display) -> Marker {
     ))
 }
 
+/// `recovery: flashd --verify-threads <n> (kernel command line nexus.verify_threads=<n>)`.
+pub fn verify_threads(n: u32) -> Marker {
+    Marker::new(format!(
+        "recovery: flashd --verify-threads {n} (kernel command line {}={n})",
+        crate::loader::VERIFY_THREADS_OPTION
+    ))
+}
+
+/// An unusable `nexus.verify_threads=` value: flashd keeps its default.
+pub fn verify_threads_ignored(value: &str, why: impl Display) -> Marker {
+    Marker::new(format!(
+        "recovery: kernel command line {}={value:?} ignored ({why}); flashd verifies with its default",
+        crate::loader::VERIFY_THREADS_OPTION
+    ))
+}
+
 pub fn samples() -> Vec<Marker> {
     vec![
+        verify_threads(1),
+        verify_threads_ignored("x", "e"),
         wipe_oneshot_failed("e"),
         start(),
         target_selected(),

@@ -9,7 +9,7 @@
 //! Protocol on the port (one session per host connection, the port is opened once):
 //!
 //! ```text
-//! host → guest   NXRAW1 len=<bytes> mode=dd|pipe hash=0|sha256|crc32 sink=part|null|state\n
+//! host → guest   NXRAW1 len=<bytes> mode=dd|pipe hash=0|sha256|sha256-par|crc32 sink=part|null|state\n
 //!                <len bytes>
 //! guest → host   rawrecv: done bytes=<n> ms=<t> read_ms=.. write_ms=.. sync_ms=.. hash_ms=.. [digest=<hex>|crc32:<hex>]\n
 //!           or   rawrecv: error <text>\n
@@ -20,6 +20,13 @@
 //!   port is read while the disk writes).
 //! * `hash=sha256` (or `1`): SHA-256 of the data as it passes (the guest's hashing cost);
 //!   `hash=crc32`: CRC-32 (the cost of flashd's per-frame link check).
+//!   `hash=sha256-par`: SHA-256 of every [`PIECE`] (1 MiB, aligned from the first byte — the
+//!   manifest's `chunk_sha256` pieces) on a pool of one thread per vCPU
+//!   ([`std::thread::available_parallelism`]) while the reader keeps reading, at most two
+//!   pieces per thread in flight ([`ParSha`]); `hash_ms` is then the **sum** of the pool's
+//!   hashing time over all its threads (the wall-clock effect shows in `ms`), and `digest` the
+//!   SHA-256 over the concatenated piece hashes in order ([`piece_digest`] computes the same
+//!   serially).
 //! * `sink=part`: the partition (`O_DIRECT`, the tail through the page cache, fdatasync);
 //!   `sink=null`: nothing (the link alone); `sink=state`: a buffered file on `/state` with a
 //!   final fdatasync, removed afterwards (what flashd's staging file costs).
@@ -32,11 +39,13 @@ use nx_contract::markers::rawrecv as m;
 use nx_contract::Marker;
 pub use nx_guest::fsx::AlignedBuf;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The benchmark port (host socket `build/bench/qemu/bench.sock`).
@@ -55,6 +64,10 @@ pub const DEPTH: usize = 4;
 pub const MAGIC: &str = "NXRAW1";
 /// The file `sink=state` writes (removed after the session).
 pub const STATE_FILE: &str = "/state/flash/rawrecv.bin";
+/// The piece `hash=sha256-par` hashes on its own (the manifest's `chunk_sha256` piece, 1 MiB).
+pub const PIECE: usize = nx_contract::defaults::CHUNK as usize;
+/// Pieces in flight per pool thread in `hash=sha256-par` (queued or being hashed).
+pub const PIECES_PER_THREAD: usize = 2;
 
 /// How the data moves through the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +97,8 @@ pub enum HashKind {
     Sha256,
     /// CRC-32 (what protects every frame on flashd's link).
     Crc32,
+    /// SHA-256 of every [`PIECE`] on a pool of one thread per vCPU ([`ParSha`]).
+    Sha256Par,
 }
 
 /// One session's parameters (the header line).
@@ -123,6 +138,7 @@ impl Request {
                 ("hash", "0") => req.hash = HashKind::None,
                 ("hash", "1" | "sha256") => req.hash = HashKind::Sha256,
                 ("hash", "crc32") => req.hash = HashKind::Crc32,
+                ("hash", "sha256-par") => req.hash = HashKind::Sha256Par,
                 ("sink", "part") => req.sink = SinkKind::Part,
                 ("sink", "null") => req.sink = SinkKind::Null,
                 ("sink", "state") => req.sink = SinkKind::State,
@@ -148,6 +164,7 @@ impl Request {
                 HashKind::None => "0",
                 HashKind::Sha256 => "sha256",
                 HashKind::Crc32 => "crc32",
+                HashKind::Sha256Par => "sha256-par",
             },
             match self.sink {
                 SinkKind::Part => "part",
@@ -296,38 +313,237 @@ impl Drop for FileSink {
     }
 }
 
+/// SHA-256 of one piece and how long it took.
+type PieceResult = (u64, [u8; 32], Duration);
+
+/// `hash=sha256-par`: SHA-256 of every [`PIECE`] of the data (aligned from its first byte) on
+/// a pool of threads, while the caller keeps feeding data.
+///
+/// Memory is bounded: `PIECES_PER_THREAD × threads` piece buffers exist, allocated once; the
+/// caller fills a free one (waiting for one when all are queued or being hashed), so at most
+/// that many pieces are in flight. The results are folded in order into the digest (SHA-256
+/// over the concatenated piece hashes) as they come back; out-of-order results wait in a map
+/// that holds at most the pieces in flight.
+pub struct ParSha {
+    threads: usize,
+    work: Option<mpsc::Sender<(u64, Vec<u8>)>>,
+    free: mpsc::Receiver<Vec<u8>>,
+    results: mpsc::Receiver<PieceResult>,
+    workers: Vec<JoinHandle<()>>,
+    /// The piece being filled.
+    cur: Option<Vec<u8>>,
+    /// Index of the next piece handed to the pool.
+    next_sent: u64,
+    /// Index of the next piece folded into `outer`.
+    next_folded: u64,
+    pending: BTreeMap<u64, [u8; 32]>,
+    outer: Sha256,
+    /// Hashing time summed over the pool's threads.
+    busy: Duration,
+}
+
+impl ParSha {
+    /// A pool of `threads` threads (at least one).
+    pub fn new(threads: usize) -> io::Result<ParSha> {
+        let threads = threads.max(1);
+        let (work_tx, work_rx) = mpsc::channel::<(u64, Vec<u8>)>();
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        let (res_tx, res_rx) = mpsc::channel::<PieceResult>();
+        for _ in 0..threads * PIECES_PER_THREAD {
+            let _ = free_tx.send(Vec::with_capacity(PIECE));
+        }
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (rx, res, free) = (work_rx.clone(), res_tx.clone(), free_tx.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("rawrecv-sha{i}"))
+                .spawn(move || loop {
+                    // One idle thread waits on the queue, the others on the lock.
+                    let job = match rx.lock() {
+                        Ok(q) => q.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((idx, buf)) = job else { return };
+                    let t = Instant::now();
+                    let h: [u8; 32] = Sha256::digest(&buf).into();
+                    if res.send((idx, h, t.elapsed())).is_err() {
+                        return;
+                    }
+                    let _ = free.send(buf);
+                })?;
+            workers.push(h);
+        }
+        Ok(ParSha {
+            threads,
+            work: Some(work_tx),
+            free: free_rx,
+            results: res_rx,
+            workers,
+            cur: None,
+            next_sent: 0,
+            next_folded: 0,
+            pending: BTreeMap::new(),
+            outer: Sha256::new(),
+            busy: Duration::ZERO,
+        })
+    }
+
+    /// A pool of one thread per vCPU.
+    pub fn per_vcpu() -> io::Result<ParSha> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ParSha::new(n)
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn pool_gone() -> io::Error {
+        io::Error::other("the SHA-256 pool stopped (a hashing thread is gone)")
+    }
+
+    fn fold(&mut self, (idx, h, t): PieceResult) {
+        self.busy += t;
+        self.pending.insert(idx, h);
+        while let Some(h) = self.pending.remove(&self.next_folded) {
+            self.outer.update(h);
+            self.next_folded += 1;
+        }
+    }
+
+    fn drain_ready(&mut self) {
+        while let Ok(r) = self.results.try_recv() {
+            self.fold(r);
+        }
+    }
+
+    /// Hand the piece being filled to the pool.
+    fn send_cur(&mut self) -> io::Result<()> {
+        let Some(buf) = self.cur.take() else {
+            return Ok(());
+        };
+        let work = self.work.as_ref().ok_or_else(Self::pool_gone)?;
+        work.send((self.next_sent, buf))
+            .map_err(|_| Self::pool_gone())?;
+        self.next_sent += 1;
+        Ok(())
+    }
+
+    /// Feed the next bytes of the data.
+    pub fn update(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut buf = match self.cur.take() {
+                Some(b) => b,
+                None => {
+                    self.drain_ready();
+                    let mut b = self.free.recv().map_err(|_| Self::pool_gone())?;
+                    b.clear();
+                    b
+                }
+            };
+            let take = (PIECE - buf.len()).min(data.len());
+            let (now, rest) = data.split_at(take);
+            buf.extend_from_slice(now);
+            data = rest;
+            let full = buf.len() == PIECE;
+            self.cur = Some(buf);
+            if full {
+                self.send_cur()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last (short) piece, wait for the pool: the digest (hex) and the hashing time
+    /// summed over the threads.
+    pub fn finish(mut self) -> io::Result<(String, Duration)> {
+        if self.cur.as_ref().is_some_and(|b| !b.is_empty()) {
+            self.send_cur()?;
+        }
+        // No more work: the threads end once the queue is empty.
+        self.work = None;
+        while self.next_folded < self.next_sent {
+            let r = self.results.recv().map_err(|_| Self::pool_gone())?;
+            self.fold(r);
+        }
+        let outer = std::mem::take(&mut self.outer);
+        Ok((hex::encode(outer.finalize()), self.busy))
+    }
+}
+
+impl Drop for ParSha {
+    fn drop(&mut self) {
+        self.work = None;
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What `hash=sha256-par` reports, computed serially: SHA-256 over the concatenated SHA-256
+/// of every [`PIECE`] of `data` (the last piece may be short; no data, no pieces).
+pub fn piece_digest(data: &[u8]) -> String {
+    let mut outer = Sha256::new();
+    for piece in data.chunks(PIECE) {
+        outer.update(Sha256::digest(piece));
+    }
+    hex::encode(outer.finalize())
+}
+
 /// The running digest of a session.
 enum Digest2 {
     None,
     Sha(Sha256),
     Crc(crc32fast::Hasher),
+    Par(Box<ParSha>),
 }
 
 impl Digest2 {
-    fn new(k: HashKind) -> Digest2 {
-        match k {
+    fn new(k: HashKind) -> io::Result<Digest2> {
+        Ok(match k {
             HashKind::None => Digest2::None,
             HashKind::Sha256 => Digest2::Sha(Sha256::new()),
             HashKind::Crc32 => Digest2::Crc(crc32fast::Hasher::new()),
-        }
+            HashKind::Sha256Par => Digest2::Par(Box::new(ParSha::per_vcpu()?)),
+        })
     }
-    fn update(&mut self, d: &[u8]) {
+    fn update(&mut self, d: &[u8]) -> io::Result<()> {
         match self {
             Digest2::None => {}
             Digest2::Sha(h) => h.update(d),
             Digest2::Crc(h) => h.update(d),
+            Digest2::Par(p) => p.update(d)?,
         }
+        Ok(())
     }
     fn is_some(&self) -> bool {
         !matches!(self, Digest2::None)
     }
-    fn finish(self) -> Option<String> {
-        match self {
-            Digest2::None => None,
-            Digest2::Sha(h) => Some(hex::encode(h.finalize())),
-            Digest2::Crc(h) => Some(format!("crc32:{:08x}", h.finalize())),
-        }
+    /// The digest, and the pool's summed hashing time for `Par` (`None`: the caller timed
+    /// the hashing itself).
+    fn finish(self) -> io::Result<(Option<String>, Option<Duration>)> {
+        Ok(match self {
+            Digest2::None => (None, None),
+            Digest2::Sha(h) => (Some(hex::encode(h.finalize())), None),
+            Digest2::Crc(h) => (Some(format!("crc32:{:08x}", h.finalize())), None),
+            Digest2::Par(p) => {
+                let (d, busy) = p.finish()?;
+                (Some(d), Some(busy))
+            }
+        })
     }
+}
+
+/// Close a session's digest into `st` (`digest`, and `hash` for the pool).
+fn close_digest(d: Digest2, st: &mut Stats) -> io::Result<()> {
+    let (digest, pool) = d.finish()?;
+    st.digest = digest;
+    if let Some(busy) = pool {
+        st.hash = busy;
+    }
+    Ok(())
 }
 
 /// Read until `buf` is full; the host going away first is an error.
@@ -371,7 +587,7 @@ pub fn receive(
 
 fn receive_dd(input: &mut dyn Read, req: &Request, sink: &mut dyn Sink) -> io::Result<Stats> {
     let mut st = Stats::default();
-    let mut sha = Digest2::new(req.hash);
+    let mut sha = Digest2::new(req.hash)?;
     let mut buf = AlignedBuf::new(BLOCK);
     let mut off = 0u64;
     while off < req.len {
@@ -382,7 +598,7 @@ fn receive_dd(input: &mut dyn Read, req: &Request, sink: &mut dyn Sink) -> io::R
         st.read += t.elapsed();
         if sha.is_some() {
             let t = Instant::now();
-            sha.update(block);
+            sha.update(block)?;
             st.hash += t.elapsed();
         }
         let t = Instant::now();
@@ -390,7 +606,7 @@ fn receive_dd(input: &mut dyn Read, req: &Request, sink: &mut dyn Sink) -> io::R
         st.write += t.elapsed();
         off += n as u64;
     }
-    st.digest = sha.finish();
+    close_digest(sha, &mut st)?;
     Ok(st)
 }
 
@@ -404,16 +620,15 @@ fn receive_pipe(
     for _ in 0..DEPTH {
         let _ = free_tx.send(AlignedBuf::new(BLOCK));
     }
-    let hash = req.hash;
+    let mut sha = Digest2::new(req.hash)?;
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> io::Result<Stats> {
             let mut st = Stats::default();
-            let mut sha = Digest2::new(hash);
             while let Ok((buf, n, off)) = full_rx.recv() {
                 let block = buf.as_slice().get(..n).unwrap_or_default();
                 if sha.is_some() {
                     let t = Instant::now();
-                    sha.update(block);
+                    sha.update(block)?;
                     st.hash += t.elapsed();
                 }
                 let t = Instant::now();
@@ -422,7 +637,7 @@ fn receive_pipe(
                 // The reader may be gone (error): then the buffer is simply dropped.
                 let _ = free_tx.send(buf);
             }
-            st.digest = sha.finish();
+            close_digest(sha, &mut st)?;
             Ok(st)
         });
         let mut read = Duration::ZERO;
@@ -671,6 +886,65 @@ mod tests {
             assert!(fields
                 .iter()
                 .any(|(k, v)| k == "bytes" && *v == n.to_string()));
+        }
+    }
+
+    #[test]
+    fn the_parallel_piece_digest_equals_the_serial_one() {
+        // Not a multiple of a piece, fed in uneven slices that straddle piece boundaries.
+        let n = 5 * PIECE + 12345;
+        let src = data(n);
+        let want = piece_digest(&src);
+        // Differs from the plain SHA-256 of the data (it is a digest of the piece hashes).
+        assert_ne!(want, hex::encode(Sha256::digest(&src)));
+        for threads in [1, 2, 3, 8] {
+            let mut p = ParSha::new(threads).unwrap();
+            assert_eq!(p.threads(), threads);
+            let mut rest: &[u8] = &src;
+            let mut step = 1usize;
+            while !rest.is_empty() {
+                let (a, b) = rest.split_at(step.min(rest.len()));
+                p.update(a).unwrap();
+                rest = b;
+                step = step * 3 + 777;
+            }
+            let (got, busy) = p.finish().unwrap();
+            assert_eq!(got, want, "{threads} threads");
+            assert!(busy > Duration::ZERO);
+        }
+        // Exactly one piece, and a short one: the short tail is a piece of its own.
+        let one = data(PIECE);
+        let mut p = ParSha::new(2).unwrap();
+        p.update(&one).unwrap();
+        assert_eq!(p.finish().unwrap().0, piece_digest(&one));
+        let mut outer = Sha256::new();
+        outer.update(Sha256::digest(&src[..PIECE]));
+        outer.update(Sha256::digest(&src[PIECE..PIECE + 10]));
+        let mut p = ParSha::new(2).unwrap();
+        p.update(&src[..PIECE + 10]).unwrap();
+        assert_eq!(p.finish().unwrap().0, hex::encode(outer.finalize()));
+        // No data: the digest of no pieces.
+        let p = ParSha::new(2).unwrap();
+        assert_eq!(p.finish().unwrap().0, hex::encode(Sha256::new().finalize()));
+    }
+
+    #[test]
+    fn sha256_par_sessions_in_both_modes() {
+        let n = 3 * BLOCK + 4321;
+        let src = data(n);
+        let want = piece_digest(&src);
+        for mode in [Mode::Dd, Mode::Pipe] {
+            let req = Request::parse(&format!(
+                "NXRAW1 len={n} mode={} hash=sha256-par sink=null",
+                if mode == Mode::Dd { "dd" } else { "pipe" }
+            ))
+            .unwrap();
+            assert_eq!(req.hash, HashKind::Sha256Par);
+            assert_eq!(Request::parse(req.to_line().trim_end()).unwrap(), req);
+            let mut input: &[u8] = &src;
+            let st = receive(&mut input, &req, &mut NullSink).unwrap();
+            assert_eq!(st.digest.as_deref(), Some(want.as_str()), "{mode:?}");
+            assert!(st.line().as_str().contains(&format!("digest={want}")));
         }
     }
 

@@ -17,6 +17,7 @@
 //! (the request stays, so neither the boot firmware nor the normal init boots normal).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+use nx_contract::loader::{MAX_VERIFY_THREADS, VERIFY_THREADS_OPTION};
 use nx_contract::{markers, ports, Marker, NextBoot};
 use nx_guest::cmdline::Cmdline;
 use nx_guest::supervisor::Service;
@@ -76,15 +77,33 @@ pub fn select_target(cmdline: &Cmdline, record: Option<NextBoot>) -> (NextBoot, 
     (NextBoot::Recovery, Reason::Default)
 }
 
+/// flashd's `--verify-threads` from the kernel command line ([`VERIFY_THREADS_OPTION`]):
+/// `Ok(None)` when the word is absent, `Ok(Some(n))` for `0..=`[`MAX_VERIFY_THREADS`], `Err`
+/// (the value and why) for anything else — then flashd keeps its default and the caller logs it.
+pub fn verify_threads(cmdline: &Cmdline) -> Result<Option<u32>, (String, String)> {
+    let Some(v) = cmdline.get(VERIFY_THREADS_OPTION) else {
+        return Ok(None);
+    };
+    let bad = |why: String| Err((v.to_string(), why));
+    if v.is_empty() || v.len() > 3 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return bad(format!("not a number 0..={MAX_VERIFY_THREADS}"));
+    }
+    match v.parse::<u32>() {
+        Ok(n) if n <= MAX_VERIFY_THREADS => Ok(Some(n)),
+        _ => bad(format!("not a number 0..={MAX_VERIFY_THREADS}")),
+    }
+}
+
 /// The minimal service graph. `present(path)` tells whether a binary is in the ramdisk.
 /// flashd is always part of it, serving the virtio-serial flash port and the UART `/dev/ttyS1`
 /// (one link at a time; without a UART it serves the port alone), installing into the inactive A/B slot (`--install-slot auto`:
 /// bootctld at /run/bootctld.sock picks the slot; after a verified install flashd activates it
 /// on trial and rebootd reboots into it); without /state it refuses with its own
 /// stub/placeholder marker; rebootd and bootctld only when present; selftest-client only with
-/// `nexus.selftest=1`.
+/// `nexus.selftest=1`. A valid `nexus.verify_threads=N` ([`verify_threads`]) adds
+/// `--verify-threads N` to flashd's arguments.
 pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Service> {
-    let mut out = vec![Service::daemon(
+    let mut flashd = Service::daemon(
         "flashd",
         FLASHD,
         &[
@@ -97,7 +116,12 @@ pub fn services(cmdline: &Cmdline, present: &dyn Fn(&str) -> bool) -> Vec<Servic
             "--install-slot",
             "auto",
         ],
-    )];
+    );
+    if let Ok(Some(n)) = verify_threads(cmdline) {
+        flashd.args.push("--verify-threads".into());
+        flashd.args.push(n.to_string());
+    }
+    let mut out = vec![flashd];
     if present("/bin/rebootd") {
         out.push(Service::rebootd(std::path::Path::new("/bin"), REBOOTD_SOCK));
     }
@@ -299,6 +323,57 @@ mod tests {
         assert_eq!(
             markers::recovery::ready("/dev/vport0p1").as_str(),
             "recovery: ready (serial=@/dev/vport0p1)"
+        );
+    }
+
+    #[test]
+    fn verify_threads_from_the_command_line() {
+        let c = Cmdline::parse;
+        assert_eq!(verify_threads(&c("")), Ok(None));
+        assert_eq!(verify_threads(&c("nexus.verify_threads=1")), Ok(Some(1)));
+        assert_eq!(verify_threads(&c("nexus.verify_threads=0")), Ok(Some(0)));
+        assert_eq!(
+            verify_threads(&c("nexus.verify_threads=256")),
+            Ok(Some(256))
+        );
+        // The last word wins, as for every key.
+        assert_eq!(
+            verify_threads(&c("nexus.verify_threads=4 nexus.verify_threads=2")),
+            Ok(Some(2))
+        );
+        // (`= 1` splits into an empty value and a word `1`.)
+        for (word, value) in [
+            ("257", "257"),
+            ("-1", "-1"),
+            ("+1", "+1"),
+            ("x", "x"),
+            ("1x", "1x"),
+            ("", ""),
+            ("99999999999", "99999999999"),
+            (" 1", ""),
+        ] {
+            let got = verify_threads(&c(&format!("nexus.verify_threads={word}")));
+            let Err((v, why)) = got else {
+                panic!("{word:?} accepted: {got:?}")
+            };
+            assert_eq!(v, value);
+            assert!(why.contains("0..=256"), "{why}");
+        }
+        // A bare word (no value) is not a value.
+        assert_eq!(verify_threads(&c("nexus.verify_threads")), Ok(None));
+
+        let all = |_: &str| true;
+        let flashd = |s: &str| services(&c(s), &all).remove(0).args;
+        let plain = flashd("");
+        assert!(!plain.iter().any(|a| a == "--verify-threads"));
+        let one = flashd("quiet nexus.verify_threads=1");
+        assert_eq!(&one[..plain.len()], &plain[..]);
+        assert_eq!(&one[plain.len()..], ["--verify-threads", "1"]);
+        // Invalid: ignored, flashd keeps its default (the caller logs it).
+        assert_eq!(flashd("nexus.verify_threads=lots"), plain);
+        assert_eq!(
+            markers::recovery::verify_threads(1).as_str(),
+            "recovery: flashd --verify-threads 1 (kernel command line nexus.verify_threads=1)"
         );
     }
 

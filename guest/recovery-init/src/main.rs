@@ -7,8 +7,8 @@ use nx_guest::state;
 use nx_guest::supervisor::Supervisor;
 use nx_guest::{pid1, port};
 use recovery_init::{
-    rearm_for_wipe, reboot_normal_after_wipe, select_target, services, shell_service, wipe_at_boot,
-    WipeAtBoot, REBOOTD_CALL, REBOOTD_SOCK, REBOOTD_WAIT,
+    rearm_for_wipe, reboot_normal_after_wipe, select_target, services, shell_service,
+    verify_threads, wipe_at_boot, WipeAtBoot, REBOOTD_CALL, REBOOTD_SOCK, REBOOTD_WAIT,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -68,6 +68,11 @@ fn main() {
     show(&m::init_start());
     show(&markers::pid1::modules_loaded(P, early.modules));
 
+    match verify_threads(&early.cmdline) {
+        Ok(Some(n)) => show(&m::verify_threads(n)),
+        Ok(None) => {}
+        Err((value, why)) => show(&m::verify_threads_ignored(&value, why)),
+    }
     let mut sup = Supervisor::new(P);
     for svc in services(&early.cmdline, &|p| Path::new(p).exists()) {
         sup.add(svc);

@@ -158,8 +158,8 @@ pub fn run(a: DeltaArgs) -> anyhow::Result<()> {
         });
     }
 
-    let nx = root().join("target/release/nx");
-    let flashd = root().join("target/release/flashd");
+    let nx = crate::util::host_release_dir().join("nx");
+    let flashd = crate::util::host_release_dir().join("flashd");
     let key = crate::keys::ensure_dev_key(&build)?;
     let mut rows = Vec::new();
     for p in &pairs {

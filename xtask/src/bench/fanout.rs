@@ -74,7 +74,7 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<()> {
     let root = util::root();
     let build = util::build_dir();
     let bins = Bins {
-        nx: root.join("target/release/nx"),
+        nx: crate::util::host_release_dir().join("nx"),
         flashd: PathBuf::new(),
     };
     let guest_bin = root

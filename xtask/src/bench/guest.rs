@@ -8,7 +8,12 @@
 //!   re-flash of the identical image, (e) a resume after a cut at 50% (nx killed),
 //! - (f) boot to `recovery: ready` (QEMU start → marker on the console),
 //! - plus profile rows by rawrecv that split the raw path (the link alone, the link + SHA-256,
-//!   the staging pattern of flashd: a buffered file on /state + fdatasync).
+//!   the link + SHA-256 of 1 MiB pieces on every vCPU, the staging pattern of flashd: a
+//!   buffered file on /state + fdatasync),
+//! - (b1) (b) again in a second boot of the same guest with `nexus.verify_threads=1` on the
+//!   kernel command line (recovery-init passes `--verify-threads 1` to flashd): what the
+//!   verification pool buys in the dense case. Fresh disks for that boot, so it starts from
+//!   the same state as (b); the second QEMU is killed when the row ends, as the first.
 //!
 //! Peak RSS: nx from its own `VmHWM` (sampled from `/proc/<pid>/status` while it runs; `wait4`'s
 //! `ru_maxrss` would report xtask's peak, which a spawned child inherits), flashd from its log line
@@ -69,8 +74,9 @@ pub struct GuestArgs {
     /// Extra arguments for every `nx flash send` (e.g. `--nx-arg=--compress --nx-arg=none`).
     #[arg(long = "nx-arg", allow_hyphen_values = true)]
     pub nx_args: Vec<String>,
-    /// Cases to run, comma-separated: a (raw), p (profile rows), b, c, d (needs c), e.
-    #[arg(long, value_delimiter = ',', default_value = "a,p,b,c,d,e")]
+    /// Cases to run, comma-separated: a (raw), p (profile rows), b, b1 (b with flashd verifying
+    /// on one thread: a second boot), c, d (needs c), e.
+    #[arg(long, value_delimiter = ',', default_value = "a,p,b,b1,c,d,e")]
     pub cases: Vec<String>,
 }
 
@@ -84,7 +90,9 @@ impl Default for GuestArgs {
             no_build: false,
             echo: false,
             nx_args: Vec::new(),
-            cases: ["a", "p", "b", "c", "d", "e"].map(String::from).to_vec(),
+            cases: ["a", "p", "b", "b1", "c", "d", "e"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -103,7 +111,7 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     let root = util::root();
     let build = util::build_dir();
     let bins = Bins {
-        nx: root.join("target/release/nx"),
+        nx: util::host_release_dir().join("nx"),
         flashd: PathBuf::new(),
     };
     let guest_bin = root
@@ -160,13 +168,10 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     // The bench ramdisk is loaded directly (the firmware would boot the ESP's recovery):
     // these runs measure flashing, not booting.
     cfg.uefi = None;
-    cfg.state_img = Some(state_img);
-    cfg.disk_img = Some(disk_img);
-    cfg.run_dir = dir.join("qemu");
-    let run_dir = cfg.run_dir.clone();
-    for p in &mut cfg.ports {
-        p.socket = run_dir.join(p.socket.file_name().unwrap_or_default());
-    }
+    cfg.state_img = Some(state_img.clone());
+    cfg.disk_img = Some(disk_img.clone());
+    // Sockets (ports and the UART) follow the run dir.
+    cfg.move_run_dir(dir.join("qemu"));
     cfg = cfg.with_port(BENCH_PORT.name, BENCH_PORT.socket);
     cfg.recovery = true;
     // A reboot would boot without rdinit's target: end the run instead.
@@ -188,6 +193,17 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
         .context("no bench port")?
         .to_path_buf();
 
+    // (b1): the same guest booted again with flashd verifying on one thread.
+    let cfg_b1 = a.cases.iter().any(|c| c == "b1").then(|| {
+        let mut c = cfg.clone();
+        c.extra_cmdline.push(format!(
+            "{}={}",
+            nx_contract::loader::VERIFY_THREADS_OPTION,
+            B1_VERIFY_THREADS
+        ));
+        c
+    });
+
     let load_before = loadavg();
     eprintln!(
         "xtask: bench guest: booting recovery (smp {}, console {})",
@@ -198,20 +214,57 @@ pub fn run(a: GuestArgs) -> anyhow::Result<()> {
     let ctx = Ctx {
         runner: &runner,
         nx: bins.nx.clone(),
-        flash_sock,
-        bench_sock,
+        flash_sock: flash_sock.clone(),
+        bench_sock: bench_sock.clone(),
         dir: dir.clone(),
         nx_args: a.nx_args.clone(),
+        host_digests: std::cell::RefCell::new(None),
     };
     let result = measure(&ctx, &a, &dense, &sparse, &resume_img);
     if result.is_err() {
-        eprintln!("xtask: bench guest: last console lines:");
-        for l in runner.tail(30) {
-            eprintln!("  | {l}");
-        }
+        print_tail(&runner);
     }
+    drop(ctx);
+    // QEMU is killed here (Runner's Drop), on success and on error alike.
     drop(runner);
     let mut m = result?;
+
+    if let Some(cfg) = cfg_b1 {
+        // Fresh disks: (b1) starts from what (b) found (no installed image to skip against).
+        crate::disks::ensure_state(&state_img, true)?;
+        crate::disks::ensure_disk(&disk_img, true, demo.as_deref())?;
+        eprintln!(
+            "xtask: bench guest: (b1) booting recovery again with {}={} (console {})",
+            nx_contract::loader::VERIFY_THREADS_OPTION,
+            B1_VERIFY_THREADS,
+            cfg.console_log().display()
+        );
+        let runner = Runner::start(cfg)?;
+        let ctx = Ctx {
+            runner: &runner,
+            nx: bins.nx.clone(),
+            flash_sock,
+            bench_sock,
+            dir: dir.clone(),
+            nx_args: a.nx_args.clone(),
+            host_digests: std::cell::RefCell::new(None),
+        };
+        let result = measure_b1(&ctx, &dense);
+        if result.is_err() {
+            print_tail(&runner);
+        }
+        drop(ctx);
+        // The second QEMU is killed here too, whatever happened.
+        drop(runner);
+        let b1 = result?;
+        // Right after (b) in the table.
+        let at = m
+            .cases
+            .iter()
+            .position(|c| c.key == "b")
+            .map_or(m.cases.len(), |i| i + 1);
+        m.cases.insert(at, b1);
+    }
     eprintln!("xtask: bench guest: (g) the boot chain of a fresh device (normal, then recovery)");
     m.boot_chain = super::boot::measure(&dir.join("boot"))?;
     m.load_before = load_before;
@@ -268,6 +321,9 @@ pub(super) fn loadavg() -> String {
         .join(" ")
 }
 
+/// flashd's `--verify-threads` in the (b1) boot.
+const B1_VERIFY_THREADS: u32 = 1;
+
 struct Ctx<'a> {
     runner: &'a Runner,
     nx: PathBuf,
@@ -275,20 +331,86 @@ struct Ctx<'a> {
     bench_sock: PathBuf,
     dir: PathBuf,
     nx_args: Vec<String>,
+    /// What rawrecv's SHA-256 digests of the dense image must be (computed once, on the host).
+    host_digests: std::cell::RefCell<Option<HostDigests>>,
+}
+
+fn print_tail(r: &Runner) {
+    eprintln!("xtask: bench guest: last console lines:");
+    for l in r.tail(30) {
+        eprintln!("  | {l}");
+    }
+}
+
+/// The host's view of an image: its SHA-256 (`hash=sha256`) and the SHA-256 over the SHA-256
+/// of its 1 MiB pieces (`hash=sha256-par`), computed in one pass.
+struct HostDigests {
+    img: PathBuf,
+    whole: String,
+    pieces: String,
+}
+
+impl HostDigests {
+    fn of(img: &Path) -> anyhow::Result<HostDigests> {
+        use sha2::{Digest, Sha256};
+        let piece = nx_contract::defaults::CHUNK as usize;
+        let mut f = std::fs::File::open(img).with_context(|| format!("open {}", img.display()))?;
+        let (mut whole, mut outer) = (Sha256::new(), Sha256::new());
+        let mut buf = vec![0u8; piece];
+        loop {
+            // Whole pieces (read until full or EOF): the guest cuts from the first byte.
+            let mut got = 0;
+            while got < piece {
+                let n = f
+                    .read(buf.get_mut(got..).unwrap_or_default())
+                    .with_context(|| format!("read {}", img.display()))?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            if got == 0 {
+                break;
+            }
+            let data = buf.get(..got).unwrap_or_default();
+            whole.update(data);
+            outer.update(Sha256::digest(data));
+            if got < piece {
+                break;
+            }
+        }
+        Ok(HostDigests {
+            img: img.to_path_buf(),
+            whole: hex::encode(whole.finalize()),
+            pieces: hex::encode(outer.finalize()),
+        })
+    }
+
+    /// The digest rawrecv must report for `hash` (`None`: not a SHA-256 kind).
+    fn want(&self, hash: &str) -> Option<&str> {
+        match hash {
+            "sha256" | "1" => Some(&self.whole),
+            "sha256-par" => Some(&self.pieces),
+            _ => None,
+        }
+    }
 }
 
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-fn measure(
-    ctx: &Ctx,
-    a: &GuestArgs,
-    dense: &Path,
-    sparse: &Path,
-    resume_img: &Path,
-) -> anyhow::Result<report::Measured> {
-    let r = ctx.runner;
+/// A boot that reached `recovery: ready`, rawrecv and flashd ready.
+struct Booted {
+    /// The host instant of the boot's start.
+    boot0: Instant,
+    /// QEMU start → `recovery: ready`.
+    ready: Duration,
+    /// recovery-init's uptime at ready.
+    guest_uptime: Option<f64>,
+}
+
+fn wait_ready(r: &Runner) -> anyhow::Result<Booted> {
     let ready = r
         .wait_for(markers::recovery::READY_PREFIX, STEP_TIMEOUT)
         .context("recovery did not become ready")?;
@@ -309,11 +431,81 @@ fn measure(
         .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()));
     wait_console(r, markers::rawrecv::READY_PREFIX, Duration::from_secs(60))?;
     wait_console(r, "flashd: ready", Duration::from_secs(60))?;
+    Ok(Booted {
+        boot0,
+        ready: ready.since_boot,
+        guest_uptime,
+    })
+}
+
+/// (b1): in the boot with `nexus.verify_threads=1`, check that recovery-init passed it on,
+/// then flash the dense image as (b) does.
+fn measure_b1(ctx: &Ctx, dense: &Path) -> anyhow::Result<Case> {
+    let r = ctx.runner;
+    let booted = wait_ready(r)?;
+    let applied = markers::recovery::verify_threads(B1_VERIFY_THREADS);
+    if !r.console_contains(applied.as_str()) {
+        bail!(
+            "(b1) recovery-init did not print {:?}: flashd does not verify on {B1_VERIFY_THREADS} thread(s) in this boot",
+            applied.as_str()
+        );
+    }
+    let name = format!("nx flash send, dense, verification on {B1_VERIFY_THREADS} thread");
+    eprintln!("xtask: bench guest: (b1) {name}");
+    flash_case(ctx, booted.boot0, "b1", name, dense).map(|(c, _)| c)
+}
+
+/// One `nx flash send` case: nx's wall clock and peak RSS, flashd's peak RSS after it, the
+/// guest's timeline in the note.
+fn flash_case(
+    ctx: &Ctx,
+    boot0: Instant,
+    key: &'static str,
+    name: String,
+    img: &Path,
+) -> anyhow::Result<(Case, Done)> {
+    let r = ctx.runner;
+    let before = rss_lines(r);
+    let x = nx_send(ctx, img, None)?;
+    if x.code != 0 {
+        bail!(
+            "({key}) nx flash send failed (exit {}): {}",
+            x.code,
+            x.stderr.trim()
+        );
+    }
+    let fd = flashd_rss_after(r, before)?;
+    let done = Done::parse(&x.stdout);
+    // An identical re-flash (d) writes nothing: no `wrote seg=` line.
+    let tl = timeline(r, key != "d", boot0, x.started)?;
+    let case = Case {
+        key,
+        name,
+        bytes: file_len(img),
+        time: x.wall,
+        wire: done.wire,
+        flashd_kib: fd,
+        nx_kib: Some(x.maxrss_kib),
+        note: format!("{}; {tl}", done.describe()),
+    };
+    Ok((case, done))
+}
+
+fn measure(
+    ctx: &Ctx,
+    a: &GuestArgs,
+    dense: &Path,
+    sparse: &Path,
+    resume_img: &Path,
+) -> anyhow::Result<report::Measured> {
+    let r = ctx.runner;
+    let booted = wait_ready(r)?;
+    let boot0 = booted.boot0;
     let want = |k: &str| a.cases.iter().any(|c| c == k);
     let mut m = report::Measured {
         size: file_len(dense),
-        boot: ready.since_boot,
-        guest_uptime,
+        boot: booted.ready,
+        guest_uptime: booted.guest_uptime,
         ..Default::default()
     };
     let len = file_len(dense);
@@ -371,6 +563,13 @@ fn measure(
                 "0",
                 "state",
             ),
+            (
+                "p6",
+                "profile: link + SHA-256 on all vCPUs (1 MiB pieces)",
+                "dd",
+                "sha256-par",
+                "null",
+            ),
         ] {
             eprintln!("xtask: bench guest: {name}");
             let x = raw_copy(ctx, dense, mode, hash, sink)?;
@@ -397,34 +596,15 @@ fn measure(
             continue;
         }
         eprintln!("xtask: bench guest: ({key}) {name}");
-        let before = rss_lines(r);
-        let x = nx_send(ctx, img, None)?;
-        if x.code != 0 {
-            bail!(
-                "({key}) nx flash send failed (exit {}): {}",
-                x.code,
-                x.stderr.trim()
-            );
-        }
-        let fd = flashd_rss_after(r, before)?;
-        let done = Done::parse(&x.stdout);
-        let tl = timeline(r, key != "d", boot0, x.started)?;
-        m.cases.push(Case {
-            key,
-            name: name.into(),
-            bytes: file_len(img),
-            time: x.wall,
-            wire: done.wire,
-            flashd_kib: fd,
-            nx_kib: Some(x.maxrss_kib),
-            note: format!("{}; {tl}", done.describe()),
-        });
+        let (case, done) = flash_case(ctx, boot0, key, name.into(), img)?;
+        let wall = case.time;
+        m.cases.push(case);
         if key == "b" {
-            m.full_dense = Some(x.wall);
+            m.full_dense = Some(wall);
             m.dense_wire = Some(done.wire);
         }
         if key == "c" {
-            m.full_sparse = Some(x.wall);
+            m.full_sparse = Some(wall);
         }
     }
 
@@ -633,6 +813,20 @@ struct Raw {
 /// One rawrecv session: header, the file, the reply. Timed from connect to reply.
 fn raw_copy(ctx: &Ctx, img: &Path, mode: &str, hash: &str, sink: &str) -> anyhow::Result<Raw> {
     let len = file_len(img);
+    // The digest rawrecv must report (computed before the timed part, once per image).
+    let want_digest = match hash {
+        "sha256" | "1" | "sha256-par" => {
+            let mut cache = ctx.host_digests.borrow_mut();
+            if cache.as_ref().map(|d| d.img.as_path()) != Some(img) {
+                *cache = Some(HostDigests::of(img)?);
+            }
+            cache
+                .as_ref()
+                .and_then(|d| d.want(hash))
+                .map(str::to_string)
+        }
+        _ => None,
+    };
     let header = format!("NXRAW1 len={len} mode={mode} hash={hash} sink={sink}\n");
     let mut f = std::fs::File::open(img).with_context(|| format!("open {}", img.display()))?;
     let t = Instant::now();
@@ -667,15 +861,32 @@ fn raw_copy(ctx: &Ctx, img: &Path, mode: &str, hash: &str, sink: &str) -> anyhow
     if get("bytes") != len.to_string() {
         bail!("rawrecv received {} bytes, sent {len}", get("bytes"));
     }
+    if let Some(want) = &want_digest {
+        if get("digest") != *want {
+            bail!(
+                "rawrecv hash={hash}: digest {} but the host computed {want} for {}",
+                get("digest"),
+                img.display()
+            );
+        }
+    }
     let detail = format!(
-        "guest: read {} ms, write {} ms, fsync {} ms{}",
+        "guest: read {} ms, write {} ms, fsync {} ms{}{}",
         get("read_ms"),
         get("write_ms"),
         get("sync_ms"),
-        if hash == "0" {
-            String::new()
+        match hash {
+            "0" => String::new(),
+            "sha256-par" => format!(
+                ", sha256 of 1 MiB pieces {} ms summed over the pool (one thread per vCPU)",
+                get("hash_ms")
+            ),
+            _ => format!(", {hash} {} ms", get("hash_ms")),
+        },
+        if want_digest.is_some() {
+            "; digest checked on the host"
         } else {
-            format!(", {hash} {} ms", get("hash_ms"))
+            ""
         }
     );
     Ok(Raw { time, detail })
@@ -911,4 +1122,37 @@ fn relay_start(
         let _ = back.join();
     });
     Ok((counter, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn host_digests_match_what_rawrecv_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let piece = nx_contract::defaults::CHUNK as usize;
+        // Two whole pieces and a short one.
+        let data: Vec<u8> = (0..2 * piece + 1000)
+            .map(|i| (i * 31 + i / 999) as u8)
+            .collect();
+        std::fs::write(&img, &data).unwrap();
+        let d = HostDigests::of(&img).unwrap();
+        assert_eq!(
+            d.want("sha256"),
+            Some(hex::encode(Sha256::digest(&data)).as_str())
+        );
+        let mut outer = Sha256::new();
+        outer.update(Sha256::digest(&data[..piece]));
+        outer.update(Sha256::digest(&data[piece..2 * piece]));
+        outer.update(Sha256::digest(&data[2 * piece..]));
+        assert_eq!(
+            d.want("sha256-par"),
+            Some(hex::encode(outer.finalize()).as_str())
+        );
+        assert_eq!(d.want("crc32"), None);
+        assert_eq!(d.want("0"), None);
+    }
 }

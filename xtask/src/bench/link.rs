@@ -64,7 +64,7 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
     if !a.no_build {
         run_cmd(cargo().args(["build", "--release", "-p", "nx-cli", "-p", "flashd"]))?;
     }
-    let rel = util::release_dir();
+    let rel = util::host_release_dir();
     let bins = Bins {
         nx: rel.join("nx"),
         flashd: rel.join("flashd"),

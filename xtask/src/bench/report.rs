@@ -114,7 +114,39 @@ impl Measured {
         })
     }
 
-    /// The six targets of issue 7.
+    /// Issue 15, item 6(d): the dense flash (b) against the link + SHA-256 row (p3), both
+    /// measured in the same boot (the same vCPUs); the text adds (b) against the link + SHA-256
+    /// on every vCPU (p6) and the one-verify-thread flash (b1) when they were measured.
+    pub fn dense_vs_sha(&self) -> Verdict {
+        let rate = |k: &str| self.case(k).map(Case::mb_s);
+        let b = rate("b");
+        let x = |over: Option<f64>| match (b, over) {
+            (Some(b), Some(o)) => Some(b / o.max(1e-9)),
+            _ => None,
+        };
+        let vs_p3 = x(rate("p3"));
+        let mut got = match vs_p3 {
+            Some(r) => format!("b is {r:.2}× p3"),
+            None => "–".into(),
+        };
+        if let Some(r) = x(rate("p6")) {
+            let _ = write!(got, ", {r:.2}× p6");
+        }
+        if let (Some(b1), Some(p3)) = (rate("b1"), rate("p3")) {
+            let _ = write!(
+                got,
+                " (b1, one verify thread: {:.2}× p3)",
+                b1 / p3.max(1e-9)
+            );
+        }
+        Verdict {
+            target: "dense ≥ 0.9 × link + SHA-256 (p3), same vCPUs",
+            got,
+            met: vs_p3.map(|r| r >= 0.9),
+        }
+    }
+
+    /// The targets of issue 7 (and issue 15's dense verification target).
     pub fn verdicts(&self) -> Vec<Verdict> {
         let mut v = Vec::new();
         if let Some(n) = self.boot_chain.iter().find(|b| b.target == "normal") {
@@ -130,6 +162,7 @@ impl Measured {
             got: r("b").map_or("–".into(), |x| format!("{:.0}% of raw", x * 100.0)),
             met: r("b").map(|x| x >= 0.8),
         });
+        v.push(self.dense_vs_sha());
         v.push(Verdict {
             target: "10% data ≥ 5× raw",
             got: r("c").map_or("–".into(), |x| format!("{x:.2}× raw")),
@@ -191,13 +224,13 @@ pub fn table(m: &Measured) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<3} {:<46} {:>9} {:>9} {:>12} {:>8} {:>10} {:>10}",
+        "{:<3} {:<52} {:>9} {:>9} {:>12} {:>8} {:>10} {:>10}",
         "", "case", "time", "MB/s", "wire", "vs raw", "flashd", "nx"
     );
     for c in &m.cases {
         let _ = writeln!(
             s,
-            "{:<3} {:<46} {:>7.2} s {:>9.1} {:>12} {:>8} {:>10} {:>10}",
+            "{:<3} {:<52} {:>7.2} s {:>9.1} {:>12} {:>8} {:>10} {:>10}",
             c.key,
             c.name,
             c.time.as_secs_f64(),
@@ -552,6 +585,34 @@ mod tests {
     }
 
     #[test]
+    fn dense_against_the_sha256_rows() {
+        // b 4.0 s, p3 3.8 s: b is 0.95× p3 (met); p6 2.0 s: 0.50× p6; b1 5.0 s: 0.76× p3.
+        let mut m = Measured {
+            cases: vec![case("p3", 3.8), case("p6", 2.0), case("b", 4.0)],
+            ..Default::default()
+        };
+        let v = m.dense_vs_sha();
+        assert_eq!(v.met, Some(true));
+        assert_eq!(v.got, "b is 0.95× p3, 0.50× p6");
+        m.cases.push(case("b1", 5.0));
+        assert_eq!(
+            m.dense_vs_sha().got,
+            "b is 0.95× p3, 0.50× p6 (b1, one verify thread: 0.76× p3)"
+        );
+        // b 4.4 s: 0.86× p3, missed.
+        m.cases.retain(|c| c.key != "b");
+        m.cases.push(case("b", 4.4));
+        assert_eq!(m.dense_vs_sha().met, Some(false));
+        assert!(m
+            .verdicts()
+            .iter()
+            .any(|v| v.target.starts_with("dense ≥ 0.9") && v.met == Some(false)));
+        // Without (b): not measured.
+        m.cases.retain(|c| c.key != "b");
+        assert_eq!(m.dense_vs_sha().met, None);
+    }
+
+    #[test]
     fn verdicts_and_docs_block() {
         let m = Measured {
             size: 256 << 20,
@@ -572,12 +633,14 @@ mod tests {
         };
         let v = m.verdicts();
         assert_eq!(v[0].met, Some(true)); // 83%
-        assert_eq!(v[1].met, Some(true)); // 6.7×
-        assert_eq!(v[2].met, Some(true)); // 6.7%
-        assert_eq!(v[3].met, Some(true));
+        assert_eq!(v[1].met, None); // no p3 in this run
+        assert_eq!(v[1].got, "–");
+        assert_eq!(v[2].met, Some(true)); // 6.7×
+        assert_eq!(v[3].met, Some(true)); // 6.7%
         assert_eq!(v[4].met, Some(true));
         assert_eq!(v[5].met, Some(true));
         assert_eq!(v[6].met, Some(true));
+        assert_eq!(v[7].met, Some(true));
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("benchmarks.md"),

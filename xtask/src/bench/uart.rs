@@ -42,7 +42,7 @@ pub fn run(a: UartArgs) -> anyhow::Result<()> {
         ]))?;
     }
     // The release nx, as users run it (a debug build compresses at a fraction of the speed).
-    let nx = crate::util::release_dir().join("nx");
+    let nx = crate::util::host_release_dir().join("nx");
     anyhow::ensure!(
         nx.exists(),
         "{} is missing: run without --no-build",
