@@ -205,6 +205,11 @@ pub fn reference(
             }
         }
     }
+    self_reference(offset)
+}
+
+/// The image's own bytes before the chunk at absolute `offset` (up to [`SELF_WINDOW`]).
+fn self_reference(offset: u64) -> Option<Reference> {
     let lo = offset.saturating_sub(SELF_WINDOW);
     (offset > lo).then(|| Reference {
         source: PatchSource::Staging,
@@ -324,7 +329,26 @@ pub fn compress_chunk(
                 } else {
                     patch_frame(&prefix, data, level)
                 };
-                if let Some(frame) = frame {
+                let mut best = frame.map(|f| (r, f));
+                // New bytes against a base: the image's own earlier bytes may hold them
+                // better (the later chunks of a new file repeat its first ones, which the
+                // base never had). Only for chunks the base did not nearly cover, and only
+                // at the link's level (where the ratio is worth the time).
+                let new_bytes = best
+                    .as_ref()
+                    .is_none_or(|(_, f)| f.len() > data.len() / QUICK_ENOUGH);
+                if r.source == PatchSource::Base && staging && level > QUICK_LEVEL && new_bytes {
+                    if let Some(s) = self_reference(offset) {
+                        if let Ok(prefix) = img.read_at(s.offset, s.len) {
+                            if let Some(f) = patch_frame(&prefix, data, level) {
+                                if best.as_ref().is_none_or(|(_, b)| f.len() < b.len()) {
+                                    best = Some((s, f));
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Some((r, frame)) = best {
                     return Some(WriteBody::Patch {
                         source: r.source,
                         ref_offset: r.offset,
