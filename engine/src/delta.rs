@@ -8,8 +8,10 @@
 //!   the same relative offset ([`BASE_WINDOW`] before and after), so unchanged bytes cost a
 //!   few bytes of matches even when they moved;
 //! * otherwise against the image's **own earlier bytes** (the staging bytes the target has
-//!   already accepted, [`SELF_WINDOW`] before the chunk): chunks compress as one long
-//!   stream would, not each on its own.
+//!   already accepted, [`SELF_WINDOW`] before the chunk — [`SELF_WINDOW_BEST`] at the
+//!   slow-link levels, far enough back that the initramfs finds the rootfs's binaries
+//!   across the kernel between them): chunks compress as one long stream would, not each
+//!   on its own.
 //!
 //! The target decompresses with the same prefix and verifies every byte against the signed
 //! manifest as for any other write: a wrong base can only cost a retry, never a bad install.
@@ -25,8 +27,13 @@ use crate::image_file::ImageFile;
 
 /// Bytes of the base segment before and after the chunk's own offset in the prefix.
 pub const BASE_WINDOW: u64 = 4 * 1024 * 1024;
-/// Bytes of the image's own earlier data in the prefix of a chunk sent without a base.
+/// Bytes of the image's own earlier data in the prefix of a chunk sent without a base, at
+/// [`QUICK_LEVEL`] and below (fast links: little host time and memory per chunk).
 pub const SELF_WINDOW: u64 = 8 * 1024 * 1024;
+/// The same above [`QUICK_LEVEL`] (slow links, `--compress zstd`): the host's time is
+/// cheaper than the line's. With 8 MiB a full flash of the realistic OS was 1.06× `zstd -19
+/// --long` of its uncompressed files; with this, 1.00× (`cargo xtask bench delta`).
+pub const SELF_WINDOW_BEST: u64 = 32 * 1024 * 1024;
 /// zstd level of a first, quick `PATCH` frame against the base: enough to find what is
 /// unchanged (wherever it moved).
 pub const QUICK_LEVEL: i32 = 3;
@@ -67,7 +74,8 @@ const MAX_CANDIDATES: usize = 256;
 
 // Every prefix fits what the target accepts.
 const _: () = assert!(2 * BASE_WINDOW + (proto::msg::MAX_CHUNK as u64) <= MAX_PATCH_REF as u64);
-const _: () = assert!(SELF_WINDOW <= MAX_PATCH_REF as u64);
+const _: () = assert!(SELF_WINDOW <= SELF_WINDOW_BEST);
+const _: () = assert!(SELF_WINDOW_BEST <= MAX_PATCH_REF as u64);
 
 /// Why a `--base` image cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -175,12 +183,14 @@ pub struct Reference {
 }
 
 /// The prefix for the chunk at absolute `offset` (`len` bytes) of `img`: the same segment of
-/// `base` around the same relative offset, or the image's own bytes before the chunk.
+/// `base` around the same relative offset, or the image's own bytes before the chunk (how
+/// far back depends on the zstd `level`, see [`SELF_WINDOW_BEST`]).
 pub fn reference(
     img: &ImageFile,
     base: Option<&ImageFile>,
     offset: u64,
     len: u32,
+    level: i32,
 ) -> Option<Reference> {
     if let Some(base) = base {
         let m = img.manifest();
@@ -205,12 +215,18 @@ pub fn reference(
             }
         }
     }
-    self_reference(offset)
+    self_reference(offset, level)
 }
 
-/// The image's own bytes before the chunk at absolute `offset` (up to [`SELF_WINDOW`]).
-fn self_reference(offset: u64) -> Option<Reference> {
-    let lo = offset.saturating_sub(SELF_WINDOW);
+/// The image's own bytes before the chunk at absolute `offset` (up to [`SELF_WINDOW`], or
+/// [`SELF_WINDOW_BEST`] above [`QUICK_LEVEL`]).
+fn self_reference(offset: u64, level: i32) -> Option<Reference> {
+    let window = if level > QUICK_LEVEL {
+        SELF_WINDOW_BEST
+    } else {
+        SELF_WINDOW
+    };
+    let lo = offset.saturating_sub(window);
     (offset > lo).then(|| Reference {
         source: PatchSource::Staging,
         offset: lo,
@@ -242,6 +258,15 @@ pub fn patch_frame(prefix: &[u8], data: &[u8], level: i32) -> Option<Vec<u8>> {
     cctx.set_parameter(CParameter::CompressionLevel(level))
         .ok()?;
     cctx.set_parameter(CParameter::WindowLog(wlog)).ok()?;
+    if level > QUICK_LEVEL {
+        // The match finder's own tables follow the window at the high levels (a 32 MiB
+        // prefix would mean ~80 MiB of tables set up for every 1 MiB chunk): cap them at
+        // what one chunk and its neighbourhood need; long-distance matching finds the
+        // prefix's far bytes. (The quick levels' defaults are below these caps.)
+        cctx.set_parameter(CParameter::HashLog(wlog.min(21))).ok()?;
+        cctx.set_parameter(CParameter::ChainLog(wlog.min(22)))
+            .ok()?;
+    }
     // Long-distance matching finds the prefix's bytes however far back they are (what
     // `zstd --long --patch-from` does); the regular match finder of the fast levels keeps
     // too few positions of a multi-MiB prefix.
@@ -280,7 +305,7 @@ pub fn compress_chunk(
 ) -> Option<WriteBody> {
     let len = u32::try_from(data.len()).ok()?;
     let r = if base.is_some() || staging {
-        reference(img, base, offset, len)
+        reference(img, base, offset, len, level)
     } else {
         None
     };
@@ -338,7 +363,7 @@ pub fn compress_chunk(
                     .as_ref()
                     .is_none_or(|(_, f)| f.len() > data.len() / QUICK_ENOUGH);
                 if r.source == PatchSource::Base && staging && level > QUICK_LEVEL && new_bytes {
-                    if let Some(s) = self_reference(offset) {
+                    if let Some(s) = self_reference(offset, level) {
                         if let Ok(prefix) = img.read_at(s.offset, s.len) {
                             if let Some(f) = patch_frame(&prefix, data, level) {
                                 if best.as_ref().is_none_or(|(_, b)| f.len() < b.len()) {

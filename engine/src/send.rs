@@ -826,7 +826,7 @@ async fn run_session(
 
 /// At most this many chunks are compressed at once: one per core. More in parallel would not
 /// finish sooner, but each holds a zstd context and its patch reference (up to
-/// [`crate::delta::SELF_WINDOW`] bytes read from the image). The plain zstd contexts are
+/// [`crate::delta::SELF_WINDOW_BEST`] bytes read from the image). The plain zstd contexts are
 /// pooled here too, so there are never more than `max` of them (one per blocking thread, as
 /// before, kept one per thread that ever compressed: with a window of chunks read on blocking
 /// threads, that made `nx flash send` of a dense image peak at 75 MiB instead of 25).
