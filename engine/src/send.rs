@@ -961,7 +961,14 @@ fn classify(e: SessionError, progressed: bool) -> End {
     match e {
         SessionError::BadImage(e) => End::Fatal(SendError::ImageInvalid(e.to_string())),
         SessionError::Remote { code, text } => match code {
-            ErrorCode::Storage | ErrorCode::Timeout | ErrorCode::Aborted => End::Retry {
+            // NoSession: the target dropped or forgot our session (a stall, a restart) where
+            // the link could not say so; Busy: another link is flashing, it may be done by
+            // the next attempt. Both resume with a new HELLO.
+            ErrorCode::Storage
+            | ErrorCode::Timeout
+            | ErrorCode::Aborted
+            | ErrorCode::NoSession
+            | ErrorCode::Busy => End::Retry {
                 why: format!("the target reported error {code}: {text}"),
                 progressed,
             },
@@ -982,7 +989,33 @@ fn classify(e: SessionError, progressed: bool) -> End {
 
 #[cfg(test)]
 mod tests {
-    use super::CompressSlots;
+    use super::{classify, CompressSlots, End};
+    use proto::msg::ErrorCode;
+    use proto::session::SessionError;
+
+    #[test]
+    fn a_dropped_session_or_a_busy_target_is_retried_a_refusal_is_not() {
+        let remote = |code| SessionError::Remote {
+            code,
+            text: "x".into(),
+        };
+        for code in [ErrorCode::NoSession, ErrorCode::Busy, ErrorCode::Storage] {
+            assert!(
+                matches!(classify(remote(code), false), End::Retry { .. }),
+                "{code}"
+            );
+        }
+        for code in [
+            ErrorCode::Protocol,
+            ErrorCode::Signature,
+            ErrorCode::Rollback,
+        ] {
+            assert!(
+                matches!(classify(remote(code), true), End::Fatal(_)),
+                "{code}"
+            );
+        }
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 

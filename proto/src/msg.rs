@@ -237,6 +237,10 @@ wire_enum! {
         /// 17: another link of the target is flashing right now (flashd serves one link at a
         /// time: the virtio-serial port and the UART); retry when it is done.
         Busy = 17 => "busy",
+        /// 18: data (WRITE, WRITE_PART, DONE) for a session the target does not hold: it
+        /// dropped a stalled one or restarted, and on a link without connections (a UART,
+        /// a virtio port) the host cannot tell. Send HELLO again: the transfer resumes.
+        NoSession = 18 => "no_session",
     }
     unknown: Unknown => "unknown", "A code this version does not know (kept verbatim)."
 }
@@ -1533,7 +1537,7 @@ mod tests {
             assert_eq!(ErrorCode::from_code(e.code()), *e);
             assert_ne!(e.name(), "unknown");
         }
-        assert_eq!(ErrorCode::ALL.len(), 17);
+        assert_eq!(ErrorCode::ALL.len(), 18);
         assert_eq!(ErrorCode::from_code(999), ErrorCode::Unknown(999));
         assert_eq!(ErrorCode::Unknown(999).code(), 999);
         assert_eq!(ErrorCode::TooLarge.to_string(), "13 (too_large)");

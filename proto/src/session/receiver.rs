@@ -865,7 +865,12 @@ impl Receiver {
             Phase::Transfer => true,
             Phase::Failed => false, // ERROR already sent; the rest of the window is noise
             Phase::Idle => {
-                self.fail(ErrorCode::Protocol, &format!("{what} before HELLO"));
+                // Either a broken host or, on a link without connections, one whose session
+                // this target dropped (stall timeout) or forgot (restart): it may resume.
+                self.fail(
+                    ErrorCode::NoSession,
+                    &format!("{what} before HELLO: no session here (dropped or restarted); send HELLO to resume"),
+                );
                 false
             }
             Phase::Unchanged

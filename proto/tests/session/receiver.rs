@@ -1556,3 +1556,30 @@ fn a_provisioned_target_says_so_in_its_reply() {
         ReceiverAction::Report(ReceiverReport::Trusted { key: Some(k), .. }) if k == "release"
     )));
 }
+
+#[test]
+fn data_without_a_session_says_no_session_so_the_host_can_resume() {
+    // A fresh target (or one that dropped a stalled session) gets a WRITE: on a link without
+    // connections the host cannot know; the code tells it to send HELLO again.
+    let img = image();
+    let mut rx = Receiver::new(rcfg(), None, None);
+    let c = Plan::new(&img.manifest, CHUNK).unwrap().chunk(1).unwrap();
+    rx.handle(wframe(Write {
+        seq: 1,
+        segment: "kernel".into(),
+        offset: c.rel_offset,
+        len: c.len,
+        body: WriteBody::Raw(Bytes::copy_from_slice(
+            &img.bytes[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
+        )),
+    }));
+    let a = drain_rx(&mut rx);
+    let e = &errors(&a)[0];
+    assert_eq!(e.code, ErrorCode::NoSession, "{}", e.text);
+    assert!(e.text.starts_with("WRITE before HELLO"), "{}", e.text);
+    // ... and the HELLO that follows is served.
+    rx.handle(ReceiverEvent::Frame(hello(&img, 2, true)));
+    assert!(frames_of(&drain_rx(&mut rx))
+        .iter()
+        .any(|m| matches!(m, Message::HelloReply(_))));
+}
