@@ -1368,8 +1368,8 @@ impl Receiver {
             Phase::Idle | Phase::Failed => {
                 if self.phase == Phase::Idle {
                     self.fail(
-                        ErrorCode::Protocol,
-                        "DONE without a session (send HELLO first)",
+                        ErrorCode::NoSession,
+                        "DONE without a session (dropped or restarted); send HELLO to resume",
                     );
                 }
             }

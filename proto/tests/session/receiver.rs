@@ -437,16 +437,25 @@ fn zstd_without_negotiation_and_copy_with_no_skip_are_refused() {
 }
 
 #[test]
-fn write_before_hello_and_done_without_session_are_protocol_errors() {
+fn write_before_hello_and_done_without_session_say_no_session() {
+    // A fresh target (or one that dropped a stalled session) gets data: on a link without
+    // connections the host cannot know; the code tells it to send HELLO again.
     let img = image();
     let mut rx = Receiver::new(rcfg(), None, None);
     rx.handle(wframe(write_msg(&img, 1)));
-    assert_eq!(errors(&drain_rx(&mut rx))[0].code, ErrorCode::Protocol);
+    let e = &errors(&drain_rx(&mut rx))[0];
+    assert_eq!(e.code, ErrorCode::NoSession, "{}", e.text);
+    assert!(e.text.starts_with("WRITE before HELLO"), "{}", e.text);
+    // ... and the HELLO that follows is served.
+    rx.handle(ReceiverEvent::Frame(hello(&img, 2, true)));
+    assert!(frames_of(&drain_rx(&mut rx))
+        .iter()
+        .any(|m| matches!(m, Message::HelloReply(_))));
     let mut rx = Receiver::new(rcfg(), None, None);
     rx.handle(ev(Message::Done(Done {
         image_sha256: [0; 32],
     })));
-    assert_eq!(errors(&drain_rx(&mut rx))[0].code, ErrorCode::Protocol);
+    assert_eq!(errors(&drain_rx(&mut rx))[0].code, ErrorCode::NoSession);
 }
 
 /// Sends chunks `from..=to` in order and returns the actions.
@@ -1555,31 +1564,4 @@ fn a_provisioned_target_says_so_in_its_reply() {
         x,
         ReceiverAction::Report(ReceiverReport::Trusted { key: Some(k), .. }) if k == "release"
     )));
-}
-
-#[test]
-fn data_without_a_session_says_no_session_so_the_host_can_resume() {
-    // A fresh target (or one that dropped a stalled session) gets a WRITE: on a link without
-    // connections the host cannot know; the code tells it to send HELLO again.
-    let img = image();
-    let mut rx = Receiver::new(rcfg(), None, None);
-    let c = Plan::new(&img.manifest, CHUNK).unwrap().chunk(1).unwrap();
-    rx.handle(wframe(Write {
-        seq: 1,
-        segment: "kernel".into(),
-        offset: c.rel_offset,
-        len: c.len,
-        body: WriteBody::Raw(Bytes::copy_from_slice(
-            &img.bytes[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
-        )),
-    }));
-    let a = drain_rx(&mut rx);
-    let e = &errors(&a)[0];
-    assert_eq!(e.code, ErrorCode::NoSession, "{}", e.text);
-    assert!(e.text.starts_with("WRITE before HELLO"), "{}", e.text);
-    // ... and the HELLO that follows is served.
-    rx.handle(ReceiverEvent::Frame(hello(&img, 2, true)));
-    assert!(frames_of(&drain_rx(&mut rx))
-        .iter()
-        .any(|m| matches!(m, Message::HelloReply(_))));
 }
