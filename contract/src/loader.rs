@@ -66,8 +66,10 @@ pub const SLOT_OPTION: &str = "nexus.slot";
 /// threads that verify the 1 MiB pieces of a segment; 0 = one per vCPU, flashd's default).
 /// The guest benchmark boots with `nexus.verify_threads=1` for its one-thread row (b1).
 pub const VERIFY_THREADS_OPTION: &str = "nexus.verify_threads";
-/// Largest [`VERIFY_THREADS_OPTION`] value recovery-init accepts (anything else is ignored).
-pub const MAX_VERIFY_THREADS: u32 = 256;
+/// Most piece-verification threads flashd runs (each holds a 1 MiB read buffer, so its
+/// memory stays bounded): flashd clamps `--verify-threads` to it, and recovery-init accepts
+/// [`VERIFY_THREADS_OPTION`] values up to it (anything else is ignored).
+pub const MAX_VERIFY_THREADS: u32 = 4;
 
 /// The directory of slot `slot`'s kernel and initramfs on the ESP (`nexus/a`).
 pub fn slot_dir(slot: char) -> String {

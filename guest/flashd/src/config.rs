@@ -254,17 +254,15 @@ impl Args {
     }
 }
 
-/// Most piece verification threads (each holds a read buffer; flashd's memory stays bounded).
-pub const MAX_VERIFY_THREADS: usize = 8;
-
-/// `--verify-threads N` resolved: 0 means one per vCPU; always 1..=[`MAX_VERIFY_THREADS`].
+/// `--verify-threads N` resolved: 0 means one per vCPU; always
+/// 1..=[`nx_contract::loader::MAX_VERIFY_THREADS`].
 pub fn verify_threads(n: usize) -> usize {
     let n = if n == 0 {
         std::thread::available_parallelism().map_or(1, |p| p.get())
     } else {
         n
     };
-    n.clamp(1, MAX_VERIFY_THREADS)
+    n.clamp(1, nx_contract::loader::MAX_VERIFY_THREADS as usize)
 }
 
 /// Read an Ed25519 public key file (`nexus-ed25519-public-v1 <hex>`), bounded.
