@@ -137,8 +137,17 @@ async fn an_update_sends_only_what_changed_against_the_installed_image() {
         wire < 80_000,
         "{wire} bytes on the wire for {data} bytes of data"
     );
+    // Unchanged chunks at the same place are either patched or — once flashd's skip index of
+    // v1 is built (a low-priority thread after the install; the second send may start before
+    // or after it) — skipped as identical: both cost next to nothing.
     assert!(
-        rep.skips.patched > data * 9 / 10,
+        rep.skips.patched + rep.skips.identical > data * 9 / 10,
+        "patched {} and identical {} of {data}",
+        rep.skips.patched,
+        rep.skips.identical
+    );
+    assert!(
+        rep.skips.patched > data / 2,
         "patched {} of {data}",
         rep.skips.patched
     );
