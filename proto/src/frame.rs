@@ -80,6 +80,10 @@ pub enum SkipReason {
     TooLong { len: u32 },
     /// A frame with a valid CRC but a layout version this decoder does not speak.
     UnsupportedVersion { version: u8 },
+    /// A frame whose length field was corrupted: it declared `declared` payload bytes,
+    /// but the next frame starts after `actual`, where its CRC holds with that length
+    /// (see [`FrameDecoder::recover_short_frame`]). Dropped like a bad-CRC frame.
+    CorruptLength { declared: u32, actual: u32 },
 }
 
 impl std::fmt::Display for SkipReason {
@@ -99,6 +103,10 @@ impl std::fmt::Display for SkipReason {
             SkipReason::UnsupportedVersion { version } => write!(
                 f,
                 "frame version {version} is not supported (this side speaks {FRAME_VERSION})"
+            ),
+            SkipReason::CorruptLength { declared, actual } => write!(
+                f,
+                "corrupt length field (declared {declared} payload bytes; the frame ends after {actual})"
             ),
         }
     }
@@ -315,6 +323,9 @@ pub struct FrameDecoder {
     skipped_bytes: u64,
     skip_events: u64,
     eager_resync: bool,
+    /// [`FrameDecoder::recover_short_frame`]'s progress through the partial frame at the
+    /// head of the buffer: its header and how far it was searched.
+    short_scan: Option<([u8; HEADER_LEN], usize)>,
 }
 
 impl FrameDecoder {
@@ -350,6 +361,53 @@ impl FrameDecoder {
             0
         };
         Some(self.resync(buf, SkipReason::TooLong { len }))
+    }
+
+    /// The link went quiet with a partial frame buffered: was its length field
+    /// corrupted? A flipped length bit makes a frame claim up to [`MAX_PAYLOAD`] bytes,
+    /// and the frames sent after it vanish into it until that many bytes arrived (a
+    /// sender waiting for acknowledgements sends few). The frame really ends where a
+    /// later magic starts if its CRC holds with the length that implies: then the
+    /// frame's bytes are discarded (reported as [`SkipReason::CorruptLength`]) and the
+    /// frames behind it decode again. A false match needs a CRC-32 collision; an encoded
+    /// frame inside a payload does not match (the outer CRC covers different bytes).
+    /// The search resumes where the last call stopped, so calling this on every quiet
+    /// moment costs one pass over the frame at most. `None`: nothing to recover (no
+    /// partial frame, or its length may be right).
+    pub fn recover_short_frame(&mut self, buf: &mut BytesMut) -> Option<FrameError> {
+        if buf.len() < HEADER_LEN || buf[..MAGIC.len()] != MAGIC {
+            return None;
+        }
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&buf[..HEADER_LEN]);
+        let declared = le_u32(&buf[12..16]);
+        if HEADER_LEN + declared as usize + TRAILER_LEN <= buf.len() {
+            return None;
+        }
+        let from = match self.short_scan {
+            Some((h, upto)) if h == head && upto <= buf.len() => upto,
+            _ => HEADER_LEN + TRAILER_LEN,
+        };
+        let mut at = from;
+        while let Some(i) = find_magic(buf, at) {
+            if i + MAGIC.len() > buf.len() {
+                // A magic prefix at the end: look at it again when more arrived.
+                self.short_scan = Some((head, i));
+                return None;
+            }
+            let actual = (i - HEADER_LEN - TRAILER_LEN) as u32;
+            let mut h = [0u8; HEADER_LEN - 4];
+            h.copy_from_slice(&buf[4..HEADER_LEN]);
+            h[8..12].copy_from_slice(&actual.to_le_bytes());
+            let trailer = le_u32(&buf[i - TRAILER_LEN..i]);
+            if crc_of(&h, &buf[HEADER_LEN..i - TRAILER_LEN]) == trailer {
+                self.short_scan = None;
+                return Some(self.skip(buf, i, SkipReason::CorruptLength { declared, actual }));
+            }
+            at = i + 1;
+        }
+        self.short_scan = Some((head, buf.len()));
+        None
     }
 
     /// Is there a complete CRC-valid frame at a magic after offset 0?

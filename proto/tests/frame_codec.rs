@@ -372,3 +372,73 @@ proptest! {
         }
     }
 }
+
+/// A flipped bit in a frame's length field makes it swallow the frames behind it; once the
+/// link is quiet, `recover_short_frame` finds where it really ends (its CRC holds with that
+/// length) and the frames behind it decode again. A frame that is merely incomplete, or
+/// one carrying an encoded frame in its payload, is left alone.
+#[test]
+fn a_corrupted_length_is_found_by_the_next_magic_and_the_following_frames_survive() {
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let first = frame(0x21, 0, 5, &payload);
+    let second = frame(0x21, 0, 6, &payload[..300]);
+    let third = frame(0x21, 0, 7, &payload[..10]);
+    for bit in [10u32, 14, 20] {
+        let mut wire = encode_all(&[first.clone(), second.clone(), third.clone()]);
+        wire[12 + (bit / 8) as usize] ^= 1 << (bit % 8);
+        let mut dec = FrameDecoder::new();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&wire);
+        // The first frame now waits for bytes that never come.
+        let (frames, errs) = decode_all(&mut dec, &mut buf);
+        assert!(frames.is_empty() && errs.is_empty(), "bit {bit}");
+        let got = dec.recover_short_frame(&mut buf);
+        assert_eq!(
+            got,
+            Some(FrameError::Skipped {
+                bytes: HEADER_LEN + payload.len() + TRAILER_LEN,
+                reason: SkipReason::CorruptLength {
+                    declared: 1000 ^ (1 << bit),
+                    actual: 1000
+                }
+            }),
+            "bit {bit}"
+        );
+        let (frames, errs) = decode_all(&mut dec, &mut buf);
+        assert_eq!(frames, vec![second.clone(), third.clone()], "bit {bit}");
+        assert!(errs.is_empty());
+        assert_eq!(dec.recover_short_frame(&mut buf), None, "nothing left");
+    }
+
+    // An honest partial frame: searched, nothing found, nothing dropped; asked again after
+    // more bytes arrived, it still holds (the search resumes), and it decodes once whole.
+    let mut wire = encode_all(std::slice::from_ref(&first));
+    let mut dec = FrameDecoder::new();
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&wire[..500]);
+    assert_eq!(dec.decode(&mut buf), Ok(None));
+    assert_eq!(dec.recover_short_frame(&mut buf), None);
+    buf.extend_from_slice(&wire[500..900]);
+    assert_eq!(dec.recover_short_frame(&mut buf), None);
+    assert_eq!(buf.len(), 900);
+    buf.extend_from_slice(&wire[900..]);
+    assert_eq!(dec.decode(&mut buf), Ok(Some(first.clone())));
+
+    // A payload that carries a whole encoded frame (an image may hold a capture of this
+    // protocol): the inner frame is valid on its own, but the outer frame's CRC does not
+    // hold with the length it would imply, so the outer frame keeps waiting.
+    let inner = encode_all(std::slice::from_ref(&second));
+    let mut outer_payload = payload.clone();
+    outer_payload.extend_from_slice(&inner);
+    outer_payload.extend_from_slice(&payload);
+    let outer = frame(0x21, 0, 9, &outer_payload);
+    wire.clear();
+    outer.encode_to_vec(&mut wire);
+    let mut dec = FrameDecoder::new();
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&wire[..HEADER_LEN + payload.len() + inner.len() + 10]);
+    assert_eq!(dec.decode(&mut buf), Ok(None));
+    assert_eq!(dec.recover_short_frame(&mut buf), None);
+    buf.extend_from_slice(&wire[HEADER_LEN + payload.len() + inner.len() + 10..]);
+    assert_eq!(dec.decode(&mut buf), Ok(Some(outer)));
+}

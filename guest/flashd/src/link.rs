@@ -54,6 +54,11 @@ const EOF_GRACE: Duration = Duration::from_millis(100);
 /// A port silent this long while part of a frame is buffered: the frame was cut (the host
 /// went away and came back without an EOF in between), see `reader_loop`.
 const STALE_PARTIAL: Duration = Duration::from_millis(500);
+/// A port quiet this long while part of a frame is buffered: check whether that frame's
+/// length field was corrupted (`FrameDecoder::recover_short_frame`). A sender that waits
+/// for acknowledgements goes quiet until its timeout (at least 100 ms), so this finds
+/// the frames hidden behind a bad length long before `STALE_PARTIAL`.
+const PARTIAL_QUIET: Duration = Duration::from_millis(10);
 
 /// Errors of the link layer.
 #[derive(Debug, thiserror::Error)]
@@ -353,29 +358,46 @@ fn reader_loop(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // No data, but a host is connected (a port without one reads EOF).
                 eof_since = None;
-                if wait_fd(&src, PollFlags::IN, POLL_INTERVAL) {
+                let quiet = if buf.is_empty() {
+                    POLL_INTERVAL
+                } else {
+                    PARTIAL_QUIET
+                };
+                if wait_fd(&src, PollFlags::IN, quiet) {
                     continue;
                 }
-                stalled += POLL_INTERVAL;
-                if buf.is_empty() || stalled < STALE_PARTIAL {
+                stalled += quiet;
+                if buf.is_empty() {
                     continue;
                 }
-                // Nothing for a while, and an incomplete frame is held: when the host
-                // disconnects and reconnects faster than the port reports EOF, the head of a
-                // cut frame sits in front of the new host's first frame and would swallow it.
-                // Drop up to the next frame magic and decode what follows (a frame of a
-                // merely slow host is then lost like any corrupt one: NAK, retransmit).
-                // On any link (socket too): a flipped length bit makes a frame claim up to
-                // MAX_PAYLOAD bytes; a sender that slowed down on a noisy line would take
-                // minutes to fill it, so the stale partial frame is dropped here as well.
-                stalled = Duration::ZERO;
-                let n = find_next_magic(&buf).unwrap_or(buf.len());
-                bytes::Buf::advance(&mut buf, n);
-                if !send(LinkEvent::Skipped {
-                    bytes: n,
-                    reason: SkipReason::Garbage,
-                }) {
-                    return;
+                if let Some(FrameError::Skipped { bytes, reason }) =
+                    dec.recover_short_frame(&mut buf)
+                {
+                    // A frame with a corrupted length: drop it, decode what follows.
+                    stalled = Duration::ZERO;
+                    if !send(LinkEvent::Skipped { bytes, reason }) {
+                        return;
+                    }
+                } else if stalled < STALE_PARTIAL {
+                    continue;
+                } else {
+                    // Nothing for a while, and an incomplete frame is held: when the host
+                    // disconnects and reconnects faster than the port reports EOF, the head of a
+                    // cut frame sits in front of the new host's first frame and would swallow it.
+                    // Drop up to the next frame magic and decode what follows (a frame of a
+                    // merely slow host is then lost like any corrupt one: NAK, retransmit).
+                    // On any link (socket too): a flipped length bit makes a frame claim up to
+                    // MAX_PAYLOAD bytes; a sender that slowed down on a noisy line would take
+                    // minutes to fill it, so the stale partial frame is dropped here as well.
+                    stalled = Duration::ZERO;
+                    let n = find_next_magic(&buf).unwrap_or(buf.len());
+                    bytes::Buf::advance(&mut buf, n);
+                    if !send(LinkEvent::Skipped {
+                        bytes: n,
+                        reason: SkipReason::Garbage,
+                    }) {
+                        return;
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -976,6 +998,42 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(c2.peer().starts_with("port#"), "{}", c2.peer());
+    }
+
+    #[test]
+    fn a_frame_with_a_flipped_length_bit_releases_the_frames_behind_it_when_the_line_goes_quiet(
+    ) {
+        // A noisy line flipped bit 16 of a WRITE's length: it claims 64 KiB more than it
+        // has and the INFO behind it vanishes into it. The host then waits (for an ACK),
+        // the line goes quiet, and the reader finds where the frame really ends long
+        // before STALE_PARTIAL would drop it (which would report it as garbage).
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        let mut c = Conn::from_unix(ours, "t").unwrap();
+        let mut bad = Frame::new(7, 0, 1, bytes::Bytes::from(vec![0x5a; 3000]))
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        bad[14] ^= 1;
+        host.write_all(&bad).unwrap();
+        host.write_all(&Message::Info.to_frame().unwrap().to_bytes())
+            .unwrap();
+        match next_event(&mut c) {
+            LinkEvent::Skipped { bytes, reason } => {
+                assert_eq!(bytes, 3000 + 20);
+                assert_eq!(
+                    reason,
+                    SkipReason::CorruptLength {
+                        declared: 3000 + (1 << 16),
+                        actual: 3000
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match next_event(&mut c) {
+            LinkEvent::Frame(f) => assert_eq!(Message::from_frame(&f).unwrap(), Message::Info),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
