@@ -326,6 +326,8 @@ pub struct FrameDecoder {
     /// [`FrameDecoder::recover_short_frame`]'s progress through the partial frame at the
     /// head of the buffer: its header and how far it was searched.
     short_scan: Option<([u8; HEADER_LEN], usize)>,
+    /// The payload length of recent frames: the largest, decaying by 1/16 per frame.
+    recent_len: usize,
 }
 
 impl FrameDecoder {
@@ -371,9 +373,11 @@ impl FrameDecoder {
     /// frame's bytes are discarded (reported as [`SkipReason::CorruptLength`]) and the
     /// frames behind it decode again. A false match needs a CRC-32 collision; an encoded
     /// frame inside a payload does not match (the outer CRC covers different bytes).
-    /// The search resumes where the last call stopped, so calling this on every quiet
-    /// moment costs one pass over the frame at most. `None`: nothing to recover (no
-    /// partial frame, or its length may be right).
+    /// Only a frame longer than the recent ones is searched (a sender's frames are alike,
+    /// and a length corrupted downwards just fails its CRC): a quiet moment in the middle
+    /// of an honest frame costs nothing. The search resumes where the last call stopped,
+    /// so calling this on every quiet moment costs one pass over the frame at most.
+    /// `None`: nothing to recover (no partial frame, or its length may be right).
     pub fn recover_short_frame(&mut self, buf: &mut BytesMut) -> Option<FrameError> {
         if buf.len() < HEADER_LEN || buf[..MAGIC.len()] != MAGIC {
             return None;
@@ -381,7 +385,9 @@ impl FrameDecoder {
         let mut head = [0u8; HEADER_LEN];
         head.copy_from_slice(&buf[..HEADER_LEN]);
         let declared = le_u32(&buf[12..16]);
-        if HEADER_LEN + declared as usize + TRAILER_LEN <= buf.len() {
+        if HEADER_LEN + declared as usize + TRAILER_LEN <= buf.len()
+            || (declared as usize) <= self.recent_len
+        {
             return None;
         }
         let from = match self.short_scan {
@@ -510,6 +516,7 @@ impl FrameDecoder {
         whole.advance(HEADER_LEN);
         whole.truncate(len as usize);
         self.frames += 1;
+        self.recent_len = (len as usize).max(self.recent_len - self.recent_len / 16);
         Ok(Some(Frame {
             msg_type,
             flags,

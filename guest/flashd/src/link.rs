@@ -1001,8 +1001,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_with_a_flipped_length_bit_releases_the_frames_behind_it_when_the_line_goes_quiet(
-    ) {
+    fn a_frame_with_a_flipped_length_bit_releases_the_frames_behind_it_when_the_line_goes_quiet() {
         // A noisy line flipped bit 16 of a WRITE's length: it claims 64 KiB more than it
         // has and the INFO behind it vanishes into it. The host then waits (for an ACK),
         // the line goes quiet, and the reader finds where the frame really ends long

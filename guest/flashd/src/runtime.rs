@@ -155,6 +155,9 @@ pub(crate) struct Runtime {
     /// Chunk size of the last journal (the skip index is built with it).
     plan_chunk: Option<u32>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// The reference of a small `PATCH` (at most `PATCH_READ_MAX`), read instead of mapped,
+    /// kept for the next one.
+    patch_ref: Vec<u8>,
     hello: HelloSeen,
     /// What the install target is called in receipts (resolved at each install).
     install_target: String,
@@ -281,6 +284,7 @@ impl Runtime {
             counters,
             plan_chunk: None,
             zstd: None,
+            patch_ref: Vec::new(),
             hello: HelloSeen {
                 host: String::new(),
                 manifest: None,

@@ -124,7 +124,8 @@ pub fn run(a: LinkArgs) -> anyhow::Result<()> {
     }
 
     let mb = img_bytes as f64 / 1e6;
-    let clean = match rows.first().map(|r| &r.1 .0) {
+    // The reference is the clean row only (a `--rates` run without 0 has none).
+    let clean = match rows.first().filter(|r| r.0 == 0.0).map(|r| &r.1 .0) {
         Some(Outcome::Done {
             secs,
             identical: true,

@@ -16,6 +16,12 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Largest `PATCH` reference read into a buffer (kept between chunks) instead of mapped:
+/// the chunk's own place in the base, the bulk of an update. Longer ones (a window around
+/// changed bytes, the image's own earlier bytes) are mapped: file pages, not anonymous
+/// memory.
+const PATCH_READ_MAX: u32 = msg::MAX_CHUNK;
+
 fn storage(e: store::StoreError) -> ActionError {
     (ErrorCode::Storage, e.to_string())
 }
@@ -392,7 +398,14 @@ impl Runtime {
             }
             WriteBody::Zero => (None, Kind::Zero),
             WriteBody::Copy { src_offset, hash } => {
-                let d = self.copy_from_installed(src_offset, len, hash)?;
+                // With signed pieces the pool checks the copied bytes like any others
+                // (a segment built from COPY that fails drops the skip index and starts
+                // over, see the receiver), so the source's own hash is not needed.
+                let pieces = self
+                    .manifest()
+                    .and_then(|m| m.segments.get(seg_index))
+                    .is_some_and(|s| !s.chunk_sha256.is_empty());
+                let d = self.copy_from_installed(src_offset, len, (!pieces).then_some(hash))?;
                 (Some(d), Kind::Copy)
             }
             WriteBody::Derive => {
@@ -539,11 +552,13 @@ impl Runtime {
         Ok(Bytes::from(out))
     }
 
+    /// `COPY`: `len` bytes of the installed image at `src_offset`; checked against `hash`
+    /// (the skip index's) when given.
     fn copy_from_installed(
         &mut self,
         src_offset: u64,
         len: u32,
-        hash: msg::ChunkHash,
+        hash: Option<msg::ChunkHash>,
     ) -> Result<Bytes, ActionError> {
         let target = self.dest.resolve().map_err(|e| (ErrorCode::Storage, e))?;
         let path = target.path().to_path_buf();
@@ -556,7 +571,7 @@ impl Runtime {
                     format!("COPY from the installed image {}: {e}", path.display()),
                 )
             })?;
-        if msg::chunk_hash(&buf) != hash {
+        if hash.is_some_and(|h| msg::chunk_hash(&buf) != h) {
             // The installed image is not what its index says: stop offering it.
             if let Some(mut inst) = self.rx.installed().cloned() {
                 inst.index = None;
@@ -697,6 +712,31 @@ impl Runtime {
                 ),
             ));
         }
+        let undecodable = |e| {
+            (
+                ErrorCode::BadWrite,
+                format!("PATCH data does not decode: {e}"),
+            )
+        };
+        if ref_len <= PATCH_READ_MAX {
+            // Most of an update: the chunk's own place in the base. Read into a buffer kept
+            // for the next one: mapping and unmapping each reference costs every vCPU a TLB
+            // flush (under TCG a slow one), for a MiB that is read once.
+            let buf = &mut self.patch_ref;
+            if buf.len() < ref_len as usize {
+                buf.resize(ref_len as usize, 0);
+            }
+            let prefix = buf.get_mut(..ref_len as usize).unwrap_or_default();
+            file.read_exact_at(prefix, ref_offset).map_err(|e| {
+                (
+                    ErrorCode::Storage,
+                    format!("cannot read {} for a PATCH: {e}", path.display()),
+                )
+            })?;
+            return crate::patch::decode(prefix, frame, len as usize)
+                .map(Bytes::from)
+                .map_err(undecodable);
+        }
         // SAFETY: a read-only private view of a range checked to lie inside the file or
         // device; flashd is the only writer of staging and never truncates it while a
         // transfer is open, and slot partitions cannot shrink.
@@ -714,12 +754,7 @@ impl Runtime {
         })?;
         crate::patch::decode(&map, frame, len as usize)
             .map(Bytes::from)
-            .map_err(|e| {
-                (
-                    ErrorCode::BadWrite,
-                    format!("PATCH data does not decode: {e}"),
-                )
-            })
+            .map_err(undecodable)
     }
 
     /// The manifest of the image in the open staging.
