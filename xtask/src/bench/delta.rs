@@ -32,6 +32,15 @@ const BEGIN: &str =
 const END: &str = "<!-- bench-delta:end -->";
 const HEADING: &str = "## Delta updates (`cargo xtask bench delta`)";
 
+/// Timed sends of each kind in a QEMU guest (the medians are reported).
+const QEMU_RUNS: usize = 3;
+
+/// The median of `v` (sorted in place; 0 for none).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// `cargo xtask bench delta`.
 #[derive(clap::Args, Default)]
 pub struct DeltaArgs {
@@ -219,27 +228,44 @@ pub fn run(a: DeltaArgs) -> anyhow::Result<()> {
         let qemu = if p.name == "service" && !a.no_qemu {
             let base = util::build_dir().join("nexus-os.img");
             let base_s = base.to_string_lossy().into_owned();
-            let full = crate::e2e::timed_recovery_send(
-                "bench-delta-full",
-                &v2,
-                &["--no-skip", "--no-base-search"],
-            );
-            let delta = crate::e2e::timed_recovery_send(
-                "bench-delta",
-                &v2,
-                &["--no-base-search", "--base", &base_s],
-            );
-            match (full, delta) {
-                (Ok((f, _)), Ok((d, receipt))) => {
-                    eprintln!("xtask: bench delta: QEMU full {f:.1} s, delta {d:.1} s ({receipt})");
+            // A fresh guest per send, full and delta alternating, QEMU_RUNS of each: the
+            // medians (one run of each differs by more than their difference on these
+            // shared cores).
+            let mut times: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+            let mut outcome = Ok(String::new());
+            for _ in 0..QEMU_RUNS {
+                let full = crate::e2e::timed_recovery_send(
+                    "bench-delta-full",
+                    &v2,
+                    &["--no-skip", "--no-base-search"],
+                );
+                let delta = crate::e2e::timed_recovery_send(
+                    "bench-delta",
+                    &v2,
+                    &["--no-base-search", "--base", &base_s],
+                );
+                match (full, delta) {
+                    (Ok((f, _)), Ok((d, receipt))) => {
+                        times.0.push(f);
+                        times.1.push(d);
+                        outcome = Ok(receipt);
+                    }
+                    (f, d) => {
+                        outcome = Err((f.err(), d.err()));
+                        break;
+                    }
+                }
+            }
+            match outcome.map(|receipt| (median(&mut times.0), median(&mut times.1), receipt)) {
+                Ok((f, d, receipt)) => {
+                    eprintln!(
+                        "xtask: bench delta: QEMU full {f:.2} s, delta {d:.2} s (medians of {QEMU_RUNS}: full {:?}, delta {:?}; {receipt})",
+                        times.0, times.1
+                    );
                     Some((f, d))
                 }
-                (f, d) => {
-                    eprintln!(
-                        "xtask: bench delta: no QEMU timing ({:?} / {:?})",
-                        f.err(),
-                        d.err()
-                    );
+                Err((f, d)) => {
+                    eprintln!("xtask: bench delta: no QEMU timing ({f:?} / {d:?})");
                     None
                 }
             }
@@ -349,7 +375,7 @@ fn markdown(rows: &[Row]) -> String {
         ));
         if let Some((f, d)) = r.qemu {
             s.push_str(&format!(
-                "In a QEMU recovery guest over virtio-serial (slot a = v1, install into slot b, from `nx flash send` to `installed`): full flash (`--no-skip`) {f:.1} s, delta {d:.1} s (target: the delta never slower — {}).\n\n",
+                "In a QEMU recovery guest over virtio-serial (slot a = v1, install into slot b, from `nx flash send` to `installed`; a fresh guest per send, the median of {QEMU_RUNS} sends each, full and delta alternating): full flash (`--no-skip`) {f:.2} s, delta {d:.2} s (target: the delta never slower — {}).\n\n",
                 if d <= f { "met" } else { "MISSED" }
             ));
         }
