@@ -512,6 +512,10 @@ async fn run_session(
     let written = Arc::new(AtomicU64::new(0));
     // `written` when the last deadline passed (see the Tick/Draining choice below).
     let mut written_at_deadline = 0u64;
+    // When the transfer began (the first chunk read) and what the link had taken by then:
+    // the compression effort follows the link's rate from there, not from the connect (a
+    // HELLO resent on a noisy line would make a fast link look slow).
+    let mut xfer_t0: Option<(Instant, u64)> = None;
     let wwritten = written.clone();
     let mut writer = tokio::spawn(async move {
         while let Some(f) = wrx.recv().await {
@@ -591,6 +595,7 @@ async fn run_session(
                     len,
                     hash,
                 } => {
+                    xfer_t0.get_or_insert_with(|| (Instant::now(), written.load(Ordering::Relaxed)));
                     if ctx.check.is_none() {
                         match ctx.shared_check.get_or_start(&ctx.img) {
                             Ok(c) => {
@@ -635,10 +640,11 @@ async fn run_session(
                     let chunk =
                         u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
                     let base = base.and_then(|id| opts.bases.get(&id));
+                    let (since, w0) = xfer_t0.unwrap_or((t0, 0));
                     let level = crate::delta::level_for(
                         opts.compress,
-                        written.load(Ordering::Relaxed),
-                        t0.elapsed(),
+                        written.load(Ordering::Relaxed).saturating_sub(w0),
+                        since.elapsed(),
                     );
                     // Against a base the target holds, a chunk is (nearly) free: always try.
                     if base.is_some()

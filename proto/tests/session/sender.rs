@@ -372,18 +372,21 @@ fn nak_rewinds_to_the_named_seq() {
             seq: 3,
             have: 4096,
             gap: false,
+            sack: None,
         })),
     );
     let c = pieces(&drain_tx(&mut tx));
     assert_eq!(c.len(), 1, "{c:?}");
     assert_eq!((c[0].0, c[0].1), (4, 4096));
-    // a gap PART_ACK rewinds to the named byte of chunk 3
+    // a gap PART_ACK without a held run (a target without selective repeat dropped
+    // the part) rewinds to the named byte of chunk 3
     tx.handle(
         2 * MS,
         frame(Message::PartAck(PartAck {
             seq: 3,
             have: 4096,
             gap: true,
+            sack: None,
         })),
     );
     let d = drain_tx(&mut tx);
