@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 use crate::frame::Frame;
 use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
+use crate::msg::NakReason;
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
     WriteBody, WriteKind, WritePart, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK,
     MAX_WINDOW, PROTO_VERSION,
 };
-use crate::msg::NakReason;
 
 /// Fewest frames in flight the sender shrinks to on errors (never above the window).
 const MIN_CWND: u32 = 2;
@@ -1229,7 +1229,11 @@ impl Sender {
             return;
         }
         let p = (FRAME_COST.saturating_mul(gap)).isqrt();
-        l.part = Some(u32::try_from(p).unwrap_or(u32::MAX).clamp(MIN_PART, most.max(MIN_PART)));
+        l.part = Some(
+            u32::try_from(p)
+                .unwrap_or(u32::MAX)
+                .clamp(MIN_PART, most.max(MIN_PART)),
+        );
     }
 
     /// Progress without error: grow back (part size first, then the window).
