@@ -1027,8 +1027,10 @@ impl Receiver {
         self.checkpoint(false);
     }
 
-    /// A part of the WRITE of chunk `received + 1`: reassembled in order (bounded by
-    /// the planned chunk), then handled exactly like a WRITE that arrived whole.
+    /// A part of the WRITE of chunk `received + 1`: reassembled (bounded by the planned
+    /// chunk; parts past a hole are kept, see [`PartBuf`]), then handled exactly like a
+    /// WRITE that arrived whole. Every part is answered with a PART_ACK naming a held run
+    /// past the hole, so the host resends only what was lost (selective repeat).
     fn on_write_part(&mut self, p: WritePart) {
         if !self.data_phase(p.seq, "WRITE_PART") {
             return;

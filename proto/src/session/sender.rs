@@ -27,8 +27,9 @@ const GROW_AFTER: u32 = 16;
 
 /// The sender's view of the line: how big a frame may be and how many may be in flight.
 /// Starts at "whole chunks, full window" (a clean link behaves exactly as without
-/// adaptation); halves on a NAK or a gap PART_ACK, quarters on a timeout; doubles back
-/// after [`GROW_AFTER`] clean progress events.
+/// adaptation); halves on a NAK (go-back-N), quarters on a timeout; once selective repeat
+/// finds lost parts, the part size follows the measured loss rate ([`Sender::fit_part`]);
+/// otherwise doubles back after [`GROW_AFTER`] clean progress events.
 #[derive(Debug, Clone, Copy)]
 struct Line {
     /// Largest WRITE payload sent in one frame; `None` = whole WRITEs.
@@ -39,9 +40,9 @@ struct Line {
     clean: u32,
     /// An error may shrink again (progress happened since the last shrink).
     armed: bool,
-    /// Bytes of WRITE payload in flight at most; `None` = only `cwnd` limits. A loss
-    /// costs what is in flight behind it (the receiver keeps nothing past a gap), so
-    /// on a noisy line this shrinks to a few frames' worth; it grows back on clean runs.
+    /// Bytes of WRITE payload in flight at most; `None` = only `cwnd` limits. Shrinks on
+    /// a go-back-N rewind (NAK, timeout: what is in flight behind a loss is resent), not
+    /// on a loss selective repeat repairs; it grows back on clean runs.
     cap: Option<u32>,
     /// Most bytes in flight since the last error: what the next error shrinks from.
     peak: u32,
