@@ -37,6 +37,9 @@ const COMPRESS_BACKOFF: u32 = 32;
 /// Frames queued to the writer task (a bounded channel: when the link is slower than the
 /// session, the session loop waits here instead of queueing more).
 pub const WRITER_QUEUE: usize = 8;
+/// Most frames read ahead from the target while the writer queue is full (then reading
+/// waits too).
+const MAX_INBOX: usize = 4096;
 
 /// Settings of a transfer (`nx flash send`).
 #[derive(Debug, Clone)]
@@ -512,6 +515,10 @@ async fn run_session(
     let written = Arc::new(AtomicU64::new(0));
     // `written` when the last deadline passed (see the Tick/Draining choice below).
     let mut written_at_deadline = 0u64;
+    // When the transfer began (the first chunk read) and what the link had taken by then:
+    // the compression effort follows the link's rate from there, not from the connect (a
+    // HELLO resent on a noisy line would make a fast link look slow).
+    let mut xfer_t0: Option<(Instant, u64)> = None;
     let wwritten = written.clone();
     let mut writer = tokio::spawn(async move {
         while let Some(f) = wrx.recv().await {
@@ -558,6 +565,9 @@ async fn run_session(
     let now = |t0: Instant| t0.elapsed();
     sender.start(now(t0));
     let mut writer_done = false;
+    // Frames read while waiting for room in the writer queue (see below); `None` = the
+    // stream ended.
+    let mut inbox = VecDeque::new();
 
     loop {
         // 1. Execute every pending action, in order.
@@ -574,10 +584,24 @@ async fn run_session(
                     if f.msg_type() == MsgType::Done as u8 {
                         ctx.done_sent = true;
                     }
-                    if queue_frame(&wtx, &backlog, &f, &mut ctx.peaks)
-                        .await
-                        .is_err()
-                    {
+                    // While the writer queue is full, keep reading what the target sends
+                    // (its acknowledgements): a target blocked writing to us stops reading
+                    // too, and the two would wait for each other.
+                    let n = f.encoded_len() as u64;
+                    let queued = backlog.fetch_add(n, Ordering::Relaxed) + n;
+                    ctx.peaks.writer_bytes = ctx.peaks.writer_bytes.max(queued);
+                    let queued_ok = loop {
+                        let reading = inbox.len() < MAX_INBOX
+                            && !inbox.back().is_some_and(|i: &Option<Result<Incoming, _>>| {
+                                !matches!(i, Some(Ok(_)))
+                            });
+                        tokio::select! {
+                            biased;
+                            p = wtx.reserve() => break p.map(|permit| permit.send(f.clone())).is_ok(),
+                            item = frames.next(), if reading => inbox.push_back(item),
+                        }
+                    };
+                    if !queued_ok {
                         result = Some(Err(End::Retry {
                             why: "the link closed while sending".into(),
                             progressed: max_acked > acked_at_start,
@@ -591,6 +615,8 @@ async fn run_session(
                     len,
                     hash,
                 } => {
+                    xfer_t0
+                        .get_or_insert_with(|| (Instant::now(), written.load(Ordering::Relaxed)));
                     if ctx.check.is_none() {
                         match ctx.shared_check.get_or_start(&ctx.img) {
                             Ok(c) => {
@@ -635,10 +661,11 @@ async fn run_session(
                     let chunk =
                         u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
                     let base = base.and_then(|id| opts.bases.get(&id));
+                    let (since, w0) = xfer_t0.unwrap_or((t0, 0));
                     let level = crate::delta::level_for(
                         opts.compress,
-                        written.load(Ordering::Relaxed),
-                        t0.elapsed(),
+                        written.load(Ordering::Relaxed).saturating_sub(w0),
+                        since.elapsed(),
                     );
                     // Against a base the target holds, a chunk is (nearly) free: always try.
                     if base.is_some()
@@ -736,6 +763,33 @@ async fn run_session(
             if released {
                 continue;
             }
+        }
+
+        // What arrived while the writer queue was full, in order.
+        if !inbox.is_empty() {
+            while let Some(item) = inbox.pop_front() {
+                match item {
+                    Some(Ok(Incoming::Frame(frame))) => {
+                        sender.handle(now(t0), SenderEvent::Frame(frame))
+                    }
+                    Some(Ok(Incoming::Skipped { .. })) => {}
+                    Some(Err(e)) => {
+                        result = Some(Err(End::Retry {
+                            why: format!("link: {e}"),
+                            progressed: max_acked > acked_at_start,
+                        }));
+                        inbox.clear();
+                    }
+                    None => {
+                        result = Some(Err(End::Retry {
+                            why: "the target closed the connection".into(),
+                            progressed: max_acked > acked_at_start,
+                        }));
+                        inbox.clear();
+                    }
+                }
+            }
+            continue;
         }
 
         // 3. Wait for something to happen.

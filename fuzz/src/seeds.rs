@@ -42,6 +42,8 @@ fn part_frames() -> Vec<Frame> {
             seq: 1,
             have: end.min(total - 1),
             gap: at == 256,
+            // a selective acknowledgement: a run held past the hole
+            sack: (at == 256).then_some((end + 256, end + 512)),
         });
         out.extend(part.to_frame().ok());
         out.extend(ack.to_frame().ok());

@@ -496,13 +496,17 @@ pub struct WritePart {
 }
 
 /// `PART_ACK` (target → host): every chunk below `seq` was accepted and bytes
-/// `[0, have)` of chunk `seq`'s WRITE payload are held. `gap`: a part beyond `have`
-/// arrived and was dropped — resend from (`seq`, `have`).
+/// `[0, have)` of chunk `seq`'s WRITE payload are held. `gap`: the part that caused it
+/// arrived past `have` (something before it was lost). `sack`: bytes `[start, end)`
+/// past the hole are held as well (selective acknowledgement: the run the part went
+/// into, else the first run past `have`); `have < start < end ≤` [`MAX_PART_TOTAL`].
+/// Optional on the wire: the old 9-byte layout decodes with `sack: None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartAck {
     pub seq: u32,
     pub have: u32,
     pub gap: bool,
+    pub sack: Option<(u32, u32)>,
 }
 
 /// `ACK` (target → host): every WRITE with seq ≤ `ack` was accepted.
@@ -1074,6 +1078,11 @@ impl Message {
                 b.put_u32_le(a.seq);
                 b.put_u32_le(a.have);
                 b.put_u8(u8::from(a.gap));
+                if let Some((start, end)) = a.sack {
+                    chk(m, "sack", check_sack(a.have, start, end))?;
+                    b.put_u32_le(start);
+                    b.put_u32_le(end);
+                }
             }
             Message::Ack(a) => b.put_u32_le(a.ack),
             Message::Nak(n) => {
@@ -1376,7 +1385,21 @@ impl Message {
                         ))
                     }
                 };
-                Message::PartAck(PartAck { seq, have, gap })
+                // Optional trailing run (absent in the old layout).
+                let sack = if r.remaining() > 0 {
+                    let start = r.u32("sack_start")?;
+                    let end = r.u32("sack_end")?;
+                    r.check(check_sack(have, start, end), "sack")?;
+                    Some((start, end))
+                } else {
+                    None
+                };
+                Message::PartAck(PartAck {
+                    seq,
+                    have,
+                    gap,
+                    sack,
+                })
             }
             MsgType::Ack => Message::Ack(Ack { ack: r.u32("ack")? }),
             MsgType::Nak => Message::Nak(Nak {
@@ -1429,6 +1452,16 @@ impl Message {
 
 fn write_kind(m: &'static str, flags: u16) -> Result<WriteKind, MsgError> {
     WriteKind::from_flags(flags).ok_or(MsgError::BadFlags { msg: m, flags })
+}
+
+/// PART_ACK `sack` rule: a non-empty run past `have`, within a WRITE payload.
+fn check_sack(have: u32, start: u32, end: u32) -> Result<(), String> {
+    if start <= have || end <= start || end > MAX_PART_TOTAL {
+        return Err(format!(
+            "held run [{start}, {end}) must be non-empty, past have {have} and within {MAX_PART_TOTAL} bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// WRITE_PART rule: `1 ≤ total ≤ MAX_PART_TOTAL`, 1.. bytes, `at + n ≤ total`.

@@ -569,3 +569,47 @@ fn write_data_is_zero_copy() {
     let p = f.payload();
     assert_eq!(d.as_ptr() as usize, p.as_ptr() as usize + p.len() - 65536);
 }
+
+#[test]
+fn part_ack_sack_is_an_optional_trailing_run() {
+    let pa = |have, gap, sack| {
+        Message::PartAck(PartAck {
+            seq: 5,
+            have,
+            gap,
+            sack,
+        })
+    };
+    let raw = |p: &[u8]| Frame::new(MsgType::PartAck as u8, 0, 0, Bytes::copy_from_slice(p));
+    // the old layout (no run) is unchanged and still decodes
+    let f = pa(1000, true, None).to_frame().unwrap();
+    assert_eq!(&f.payload()[..], &[5, 0, 0, 0, 0xe8, 3, 0, 0, 1]);
+    assert_eq!(Message::from_frame(&f).unwrap(), pa(1000, true, None));
+    // with a held run: two more u32
+    let f = pa(1000, true, Some((2000, 3000))).to_frame().unwrap();
+    let mut want = vec![5, 0, 0, 0, 0xe8, 3, 0, 0, 1];
+    want.extend_from_slice(&2000u32.to_le_bytes());
+    want.extend_from_slice(&3000u32.to_le_bytes());
+    assert_eq!(&f.payload()[..], &want[..]);
+    assert_eq!(
+        Message::from_frame(&f).unwrap(),
+        pa(1000, true, Some((2000, 3000)))
+    );
+    // a run must be non-empty, past `have` and within a WRITE payload
+    for bad in [(1000, 3000), (999, 3000), (2000, 2000), (3000, 2000)] {
+        assert!(pa(1000, true, Some(bad)).to_frame().is_err(), "{bad:?}");
+        let mut p = vec![5, 0, 0, 0, 0xe8, 3, 0, 0, 1];
+        p.extend_from_slice(&bad.0.to_le_bytes());
+        p.extend_from_slice(&bad.1.to_le_bytes());
+        assert!(Message::from_frame(&raw(&p).unwrap()).is_err(), "{bad:?}");
+    }
+    let mut p = vec![5, 0, 0, 0, 0xe8, 3, 0, 0, 1];
+    p.extend_from_slice(&2000u32.to_le_bytes());
+    p.extend_from_slice(&(MAX_PART_TOTAL + 1).to_le_bytes());
+    assert!(Message::from_frame(&raw(&p).unwrap()).is_err());
+    // half a run, or more after it, is malformed
+    assert!(Message::from_frame(&raw(&want[..13]).unwrap()).is_err());
+    let mut longer = want.clone();
+    longer.push(0);
+    assert!(Message::from_frame(&raw(&longer).unwrap()).is_err());
+}

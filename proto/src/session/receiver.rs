@@ -318,8 +318,6 @@ struct Link {
     nak: Option<(u32, u64)>,
     /// The WRITE of chunk `received + 1` being reassembled from WRITE_PARTs.
     part: Option<PartBuf>,
-    /// Part gap gate: (seq, have) a gap PART_ACK was sent for, highest `at` seen since.
-    part_gap: Option<(u32, u32, u32)>,
 }
 
 /// A WRITE payload being reassembled (bounded by the planned chunk's len plus
@@ -329,7 +327,84 @@ struct PartBuf {
     seq: u32,
     kind: WriteKind,
     total: u32,
+    /// `total` bytes; `[0, have)` and the `held` runs are filled.
     buf: BytesMut,
+    /// The contiguous prefix held.
+    have: u32,
+    /// Runs held past a hole (parts that arrived after a lost one): sorted, disjoint,
+    /// not touching, all past `have`, at most [`MAX_HELD_RUNS`].
+    held: Vec<(u32, u32)>,
+}
+
+/// Most separate runs a reassembly keeps past its holes; a part that would open another
+/// is dropped (the host resends it once it learns it is missing).
+const MAX_HELD_RUNS: usize = 64;
+
+/// Where a part went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Nothing new (already held, or dropped: too many runs).
+    Nothing,
+    /// It extended the held prefix.
+    Prefix,
+    /// It was kept past a hole, in the held run `(start, end)`.
+    Past((u32, u32)),
+}
+
+impl PartBuf {
+    fn new(seq: u32, kind: WriteKind, total: u32) -> PartBuf {
+        let mut buf = BytesMut::with_capacity(total as usize);
+        buf.resize(total as usize, 0);
+        PartBuf {
+            seq,
+            kind,
+            total,
+            buf,
+            have: 0,
+            held: Vec::new(),
+        }
+    }
+
+    /// Stores `data` at `at` (`at + data.len() ≤ total`, checked by the decoder).
+    fn put(&mut self, at: u32, data: &[u8]) -> Stored {
+        let end = at.saturating_add(data.len() as u32).min(self.total);
+        let from = at.max(self.have);
+        if end <= from || self.held.iter().any(|&(s, e)| s <= from && end <= e) {
+            return Stored::Nothing;
+        }
+        // The runs it touches (overlapping or adjacent) merge with it.
+        let first = self.held.partition_point(|&(_, e)| e < from);
+        let last = self.held.partition_point(|&(s, _)| s <= end);
+        let opens = first == last;
+        if from > self.have && opens && self.held.len() >= MAX_HELD_RUNS {
+            return Stored::Nothing;
+        }
+        let (Some(dst), Some(src)) = (
+            self.buf.get_mut(from as usize..end as usize),
+            data.get((from - at) as usize..),
+        ) else {
+            return Stored::Nothing;
+        };
+        dst.copy_from_slice(src);
+        let mut run = (from, end);
+        for &(s, e) in self.held.get(first..last).unwrap_or(&[]) {
+            run = (run.0.min(s), run.1.max(e));
+        }
+        self.held.splice(first..last, [run]);
+        if run.0 <= self.have {
+            // It reaches the prefix: the prefix jumps over the run.
+            self.have = run.1;
+            self.held.retain(|&(s, _)| s > self.have);
+            Stored::Prefix
+        } else {
+            Stored::Past(run)
+        }
+    }
+
+    /// The first held run past the hole, if any.
+    fn first_run(&self) -> Option<(u32, u32)> {
+        self.held.first().copied()
+    }
 }
 
 /// The receiver state machine. Create one per process (not per connection) with
@@ -463,11 +538,10 @@ impl Receiver {
         match ev {
             ReceiverEvent::Frame(f) => self.on_frame(f),
             ReceiverEvent::Corrupt { .. } => {
-                // A gap PART_ACK already asked for a resend from this very point: a
-                // NAK on top would make the host rewind (and shrink) twice for one loss.
-                let expected = self.received() + 1;
-                let asked = self.link.part_gap.is_some_and(|(s, _, _)| s == expected);
-                if self.phase == Phase::Transfer && !asked {
+                // While a WRITE is reassembled from parts the host learns a lost part
+                // from the PART_ACK of the next one (selective repeat); the NAK matters
+                // when nothing follows (the last part in flight was lost).
+                if self.phase == Phase::Transfer {
                     self.maybe_nak(None, NakReason::Corrupt);
                 }
             }
@@ -722,7 +796,6 @@ impl Receiver {
             allow_downgrade: h.allow_downgrade,
             nak: None,
             part: None,
-            part_gap: None,
         };
 
         // Identical image already installed: short-circuit.
@@ -943,7 +1016,6 @@ impl Receiver {
         x.received = w.seq;
         self.link.nak = None;
         self.link.part = None;
-        self.link.part_gap = None;
         self.push(ReceiverAction::Write {
             seq: w.seq,
             offset: c.offset,
@@ -955,8 +1027,10 @@ impl Receiver {
         self.checkpoint(false);
     }
 
-    /// A part of the WRITE of chunk `received + 1`: reassembled in order (bounded by
-    /// the planned chunk), then handled exactly like a WRITE that arrived whole.
+    /// A part of the WRITE of chunk `received + 1`: reassembled (bounded by the planned
+    /// chunk; parts past a hole are kept, see [`PartBuf`]), then handled exactly like a
+    /// WRITE that arrived whole. Every part is answered with a PART_ACK naming a held run
+    /// past the hole, so the host resends only what was lost (selective repeat).
     fn on_write_part(&mut self, p: WritePart) {
         if !self.data_phase(p.seq, "WRITE_PART") {
             return;
@@ -996,50 +1070,57 @@ impl Receiver {
         let same = matches!(&self.link.part,
             Some(b) if b.seq == p.seq && b.kind == p.kind && b.total == p.total);
         if !same {
-            // A new reassembly starts at 0 (a different kind/total: the host re-encoded
+            // A new reassembly starts empty (a different kind/total: the host re-encoded
             // the chunk; start over).
             self.link.part = None;
         }
-        let have = self.link.part.as_ref().map_or(0, |b| b.buf.len() as u32);
-        if p.at > have {
-            if self.link.nak.is_some_and(|(e, _)| e == p.seq) {
-                // A NAK already asked for a resend from (seq, have): one request per
-                // loss, again only if the host visibly rewound.
-                self.maybe_nak(
-                    Some(u64::from(p.seq) << 32 | u64::from(p.at)),
-                    NakReason::Gap,
-                );
-            } else {
-                self.part_gap(p.seq, have, p.at);
+        let buf = self
+            .link
+            .part
+            .get_or_insert_with(|| PartBuf::new(p.seq, p.kind, p.total));
+        let stored = buf.put(p.at, &p.data);
+        let (have, first) = (buf.have, buf.first_run());
+        match stored {
+            Stored::Nothing => {
+                // The run holding it, if any (the host learns what its lost PART_ACKs
+                // said), else the first.
+                let end = p.at.saturating_add(p.data.len() as u32);
+                let first = buf
+                    .held
+                    .iter()
+                    .copied()
+                    .find(|&(s, e)| s <= p.at && end <= e)
+                    .or(first);
+                // Already held (the host resent what its lost PART_ACKs did not confirm),
+                // or no room for another run: say what is held so it can skip ahead.
+                self.send(Message::PartAck(PartAck {
+                    seq: p.seq,
+                    have,
+                    gap: p.at > have,
+                    sack: first,
+                }));
+                return;
             }
-            return;
+            Stored::Past(run) => {
+                // Kept past a hole: something before it was lost. The host learns the
+                // hole from the run (selective repeat) and resends only that.
+                self.send(Message::PartAck(PartAck {
+                    seq: p.seq,
+                    have,
+                    gap: true,
+                    sack: Some(run),
+                }));
+                return;
+            }
+            Stored::Prefix => {}
         }
-        let end = p.at + p.data.len() as u32; // checked ≤ total by the decoder
-        if end <= have {
-            // Already held: the host rewound further than needed (its PART_ACKs were
-            // lost). Say how far we are so it can skip ahead.
+        self.link.nak = None;
+        if have < p.total {
             self.send(Message::PartAck(PartAck {
                 seq: p.seq,
                 have,
                 gap: false,
-            }));
-            return;
-        }
-        let buf = self.link.part.get_or_insert_with(|| PartBuf {
-            seq: p.seq,
-            kind: p.kind,
-            total: p.total,
-            buf: BytesMut::with_capacity(p.total as usize),
-        });
-        let skip = (have - p.at) as usize;
-        buf.buf.extend_from_slice(&p.data[skip..]);
-        self.link.nak = None;
-        self.link.part_gap = None;
-        if end < p.total {
-            self.send(Message::PartAck(PartAck {
-                seq: p.seq,
-                have: end,
-                gap: false,
+                sack: first,
             }));
             return;
         }
@@ -1065,25 +1146,6 @@ impl Receiver {
                 ErrorCode::BadWrite,
                 &format!("rejected reassembled WRITE: {e}"),
             ),
-        }
-    }
-
-    /// Part gap gating, like [`Self::maybe_nak`]: one PART_ACK gap per (seq, have),
-    /// again only if the host visibly rewound (a part at or below one already seen).
-    fn part_gap(&mut self, seq: u32, have: u32, at: u32) {
-        let send = match self.link.part_gap {
-            Some((s, h, max_at)) if s == seq && h == have => at <= max_at,
-            _ => true,
-        };
-        if send {
-            self.link.part_gap = Some((seq, have, at));
-            self.send(Message::PartAck(PartAck {
-                seq,
-                have,
-                gap: true,
-            }));
-        } else if let Some((s, h, m)) = self.link.part_gap {
-            self.link.part_gap = Some((s, h, m.max(at)));
         }
     }
 

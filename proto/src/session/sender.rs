@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::frame::Frame;
 use crate::image::ImageHead;
 use crate::manifest::{is_all_zero, Manifest};
+use crate::msg::NakReason;
 use crate::msg::{
     self, chunk_hash, Abort, ChunkHash, Done, DoneStatus, ErrorCode, Hello, Message, Write,
     WriteBody, WriteKind, WritePart, COMPRESS_DERIVE, COMPRESS_PATCH, COMPRESS_ZSTD, MAX_CHUNK,
@@ -26,8 +27,9 @@ const GROW_AFTER: u32 = 16;
 
 /// The sender's view of the line: how big a frame may be and how many may be in flight.
 /// Starts at "whole chunks, full window" (a clean link behaves exactly as without
-/// adaptation); halves on a NAK or a gap PART_ACK, quarters on a timeout; doubles back
-/// after [`GROW_AFTER`] clean progress events.
+/// adaptation); halves on a NAK (go-back-N), quarters on a timeout; once selective repeat
+/// finds lost parts, the part size follows the measured loss rate ([`Sender::fit_part`]);
+/// otherwise doubles back after [`GROW_AFTER`] clean progress events.
 #[derive(Debug, Clone, Copy)]
 struct Line {
     /// Largest WRITE payload sent in one frame; `None` = whole WRITEs.
@@ -38,17 +40,29 @@ struct Line {
     clean: u32,
     /// An error may shrink again (progress happened since the last shrink).
     armed: bool,
-    /// Bytes of WRITE payload in flight at most; `None` = only `cwnd` limits. A loss
-    /// costs what is in flight behind it (the receiver keeps nothing past a gap), so
-    /// on a noisy line this shrinks to a few frames' worth; it grows back on clean runs.
+    /// Bytes of WRITE payload in flight at most; `None` = only `cwnd` limits. Shrinks on
+    /// a go-back-N rewind (NAK, timeout: what is in flight behind a loss is resent), not
+    /// on a loss selective repeat repairs; it grows back on clean runs.
     cap: Option<u32>,
     /// Most bytes in flight since the last error: what the next error shrinks from.
     peak: u32,
+    /// Payload bytes sent per lost part (a moving mean), once selective repeat found a
+    /// loss: the part size follows from it ([`Sender::fit_part`]).
+    loss_gap: Option<u64>,
+    /// Payload bytes sent since the last part found lost.
+    since_loss: u64,
 }
+
+/// What one more frame costs besides its payload, in bytes (frame and part headers, the
+/// PART_ACK coming back, the per-frame work on both sides): the part size that wastes
+/// least on a line that loses one part per `g` bytes sent is about `√(FRAME_COST·g)`.
+const FRAME_COST: u64 = 128;
 
 /// The fewest frames (of the current part size) the byte cap keeps in flight: enough
 /// that the frame after a lost one shows the gap quickly.
 const CAP_FRAMES: u32 = 8;
+/// Most WRITE_PARTs in flight (bounds the sender's bookkeeping per frame).
+const MAX_PARTS_IN_FLIGHT: u32 = 64;
 
 use super::plan::Plan;
 use super::{deadline, CompressMode, ProgressEvent, SegmentProgress, SessionError, SkipKind};
@@ -268,6 +282,15 @@ pub struct Sender {
     slots: VecDeque<Slot>,
     /// Bytes of the WRITE payload of `acked + 1` the target holds (PART_ACK).
     part_have: u32,
+    /// Runs of that payload past `part_have` the target holds too (PART_ACK `sack`):
+    /// sorted, disjoint, never sent again.
+    sacked: Vec<(u32, u32)>,
+    /// Ranges of that payload found lost (selective repeat): sent before new data.
+    resend: VecDeque<(u32, u32)>,
+    /// Every data frame in flight (sent, not yet known held or lost), in send order.
+    flight: VecDeque<Flight>,
+    /// Data frames sent so far (numbers [`Flight::tx`]).
+    tx: u64,
     /// Where in the WRITE payload of `next_send` the next part starts.
     next_at: u32,
     /// Highest (seq, end of part) ever sent, to count retransmissions.
@@ -276,6 +299,17 @@ pub struct Sender {
     rtt: Rtt,
     stats: Stats,
     actions: VecDeque<SenderAction>,
+}
+
+/// One data frame in flight: bytes `[at, end)` of the WRITE payload of `seq` (a whole
+/// WRITE is `[0, len)`), the `tx`-th data frame sent. The line keeps frames in order, so
+/// once the target reports holding a frame, every frame sent before it is held or lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flight {
+    seq: u32,
+    at: u32,
+    end: u32,
+    tx: u64,
 }
 
 /// The lower bound of the measured retransmission timeout: below this, a receiver busy for
@@ -405,6 +439,10 @@ impl Sender {
             highest_sent: 0,
             slots: VecDeque::new(),
             part_have: 0,
+            sacked: Vec::new(),
+            resend: VecDeque::new(),
+            flight: VecDeque::new(),
+            tx: 0,
             next_at: 0,
             highest_part: (0, 0),
             line: Line {
@@ -414,6 +452,8 @@ impl Sender {
                 armed: true,
                 cap: None,
                 peak: 0,
+                loss_gap: None,
+                since_loss: 0,
             },
             rtt: Rtt::default(),
             stats: Stats::default(),
@@ -617,7 +657,7 @@ impl Sender {
             }
             Message::Nak(n) => {
                 if self.phase == Phase::Transfer {
-                    self.on_nak(n.seq);
+                    self.on_nak(n.seq, n.reason);
                 }
             }
             Message::PartAck(a) => {
@@ -861,13 +901,8 @@ impl Sender {
             });
             self.next_read += 1;
         }
-        while self.next_send <= total && self.next_send - self.acked <= self.window {
-            let seq = self.next_send;
-            let frame = match self.slot_mut(seq) {
-                Some(Slot::Ready(f)) => f.clone(),
-                _ => break,
-            };
-            if self.frames_in_flight() >= self.line.cwnd {
+        loop {
+            if self.frames_in_flight() >= self.frame_limit() {
                 break;
             }
             if let Some(cap) = self.line.cap {
@@ -876,13 +911,49 @@ impl Sender {
                     break;
                 }
             }
+            if !self.resend.is_empty() {
+                // Selective repeat: what the target is known to miss of `acked + 1`.
+                if !self.send_resend() {
+                    return;
+                }
+                continue;
+            }
+            if self.next_send > total || self.next_send - self.acked > self.window {
+                break;
+            }
+            let seq = self.next_send;
+            let frame = match self.slot_mut(seq) {
+                Some(Slot::Ready(f)) => f.clone(),
+                _ => break,
+            };
+            if seq > self.acked + 1 && self.line.part.is_some() {
+                // The target reassembles one WRITE at a time: frames of the next one
+                // would be dropped if `acked + 1` turns out to miss a part.
+                break;
+            }
             let plen = frame.payload().len() as u32;
-            let at = self.next_at;
-            let whole = at == 0 && self.line.part.is_none_or(|p| plen <= p);
+            let mut at = self.next_at;
+            let mut limit = plen;
+            if seq == self.acked + 1 {
+                // Skip what the target holds already.
+                at = at.max(self.part_have);
+                while let Some(&(_, e)) = self.sacked.iter().find(|&&(s, e)| s <= at && at < e) {
+                    at = e;
+                }
+                if let Some(&(s, _)) = self.sacked.iter().find(|&&(s, _)| s > at) {
+                    limit = s;
+                }
+                if at >= plen {
+                    self.next_send += 1;
+                    self.next_at = 0;
+                    continue;
+                }
+            }
+            let whole = at == 0 && limit == plen && self.line.part.is_none_or(|p| plen <= p);
             let end = if whole {
                 plen
             } else {
-                let n = self.line.part.unwrap_or(plen).min(plen - at);
+                let n = self.line.part.unwrap_or(plen).min(limit - at);
                 at + n
             };
             if (seq, end) <= self.highest_part {
@@ -891,33 +962,9 @@ impl Sender {
                 self.rtt.sending((seq, end), self.now);
             }
             if whole {
-                self.send(frame);
-            } else {
-                // The part carries the WRITE's own kind: a PATCH or DERIVE labelled
-                // otherwise would be reassembled into a WRITE the receiver must reject.
-                let Some(kind) = WriteKind::from_flags(frame.flags()) else {
-                    self.fail(SessionError::Protocol(format!(
-                        "WRITE seq {seq} has no body kind {}",
-                        frame.flags()
-                    )));
-                    return;
-                };
-                let part = Message::WritePart(WritePart {
-                    seq,
-                    kind,
-                    total: plen,
-                    at,
-                    data: frame.payload().slice(at as usize..end as usize),
-                });
-                match part.to_frame() {
-                    Ok(f) => self.send(f),
-                    Err(e) => {
-                        self.fail(SessionError::Protocol(format!(
-                            "cannot encode WRITE_PART seq {seq}: {e}"
-                        )));
-                        return;
-                    }
-                }
+                self.send_data(seq, 0, plen, frame);
+            } else if !self.send_part(seq, &frame, at, end) {
+                return;
             }
             self.highest_part = self.highest_part.max((seq, end));
             let inflight = self.bytes_in_flight();
@@ -939,46 +986,153 @@ impl Sender {
         }
     }
 
-    /// The payload spans in flight: for each WRITE from the acknowledged point
-    /// (`acked + 1`, `part_have`) to the send point (`next_send`, `next_at`), the bytes
-    /// `[from, to)` of its payload that were sent and not acknowledged.
-    fn spans_in_flight(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .map_while(move |(i, slot)| {
-                let seq = self.acked + 1 + i as u32;
-                let Slot::Ready(f) = slot else { return None };
-                (seq <= self.next_send).then_some((i, seq, f))
-            })
-            .map(move |(i, seq, f)| {
-                let from = if i == 0 { self.part_have } else { 0 };
-                let to = if seq == self.next_send {
-                    self.next_at
-                } else {
-                    f.payload().len() as u32
-                };
-                (from, to)
-            })
+    /// Sends a data frame (a whole WRITE or a part of one) and records it in flight.
+    fn send_data(&mut self, seq: u32, at: u32, end: u32, f: Frame) {
+        self.tx += 1;
+        self.line.since_loss = self
+            .line
+            .since_loss
+            .saturating_add(u64::from(end.saturating_sub(at)));
+        if self.deadline.is_none() {
+            self.deadline = Some(deadline(self.now, self.data_rto()));
+        }
+        self.flight.push_back(Flight {
+            seq,
+            at,
+            end,
+            tx: self.tx,
+        });
+        self.send(f);
+    }
+
+    /// Sends bytes `[at, end)` of the WRITE payload of `seq` (`frame`) as one WRITE_PART;
+    /// `false` if the session failed.
+    fn send_part(&mut self, seq: u32, frame: &Frame, at: u32, end: u32) -> bool {
+        // The part carries the WRITE's own kind: a PATCH or DERIVE labelled otherwise
+        // would be reassembled into a WRITE the receiver must reject.
+        let Some(kind) = WriteKind::from_flags(frame.flags()) else {
+            self.fail(SessionError::Protocol(format!(
+                "WRITE seq {seq} has no body kind {}",
+                frame.flags()
+            )));
+            return false;
+        };
+        let plen = frame.payload().len();
+        if at >= end || end as usize > plen {
+            self.fail(SessionError::Protocol(format!(
+                "WRITE_PART [{at}, {end}) is outside WRITE seq {seq} ({plen} bytes)"
+            )));
+            return false;
+        }
+        let part = Message::WritePart(WritePart {
+            seq,
+            kind,
+            total: plen as u32,
+            at,
+            data: frame.payload().slice(at as usize..end as usize),
+        });
+        match part.to_frame() {
+            Ok(f) => {
+                self.send_data(seq, at, end, f);
+                true
+            }
+            Err(e) => {
+                self.fail(SessionError::Protocol(format!(
+                    "cannot encode WRITE_PART seq {seq}: {e}"
+                )));
+                false
+            }
+        }
+    }
+
+    /// Sends (one part of) the first range of `resend`; `false` if the session failed.
+    fn send_resend(&mut self) -> bool {
+        let seq = self.acked + 1;
+        let Some(Slot::Ready(frame)) = self.slots.front().cloned() else {
+            self.resend.clear();
+            return true;
+        };
+        let Some((at, to)) = self.resend.pop_front() else {
+            return true;
+        };
+        let plen = frame.payload().len() as u32;
+        let at = at.max(self.part_have);
+        let to = to.min(plen);
+        if at >= to {
+            return true;
+        }
+        let end = to.min(at.saturating_add(self.line.part.unwrap_or(plen)));
+        if end < to {
+            self.resend.push_front((end, to));
+        }
+        self.stats.retransmitted_frames += 1;
+        self.send_part(seq, &frame, at, end)
+    }
+
+    /// Whether bytes `[at, end)` of the WRITE of `acked + 1` are known held.
+    fn held(&self, at: u32, end: u32) -> bool {
+        let from = at.max(self.part_have);
+        if end <= from {
+            return true;
+        }
+        // The run starting at or before `from` (runs are sorted and disjoint).
+        let i = self.sacked.partition_point(|&(s, _)| s <= from);
+        i > 0 && self.sacked.get(i - 1).is_some_and(|&(_, e)| end <= e)
+    }
+
+    /// Adds the parts of `[at, end)` of the WRITE of `acked + 1` not known held to `resend`.
+    fn mark_lost(&mut self, at: u32, end: u32) {
+        let mut at = at.max(self.part_have);
+        let runs = self.sacked.clone();
+        for (s, e) in runs {
+            if at >= end {
+                break;
+            }
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                self.push_resend(at, s.min(end));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            self.push_resend(at, end);
+        }
+    }
+
+    fn push_resend(&mut self, at: u32, end: u32) {
+        if self.resend.iter().any(|&(s, e)| s <= at && end <= e) {
+            return;
+        }
+        let i = self.resend.partition_point(|&(s, _)| s < at);
+        self.resend.insert(i, (at, end));
     }
 
     /// Payload bytes in flight (what the byte cap limits).
     fn bytes_in_flight(&self) -> u32 {
-        self.spans_in_flight().fold(0u32, |n, (from, to)| {
-            n.saturating_add(to.saturating_sub(from))
-        })
+        self.flight
+            .iter()
+            .fold(0u32, |n, f| n.saturating_add(f.end.saturating_sub(f.at)))
     }
 
-    /// Frames in flight: a whole WRITE is one frame, parts count by the current part size.
+    /// Frames in flight.
     fn frames_in_flight(&self) -> u32 {
-        let part = self.line.part;
-        self.spans_in_flight()
-            .filter(|(from, to)| to > from)
-            .map(|(from, to)| match part {
-                Some(p) if p > 0 => (to - from).div_ceil(p),
-                _ => 1,
-            })
-            .sum()
+        self.flight.len() as u32
+    }
+
+    /// Most frames in flight: `cwnd` frames of a whole chunk; as many bytes' worth of
+    /// parts when WRITEs are split (the byte cap limits what a loss may cost).
+    fn frame_limit(&self) -> u32 {
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        match self.line.part {
+            Some(p) if p > 0 => self
+                .line
+                .cwnd
+                .saturating_mul((chunk / p).max(1))
+                .min(MAX_PARTS_IN_FLIGHT),
+            _ => self.line.cwnd,
+        }
     }
 
     /// Rewinds the send point to (`seq`, `at`) if it is beyond it.
@@ -988,6 +1142,8 @@ impl Sender {
         }
         self.next_send = seq;
         self.next_at = at;
+        // What was sent from there is sent again: the old copies no longer count.
+        self.flight.retain(|f| (f.seq, f.at) < (seq, at));
         self.rtt.rewound((seq, at));
         self.progress(ProgressEvent::Retransmit {
             from_seq: seq,
@@ -1044,6 +1200,43 @@ impl Sender {
         }
     }
 
+    /// Selective repeat found lost parts (one loss event: a corrupted length can take
+    /// several frames at once): each costs that part only (what followed it is held), so
+    /// neither the window nor the byte cap shrink; the part size follows the measured
+    /// loss rate.
+    fn line_loss(&mut self) {
+        let l = &mut self.line;
+        l.clean = 0;
+        let gap = l.since_loss;
+        l.since_loss = 0;
+        l.loss_gap = Some(l.loss_gap.map_or(gap, |g| (g + gap) / 2));
+        self.fit_part();
+    }
+
+    /// Sets the part size from the measured loss rate (see [`FRAME_COST`]); a line clean
+    /// for long goes back to whole WRITEs.
+    fn fit_part(&mut self) {
+        let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
+        let most = self.cfg.max_frame.unwrap_or(chunk).min(chunk);
+        let l = &mut self.line;
+        let (Some(g), Some(_)) = (l.loss_gap, l.part) else {
+            return;
+        };
+        let gap = g.max(l.since_loss);
+        if self.cfg.max_frame.is_none() && l.since_loss >= u64::from(chunk) * u64::from(GROW_AFTER)
+        {
+            l.part = None;
+            l.loss_gap = None;
+            return;
+        }
+        let p = (FRAME_COST.saturating_mul(gap)).isqrt();
+        l.part = Some(
+            u32::try_from(p)
+                .unwrap_or(u32::MAX)
+                .clamp(MIN_PART, most.max(MIN_PART)),
+        );
+    }
+
     /// Progress without error: grow back (part size first, then the window).
     fn line_progress(&mut self) {
         let chunk = self.plan.as_ref().map_or(MAX_CHUNK, Plan::chunk_size);
@@ -1057,11 +1250,17 @@ impl Sender {
         }
         l.clean = 0;
         let most = max_frame.unwrap_or(chunk).min(chunk);
+        let fitted = l.loss_gap.is_some();
         match l.part {
+            _ if fitted => {}
             Some(p) if p < most => l.part = Some((p * 2).min(most)),
             Some(_) if max_frame.is_none() => l.part = None,
             _ => {}
         }
+        if fitted {
+            self.fit_part();
+        }
+        let l = &mut self.line;
         l.cap = l
             .cap
             .map(|c| c.saturating_mul(2))
@@ -1092,6 +1291,7 @@ impl Sender {
             self.pump();
             return; // not a part of what this sender sent: ignore
         }
+        let mut progress = false;
         if a.have > self.part_have {
             self.part_have = a.have;
             self.rtt.covered((a.seq, a.have), self.now);
@@ -1099,11 +1299,22 @@ impl Sender {
                 self.next_send = a.seq;
                 self.next_at = a.have;
             }
+            progress = true;
+        }
+        if let Some((s, e)) = a.sack.filter(|&(_, e)| e <= plen) {
+            progress |= self.add_sacked(s, e);
+        }
+        let have = self.part_have;
+        self.sacked.retain(|&(_, e)| e > have);
+        self.resend.retain(|&(_, e)| e > have);
+        if progress {
             self.retries = 0;
             self.deadline = Some(deadline(self.now, self.data_rto()));
             self.line_progress();
         }
-        if a.gap {
+        if a.gap && a.sack.is_none() {
+            // A target without selective repeat dropped a part past `have`: go back
+            // to (seq, have) and resend everything from there.
             if self.rewind_to(a.seq, a.have, "gap") {
                 self.line_error(false);
                 if !self.rewind_attempt() {
@@ -1111,8 +1322,84 @@ impl Sender {
                 }
             }
             self.deadline = Some(deadline(self.now, self.data_rto()));
+        } else {
+            self.detect_losses();
         }
         self.pump();
+    }
+
+    /// Merges a run the target reports held; `true` if it holds more than known.
+    fn add_sacked(&mut self, s: u32, e: u32) -> bool {
+        let s = s.max(self.part_have);
+        if e <= s || self.held(s, e) {
+            return false;
+        }
+        let first = self.sacked.partition_point(|&(_, re)| re < s);
+        let last = self.sacked.partition_point(|&(rs, _)| rs <= e);
+        let mut run = (s, e);
+        for &(rs, re) in self.sacked.get(first..last).unwrap_or(&[]) {
+            run = (run.0.min(rs), run.1.max(re));
+        }
+        self.sacked.splice(first..last, [run]);
+        // Nothing known held needs resending.
+        let resend: Vec<(u32, u32)> = self.resend.drain(..).collect();
+        for (rs, re) in resend {
+            self.mark_lost(rs, re);
+        }
+        true
+    }
+
+    /// Selective repeat: the target holds frames of `acked + 1`; the line keeps order,
+    /// so every frame sent before the newest of them is either held or lost. Lost parts
+    /// of `acked + 1` go to `resend`; frames of later seqs sent meanwhile were dropped
+    /// (the target keeps one WRITE's parts only): the send point goes back to the first.
+    fn detect_losses(&mut self) {
+        let k = self.acked + 1;
+        let mut newest = None;
+        let mut i = 0;
+        while let Some(f) = self.flight.get(i).copied() {
+            if f.seq < k || (f.seq == k && self.held(f.at, f.end)) {
+                newest = newest.max(Some(f.tx));
+                self.flight.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        let Some(newest) = newest else { return };
+        self.lose_before(newest);
+    }
+
+    /// Every frame in flight sent before the `tx`-th is lost: resend it.
+    fn lose_before(&mut self, tx: u64) {
+        let k = self.acked + 1;
+        let mut lost_here = 0u64;
+        let mut beyond: Option<(u32, u32)> = None;
+        let lost: Vec<Flight> = self.flight.iter().copied().filter(|f| f.tx < tx).collect();
+        if lost.is_empty() {
+            return;
+        }
+        self.flight.retain(|f| f.tx >= tx);
+        for f in lost {
+            if f.seq == k {
+                self.mark_lost(f.at, f.end);
+                lost_here += 1;
+            } else if f.seq > k {
+                let key = (f.seq, f.at);
+                beyond = Some(beyond.map_or(key, |b| b.min(key)));
+            }
+        }
+        if let Some((seq, at)) = beyond {
+            // Later frames were dropped, so are the ones sent after them.
+            self.flight.retain(|f| f.seq <= k);
+            if (self.next_send, self.next_at) > (seq, at) {
+                self.next_send = seq;
+                self.next_at = at;
+                self.rtt.rewound((seq, at));
+            }
+        }
+        if lost_here > 0 {
+            self.line_loss();
+        }
     }
 
     fn on_chunk(&mut self, seq: u32, data: Bytes, hash: Option<ChunkHash>) {
@@ -1280,6 +1567,9 @@ impl Sender {
         self.rtt.covered((ack, u32::MAX), self.now);
         self.acked = ack;
         self.part_have = 0;
+        self.sacked.clear();
+        self.resend.clear();
+        self.flight.retain(|f| f.seq > ack);
         if self.next_send <= ack {
             self.next_send = ack + 1;
             self.next_at = 0;
@@ -1317,7 +1607,7 @@ impl Sender {
         }
     }
 
-    fn on_nak(&mut self, seq: u32) {
+    fn on_nak(&mut self, seq: u32, reason: NakReason) {
         if seq == 0 {
             self.fail(SessionError::Protocol("NAK of seq 0".to_string()));
             return;
@@ -1327,6 +1617,11 @@ impl Sender {
         }
         if seq <= self.acked || seq > self.highest_sent {
             // Stale, or nothing to resend (the receiver is just ahead of us).
+            self.pump();
+            return;
+        }
+        if seq == self.acked + 1 && self.line.part.is_some() {
+            self.sack_nak(reason);
             self.pump();
             return;
         }
@@ -1343,6 +1638,75 @@ impl Sender {
         }
         self.deadline = Some(deadline(self.now, self.data_rto()));
         self.pump();
+    }
+
+    /// A NAK for `acked + 1` while its WRITE goes out in parts (selective repeat).
+    /// `gap`: a frame of a later seq arrived while the target still missed something of
+    /// `acked + 1` (its last parts were lost, nothing showed it): those later frames were
+    /// dropped, so the parts of `acked + 1` sent before the first of them are lost.
+    /// `corrupt`: some frame was lost; the PART_ACK of the next one shows which, unless
+    /// nothing new can be sent now: then all that is in flight is resent.
+    fn sack_nak(&mut self, reason: NakReason) {
+        let k = self.acked + 1;
+        let first_beyond = self.flight.iter().find(|f| f.seq > k).map(|f| f.tx);
+        let lost_from = match (reason, first_beyond) {
+            (NakReason::Gap, Some(tx)) => tx,
+            _ => {
+                // A tail loss probe: nothing new would show which frame was lost, so
+                // the newest part in flight goes again; the PART_ACK it gets shows it.
+                if !self.new_data_blocked() {
+                    return;
+                }
+                let Some(i) = self.flight.iter().rposition(|f| f.seq == k) else {
+                    return;
+                };
+                if !self.rewind_attempt() {
+                    return;
+                }
+                if let Some(f) = self.flight.remove(i) {
+                    self.mark_lost(f.at, f.end);
+                }
+                self.deadline = Some(deadline(self.now, self.data_rto()));
+                return;
+            }
+        };
+        if !self.rewind_attempt() {
+            return;
+        }
+        self.lose_before(lost_from);
+        if let Some((seq, at)) = self
+            .flight
+            .iter()
+            .filter(|f| f.seq > k)
+            .map(|f| (f.seq, f.at))
+            .min()
+        {
+            self.flight.retain(|f| f.seq <= k);
+            if (self.next_send, self.next_at) > (seq, at) {
+                self.next_send = seq;
+                self.next_at = at;
+                self.rtt.rewound((seq, at));
+            }
+        }
+        self.progress(ProgressEvent::Retransmit {
+            from_seq: k,
+            reason: "nak".to_string(),
+        });
+        self.deadline = Some(deadline(self.now, self.data_rto()));
+    }
+
+    /// No new data frame can go out now (the end, the window, a known hole in
+    /// `acked + 1`, or the next WRITE not ready): nothing sent later would show a loss.
+    fn new_data_blocked(&self) -> bool {
+        let seq = self.next_send;
+        seq > self.total()
+            || seq - self.acked > self.window
+            || (seq > self.acked + 1 && self.line.part.is_some())
+            || !matches!(
+                seq.checked_sub(self.acked + 1)
+                    .and_then(|i| self.slots.get(i as usize)),
+                Some(Slot::Ready(_))
+            )
     }
 
     fn on_tick(&mut self) {
@@ -1373,6 +1737,10 @@ impl Sender {
                     let from = self.acked + 1;
                     let at = self.part_have;
                     self.rtt.rewound((from, at));
+                    // Everything in flight counts as lost; what the target holds past a
+                    // hole (`sacked`) is still skipped.
+                    self.flight.clear();
+                    self.resend.clear();
                     self.line_error(true);
                     if !self.rewind_to(from, at, "timeout") {
                         self.progress(ProgressEvent::Retransmit {

@@ -699,8 +699,8 @@ fn defaults_complete_at_one_flip_per_10k_bytes() {
                 ..Faults::default()
             },
         );
-        // adaptation keeps the overhead bounded (go-back-N within a byte cap: each
-        // loss costs what is in flight behind it): under 3.5× the data on the wire
+        // adaptation keeps the overhead bounded (after the first go-back-N rewind,
+        // selective repeat: a loss costs the lost part): under 3.5× the data on the wire
         assert!(
             2 * o.stats.wire_bytes < 7 * o.stats.data_bytes,
             "{:?}",

@@ -1565,3 +1565,113 @@ fn a_provisioned_target_says_so_in_its_reply() {
         ReceiverAction::Report(ReceiverReport::Trusted { key: Some(k), .. }) if k == "release"
     )));
 }
+
+/// Bytes `[at, end)` of `payload` as a WRITE_PART of `seq`.
+fn part_of(seq: u32, payload: &Bytes, at: u32, end: u32) -> ReceiverEvent {
+    ev(Message::WritePart(WritePart {
+        seq,
+        kind: WriteKind::Raw,
+        total: payload.len() as u32,
+        at,
+        data: payload.slice(at as usize..end as usize),
+    }))
+}
+
+#[test]
+fn parts_past_a_hole_are_kept_and_acknowledged_selectively() {
+    let img = image();
+    let mut rx = started(&img);
+    let w = write_msg(&img, 1);
+    let payload = Message::Write(w).to_frame().unwrap().payload().clone();
+    let total = payload.len() as u32;
+    let pa = |have, gap, sack| {
+        Message::PartAck(PartAck {
+            seq: 1,
+            have,
+            gap,
+            sack,
+        })
+    };
+    rx.handle(part_of(1, &payload, 0, 1000));
+    assert_eq!(frames_of(&drain_rx(&mut rx)), vec![pa(1000, false, None)]);
+    // [1000, 2000) lost: the next parts are kept past the hole, each PART_ACK names the run
+    rx.handle(part_of(1, &payload, 2000, 3000));
+    assert_eq!(
+        frames_of(&drain_rx(&mut rx)),
+        vec![pa(1000, true, Some((2000, 3000)))]
+    );
+    rx.handle(part_of(1, &payload, 3000, 4000));
+    assert_eq!(
+        frames_of(&drain_rx(&mut rx)),
+        vec![pa(1000, true, Some((2000, 4000)))]
+    );
+    // a second hole [4000, 5000): a second run
+    rx.handle(part_of(1, &payload, 5000, 6000));
+    assert_eq!(
+        frames_of(&drain_rx(&mut rx)),
+        vec![pa(1000, true, Some((5000, 6000)))]
+    );
+    // a part already held: says what is held, nothing is written
+    rx.handle(part_of(1, &payload, 2000, 3000));
+    assert_eq!(
+        frames_of(&drain_rx(&mut rx)),
+        vec![pa(1000, true, Some((2000, 4000)))]
+    );
+    // the first hole is filled: the prefix jumps over the first run
+    rx.handle(part_of(1, &payload, 1000, 2000));
+    assert_eq!(
+        frames_of(&drain_rx(&mut rx)),
+        vec![pa(4000, false, Some((5000, 6000)))]
+    );
+    rx.handle(part_of(1, &payload, 4000, 5000));
+    assert_eq!(frames_of(&drain_rx(&mut rx)), vec![pa(6000, false, None)]);
+    assert_eq!(rx.received(), 0);
+    // the tail completes the WRITE: handled like a whole one (written, ACK)
+    rx.handle(part_of(1, &payload, 6000, total));
+    let a = drain_rx(&mut rx);
+    assert_eq!(frames_of(&a), vec![Message::Ack(Ack { ack: 1 })]);
+    let Some(ReceiverAction::Write { seq, body, .. }) = a.first() else {
+        panic!("{a:?}")
+    };
+    assert_eq!(*seq, 1);
+    assert_eq!(
+        body,
+        &write_msg(&img, 1).body,
+        "reassembled out of order, intact"
+    );
+    assert_eq!(rx.received(), 1);
+}
+
+#[test]
+fn held_runs_past_holes_are_bounded() {
+    let img = image();
+    let mut rx = started(&img);
+    let payload = Message::Write(write_msg(&img, 1))
+        .to_frame()
+        .unwrap()
+        .payload()
+        .clone();
+    // every other 16-byte part: each opens a run of its own
+    let mut kept = 0;
+    for i in 0..200u32 {
+        let at = 32 + 32 * i;
+        rx.handle(part_of(1, &payload, at, at + 16));
+        let f = frames_of(&drain_rx(&mut rx));
+        let Some(Message::PartAck(a)) = f.first() else {
+            panic!("{f:?}")
+        };
+        assert_eq!(a.have, 0);
+        if a.sack == Some((at, at + 16)) {
+            kept += 1;
+        }
+    }
+    assert!((16..200).contains(&kept), "kept {kept} runs");
+    // a part extending a held run is still kept
+    let last_kept = 32 + 32 * (kept - 1);
+    rx.handle(part_of(1, &payload, last_kept + 16, last_kept + 32));
+    let f = frames_of(&drain_rx(&mut rx));
+    assert!(
+        matches!(f.first(), Some(Message::PartAck(a)) if a.sack == Some((last_kept, last_kept + 32))),
+        "{f:?}"
+    );
+}
