@@ -340,6 +340,10 @@ struct PartBuf {
 /// is dropped (the host resends it once it learns it is missing).
 const MAX_HELD_RUNS: usize = 64;
 
+/// Fewest corrupt bytes before any session that the target answers with `NAK 0` (a HELLO
+/// carries at least its fixed fields and an image head, far more than this).
+const HELLO_NAK_MIN: usize = 64;
+
 /// Where a part went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stored {
@@ -537,12 +541,20 @@ impl Receiver {
     pub fn handle(&mut self, ev: ReceiverEvent) {
         match ev {
             ReceiverEvent::Frame(f) => self.on_frame(f),
-            ReceiverEvent::Corrupt { .. } => {
+            ReceiverEvent::Corrupt { bytes } => {
                 // While a WRITE is reassembled from parts the host learns a lost part
                 // from the PART_ACK of the next one (selective repeat); the NAK matters
                 // when nothing follows (the last part in flight was lost).
                 if self.phase == Phase::Transfer {
                     self.maybe_nak(None, NakReason::Corrupt);
+                } else if self.phase == Phase::Idle && bytes >= HELLO_NAK_MIN {
+                    // No session yet: what was lost is most likely a HELLO. Seq 0 (never a
+                    // chunk) says so; the host resends it at once instead of after its first
+                    // timeout. Short garbage (a cut frame's tail at connect) is not reported.
+                    self.send(Message::Nak(Nak {
+                        seq: 0,
+                        reason: NakReason::Corrupt,
+                    }));
                 }
             }
             ReceiverEvent::LinkDown => self.on_link_down(),

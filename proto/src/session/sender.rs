@@ -261,6 +261,11 @@ pub struct Sender {
     now: Duration,
     deadline: Option<Duration>,
     retries: u32,
+    /// When the last HELLO went out, and how long after its HELLO the first `NAK 0` (a
+    /// corrupt frame before any session) came back: a `NAK 0` that comes at least half that
+    /// long after the last HELLO reports that one and resends it at once; an earlier one
+    /// still reports the previous transmission (a frame can be reported more than once).
+    hello_nak: (Duration, Option<Duration>),
     // negotiated
     device: String,
     window: u32,
@@ -425,6 +430,7 @@ impl Sender {
             now: Duration::ZERO,
             deadline: None,
             retries: 0,
+            hello_nak: (Duration::ZERO, None),
             device: String::new(),
             window: 1,
             zstd: false,
@@ -619,6 +625,7 @@ impl Sender {
         match hello.to_frame() {
             Ok(f) => {
                 self.send(f);
+                self.hello_nak.0 = self.now;
                 self.rtt.hello = match self.rtt.hello {
                     None if self.retries == 0 => Some(self.now),
                     _ => None,
@@ -658,6 +665,25 @@ impl Sender {
             Message::Nak(n) => {
                 if self.phase == Phase::Transfer {
                     self.on_nak(n.seq, n.reason);
+                } else if self.phase == Phase::Hello && n.seq == 0 {
+                    // The HELLO arrived corrupt: resend it now instead of after the first
+                    // timeout (no round trip is measured yet, so that one is long). It counts
+                    // against the retry budget like a timeout.
+                    let (sent, rtt) = self.hello_nak;
+                    let since = self.now.saturating_sub(sent);
+                    if rtt.is_some_and(|r| since < r / 2) {
+                        return;
+                    }
+                    self.hello_nak.1 = Some(rtt.unwrap_or(since));
+                    self.retries += 1;
+                    if self.retries > self.cfg.max_retries {
+                        self.fail(SessionError::Timeout {
+                            what: "waiting for HELLO_REPLY",
+                            retries: self.cfg.max_retries,
+                        });
+                        return;
+                    }
+                    self.send_hello();
                 }
             }
             Message::PartAck(a) => {

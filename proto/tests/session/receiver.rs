@@ -106,6 +106,29 @@ fn started(img: &TestImage) -> Receiver {
 }
 
 #[test]
+fn a_corrupt_frame_before_any_session_is_answered_nak_0_unless_it_is_short_garbage() {
+    let mut rx = Receiver::new(rcfg(), None, None);
+    rx.handle(ReceiverEvent::Corrupt { bytes: 10 });
+    assert!(drain_rx(&mut rx).is_empty());
+    rx.handle(ReceiverEvent::Corrupt { bytes: 5000 });
+    let a = drain_rx(&mut rx);
+    let naks: Vec<Message> = a
+        .iter()
+        .filter_map(|x| match x {
+            ReceiverAction::Send(f) => Some(Message::from_frame(f).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        naks,
+        vec![Message::Nak(Nak {
+            seq: 0,
+            reason: NakReason::Corrupt
+        })]
+    );
+}
+
+#[test]
 fn fresh_hello_opens_staging_and_replies() {
     let img = image();
     let mut rx = Receiver::new(rcfg(), None, None);

@@ -224,6 +224,52 @@ fn hello_is_resent_on_timeout_then_gives_up() {
 }
 
 #[test]
+fn a_corrupt_hello_reported_by_nak_0_is_resent_at_once_once_per_transmission() {
+    let img = image();
+    let mut tx = Sender::new(cfg(), img.head.clone()).unwrap();
+    tx.start(Duration::ZERO);
+    drain_tx(&mut tx);
+    let nak0 = || {
+        frame(Message::Nak(Nak {
+            seq: 0,
+            reason: NakReason::Corrupt,
+        }))
+    };
+    // Long before the first timeout (100 ms): the HELLO goes out again right away (the
+    // report took 10 ms)...
+    tx.handle(10 * MS, nak0());
+    assert!(matches!(
+        sent(&drain_tx(&mut tx)).as_slice(),
+        [Message::Hello(_)]
+    ));
+    // ...a second report soon after is still about the first transmission...
+    tx.handle(12 * MS, nak0());
+    assert!(drain_tx(&mut tx).is_empty());
+    // ...one a round trip after the resend reports the resend: it goes out again.
+    tx.handle(20 * MS, nak0());
+    assert!(matches!(
+        sent(&drain_tx(&mut tx)).as_slice(),
+        [Message::Hello(_)]
+    ));
+    // Each resend counts against the budget (max_retries 3): the third resend is the
+    // last one, the next report fails the session.
+    tx.handle(30 * MS, nak0());
+    assert!(matches!(
+        sent(&drain_tx(&mut tx)).as_slice(),
+        [Message::Hello(_)]
+    ));
+    tx.handle(40 * MS, nak0());
+    let a = drain_tx(&mut tx);
+    assert!(
+        matches!(
+            a.last(),
+            Some(SenderAction::Failed(SessionError::Timeout { .. }))
+        ),
+        "{a:?}"
+    );
+}
+
+#[test]
 fn stale_hello_reply_with_other_nonce_is_ignored() {
     let img = image();
     let mut tx = Sender::new(cfg(), img.head.clone()).unwrap();
