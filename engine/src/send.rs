@@ -34,6 +34,11 @@ pub const ZSTD_LEVEL: i32 = 1;
 /// After a chunk that did not compress, this many chunks of the same segment are sent raw
 /// before compression is tried again (`--compress auto`).
 const COMPRESS_BACKOFF: u32 = 32;
+/// Base PATCH attempts in a row that found next to nothing in the base (an image that
+/// shares nothing with the one being sent) before the base is only probed...
+const BASE_MISSES: u32 = 8;
+/// ...on every this many chunks, until a probe finds the base again.
+const BASE_PROBE: u32 = 8;
 /// Frames queued to the writer task (a bounded channel: when the link is slower than the
 /// session, the session loop waits here instead of queueing more).
 pub const WRITER_QUEUE: usize = 8;
@@ -464,11 +469,19 @@ enum JobResult {
 }
 
 /// Adaptive compression (`auto`): compress only while it pays, and only while the link is
-/// the bottleneck (frames are waiting for the writer).
+/// the bottleneck (frames are waiting for the writer). Patching against a base is tried for
+/// every chunk, unless [`BASE_MISSES`] attempts in a row found nothing there: then only
+/// every [`BASE_PROBE`]th chunk probes it (each attempt indexes up to 9 MiB of base, which
+/// against an unrelated image made a dense send four times slower).
+#[derive(Default)]
 struct CompressGate {
     mode: CompressMode,
     segment: Option<usize>,
     skip_until: u32,
+    /// Chunks tried against the base whose result is still due.
+    based: std::collections::HashSet<u32>,
+    /// Base attempts in a row that found nothing.
+    base_misses: u32,
 }
 
 impl CompressGate {
@@ -492,6 +505,30 @@ impl CompressGate {
         if !worth && self.mode != CompressMode::Zstd {
             self.skip_until = seq + COMPRESS_BACKOFF;
         }
+    }
+
+    /// Try the base for chunk `seq`?
+    fn base_ok(&mut self, seq: u32) -> bool {
+        let ok = self.base_misses < BASE_MISSES || seq.is_multiple_of(BASE_PROBE);
+        if ok {
+            self.based.insert(seq);
+        }
+        ok
+    }
+
+    /// What a chunk tried against the base came to: a patch from the base that at least
+    /// halved it is a hit.
+    fn base_result(&mut self, seq: u32, raw: usize, body: Option<&WriteBody>) {
+        if !self.based.remove(&seq) {
+            return;
+        }
+        let hit = matches!(body, Some(b @ WriteBody::Patch { source: proto::msg::PatchSource::Base, .. })
+            if b.wire_len() <= raw / 2);
+        self.base_misses = if hit {
+            0
+        } else {
+            self.base_misses.saturating_add(1)
+        };
     }
 }
 
@@ -542,8 +579,7 @@ async fn run_session(
     let slots = Arc::new(CompressSlots::new());
     let mut gate = CompressGate {
         mode: opts.compress,
-        segment: None,
-        skip_until: 0,
+        ..CompressGate::default()
     };
     // The local check starts with the session, not with the first chunk read: a target that
     // already holds the image asks for no chunk, and its "unchanged" must not be taken as
@@ -660,7 +696,9 @@ async fn run_session(
                         .map_or(0, |c| c.segment);
                     let chunk =
                         u64::from(sender.plan().map_or(opts.chunk_size, |p| p.chunk_size()));
-                    let base = base.and_then(|id| opts.bases.get(&id));
+                    let base = base
+                        .and_then(|id| opts.bases.get(&id))
+                        .filter(|_| gate.base_ok(seq));
                     let (since, w0) = xfer_t0.unwrap_or((t0, 0));
                     let level = crate::delta::level_for(
                         opts.compress,
@@ -851,6 +889,7 @@ async fn run_session(
                             .and_then(|p| p.chunk(seq))
                             .map_or(0, |c| c.len as usize);
                         gate.result(seq, raw, body.as_ref().map(WriteBody::wire_len));
+                        gate.base_result(seq, raw, body.as_ref());
                         sender.handle(now(t0), SenderEvent::Compressed { seq, body });
                     }
                 }
@@ -1049,9 +1088,59 @@ fn classify(e: SessionError, progressed: bool) -> End {
 
 #[cfg(test)]
 mod tests {
-    use super::{classify, CompressSlots, End};
-    use proto::msg::ErrorCode;
+    use super::{classify, CompressGate, CompressSlots, End, BASE_MISSES, BASE_PROBE};
+    use proto::msg::{ErrorCode, PatchSource, WriteBody};
     use proto::session::SessionError;
+
+    #[test]
+    fn a_base_that_holds_nothing_is_probed_only_now_and_then_until_it_holds_something() {
+        let mut g = CompressGate::default();
+        let raw = 1 << 20;
+        let patch = |wire: usize| WriteBody::Patch {
+            source: PatchSource::Base,
+            ref_offset: 0,
+            ref_len: 1 << 20,
+            frame: bytes::Bytes::from(vec![0u8; wire]),
+        };
+        // Hits and a miss now and then: every chunk is tried against the base.
+        for seq in 1..=20u32 {
+            assert!(g.base_ok(seq));
+            let body = if seq % 5 == 2 { patch(raw) } else { patch(100) };
+            g.base_result(seq, raw, Some(&body));
+        }
+        // BASE_MISSES misses in a row (patches that saved nothing, or plain zstd)...
+        let mut seq = 21;
+        for k in 0..BASE_MISSES {
+            assert!(g.base_ok(seq));
+            let body = if k % 2 == 0 {
+                patch(raw - 10)
+            } else {
+                WriteBody::Zstd(bytes::Bytes::from(vec![0u8; raw]))
+            };
+            g.base_result(seq, raw, Some(&body));
+            seq += 1;
+        }
+        // ...then only every BASE_PROBE-th chunk tries it.
+        let tried: Vec<u32> = (seq..seq + 3 * BASE_PROBE)
+            .filter(|s| {
+                let ok = g.base_ok(*s);
+                if ok {
+                    g.base_result(*s, raw, None);
+                }
+                ok
+            })
+            .collect();
+        assert_eq!(tried.len(), 3, "{tried:?}");
+        assert!(tried.iter().all(|s| s % BASE_PROBE == 0));
+        // A probe that finds the base again: every chunk once more.
+        let probe = tried[2] + BASE_PROBE;
+        assert!(g.base_ok(probe));
+        g.base_result(probe, raw, Some(&patch(100)));
+        assert!(g.base_ok(probe + 1));
+        // A result for a chunk that was not tried against the base changes nothing.
+        g.base_result(probe + 2, raw, None);
+        assert!(g.base_ok(probe + 3));
+    }
 
     #[test]
     fn a_dropped_session_or_a_busy_target_is_retried_a_refusal_is_not() {
